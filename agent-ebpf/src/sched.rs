@@ -1,0 +1,150 @@
+//! On-CPU stretches and run-queue delay of the threads of tracked processes, aggregated in the
+//! kernel into per-CPU log2 histograms keyed by (tgid, thread name).
+//!
+//! A thread becomes runnable when it is woken (`sched_wakeup`) or preempted while still
+//! runnable (`sched_switch` with a running `prev_state`); its run-queue delay ends when
+//! `sched_switch` puts it on a CPU. Its on-CPU stretch ends at the next `sched_switch` away.
+
+use agent_common::{
+    sched::{Log2Histogram, ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, MAX_THREAD_GROUPS},
+    COMM_LEN,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+
+use crate::{
+    counters::bump,
+    maps::{THREAD_STATE, TRACKED_PROCS},
+};
+
+#[map]
+static SCHED_HISTS: PerCpuHashMap<ThreadGroupKey, SchedHistograms> =
+    PerCpuHashMap::with_max_entries(MAX_THREAD_GROUPS, 0);
+
+/// One all-zero value, never written: the template a new histogram entry is inserted from
+/// (a `SchedHistograms` is larger than the 512-byte eBPF stack).
+#[map]
+static ZERO_HISTOGRAMS: PerCpuArray<SchedHistograms> = PerCpuArray::with_max_entries(1, 0);
+
+// /sys/kernel/tracing/events/sched/sched_switch/format (Linux 6.18):
+//   field:char prev_comm[16];  offset:8;  size:16
+//   field:pid_t prev_pid;      offset:24; size:4
+//   field:long prev_state;     offset:32; size:8
+//   field:char next_comm[16];  offset:40; size:16
+//   field:pid_t next_pid;      offset:56; size:4
+const SWITCH_PREV_COMM: usize = 8;
+const SWITCH_PREV_PID: usize = 24;
+const SWITCH_PREV_STATE: usize = 32;
+const SWITCH_NEXT_COMM: usize = 40;
+const SWITCH_NEXT_PID: usize = 56;
+
+// /sys/kernel/tracing/events/sched/sched_wakeup/format:
+//   field:pid_t pid; offset:24; size:4
+const WAKEUP_PID: usize = 24;
+
+/// `prev_state` of a task switched out while runnable: TASK_RUNNING (0), or TASK_REPORT_MAX
+/// (0x100), which the kernel reports for a preempted task. The low byte holds the sleep states.
+#[inline(always)]
+fn still_runnable(prev_state: i64) -> bool {
+    prev_state & 0xff == 0
+}
+
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    match try_sched_switch(&ctx) {
+        Ok(()) => 0,
+        Err(_) => 0,
+    }
+}
+
+fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let prev_pid: i32 = unsafe { ctx.read_at(SWITCH_PREV_PID)? };
+    let next_pid: i32 = unsafe { ctx.read_at(SWITCH_NEXT_PID)? };
+
+    // At this tracepoint `current` is still the task being switched out.
+    let prev_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if prev_pid > 0 && unsafe { TRACKED_PROCS.get(&prev_tgid) }.is_some() {
+        let prev_state: i64 = unsafe { ctx.read_at(SWITCH_PREV_STATE)? };
+        let runnable_since = if still_runnable(prev_state) { now } else { 0 };
+        let tid = prev_pid as u32;
+        match THREAD_STATE.get_ptr_mut(&tid) {
+            Some(state) => {
+                let state = unsafe { &mut *state };
+                if state.on_cpu_since_ns != 0 && now > state.on_cpu_since_ns {
+                    let comm: [u8; COMM_LEN] = unsafe { ctx.read_at(SWITCH_PREV_COMM)? };
+                    if let Some(hists) = histograms_of(prev_tgid, comm) {
+                        unsafe { (*hists).on_cpu.record(now - state.on_cpu_since_ns) };
+                    }
+                }
+                state.on_cpu_since_ns = 0;
+                state.runnable_since_ns = runnable_since;
+            }
+            None => {
+                // First sight of this thread: its stretch start is unknown, so nothing is
+                // recorded until it comes back on a CPU.
+                let state = ThreadState { tgid: prev_tgid, _pad: 0, runnable_since_ns: runnable_since, on_cpu_since_ns: 0 };
+                if THREAD_STATE.insert(&tid, &state, 0).is_err() {
+                    bump(ProbeCounter::ThreadStateInsertFailed);
+                }
+            }
+        }
+    }
+
+    if next_pid > 0 {
+        let tid = next_pid as u32;
+        if let Some(state) = THREAD_STATE.get_ptr_mut(&tid) {
+            let state = unsafe { &mut *state };
+            if unsafe { TRACKED_PROCS.get(&state.tgid) }.is_some() {
+                if state.runnable_since_ns != 0 && now > state.runnable_since_ns {
+                    let comm: [u8; COMM_LEN] = unsafe { ctx.read_at(SWITCH_NEXT_COMM)? };
+                    if let Some(hists) = histograms_of(state.tgid, comm) {
+                        unsafe { (*hists).runqueue_delay.record(now - state.runnable_since_ns) };
+                    }
+                }
+                state.runnable_since_ns = 0;
+                state.on_cpu_since_ns = now;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The wakee is identified by tid only; it is measured if its thread is already known.
+/// (`sched_wakeup_new` is not used: there `current` is the parent, and a forked child of a
+/// tracked process would be taken for one of its threads.)
+#[tracepoint]
+pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
+    let Ok(pid) = (unsafe { ctx.read_at::<i32>(WAKEUP_PID) }) else { return 0 };
+    if pid <= 0 {
+        return 0;
+    }
+    if let Some(state) = THREAD_STATE.get_ptr_mut(&(pid as u32)) {
+        let state = unsafe { &mut *state };
+        if state.runnable_since_ns == 0 {
+            state.runnable_since_ns = unsafe { bpf_ktime_get_ns() };
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn histograms_of(tgid: u32, comm: [u8; COMM_LEN]) -> Option<*mut SchedHistograms> {
+    let key = ThreadGroupKey { tgid, comm, _pad: 0 };
+    if let Some(hists) = SCHED_HISTS.get_ptr_mut(&key) {
+        return Some(hists);
+    }
+    let zero = ZERO_HISTOGRAMS.get(0)?;
+    if SCHED_HISTS.insert(&key, zero, 0).is_err() {
+        bump(ProbeCounter::HistogramMapFull);
+        return None;
+    }
+    SCHED_HISTS.get_ptr_mut(&key)
+}
+
+// Keeps the helper in use so that the type is checked against the shared definition.
+const _: fn(u64) -> usize = Log2Histogram::bucket_index;

@@ -1,0 +1,270 @@
+//! The running agent: its state (tracked processes, CPU accounting, probes), how discovery
+//! changes are applied to it, and how a snapshot of all metrics is taken from it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_common::sched::ProbeCounter;
+
+use crate::{
+    collect::log2_to_seconds,
+    discovery::{Change, Discovery, ScanErrors, TrackedProcess},
+    ebpf::{sched::SchedProbes, ProbeStatus},
+    export::http_server::MetricsSource,
+    metrics::{catalog, prometheus, AttrValue, Attributes, Point, PointValue, Snapshot},
+    proc_reader::{ProcRoot, ReadError},
+    thread_cpu::ProcessCpu,
+};
+
+/// Counters of the agent's own troubles.
+#[derive(Debug, Default)]
+pub struct SelfStats {
+    pub read_errors: BTreeMap<&'static str, u64>,
+    pub folded_threads: u64,
+}
+
+impl SelfStats {
+    pub fn count_scan(&mut self, errors: &ScanErrors) {
+        *self.read_errors.entry("vanished").or_default() += errors.vanished;
+        *self.read_errors.entry("failed").or_default() += errors.failed;
+    }
+    fn count_read(&mut self, error: &ReadError) {
+        *self.read_errors.entry(error.kind()).or_default() += 1;
+    }
+}
+
+pub struct AgentState {
+    pub proc: ProcRoot,
+    pub discovery: Discovery,
+    cpu: HashMap<u32, ProcessCpu>,
+    pub probes: Option<SchedProbes>,
+    /// What could not be attached and why, for the log and self-metrics.
+    pub probe_status: Vec<ProbeStatus>,
+    pub stats: SelfStats,
+    max_thread_names: usize,
+    ticks_per_second: f64,
+    boot_time: Option<SystemTime>,
+}
+
+impl AgentState {
+    pub fn new(proc: ProcRoot, discovery: Discovery, probes: Option<SchedProbes>, probe_status: Vec<ProbeStatus>, max_thread_names: usize) -> Self {
+        let boot_time = procfs::boot_time_secs().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        Self {
+            proc,
+            discovery,
+            cpu: HashMap::new(),
+            probes,
+            probe_status,
+            stats: SelfStats::default(),
+            max_thread_names,
+            ticks_per_second: crate::proc_reader::ticks_per_second() as f64,
+            boot_time,
+        }
+    }
+
+    /// Follows discovery changes: the kernel filter, the CPU state, and a log line each.
+    pub fn apply(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            match change {
+                Change::Added(p) => {
+                    let pid = p.pid();
+                    let tids: Vec<u32> = match self.proc.thread_samples(pid) {
+                        Ok((samples, _)) => samples.iter().map(|s| s.tid).collect(),
+                        Err(_) => vec![pid],
+                    };
+                    let probes = match self.probes.as_mut() {
+                        Some(probes) => match probes.track(pid, p.info.id.start_time_ticks, &tids) {
+                            Ok(()) => "sched",
+                            Err(e) => {
+                                tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
+                                "none"
+                            }
+                        },
+                        None => "none",
+                    };
+                    tracing::info!(
+                        pid,
+                        group = p.group(),
+                        exe = p.executable_name(),
+                        comm = %p.info.comm,
+                        threads = tids.len(),
+                        probes,
+                        "tracking process"
+                    );
+                    self.cpu.insert(pid, ProcessCpu::default());
+                }
+                Change::Removed(p) => {
+                    let pid = p.pid();
+                    if let Some(probes) = self.probes.as_mut() {
+                        probes.untrack(pid);
+                    }
+                    if let Some(cpu) = self.cpu.remove(&pid) {
+                        self.stats.folded_threads += cpu.folded_threads;
+                    }
+                    tracing::info!(pid, group = p.group(), "process gone; its series are dropped");
+                }
+            }
+        }
+    }
+
+    fn process_attributes(p: &TrackedProcess) -> Attributes {
+        vec![
+            ("process.group", AttrValue::from(p.group())),
+            ("process.executable.name", AttrValue::from(p.executable_name())),
+            ("process.pid", AttrValue::from(p.pid())),
+        ]
+    }
+
+    fn process_start(&self, p: &TrackedProcess) -> SystemTime {
+        self.boot_time
+            .map(|boot| boot + Duration::from_secs_f64(p.info.id.start_time_ticks as f64 / self.ticks_per_second))
+            .unwrap_or(p.since)
+    }
+
+    /// Reads everything and returns the metrics. Processes found gone are dropped.
+    pub fn snapshot(&mut self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut gone = Vec::new();
+        let tracked: Vec<TrackedProcess> = self.discovery.tracked().cloned().collect();
+
+        for p in &tracked {
+            let pid = p.pid();
+            let samples = match self.proc.thread_samples(pid) {
+                Ok((samples, vanished_threads)) => {
+                    *self.stats.read_errors.entry("vanished").or_default() += vanished_threads;
+                    samples
+                }
+                Err(e) => {
+                    self.stats.count_read(&e);
+                    gone.push(pid);
+                    continue;
+                }
+            };
+            // The pid may name another process by now.
+            if samples.iter().find(|s| s.tid == pid).is_some_and(|main| main.start_time_ticks != p.info.id.start_time_ticks) {
+                gone.push(pid);
+                continue;
+            }
+            let start = self.process_start(p);
+            let cpu = self.cpu.entry(pid).or_default();
+            cpu.update(&samples, self.max_thread_names);
+            let base = Self::process_attributes(p);
+            for (thread, ticks) in cpu.totals() {
+                for (mode, value) in [("user", ticks.user), ("system", ticks.system)] {
+                    let mut attributes = base.clone();
+                    attributes.push(("thread.name", AttrValue::from(thread.as_str())));
+                    attributes.push(("cpu.mode", AttrValue::from(mode)));
+                    snapshot.push(
+                        catalog::THREAD_CPU_TIME,
+                        Point { attributes, start_time: start, value: PointValue::Counter(value as f64 / self.ticks_per_second) },
+                    );
+                }
+            }
+        }
+
+        if let Some(probes) = &self.probes {
+            for ((tgid, thread), hists) in probes.histograms() {
+                let Some(p) = self.discovery.get(tgid) else { continue };
+                let label = self.cpu.get(&tgid).map(|c| c.label_for(&thread, self.max_thread_names.max(1) - 1).to_string()).unwrap_or(thread);
+                let mut attributes = Self::process_attributes(p);
+                attributes.push(("thread.name", AttrValue::from(label)));
+                for (descriptor, h) in [(catalog::THREAD_RUNQUEUE_DELAY, &hists.runqueue_delay), (catalog::THREAD_ONCPU_DURATION, &hists.on_cpu)] {
+                    push_histogram(&mut snapshot, descriptor, attributes.clone(), p.since, log2_to_seconds(h));
+                }
+            }
+        }
+
+        for pid in gone {
+            let (changes, errors) = self.discovery.check(pid);
+            self.stats.count_scan(&errors);
+            self.apply(changes);
+        }
+        self.self_metrics(&mut snapshot);
+        snapshot
+    }
+
+    fn self_metrics(&self, snapshot: &mut Snapshot) {
+        let epoch = UNIX_EPOCH;
+        let mut per_group: BTreeMap<&str, u64> = BTreeMap::new();
+        for p in self.discovery.tracked() {
+            *per_group.entry(p.group()).or_default() += 1;
+        }
+        for (group, n) in per_group {
+            snapshot.push(catalog::PROCESSES_TRACKED, Point { attributes: vec![("process.group", group.into())], start_time: epoch, value: PointValue::Gauge(n as f64) });
+        }
+        for status in &self.probe_status {
+            snapshot.push(
+                catalog::PROBES_ATTACHED,
+                Point { attributes: vec![("probe", status.program.into())], start_time: epoch, value: PointValue::Gauge(if status.attached { 1.0 } else { 0.0 }) },
+            );
+        }
+        for (kind, n) in &self.stats.read_errors {
+            snapshot.push(catalog::PROC_READ_ERRORS, Point { attributes: vec![("kind", (*kind).into())], start_time: epoch, value: PointValue::Counter(*n as f64) });
+        }
+        let folded: u64 = self.stats.folded_threads + self.cpu.values().map(|c| c.folded_threads).sum::<u64>();
+        snapshot.push(catalog::THREAD_NAMES_OVERFLOW, Point { attributes: vec![], start_time: epoch, value: PointValue::Counter(folded as f64) });
+        if let Some(probes) = &self.probes {
+            for (reason, counter) in [
+                ("histogram_map_full", ProbeCounter::HistogramMapFull),
+                ("thread_state_insert_failed", ProbeCounter::ThreadStateInsertFailed),
+                ("lifecycle_ring_full", ProbeCounter::LifecycleEventsLost),
+            ] {
+                snapshot.push(
+                    catalog::EVENTS_LOST,
+                    Point { attributes: vec![("reason", reason.into())], start_time: epoch, value: PointValue::Counter(probes.counter(counter) as f64) },
+                );
+            }
+        }
+    }
+}
+
+fn push_histogram(snapshot: &mut Snapshot, descriptor: crate::metrics::Descriptor, attributes: Attributes, start: SystemTime, value: crate::metrics::HistogramValue) {
+    // Two kernel keys can fold into one label ("other"): merge them.
+    if let Some(metric) = snapshot.metrics.iter_mut().find(|m| m.descriptor.name == descriptor.name) {
+        if let Some(existing) = metric.points.iter_mut().find(|p| p.attributes == attributes) {
+            if let PointValue::Histogram(h) = &mut existing.value {
+                for (a, b) in h.counts.iter_mut().zip(value.counts.iter()) {
+                    *a += b;
+                }
+                h.sum += value.sum;
+                h.count += value.count;
+                return;
+            }
+        }
+    }
+    snapshot.push(descriptor, Point { attributes, start_time: start, value: PointValue::Histogram(value) });
+}
+
+/// The agent as shared between the HTTP server, the exporter and the event loop.
+pub struct SharedAgent {
+    pub state: Mutex<AgentState>,
+    pub resource: Attributes,
+    pub ready: AtomicBool,
+    pub export_failures: Arc<AtomicU64>,
+}
+
+impl SharedAgent {
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.state.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        snapshot.push(
+            catalog::EXPORT_FAILURES,
+            Point { attributes: vec![], start_time: UNIX_EPOCH, value: PointValue::Counter(self.export_failures.load(Ordering::Relaxed) as f64) },
+        );
+        snapshot
+    }
+}
+
+impl MetricsSource for SharedAgent {
+    fn render_prometheus(&self) -> String {
+        prometheus::render(&self.snapshot(), &self.resource)
+    }
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,91 @@
+//! Command-line interface. Flags override the config file, which overrides defaults.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "fanout", version, about = "Measures Redis blocking-pop fan-out, per-thread CPU and run-queue delay of Redis and its workers, with eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (needs root or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+pub enum OtlpProtocol {
+    #[value(name = "grpc")]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Default, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file; flags given here override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Root of the host's /proc (e.g. /host/proc in a container).
+    #[arg(long, value_name = "DIR")]
+    pub proc_root: Option<PathBuf>,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz). Default 0.0.0.0:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub prometheus_listen: Option<SocketAddr>,
+
+    /// Do not serve the Prometheus endpoint.
+    #[arg(long)]
+    pub no_prometheus: bool,
+
+    /// OTLP endpoint to push metrics to (overrides OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP protocol (overrides OTEL_EXPORTER_OTLP_[METRICS_]PROTOCOL).
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+
+    /// Seconds between OTLP pushes (overrides OTEL_METRIC_EXPORT_INTERVAL, which is in ms).
+    #[arg(long, value_name = "SECONDS")]
+    pub otlp_interval: Option<f64>,
+
+    /// Worker rule GROUP:comm=NAME, GROUP:exe=NAME or GROUP:cmdline=REGEX; repeatable. Added
+    /// before the config file's rules and the defaults (the first matching rule wins).
+    #[arg(long = "worker-rule", value_name = "RULE")]
+    pub worker_rules: Vec<String>,
+
+    /// Do not use the built-in Sidekiq, Resque, RQ and Celery rules.
+    #[arg(long)]
+    pub no_default_rules: bool,
+
+    /// Seconds between full /proc rescans (a safety net behind the exec/exit tracepoints).
+    #[arg(long, value_name = "SECONDS")]
+    pub rescan_interval: Option<f64>,
+
+    /// Fail instead of falling back to /proc-only measurement when eBPF cannot be loaded.
+    #[arg(long)]
+    pub require_ebpf: bool,
+
+    /// Log format.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter (tracing env-filter syntax); RUST_LOG also works.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}

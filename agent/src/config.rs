@@ -1,0 +1,236 @@
+//! The agent's configuration: defaults, then the TOML file, then flags and OTEL_* env vars.
+//! Everything is validated here, before anything is attached.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{
+    cli::{LogFormat, OtlpProtocol, RunArgs},
+    export::otlp_config::{OtlpConfig, OtlpEnvError, OtlpOverrides},
+    rules::{default_rule_specs, RuleError, RuleSet, RuleSpec, WorkerRule},
+};
+
+pub const DEFAULT_PROMETHEUS_PORT: u16 = 9464;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error(transparent)]
+    Otlp(#[from] OtlpEnvError),
+    #[error("{name} must be a positive number of seconds, got {value}")]
+    BadInterval { name: &'static str, value: f64 },
+    #[error("max_thread_names_per_process must be between 1 and 1024, got {0}")]
+    BadThreadNameLimit(usize),
+}
+
+/// The config file. Unknown keys are errors, so that a typo does not silently do nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub proc_root: Option<PathBuf>,
+    pub prometheus_listen: Option<SocketAddr>,
+    pub prometheus: Option<bool>,
+    pub rescan_interval_secs: Option<f64>,
+    pub require_ebpf: Option<bool>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub default_worker_rules: Option<bool>,
+    pub max_thread_names_per_process: Option<usize>,
+    #[serde(default, rename = "worker_rule")]
+    pub worker_rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub otlp: FileOtlp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOtlp {
+    pub endpoint: Option<String>,
+    pub protocol: Option<OtlpProtocol>,
+    pub interval_secs: Option<f64>,
+    pub timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// The resolved configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proc_root: PathBuf,
+    pub prometheus_listen: Option<SocketAddr>,
+    pub otlp: Option<OtlpConfig>,
+    pub rules: RuleSet,
+    pub rescan_interval: Duration,
+    pub require_ebpf: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub max_thread_names_per_process: usize,
+}
+
+impl FileConfig {
+    pub fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            // toml's messages span several lines with a source excerpt; one line is wanted.
+            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+        Self::parse(path, &text)
+    }
+}
+
+fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value > 0.0 && value < 1e9 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::BadInterval { name, value })
+    }
+}
+
+impl Config {
+    /// Resolves flags over file over defaults, reading OTEL_* variables through `env`.
+    pub fn resolve(args: &RunArgs, file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut specs: Vec<RuleSpec> = args.worker_rules.iter().map(|f| WorkerRule::parse_flag(f)).collect::<Result<_, _>>()?;
+        specs.extend(file.worker_rules);
+        let use_defaults = !args.no_default_rules && file.default_worker_rules.unwrap_or(true);
+        if use_defaults {
+            specs.extend(default_rule_specs());
+        }
+        let rules = RuleSet::new(&specs)?;
+
+        let prometheus_enabled = !args.no_prometheus && file.prometheus.unwrap_or(true);
+        let prometheus_listen = prometheus_enabled.then(|| {
+            args.prometheus_listen
+                .or(file.prometheus_listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PROMETHEUS_PORT)))
+        });
+
+        let overrides = OtlpOverrides {
+            endpoint: args.otlp_endpoint.clone().or(file.otlp.endpoint),
+            protocol: args.otlp_protocol.or(file.otlp.protocol),
+            interval: args.otlp_interval.or(file.otlp.interval_secs).map(|s| seconds("otlp interval", s)).transpose()?,
+            timeout: file.otlp.timeout_secs.map(|s| seconds("otlp timeout", s)).transpose()?,
+            headers: file.otlp.headers,
+        };
+        let otlp = OtlpConfig::resolve(overrides, env)?;
+
+        let max_thread_names_per_process = file.max_thread_names_per_process.unwrap_or(64);
+        if !(1..=1024).contains(&max_thread_names_per_process) {
+            return Err(ConfigError::BadThreadNameLimit(max_thread_names_per_process));
+        }
+
+        Ok(Self {
+            proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
+            prometheus_listen,
+            otlp,
+            rules,
+            rescan_interval: seconds("rescan interval", args.rescan_interval.or(file.rescan_interval_secs).unwrap_or(10.0))?,
+            require_ebpf: args.require_ebpf || file.require_ebpf.unwrap_or(false),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_level: args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            max_thread_names_per_process,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("fanout.toml"), text)
+    }
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let config = Config::resolve(&RunArgs::default(), FileConfig::default(), &no_env).unwrap();
+        assert_eq!(config.proc_root, PathBuf::from("/proc"));
+        assert_eq!(config.prometheus_listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(config.otlp.is_none(), "OTLP push is off until an endpoint is configured");
+        assert_eq!(config.rescan_interval, Duration::from_secs(10));
+        assert_eq!(config.rules.groups().collect::<Vec<_>>(), ["sidekiq", "resque", "rq", "celery"]);
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_override_them() {
+        let file = parse(
+            r#"
+            proc_root = "/host/proc"
+            prometheus_listen = "127.0.0.1:9000"
+            rescan_interval_secs = 30
+            default_worker_rules = false
+            [[worker_rule]]
+            group = "billing"
+            cmdline = "billing"
+            [otlp]
+            endpoint = "http://collector:4318"
+            protocol = "http/protobuf"
+            interval_secs = 15
+            "#,
+        )
+        .unwrap();
+        let args = RunArgs {
+            prometheus_listen: Some("127.0.0.1:9999".parse().unwrap()),
+            worker_rules: vec!["mail:comm=mailer".into()],
+            ..Default::default()
+        };
+        let config = Config::resolve(&args, file, &no_env).unwrap();
+        assert_eq!(config.proc_root, PathBuf::from("/host/proc"));
+        assert_eq!(config.prometheus_listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(config.rescan_interval, Duration::from_secs(30));
+        assert_eq!(config.rules.groups().collect::<Vec<_>>(), ["mail", "billing"]);
+        let otlp = config.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://collector:4318/v1/metrics");
+        assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(otlp.interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_one_line_errors() {
+        let err = parse("prometheus_lisen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `prometheus_lisen`"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let err = parse("prometheus_listen = \"not an address\"").unwrap_err().to_string();
+        assert!(err.starts_with("config file fanout.toml:"), "{err}");
+        let err = parse("[[worker_rule]]\ngroup = \"x\"\nregex = \"y\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `regex`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_rules_and_intervals_fail_resolution() {
+        let file = parse("[[worker_rule]]\ngroup = \"x\"\ncmdline = \"(\"").unwrap();
+        let err = Config::resolve(&RunArgs::default(), file, &no_env).unwrap_err().to_string();
+        assert!(err.contains("invalid cmdline regex"), "{err}");
+        let args = RunArgs { rescan_interval: Some(0.0), ..Default::default() };
+        let err = Config::resolve(&args, FileConfig::default(), &no_env).unwrap_err().to_string();
+        assert_eq!(err, "rescan interval must be a positive number of seconds, got 0");
+        let file = parse("max_thread_names_per_process = 0").unwrap();
+        assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
+    }
+
+    #[test]
+    fn prometheus_can_be_disabled() {
+        let args = RunArgs { no_prometheus: true, ..Default::default() };
+        assert_eq!(Config::resolve(&args, FileConfig::default(), &no_env).unwrap().prometheus_listen, None);
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = FileConfig::load(Path::new("/nonexistent/fanout.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read config file /nonexistent/fanout.toml:"), "{err}");
+    }
+}

@@ -1,0 +1,97 @@
+//! Loading the embedded eBPF object and talking to its maps.
+
+pub mod sched;
+
+use aya::{programs::TracePoint, Ebpf};
+
+/// The eBPF object built by build.rs, or `None` when built with `AYA_BUILD_SKIP=1`.
+#[cfg(not(fanout_no_ebpf))]
+pub static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fanout-ebpf")));
+#[cfg(fanout_no_ebpf)]
+pub static EBPF_OBJECT: Option<&[u8]> = None;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("this fanout binary was built without eBPF programs (AYA_BUILD_SKIP=1)")]
+    NotBuilt,
+    #[error("loading the eBPF object failed: {0} (needs CAP_BPF and CAP_PERFMON, or root)")]
+    Load(String),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("loading or attaching {program} to tracepoint {category}:{name} failed: {message}")]
+    Attach { program: &'static str, category: &'static str, name: &'static str, message: String },
+}
+
+/// A tracepoint program and where it attaches.
+pub struct TracepointSpec {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+}
+
+/// Whether one program is attached, for start-up output and the `fanout.probes.attached` gauge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub program: &'static str,
+    pub attached: bool,
+    pub error: Option<String>,
+}
+
+/// Makes sure tracefs is mounted: tracepoint ids are read from it. A DaemonSet or minimal VM
+/// may not have it mounted.
+pub fn ensure_tracefs() -> Result<(), String> {
+    let events = std::path::Path::new("/sys/kernel/tracing/events");
+    if events.exists() || std::path::Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: valid NUL-terminated strings, no data argument.
+    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps against it (before 5.11).
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Loads the embedded object (programs are loaded into the kernel as they are attached).
+pub fn load_object() -> Result<Ebpf, ProbeError> {
+    let object = EBPF_OBJECT.ok_or(ProbeError::NotBuilt)?;
+    raise_memlock();
+    Ebpf::load(object).map_err(|e| ProbeError::Load(e.to_string()))
+}
+
+/// Loads and attaches each tracepoint; one failing does not stop the others.
+pub fn attach_tracepoints(ebpf: &mut Ebpf, specs: &[TracepointSpec]) -> Vec<ProbeStatus> {
+    specs
+        .iter()
+        .map(|spec| {
+            let result = (|| -> Result<(), ProbeError> {
+                let attach_err = |message: String| ProbeError::Attach { program: spec.program, category: spec.category, name: spec.name, message };
+                let program: &mut TracePoint = ebpf
+                    .program_mut(spec.program)
+                    .ok_or(ProbeError::MissingProgram(spec.program))?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+                program.load().map_err(|e| attach_err(e.to_string()))?;
+                program.attach(spec.category, spec.name).map_err(|e| attach_err(e.to_string()))?;
+                Ok(())
+            })();
+            ProbeStatus { program: spec.program, attached: result.is_ok(), error: result.err().map(|e| e.to_string()) }
+        })
+        .collect()
+}

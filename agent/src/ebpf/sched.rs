@@ -1,0 +1,122 @@
+//! The scheduler and lifecycle probes: which processes are tracked (in the kernel), their
+//! threads' run-queue delay and on-CPU histograms, and exec/exit events.
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    lifecycle::LifecycleEvent,
+    maps,
+    programs,
+    sched::{ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess, PROBE_COUNTER_SLOTS},
+};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    Ebpf,
+};
+
+use super::{attach_tracepoints, ProbeError, ProbeStatus, TracepointSpec};
+
+pub const TRACEPOINTS: [TracepointSpec; 4] = [
+    TracepointSpec { program: programs::SCHED_SWITCH, category: "sched", name: "sched_switch" },
+    TracepointSpec { program: programs::SCHED_WAKEUP, category: "sched", name: "sched_wakeup" },
+    TracepointSpec { program: programs::PROCESS_EXEC, category: "sched", name: "sched_process_exec" },
+    TracepointSpec { program: programs::PROCESS_EXIT, category: "sched", name: "sched_process_exit" },
+];
+
+/// Per-CPU values merged, keyed by (tgid, thread name).
+pub type MergedHistograms = BTreeMap<(u32, String), SchedHistograms>;
+
+pub struct SchedProbes {
+    // Keeps the programs attached for as long as the probes live.
+    _ebpf: Ebpf,
+    tracked: HashMap<MapData, u32, TrackedProcess>,
+    threads: HashMap<MapData, u32, ThreadState>,
+    histograms: PerCpuHashMap<MapData, ThreadGroupKey, SchedHistograms>,
+    counters: PerCpuArray<MapData, u64>,
+    pub status: Vec<ProbeStatus>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| ProbeError::Map { name, message: e.to_string() })
+}
+
+/// Name bytes up to the first NUL, lossily decoded.
+pub fn comm_to_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+impl SchedProbes {
+    /// Loads and attaches. Returns the probes and the lifecycle ring buffer (read elsewhere).
+    pub fn attach(mut ebpf: Ebpf) -> Result<(Self, RingBuf<MapData>), ProbeError> {
+        let status = attach_tracepoints(&mut ebpf, &TRACEPOINTS);
+        let ring = take(&mut ebpf, maps::LIFECYCLE_EVENTS)?;
+        let probes = Self {
+            tracked: take(&mut ebpf, maps::TRACKED_PROCESSES)?,
+            threads: take(&mut ebpf, maps::THREAD_STATE)?,
+            histograms: take(&mut ebpf, maps::SCHED_HISTOGRAMS)?,
+            counters: take(&mut ebpf, maps::PROBE_COUNTERS)?,
+            status,
+            _ebpf: ebpf,
+        };
+        Ok((probes, ring))
+    }
+
+    pub fn any_attached(&self) -> bool {
+        self.status.iter().any(|s| s.attached)
+    }
+
+    /// Starts measuring a process: its tgid goes into the in-kernel filter and its current
+    /// threads are seeded, so that threads already asleep are measured from their next wakeup.
+    pub fn track(&mut self, tgid: u32, start_time_ticks: u64, tids: &[u32]) -> Result<(), ProbeError> {
+        let map_err = |name: &'static str| move |e: aya::maps::MapError| ProbeError::Map { name, message: e.to_string() };
+        self.tracked.insert(tgid, TrackedProcess { start_time_ticks }, 0).map_err(map_err(maps::TRACKED_PROCESSES))?;
+        for &tid in tids {
+            // BPF_NOEXIST: a thread the kernel already knows keeps its timestamps.
+            let _ = self.threads.insert(tid, ThreadState { tgid, ..Default::default() }, 1 /* BPF_NOEXIST */);
+        }
+        Ok(())
+    }
+
+    /// Stops measuring a process and frees everything the kernel holds for it.
+    pub fn untrack(&mut self, tgid: u32) {
+        let _ = self.tracked.remove(&tgid);
+        let stale_keys: Vec<ThreadGroupKey> = self.histograms.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+        for key in stale_keys {
+            let _ = self.histograms.remove(&key);
+        }
+        let stale_threads: Vec<u32> = self.threads.iter().filter_map(Result::ok).filter(|(_, s)| s.tgid == tgid).map(|(tid, _)| tid).collect();
+        for tid in stale_threads {
+            let _ = self.threads.remove(&tid);
+        }
+    }
+
+    /// Histograms of all tracked thread groups, merged over CPUs.
+    pub fn histograms(&self) -> MergedHistograms {
+        let mut merged = MergedHistograms::new();
+        for (key, per_cpu) in self.histograms.iter().filter_map(Result::ok) {
+            let entry = merged.entry((key.tgid, comm_to_string(&key.comm))).or_insert(SchedHistograms::ZERO);
+            for value in per_cpu.iter() {
+                entry.on_cpu.merge(&value.on_cpu);
+                entry.runqueue_delay.merge(&value.runqueue_delay);
+            }
+        }
+        merged
+    }
+
+    /// The probes' own trouble counters, summed over CPUs.
+    pub fn counter(&self, counter: ProbeCounter) -> u64 {
+        debug_assert!((counter as u32) < PROBE_COUNTER_SLOTS);
+        self.counters.get(&(counter as u32), 0).map(|values| values.iter().sum()).unwrap_or(0)
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_lifecycle(bytes: &[u8]) -> Option<LifecycleEvent> {
+    if bytes.len() < std::mem::size_of::<LifecycleEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; LifecycleEvent is plain old data, read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<LifecycleEvent>()) })
+}

@@ -1,0 +1,5 @@
+//! Getting metrics out: OTLP push (gRPC or HTTP/protobuf) and the Prometheus endpoint.
+
+pub mod http_server;
+pub mod otlp;
+pub mod otlp_config;

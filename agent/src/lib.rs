@@ -1,0 +1,20 @@
+//! Fanout: an eBPF host agent that measures what Redis blocking pops cost, per thread, per
+//! process and per queue, and exports it over OpenTelemetry and Prometheus.
+//!
+//! Stages, each testable alone: `proc_reader` (read /proc) -> `rules` + `discovery` (what to
+//! track) -> `thread_cpu` and `ebpf` (measure) -> `collect` + `agent` (snapshot) -> `metrics`
+//! and `export` (Prometheus text, OTLP).
+
+pub mod agent;
+pub mod cli;
+pub mod collect;
+pub mod config;
+pub mod discovery;
+pub mod ebpf;
+pub mod export;
+pub mod metrics;
+pub mod proc_reader;
+pub mod resource;
+pub mod rules;
+pub mod run;
+pub mod thread_cpu;

@@ -1,0 +1,61 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use fanout::{
+    cli::{Cli, Command, LogFormat},
+    config::{Config, FileConfig},
+};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for invalid flags, config or rules (the same code clap uses for bad flags).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path),
+        None => Ok(FileConfig::default()),
+    };
+    let config = match file.and_then(|file| Config::resolve(&args, file, &|k| std::env::var(k).ok())) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fanout: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let filter = match std::env::var("RUST_LOG").ok().filter(|_| args.log_level.is_none()) {
+        Some(env) => EnvFilter::try_new(env),
+        None => EnvFilter::try_new(&config.log_level),
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("fanout: error: invalid log filter {:?}: {e}", config.log_level);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fanout: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fanout::run::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("fanout: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The agent's metric model: one snapshot of every series, built at read time (a Prometheus
+//! scrape or an OTLP push) and rendered to either format.
+//!
+//! Why not the OpenTelemetry SDK's instruments: the histograms are aggregated in the kernel and
+//! arrive as cumulative bucket counts. The SDK API has no asynchronous histogram, and replaying
+//! millions of events into a synchronous one would cost more than the probes themselves. So the
+//! agent builds OTLP data points directly with the `opentelemetry-proto` types (the same wire
+//! format the SDK's exporter sends) and follows the OpenTelemetry data model: cumulative
+//! temporality, explicit bucket bounds, resource attributes.
+
+pub mod prometheus;
+
+use std::time::SystemTime;
+
+/// An attribute value. Only the kinds the agent emits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+impl From<&str> for AttrValue {
+    fn from(s: &str) -> Self {
+        AttrValue::Str(s.to_string())
+    }
+}
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::Str(s)
+    }
+}
+impl From<u32> for AttrValue {
+    fn from(i: u32) -> Self {
+        AttrValue::Int(i as i64)
+    }
+}
+
+pub type Attributes = Vec<(&'static str, AttrValue)>;
+
+/// A cumulative histogram with explicit bounds: `counts[i]` counts values in
+/// `(bounds[i-1], bounds[i]]`, and the last count is everything above the last bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramValue {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PointValue {
+    /// Monotonic cumulative sum.
+    Counter(f64),
+    Gauge(f64),
+    Histogram(HistogramValue),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    pub attributes: Attributes,
+    /// When the cumulative series started (tracking began); ignored for gauges.
+    pub start_time: SystemTime,
+    pub value: PointValue,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A metric's identity, declared once (see [`catalog`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub unit: &'static str,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metric {
+    pub descriptor: Descriptor,
+    pub points: Vec<Point>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub metrics: Vec<Metric>,
+}
+
+impl Snapshot {
+    /// Adds a point under `descriptor`, creating the metric on first use (order is kept).
+    pub fn push(&mut self, descriptor: Descriptor, point: Point) {
+        if let Some(metric) = self.metrics.iter_mut().find(|m| m.descriptor.name == descriptor.name) {
+            metric.points.push(point);
+        } else {
+            self.metrics.push(Metric { descriptor, points: vec![point] });
+        }
+    }
+
+    pub fn metric(&self, name: &str) -> Option<&Metric> {
+        self.metrics.iter().find(|m| m.descriptor.name == name)
+    }
+}
+
+/// Every metric the agent exports. One place, so the names used by exporters, dashboards and
+/// tests cannot drift.
+pub mod catalog {
+    use super::{Descriptor, Kind};
+
+    pub const THREAD_CPU_TIME: Descriptor = Descriptor {
+        name: "process.thread.cpu.time",
+        description: "CPU time used by the threads of a process that share a thread name, by CPU mode (from /proc)",
+        unit: "s",
+        kind: Kind::Counter,
+    };
+    pub const THREAD_RUNQUEUE_DELAY: Descriptor = Descriptor {
+        name: "process.thread.runqueue.delay",
+        description: "Time threads spent runnable but waiting for a CPU, per wait (eBPF sched_wakeup/sched_switch)",
+        unit: "s",
+        kind: Kind::Histogram,
+    };
+    pub const THREAD_ONCPU_DURATION: Descriptor = Descriptor {
+        name: "process.thread.oncpu.duration",
+        description: "Length of each stretch threads ran on a CPU before being switched out (eBPF sched_switch)",
+        unit: "s",
+        kind: Kind::Histogram,
+    };
+    pub const PROCESSES_TRACKED: Descriptor = Descriptor {
+        name: "fanout.processes.tracked",
+        description: "Processes the agent currently tracks, by group",
+        unit: "{process}",
+        kind: Kind::Gauge,
+    };
+    pub const PROBES_ATTACHED: Descriptor = Descriptor {
+        name: "fanout.probes.attached",
+        description: "Whether each eBPF program is attached (1) or not (0)",
+        unit: "{probe}",
+        kind: Kind::Gauge,
+    };
+    pub const PROC_READ_ERRORS: Descriptor = Descriptor {
+        name: "fanout.proc.read.errors",
+        description: "Reads of /proc that failed, by kind (vanished: the process or thread exited mid-read)",
+        unit: "{error}",
+        kind: Kind::Counter,
+    };
+    pub const EVENTS_LOST: Descriptor = Descriptor {
+        name: "fanout.events.lost",
+        description: "Events the kernel side could not record or deliver, by reason",
+        unit: "{event}",
+        kind: Kind::Counter,
+    };
+    pub const EXPORT_FAILURES: Descriptor = Descriptor {
+        name: "fanout.export.failures",
+        description: "OTLP pushes that failed or timed out",
+        unit: "{request}",
+        kind: Kind::Counter,
+    };
+    pub const THREAD_NAMES_OVERFLOW: Descriptor = Descriptor {
+        name: "fanout.thread_names.overflow",
+        description: "Threads whose name was folded into 'other' because a process exceeded the thread-name limit",
+        unit: "{thread}",
+        kind: Kind::Counter,
+    };
+
+    pub const ALL: &[Descriptor] = &[
+        THREAD_CPU_TIME,
+        THREAD_RUNQUEUE_DELAY,
+        THREAD_ONCPU_DURATION,
+        PROCESSES_TRACKED,
+        PROBES_ATTACHED,
+        PROC_READ_ERRORS,
+        EVENTS_LOST,
+        EXPORT_FAILURES,
+        THREAD_NAMES_OVERFLOW,
+    ];
+}

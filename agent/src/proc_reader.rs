@@ -1,0 +1,174 @@
+//! Reading processes and threads from a /proc tree (the host's, or a committed fixture tree).
+//!
+//! Processes exit at any moment, so every read may find the process gone: that is reported as
+//! [`ReadError::Vanished`], which callers count and skip, never as a failure of the agent.
+
+use std::path::{Path, PathBuf};
+
+use procfs::{process::Process, ProcError};
+
+/// A process as the agent identifies it: a pid is reused, (pid, start time) is not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`stat` field 22).
+    pub start_time_ticks: u64,
+}
+
+/// What discovery needs to know about a process to match it against rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub id: ProcessId,
+    /// `comm`: the kernel's 15-byte task name.
+    pub comm: String,
+    /// Executable path as the process sees it (inside its own mount namespace), if readable.
+    pub exe: Option<PathBuf>,
+    /// Arguments; empty for kernel threads and zombies.
+    pub cmdline: Vec<String>,
+}
+
+impl ProcessInfo {
+    /// Basename of the executable, e.g. `redis-check-rdb` for Debian's redis-server symlink.
+    pub fn exe_name(&self) -> Option<&str> {
+        self.exe.as_deref()?.file_name()?.to_str()
+    }
+}
+
+/// CPU counters of one thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadSample {
+    pub tid: u32,
+    pub name: String,
+    pub start_time_ticks: u64,
+    pub user_ticks: u64,
+    pub system_ticks: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The process or thread exited while being read: normal, counted, skipped.
+    #[error("process {0} vanished while being read")]
+    Vanished(u32),
+    /// Anything else (permissions, malformed content).
+    #[error("reading {what} of process {pid}: {message}")]
+    Failed { pid: u32, what: &'static str, message: String },
+}
+
+impl ReadError {
+    fn from_proc(pid: u32, what: &'static str, err: ProcError) -> Self {
+        match err {
+            ProcError::NotFound(_) => ReadError::Vanished(pid),
+            ProcError::Io(ref io, _) if io.kind() == std::io::ErrorKind::NotFound => ReadError::Vanished(pid),
+            // ESRCH: the task was reaped between opening its directory and reading a file.
+            ProcError::Io(ref io, _) if io.raw_os_error() == Some(libc::ESRCH) => ReadError::Vanished(pid),
+            other => ReadError::Failed { pid, what, message: other.to_string() },
+        }
+    }
+
+    /// A short, bounded label for the read-errors self-metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReadError::Vanished(_) => "vanished",
+            ReadError::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// A /proc tree. `/proc` on a host, `/host/proc` in a container with the host's /proc mounted,
+/// or a fixture directory in tests.
+#[derive(Clone, Debug)]
+pub struct ProcRoot {
+    root: PathBuf,
+}
+
+impl ProcRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Pids of all processes (numeric directories). Non-numeric entries are ignored.
+    pub fn pids(&self) -> std::io::Result<Vec<u32>> {
+        let mut pids: Vec<u32> = std::fs::read_dir(&self.root)?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
+    fn open(&self, pid: u32) -> Result<Process, ReadError> {
+        Process::new_with_root(self.root.join(pid.to_string())).map_err(|e| ReadError::from_proc(pid, "directory", e))
+    }
+
+    /// Identity and rule-matching facts of a process. A missing exe link (kernel threads, or a
+    /// process of another user without CAP_SYS_PTRACE) is not an error: `exe` is `None`.
+    pub fn process_info(&self, pid: u32) -> Result<ProcessInfo, ReadError> {
+        let process = self.open(pid)?;
+        let stat = process.stat().map_err(|e| ReadError::from_proc(pid, "stat", e))?;
+        let cmdline = match process.cmdline() {
+            Ok(args) => args,
+            Err(e) => match ReadError::from_proc(pid, "cmdline", e) {
+                vanished @ ReadError::Vanished(_) => return Err(vanished),
+                ReadError::Failed { .. } => Vec::new(),
+            },
+        };
+        let exe = process.exe().ok();
+        Ok(ProcessInfo {
+            id: ProcessId { pid, start_time_ticks: stat.starttime },
+            comm: stat.comm,
+            exe,
+            cmdline,
+        })
+    }
+
+    /// Start time of `pid`, to check that a pid still names the same process.
+    pub fn start_time(&self, pid: u32) -> Result<u64, ReadError> {
+        let process = self.open(pid)?;
+        Ok(process.stat().map_err(|e| ReadError::from_proc(pid, "stat", e))?.starttime)
+    }
+
+    /// CPU counters of every thread of a process. Threads that exit during the walk are skipped
+    /// and counted in the second value; the process itself vanishing is an error.
+    pub fn thread_samples(&self, pid: u32) -> Result<(Vec<ThreadSample>, u64), ReadError> {
+        let process = self.open(pid)?;
+        let tasks = process.tasks().map_err(|e| ReadError::from_proc(pid, "task list", e))?;
+        let mut samples = Vec::new();
+        let mut vanished = 0;
+        for task in tasks {
+            let stat = match task.and_then(|t| t.stat()) {
+                Ok(stat) => stat,
+                Err(_) => {
+                    vanished += 1;
+                    continue;
+                }
+            };
+            samples.push(ThreadSample {
+                tid: stat.pid as u32,
+                name: stat.comm,
+                start_time_ticks: stat.starttime,
+                user_ticks: stat.utime,
+                system_ticks: stat.stime,
+            });
+        }
+        if samples.is_empty() {
+            // A process always has at least its main thread: none readable means it is gone.
+            return Err(ReadError::Vanished(pid));
+        }
+        Ok((samples, vanished))
+    }
+
+    /// Where the process's executable can be opened from the agent's mount namespace: through
+    /// `/proc/<pid>/root`, which works for processes in containers as well as on the host.
+    pub fn host_path_of(&self, pid: u32, path_in_process: &Path) -> PathBuf {
+        let relative = path_in_process.strip_prefix("/").unwrap_or(path_in_process);
+        self.root.join(pid.to_string()).join("root").join(relative)
+    }
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of /proc CPU counters.
+pub fn ticks_per_second() -> u64 {
+    procfs::ticks_per_second()
+}

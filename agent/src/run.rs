@@ -1,0 +1,186 @@
+//! Start-up and the event loop of `fanout run`.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use agent_common::lifecycle::LifecycleKind;
+
+use crate::{
+    agent::{AgentState, SharedAgent},
+    config::Config,
+    discovery::Discovery,
+    ebpf::{self, sched::SchedProbes, ProbeStatus},
+    export::{
+        http_server,
+        otlp::{run_exporter, OtlpSender},
+    },
+    proc_reader::ProcRoot,
+};
+
+/// Loads and attaches the probes, or says why not. Without probes the agent still measures
+/// per-thread CPU from /proc, unless `--require-ebpf` was given.
+fn start_probes(config: &Config) -> anyhow::Result<(Option<SchedProbes>, Option<RingBuf<MapData>>, Vec<ProbeStatus>)> {
+    let attempt = || -> Result<(SchedProbes, RingBuf<MapData>), String> {
+        ebpf::ensure_tracefs()?;
+        let object = ebpf::load_object().map_err(|e| e.to_string())?;
+        SchedProbes::attach(object).map_err(|e| e.to_string())
+    };
+    match attempt() {
+        Ok((probes, ring)) => {
+            for status in probes.status.iter().filter(|s| !s.attached) {
+                tracing::warn!(probe = status.program, error = status.error.as_deref().unwrap_or(""), "probe not attached");
+            }
+            if config.require_ebpf && probes.status.iter().any(|s| !s.attached) {
+                anyhow::bail!("--require-ebpf: not every eBPF program could be attached (see the warnings above)");
+            }
+            let status = probes.status.clone();
+            if probes.any_attached() {
+                Ok((Some(probes), Some(ring), status))
+            } else {
+                Ok((None, None, status))
+            }
+        }
+        Err(message) => {
+            if config.require_ebpf {
+                anyhow::bail!("--require-ebpf: {message}");
+            }
+            tracing::warn!(error = %message, "eBPF unavailable: measuring per-thread CPU from /proc only; run-queue delay and exec/exit events are off");
+            let status = ebpf::sched::TRACEPOINTS
+                .iter()
+                .map(|t| ProbeStatus { program: t.program, attached: false, error: Some(message.clone()) })
+                .collect();
+            Ok((None, None, status))
+        }
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let proc = ProcRoot::new(&config.proc_root);
+    proc.pids().with_context(|| format!("cannot list processes in {}", config.proc_root.display()))?;
+
+    let (probes, ring, probe_status) = start_probes(&config)?;
+    let live: Vec<&str> = probe_status.iter().filter(|s| s.attached).map(|s| s.program).collect();
+    tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());
+
+    let discovery = Discovery::new(proc.clone(), config.rules.clone(), std::process::id());
+    let mut state = AgentState::new(proc, discovery, probes, probe_status, config.max_thread_names_per_process);
+    let (changes, errors) = state.discovery.rescan().context("initial /proc scan")?;
+    state.stats.count_scan(&errors);
+    state.apply(changes);
+    let count = state.discovery.tracked().count();
+    tracing::info!(processes = count, "initial scan done");
+
+    let shared = Arc::new(SharedAgent {
+        state: Mutex::new(state),
+        resource: crate::resource::detect(&|k| std::env::var(k).ok(), crate::resource::hostname()),
+        ready: Default::default(),
+        export_failures: Default::default(),
+    });
+
+    if let Some(addr) = config.prometheus_listen {
+        let (local, _server) = http_server::serve(addr, shared.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the Prometheus endpoint"))?;
+        tracing::info!(address = %local, "serving Prometheus metrics at /metrics");
+    }
+
+    if let Some(otlp) = config.otlp.clone() {
+        tracing::info!(endpoint = %otlp.endpoint, protocol = ?otlp.protocol, interval = ?otlp.interval, "pushing OTLP metrics");
+        let interval = otlp.interval;
+        let sender = OtlpSender::new(otlp)?;
+        let source = shared.clone();
+        let failures = shared.export_failures.clone();
+        tokio::spawn(run_exporter(sender, interval, failures, move || {
+            // The snapshot reads /proc synchronously; it is short and bounded by the number of
+            // tracked threads, and this task does nothing else meanwhile.
+            (tokio::task::block_in_place(|| source.snapshot()), source.resource.clone())
+        }));
+    }
+
+    if let Some(ring) = ring {
+        tokio::spawn(follow_lifecycle(ring, shared.clone()));
+    }
+    shared.ready.store(true, Ordering::Relaxed);
+
+    let mut rescan = tokio::time::interval(config.rescan_interval);
+    rescan.tick().await;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {
+                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                match state.discovery.rescan() {
+                    Ok((changes, errors)) => {
+                        state.stats.count_scan(&errors);
+                        state.apply(changes);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rescan of /proc failed"),
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    tracing::info!("shutting down; probes detach as the agent exits");
+    Ok(())
+}
+
+/// Reads exec/exit events from the kernel and re-checks the pids they name.
+async fn follow_lifecycle(ring: RingBuf<MapData>, shared: Arc<SharedAgent>) {
+    let fd = ring.as_raw_fd();
+    tracing::debug!(fd, "following exec/exit events");
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, which deregisters it
+    // before dropping it; nothing else closes the fd.
+    let mut ring = match unsafe { AsyncFd::register(ring) } {
+        Ok(ring) => ring,
+        Err(e) => {
+            tracing::error!(error = %e.into_parts().1, "cannot poll the lifecycle ring buffer; relying on rescans");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                tracing::error!(error = %e, "lifecycle ring buffer poll failed; relying on rescans");
+                return;
+            }
+        };
+        let mut events = Vec::new();
+        {
+            let inner = guard.get_inner_mut();
+            while let Some(item) = inner.next() {
+                if let Some(event) = ebpf::sched::decode_lifecycle(&item) {
+                    events.push(event);
+                }
+            }
+        }
+        guard.clear_ready();
+        if events.is_empty() {
+            continue;
+        }
+        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        for event in events {
+            match event.kind() {
+                Some(LifecycleKind::Exec) => {
+                    // Short-lived processes vanish before they are read: normal, not counted.
+                    let (changes, errors) = state.discovery.check(event.pid);
+                    state.stats.read_errors.entry("failed").and_modify(|n| *n += errors.failed).or_insert(errors.failed);
+                    state.apply(changes);
+                }
+                Some(LifecycleKind::Exit) => {
+                    if let Some(change) = state.discovery.forget(event.pid) {
+                        state.apply(vec![change]);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
