@@ -151,3 +151,54 @@ impl Discovery {
         self.tracked.remove(&pid).map(Change::Removed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::default_rule_specs;
+
+    fn discovery() -> Discovery {
+        let proc = ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
+        Discovery::new(proc, RuleSet::new(&default_rule_specs()).unwrap(), 1)
+    }
+
+    #[test]
+    fn scan_finds_redis_servers_and_workers_in_a_fixture_tree() {
+        let mut d = discovery();
+        let (changes, errors) = d.rescan().unwrap();
+        let mut found: Vec<(u32, String)> = d.tracked().map(|p| (p.pid(), p.group().to_string())).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![(100, "redis".into()), (200, "sidekiq".into()), (400, "redis".into()), (500, "sidekiq".into())]
+        );
+        assert_eq!(changes.len(), 4);
+        assert!(changes.iter().all(|c| matches!(c, Change::Added(_))));
+        assert_eq!(errors, ScanErrors::default());
+        // A second scan of an unchanged tree changes nothing.
+        assert!(d.rescan().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn the_agent_never_tracks_itself() {
+        let proc = ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
+        let mut d = Discovery::new(proc, RuleSet::new(&default_rule_specs()).unwrap(), 100);
+        d.rescan().unwrap();
+        assert!(d.get(100).is_none());
+    }
+
+    #[test]
+    fn check_and_forget_follow_single_pids() {
+        let mut d = discovery();
+        let (changes, _) = d.check(100);
+        assert!(matches!(changes.as_slice(), [Change::Added(p)] if p.pid() == 100));
+        // Checking again is a no-op.
+        assert!(d.check(100).0.is_empty());
+        // A pid that is gone is dropped and counted as vanished.
+        let (changes, errors) = d.check(999);
+        assert!(changes.is_empty());
+        assert_eq!(errors.vanished, 1);
+        assert!(matches!(d.forget(100), Some(Change::Removed(p)) if p.pid() == 100));
+        assert!(d.forget(100).is_none());
+    }
+}

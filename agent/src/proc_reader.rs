@@ -172,3 +172,83 @@ impl ProcRoot {
 pub fn ticks_per_second() -> u64 {
     procfs::ticks_per_second()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> ProcRoot {
+        ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"))
+    }
+
+    #[test]
+    fn lists_numeric_entries_only() {
+        assert_eq!(fixtures().pids().unwrap(), vec![2, 100, 200, 300, 400, 500]);
+    }
+
+    #[test]
+    fn reads_identity_exe_and_cmdline() {
+        let info = fixtures().process_info(100).unwrap();
+        assert_eq!(info.id, ProcessId { pid: 100, start_time_ticks: 64108 });
+        assert_eq!(info.comm, "redis-server");
+        assert_eq!(info.exe_name(), Some("redis-check-rdb"));
+        assert_eq!(info.cmdline, vec!["redis-server 127.0.0.1:6379"]);
+    }
+
+    #[test]
+    fn comm_with_spaces_and_parentheses() {
+        let info = fixtures().process_info(300).unwrap();
+        assert_eq!(info.comm, "tricky) (name");
+        assert_eq!(info.id.start_time_ticks, 80000);
+    }
+
+    #[test]
+    fn kernel_thread_has_no_exe_and_no_cmdline() {
+        let info = fixtures().process_info(2).unwrap();
+        assert_eq!(info.exe, None);
+        assert!(info.cmdline.is_empty());
+    }
+
+    #[test]
+    fn per_thread_cpu_counters() {
+        let (threads, vanished) = fixtures().thread_samples(100).unwrap();
+        assert_eq!(vanished, 0);
+        let mut names: Vec<_> = threads.iter().map(|t| (t.tid, t.name.as_str(), t.user_ticks, t.system_ticks)).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                (100, "redis-server", 432, 4),
+                (102, "bio_close_file", 0, 0),
+                (103, "bio_aof_fsync", 0, 0),
+                (104, "bio_lazy_free", 0, 1),
+                (105, "jemalloc_bg_thd", 0, 0),
+                (106, "io_thd_1", 7, 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_thread_that_exits_mid_read_is_skipped_and_counted() {
+        let (threads, vanished) = fixtures().thread_samples(500).unwrap();
+        assert_eq!(threads.len(), 1);
+        assert_eq!(threads[0].tid, 500);
+        assert_eq!(vanished, 1);
+    }
+
+    #[test]
+    fn a_process_that_vanished_mid_read_is_reported_as_vanished() {
+        // Its stat is there but its task directory is gone.
+        assert!(fixtures().process_info(400).is_ok());
+        assert!(matches!(fixtures().thread_samples(400), Err(ReadError::Vanished(400))));
+        // And one that is not there at all.
+        assert!(matches!(fixtures().process_info(999), Err(ReadError::Vanished(999))));
+        assert_eq!(ReadError::Vanished(1).kind(), "vanished");
+    }
+
+    #[test]
+    fn executables_are_reached_through_the_process_root() {
+        let path = fixtures().host_path_of(100, Path::new("/usr/bin/redis-check-rdb"));
+        assert!(path.ends_with("proc/100/root/usr/bin/redis-check-rdb"), "{}", path.display());
+    }
+}

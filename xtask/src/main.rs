@@ -1,1 +1,75 @@
-fn main(){}
+//! Developer and operator tasks: `cargo xtask setup|run|test|bench|demo`.
+//!
+//! Every task that builds or runs the agent first runs `setup`, which brings a fresh machine
+//! to a buildable, testable state and says what it did at each step.
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Fanout's build, run, test, bench and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the agent (release) and run it on this host as root; extra args go to `fanout run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the root-only integration tests against real Redis,
+    /// Sidekiq and OTLP receivers.
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit_only: bool,
+        /// Passed to the integration test binary as a name filter.
+        filter: Option<String>,
+    },
+    /// Measure the agent's overhead on Redis (A/B, alternating, same invocation).
+    Bench {
+        /// A shorter run (fewer rounds, fewer requests).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Start a Redis, a Sidekiq fleet and the agent, and show what the agent sees.
+    Demo {
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::setup(),
+        Task::Run { args } => {
+            setup::setup()?;
+            let bin = util::build_agent(true)?;
+            util::exec_agent(&bin, &args)
+        }
+        Task::Test { unit_only, filter } => {
+            setup::setup()?;
+            util::run_tests(unit_only, filter.as_deref())
+        }
+        Task::Bench { quick } => {
+            setup::setup()?;
+            bench::run(quick)
+        }
+        Task::Demo { seconds } => {
+            setup::setup()?;
+            demo::run(seconds)
+        }
+    }
+}
