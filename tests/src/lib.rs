@@ -1,6 +1,7 @@
-//! Helpers for the root-only integration tests: real processes (redis-server, Sidekiq, the
-//! agent) started on loopback ports, killed on drop, and small clients for RESP, HTTP and the
-//! Prometheus text format. Every wait is bounded and panics with what it was waiting for.
+//! The testbed: real processes (redis-server, Sidekiq, the agent) started on loopback ports and
+//! killed on drop, and small clients for RESP, HTTP and the Prometheus text format. Used by the
+//! root-only integration tests and by `cargo xtask demo`/`bench`. Every wait is bounded and
+//! panics with what it was waiting for.
 
 pub mod otlp_receiver;
 pub mod prom;
@@ -152,6 +153,11 @@ pub struct Sidekiq {
 
 impl Sidekiq {
     pub fn start(redis_port: u16, queues: &[&str], concurrency: u32) -> Self {
+        Self::start_tagged(redis_port, None, queues, concurrency)
+    }
+
+    /// With `-g TAG`, which Sidekiq shows in its process title: rules can tell fleets apart.
+    pub fn start_tagged(redis_port: u16, tag: Option<&str>, queues: &[&str], concurrency: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("jobs.rb"),
@@ -162,6 +168,9 @@ impl Sidekiq {
         cmd.current_dir(dir.path())
             .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
             .args(["-r", "./jobs.rb", "-c", &concurrency.to_string()]);
+        if let Some(tag) = tag {
+            cmd.args(["-g", tag]);
+        }
         for q in queues {
             cmd.args(["-q", q]);
         }
@@ -199,9 +208,13 @@ impl Agent {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_binary(&fanout_bin(), args, env)
+    }
+
+    pub fn start_binary(bin: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(fanout_bin())
+        let child = Command::new(bin)
             .args(["run", "--prometheus-listen", &format!("127.0.0.1:{port}"), "--log-level", "info,fanout=debug"])
             .args(args)
             .envs(env.iter().copied())
@@ -248,4 +261,14 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// Pushes one no-op Sidekiq job onto `queue`, in the format Sidekiq 6 reads.
+pub fn enqueue_sidekiq_job(redis: &Redis, queue: &str, jid: u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let job = format!(
+        r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#
+    );
+    redis.command(&["SADD", "queues", queue]);
+    redis.command(&["LPUSH", &format!("queue:{queue}"), &job]);
 }

@@ -1,1 +1,141 @@
-pub fn run(_quick: bool) -> anyhow::Result<()> { anyhow::bail!("todo") }
+//! `cargo xtask bench`: the agent's overhead on Redis, measured A/B in one invocation.
+//!
+//! Each round runs the same redis-benchmark load twice, once without the agent and once with
+//! it attached (the order alternates between rounds), so that drift of a shared machine hits
+//! both sides alike. Results are medians with min-max, written to BENCHMARKS.md and
+//! bench-results.json with the machine's description.
+
+use std::{fmt::Write as _, process::Command, time::Instant};
+
+use anyhow::{bail, Context, Result};
+use integration_tests::{Agent, Redis};
+
+use crate::util::{build_agent, command_output, is_root, workspace_root};
+
+struct Load {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+#[derive(Default, Clone)]
+struct Samples {
+    without: Vec<f64>,
+    with: Vec<f64>,
+    agent_cpu_share: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+}
+
+/// Requests per second of one redis-benchmark run (its CSV output, one test).
+fn redis_benchmark(port: u16, load: &Load) -> Result<f64> {
+    let out = command_output(Command::new("redis-benchmark").args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"]).args(&load.args))?;
+    // "test","rps",...  then  "GET","123456.78",...
+    let line = out.lines().nth(1).with_context(|| format!("no result from redis-benchmark: {out}"))?;
+    let rps = line.split(',').nth(1).context("malformed CSV")?.trim_matches('"').parse()?;
+    Ok(rps)
+}
+
+/// CPU seconds (user + system) used so far by a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the comm: state is field 0, utime 11, stime 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
+    }
+    let bin = build_agent(true)?;
+    let (rounds, requests) = if quick { (3, 100_000) } else { (7, 400_000) };
+    let loads = [
+        Load { name: "GET/SET, 50 clients", args: ["-t", "get,set", "-c", "50", "-n", &requests.to_string()].iter().map(|s| s.to_string()).collect() },
+        Load { name: "GET, pipelined x16", args: ["-t", "get", "-c", "50", "-P", "16", "-n", &(requests * 4).to_string()].iter().map(|s| s.to_string()).collect() },
+    ];
+    let redis = Redis::start(&[]);
+    let mut results: Vec<Samples> = vec![Samples::default(); loads.len()];
+    let started = Instant::now();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for with_agent in order {
+            let agent = with_agent.then(|| Agent::start_binary(&bin, &[], &[]));
+            for (i, load) in loads.iter().enumerate() {
+                let cpu0 = agent.as_ref().map(|a| cpu_seconds(a.proc.pid()));
+                let t = Instant::now();
+                let rps = redis_benchmark(redis.port, load)?;
+                let wall = t.elapsed().as_secs_f64();
+                if let (Some(a), Some(c0)) = (&agent, cpu0) {
+                    results[i].agent_cpu_share.push((cpu_seconds(a.proc.pid()) - c0) / wall);
+                    results[i].with.push(rps);
+                } else {
+                    results[i].without.push(rps);
+                }
+            }
+        }
+        eprintln!("[bench] round {}/{rounds} done ({:.0} s)", round + 1, started.elapsed().as_secs_f64());
+    }
+    write_report(&loads, &results, rounds, quick)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = command_output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let redis = command_output(Command::new("redis-server").arg("--version")).unwrap_or_default();
+    format!("{} x {cpu}, Linux {}, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), kernel.trim(), redis.trim())
+}
+
+fn write_report(loads: &[Load], results: &[Samples], rounds: usize, quick: bool) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n\nGenerated by `cargo xtask bench{}`. Machine: {}.\n", if quick { " --quick" } else { "" }, machine());
+    let _ = writeln!(md, "Each of {rounds} rounds runs every load without and with the agent attached (alternating order). Medians, with min-max in brackets.\n");
+    let _ = writeln!(md, "## Plain Redis traffic (redis-benchmark, no blocking calls)\n");
+    let _ = writeln!(md, "| load | without agent (req/s) | with agent (req/s) | ratio | target | agent CPU (share of a core) |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let mut json = Vec::new();
+    for (load, r) in loads.iter().zip(results) {
+        let (m0, m1) = (median(&r.without), median(&r.with));
+        let ratio = m1 / m0;
+        let (a0, b0) = min_max(&r.without);
+        let (a1, b1) = min_max(&r.with);
+        let cpu = median(&r.agent_cpu_share);
+        let verdict = if ratio >= 0.99 { "met (>= 0.99)" } else { "MISSED (>= 0.99)" };
+        let _ = writeln!(md, "| {} | {m0:.0} [{a0:.0}-{b0:.0}] | {m1:.0} [{a1:.0}-{b1:.0}] | {ratio:.3} | {verdict} | {cpu:.3} |", load.name);
+        json.push(serde_json::json!({
+            "load": load.name, "without_rps": r.without, "with_rps": r.with, "ratio_of_medians": ratio,
+            "agent_cpu_share": r.agent_cpu_share,
+        }));
+    }
+    let _ = writeln!(
+        md,
+        "\nThe agent's probes here are the scheduler tracepoints (run on every context switch of the host, filtered to tracked \
+         processes in the kernel) and the exec/exit tracepoints; /proc is read only when metrics are scraped.\n"
+    );
+    let root = workspace_root();
+    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    std::fs::write(
+        root.join("bench-results.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "machine": machine(), "rounds": rounds, "quick": quick, "results": json }))?,
+    )?;
+    print!("{md}");
+    Ok(())
+}
