@@ -5,8 +5,9 @@
 //! change on one side cannot silently misread the other.
 #![no_std]
 
-pub mod sched;
 pub mod lifecycle;
+pub mod redis;
+pub mod sched;
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -23,6 +24,20 @@ pub mod maps {
     pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
     /// Per-CPU counters of the probes' own troubles, indexed by [`crate::sched::ProbeCounter`].
     pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
+    /// tgid -> [`crate::redis::RedisProcess`]: Redis processes with blocking probes.
+    pub const REDIS_PROCS: &str = "REDIS_PROCS";
+    /// [`crate::redis::BlockedKey`] -> [`crate::redis::BlockedClient`]: clients blocked now.
+    pub const BLOCKED_CLIENTS: &str = "BLOCKED_CLIENTS";
+    /// [`crate::redis::RedisHistKey`] -> [`crate::redis::KeyHistogram`] (per CPU).
+    pub const REDIS_KEYS_HISTS: &str = "REDIS_KEYS_HISTS";
+    /// [`crate::redis::RedisHistKey`] -> [`crate::redis::DurationHistogram`] (per CPU).
+    pub const REDIS_DURATION_HISTS: &str = "REDIS_DUR_HISTS";
+    /// [`crate::redis::RedisHistKey`] (kind = phase) -> [`crate::redis::PhaseTime`] (per CPU).
+    pub const REDIS_BOOKKEEPING: &str = "REDIS_BOOKKEEPING";
+    /// (tgid << 32 | point) -> hits (per CPU).
+    pub const REDIS_PROBE_HITS: &str = "REDIS_PROBE_HITS";
+    /// [0] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by the agent.
+    pub const CLOCK_OFFSET: &str = "CLOCK_OFFSET";
 }
 
 /// Program names as they appear in the eBPF object.
@@ -32,4 +47,11 @@ pub mod programs {
     pub const SCHED_WAKEUP_NEW: &str = "sched_wakeup_new";
     pub const PROCESS_EXEC: &str = "sched_process_exec";
     pub const PROCESS_EXIT: &str = "sched_process_exit";
+    pub const REDIS_BLOCK_FOR_KEYS: &str = "redis_block_for_keys";
+    pub const REDIS_BLOCK_FOR_KEYS_RETURN: &str = "redis_block_for_keys_ret";
+    pub const REDIS_UNBLOCK_CLIENT: &str = "redis_unblock_client";
+    pub const REDIS_UNBLOCK_CLIENT_RETURN: &str = "redis_unblock_client_ret";
+    pub const REDIS_REPLY_TIMED_OUT: &str = "redis_reply_timed_out";
+    pub const REDIS_HANDLE_BLOCKED: &str = "redis_handle_blocked";
+    pub const REDIS_HANDLE_BLOCKED_RETURN: &str = "redis_handle_blocked_ret";
 }

@@ -116,6 +116,8 @@ pub enum ProbeCounter {
     ThreadStateInsertFailed = 1,
     /// A lifecycle event was dropped because the ring buffer was full.
     LifecycleEventsLost = 2,
+    /// A blocked Redis client could not be recorded (LRU map insert failed).
+    BlockedClientInsertFailed = 3,
 }
 
 pub const PROBE_COUNTER_SLOTS: u32 = 4;
@@ -132,4 +134,5 @@ mod pod {
     unsafe impl aya::Pod for ThreadGroupKey {}
     unsafe impl aya::Pod for SchedHistograms {}
     unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for Log2Histogram {}
 }

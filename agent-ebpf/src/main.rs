@@ -6,6 +6,7 @@
 mod counters;
 mod lifecycle;
 mod maps;
+mod redis;
 mod sched;
 
 #[cfg(not(test))]

@@ -15,10 +15,18 @@ use agent_common::sched::ProbeCounter;
 use crate::{
     collect::log2_to_seconds,
     discovery::{Change, Discovery, ScanErrors, TrackedProcess},
-    ebpf::{sched::SchedProbes, ProbeStatus},
+    ebpf::{
+        redis::{clock_offset_ns, PointState},
+        Probes, ProbeStatus,
+    },
     export::http_server::MetricsSource,
     metrics::{catalog, prometheus, AttrValue, Attributes, Point, PointValue, Snapshot},
     proc_reader::{ProcRoot, ReadError},
+    redis::{
+        binary::{port_from_title, RedisBinary},
+        RedisTarget,
+    },
+    rules::Classification,
     thread_cpu::ProcessCpu,
 };
 
@@ -43,7 +51,9 @@ pub struct AgentState {
     pub proc: ProcRoot,
     pub discovery: Discovery,
     cpu: HashMap<u32, ProcessCpu>,
-    pub probes: Option<SchedProbes>,
+    pub probes: Option<Probes>,
+    /// Tracked Redis servers and their blocking probes.
+    redis: HashMap<u32, RedisTarget>,
     /// What could not be attached and why, for the log and self-metrics.
     pub probe_status: Vec<ProbeStatus>,
     pub stats: SelfStats,
@@ -53,13 +63,14 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    pub fn new(proc: ProcRoot, discovery: Discovery, probes: Option<SchedProbes>, probe_status: Vec<ProbeStatus>, max_thread_names: usize) -> Self {
+    pub fn new(proc: ProcRoot, discovery: Discovery, probes: Option<Probes>, probe_status: Vec<ProbeStatus>, max_thread_names: usize) -> Self {
         let boot_time = procfs::boot_time_secs().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s));
         Self {
             proc,
             discovery,
             cpu: HashMap::new(),
             probes,
+            redis: HashMap::new(),
             probe_status,
             stats: SelfStats::default(),
             max_thread_names,
@@ -79,7 +90,7 @@ impl AgentState {
                         Err(_) => vec![pid],
                     };
                     let probes = match self.probes.as_mut() {
-                        Some(probes) => match probes.track(pid, p.info.id.start_time_ticks, &tids) {
+                        Some(probes) => match probes.sched.track(pid, p.info.id.start_time_ticks, &tids) {
                             Ok(()) => "sched",
                             Err(e) => {
                                 tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
@@ -98,18 +109,84 @@ impl AgentState {
                         "tracking process"
                     );
                     self.cpu.insert(pid, ProcessCpu::default());
+                    if p.class == Classification::RedisServer {
+                        self.start_redis_probes(&p);
+                    }
                 }
                 Change::Removed(p) => {
                     let pid = p.pid();
                     if let Some(probes) = self.probes.as_mut() {
-                        probes.untrack(pid);
+                        probes.sched.untrack(pid);
+                        if let Some(binary) = self.redis.get(&pid).and_then(|r| r.binary) {
+                            probes.redis.release(&mut probes.ebpf, pid, binary);
+                        }
                     }
+                    self.redis.remove(&pid);
                     if let Some(cpu) = self.cpu.remove(&pid) {
                         self.stats.folded_threads += cpu.folded_threads;
                     }
                     tracing::info!(pid, group = p.group(), "process gone; its series are dropped");
                 }
             }
+        }
+    }
+
+    /// Attaches the blocking uprobes to a Redis process's binary (once per binary) and logs
+    /// which probe points are there.
+    fn start_redis_probes(&mut self, p: &TrackedProcess) {
+        let pid = p.pid();
+        let mut target = RedisTarget {
+            pid,
+            port: port_from_title(&p.info.cmdline),
+            binary: None,
+            family: None,
+            points: Default::default(),
+            unavailable: None,
+            reported: Vec::new(),
+            since: p.since,
+        };
+        let binary = p
+            .info
+            .exe
+            .as_deref()
+            .ok_or_else(|| "its executable link cannot be read".to_string())
+            .and_then(|exe| RedisBinary::inspect(&self.proc.host_path_of(pid, exe)).map_err(|e| e.to_string()));
+        match (self.probes.as_mut(), binary) {
+            (None, _) => target.unavailable = Some("eBPF is not available".into()),
+            (Some(_), Err(e)) => target.unavailable = Some(e),
+            (Some(probes), Ok(binary)) => {
+                target.binary = Some(binary.id);
+                target.family = binary.family;
+                let process = agent_common::redis::RedisProcess { timeout_arg: binary.family.map(|f| f.timeout_arg()).unwrap_or(4), _pad: 0 };
+                target.points = probes.redis.attach(&mut probes.ebpf, pid, &binary, process);
+                let summary: Vec<String> = target
+                    .points
+                    .iter()
+                    .map(|(s, st)| match st {
+                        PointState::AttachFailed(e) => format!("{s}=attach_failed ({e})"),
+                        other => format!("{s}={}", other.label()),
+                    })
+                    .collect();
+                tracing::info!(
+                    pid,
+                    port = target.port,
+                    binary = %binary.path.display(),
+                    layout = binary.family.map(|f| f.describe()).unwrap_or("no blockForKeys: not a Redis this agent knows"),
+                    points = %summary.join(" "),
+                    "Redis blocking probes"
+                );
+                if target.points.values().all(|s| *s != PointState::Attached) {
+                    target.unavailable = Some(format!("no probe point could be attached ({})", summary.join(", ")));
+                }
+            }
+        }
+        self.redis.insert(pid, target);
+    }
+
+    /// Keeps the kernel's view of Unix time current (blocking timeouts are Unix ms).
+    pub fn refresh_clock(&mut self) {
+        if let Some(probes) = self.probes.as_mut() {
+            probes.redis.set_clock_offset(clock_offset_ns());
         }
     }
 
@@ -169,7 +246,18 @@ impl AgentState {
         }
 
         if let Some(probes) = &self.probes {
-            for ((tgid, thread), hists) in probes.histograms() {
+            let readings = probes.redis.read();
+            for target in self.redis.values_mut() {
+                target.emit(readings.get(&target.pid), &mut snapshot);
+            }
+        } else {
+            for target in self.redis.values_mut() {
+                target.emit(None, &mut snapshot);
+            }
+        }
+
+        if let Some(probes) = &self.probes {
+            for ((tgid, thread), hists) in probes.sched.histograms() {
                 let Some(p) = self.discovery.get(tgid) else { continue };
                 let label = self.cpu.get(&tgid).map(|c| c.label_for(&thread, self.max_thread_names.max(1) - 1).to_string()).unwrap_or(thread);
                 let mut attributes = Self::process_attributes(p);
@@ -214,10 +302,11 @@ impl AgentState {
                 ("histogram_map_full", ProbeCounter::HistogramMapFull),
                 ("thread_state_insert_failed", ProbeCounter::ThreadStateInsertFailed),
                 ("lifecycle_ring_full", ProbeCounter::LifecycleEventsLost),
+                ("blocked_client_map_full", ProbeCounter::BlockedClientInsertFailed),
             ] {
                 snapshot.push(
                     catalog::EVENTS_LOST,
-                    Point { attributes: vec![("reason", reason.into())], start_time: epoch, value: PointValue::Counter(probes.counter(counter) as f64) },
+                    Point { attributes: vec![("reason", reason.into())], start_time: epoch, value: PointValue::Counter(probes.sched.counter(counter) as f64) },
                 );
             }
         }

@@ -18,10 +18,15 @@ pub const LAST_EXPORTED_BUCKET: usize = 34;
 /// inclusive, so a value of exactly 2^i ns lands one bucket higher than the bound says: at most
 /// 1 ns of difference, well under the resolution of the clock-tick-free measurement.
 pub fn log2_to_seconds(h: &Log2Histogram) -> HistogramValue {
-    let bounds: Vec<f64> = (FIRST_EXPORTED_BUCKET..=LAST_EXPORTED_BUCKET).map(|i| (1u64 << i) as f64 / 1e9).collect();
+    log2_to_seconds_between(h, FIRST_EXPORTED_BUCKET, LAST_EXPORTED_BUCKET)
+}
+
+/// As [`log2_to_seconds`], exporting kernel buckets `first..=last` (`last < HIST_BUCKETS - 1`).
+pub fn log2_to_seconds_between(h: &Log2Histogram, first: usize, last: usize) -> HistogramValue {
+    let bounds: Vec<f64> = (first..=last).map(|i| (1u64 << i) as f64 / 1e9).collect();
     let mut counts = vec![0u64; bounds.len() + 1];
     for (i, &c) in h.buckets.iter().enumerate().take(HIST_BUCKETS) {
-        let slot = i.clamp(FIRST_EXPORTED_BUCKET, LAST_EXPORTED_BUCKET + 1) - FIRST_EXPORTED_BUCKET;
+        let slot = i.clamp(first, last + 1) - first;
         counts[slot] += c;
     }
     HistogramValue { bounds, counts, sum: h.sum_ns as f64 / 1e9, count: h.count }

@@ -15,7 +15,7 @@ use crate::{
     agent::{AgentState, SharedAgent},
     config::Config,
     discovery::Discovery,
-    ebpf::{self, sched::SchedProbes, ProbeStatus},
+    ebpf::{self, ProbeStatus, Probes},
     export::{
         http_server,
         otlp::{run_exporter, OtlpSender},
@@ -23,13 +23,14 @@ use crate::{
     proc_reader::ProcRoot,
 };
 
+type Started = (Option<Probes>, Option<RingBuf<MapData>>, Vec<ProbeStatus>);
+
 /// Loads and attaches the probes, or says why not. Without probes the agent still measures
 /// per-thread CPU from /proc, unless `--require-ebpf` was given.
-fn start_probes(config: &Config) -> anyhow::Result<(Option<SchedProbes>, Option<RingBuf<MapData>>, Vec<ProbeStatus>)> {
-    let attempt = || -> Result<(SchedProbes, RingBuf<MapData>), String> {
+fn start_probes(config: &Config) -> anyhow::Result<Started> {
+    let attempt = || -> Result<(Probes, RingBuf<MapData>), String> {
         ebpf::ensure_tracefs()?;
-        let object = ebpf::load_object().map_err(|e| e.to_string())?;
-        SchedProbes::attach(object).map_err(|e| e.to_string())
+        Probes::start().map_err(|e| e.to_string())
     };
     match attempt() {
         Ok((probes, ring)) => {
@@ -50,7 +51,7 @@ fn start_probes(config: &Config) -> anyhow::Result<(Option<SchedProbes>, Option<
             if config.require_ebpf {
                 anyhow::bail!("--require-ebpf: {message}");
             }
-            tracing::warn!(error = %message, "eBPF unavailable: measuring per-thread CPU from /proc only; run-queue delay and exec/exit events are off");
+            tracing::warn!(error = %message, "eBPF unavailable: measuring per-thread CPU from /proc only; run-queue delay, blocking probes and exec/exit events are off");
             let status = ebpf::sched::TRACEPOINTS
                 .iter()
                 .map(|t| ProbeStatus { program: t.program, attached: false, error: Some(message.clone()) })
@@ -70,6 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let discovery = Discovery::new(proc.clone(), config.rules.clone(), std::process::id());
     let mut state = AgentState::new(proc, discovery, probes, probe_status, config.max_thread_names_per_process);
+    state.refresh_clock();
     let (changes, errors) = state.discovery.rescan().context("initial /proc scan")?;
     state.stats.count_scan(&errors);
     state.apply(changes);
@@ -115,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = rescan.tick() => {
                 let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.refresh_clock();
                 match state.discovery.rescan() {
                     Ok((changes, errors)) => {
                         state.stats.count_scan(&errors);

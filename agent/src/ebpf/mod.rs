@@ -1,5 +1,6 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
+pub mod redis;
 pub mod sched;
 
 use aya::{programs::TracePoint, Ebpf};
@@ -73,6 +74,38 @@ pub fn load_object() -> Result<Ebpf, ProbeError> {
     let object = EBPF_OBJECT.ok_or(ProbeError::NotBuilt)?;
     raise_memlock();
     Ebpf::load(object).map_err(|e| ProbeError::Load(e.to_string()))
+}
+
+/// Takes a map out of the loaded object, typed.
+pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| ProbeError::Map { name, message: e.to_string() })
+}
+
+/// Everything loaded into the kernel. Dropping it detaches every program.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub sched: sched::SchedMaps,
+    pub redis: redis::RedisMaps,
+    /// The tracepoints' state, for the log and `fanout.probes.attached`.
+    pub status: Vec<ProbeStatus>,
+}
+
+impl Probes {
+    /// Loads the object, attaches the tracepoints and loads (not yet attaches) the uprobes.
+    /// Returns the lifecycle ring buffer separately: it is read by its own task.
+    pub fn start() -> Result<(Self, aya::maps::RingBuf<aya::maps::MapData>), ProbeError> {
+        let mut ebpf = load_object()?;
+        let status = attach_tracepoints(&mut ebpf, &sched::TRACEPOINTS);
+        let ring = take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?;
+        let sched = sched::SchedMaps::new(&mut ebpf)?;
+        let redis = redis::RedisMaps::new(&mut ebpf)?;
+        Ok((Self { ebpf, sched, redis, status }, ring))
+    }
+
+    pub fn any_attached(&self) -> bool {
+        self.status.iter().any(|s| s.attached)
+    }
 }
 
 /// Loads and attaches each tracepoint; one failing does not stop the others.

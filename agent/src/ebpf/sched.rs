@@ -10,11 +10,11 @@ use agent_common::{
     sched::{ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess, PROBE_COUNTER_SLOTS},
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
 
-use super::{attach_tracepoints, ProbeError, ProbeStatus, TracepointSpec};
+use super::{take_map, ProbeError, TracepointSpec};
 
 pub const TRACEPOINTS: [TracepointSpec; 4] = [
     TracepointSpec { program: programs::SCHED_SWITCH, category: "sched", name: "sched_switch" },
@@ -26,19 +26,12 @@ pub const TRACEPOINTS: [TracepointSpec; 4] = [
 /// Per-CPU values merged, keyed by (tgid, thread name).
 pub type MergedHistograms = BTreeMap<(u32, String), SchedHistograms>;
 
-pub struct SchedProbes {
-    // Keeps the programs attached for as long as the probes live.
-    _ebpf: Ebpf,
+/// The scheduler maps: the in-kernel process filter, thread states, histograms, counters.
+pub struct SchedMaps {
     tracked: HashMap<MapData, u32, TrackedProcess>,
     threads: HashMap<MapData, u32, ThreadState>,
     histograms: PerCpuHashMap<MapData, ThreadGroupKey, SchedHistograms>,
     counters: PerCpuArray<MapData, u64>,
-    pub status: Vec<ProbeStatus>,
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
-    T::try_from(map).map_err(|e| ProbeError::Map { name, message: e.to_string() })
 }
 
 /// Name bytes up to the first NUL, lossily decoded.
@@ -47,24 +40,14 @@ pub fn comm_to_string(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-impl SchedProbes {
-    /// Loads and attaches. Returns the probes and the lifecycle ring buffer (read elsewhere).
-    pub fn attach(mut ebpf: Ebpf) -> Result<(Self, RingBuf<MapData>), ProbeError> {
-        let status = attach_tracepoints(&mut ebpf, &TRACEPOINTS);
-        let ring = take(&mut ebpf, maps::LIFECYCLE_EVENTS)?;
-        let probes = Self {
-            tracked: take(&mut ebpf, maps::TRACKED_PROCESSES)?,
-            threads: take(&mut ebpf, maps::THREAD_STATE)?,
-            histograms: take(&mut ebpf, maps::SCHED_HISTOGRAMS)?,
-            counters: take(&mut ebpf, maps::PROBE_COUNTERS)?,
-            status,
-            _ebpf: ebpf,
-        };
-        Ok((probes, ring))
-    }
-
-    pub fn any_attached(&self) -> bool {
-        self.status.iter().any(|s| s.attached)
+impl SchedMaps {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        Ok(Self {
+            tracked: take_map(ebpf, maps::TRACKED_PROCESSES)?,
+            threads: take_map(ebpf, maps::THREAD_STATE)?,
+            histograms: take_map(ebpf, maps::SCHED_HISTOGRAMS)?,
+            counters: take_map(ebpf, maps::PROBE_COUNTERS)?,
+        })
     }
 
     /// Starts measuring a process: its tgid goes into the in-kernel filter and its current

@@ -174,7 +174,50 @@ pub mod catalog {
         kind: Kind::Counter,
     };
 
+    pub const REDIS_BLOCKING_KEYS: Descriptor = Descriptor {
+        name: "redis.blocking.keys",
+        description: "Keys listed by each blocking call that blocked (fan-out), seen inside redis-server",
+        unit: "{key}",
+        kind: Kind::Histogram,
+    };
+    pub const REDIS_BLOCKING_DURATION: Descriptor = Descriptor {
+        name: "redis.blocking.duration",
+        description: "How long clients stayed blocked, by outcome (served, timeout, other), seen inside redis-server",
+        unit: "s",
+        kind: Kind::Histogram,
+    };
+    pub const REDIS_CLIENTS_BLOCKED: Descriptor = Descriptor {
+        name: "redis.clients.blocked",
+        description: "Clients currently blocked on keys (blocking calls that started after the agent attached)",
+        unit: "{client}",
+        kind: Kind::Gauge,
+    };
+    pub const REDIS_BLOCKING_REGISTRATIONS: Descriptor = Descriptor {
+        name: "redis.blocking.registrations",
+        description: "Key registrations held by blocked clients: the sum of keys over blocked clients",
+        unit: "{key}",
+        kind: Kind::Gauge,
+    };
+    pub const REDIS_BLOCKING_CPU_TIME: Descriptor = Descriptor {
+        name: "redis.blocking.cpu.time",
+        description: "Main-thread time spent registering (blockForKeys) and unregistering (unblockClient) blocked clients",
+        unit: "s",
+        kind: Kind::Counter,
+    };
+    pub const PROBE_POINTS: Descriptor = Descriptor {
+        name: "fanout.probe.points",
+        description: "State of each Redis probe point per process (live, idle, missing, unreliable, attach_failed, unavailable)",
+        unit: "{probe}",
+        kind: Kind::Gauge,
+    };
+
     pub const ALL: &[Descriptor] = &[
+        REDIS_BLOCKING_KEYS,
+        REDIS_BLOCKING_DURATION,
+        REDIS_CLIENTS_BLOCKED,
+        REDIS_BLOCKING_REGISTRATIONS,
+        REDIS_BLOCKING_CPU_TIME,
+        PROBE_POINTS,
         THREAD_CPU_TIME,
         THREAD_RUNQUEUE_DELAY,
         THREAD_ONCPU_DURATION,

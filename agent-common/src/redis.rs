@@ -1,0 +1,199 @@
+//! Redis-side blocking probes: uprobes on redis-server's blocking bookkeeping functions.
+//!
+//! The kernel keeps one entry per blocked client (keyed by process and client pointer) from
+//! `blockForKeys` to `unblockClient`, and aggregates fan-out, blocking time by outcome, and the
+//! time spent registering/unregistering into per-CPU maps. Nothing goes to user space per call.
+
+use crate::sched::Log2Histogram;
+
+/// Most clients blocked at once across all tracked Redis processes (an LRU map: entries of
+/// clients whose unblock was missed are evicted first).
+pub const MAX_BLOCKED_CLIENTS: u32 = 65536;
+/// Most Redis processes with blocking probes.
+pub const MAX_REDIS_PROCESSES: u32 = 1024;
+/// Most (process, block type, outcome) histogram keys.
+pub const MAX_REDIS_HISTOGRAMS: u32 = 8192;
+
+/// Upper bounds (inclusive) of the fan-out buckets: keys listed by one blocking call. Chosen
+/// for the data: single-queue workers, tens of queues, and fleets listing hundreds to thousands.
+/// A last, implicit bucket counts everything above the last bound.
+pub const KEY_BOUNDS: [u32; 13] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];
+pub const KEY_BUCKETS: usize = KEY_BOUNDS.len() + 1;
+
+/// How a blocking call ended.
+pub mod outcome {
+    /// A write to a key woke it (`unblockClient` inside `handleClientsBlockedOnKeys`).
+    pub const SERVED: u32 = 0;
+    /// Its timeout passed (`replyToBlockedClientTimedOut` at or after the deadline).
+    pub const TIMEOUT: u32 = 1;
+    /// Anything else: the client disconnected, CLIENT UNBLOCK, a role change.
+    pub const OTHER: u32 = 2;
+    /// Used in fan-out histogram keys, which have no outcome.
+    pub const NONE: u32 = 3;
+}
+
+/// Phases of blocking bookkeeping on the main thread.
+pub mod phase {
+    /// Inside `blockForKeys`: registering the client on each key.
+    pub const REGISTER: u32 = 0;
+    /// Inside `unblockClient` for a key-blocked client: unregistering it from each key.
+    pub const UNREGISTER: u32 = 1;
+}
+
+/// Probe points, for the per-process hit counters that tell a live probe from one that is
+/// attached but never reached (e.g. a function the compiler inlined into its callers).
+pub mod point {
+    pub const BLOCK_FOR_KEYS: u32 = 0;
+    pub const UNBLOCK_CLIENT: u32 = 1;
+    pub const REPLY_TIMED_OUT: u32 = 2;
+    pub const HANDLE_BLOCKED_ON_KEYS: u32 = 3;
+    /// Not a probe: `blockForKeys` found the client still blocked from an earlier call, so an
+    /// unblock was missed (the LTO case of REDIS-INTERNALS.md).
+    pub const MISSED_UNBLOCK: u32 = 4;
+    pub const COUNT: usize = 5;
+}
+
+/// Flags of a blocked client.
+pub mod flags {
+    /// `replyToBlockedClientTimedOut` ran at or after the deadline.
+    pub const TIMED_OUT: u32 = 1;
+    /// `replyToBlockedClientTimedOut` ran before the deadline (CLIENT UNBLOCK TIMEOUT).
+    pub const UNBLOCKED_EARLY: u32 = 2;
+}
+
+/// Value of `REDIS_PROCS`: per-process settings that depend on the Redis version.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedisProcess {
+    /// Index of `blockForKeys`'s `timeout` argument: 4 in 6.x and 7.2+, 5 in 7.0.
+    pub timeout_arg: u32,
+    pub _pad: u32,
+}
+
+/// Key of `BLOCKED_CLIENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockedKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// The `client *`: stable while the client is blocked.
+    pub client: u64,
+}
+
+/// Value of `BLOCKED_CLIENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedClient {
+    pub start_ns: u64,
+    /// Absolute deadline in Unix milliseconds, 0 for none (as Redis keeps it).
+    pub deadline_ms: i64,
+    pub numkeys: u32,
+    pub btype: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of the fan-out and duration histograms and of the bookkeeping counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RedisHistKey {
+    pub tgid: u32,
+    /// Redis's raw `btype`; its meaning depends on the version (mapped in user space).
+    pub btype: u32,
+    /// An [`outcome`] for durations, [`outcome::NONE`] for fan-out, a [`phase`] for bookkeeping.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Fan-out histogram: keys per blocking call that blocked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyHistogram {
+    pub count: u64,
+    pub sum: u64,
+    pub buckets: [u64; KEY_BUCKETS],
+}
+
+impl KeyHistogram {
+    pub const ZERO: Self = Self { count: 0, sum: 0, buckets: [0; KEY_BUCKETS] };
+
+    #[inline(always)]
+    pub fn bucket_index(keys: u32) -> usize {
+        let mut i = 0;
+        while i < KEY_BOUNDS.len() {
+            if keys <= KEY_BOUNDS[i] {
+                return i;
+            }
+            i += 1;
+        }
+        KEY_BOUNDS.len()
+    }
+
+    #[inline(always)]
+    pub fn record(&mut self, keys: u32) {
+        self.count += 1;
+        self.sum += keys as u64;
+        let i = Self::bucket_index(keys);
+        if i < KEY_BUCKETS {
+            self.buckets[i] += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.sum += other.sum;
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += *b;
+        }
+    }
+}
+
+/// Time and calls of one bookkeeping phase.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTime {
+    pub total_ns: u64,
+    pub calls: u64,
+}
+
+/// Value of the duration histograms map.
+pub type DurationHistogram = Log2Histogram;
+
+const _: () = assert!(core::mem::size_of::<RedisProcess>() == 8);
+const _: () = assert!(core::mem::size_of::<BlockedKey>() == 16);
+const _: () = assert!(core::mem::size_of::<BlockedClient>() == 32);
+const _: () = assert!(core::mem::size_of::<RedisHistKey>() == 16);
+const _: () = assert!(core::mem::size_of::<KeyHistogram>() == 16 + 8 * KEY_BUCKETS);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for RedisProcess {}
+    unsafe impl aya::Pod for BlockedKey {}
+    unsafe impl aya::Pod for BlockedClient {}
+    unsafe impl aya::Pod for RedisHistKey {}
+    unsafe impl aya::Pod for KeyHistogram {}
+    unsafe impl aya::Pod for PhaseTime {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_buckets_are_inclusive_upper_bounds() {
+        assert_eq!(KeyHistogram::bucket_index(1), 0);
+        assert_eq!(KeyHistogram::bucket_index(2), 1);
+        assert_eq!(KeyHistogram::bucket_index(3), 2);
+        assert_eq!(KeyHistogram::bucket_index(5), 2);
+        assert_eq!(KeyHistogram::bucket_index(440), 8);
+        assert_eq!(KeyHistogram::bucket_index(10000), 12);
+        assert_eq!(KeyHistogram::bucket_index(10001), 13);
+        let mut h = KeyHistogram::ZERO;
+        for k in [1, 5, 440, 440] {
+            h.record(k);
+        }
+        assert_eq!((h.count, h.sum), (4, 886));
+        assert_eq!(h.buckets[8], 2);
+    }
+}

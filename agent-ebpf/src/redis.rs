@@ -1,0 +1,232 @@
+//! Blocking pops observed inside redis-server (uprobes on its exported functions; see
+//! ../shared/REDIS-INTERNALS.md). Only blocking paths are probed: nothing here runs for
+//! ordinary commands.
+//!
+//! - `blockForKeys(c, btype, keys, numkeys, ...)`: a call blocks. Records fan-out, starts the
+//!   clock, and times the registration (with its return probe).
+//! - `replyToBlockedClientTimedOut(c)`: a timeout reply, or CLIENT UNBLOCK before the deadline.
+//! - `handleClientsBlockedOnKeys()`: the window in which writes serve blocked clients.
+//! - `unblockClient(c)`: the block ends; the outcome follows from the above. Its return probe
+//!   times the unregistration.
+
+use agent_common::redis::{
+    flags, outcome, phase, point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime, RedisHistKey,
+    RedisProcess, MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS, MAX_REDIS_PROCESSES,
+};
+use agent_common::sched::ProbeCounter;
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::counters::bump;
+
+#[map]
+static REDIS_PROCS: HashMap<u32, RedisProcess> = HashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
+
+#[map]
+static BLOCKED_CLIENTS: LruHashMap<BlockedKey, BlockedClient> = LruHashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
+
+#[map]
+static REDIS_KEYS_HISTS: PerCpuHashMap<RedisHistKey, KeyHistogram> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+
+#[map]
+static REDIS_DUR_HISTS: PerCpuHashMap<RedisHistKey, DurationHistogram> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+
+#[map]
+static REDIS_BOOKKEEPING: PerCpuHashMap<RedisHistKey, PhaseTime> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+
+#[map]
+static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_REDIS_PROCESSES * point::COUNT as u32, 0);
+
+#[map]
+static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
+
+/// Zero template for new duration histograms (too large for the 512-byte stack).
+#[map]
+static ZERO_DURATION: PerCpuArray<DurationHistogram> = PerCpuArray::with_max_entries(1, 0);
+
+/// tid -> nesting depth of `handleClientsBlockedOnKeys` (0 or 1 in practice).
+#[map]
+static SERVING: HashMap<u32, u32> = HashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
+
+/// (tid << 32 | phase) -> entry time, for the return probes.
+#[map]
+static PHASE_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_REDIS_PROCESSES * 4, 0);
+
+#[inline(always)]
+fn ids() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+#[inline(always)]
+fn hit(tgid: u32, probe: u32) {
+    let key = ((tgid as u64) << 32) | probe as u64;
+    match REDIS_PROBE_HITS.get_ptr_mut(&key) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = REDIS_PROBE_HITS.insert(&key, &1, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn now_unix_ms(now_ns: u64) -> i64 {
+    // CLOCK_REALTIME is ahead of CLOCK_MONOTONIC on any machine booted after 1970, so the
+    // sum is positive; eBPF has no signed division.
+    let offset = CLOCK_OFFSET.get(0).copied().unwrap_or(0) as u64;
+    (now_ns.wrapping_add(offset) / 1_000_000) as i64
+}
+
+#[uprobe]
+pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = ids();
+    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else { return 0 };
+    hit(tgid, point::BLOCK_FOR_KEYS);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (Some(client), Some(btype), Some(numkeys)) = (ctx.arg::<u64>(0), ctx.arg::<u32>(1), ctx.arg::<u32>(3)) else { return 0 };
+    // Both candidates are read, then one is picked: a conditional read would be compiled into
+    // a load at a computed offset from the context, which the verifier rejects.
+    let fifth: i64 = ctx.arg(4).unwrap_or(0);
+    let sixth: i64 = ctx.arg(5).unwrap_or(0);
+    let (fifth, sixth) = unsafe { (core::ptr::read_volatile(&fifth), core::ptr::read_volatile(&sixth)) };
+    let deadline_ms = if process.timeout_arg == 5 { sixth } else { fifth };
+
+    let key = BlockedKey { tgid, _pad: 0, client };
+    if unsafe { BLOCKED_CLIENTS.get(&key) }.is_some() {
+        // A client cannot block twice without being unblocked in between.
+        hit(tgid, point::MISSED_UNBLOCK);
+    }
+    let blocked = BlockedClient { start_ns: now, deadline_ms, numkeys, btype, flags: 0, _pad: 0 };
+    if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
+        bump(ProbeCounter::BlockedClientInsertFailed);
+    }
+
+    let hist_key = RedisHistKey { tgid, btype, kind: outcome::NONE, _pad: 0 };
+    match REDIS_KEYS_HISTS.get_ptr_mut(&hist_key) {
+        Some(h) => unsafe { (*h).record(numkeys) },
+        None => {
+            let mut h = KeyHistogram::ZERO;
+            h.record(numkeys);
+            if REDIS_KEYS_HISTS.insert(&hist_key, &h, 0).is_err() {
+                bump(ProbeCounter::HistogramMapFull);
+            }
+        }
+    }
+    let _ = PHASE_START.insert(&(((tid as u64) << 32) | phase::REGISTER as u64), &now, 0);
+    0
+}
+
+#[uretprobe]
+pub fn redis_block_for_keys_ret(_ctx: RetProbeContext) -> u32 {
+    end_phase(phase::REGISTER);
+    0
+}
+
+#[uprobe]
+pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
+    let (tgid, _) = ids();
+    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    hit(tgid, point::REPLY_TIMED_OUT);
+    let Some(client) = ctx.arg::<u64>(0) else { return 0 };
+    if let Some(blocked) = BLOCKED_CLIENTS.get_ptr_mut(&BlockedKey { tgid, _pad: 0, client }) {
+        let blocked = unsafe { &mut *blocked };
+        // Redis times out a client when its own clock passes the deadline; CLIENT UNBLOCK
+        // replies the same way but earlier. 2 ms of slack absorbs clock-reading differences.
+        let now_ms = now_unix_ms(unsafe { bpf_ktime_get_ns() });
+        blocked.flags |= if blocked.deadline_ms > 0 && now_ms + 2 >= blocked.deadline_ms { flags::TIMED_OUT } else { flags::UNBLOCKED_EARLY };
+    }
+    0
+}
+
+#[uprobe]
+pub fn redis_handle_blocked(_ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = ids();
+    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    hit(tgid, point::HANDLE_BLOCKED_ON_KEYS);
+    let _ = SERVING.insert(&tid, &1, 0);
+    0
+}
+
+#[uretprobe]
+pub fn redis_handle_blocked_ret(_ctx: RetProbeContext) -> u32 {
+    let (_, tid) = ids();
+    let _ = SERVING.remove(&tid);
+    0
+}
+
+#[uprobe]
+pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = ids();
+    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    hit(tgid, point::UNBLOCK_CLIENT);
+    let Some(client) = ctx.arg::<u64>(0) else { return 0 };
+    let key = BlockedKey { tgid, _pad: 0, client };
+    // Clients blocked before the agent attached, and non-key blocking (WAIT, modules that do
+    // not block on keys), have no entry: nothing is known about them.
+    let Some(blocked) = (unsafe { BLOCKED_CLIENTS.get(&key) }).copied() else { return 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let result = if blocked.flags & flags::TIMED_OUT != 0 {
+        outcome::TIMEOUT
+    } else if blocked.flags & flags::UNBLOCKED_EARLY != 0 {
+        outcome::OTHER
+    } else if unsafe { SERVING.get(&tid) }.is_some() {
+        outcome::SERVED
+    } else {
+        outcome::OTHER
+    };
+    record_duration(RedisHistKey { tgid, btype: blocked.btype, kind: result, _pad: 0 }, now.saturating_sub(blocked.start_ns));
+    let _ = BLOCKED_CLIENTS.remove(&key);
+    let _ = PHASE_START.insert(&(((tid as u64) << 32) | phase::UNREGISTER as u64), &now, 0);
+    0
+}
+
+#[uretprobe]
+pub fn redis_unblock_client_ret(_ctx: RetProbeContext) -> u32 {
+    end_phase(phase::UNREGISTER);
+    0
+}
+
+#[inline(always)]
+fn record_duration(key: RedisHistKey, ns: u64) {
+    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&key) {
+        unsafe { (*h).record(ns) };
+        return;
+    }
+    let Some(zero) = ZERO_DURATION.get(0) else { return };
+    if REDIS_DUR_HISTS.insert(&key, zero, 0).is_err() {
+        bump(ProbeCounter::HistogramMapFull);
+        return;
+    }
+    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&key) {
+        unsafe { (*h).record(ns) };
+    }
+}
+
+#[inline(always)]
+fn end_phase(which: u32) {
+    let (tgid, tid) = ids();
+    let start_key = ((tid as u64) << 32) | which as u64;
+    let Some(start) = (unsafe { PHASE_START.get(&start_key) }).copied() else { return };
+    let _ = PHASE_START.remove(&start_key);
+    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
+    let key = RedisHistKey { tgid, btype: 0, kind: which, _pad: 0 };
+    match REDIS_BOOKKEEPING.get_ptr_mut(&key) {
+        Some(t) => unsafe {
+            (*t).total_ns += elapsed;
+            (*t).calls += 1;
+        },
+        None => {
+            let _ = REDIS_BOOKKEEPING.insert(&key, &PhaseTime { total_ns: elapsed, calls: 1 }, 0);
+        }
+    }
+}
