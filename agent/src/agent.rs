@@ -175,9 +175,6 @@ impl AgentState {
                     points = %summary.join(" "),
                     "Redis blocking probes"
                 );
-                if target.points.values().all(|s| *s != PointState::Attached) {
-                    target.unavailable = Some(format!("no probe point could be attached ({})", summary.join(", ")));
-                }
             }
         }
         self.redis.insert(pid, target);

@@ -5,6 +5,7 @@
 
 pub mod otlp_receiver;
 pub mod prom;
+pub mod resp;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

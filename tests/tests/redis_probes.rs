@@ -1,0 +1,350 @@
+//! Redis-side blocking probes against Debian's redis-server 7.0.15, driven by real clients.
+//! Root only; run with `sudo cargo xtask test`.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    prom::Scrape,
+    require_root,
+    resp::{Conn, Reply},
+    wait_for, Agent, Redis,
+};
+
+const KEYS: &str = "redis_blocking_keys";
+const DURATION: &str = "redis_blocking_duration_seconds";
+
+fn bucket(s: &Scrape, name: &str, pid: &str, extra: &[(&str, &str)], le: &str) -> f64 {
+    let mut m = vec![("process_pid", pid), ("le", le)];
+    m.extend_from_slice(extra);
+    s.sum(&format!("{name}_bucket"), &m)
+}
+
+fn count(s: &Scrape, name: &str, pid: &str, extra: &[(&str, &str)]) -> f64 {
+    let mut m = vec![("process_pid", pid)];
+    m.extend_from_slice(extra);
+    s.sum(&format!("{name}_count"), &m)
+}
+
+fn sum(s: &Scrape, name: &str, pid: &str, extra: &[(&str, &str)]) -> f64 {
+    let mut m = vec![("process_pid", pid)];
+    m.extend_from_slice(extra);
+    s.sum(&format!("{name}_sum"), &m)
+}
+
+/// Runs `n` blocking calls in parallel, each on its own connection, and returns their replies.
+fn parallel(port: u16, calls: Vec<Vec<String>>) -> Vec<Reply> {
+    let handles: Vec<_> = calls
+        .into_iter()
+        .map(|args| {
+            thread::spawn(move || {
+                let mut conn = Conn::connect(port).unwrap();
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                conn.call(&refs).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn brpop(keys: &[String], timeout: &str) -> Vec<String> {
+    let mut args = vec!["BRPOP".to_string()];
+    args.extend(keys.iter().cloned());
+    args.push(timeout.into());
+    args
+}
+
+fn keys(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}:{i}")).collect()
+}
+
+fn start() -> (Redis, Agent, String) {
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[]);
+    let pid = redis.pid().to_string();
+    wait_for("the Redis probes to be attached", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (s.find("fanout_probe_points", &[("process_pid", &pid), ("probe", "blockForKeys")]).count() == 1).then_some(())
+    });
+    (redis, agent, pid)
+}
+
+#[test]
+fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
+    require_root();
+    let (redis, agent, pid) = start();
+    let port = redis.port;
+
+    // 10 calls on 1 key and 10 on 5 keys, all timing out.
+    let replies = parallel(port, (0..10).map(|i| brpop(&keys(&format!("one{i}"), 1), "0.1")).collect());
+    assert!(replies.iter().all(Reply::is_nil));
+    let replies = parallel(port, (0..10).map(|i| brpop(&keys(&format!("five{i}"), 5), "0.1")).collect());
+    assert!(replies.iter().all(Reply::is_nil));
+
+    // 5 clients blocked on 440 keys each (a distinct first key, 439 shared), then served.
+    let shared = keys("shared", 439);
+    let blocked: Vec<_> = (0..5)
+        .map(|i| {
+            let mut k = vec![format!("served{i}")];
+            k.extend(shared.iter().cloned());
+            let args = brpop(&k, "0");
+            thread::spawn(move || {
+                let mut conn = Conn::connect(port).unwrap();
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                let t = Instant::now();
+                let reply = conn.call(&refs).unwrap();
+                (reply, t.elapsed())
+            })
+        })
+        .collect();
+    // While they wait, the gauges show 5 clients holding 5 x 440 registrations.
+    let s = wait_for("5 blocked clients", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum("redis_clients_blocked", &[("process_pid", &pid)]) == 5.0).then_some(s)
+    });
+    assert_eq!(s.sum("redis_blocking_registrations", &[("process_pid", &pid)]), 2200.0);
+    thread::sleep(Duration::from_millis(200));
+    for i in 0..5 {
+        assert_eq!(redis.command(&["LPUSH", &format!("served{i}"), "job"]), ":1\r\n");
+    }
+    for h in blocked {
+        let (reply, waited) = h.join().unwrap();
+        assert!(matches!(reply, Reply::Array(Some(_))), "{reply:?}");
+        assert!(waited >= Duration::from_millis(200));
+    }
+
+    let s = agent.scrape();
+    let list = [("redis_block_type", "list")];
+    // Cumulative buckets: 10 calls <= 1 key, 20 <= 5, 25 <= 500.
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "1"), 10.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "2"), 10.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "5"), 20.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "200"), 20.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "500"), 25.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &list, "+Inf"), 25.0);
+    assert_eq!(count(&s, KEYS, &pid, &list), 25.0);
+    assert_eq!(sum(&s, KEYS, &pid, &list), (10 + 50 + 5 * 440) as f64);
+
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 20.0);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 5.0);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 0.0);
+    // Timeouts of 0.1 s fire on Redis's 100 ms cron: between 0.1 and 0.25 s each.
+    let mean_timeout = sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / 20.0;
+    assert!((0.1..0.25).contains(&mean_timeout), "mean timeout {mean_timeout}");
+    // The served clients waited at least the 200 ms pause.
+    assert!(sum(&s, DURATION, &pid, &[("outcome", "served")]) / 5.0 >= 0.2);
+
+    assert_eq!(s.sum("redis_clients_blocked", &[("process_pid", &pid)]), 0.0);
+    assert_eq!(s.sum("redis_blocking_registrations", &[("process_pid", &pid)]), 0.0);
+    let register = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "register")]);
+    let unregister = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "unregister")]);
+    assert!(register > 0.0 && unregister > 0.0, "register {register}, unregister {unregister}");
+    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
+        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "live")]), 1.0, "{probe} live");
+    }
+}
+
+#[test]
+fn blocking_durations_match_what_the_client_saw() {
+    require_root();
+    let (redis, agent, pid) = start();
+    // A 1 s timeout: Redis checks timeouts on its 10 Hz cron, so 1.0 to 1.1 s, plus scheduling.
+    let mut conn = Conn::connect(redis.port).unwrap();
+    let t = Instant::now();
+    assert!(conn.call(&["BRPOP", "nothing", "1"]).unwrap().is_nil());
+    let client_saw = t.elapsed().as_secs_f64();
+    // Served after 300 ms.
+    let port = redis.port;
+    let waiter = thread::spawn(move || {
+        let mut c = Conn::connect(port).unwrap();
+        let t = Instant::now();
+        let r = c.call(&["BLPOP", "later", "5"]).unwrap();
+        (r, t.elapsed().as_secs_f64())
+    });
+    wait_for("the waiter to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 1.0).then_some(()));
+    thread::sleep(Duration::from_millis(300));
+    redis.command(&["RPUSH", "later", "x"]);
+    let (reply, served_client) = waiter.join().unwrap();
+    assert!(!reply.is_nil());
+
+    let s = agent.scrape();
+    let timeout = sum(&s, DURATION, &pid, &[("outcome", "timeout")]);
+    eprintln!("timeout: Redis-side {timeout:.4} s, client {client_saw:.4} s");
+    assert!((1.0..1.15).contains(&timeout), "{timeout}");
+    // The Redis side is inside the client's round trip, within a few ms of it.
+    assert!(timeout <= client_saw && client_saw - timeout < 0.02, "redis {timeout}, client {client_saw}");
+    let served = sum(&s, DURATION, &pid, &[("outcome", "served")]);
+    eprintln!("served: Redis-side {served:.4} s, client {served_client:.4} s");
+    assert!(served >= 0.3 && served <= served_client, "redis {served}, client {served_client}");
+    // One 1 s timeout lands in the bucket bounded by 2^30 ns (1.07 s) or the next one.
+    assert_eq!(bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "0.536870912"), 0.0);
+    assert_eq!(bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "2.147483648"), 1.0);
+}
+
+#[test]
+fn disconnects_and_client_unblock_are_other_not_timeouts() {
+    require_root();
+    let (redis, agent, pid) = start();
+    let blocked = |agent: &Agent, n: f64| {
+        wait_for("clients to block", Duration::from_secs(5), || {
+            (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == n).then_some(())
+        })
+    };
+    // A client that disconnects while blocked.
+    let mut gone = Conn::connect(redis.port).unwrap();
+    gone.send(&["BLPOP", "never", "0"]).unwrap();
+    blocked(&agent, 1.0);
+    gone.shutdown();
+    blocked(&agent, 0.0);
+
+    // CLIENT UNBLOCK (timeout reply, long before the deadline) and CLIENT UNBLOCK ERROR.
+    for mode in ["TIMEOUT", "ERROR"] {
+        let mut c = Conn::connect(redis.port).unwrap();
+        let id = c.id();
+        c.send(&["BRPOP", "never", "30"]).unwrap();
+        blocked(&agent, 1.0);
+        assert_eq!(redis.command(&["CLIENT", "UNBLOCK", &id.to_string(), mode]), ":1\r\n");
+        let reply = c.read().unwrap();
+        if mode == "TIMEOUT" {
+            assert!(reply.is_nil(), "{reply:?}");
+        } else {
+            assert!(matches!(reply, Reply::Error(ref e) if e.starts_with("UNBLOCKED")), "{reply:?}");
+        }
+    }
+    let s = agent.scrape();
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 3.0);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 0.0);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 0.0);
+    assert_eq!(count(&s, KEYS, &pid, &[]), 3.0);
+}
+
+#[test]
+fn blmove_and_bzpopmin_are_counted_by_block_type() {
+    require_root();
+    let (redis, agent, pid) = start();
+    let port = redis.port;
+    let mut c = Conn::connect(port).unwrap();
+    assert!(c.call(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0.1"]).unwrap().is_nil());
+    assert!(c.call(&["BZPOPMIN", "z1", "z2", "z3", "0.1"]).unwrap().is_nil());
+    // Served ones.
+    let w1 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BLMOVE", "src2", "dst2", "LEFT", "RIGHT", "5"]).unwrap());
+    let w2 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BZPOPMIN", "z4", "z5", "5"]).unwrap());
+    wait_for("both to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 2.0).then_some(()));
+    redis.command(&["LPUSH", "src2", "a"]);
+    redis.command(&["ZADD", "z5", "1", "m"]);
+    assert!(!w1.join().unwrap().is_nil());
+    assert!(!w2.join().unwrap().is_nil());
+
+    let s = agent.scrape();
+    let list = [("redis_block_type", "list")];
+    let zset = [("redis_block_type", "zset")];
+    assert_eq!(count(&s, KEYS, &pid, &list), 2.0);
+    assert_eq!(sum(&s, KEYS, &pid, &list), 2.0, "BLMOVE lists one key");
+    assert_eq!(count(&s, KEYS, &pid, &zset), 2.0);
+    assert_eq!(sum(&s, KEYS, &pid, &zset), 5.0, "3 + 2 keys");
+    for t in [&list, &zset] {
+        assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "timeout")]), 1.0);
+        assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "served")]), 1.0);
+    }
+}
+
+#[test]
+fn two_redis_servers_get_separate_series() {
+    require_root();
+    let a = Redis::start(&[]);
+    let b = Redis::start(&[]);
+    let agent = Agent::start(&[]);
+    let (pa, pb) = (a.pid().to_string(), b.pid().to_string());
+    wait_for("both attached", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (s.find("fanout_probe_points", &[("probe", "blockForKeys")]).count() >= 2).then_some(())
+    });
+    parallel(a.port, (0..2).map(|i| brpop(&keys(&format!("a{i}"), 3), "0.1")).collect());
+    parallel(b.port, (0..3).map(|i| brpop(&keys(&format!("b{i}"), 7), "0.1")).collect());
+    let s = agent.scrape();
+    let (port_a, port_b) = (a.port.to_string(), b.port.to_string());
+    assert_eq!(count(&s, KEYS, &pa, &[("server_port", &port_a)]), 2.0);
+    assert_eq!(sum(&s, KEYS, &pa, &[]), 6.0);
+    assert_eq!(count(&s, KEYS, &pb, &[("server_port", &port_b)]), 3.0);
+    assert_eq!(sum(&s, KEYS, &pb, &[]), 21.0);
+    assert_eq!(count(&s, DURATION, &pa, &[("outcome", "timeout")]), 2.0);
+    assert_eq!(count(&s, DURATION, &pb, &[("outcome", "timeout")]), 3.0);
+}
+
+#[test]
+fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
+    require_root();
+    // A process named redis-server whose binary has none of Redis's functions: `sleep` copied
+    // under that name. The agent tracks it as a Redis and must say the points are missing.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("redis-server");
+    std::fs::copy("/bin/sleep", &fake).unwrap();
+    let mut child = integration_tests::Proc { child: std::process::Command::new(&fake).arg("60").spawn().unwrap(), name: "fake".into() };
+    let real = Redis::start(&[]);
+    let agent = Agent::start(&[]);
+    let pid = child.pid().to_string();
+    let s = wait_for("the fake server's probe points", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (s.find("fanout_probe_points", &[("process_pid", &pid)]).count() == 4).then_some(s)
+    });
+    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
+        assert_eq!(s.label_values("fanout_probe_points", &[("process_pid", &pid), ("probe", probe)], "state").into_iter().collect::<Vec<_>>(), vec!["missing"]);
+    }
+    assert!(agent.log().contains("blockForKeys is not exported by this binary"), "the log says what is missing");
+    // Nothing is exported for it, not zeros.
+    for name in ["redis_blocking_keys_count", "redis_clients_blocked", "redis_blocking_registrations", "redis_blocking_cpu_time_seconds_total"] {
+        assert_eq!(s.find(name, &[("process_pid", &pid)]).count(), 0, "{name} for a process without probes");
+    }
+    // The real Redis beside it is measured as usual.
+    let rpid = real.pid().to_string();
+    assert_eq!(s.sum("redis_clients_blocked", &[("process_pid", &rpid)]), 0.0);
+    assert_eq!(s.find("redis_clients_blocked", &[("process_pid", &rpid)]).count(), 1);
+    child.stop();
+}
+
+#[test]
+fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let port = redis.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A workload of plain and blocking commands, checking every reply.
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut conn = Conn::connect(port).unwrap();
+                let mut done = 0u64;
+                let started = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    let key = format!("w{w}");
+                    assert_eq!(conn.call(&["SET", &key, &done.to_string()]).unwrap(), Reply::Simple("OK".into()));
+                    assert_eq!(conn.call(&["GET", &key]).unwrap(), Reply::Bulk(Some(done.to_string().into_bytes())));
+                    assert_eq!(conn.call(&["LPUSH", &format!("q{w}"), "job"]).unwrap(), Reply::Integer(1));
+                    let popped = conn.call(&["BRPOP", &format!("q{w}"), "other", "1"]).unwrap();
+                    assert!(matches!(popped, Reply::Array(Some(ref v)) if v.len() == 2), "{popped:?}");
+                    assert!(conn.call(&["BLPOP", &format!("empty{w}"), "0.01"]).unwrap().is_nil());
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    for round in 0..3 {
+        let agent = Agent::start(&[]);
+        let pid = redis.pid().to_string();
+        wait_for("blocking calls seen", Duration::from_secs(10), || {
+            (count(&agent.scrape(), KEYS, &pid, &[]) > 10.0).then_some(())
+        });
+        eprintln!("round {round}: attached and counting");
+        drop(agent);
+        thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total: u64 = workers.into_iter().map(|w| w.join().expect("a client saw an error or a wrong reply")).sum();
+    assert!(total > 30, "workload ran {total} iterations");
+    // After the last detach Redis still answers normally.
+    assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
+}
