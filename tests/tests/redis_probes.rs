@@ -221,13 +221,14 @@ fn disconnects_and_client_unblock_are_other_not_timeouts() {
 }
 
 #[test]
-fn blmove_and_bzpopmin_are_counted_by_block_type() {
+fn blmove_bzpopmin_and_xread_are_counted_by_block_type() {
     require_root();
     let (redis, agent, pid) = start();
     let port = redis.port;
     let mut c = Conn::connect(port).unwrap();
     assert!(c.call(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0.1"]).unwrap().is_nil());
     assert!(c.call(&["BZPOPMIN", "z1", "z2", "z3", "0.1"]).unwrap().is_nil());
+    assert!(c.call(&["XREAD", "BLOCK", "100", "STREAMS", "s1", "s2", "$", "$"]).unwrap().is_nil());
     // Served ones.
     let w1 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BLMOVE", "src2", "dst2", "LEFT", "RIGHT", "5"]).unwrap());
     let w2 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BZPOPMIN", "z4", "z5", "5"]).unwrap());
@@ -244,6 +245,10 @@ fn blmove_and_bzpopmin_are_counted_by_block_type() {
     assert_eq!(sum(&s, KEYS, &pid, &list), 2.0, "BLMOVE lists one key");
     assert_eq!(count(&s, KEYS, &pid, &zset), 2.0);
     assert_eq!(sum(&s, KEYS, &pid, &zset), 5.0, "3 + 2 keys");
+    let stream = [("redis_block_type", "stream")];
+    assert_eq!(count(&s, KEYS, &pid, &stream), 1.0);
+    assert_eq!(sum(&s, KEYS, &pid, &stream), 2.0);
+    assert_eq!(count(&s, DURATION, &pid, &[stream[0], ("outcome", "timeout")]), 1.0);
     for t in [&list, &zset] {
         assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "timeout")]), 1.0);
         assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "served")]), 1.0);
