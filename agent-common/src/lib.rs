@@ -7,6 +7,7 @@
 
 pub mod lifecycle;
 pub mod redis;
+pub mod resp;
 pub mod sched;
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).

@@ -1,0 +1,875 @@
+//! A streaming RESP tokenizer that needs no allocation and looks at most [`WINDOW`] bytes at a
+//! time, so that the same code runs in the eBPF programs (on bytes copied from a worker's
+//! send/receive buffers) and in user space (tests, fuzzing, key-list extraction).
+//!
+//! The request side follows the commands a worker sends: arrays of bulk strings. It recognises
+//! blocking pops by name (any letter case), counts the keys they list, and computes a signature
+//! of the key list so that the full list is read only when it changes. The reply side counts
+//! complete top-level replies and classifies each reply as it starts (data, nil, error), which
+//! is all the latency measurement needs. Bulk bodies (job payloads) are skipped by length,
+//! never inspected, except for the few short arguments a command's shape depends on.
+//!
+//! The caller feeds windows: the next up to `WINDOW` bytes of the stream at the current
+//! position, and advances by what `step` consumed. When `step` asks for more, the caller keeps
+//! the unconsumed bytes (fewer than `WINDOW`) and prepends them to the next buffer.
+
+/// Bytes looked at per step. A bulk header plus a command name (`$10\r\nXREADGROUP\r\n`, 17
+/// bytes) or a numeric argument fits.
+pub const WINDOW: usize = 32;
+/// Deepest nesting of aggregate replies followed (BRPOP: 1; EXEC of arrays: 2; XREAD: 4).
+pub const MAX_DEPTH: usize = 8;
+/// Longest argument list or aggregate accepted; anything larger is taken for garbage.
+pub const MAX_COUNT: i64 = 1 << 20;
+/// Longest bulk string accepted (Redis's proto-max-bulk-len default is 512 MB).
+pub const MAX_BULK: i64 = 512 * 1024 * 1024;
+
+/// Blocking commands the worker side recognises.
+pub mod command {
+    pub const NONE: u32 = 0;
+    pub const BRPOP: u32 = 1;
+    pub const BLPOP: u32 = 2;
+    pub const BLMOVE: u32 = 3;
+    pub const BRPOPLPUSH: u32 = 4;
+    pub const BLMPOP: u32 = 5;
+    pub const BZPOPMIN: u32 = 6;
+    pub const BZPOPMAX: u32 = 7;
+    pub const BZMPOP: u32 = 8;
+    pub const XREAD: u32 = 9;
+    pub const XREADGROUP: u32 = 10;
+    pub const COUNT: usize = 11;
+
+    pub fn name(id: u32) -> &'static str {
+        match id {
+            BRPOP => "BRPOP",
+            BLPOP => "BLPOP",
+            BLMOVE => "BLMOVE",
+            BRPOPLPUSH => "BRPOPLPUSH",
+            BLMPOP => "BLMPOP",
+            BZPOPMIN => "BZPOPMIN",
+            BZPOPMAX => "BZPOPMAX",
+            BZMPOP => "BZMPOP",
+            XREAD => "XREAD",
+            XREADGROUP => "XREADGROUP",
+            _ => "",
+        }
+    }
+}
+
+/// How a reply starts.
+pub mod reply_kind {
+    /// An array, map, set or non-nil bulk: the pop returned data.
+    pub const DATA: u32 = 0;
+    /// A nil (`*-1`, `$-1`) or RESP3 null (`_`): the pop timed out.
+    pub const NIL: u32 = 1;
+    /// An error (`-`, `!`).
+    pub const ERROR: u32 = 2;
+    /// Anything else (a status or number): not a pop reply.
+    pub const OTHER: u32 = 3;
+}
+
+#[inline(always)]
+fn upper(b: u8) -> u8 {
+    if b.is_ascii_lowercase() { b - 32 } else { b }
+}
+
+/// Case-insensitive comparison of `w[start..start+name.len()]` with an upper-case name.
+#[inline(always)]
+fn name_is(w: &[u8; WINDOW], start: usize, len: usize, name: &[u8]) -> bool {
+    if len != name.len() || start + len > WINDOW {
+        return false;
+    }
+    let mut i = 0;
+    while i < name.len() && i < WINDOW {
+        if start + i >= WINDOW || upper(w[start + i]) != name[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+fn command_of(w: &[u8; WINDOW], start: usize, len: usize) -> u32 {
+    const NAMES: [(&[u8], u32); 10] = [
+        (b"BRPOP", command::BRPOP),
+        (b"BLPOP", command::BLPOP),
+        (b"BLMOVE", command::BLMOVE),
+        (b"BRPOPLPUSH", command::BRPOPLPUSH),
+        (b"BLMPOP", command::BLMPOP),
+        (b"BZPOPMIN", command::BZPOPMIN),
+        (b"BZPOPMAX", command::BZPOPMAX),
+        (b"BZMPOP", command::BZMPOP),
+        (b"XREAD", command::XREAD),
+        (b"XREADGROUP", command::XREADGROUP),
+    ];
+    let mut i = 0;
+    while i < NAMES.len() {
+        if name_is(w, start, len, NAMES[i].0) {
+            return NAMES[i].1;
+        }
+        i += 1;
+    }
+    command::NONE
+}
+
+/// A number line: `<digits>\r\n` starting at `start`.
+enum Num {
+    Value(i64, usize),
+    Incomplete,
+    Invalid,
+}
+
+#[inline(always)]
+fn number_line(w: &[u8; WINDOW], start: usize, avail: usize) -> Num {
+    let mut i = start;
+    let mut negative = false;
+    let mut value: i64 = 0;
+    let mut digits = 0;
+    if i < avail && i < WINDOW && w[i] == b'-' {
+        negative = true;
+        i += 1;
+    }
+    while i < avail && i < WINDOW {
+        let b = w[i];
+        if b.is_ascii_digit() {
+            if digits >= 18 {
+                return Num::Invalid;
+            }
+            value = value * 10 + (b - b'0') as i64;
+            digits += 1;
+            i += 1;
+        } else if b == b'\r' {
+            if digits == 0 {
+                return Num::Invalid;
+            }
+            if i + 1 >= avail {
+                return Num::Incomplete;
+            }
+            if i + 1 >= WINDOW || w[i + 1] != b'\n' {
+                return Num::Invalid;
+            }
+            return Num::Value(if negative { -value } else { value }, i + 2);
+        } else {
+            return Num::Invalid;
+        }
+    }
+    if avail >= WINDOW { Num::Invalid } else { Num::Incomplete }
+}
+
+/// Outcome of one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Consumed this many bytes (at least 1), possibly completing something.
+    Consumed(usize),
+    /// The window holds an incomplete token: keep the bytes and feed more.
+    NeedMore,
+    /// Not RESP, or not a state this tokenizer follows: stop following this stream.
+    Invalid,
+}
+
+/// A blocking call recognised in the request stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockingCall {
+    pub command: u32,
+    pub keys: u32,
+    /// FNV-1a over the listed keys' lengths and first bytes: changes when the key list does.
+    pub signature: u64,
+    /// Index of this command on its connection (0 for the first), i.e. of its reply.
+    pub index: u64,
+}
+
+/// State of the request direction of one connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestState {
+    /// Bytes of the current bulk body (with its CRLF) still to skip.
+    pub skip: u64,
+    /// Complete commands seen on this connection.
+    pub commands: u64,
+    pub signature: u64,
+    /// Bulks left in the current command; 0 between commands.
+    pub args_left: u32,
+    pub arg_index: u32,
+    pub argc: u32,
+    pub command: u32,
+    /// BLMPOP/BZMPOP: numkeys argument; XREAD: number of streams.
+    pub numkeys: u32,
+    /// XREAD/XREADGROUP: index of the STREAMS argument, 0 before it.
+    pub streams_at: u32,
+    /// XREAD/XREADGROUP: BLOCK was given (otherwise it does not block).
+    pub block_seen: u32,
+    pub _pad: u32,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+#[inline(always)]
+fn fnv(mut h: u64, b: u8) -> u64 {
+    h ^= b as u64;
+    h.wrapping_mul(FNV_PRIME)
+}
+
+impl RequestState {
+    /// Whether argument `index` of the current command is a key it listens to. XREAD's keys
+    /// are known once STREAMS is seen: the first half of the remaining arguments.
+    fn is_listened_key(&self, index: u32) -> bool {
+        let argc = self.argc;
+        match self.command {
+            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => index >= 1 && index + 2 <= argc,
+            command::BLMOVE | command::BRPOPLPUSH => index == 1,
+            command::BLMPOP | command::BZMPOP => index >= 3 && index < 3 + self.numkeys,
+            command::XREAD | command::XREADGROUP => {
+                self.streams_at > 0 && index > self.streams_at && index <= self.streams_at + (argc - self.streams_at - 1) / 2
+            }
+            _ => false,
+        }
+    }
+
+    fn keys(&self) -> u32 {
+        match self.command {
+            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => self.argc.saturating_sub(2),
+            command::BLMOVE | command::BRPOPLPUSH => 1,
+            command::BLMPOP | command::BZMPOP => self.numkeys,
+            command::XREAD | command::XREADGROUP if self.streams_at > 0 => (self.argc - self.streams_at - 1) / 2,
+            _ => 0,
+        }
+    }
+
+    /// One step over `w[..avail]` (avail <= WINDOW). Returns the step and, when a command
+    /// completed and it was a blocking call, that call.
+    pub fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
+        let avail = if avail > WINDOW { WINDOW } else { avail };
+        if avail == 0 {
+            return (Step::NeedMore, None);
+        }
+        if self.skip > 0 {
+            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            self.skip -= n as u64;
+            return (Step::Consumed(n), self.finish_arg_if_done());
+        }
+        if self.args_left == 0 {
+            // A command starts: `*<argc>\r\n`.
+            if w[0] != b'*' {
+                return (Step::Invalid, None);
+            }
+            return match number_line(w, 1, avail) {
+                Num::Value(n, end) if n >= 1 && n <= MAX_COUNT => {
+                    self.args_left = n as u32;
+                    self.argc = n as u32;
+                    self.arg_index = 0;
+                    self.command = command::NONE;
+                    self.numkeys = 0;
+                    self.streams_at = 0;
+                    self.block_seen = 0;
+                    self.signature = FNV_OFFSET;
+                    (Step::Consumed(end), None)
+                }
+                Num::Incomplete => (Step::NeedMore, None),
+                _ => (Step::Invalid, None),
+            };
+        }
+        // An argument: `$<len>\r\n<body>\r\n`.
+        if w[0] != b'$' {
+            return (Step::Invalid, None);
+        }
+        let (len, header) = match number_line(w, 1, avail) {
+            Num::Value(n, end) if n >= 0 && n <= MAX_BULK => (n as usize, end),
+            Num::Incomplete => return (Step::NeedMore, None),
+            _ => return (Step::Invalid, None),
+        };
+        let index = self.arg_index;
+        // Arguments whose content matters are short; they must be whole in the window.
+        let inspect = index == 0
+            || ((self.command == command::BLMPOP || self.command == command::BZMPOP) && index == 2)
+            || ((self.command == command::XREAD || self.command == command::XREADGROUP) && self.streams_at == 0 && (len == 5 || len == 7));
+        if inspect && header + len + 2 <= WINDOW {
+            if header + len + 2 > avail {
+                return (Step::NeedMore, None);
+            }
+            if index == 0 {
+                self.command = command_of(w, header, len);
+            } else if index == 2 && (self.command == command::BLMPOP || self.command == command::BZMPOP) {
+                let mut padded = [0u8; WINDOW];
+                let mut i = 0;
+                while i < len + 2 && i < WINDOW && header + i < WINDOW {
+                    padded[i] = w[header + i];
+                    i += 1;
+                }
+                match number_line(&padded, 0, len + 2) {
+                    Num::Value(n, _) if n >= 1 && n <= MAX_COUNT => self.numkeys = n as u32,
+                    _ => return (Step::Invalid, None),
+                }
+            } else if name_is(w, header, len, b"BLOCK") {
+                self.block_seen = 1;
+            } else if name_is(w, header, len, b"STREAMS") {
+                self.streams_at = index;
+            }
+        }
+        if self.is_listened_key(index) {
+            // The signature takes the first bytes of each key: they must be in the window
+            // whatever the buffer boundaries, or the same keys would sign differently.
+            let prefix = if len < 8 { len } else { 8 };
+            if header + prefix > avail {
+                return (Step::NeedMore, None);
+            }
+            let mut h = fnv(self.signature, (len & 0xff) as u8);
+            h = fnv(h, ((len >> 8) & 0xff) as u8);
+            let mut i = 0;
+            while i < prefix && header + i < WINDOW {
+                h = fnv(h, w[header + i]);
+                i += 1;
+            }
+            self.signature = h;
+        }
+        // Skip the body and its CRLF (possibly across buffers).
+        let total = len as u64 + 2;
+        let here = (avail - header) as u64;
+        if here >= total {
+            let body_end = header + len;
+            if body_end + 1 < WINDOW && body_end + 1 < avail && (w[body_end] != b'\r' || w[body_end + 1] != b'\n') {
+                return (Step::Invalid, None);
+            }
+            self.skip = 0;
+            let consumed = header + total as usize;
+            (Step::Consumed(consumed), self.finish_arg())
+        } else {
+            self.skip = total - here;
+            (Step::Consumed(avail), None)
+        }
+    }
+
+    fn finish_arg_if_done(&mut self) -> Option<BlockingCall> {
+        if self.skip == 0 { self.finish_arg() } else { None }
+    }
+
+    fn finish_arg(&mut self) -> Option<BlockingCall> {
+        self.arg_index += 1;
+        self.args_left = self.args_left.saturating_sub(1);
+        if self.args_left > 0 {
+            return None;
+        }
+        let index = self.commands;
+        self.commands += 1;
+        let blocking = match self.command {
+            command::NONE => false,
+            // XREAD only blocks with BLOCK.
+            command::XREAD | command::XREADGROUP => self.block_seen != 0 && self.streams_at > 0,
+            _ => true,
+        };
+        if blocking && self.keys() > 0 {
+            Some(BlockingCall { command: self.command, keys: self.keys(), signature: self.signature, index })
+        } else {
+            None
+        }
+    }
+
+    /// Whether the stream is between commands (a write starting here starts a command).
+    pub fn at_command_boundary(&self) -> bool {
+        self.args_left == 0 && self.skip == 0
+    }
+}
+
+/// The start of a top-level reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyStart {
+    /// Index of the reply on its connection, matching [`BlockingCall::index`].
+    pub index: u64,
+    /// A [`reply_kind`].
+    pub kind: u32,
+}
+
+/// State of the reply direction of one connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyState {
+    pub skip: u64,
+    /// Complete top-level replies seen.
+    pub replies: u64,
+    /// Elements left at each open aggregate level.
+    pub remaining: [u32; MAX_DEPTH],
+    pub depth: u32,
+    /// Inside a simple line longer than the window: looking for its CRLF.
+    pub in_line: u32,
+    /// The open top-level item is out of band (RESP3 push or attribute): not a reply.
+    pub out_of_band: u32,
+    pub _pad: u32,
+}
+
+impl ReplyState {
+    fn element_done(&mut self) {
+        // Close every aggregate that this element completes.
+        let mut guard = 0;
+        while guard < MAX_DEPTH {
+            guard += 1;
+            if self.depth == 0 {
+                if self.out_of_band != 0 {
+                    self.out_of_band = 0;
+                } else {
+                    self.replies += 1;
+                }
+                return;
+            }
+            let top = (self.depth - 1) as usize;
+            if top >= MAX_DEPTH {
+                return;
+            }
+            if self.remaining[top] > 1 {
+                self.remaining[top] -= 1;
+                return;
+            }
+            self.remaining[top] = 0;
+            self.depth -= 1;
+        }
+    }
+
+    /// One step over `w[..avail]`: returns the step and, if a top-level reply started here,
+    /// its index and kind.
+    pub fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<ReplyStart>) {
+        let avail = if avail > WINDOW { WINDOW } else { avail };
+        if avail == 0 {
+            return (Step::NeedMore, None);
+        }
+        if self.skip > 0 {
+            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            self.skip -= n as u64;
+            if self.skip == 0 {
+                self.element_done();
+            }
+            return (Step::Consumed(n), None);
+        }
+        if self.in_line != 0 {
+            return self.scan_line(w, 0, avail, None);
+        }
+        let kind_byte = w[0];
+        let top_level = self.depth == 0;
+        let start = |kind: u32, s: &Self| if top_level && kind_byte != b'>' && kind_byte != b'|' { Some(ReplyStart { index: s.replies, kind }) } else { None };
+        match kind_byte {
+            b'+' | b'-' | b':' | b',' | b'#' | b'(' => {
+                let kind = match kind_byte {
+                    b'-' => reply_kind::ERROR,
+                    _ => reply_kind::OTHER,
+                };
+                let started = start(kind, self);
+                self.scan_line(w, 1, avail, started)
+            }
+            b'_' => {
+                if avail < 3 {
+                    return (Step::NeedMore, None);
+                }
+                if w[1] != b'\r' || w[2] != b'\n' {
+                    return (Step::Invalid, None);
+                }
+                let started = start(reply_kind::NIL, self);
+                self.element_done();
+                (Step::Consumed(3), started)
+            }
+            b'$' | b'!' | b'=' => match number_line(w, 1, avail) {
+                Num::Value(-1, end) if kind_byte == b'$' => {
+                    let started = start(reply_kind::NIL, self);
+                    self.element_done();
+                    (Step::Consumed(end), started)
+                }
+                Num::Value(n, end) if n >= 0 && n <= MAX_BULK => {
+                    let started = start(if kind_byte == b'!' { reply_kind::ERROR } else { reply_kind::DATA }, self);
+                    self.skip = n as u64 + 2;
+                    (Step::Consumed(end), started)
+                }
+                Num::Incomplete => (Step::NeedMore, None),
+                _ => (Step::Invalid, None),
+            },
+            b'*' | b'%' | b'~' | b'>' | b'|' => match number_line(w, 1, avail) {
+                Num::Value(-1, end) if kind_byte == b'*' => {
+                    let started = start(reply_kind::NIL, self);
+                    self.element_done();
+                    (Step::Consumed(end), started)
+                }
+                Num::Value(n, end) if n >= 0 && n <= MAX_COUNT => {
+                    let started = start(reply_kind::DATA, self);
+                    if top_level && (kind_byte == b'>' || kind_byte == b'|') {
+                        self.out_of_band = 1;
+                    }
+                    let elements = if kind_byte == b'%' || kind_byte == b'|' { n * 2 } else { n };
+                    if elements == 0 {
+                        self.element_done();
+                    } else {
+                        if self.depth as usize >= MAX_DEPTH {
+                            return (Step::Invalid, None);
+                        }
+                        self.remaining[self.depth as usize] = elements as u32;
+                        self.depth += 1;
+                    }
+                    (Step::Consumed(end), started)
+                }
+                Num::Incomplete => (Step::NeedMore, None),
+                _ => (Step::Invalid, None),
+            },
+            _ => (Step::Invalid, None),
+        }
+    }
+
+    /// Consumes a simple line from `from` up to its CRLF, across windows if it is long.
+    fn scan_line(&mut self, w: &[u8; WINDOW], from: usize, avail: usize, started: Option<ReplyStart>) -> (Step, Option<ReplyStart>) {
+        let mut i = from;
+        while i + 1 < avail && i + 1 < WINDOW {
+            if w[i] == b'\r' && w[i + 1] == b'\n' {
+                self.in_line = 0;
+                self.element_done();
+                return (Step::Consumed(i + 2), started);
+            }
+            i += 1;
+        }
+        if avail < WINDOW {
+            // Could be completed by the next buffer; the start is reported when it is whole.
+            return (Step::NeedMore, None);
+        }
+        // A long line: consume all but the last byte (which may be the '\r').
+        self.in_line = 1;
+        (Step::Consumed(avail - 1), started)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::RequestState {}
+    unsafe impl aya::Pod for super::ReplyState {}
+    unsafe impl aya::Pod for super::BlockingCall {}
+}
+
+const _: () = assert!(core::mem::size_of::<RequestState>() == 56);
+const _: () = assert!(core::mem::size_of::<ReplyState>() == 16 + 4 * MAX_DEPTH + 16);
+
+/// Either direction's state, for [`drive`].
+pub trait Stepper {
+    type Event: Copy;
+    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<Self::Event>);
+}
+
+impl Stepper for RequestState {
+    type Event = BlockingCall;
+    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
+        RequestState::step(self, w, avail)
+    }
+}
+
+impl Stepper for ReplyState {
+    type Event = ReplyStart;
+    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<ReplyStart>) {
+        ReplyState::step(self, w, avail)
+    }
+}
+
+/// Bytes of an incomplete token kept between buffers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carry {
+    pub bytes: [u8; WINDOW],
+    pub len: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Carry {}
+
+/// Feeds one buffer of a stream through `state` (the user-space twin of the eBPF loop).
+/// `on` gets each event with the offset in `data` just after the step that produced it.
+/// Returns `Err(())` when the stream is not RESP this tokenizer follows.
+pub fn drive<S: Stepper>(state: &mut S, carry: &mut Carry, data: &[u8], mut on: impl FnMut(S::Event, usize)) -> Result<(), ()> {
+    let mut pos = 0usize;
+    loop {
+        let mut w = [0u8; WINDOW];
+        let c = (carry.len as usize).min(WINDOW);
+        w[..c].copy_from_slice(&carry.bytes[..c]);
+        let take = (WINDOW - c).min(data.len() - pos);
+        w[c..c + take].copy_from_slice(&data[pos..pos + take]);
+        let avail = c + take;
+        if avail == 0 {
+            return Ok(());
+        }
+        match state.step(&w, avail) {
+            (Step::Consumed(n), event) => {
+                let n = n.min(avail).max(1);
+                if n >= c {
+                    pos += n - c;
+                    carry.len = 0;
+                } else {
+                    carry.bytes.copy_within(n..c, 0);
+                    carry.len = (c - n) as u32;
+                }
+                if let Some(e) = event {
+                    on(e, pos);
+                }
+            }
+            (Step::NeedMore, _) => {
+                if avail >= WINDOW {
+                    return Err(());
+                }
+                carry.bytes[..avail].copy_from_slice(&w[..avail]);
+                carry.len = avail as u32;
+                return Ok(());
+            }
+            (Step::Invalid, _) => return Err(()),
+        }
+    }
+}
+
+/// Walks one complete command in `bytes` (the start of a write) and calls `on_key` with each key
+/// it listens to, in order. Returns the blocking call, or `None` when `bytes` does not start
+/// with a complete blocking command. Used in user space on the full requests the kernel sends
+/// when a connection's key list changes; its count and signature agree with [`RequestState`].
+pub fn listened_keys<'a>(bytes: &'a [u8], mut on_key: impl FnMut(&'a [u8])) -> Option<BlockingCall> {
+    let mut state = RequestState::default();
+    let mut pos = 0usize;
+    let mut guard = 0usize;
+    while pos < bytes.len() && guard < bytes.len() + 2 {
+        guard += 1;
+        let mut w = [0u8; WINDOW];
+        let take = (bytes.len() - pos).min(WINDOW);
+        w[..take].copy_from_slice(&bytes[pos..pos + take]);
+        // Before the step: is the argument about to be read a listened key?
+        let at_key = state.args_left > 0 && state.skip == 0 && state.is_listened_key(state.arg_index) && w[0] == b'$';
+        let (step, call) = state.step(&w, take);
+        match step {
+            Step::Consumed(n) => {
+                if at_key {
+                    // `$<len>\r\n<body>`: the body follows the header line.
+                    let header_end = w[..take].iter().position(|&b| b == b'\n')? + 1;
+                    let len: usize = core::str::from_utf8(&w[1..header_end - 2]).ok()?.parse().ok()?;
+                    let start = pos + header_end;
+                    on_key(bytes.get(start..start + len)?);
+                }
+                pos += n;
+                if state.at_command_boundary() {
+                    return call;
+                }
+            }
+            Step::NeedMore | Step::Invalid => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::{format, string::String, vec, vec::Vec};
+
+    fn encode(args: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{}\r\n", a.len(), a).as_bytes());
+        }
+        out
+    }
+
+    fn requests(chunks: &[&[u8]]) -> Result<Vec<BlockingCall>, ()> {
+        let (mut s, mut c, mut out) = (RequestState::default(), Carry::default(), Vec::new());
+        for chunk in chunks {
+            drive(&mut s, &mut c, chunk, |e, _| out.push(e))?;
+        }
+        Ok(out)
+    }
+
+    fn replies(chunks: &[&[u8]]) -> Result<(Vec<ReplyStart>, u64), ()> {
+        let (mut s, mut c, mut out) = (ReplyState::default(), Carry::default(), Vec::new());
+        for chunk in chunks {
+            drive(&mut s, &mut c, chunk, |e, _| out.push(e))?;
+        }
+        Ok((out, s.replies))
+    }
+
+    /// Every way of cutting `data` in two, and one byte at a time, gives the same events.
+    fn same_under_any_split<T: PartialEq + core::fmt::Debug>(data: &[u8], run: impl Fn(&[&[u8]]) -> T) -> T {
+        let whole = run(&[data]);
+        for cut in 0..=data.len() {
+            assert_eq!(run(&[&data[..cut], &data[cut..]]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        assert_eq!(run(&bytes), whole, "byte by byte");
+        whole
+    }
+
+    fn queues(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("queue:q{i}")).collect()
+    }
+
+    fn brpop(keys: &[String], timeout: &str) -> Vec<u8> {
+        let mut args: Vec<&str> = vec!["BRPOP"];
+        args.extend(keys.iter().map(String::as_str));
+        args.push(timeout);
+        encode(&args)
+    }
+
+    #[test]
+    fn brpop_with_1_5_and_440_keys() {
+        for n in [1, 5, 440] {
+            let data = brpop(&queues(n), "2");
+            let calls = if n == 440 { requests(&[&data]).unwrap() } else { same_under_any_split(&data, requests).unwrap() };
+            assert_eq!(calls.len(), 1);
+            assert_eq!((calls[0].command, calls[0].keys, calls[0].index), (command::BRPOP, n as u32, 0));
+        }
+        // The 440-key request split at a few awkward places.
+        let data = brpop(&queues(440), "2");
+        for cut in [1, 2, 5, 7, 11, 12, 13, 100, 5000, data.len() - 3, data.len() - 1] {
+            assert_eq!(requests(&[&data[..cut], &data[cut..]]).unwrap()[0].keys, 440, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn names_in_any_case_and_every_blocking_command() {
+        let cases: Vec<(Vec<u8>, u32, u32)> = vec![
+            (encode(&["brpop", "a", "b", "0"]), command::BRPOP, 2),
+            (encode(&["BlPoP", "a", "1.5"]), command::BLPOP, 1),
+            (encode(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0"]), command::BLMOVE, 1),
+            (encode(&["BRPOPLPUSH", "src", "dst", "5"]), command::BRPOPLPUSH, 1),
+            (encode(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"]), command::BLMPOP, 3),
+            (encode(&["BZPOPMIN", "z1", "z2", "z3", "0"]), command::BZPOPMIN, 3),
+            (encode(&["bzpopmax", "z1", "0"]), command::BZPOPMAX, 1),
+            (encode(&["BZMPOP", "1", "2", "z1", "z2", "MIN"]), command::BZMPOP, 2),
+            (encode(&["XREAD", "COUNT", "10", "BLOCK", "2000", "STREAMS", "s1", "s2", "$", "$"]), command::XREAD, 2),
+            (encode(&["XREADGROUP", "GROUP", "g", "c", "block", "0", "streams", "s1", ">"]), command::XREADGROUP, 1),
+        ];
+        for (data, cmd, keys) in cases {
+            let calls = same_under_any_split(&data, requests).unwrap();
+            assert_eq!(calls.len(), 1, "{}", String::from_utf8_lossy(&data));
+            assert_eq!((calls[0].command, calls[0].keys), (cmd, keys), "{}", String::from_utf8_lossy(&data));
+        }
+    }
+
+    #[test]
+    fn non_blocking_commands_and_xread_without_block_are_not_reported() {
+        let mut data = encode(&["XREAD", "COUNT", "1", "STREAMS", "s1", "0"]);
+        data.extend(encode(&["SET", "k", "v"]));
+        data.extend(encode(&["BRPOPX", "a", "0"]));
+        assert_eq!(same_under_any_split(&data, requests).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn pipelined_commands_give_the_blocking_call_its_reply_index() {
+        let mut data = encode(&["LPUSH", "other", "job payload that is never inspected"]);
+        data.extend(encode(&["SET", "a", "b"]));
+        data.extend(brpop(&queues(3), "1"));
+        data.extend(encode(&["GET", "a"]));
+        let calls = same_under_any_split(&data, requests).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].index, 2);
+    }
+
+    #[test]
+    fn signature_follows_the_keys_not_the_timeout() {
+        let sig = |d: Vec<u8>| requests(&[&d]).unwrap()[0].signature;
+        let a = sig(brpop(&queues(20), "2"));
+        assert_eq!(a, sig(brpop(&queues(20), "5")));
+        assert_ne!(a, sig(brpop(&queues(21), "2")));
+        let mut other = queues(20);
+        other[7] = "queue:zz".into();
+        assert_ne!(a, sig(brpop(&other, "2")));
+    }
+
+    #[test]
+    fn malformed_bytes_are_rejected_not_misread() {
+        for bad in [&b"GET a\r\n"[..], b"*x\r\n", b"*2\r\n+OK\r\n", b"*1\r\n$3\r\nabcde\r\n", b"*-5\r\n", b"*99999999999999999999\r\n", b"*1\r\n$-1\r\n"] {
+            assert_eq!(requests(&[bad]), Err(()), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn reply_kinds_and_indexes() {
+        let data = b"+OK\r\n*-1\r\n*2\r\n$7\r\nqueue:a\r\n$11\r\n{\"job\":\"x\"}\r\n_\r\n-ERR wrong type\r\n$-1\r\n:5\r\n";
+        let (starts, replies) = same_under_any_split(data, replies).unwrap();
+        let kinds: Vec<(u64, u32)> = starts.iter().map(|s| (s.index, s.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, reply_kind::OTHER),
+                (1, reply_kind::NIL),
+                (2, reply_kind::DATA),
+                (3, reply_kind::NIL),
+                (4, reply_kind::ERROR),
+                (5, reply_kind::NIL),
+                (6, reply_kind::OTHER)
+            ]
+        );
+        assert_eq!(replies, 7);
+    }
+
+    #[test]
+    fn nested_replies_long_lines_and_out_of_band_pushes() {
+        let long_error = format!("-ERR {}\r\n", "x".repeat(100));
+        let mut data = Vec::new();
+        data.extend_from_slice(b"*2\r\n*2\r\n$1\r\na\r\n:1\r\n%1\r\n+k\r\n*0\r\n");
+        data.extend_from_slice(b">3\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$1\r\nx\r\n");
+        data.extend_from_slice(long_error.as_bytes());
+        data.extend_from_slice(b"*-1\r\n");
+        let (starts, replies) = same_under_any_split(&data, replies).unwrap();
+        let kinds: Vec<(u64, u32)> = starts.iter().map(|s| (s.index, s.kind)).collect();
+        assert_eq!(kinds, vec![(0, reply_kind::DATA), (1, reply_kind::ERROR), (2, reply_kind::NIL)]);
+        assert_eq!(replies, 3, "the push is not a reply");
+    }
+
+    #[test]
+    fn listened_keys_agree_with_the_stream_tokenizer() {
+        let data = brpop(&queues(440), "2");
+        let mut keys = Vec::new();
+        let call = listened_keys(&data, |k| keys.push(String::from_utf8_lossy(k).into_owned())).unwrap();
+        assert_eq!(call, requests(&[&data]).unwrap()[0]);
+        assert_eq!(keys, queues(440));
+        let data = encode(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s1", "s2", ">", ">"]);
+        let mut keys = Vec::new();
+        listened_keys(&data, |k| keys.push(k.to_vec())).unwrap();
+        assert_eq!(keys, vec![b"s1".to_vec(), b"s2".to_vec()]);
+        assert!(listened_keys(&encode(&["GET", "a"]), |_| {}).is_none());
+        assert!(listened_keys(&data[..data.len() - 1], |_| {}).is_none());
+    }
+
+    /// A deterministic stand-in for the fuzz target: random mixes of valid commands, random
+    /// bytes and random cuts must never panic, and valid streams must give the same events
+    /// whatever the cuts.
+    #[test]
+    fn random_streams_and_cuts() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let mut data = Vec::new();
+            for _ in 0..(next() % 5) {
+                match next() % 4 {
+                    0 => data.extend(brpop(&queues((next() % 50) as usize + 1), "2")),
+                    1 => data.extend(encode(&["SET", "k", &"v".repeat((next() % 100) as usize)])),
+                    2 => data.extend(encode(&["XREAD", "BLOCK", "5", "STREAMS", "a", "b", "0", "0"])),
+                    _ => data.extend(encode(&["blmpop", "1", "2", "x", "y", "LEFT"])),
+                }
+            }
+            let whole = requests(&[&data]);
+            assert!(whole.is_ok());
+            let a = (next() as usize) % (data.len() + 1);
+            let b = a + (next() as usize) % (data.len() - a + 1);
+            assert_eq!(requests(&[&data[..a], &data[a..b], &data[b..]]), whole);
+            // Garbage in the middle of a stream: no panic, whatever the result.
+            let mut noisy = data.clone();
+            for _ in 0..(next() % 4) {
+                if !noisy.is_empty() {
+                    let i = (next() as usize) % noisy.len();
+                    noisy[i] = next() as u8;
+                }
+            }
+            let _ = requests(&[&noisy[..a.min(noisy.len())], &noisy[a.min(noisy.len())..]]);
+            let _ = replies(&[&noisy]);
+            let _ = listened_keys(&noisy, |_| {});
+        }
+    }
+
+    #[test]
+    fn malformed_replies_are_rejected() {
+        for bad in [&b"?\r\n"[..], b"$abc\r\n", b"*2\r\n$1\r\nab\r\n", b"_x\r\n"] {
+            assert!(replies(&[bad]).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 1);
+        assert!(replies(&[deep.as_bytes()]).is_err());
+    }
+}
