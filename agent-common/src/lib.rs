@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod redis;
 pub mod resp;
 pub mod sched;
+pub mod worker;
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -39,6 +40,18 @@ pub mod maps {
     pub const REDIS_PROBE_HITS: &str = "REDIS_PROBE_HITS";
     /// [0] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by the agent.
     pub const CLOCK_OFFSET: &str = "CLOCK_OFFSET";
+    /// tgid -> 1: worker processes whose syscalls are followed.
+    pub const WORKER_PROCS: &str = "WORKER_PROCS";
+    /// [`crate::worker::ConnKey`] -> [`crate::worker::ConnState`].
+    pub const CONNS: &str = "CONNS";
+    /// [`crate::worker::ConnKey`] -> [`crate::worker::Peer`], from connect() or /proc.
+    pub const CONN_PEERS: &str = "CONN_PEERS";
+    /// [`crate::worker::WorkerHistKey`] -> duration histogram (per CPU).
+    pub const WORKER_DURATION_HISTS: &str = "WORKER_DUR_HISTS";
+    /// [`crate::worker::WorkerKeysKey`] -> fan-out histogram (per CPU).
+    pub const WORKER_KEYS_HISTS: &str = "WORKER_KEYS_HISTS";
+    /// Ring buffer of key lists ([`crate::worker::KeysetHeader`] + request bytes).
+    pub const KEYSET_EVENTS: &str = "KEYSET_EVENTS";
 }
 
 /// Program names as they appear in the eBPF object.

@@ -67,48 +67,149 @@ pub mod reply_kind {
     pub const OTHER: u32 = 3;
 }
 
-#[inline(always)]
-fn upper(b: u8) -> u8 {
-    if b.is_ascii_lowercase() { b - 32 } else { b }
+// The helpers below are written without data-dependent branches (arithmetic masks instead of
+// `if`), because the eBPF verifier explores every branch path separately: a digit loop with a
+// branch per byte would multiply the paths it has to check by the number of digits.
+
+/// Hides a value from the eBPF verifier. The verifier follows every branch path separately and
+/// cannot merge paths that differ only in a number (how many digits a length had); passing the
+/// result of such a computation through a map makes it an unknown number on every path, so the
+/// paths become one again. In user space it is the identity.
+pub trait Opaque {
+    fn hide(&self, x: u64) -> u64;
 }
 
-/// Case-insensitive comparison of `w[start..start+name.len()]` with an upper-case name.
-#[inline(always)]
-fn name_is(w: &[u8; WINDOW], start: usize, len: usize, name: &[u8]) -> bool {
-    if len != name.len() || start + len > WINDOW {
-        return false;
+/// The identity [`Opaque`], for user space.
+pub struct Transparent;
+
+impl Opaque for Transparent {
+    #[inline(always)]
+    fn hide(&self, x: u64) -> u64 {
+        x
     }
-    let mut i = 0;
-    while i < name.len() && i < WINDOW {
-        if start + i >= WINDOW || upper(w[start + i]) != name[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
 }
 
-fn command_of(w: &[u8; WINDOW], start: usize, len: usize) -> u32 {
-    const NAMES: [(&[u8], u32); 10] = [
-        (b"BRPOP", command::BRPOP),
-        (b"BLPOP", command::BLPOP),
-        (b"BLMOVE", command::BLMOVE),
-        (b"BRPOPLPUSH", command::BRPOPLPUSH),
-        (b"BLMPOP", command::BLMPOP),
-        (b"BZPOPMIN", command::BZPOPMIN),
-        (b"BZPOPMAX", command::BZPOPMAX),
-        (b"BZMPOP", command::BZMPOP),
-        (b"XREAD", command::XREAD),
-        (b"XREADGROUP", command::XREADGROUP),
-    ];
+/// Byte classes as tables: a lookup is one load, where a comparison would be a branch (eBPF
+/// has no conditional move), and a branch per byte multiplies the verifier's paths.
+const fn class_table(kind: u8) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = match kind {
+            // 1 for a decimal digit
+            0 => c.is_ascii_digit() as u8,
+            // upper-cased byte
+            2 => c.to_ascii_uppercase(),
+            // 1 for '\r'
+            3 => (c == b'\r') as u8,
+            // 1 for '\n'
+            4 => (c == b'\n') as u8,
+            // 1 for '-'
+            _ => (c == b'-') as u8,
+        };
+        b += 1;
+    }
+    t
+}
+
+static IS_DIGIT: [u8; 256] = class_table(0);
+static UPPER: [u8; 256] = class_table(2);
+static IS_CR: [u8; 256] = class_table(3);
+static IS_LF: [u8; 256] = class_table(4);
+static IS_MINUS: [u8; 256] = class_table(5);
+
+/// The window contract: bytes `w[..avail]` are data and, when `avail < WINDOW`, `w[avail]` is
+/// not a digit (callers zero it), so scans stop at the end of the data without comparing
+/// positions. Indexes wrap at the window size (never out of bounds); at `avail == WINDOW` the
+/// wrap lands on `w[0]`, a type byte, which is not a digit either.
+#[inline(always)]
+fn at(w: &[u8; WINDOW], i: usize) -> u8 {
+    w[i & (WINDOW - 1)]
+}
+
+/// The upper-case bytes `w[start..start+len]` (len <= 8) packed little-endian into a u64,
+/// zero past `len`.
+#[inline(always)]
+fn pack_upper<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u64 {
+    let mut packed = 0u64;
     let mut i = 0;
-    while i < NAMES.len() {
-        if name_is(w, start, len, NAMES[i].0) {
-            return NAMES[i].1;
-        }
+    while i < 8 {
+        packed |= (UPPER[at(w, start + i) as usize] as u64) << (8 * i);
         i += 1;
     }
-    command::NONE
+    let mask = if len >= 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
+    o.hide(packed & mask)
+}
+
+/// The bytes `w[start..start+len]` (len <= 8) as they are, packed and zero past `len`.
+#[inline(always)]
+fn pack_raw<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u64 {
+    let mut packed = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        packed |= (at(w, start + i) as u64) << (8 * i);
+        i += 1;
+    }
+    let mask = if len >= 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
+    o.hide(packed & mask)
+}
+
+const fn pack_const(name: &[u8], from: usize) -> u64 {
+    let mut packed = 0u64;
+    let mut i = 0;
+    while i < 8 && from + i < name.len() {
+        packed |= (name[from + i] as u64) << (8 * i);
+        i += 1;
+    }
+    packed
+}
+
+/// A name as (length, first 8 bytes, next 8 bytes), for comparisons without loops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Name(usize, u64, u64);
+
+const fn name(text: &[u8]) -> Name {
+    Name(text.len(), pack_const(text, 0), pack_const(text, 8))
+}
+
+#[inline(always)]
+fn name_at<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> Name {
+    let rest = if len > 8 { len - 8 } else { 0 };
+    Name(len, pack_upper(w, start, len, o), pack_upper(w, start + 8, rest, o))
+}
+
+const BLOCK: Name = name(b"BLOCK");
+const STREAMS: Name = name(b"STREAMS");
+
+fn command_of<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u32 {
+    if len < 5 || len > 10 {
+        return command::NONE;
+    }
+    let n = name_at(w, start, len, o);
+    if n == name(b"BRPOP") {
+        command::BRPOP
+    } else if n == name(b"BLPOP") {
+        command::BLPOP
+    } else if n == name(b"BLMOVE") {
+        command::BLMOVE
+    } else if n == name(b"BRPOPLPUSH") {
+        command::BRPOPLPUSH
+    } else if n == name(b"BLMPOP") {
+        command::BLMPOP
+    } else if n == name(b"BZPOPMIN") {
+        command::BZPOPMIN
+    } else if n == name(b"BZPOPMAX") {
+        command::BZPOPMAX
+    } else if n == name(b"BZMPOP") {
+        command::BZMPOP
+    } else if n == name(b"XREAD") {
+        command::XREAD
+    } else if n == name(b"XREADGROUP") {
+        command::XREADGROUP
+    } else {
+        command::NONE
+    }
 }
 
 /// A number line: `<digits>\r\n` starting at `start`.
@@ -118,41 +219,42 @@ enum Num {
     Invalid,
 }
 
+/// Most digits of a number line (lengths and counts are far shorter).
+const MAX_DIGITS: usize = 18;
+
 #[inline(always)]
-fn number_line(w: &[u8; WINDOW], start: usize, avail: usize) -> Num {
-    let mut i = start;
-    let mut negative = false;
-    let mut value: i64 = 0;
-    let mut digits = 0;
-    if i < avail && i < WINDOW && w[i] == b'-' {
-        negative = true;
+fn number_line<O: Opaque>(w: &[u8; WINDOW], start: usize, avail: usize, o: &O) -> Num {
+    let negative = o.hide(IS_MINUS[at(w, start) as usize] as u64) & 1;
+    let first = start + negative as usize;
+    let mut value = 0u64;
+    let mut active = 1u64;
+    let mut digits = 0u64;
+    let mut i = 0;
+    while i < MAX_DIGITS {
+        let b = at(w, first + i) as usize;
+        active &= IS_DIGIT[b] as u64;
+        value = value * (1 + 9 * active) + (b as u64 & 0xf) * active;
+        digits += active;
         i += 1;
     }
-    while i < avail && i < WINDOW {
-        let b = w[i];
-        if b.is_ascii_digit() {
-            if digits >= 18 {
-                return Num::Invalid;
-            }
-            value = value * 10 + (b - b'0') as i64;
-            digits += 1;
-            i += 1;
-        } else if b == b'\r' {
-            if digits == 0 {
-                return Num::Invalid;
-            }
-            if i + 1 >= avail {
-                return Num::Incomplete;
-            }
-            if i + 1 >= WINDOW || w[i + 1] != b'\n' {
-                return Num::Invalid;
-            }
-            return Num::Value(if negative { -value } else { value }, i + 2);
-        } else {
-            return Num::Invalid;
-        }
+    // One path from here on, whatever the number of digits.
+    let digits = o.hide(digits) & 31;
+    let value = o.hide(value) & ((1 << 60) - 1);
+    let cr = (o.hide(first as u64 + digits) & 63) as usize;
+    if cr >= avail {
+        return if avail >= WINDOW || digits as usize >= MAX_DIGITS { Num::Invalid } else { Num::Incomplete };
     }
-    if avail >= WINDOW { Num::Invalid } else { Num::Incomplete }
+    if digits == 0 || digits as usize >= MAX_DIGITS || at(w, cr) != b'\r' || cr >= WINDOW {
+        return Num::Invalid;
+    }
+    if cr + 1 >= avail {
+        return if avail >= WINDOW { Num::Invalid } else { Num::Incomplete };
+    }
+    if at(w, cr + 1) != b'\n' {
+        return Num::Invalid;
+    }
+    let v = value as i64;
+    Num::Value(if negative != 0 { -v } else { v }, cr + 2)
 }
 
 /// Outcome of one step.
@@ -239,6 +341,12 @@ impl RequestState {
     /// One step over `w[..avail]` (avail <= WINDOW). Returns the step and, when a command
     /// completed and it was a blocking call, that call.
     pub fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
+        self.step_with(w, avail, &Transparent)
+    }
+
+    /// [`Self::step`] with values hidden from the eBPF verifier by `o`.
+    #[inline(never)]
+    pub fn step_with<O: Opaque>(&mut self, w: &[u8; WINDOW], avail: usize, o: &O) -> (Step, Option<BlockingCall>) {
         let avail = if avail > WINDOW { WINDOW } else { avail };
         if avail == 0 {
             return (Step::NeedMore, None);
@@ -253,7 +361,7 @@ impl RequestState {
             if w[0] != b'*' {
                 return (Step::Invalid, None);
             }
-            return match number_line(w, 1, avail) {
+            return match number_line(w, 1, avail, o) {
                 Num::Value(n, end) if n >= 1 && n <= MAX_COUNT => {
                     self.args_left = n as u32;
                     self.argc = n as u32;
@@ -273,7 +381,7 @@ impl RequestState {
         if w[0] != b'$' {
             return (Step::Invalid, None);
         }
-        let (len, header) = match number_line(w, 1, avail) {
+        let (len, header) = match number_line(w, 1, avail, o) {
             Num::Value(n, end) if n >= 0 && n <= MAX_BULK => (n as usize, end),
             Num::Incomplete => return (Step::NeedMore, None),
             _ => return (Step::Invalid, None),
@@ -288,22 +396,19 @@ impl RequestState {
                 return (Step::NeedMore, None);
             }
             if index == 0 {
-                self.command = command_of(w, header, len);
+                self.command = o.hide(command_of(w, header, len, o) as u64) as u32;
             } else if index == 2 && (self.command == command::BLMPOP || self.command == command::BZMPOP) {
-                let mut padded = [0u8; WINDOW];
-                let mut i = 0;
-                while i < len + 2 && i < WINDOW && header + i < WINDOW {
-                    padded[i] = w[header + i];
-                    i += 1;
-                }
-                match number_line(&padded, 0, len + 2) {
-                    Num::Value(n, _) if n >= 1 && n <= MAX_COUNT => self.numkeys = n as u32,
+                match number_line(w, header, header + len + 2, o) {
+                    Num::Value(n, end) if n >= 1 && n <= MAX_COUNT && end == header + len + 2 => self.numkeys = n as u32,
                     _ => return (Step::Invalid, None),
                 }
-            } else if name_is(w, header, len, b"BLOCK") {
-                self.block_seen = 1;
-            } else if name_is(w, header, len, b"STREAMS") {
-                self.streams_at = index;
+            } else {
+                let n = name_at(w, header, len, o);
+                if n == BLOCK {
+                    self.block_seen = 1;
+                } else if n == STREAMS {
+                    self.streams_at = index;
+                }
             }
         }
         if self.is_listened_key(index) {
@@ -313,21 +418,26 @@ impl RequestState {
             if header + prefix > avail {
                 return (Step::NeedMore, None);
             }
+            // Length and the first (up to) 8 bytes, zero-padded: the same for the same key
+            // whatever the window holds past it.
+            let first_bytes = pack_raw(w, header, prefix, o);
             let mut h = fnv(self.signature, (len & 0xff) as u8);
             h = fnv(h, ((len >> 8) & 0xff) as u8);
             let mut i = 0;
-            while i < prefix && header + i < WINDOW {
-                h = fnv(h, w[header + i]);
+            while i < 8 {
+                h = fnv(h, (first_bytes >> (8 * i)) as u8);
                 i += 1;
             }
-            self.signature = h;
+            self.signature = o.hide(h);
         }
         // Skip the body and its CRLF (possibly across buffers).
         let total = len as u64 + 2;
         let here = (avail - header) as u64;
         if here >= total {
-            let body_end = header + len;
-            if body_end + 1 < WINDOW && body_end + 1 < avail && (w[body_end] != b'\r' || w[body_end + 1] != b'\n') {
+            // Hidden and masked: the compiler would otherwise drop the mask after the range
+            // check below, in a form the verifier cannot follow.
+            let body_end = (o.hide((header + len) as u64) & 63) as usize;
+            if body_end + 1 < WINDOW && body_end + 1 < avail && (at(w, body_end) != b'\r' || at(w, body_end + 1) != b'\n') {
                 return (Step::Invalid, None);
             }
             self.skip = 0;
@@ -337,6 +447,19 @@ impl RequestState {
             self.skip = total - here;
             (Step::Consumed(avail), None)
         }
+    }
+
+    /// Bytes of a bulk body still to skip (the caller may skip them without reading them).
+    pub fn pending_skip(&self) -> u64 {
+        self.skip
+    }
+
+    /// Skips up to `n` body bytes without looking at them; returns how many were skipped and
+    /// the call completed by the skip, if any.
+    pub fn skip_bytes(&mut self, n: u64) -> (u64, Option<BlockingCall>) {
+        let k = if n < self.skip { n } else { self.skip };
+        self.skip -= k;
+        (k, if k > 0 { self.finish_arg_if_done() } else { None })
     }
 
     fn finish_arg_if_done(&mut self) -> Option<BlockingCall> {
@@ -423,9 +546,30 @@ impl ReplyState {
         }
     }
 
+    /// Bytes of a bulk body still to skip.
+    pub fn pending_skip(&self) -> u64 {
+        self.skip
+    }
+
+    /// Skips up to `n` body bytes without looking at them; returns how many were skipped.
+    pub fn skip_bytes(&mut self, n: u64) -> u64 {
+        let k = if n < self.skip { n } else { self.skip };
+        self.skip -= k;
+        if k > 0 && self.skip == 0 {
+            self.element_done();
+        }
+        k
+    }
+
     /// One step over `w[..avail]`: returns the step and, if a top-level reply started here,
     /// its index and kind.
     pub fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<ReplyStart>) {
+        self.step_with(w, avail, &Transparent)
+    }
+
+    /// [`Self::step`] with values hidden from the eBPF verifier by `o`.
+    #[inline(never)]
+    pub fn step_with<O: Opaque>(&mut self, w: &[u8; WINDOW], avail: usize, o: &O) -> (Step, Option<ReplyStart>) {
         let avail = if avail > WINDOW { WINDOW } else { avail };
         if avail == 0 {
             return (Step::NeedMore, None);
@@ -439,7 +583,7 @@ impl ReplyState {
             return (Step::Consumed(n), None);
         }
         if self.in_line != 0 {
-            return self.scan_line(w, 0, avail, None);
+            return self.scan_line(w, 0, avail, None, o);
         }
         let kind_byte = w[0];
         let top_level = self.depth == 0;
@@ -451,7 +595,7 @@ impl ReplyState {
                     _ => reply_kind::OTHER,
                 };
                 let started = start(kind, self);
-                self.scan_line(w, 1, avail, started)
+                self.scan_line(w, 1, avail, started, o)
             }
             b'_' => {
                 if avail < 3 {
@@ -464,7 +608,7 @@ impl ReplyState {
                 self.element_done();
                 (Step::Consumed(3), started)
             }
-            b'$' | b'!' | b'=' => match number_line(w, 1, avail) {
+            b'$' | b'!' | b'=' => match number_line(w, 1, avail, o) {
                 Num::Value(-1, end) if kind_byte == b'$' => {
                     let started = start(reply_kind::NIL, self);
                     self.element_done();
@@ -478,7 +622,7 @@ impl ReplyState {
                 Num::Incomplete => (Step::NeedMore, None),
                 _ => (Step::Invalid, None),
             },
-            b'*' | b'%' | b'~' | b'>' | b'|' => match number_line(w, 1, avail) {
+            b'*' | b'%' | b'~' | b'>' | b'|' => match number_line(w, 1, avail, o) {
                 Num::Value(-1, end) if kind_byte == b'*' => {
                     let started = start(reply_kind::NIL, self);
                     self.element_done();
@@ -509,15 +653,27 @@ impl ReplyState {
     }
 
     /// Consumes a simple line from `from` up to its CRLF, across windows if it is long.
-    fn scan_line(&mut self, w: &[u8; WINDOW], from: usize, avail: usize, started: Option<ReplyStart>) -> (Step, Option<ReplyStart>) {
-        let mut i = from;
-        while i + 1 < avail && i + 1 < WINDOW {
-            if w[i] == b'\r' && w[i + 1] == b'\n' {
-                self.in_line = 0;
-                self.element_done();
-                return (Step::Consumed(i + 2), started);
-            }
+    fn scan_line<O: Opaque>(&mut self, w: &[u8; WINDOW], from: usize, avail: usize, started: Option<ReplyStart>, o: &O) -> (Step, Option<ReplyStart>) {
+        // Position of the first CRLF at or after `from`, found without branching per byte.
+        // `from` is 0 or 1, and w[0] is a type byte, never '\r': searching from 0 is the same.
+        let _ = from;
+        let mut found = 0u64;
+        let mut at_crlf = 0u64;
+        let mut i = 0;
+        while i + 1 < WINDOW {
+            let here = (IS_CR[at(w, i) as usize] & IS_LF[at(w, i + 1) as usize]) as u64;
+            let first = here & (1 - found);
+            at_crlf += first * i as u64;
+            found |= here;
             i += 1;
+        }
+        let at_crlf = o.hide(at_crlf) & (WINDOW as u64 - 1);
+        // A CRLF found past the data is stale bytes, not this line's end.
+        let found = (o.hide(found) & 1) != 0 && (at_crlf as usize) + 1 < avail;
+        if found {
+            self.in_line = 0;
+            self.element_done();
+            return (Step::Consumed(at_crlf as usize + 2), started);
         }
         if avail < WINDOW {
             // Could be completed by the next buffer; the start is reported when it is whole.
@@ -543,6 +699,8 @@ const _: () = assert!(core::mem::size_of::<ReplyState>() == 16 + 4 * MAX_DEPTH +
 pub trait Stepper {
     type Event: Copy;
     fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<Self::Event>);
+    fn pending_skip(&self) -> u64;
+    fn skip_bytes(&mut self, n: u64) -> (u64, Option<Self::Event>);
 }
 
 impl Stepper for RequestState {
@@ -550,12 +708,24 @@ impl Stepper for RequestState {
     fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
         RequestState::step(self, w, avail)
     }
+    fn pending_skip(&self) -> u64 {
+        self.skip
+    }
+    fn skip_bytes(&mut self, n: u64) -> (u64, Option<BlockingCall>) {
+        RequestState::skip_bytes(self, n)
+    }
 }
 
 impl Stepper for ReplyState {
     type Event = ReplyStart;
     fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<ReplyStart>) {
         ReplyState::step(self, w, avail)
+    }
+    fn pending_skip(&self) -> u64 {
+        self.skip
+    }
+    fn skip_bytes(&mut self, n: u64) -> (u64, Option<ReplyStart>) {
+        (ReplyState::skip_bytes(self, n), None)
     }
 }
 
@@ -577,6 +747,15 @@ unsafe impl aya::Pod for Carry {}
 pub fn drive<S: Stepper>(state: &mut S, carry: &mut Carry, data: &[u8], mut on: impl FnMut(S::Event, usize)) -> Result<(), ()> {
     let mut pos = 0usize;
     loop {
+        // Bulk bodies are jumped over without being read, as the kernel does.
+        if carry.len == 0 && state.pending_skip() > 0 && pos < data.len() {
+            let (n, event) = state.skip_bytes((data.len() - pos) as u64);
+            pos += n as usize;
+            if let Some(e) = event {
+                on(e, pos);
+            }
+            continue;
+        }
         let mut w = [0u8; WINDOW];
         let c = (carry.len as usize).min(WINDOW);
         w[..c].copy_from_slice(&carry.bytes[..c]);

@@ -118,9 +118,18 @@ pub enum ProbeCounter {
     LifecycleEventsLost = 2,
     /// A blocked Redis client could not be recorded (LRU map insert failed).
     BlockedClientInsertFailed = 3,
+    /// A worker connection's bytes stopped parsing as RESP; it is re-synchronised at the next
+    /// write that starts a command.
+    RespDesync = 4,
+    /// A key list could not be sent to user space (ring buffer full).
+    KeysetLost = 5,
+    /// A blocking pop was sent while another was still waiting on the same connection.
+    OverlappingPop = 6,
+    /// A connection could not be followed (map insert failed).
+    ConnInsertFailed = 7,
 }
 
-pub const PROBE_COUNTER_SLOTS: u32 = 4;
+pub const PROBE_COUNTER_SLOTS: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<ThreadGroupKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Log2Histogram>() == 16 + 8 * HIST_BUCKETS);

@@ -8,6 +8,7 @@ mod lifecycle;
 mod maps;
 mod redis;
 mod sched;
+mod worker;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -44,9 +44,6 @@ static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entri
 #[map]
 static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
 
-/// Zero template for new duration histograms (too large for the 512-byte stack).
-#[map]
-static ZERO_DURATION: PerCpuArray<DurationHistogram> = PerCpuArray::with_max_entries(1, 0);
 
 /// tid -> nesting depth of `handleClientsBlockedOnKeys` (0 or 1 in practice).
 #[map]
@@ -202,7 +199,7 @@ fn record_duration(key: RedisHistKey, ns: u64) {
         unsafe { (*h).record(ns) };
         return;
     }
-    let Some(zero) = ZERO_DURATION.get(0) else { return };
+    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else { return };
     if REDIS_DUR_HISTS.insert(&key, zero, 0).is_err() {
         bump(ProbeCounter::HistogramMapFull);
         return;

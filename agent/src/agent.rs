@@ -28,6 +28,7 @@ use crate::{
     },
     rules::Classification,
     thread_cpu::ProcessCpu,
+    worker::{ListenerOptions, WorkerSide},
 };
 
 /// Counters of the agent's own troubles.
@@ -54,6 +55,8 @@ pub struct AgentState {
     pub probes: Option<Probes>,
     /// Tracked Redis servers and their blocking probes.
     redis: HashMap<u32, RedisTarget>,
+    /// Worker-side accounting (key lists, exited workers' counts).
+    pub worker: WorkerSide,
     /// What could not be attached and why, for the log and self-metrics.
     pub probe_status: Vec<ProbeStatus>,
     pub stats: SelfStats,
@@ -63,7 +66,14 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    pub fn new(proc: ProcRoot, discovery: Discovery, probes: Option<Probes>, probe_status: Vec<ProbeStatus>, max_thread_names: usize) -> Self {
+    pub fn new(
+        proc: ProcRoot,
+        discovery: Discovery,
+        probes: Option<Probes>,
+        probe_status: Vec<ProbeStatus>,
+        max_thread_names: usize,
+        listeners: ListenerOptions,
+    ) -> Self {
         let boot_time = procfs::boot_time_secs().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s));
         Self {
             proc,
@@ -71,6 +81,7 @@ impl AgentState {
             cpu: HashMap::new(),
             probes,
             redis: HashMap::new(),
+            worker: WorkerSide::new(listeners),
             probe_status,
             stats: SelfStats::default(),
             max_thread_names,
@@ -109,8 +120,16 @@ impl AgentState {
                         "tracking process"
                     );
                     self.cpu.insert(pid, ProcessCpu::default());
-                    if p.class == Classification::RedisServer {
-                        self.start_redis_probes(&p);
+                    match &p.class {
+                        Classification::RedisServer => self.start_redis_probes(&p),
+                        Classification::Worker { .. } => {
+                            if let Some(probes) = self.probes.as_mut() {
+                                let sockets = self.proc.socket_peers(pid);
+                                if let Err(e) = probes.worker.track(&mut probes.ebpf, pid, &sockets) {
+                                    tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics");
+                                }
+                            }
+                        }
                     }
                 }
                 Change::Removed(p) => {
@@ -119,6 +138,10 @@ impl AgentState {
                         probes.sched.untrack(pid);
                         if let Some(binary) = self.redis.get(&pid).and_then(|r| r.binary) {
                             probes.redis.release(&mut probes.ebpf, pid, binary);
+                        }
+                        if let Classification::Worker { group } = &p.class {
+                            let readings = probes.worker.untrack(&mut probes.ebpf, pid);
+                            self.worker.retire(group, readings, pid);
                         }
                     }
                     self.redis.remove(&pid);
@@ -254,6 +277,17 @@ impl AgentState {
         }
 
         if let Some(probes) = &self.probes {
+            let readings = probes.worker.read();
+            let connections = probes.worker.connections();
+            let discovery = &self.discovery;
+            let group_of = |tgid: u32| match discovery.get(tgid).map(|p| &p.class) {
+                Some(Classification::Worker { group }) => Some(group.clone()),
+                _ => None,
+            };
+            self.worker.emit(&readings, &connections, &group_of, &mut snapshot);
+        }
+
+        if let Some(probes) = &self.probes {
             for ((tgid, thread), hists) in probes.sched.histograms() {
                 let Some(p) = self.discovery.get(tgid) else { continue };
                 let label = self.cpu.get(&tgid).map(|c| c.label_for(&thread, self.max_thread_names.max(1) - 1).to_string()).unwrap_or(thread);
@@ -292,6 +326,10 @@ impl AgentState {
         for (kind, n) in &self.stats.read_errors {
             snapshot.push(catalog::PROC_READ_ERRORS, Point { attributes: vec![("kind", (*kind).into())], start_time: epoch, value: PointValue::Counter(*n as f64) });
         }
+        snapshot.push(
+            catalog::EVENTS_LOST,
+            Point { attributes: vec![("reason", "keyset_unparsable".into())], start_time: epoch, value: PointValue::Counter(self.worker.keyset_errors as f64) },
+        );
         let folded: u64 = self.stats.folded_threads + self.cpu.values().map(|c| c.folded_threads).sum::<u64>();
         snapshot.push(catalog::THREAD_NAMES_OVERFLOW, Point { attributes: vec![], start_time: epoch, value: PointValue::Counter(folded as f64) });
         if let Some(probes) = &self.probes {
@@ -300,6 +338,10 @@ impl AgentState {
                 ("thread_state_insert_failed", ProbeCounter::ThreadStateInsertFailed),
                 ("lifecycle_ring_full", ProbeCounter::LifecycleEventsLost),
                 ("blocked_client_map_full", ProbeCounter::BlockedClientInsertFailed),
+                ("resp_desync", ProbeCounter::RespDesync),
+                ("keyset_ring_full", ProbeCounter::KeysetLost),
+                ("overlapping_pop", ProbeCounter::OverlappingPop),
+                ("connection_map_full", ProbeCounter::ConnInsertFailed),
             ] {
                 snapshot.push(
                     catalog::EVENTS_LOST,

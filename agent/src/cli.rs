@@ -73,6 +73,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_default_rules: bool,
 
+    /// Export queue (key) names in redis.queue.listeners. Off by default: key names can be
+    /// sensitive and numerous.
+    #[arg(long)]
+    pub export_key_names: bool,
+
+    /// With --export-key-names, at most this many keys per worker group (the rest as "other").
+    #[arg(long, value_name = "N")]
+    pub max_keys_per_group: Option<usize>,
+
     /// Seconds between full /proc rescans (a safety net behind the exec/exit tracepoints).
     #[arg(long, value_name = "SECONDS")]
     pub rescan_interval: Option<f64>,

@@ -27,6 +27,8 @@ pub enum ConfigError {
     BadInterval { name: &'static str, value: f64 },
     #[error("max_thread_names_per_process must be between 1 and 1024, got {0}")]
     BadThreadNameLimit(usize),
+    #[error("max_keys_per_group must be between 1 and 10000, got {0}")]
+    BadKeyLimit(usize),
 }
 
 /// The config file. Unknown keys are errors, so that a typo does not silently do nothing.
@@ -42,6 +44,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub default_worker_rules: Option<bool>,
     pub max_thread_names_per_process: Option<usize>,
+    pub export_key_names: Option<bool>,
+    pub max_keys_per_group: Option<usize>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     #[serde(default)]
@@ -71,6 +75,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub max_thread_names_per_process: usize,
+    pub listeners: crate::worker::ListenerOptions,
 }
 
 impl FileConfig {
@@ -128,7 +133,17 @@ impl Config {
             return Err(ConfigError::BadThreadNameLimit(max_thread_names_per_process));
         }
 
+        let max_keys_per_group = args.max_keys_per_group.or(file.max_keys_per_group).unwrap_or(50);
+        if !(1..=10000).contains(&max_keys_per_group) {
+            return Err(ConfigError::BadKeyLimit(max_keys_per_group));
+        }
+        let listeners = crate::worker::ListenerOptions {
+            export_key_names: args.export_key_names || file.export_key_names.unwrap_or(false),
+            max_keys_per_group,
+        };
+
         Ok(Self {
+            listeners,
             proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
             otlp,

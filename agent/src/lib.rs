@@ -19,3 +19,4 @@ pub mod resource;
 pub mod rules;
 pub mod run;
 pub mod thread_cpu;
+pub mod worker;

@@ -252,3 +252,84 @@ mod tests {
         assert!(path.ends_with("proc/100/root/usr/bin/redis-check-rdb"), "{}", path.display());
     }
 }
+
+/// The remote end of a TCP socket, from `/proc/<pid>/net/tcp{,6}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketPeer {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+}
+
+/// Parses one address of `/proc/net/tcp` (`0100007F:1F90`) or `tcp6` (32 hex digits: four
+/// 32-bit words in host order).
+pub fn parse_proc_net_address(text: &str) -> Option<SocketPeer> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match addr.len() {
+        8 => std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_le_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                chunk.copy_from_slice(&word.to_le_bytes());
+            }
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketPeer { ip, port })
+}
+
+/// Socket inode -> remote address, from the text of `/proc/<pid>/net/tcp` or `tcp6`.
+pub fn parse_proc_net_tcp(text: &str) -> std::collections::HashMap<u64, SocketPeer> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let peer = parse_proc_net_address(fields.get(2)?)?;
+            let inode: u64 = fields.get(9)?.parse().ok()?;
+            Some((inode, peer))
+        })
+        .collect()
+}
+
+impl ProcRoot {
+    /// The TCP peers of a process's open sockets, by fd: for connections it opened before
+    /// the agent started (later ones are seen at connect()).
+    pub fn socket_peers(&self, pid: u32) -> Vec<(u32, SocketPeer)> {
+        let base = self.root.join(pid.to_string());
+        let mut by_inode = std::collections::HashMap::new();
+        for table in ["net/tcp", "net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(base.join(table)) {
+                by_inode.extend(parse_proc_net_tcp(&text));
+            }
+        }
+        let Ok(fds) = std::fs::read_dir(base.join("fd")) else { return Vec::new() };
+        fds.filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(entry.path()).ok()?;
+            let inode: u64 = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
+            Some((fd, *by_inode.get(&inode)?))
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_lines_give_remote_peers_by_inode() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                    0: 0100007F:D431 0100007F:18EB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
+                    1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
+        let peers = parse_proc_net_tcp(text);
+        assert_eq!(peers[&4242], SocketPeer { ip: "127.0.0.1".parse().unwrap(), port: 6379 });
+        assert_eq!(peers[&77].port, 0);
+        let v6 = parse_proc_net_address("00000000000000000000000001000000:18EB").unwrap();
+        assert_eq!(v6, SocketPeer { ip: "::1".parse().unwrap(), port: 6379 });
+        assert!(parse_proc_net_address("zz:1").is_none());
+    }
+}

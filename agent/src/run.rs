@@ -15,7 +15,7 @@ use crate::{
     agent::{AgentState, SharedAgent},
     config::Config,
     discovery::Discovery,
-    ebpf::{self, ProbeStatus, Probes},
+    ebpf::{self, ProbeStatus, Probes, Rings},
     export::{
         http_server,
         otlp::{run_exporter, OtlpSender},
@@ -23,12 +23,12 @@ use crate::{
     proc_reader::ProcRoot,
 };
 
-type Started = (Option<Probes>, Option<RingBuf<MapData>>, Vec<ProbeStatus>);
+type Started = (Option<Probes>, Option<Rings>, Vec<ProbeStatus>);
 
 /// Loads and attaches the probes, or says why not. Without probes the agent still measures
 /// per-thread CPU from /proc, unless `--require-ebpf` was given.
 fn start_probes(config: &Config) -> anyhow::Result<Started> {
-    let attempt = || -> Result<(Probes, RingBuf<MapData>), String> {
+    let attempt = || -> Result<(Probes, Rings), String> {
         ebpf::ensure_tracefs()?;
         Probes::start().map_err(|e| e.to_string())
     };
@@ -70,7 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());
 
     let discovery = Discovery::new(proc.clone(), config.rules.clone(), std::process::id());
-    let mut state = AgentState::new(proc, discovery, probes, probe_status, config.max_thread_names_per_process);
+    let mut state = AgentState::new(proc, discovery, probes, probe_status, config.max_thread_names_per_process, config.listeners);
     state.refresh_clock();
     let (changes, errors) = state.discovery.rescan().context("initial /proc scan")?;
     state.stats.count_scan(&errors);
@@ -105,8 +105,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }));
     }
 
-    if let Some(ring) = ring {
-        tokio::spawn(follow_lifecycle(ring, shared.clone()));
+    if let Some(rings) = ring {
+        let agent = shared.clone();
+        tokio::spawn(follow_ring(rings.lifecycle, "lifecycle", move |records| on_lifecycle(&agent, records)));
+        let agent = shared.clone();
+        tokio::spawn(follow_ring(rings.keysets, "keyset", move |records| on_keysets(&agent, records)));
     }
     shared.ready.store(true, Ordering::Relaxed);
 
@@ -134,16 +137,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads exec/exit events from the kernel and re-checks the pids they name.
-async fn follow_lifecycle(ring: RingBuf<MapData>, shared: Arc<SharedAgent>) {
-    let fd = ring.as_raw_fd();
-    tracing::debug!(fd, "following exec/exit events");
+/// Reads a ring buffer as records arrive, handing each batch to `handle`.
+async fn follow_ring(ring: RingBuf<MapData>, name: &'static str, mut handle: impl FnMut(Vec<Vec<u8>>)) {
+    tracing::debug!(ring = name, fd = ring.as_raw_fd(), "following ring buffer");
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, which deregisters it
     // before dropping it; nothing else closes the fd.
     let mut ring = match unsafe { AsyncFd::register(ring) } {
         Ok(ring) => ring,
         Err(e) => {
-            tracing::error!(error = %e.into_parts().1, "cannot poll the lifecycle ring buffer; relying on rescans");
+            tracing::error!(ring = name, error = %e.into_parts().1, "cannot poll ring buffer");
             return;
         }
     };
@@ -151,39 +153,56 @@ async fn follow_lifecycle(ring: RingBuf<MapData>, shared: Arc<SharedAgent>) {
         let mut guard = match ring.readable_mut().await {
             Ok(guard) => guard,
             Err(e) => {
-                tracing::error!(error = %e, "lifecycle ring buffer poll failed; relying on rescans");
+                tracing::error!(ring = name, error = %e, "ring buffer poll failed");
                 return;
             }
         };
-        let mut events = Vec::new();
+        let mut records = Vec::new();
         {
             let inner = guard.get_inner_mut();
             while let Some(item) = inner.next() {
-                if let Some(event) = ebpf::sched::decode_lifecycle(&item) {
-                    events.push(event);
-                }
+                records.push(item.to_vec());
             }
         }
         guard.clear_ready();
-        if events.is_empty() {
+        if !records.is_empty() {
+            handle(records);
+        }
+    }
+}
+
+/// Exec and exit events: re-check or drop the pids they name.
+fn on_lifecycle(shared: &SharedAgent, records: Vec<Vec<u8>>) {
+    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    for event in records.iter().filter_map(|r| ebpf::sched::decode_lifecycle(r)) {
+        match event.kind() {
+            Some(LifecycleKind::Exec) => {
+                // Short-lived processes vanish before they are read: normal, not counted.
+                let (changes, errors) = state.discovery.check(event.pid);
+                *state.stats.read_errors.entry("failed").or_default() += errors.failed;
+                state.apply(changes);
+            }
+            Some(LifecycleKind::Exit) => {
+                if let Some(change) = state.discovery.forget(event.pid) {
+                    state.apply(vec![change]);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Key lists of worker connections.
+fn on_keysets(shared: &SharedAgent, records: Vec<Vec<u8>>) {
+    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    for record in records {
+        let size = std::mem::size_of::<agent_common::worker::KeysetHeader>();
+        if record.len() < size {
             continue;
         }
-        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        for event in events {
-            match event.kind() {
-                Some(LifecycleKind::Exec) => {
-                    // Short-lived processes vanish before they are read: normal, not counted.
-                    let (changes, errors) = state.discovery.check(event.pid);
-                    state.stats.read_errors.entry("failed").and_modify(|n| *n += errors.failed).or_insert(errors.failed);
-                    state.apply(changes);
-                }
-                Some(LifecycleKind::Exit) => {
-                    if let Some(change) = state.discovery.forget(event.pid) {
-                        state.apply(vec![change]);
-                    }
-                }
-                None => {}
-            }
-        }
+        // SAFETY: length checked; the header is plain old data, read unaligned.
+        let header: agent_common::worker::KeysetHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let len = (header.len as usize).min(record.len() - size);
+        state.worker.on_keyset(&header, &record[size..size + len]);
     }
 }

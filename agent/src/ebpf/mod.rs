@@ -2,6 +2,7 @@
 
 pub mod redis;
 pub mod sched;
+pub mod worker;
 
 use aya::{programs::TracePoint, Ebpf};
 
@@ -82,25 +83,38 @@ pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &
     T::try_from(map).map_err(|e| ProbeError::Map { name, message: e.to_string() })
 }
 
+/// The ring buffers the kernel sends events through.
+pub struct Rings {
+    /// Exec and exit of processes.
+    pub lifecycle: aya::maps::RingBuf<aya::maps::MapData>,
+    /// Key lists of worker connections, when they change.
+    pub keysets: aya::maps::RingBuf<aya::maps::MapData>,
+}
+
 /// Everything loaded into the kernel. Dropping it detaches every program.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub sched: sched::SchedMaps,
     pub redis: redis::RedisMaps,
+    pub worker: worker::WorkerMaps,
     /// The tracepoints' state, for the log and `fanout.probes.attached`.
     pub status: Vec<ProbeStatus>,
 }
 
 impl Probes {
     /// Loads the object, attaches the tracepoints and loads (not yet attaches) the uprobes.
-    /// Returns the lifecycle ring buffer separately: it is read by its own task.
-    pub fn start() -> Result<(Self, aya::maps::RingBuf<aya::maps::MapData>), ProbeError> {
+    /// Returns the ring buffers separately: each is read by its own task.
+    pub fn start() -> Result<(Self, Rings), ProbeError> {
         let mut ebpf = load_object()?;
         let status = attach_tracepoints(&mut ebpf, &sched::TRACEPOINTS);
-        let ring = take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?;
+        let ring = Rings {
+            lifecycle: take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?,
+            keysets: take_map(&mut ebpf, agent_common::maps::KEYSET_EVENTS)?,
+        };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
         let redis = redis::RedisMaps::new(&mut ebpf)?;
-        Ok((Self { ebpf, sched, redis, status }, ring))
+        let worker = worker::WorkerMaps::new(&mut ebpf)?;
+        Ok((Self { ebpf, sched, redis, worker, status }, ring))
     }
 
     pub fn any_attached(&self) -> bool {
@@ -108,22 +122,28 @@ impl Probes {
     }
 }
 
+/// Loads (once) and attaches one tracepoint program.
+pub fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<aya::programs::trace_point::TracePointLinkId, ProbeError> {
+    let attach_err = |message: String| ProbeError::Attach { program: spec.program, category: spec.category, name: spec.name, message };
+    let program: &mut TracePoint = ebpf
+        .program_mut(spec.program)
+        .ok_or(ProbeError::MissingProgram(spec.program))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+    // A program may serve several tracepoints (write and sendto); it is loaded once.
+    match program.load() {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+        Err(e) => return Err(attach_err(e.to_string())),
+    }
+    program.attach(spec.category, spec.name).map_err(|e| attach_err(e.to_string()))
+}
+
 /// Loads and attaches each tracepoint; one failing does not stop the others.
 pub fn attach_tracepoints(ebpf: &mut Ebpf, specs: &[TracepointSpec]) -> Vec<ProbeStatus> {
     specs
         .iter()
         .map(|spec| {
-            let result = (|| -> Result<(), ProbeError> {
-                let attach_err = |message: String| ProbeError::Attach { program: spec.program, category: spec.category, name: spec.name, message };
-                let program: &mut TracePoint = ebpf
-                    .program_mut(spec.program)
-                    .ok_or(ProbeError::MissingProgram(spec.program))?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-                program.load().map_err(|e| attach_err(e.to_string()))?;
-                program.attach(spec.category, spec.name).map_err(|e| attach_err(e.to_string()))?;
-                Ok(())
-            })();
+            let result = attach_tracepoint(ebpf, spec);
             ProbeStatus { program: spec.program, attached: result.is_ok(), error: result.err().map(|e| e.to_string()) }
         })
         .collect()

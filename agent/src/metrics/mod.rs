@@ -211,7 +211,43 @@ pub mod catalog {
         kind: Kind::Gauge,
     };
 
+    pub const WORKER_POP_DURATION: Descriptor = Descriptor {
+        name: "worker.blocking_pop.duration",
+        description: "Blocking pops as workers see them: from the request's send to the first byte of its reply, by outcome",
+        unit: "s",
+        kind: Kind::Histogram,
+    };
+    pub const WORKER_POP_KEYS: Descriptor = Descriptor {
+        name: "worker.blocking_pop.keys",
+        description: "Keys listed by each blocking pop workers send (fan-out)",
+        unit: "{key}",
+        kind: Kind::Histogram,
+    };
+    pub const QUEUE_LISTENERS: Descriptor = Descriptor {
+        name: "redis.queue.listeners",
+        description: "Worker processes (listener=process) and currently blocked connections (listener=blocked_connection) listening to a group's queues",
+        unit: "{listener}",
+        kind: Kind::Gauge,
+    };
+    pub const WORKER_QUEUES: Descriptor = Descriptor {
+        name: "worker.queues.listened",
+        description: "Distinct queues (keys) a worker group's blocking pops list",
+        unit: "{key}",
+        kind: Kind::Gauge,
+    };
+    pub const QUEUES_SHARED: Descriptor = Descriptor {
+        name: "worker.queues.shared",
+        description: "Queues (keys on the same Redis) listened to by both process.group and peer.group; 0 means disjoint",
+        unit: "{key}",
+        kind: Kind::Gauge,
+    };
+
     pub const ALL: &[Descriptor] = &[
+        WORKER_POP_DURATION,
+        WORKER_POP_KEYS,
+        QUEUE_LISTENERS,
+        WORKER_QUEUES,
+        QUEUES_SHARED,
         REDIS_BLOCKING_KEYS,
         REDIS_BLOCKING_DURATION,
         REDIS_CLIENTS_BLOCKED,

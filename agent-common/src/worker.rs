@@ -1,0 +1,142 @@
+//! Worker-side probes: the RESP a worker writes and reads, followed per connection in the
+//! kernel (syscall tracepoints, filtered to tracked worker processes).
+
+use crate::resp::{Carry, ReplyState, RequestState};
+
+/// Most connections followed at once (an LRU map).
+pub const MAX_CONNECTIONS: u32 = 65536;
+/// Most worker processes followed.
+pub const MAX_WORKER_PROCESSES: u32 = 4096;
+/// Most (process, command, outcome, peer) histogram keys.
+pub const MAX_WORKER_HISTOGRAMS: u32 = 16384;
+/// Largest request sent to user space when a connection's key list changes: a BRPOP of 440
+/// Sidekiq queues is about 10 KiB.
+pub const KEYSET_MAX_BYTES: usize = 32 * 1024;
+pub const KEYSET_RING_BYTES: u32 = 1024 * 1024;
+
+/// Outcomes of a blocking pop as the worker sees it.
+pub mod outcome {
+    pub const SERVED: u32 = 0;
+    pub const TIMEOUT: u32 = 1;
+    /// An error reply, or the connection closed or reached EOF while the pop waited.
+    pub const ERROR: u32 = 2;
+}
+
+/// Connection kinds.
+pub mod conn_kind {
+    /// Not known yet.
+    pub const UNKNOWN: u32 = 0;
+    /// The first write was RESP: followed.
+    pub const RESP: u32 = 1;
+    /// The first write was not RESP (a log file, a pipe, HTTP): ignored.
+    pub const OTHER: u32 = 2;
+}
+
+/// The peer of a connection, as given to connect() or found in /proc by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    /// AF_INET (2), AF_INET6 (10), AF_UNIX (1); 0 when unknown.
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// Key of `CONNS` and `CONN_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// A blocking pop waiting for its reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingPop {
+    pub sent_ns: u64,
+    /// Index of its reply on the connection.
+    pub reply_index: u64,
+    pub signature: u64,
+    pub command: u32,
+    pub keys: u32,
+    /// 1 while waiting.
+    pub active: u32,
+    pub _pad: u32,
+}
+
+/// Value of `CONNS`: both directions of one connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub request: RequestState,
+    pub reply: ReplyState,
+    pub request_carry: Carry,
+    pub reply_carry: Carry,
+    pub pop: PendingPop,
+    pub peer: Peer,
+    pub kind: u32,
+    /// Signature of the key list last sent to user space.
+    pub keyset_sent: u64,
+    /// Position in the current buffer where the command being parsed started, or u64::MAX
+    /// when it started in an earlier buffer.
+    pub command_start: u64,
+    pub _pad: u32,
+}
+
+/// Key of the duration histograms.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerHistKey {
+    pub tgid: u32,
+    pub command: u32,
+    pub outcome: u32,
+    pub _pad: u32,
+    pub peer: Peer,
+}
+
+/// Key of the fan-out histograms.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerKeysKey {
+    pub tgid: u32,
+    pub command: u32,
+}
+
+/// Header of a `KEYSET_EVENTS` record, followed by `len` bytes of the request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeysetHeader {
+    pub tgid: u32,
+    pub fd: u32,
+    pub signature: u64,
+    pub len: u32,
+    pub keys: u32,
+}
+
+/// Syscall arguments saved at a read's entry for its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingRead {
+    pub buf: u64,
+    pub fd: u32,
+    /// Number of iovecs (0 for a plain buffer).
+    pub iovcnt: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Peer>() == 20);
+const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
+const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Peer {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for WorkerHistKey {}
+    unsafe impl aya::Pod for WorkerKeysKey {}
+    unsafe impl aya::Pod for PendingPop {}
+}

@@ -1,0 +1,668 @@
+//! Worker-side probes: the RESP that tracked worker processes write and read, followed per
+//! connection with the shared tokenizer (`agent_common::resp`), on syscall tracepoints.
+//!
+//! Every program first checks the caller's tgid against `WORKER_PROCS`: other processes
+//! (redis-server included) pay one hash lookup. Only bulk headers and a few short arguments
+//! are read from worker buffers; bulk bodies (job payloads) are skipped by length. A
+//! connection's full request is sent to user space only when its key list changes.
+
+use core::ffi::c_void;
+
+use agent_common::{
+    redis::KeyHistogram,
+    resp::{reply_kind, Carry, Opaque, Step, WINDOW},
+    sched::{Log2Histogram, ProbeCounter},
+    worker::{
+        conn_kind, outcome, ConnKey, ConnState, KeysetHeader, PendingRead, Peer, WorkerHistKey, WorkerKeysKey,
+        KEYSET_MAX_BYTES, KEYSET_RING_BYTES, MAX_CONNECTIONS, MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES,
+    },
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TracePointContext,
+};
+
+use crate::counters::bump;
+
+#[map]
+static WORKER_PROCS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WORKER_PROCESSES, 0);
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+#[map]
+static CONN_PEERS: LruHashMap<ConnKey, Peer> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// pid_tgid -> arguments of a read in progress.
+#[map]
+static PENDING_READS: LruHashMap<u64, PendingRead> = LruHashMap::with_max_entries(MAX_WORKER_PROCESSES * 4, 0);
+#[map]
+static WORKER_DUR_HISTS: PerCpuHashMap<WorkerHistKey, Log2Histogram> = PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static WORKER_KEYS_HISTS: PerCpuHashMap<WorkerKeysKey, KeyHistogram> = PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static KEYSET_EVENTS: RingBuf = RingBuf::with_byte_size(KEYSET_RING_BYTES, 0);
+
+/// Two windows of scratch: the carried bytes, then up to a window of new bytes.
+#[repr(C)]
+pub struct Scratch {
+    bytes: [u8; 2 * WINDOW],
+}
+#[map]
+static LOOP_STATE: PerCpuArray<LoopCtx> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// A slot values pass through to become unknown to the verifier (see `resp::Opaque`).
+#[map]
+static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+struct MapOpaque;
+
+impl Opaque for MapOpaque {
+    #[inline(always)]
+    fn hide(&self, x: u64) -> u64 {
+        match OPAQUE.get_ptr_mut(0) {
+            Some(slot) => unsafe {
+                core::ptr::write_volatile(slot, x);
+                core::ptr::read_volatile(slot)
+            },
+            None => 0,
+        }
+    }
+}
+
+/// All-zero templates for entries larger than the stack allows.
+#[map]
+static ZERO_CONN: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct KeysetEvent {
+    header: KeysetHeader,
+    bytes: [u8; KEYSET_MAX_BYTES],
+}
+
+/// Most tokenizer steps per buffer: a 440-key BRPOP takes about 445.
+const MAX_STEPS: u32 = 4096;
+/// Most iovecs followed per writev/readv/sendmsg/recvmsg.
+const MAX_IOVECS: u32 = 8;
+
+const DIR_REQUEST: u32 = 0;
+const DIR_REPLY: u32 = 1;
+/// `ConnState::kind` of a connection whose bytes stopped parsing: ignored until a write that
+/// starts a command (`*`) resets it.
+const KIND_DESYNCED: u32 = 3;
+
+// Syscall tracepoint layout (/sys/kernel/tracing/events/syscalls/sys_enter_*/format):
+// args at offsets 16, 24, 32 (8 bytes each); sys_exit_*: `long ret` at 16.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const RET: usize = 16;
+
+#[inline(always)]
+fn worker_tgid() -> Option<(u32, u64)> {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    unsafe { WORKER_PROCS.get(&tgid) }?;
+    Some((tgid, id))
+}
+
+/// The state of one tokenizer loop. It lives in a per-CPU map rather than on the stack: the
+/// verifier tracks stack values exactly and would re-verify the loop body for every position,
+/// while map contents are opaque to it, so the body is verified once.
+#[repr(C)]
+pub struct LoopCtx {
+    /// The buffer being parsed: the whole buffer, or the current iovec.
+    buf: u64,
+    len: u64,
+    pos: u64,
+    /// For writev/readv/sendmsg/recvmsg: the iovec array, its length, the current index, and
+    /// the bytes left to parse after the current iovec (reads end at the returned count).
+    iov: u64,
+    iov_count: u64,
+    iov_index: u64,
+    left_after: u64,
+    now: u64,
+    tgid: u32,
+    fd: u32,
+    dir: u32,
+    failed: u32,
+}
+
+#[inline(always)]
+fn record_duration(key: &WorkerHistKey, ns: u64) {
+    if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(key) {
+        unsafe { (*h).record(ns) };
+        return;
+    }
+    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else { return };
+    if WORKER_DUR_HISTS.insert(key, zero, 0).is_err() {
+        bump(ProbeCounter::HistogramMapFull);
+        return;
+    }
+    if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(key) {
+        unsafe { (*h).record(ns) };
+    }
+}
+
+#[inline(always)]
+fn record_keys(tgid: u32, command: u32, keys: u32) {
+    let key = WorkerKeysKey { tgid, command };
+    match WORKER_KEYS_HISTS.get_ptr_mut(&key) {
+        Some(h) => unsafe { (*h).record(keys) },
+        None => {
+            let mut h = KeyHistogram::ZERO;
+            h.record(keys);
+            if WORKER_KEYS_HISTS.insert(&key, &h, 0).is_err() {
+                bump(ProbeCounter::HistogramMapFull);
+            }
+        }
+    }
+}
+
+/// Ends the waiting pop of `conn` with `result`.
+#[inline(always)]
+fn finish_pop(conn: &mut ConnState, tgid: u32, result: u32, now: u64) {
+    if conn.pop.active == 0 {
+        return;
+    }
+    conn.pop.active = 0;
+    let key = WorkerHistKey { tgid, command: conn.pop.command, outcome: result, _pad: 0, peer: conn.peer };
+    record_duration(&key, now.saturating_sub(conn.pop.sent_ns));
+}
+
+/// Sends the request bytes `[start, end)` of the current buffer to user space.
+#[inline(always)]
+fn send_keyset(ctx: &LoopCtx, signature: u64, keys: u32, start: u64, end: u64) -> bool {
+    let Some(mut entry) = KEYSET_EVENTS.reserve::<KeysetEvent>(0) else {
+        bump(ProbeCounter::KeysetLost);
+        return false;
+    };
+    let event = entry.as_mut_ptr();
+    let mut len = end.saturating_sub(start);
+    if len > KEYSET_MAX_BYTES as u64 {
+        len = KEYSET_MAX_BYTES as u64;
+    }
+    let len = (len as usize) & (KEYSET_MAX_BYTES - 1 + KEYSET_MAX_BYTES);
+    let len = if len > KEYSET_MAX_BYTES { KEYSET_MAX_BYTES } else { len };
+    unsafe {
+        (*event).header = KeysetHeader { tgid: ctx.tgid, fd: ctx.fd, signature, len: len as u32, keys };
+        let dst = (*event).bytes.as_mut_ptr();
+        let ok = aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len as u32, (ctx.buf + start) as *const c_void) == 0;
+        if !ok {
+            entry.discard(0);
+            return false;
+        }
+    }
+    entry.submit(0);
+    true
+}
+
+/// Fills the scratch window with the carried bytes and the next new bytes; returns the
+/// scratch, the carry length and how many new bytes were taken, or `None` on a failed read.
+#[inline(always)]
+fn fill_window(ctx: &mut LoopCtx, carry: &Carry) -> Option<(*mut Scratch, usize, usize)> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    let bytes = unsafe { &mut (*scratch).bytes };
+    let c = (carry.len as usize) & (WINDOW - 1);
+    // Copy the whole carry buffer: bytes past its length are overwritten or never looked at.
+    let mut i = 0;
+    while i < WINDOW {
+        bytes[i] = carry.bytes[i];
+        i += 1;
+    }
+    let remaining = ctx.len.saturating_sub(ctx.pos);
+    let mut take = (WINDOW - c) as u64;
+    if remaining < take {
+        take = remaining;
+    }
+    let take = (take as usize) & (2 * WINDOW - 1);
+    if take > 0 && take <= WINDOW {
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(bytes.as_mut_ptr().add(c).cast(), take as u32, (ctx.buf + ctx.pos) as *const c_void)
+        };
+        if rc != 0 {
+            ctx.failed = 1;
+            return None;
+        }
+    }
+    // The tokenizer's contract: the byte after the data is not a digit.
+    bytes[(c + take) & (2 * WINDOW - 1)] = 0;
+    Some((scratch, c, take))
+}
+
+/// Applies a step's result to the carry and the position; returns 1 to stop the loop.
+#[inline(always)]
+fn advance(ctx: &mut LoopCtx, carry: &mut Carry, scratch: *mut Scratch, step: Step, c: usize, take: usize) -> i64 {
+    let bytes = unsafe { &(*scratch).bytes };
+    match step {
+        Step::Consumed(n) => {
+            let n = n & (2 * WINDOW - 1);
+            if n >= c {
+                ctx.pos += (n - c) as u64;
+                carry.len = 0;
+            } else {
+                // Keep the unconsumed part of the carry (rare: a skip inside carried bytes).
+                let mut j = 0;
+                while j < WINDOW {
+                    carry.bytes[j] = bytes[(j + n) & (2 * WINDOW - 1)];
+                    j += 1;
+                }
+                carry.len = (c - n) as u32;
+            }
+            0
+        }
+        Step::NeedMore => {
+            let avail = c + take;
+            if avail >= WINDOW {
+                ctx.failed = 1;
+                return 1;
+            }
+            let mut j = 0;
+            while j < WINDOW {
+                carry.bytes[j] = bytes[j];
+                j += 1;
+            }
+            carry.len = avail as u32;
+            ctx.pos += take as u64;
+            1
+        }
+        Step::Invalid => {
+            ctx.failed = 1;
+            1
+        }
+    }
+}
+
+/// Moves to the next iovec when the current one is parsed; false when there is none.
+#[inline(always)]
+fn next_iovec(ctx: &mut LoopCtx) -> bool {
+    while ctx.pos >= ctx.len {
+        let next = ctx.iov_index + 1;
+        if next >= ctx.iov_count || next >= MAX_IOVECS as u64 || ctx.left_after == 0 {
+            return false;
+        }
+        let Ok(v) = (unsafe { bpf_probe_read_user((ctx.iov as *const IoVec).add((next & 15) as usize)) }) else { return false };
+        ctx.iov_index = next;
+        ctx.buf = v.base;
+        ctx.len = if v.len < ctx.left_after { v.len } else { ctx.left_after };
+        ctx.left_after -= ctx.len;
+        ctx.pos = 0;
+        return true;
+    }
+    true
+}
+
+/// One request-side step; returns 1 to stop the loop.
+extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
+    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else { return 1 };
+    let ctx = unsafe { &mut *ctx };
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid: ctx.tgid, fd: ctx.fd }) else { return 1 };
+    let conn = unsafe { &mut *conn };
+    if ctx.pos >= ctx.len {
+        if !next_iovec(ctx) {
+            return 1;
+        }
+        // A command that spans iovecs cannot be sent from one buffer.
+        if !conn.request.at_command_boundary() || conn.request_carry.len != 0 {
+            conn.command_start = u64::MAX;
+        }
+    }
+    let remaining = ctx.len.saturating_sub(ctx.pos);
+    // Bulk bodies are jumped over without being read.
+    if conn.request_carry.len == 0 && conn.request.pending_skip() > 0 {
+        if remaining == 0 {
+            return 1;
+        }
+        let (n, call) = conn.request.skip_bytes(remaining);
+        ctx.pos += n;
+        if let Some(call) = call {
+            on_call(ctx, conn, call);
+        }
+        return 0;
+    }
+    let Some((scratch, c, take)) = fill_window(ctx, &conn.request_carry) else { return 1 };
+    let avail = c + take;
+    if avail == 0 {
+        return 1;
+    }
+    if conn.request.at_command_boundary() {
+        conn.command_start = if c == 0 { ctx.pos } else { u64::MAX };
+    }
+    let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
+    let (step, call) = conn.request.step_with(window, avail, &MapOpaque);
+    if let (Step::Consumed(n), Some(call)) = (step, call) {
+        let saved = ctx.pos;
+        ctx.pos += ((n & (2 * WINDOW - 1)) as u64).saturating_sub(c as u64);
+        on_call(ctx, conn, call);
+        ctx.pos = saved;
+    }
+    advance(ctx, &mut conn.request_carry, scratch, step, c, take)
+}
+
+/// One reply-side step; returns 1 to stop the loop.
+extern "C" fn step_reply(_index: u32, _unused: *mut c_void) -> i64 {
+    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else { return 1 };
+    let ctx = unsafe { &mut *ctx };
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid: ctx.tgid, fd: ctx.fd }) else { return 1 };
+    let conn = unsafe { &mut *conn };
+    if ctx.pos >= ctx.len && !next_iovec(ctx) {
+        return 1;
+    }
+    let remaining = ctx.len.saturating_sub(ctx.pos);
+    if conn.reply_carry.len == 0 && conn.reply.pending_skip() > 0 {
+        if remaining == 0 {
+            return 1;
+        }
+        ctx.pos += conn.reply.skip_bytes(remaining);
+        return 0;
+    }
+    let Some((scratch, c, take)) = fill_window(ctx, &conn.reply_carry) else { return 1 };
+    let avail = c + take;
+    if avail == 0 {
+        return 1;
+    }
+    let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
+    let (step, start) = conn.reply.step_with(window, avail, &MapOpaque);
+    if let Some(start) = start {
+        if conn.pop.active != 0 {
+            if start.index == conn.pop.reply_index {
+                let result = match start.kind {
+                    reply_kind::DATA => outcome::SERVED,
+                    reply_kind::NIL => outcome::TIMEOUT,
+                    _ => outcome::ERROR,
+                };
+                finish_pop(conn, ctx.tgid, result, ctx.now);
+            } else if start.index > conn.pop.reply_index {
+                // Its reply went by unseen (the connection was re-synchronised).
+                conn.pop.active = 0;
+                bump(ProbeCounter::RespDesync);
+            }
+        }
+    }
+    advance(ctx, &mut conn.reply_carry, scratch, step, c, take)
+}
+
+/// A blocking call was fully written: start its clock, count its keys, and send its key list
+/// if it changed.
+#[inline(always)]
+fn on_call(ctx: &LoopCtx, conn: &mut ConnState, call: agent_common::resp::BlockingCall) {
+    record_keys(ctx.tgid, call.command, call.keys);
+    if conn.pop.active != 0 {
+        bump(ProbeCounter::OverlappingPop);
+    } else {
+        conn.pop.active = 1;
+        conn.pop.sent_ns = ctx.now;
+        conn.pop.reply_index = call.index;
+        conn.pop.signature = call.signature;
+        conn.pop.command = call.command;
+        conn.pop.keys = call.keys;
+    }
+    if call.signature != conn.keyset_sent && conn.command_start != u64::MAX {
+        if send_keyset(ctx, call.signature, call.keys, conn.command_start, ctx.pos) {
+            conn.keyset_sent = call.signature;
+        }
+    }
+}
+
+/// Runs the tokenizer over one buffer of one direction.
+#[inline(always)]
+/// `iov`/`iov_count` describe an iovec array (then `buf`/`len` are its first element and
+/// `total` bounds the bytes over all of them); 0 for a plain buffer.
+fn follow(conn: *mut ConnState, tgid: u32, fd: u32, dir: u32, buf: u64, len: u64, iov: u64, iov_count: u64, total: u64, now: u64) {
+    if total == 0 {
+        return;
+    }
+    let Some(state) = LOOP_STATE.get_ptr_mut(0) else { return };
+    let first = if len < total { len } else { total };
+    unsafe { *state = LoopCtx { buf, len: first, pos: 0, iov, iov_count, iov_index: 0, left_after: total - first, now, tgid, fd, dir, failed: 0 } };
+    let callback = if dir == DIR_REQUEST { step_request as *mut c_void } else { step_reply as *mut c_void };
+    unsafe {
+        bpf_loop(MAX_STEPS, callback, core::ptr::null_mut(), 0);
+    }
+    let (pos, len, failed, left) = unsafe { ((*state).pos, (*state).len, (*state).failed, (*state).left_after) };
+    let conn = unsafe { &mut *conn };
+    if failed != 0 || pos < len || (iov_count > 1 && left > 0 && unsafe { (*state).iov_index } + 1 < iov_count.min(MAX_IOVECS as u64)) {
+        // Not RESP any more, or too much to follow: stop until a write starts a command.
+        conn.kind = KIND_DESYNCED;
+        conn.pop.active = 0;
+        bump(ProbeCounter::RespDesync);
+    }
+}
+
+/// The connection state for a write, created (and classified) on the first one.
+#[inline(always)]
+fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
+    let key = ConnKey { tgid, fd };
+    let first: u8 = unsafe { bpf_probe_read_user(buf as *const u8) }.unwrap_or(0);
+    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+        let state = unsafe { &mut *conn };
+        if state.kind == KIND_DESYNCED {
+            if first != b'*' {
+                return None;
+            }
+            // Re-synchronise: a write that starts a command starts a fresh stream.
+            let peer = state.peer;
+            let zero = ZERO_CONN.get(0)?;
+            *state = *zero;
+            state.peer = peer;
+            state.kind = conn_kind::RESP;
+        }
+        return if state.kind == conn_kind::RESP { Some(conn) } else { None };
+    }
+    let zero = ZERO_CONN.get(0)?;
+    if CONNS.insert(&key, zero, 0).is_err() {
+        bump(ProbeCounter::ConnInsertFailed);
+        return None;
+    }
+    let conn = CONNS.get_ptr_mut(&key)?;
+    let state = unsafe { &mut *conn };
+    state.kind = if first == b'*' { conn_kind::RESP } else { conn_kind::OTHER };
+    if let Some(peer) = unsafe { CONN_PEERS.get(&key) } {
+        state.peer = *peer;
+    }
+    if state.kind == conn_kind::RESP { Some(conn) } else { None }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// A write of `total` bytes: a plain buffer (`iov == 0`) or an iovec array.
+#[inline(always)]
+fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, total: u64) {
+    if total == 0 {
+        return;
+    }
+    let (buf, len) = if iov != 0 {
+        if iov_count == 0 {
+            return;
+        }
+        match unsafe { bpf_probe_read_user(iov as *const IoVec) } {
+            Ok(v) => (v.base, v.len),
+            Err(_) => return,
+        }
+    } else {
+        (buf, len)
+    };
+    if len == 0 && iov_count <= 1 {
+        return;
+    }
+    let Some(conn) = conn_for_write(tgid, fd, buf) else { return };
+    let state = unsafe { &mut *conn };
+    if !state.request.at_command_boundary() || state.request_carry.len != 0 {
+        state.command_start = u64::MAX;
+    }
+    follow(conn, tgid, fd, DIR_REQUEST, buf, len, iov, iov_count, total, unsafe { bpf_ktime_get_ns() });
+}
+
+/// Total bytes of an iovec array (bounded by MAX_IOVECS elements).
+#[inline(always)]
+fn iov_total(iov: u64, count: u64) -> u64 {
+    let mut total = 0u64;
+    let mut i = 0u64;
+    while i < MAX_IOVECS as u64 {
+        if i >= count {
+            break;
+        }
+        match unsafe { bpf_probe_read_user((iov as *const IoVec).add(i as usize)) } {
+            Ok(v) => total += v.len,
+            Err(_) => break,
+        }
+        i += 1;
+    }
+    // Whatever the number of iovecs, one path from here on.
+    MapOpaque.hide(total)
+}
+
+#[tracepoint]
+pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
+    // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
+    let Some((tgid, _)) = worker_tgid() else { return 0 };
+    let (Ok(fd), Ok(buf), Ok(len)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }, unsafe { ctx.read_at::<u64>(ARG2) }) else { return 0 };
+    on_write(tgid, fd as u32, buf, len, 0, 0, len);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_writev(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = worker_tgid() else { return 0 };
+    let (Ok(fd), Ok(iov), Ok(count)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }, unsafe { ctx.read_at::<u64>(ARG2) }) else { return 0 };
+    let total = iov_total(iov, count);
+    // The count's range was narrowed differently on each path of the summing loop.
+    on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
+    0
+}
+
+/// `struct user_msghdr`: msg_iov at 16, msg_iovlen at 24.
+#[inline(always)]
+fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
+    let iov: u64 = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.ok()?;
+    let count: u64 = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.ok()?;
+    Some((iov, count))
+}
+
+#[tracepoint]
+pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = worker_tgid() else { return 0 };
+    let (Ok(fd), Ok(msg)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+    if let Some((iov, count)) = msghdr_iov(msg) {
+        let total = iov_total(iov, count);
+        on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
+    }
+    0
+}
+
+/// Saves a read's buffer for its exit, if the fd is a followed connection.
+#[inline(always)]
+fn save_read(ctx: &TracePointContext, iov_kind: u32) -> u32 {
+    let Some((tgid, id)) = worker_tgid() else { return 0 };
+    let (Ok(fd), Ok(buf)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+    let key = ConnKey { tgid, fd: fd as u32 };
+    match unsafe { CONNS.get(&key) } {
+        Some(conn) if conn.kind == conn_kind::RESP => {}
+        _ => return 0,
+    }
+    let (buf, iovcnt) = match iov_kind {
+        // readv(fd, iov, count)
+        1 => (buf, unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0) as u32),
+        // recvmsg(fd, msg, flags)
+        2 => match msghdr_iov(buf) {
+            Some((iov, count)) => (iov, count as u32),
+            None => return 0,
+        },
+        _ => (buf, 0),
+    };
+    let _ = PENDING_READS.insert(&id, &PendingRead { buf, fd: fd as u32, iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) } }, 0);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
+    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...).
+    save_read(&ctx, 0)
+}
+
+#[tracepoint]
+pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
+    save_read(&ctx, 1)
+}
+
+#[tracepoint]
+pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    save_read(&ctx, 2)
+}
+
+#[tracepoint]
+pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
+    let Some((tgid, id)) = worker_tgid() else { return 0 };
+    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else { return 0 };
+    let _ = PENDING_READS.remove(&id);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else { return 0 };
+    let key = ConnKey { tgid, fd: pending.fd };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else { return 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if ret == 0 {
+        // EOF: the server closed the connection.
+        finish_pop(unsafe { &mut *conn }, tgid, outcome::ERROR, now);
+        return 0;
+    }
+    if ret < 0 {
+        // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
+        return 0;
+    }
+    let total = ret as u64;
+    if pending.iovcnt == 0 {
+        follow(conn, tgid, pending.fd, DIR_REPLY, pending.buf, total, 0, 0, total, now);
+    } else if let Ok(v) = unsafe { bpf_probe_read_user(pending.buf as *const IoVec) } {
+        follow(conn, tgid, pending.fd, DIR_REPLY, v.base, v.len, pending.buf, pending.iovcnt as u64, total, now);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = worker_tgid() else { return 0 };
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else { return 0 };
+    let key = ConnKey { tgid, fd: fd as u32 };
+    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+        // Closed while a pop waited: the worker gave up on it.
+        finish_pop(unsafe { &mut *conn }, tgid, outcome::ERROR, unsafe { bpf_ktime_get_ns() });
+        let _ = CONNS.remove(&key);
+    }
+    let _ = CONN_PEERS.remove(&key);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = worker_tgid() else { return 0 };
+    let (Ok(fd), Ok(addr)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+    let key = ConnKey { tgid, fd: fd as u32 };
+    // A new connection on this fd: whatever was followed on it before is over.
+    let _ = CONNS.remove(&key);
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else { return 0 };
+    let mut peer = Peer { family, port: 0, addr: [0; 16] };
+    match family {
+        2 | 10 => {
+            let port: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
+            peer.port = u16::from_be(port);
+            if family == 2 {
+                if let Ok(v4) = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]) } {
+                    peer.addr[0] = v4[0];
+                    peer.addr[1] = v4[1];
+                    peer.addr[2] = v4[2];
+                    peer.addr[3] = v4[3];
+                }
+            } else if let Ok(v6) = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) } {
+                peer.addr = v6;
+            }
+        }
+        1 => {}
+        _ => return 0,
+    }
+    let _ = CONN_PEERS.insert(&key, &peer, 0);
+    0
+}

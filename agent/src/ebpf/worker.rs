@@ -1,0 +1,183 @@
+//! The worker-side syscall probes: attached while at least one worker process is tracked
+//! (so a host with only Redis pays nothing), fed with the tracked pids, and read back.
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    maps,
+    redis::KeyHistogram,
+    sched::Log2Histogram,
+    worker::{ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
+};
+use aya::{
+    maps::{HashMap, MapData, PerCpuHashMap},
+    programs::{trace_point::TracePointLinkId, TracePoint},
+    Ebpf,
+};
+
+use super::{attach_tracepoint, take_map, ProbeError, TracepointSpec};
+use crate::proc_reader::SocketPeer;
+
+const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
+    TracepointSpec { program, category: "syscalls", name }
+}
+
+/// The syscalls followed, and the program each runs.
+pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
+    syscall("worker_enter_write", "sys_enter_write"),
+    syscall("worker_enter_write", "sys_enter_sendto"),
+    syscall("worker_enter_writev", "sys_enter_writev"),
+    syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
+    syscall("worker_enter_read", "sys_enter_read"),
+    syscall("worker_enter_read", "sys_enter_recvfrom"),
+    syscall("worker_enter_readv", "sys_enter_readv"),
+    syscall("worker_enter_recvmsg", "sys_enter_recvmsg"),
+    syscall("worker_exit_read", "sys_exit_read"),
+    syscall("worker_exit_read", "sys_exit_recvfrom"),
+    syscall("worker_exit_read", "sys_exit_readv"),
+    syscall("worker_exit_read", "sys_exit_recvmsg"),
+    syscall("worker_enter_close", "sys_enter_close"),
+    syscall("worker_enter_connect", "sys_enter_connect"),
+];
+
+/// What the kernel holds for one worker process.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerReadings {
+    pub durations: BTreeMap<(u32, u32, Peer), Log2Histogram>,
+    pub keys: BTreeMap<u32, KeyHistogram>,
+}
+
+pub struct WorkerMaps {
+    procs: HashMap<MapData, u32, u32>,
+    conns: HashMap<MapData, ConnKey, ConnState>,
+    peers: HashMap<MapData, ConnKey, Peer>,
+    durations: PerCpuHashMap<MapData, WorkerHistKey, Log2Histogram>,
+    keys: PerCpuHashMap<MapData, WorkerKeysKey, KeyHistogram>,
+    links: Vec<(&'static str, TracePointLinkId)>,
+    /// Why the syscall probes are not attached, if they could not be.
+    pub attach_error: Option<String>,
+}
+
+pub fn peer_from(p: SocketPeer) -> Peer {
+    let mut peer = Peer { family: 0, port: p.port, addr: [0; 16] };
+    match p.ip {
+        std::net::IpAddr::V4(v4) => {
+            peer.family = 2;
+            peer.addr[..4].copy_from_slice(&v4.octets());
+        }
+        std::net::IpAddr::V6(v6) => {
+            peer.family = 10;
+            peer.addr = v6.octets();
+        }
+    }
+    peer
+}
+
+/// `server.address` of a peer.
+pub fn peer_address(peer: &Peer) -> String {
+    match peer.family {
+        2 => std::net::Ipv4Addr::new(peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3]).to_string(),
+        10 => std::net::Ipv6Addr::from(peer.addr).to_string(),
+        1 => "unix".into(),
+        _ => "unknown".into(),
+    }
+}
+
+impl WorkerMaps {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        Ok(Self {
+            procs: take_map(ebpf, maps::WORKER_PROCS)?,
+            conns: take_map(ebpf, maps::CONNS)?,
+            peers: take_map(ebpf, maps::CONN_PEERS)?,
+            durations: take_map(ebpf, maps::WORKER_DURATION_HISTS)?,
+            keys: take_map(ebpf, maps::WORKER_KEYS_HISTS)?,
+            links: Vec::new(),
+            attach_error: None,
+        })
+    }
+
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Starts following a worker: attaches the syscall probes if this is the first one, seeds
+    /// the peers of its open sockets, and adds it to the kernel filter.
+    pub fn track(&mut self, ebpf: &mut Ebpf, pid: u32, sockets: &[(u32, SocketPeer)]) -> Result<(), ProbeError> {
+        if self.links.is_empty() {
+            for spec in &WORKER_TRACEPOINTS {
+                match attach_tracepoint(ebpf, spec) {
+                    Ok(link) => self.links.push((spec.program, link)),
+                    Err(e) => {
+                        self.detach_all(ebpf);
+                        self.attach_error = Some(e.to_string());
+                        return Err(e);
+                    }
+                }
+            }
+            self.attach_error = None;
+            tracing::info!(syscalls = WORKER_TRACEPOINTS.len(), "worker syscall probes attached");
+        }
+        for (fd, peer) in sockets {
+            let _ = self.peers.insert(ConnKey { tgid: pid, fd: *fd }, peer_from(*peer), 0);
+        }
+        self.procs.insert(pid, 1, 0).map_err(|e| ProbeError::Map { name: maps::WORKER_PROCS, message: e.to_string() })
+    }
+
+    /// Stops following a worker and returns what the kernel had counted for it, so that
+    /// group totals can keep it. Detaches the probes after the last worker.
+    pub fn untrack(&mut self, ebpf: &mut Ebpf, pid: u32) -> WorkerReadings {
+        let readings = self.read().remove(&pid).unwrap_or_default();
+        let _ = self.procs.remove(&pid);
+        let conns: Vec<ConnKey> = self.conns.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        for k in conns {
+            let _ = self.conns.remove(&k);
+        }
+        let peers: Vec<ConnKey> = self.peers.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        for k in peers {
+            let _ = self.peers.remove(&k);
+        }
+        let durations: Vec<WorkerHistKey> = self.durations.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        for k in durations {
+            let _ = self.durations.remove(&k);
+        }
+        let keys: Vec<WorkerKeysKey> = self.keys.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        for k in keys {
+            let _ = self.keys.remove(&k);
+        }
+        if self.procs.keys().next().is_none() {
+            self.detach_all(ebpf);
+        }
+        readings
+    }
+
+    fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        if self.links.is_empty() {
+            return;
+        }
+        for (program, link) in self.links.drain(..) {
+            if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut TracePoint>::try_from) {
+                let _ = p.detach(link);
+            }
+        }
+        tracing::info!("no worker tracked any more: worker syscall probes detached");
+    }
+
+    /// Histograms per tgid, merged over CPUs.
+    pub fn read(&self) -> BTreeMap<u32, WorkerReadings> {
+        let mut out: BTreeMap<u32, WorkerReadings> = BTreeMap::new();
+        for (key, per_cpu) in self.durations.iter().filter_map(Result::ok) {
+            let entry = out.entry(key.tgid).or_default().durations.entry((key.command, key.outcome, key.peer)).or_insert(Log2Histogram::ZERO);
+            per_cpu.iter().for_each(|v| entry.merge(v));
+        }
+        for (key, per_cpu) in self.keys.iter().filter_map(Result::ok) {
+            let entry = out.entry(key.tgid).or_default().keys.entry(key.command).or_insert(KeyHistogram::ZERO);
+            per_cpu.iter().for_each(|v| entry.merge(v));
+        }
+        out
+    }
+
+    /// Followed RESP connections and their state.
+    pub fn connections(&self) -> Vec<(ConnKey, ConnState)> {
+        self.conns.iter().filter_map(Result::ok).filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP).collect()
+    }
+}
