@@ -161,11 +161,17 @@ fn record_keys(tgid: u32, command: u32, keys: u32) {
 
 /// Ends the waiting pop of `conn` with `result`.
 #[inline(always)]
-fn finish_pop(conn: &mut ConnState, tgid: u32, result: u32, now: u64) {
+fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, now: u64) {
     if conn.pop.active == 0 {
         return;
     }
     conn.pop.active = 0;
+    if conn.peer.family == 0 {
+        // Connected before the process was followed: the agent finds the peer in /proc.
+        if let Some(peer) = unsafe { CONN_PEERS.get(&ConnKey { tgid, fd }) } {
+            conn.peer = *peer;
+        }
+    }
     let key = WorkerHistKey { tgid, command: conn.pop.command, outcome: result, _pad: 0, peer: conn.peer };
     record_duration(&key, now.saturating_sub(conn.pop.sent_ns));
 }
@@ -371,7 +377,7 @@ extern "C" fn step_reply(_index: u32, _unused: *mut c_void) -> i64 {
                     reply_kind::NIL => outcome::TIMEOUT,
                     _ => outcome::ERROR,
                 };
-                finish_pop(conn, ctx.tgid, result, ctx.now);
+                finish_pop(conn, ctx.tgid, ctx.fd, result, ctx.now);
             } else if start.index > conn.pop.reply_index {
                 // Its reply went by unseen (the connection was re-synchronised).
                 conn.pop.active = 0;
@@ -449,6 +455,12 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
         }
         return if state.kind == conn_kind::RESP { Some(conn) } else { None };
     }
+    // Only a write that starts a command starts following a connection: a process seen
+    // mid-command (it was tracked while writing) is picked up at its next command, and
+    // files and pipes (logs) cost one byte read per write.
+    if first != b'*' {
+        return None;
+    }
     let zero = ZERO_CONN.get(0)?;
     if CONNS.insert(&key, zero, 0).is_err() {
         bump(ProbeCounter::ConnInsertFailed);
@@ -456,11 +468,11 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     }
     let conn = CONNS.get_ptr_mut(&key)?;
     let state = unsafe { &mut *conn };
-    state.kind = if first == b'*' { conn_kind::RESP } else { conn_kind::OTHER };
+    state.kind = conn_kind::RESP;
     if let Some(peer) = unsafe { CONN_PEERS.get(&key) } {
         state.peer = *peer;
     }
-    if state.kind == conn_kind::RESP { Some(conn) } else { None }
+    Some(conn)
 }
 
 #[repr(C)]
@@ -606,7 +618,7 @@ pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
-        finish_pop(unsafe { &mut *conn }, tgid, outcome::ERROR, now);
+        finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, now);
         return 0;
     }
     if ret < 0 {
@@ -629,7 +641,7 @@ pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
     let key = ConnKey { tgid, fd: fd as u32 };
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         // Closed while a pop waited: the worker gave up on it.
-        finish_pop(unsafe { &mut *conn }, tgid, outcome::ERROR, unsafe { bpf_ktime_get_ns() });
+        finish_pop(unsafe { &mut *conn }, tgid, fd as u32, outcome::ERROR, unsafe { bpf_ktime_get_ns() });
         let _ = CONNS.remove(&key);
     }
     let _ = CONN_PEERS.remove(&key);

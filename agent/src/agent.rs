@@ -124,8 +124,8 @@ impl AgentState {
                         Classification::RedisServer => self.start_redis_probes(&p),
                         Classification::Worker { .. } => {
                             if let Some(probes) = self.probes.as_mut() {
-                                let sockets = self.proc.socket_peers(pid);
-                                if let Err(e) = probes.worker.track(&mut probes.ebpf, pid, &sockets) {
+                                let proc = &self.proc;
+                                if let Err(e) = probes.worker.track(&mut probes.ebpf, pid, || proc.socket_peers(pid)) {
                                     tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics");
                                 }
                             }
@@ -276,6 +276,13 @@ impl AgentState {
             }
         }
 
+        if let Some(probes) = self.probes.as_mut() {
+            // Connections that predate tracking: look their peers up in /proc.
+            for pid in probes.worker.unknown_peer_pids() {
+                let sockets = self.proc.socket_peers(pid);
+                probes.worker.seed_peers(pid, sockets);
+            }
+        }
         if let Some(probes) = &self.probes {
             let readings = probes.worker.read();
             let connections = probes.worker.connections();

@@ -10,7 +10,7 @@ use crate::util::{command_output, is_root, run_checked, workspace_root};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and demo use (real Redis, Sidekiq, Prometheus) and the tools
 /// used to look at what happens (bpftool, perf, strace).
-const DEBIAN_PACKAGES: &[&str] = &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace"];
+const DEBIAN_PACKAGES: &[&str] = &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace", "python3"];
 
 fn step(message: &str) {
     eprintln!("[setup] {message}");

@@ -54,7 +54,9 @@ pub struct WorkerMaps {
     durations: PerCpuHashMap<MapData, WorkerHistKey, Log2Histogram>,
     keys: PerCpuHashMap<MapData, WorkerKeysKey, KeyHistogram>,
     links: Vec<(&'static str, TracePointLinkId)>,
-    /// Why the syscall probes are not attached, if they could not be.
+    /// Why the programs could not be loaded, if so: then no worker is followed.
+    load_error: Option<String>,
+    /// Why the syscall probes could not be attached the last time it was tried.
     pub attach_error: Option<String>,
 }
 
@@ -84,7 +86,26 @@ pub fn peer_address(peer: &Peer) -> String {
 }
 
 impl WorkerMaps {
+    /// Takes the maps and loads (verifies) the programs now, so that attaching them when the
+    /// first worker appears is quick.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        let mut load_error = None;
+        for spec in &WORKER_TRACEPOINTS {
+            let result = ebpf
+                .program_mut(spec.program)
+                .ok_or(ProbeError::MissingProgram(spec.program))
+                .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| ProbeError::Load(e.to_string())))
+                .and_then(|p| match p.load() {
+                    Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
+                    Err(e) => Err(ProbeError::Load(format!("{}: {e}", spec.program))),
+                });
+            if let Err(e) = result {
+                load_error.get_or_insert(e.to_string());
+            }
+        }
+        if let Some(e) = &load_error {
+            tracing::warn!(error = %e, "worker syscall probes cannot be loaded; no worker-side blocking metrics");
+        }
         Ok(Self {
             procs: take_map(ebpf, maps::WORKER_PROCS)?,
             conns: take_map(ebpf, maps::CONNS)?,
@@ -92,6 +113,7 @@ impl WorkerMaps {
             durations: take_map(ebpf, maps::WORKER_DURATION_HISTS)?,
             keys: take_map(ebpf, maps::WORKER_KEYS_HISTS)?,
             links: Vec::new(),
+            load_error,
             attach_error: None,
         })
     }
@@ -102,7 +124,10 @@ impl WorkerMaps {
 
     /// Starts following a worker: attaches the syscall probes if this is the first one, seeds
     /// the peers of its open sockets, and adds it to the kernel filter.
-    pub fn track(&mut self, ebpf: &mut Ebpf, pid: u32, sockets: &[(u32, SocketPeer)]) -> Result<(), ProbeError> {
+    pub fn track(&mut self, ebpf: &mut Ebpf, pid: u32, sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>) -> Result<(), ProbeError> {
+        if let Some(e) = &self.load_error {
+            return Err(ProbeError::Load(e.clone()));
+        }
         if self.links.is_empty() {
             for spec in &WORKER_TRACEPOINTS {
                 match attach_tracepoint(ebpf, spec) {
@@ -117,10 +142,24 @@ impl WorkerMaps {
             self.attach_error = None;
             tracing::info!(syscalls = WORKER_TRACEPOINTS.len(), "worker syscall probes attached");
         }
+        self.procs.insert(pid, 1, 0).map_err(|e| ProbeError::Map { name: maps::WORKER_PROCS, message: e.to_string() })?;
+        // After the filter is set: connections made from now on are seen at connect(), the
+        // ones made before are in /proc.
+        self.seed_peers(pid, sockets());
+        Ok(())
+    }
+
+    /// Records peers found in /proc for connections the kernel did not see being made.
+    pub fn seed_peers(&mut self, pid: u32, sockets: Vec<(u32, SocketPeer)>) {
         for (fd, peer) in sockets {
-            let _ = self.peers.insert(ConnKey { tgid: pid, fd: *fd }, peer_from(*peer), 0);
+            // BPF_NOEXIST: what connect() recorded wins.
+            let _ = self.peers.insert(ConnKey { tgid: pid, fd }, peer_from(peer), 1);
         }
-        self.procs.insert(pid, 1, 0).map_err(|e| ProbeError::Map { name: maps::WORKER_PROCS, message: e.to_string() })
+    }
+
+    /// Processes with followed connections whose peer is not known yet.
+    pub fn unknown_peer_pids(&self) -> std::collections::BTreeSet<u32> {
+        self.conns.iter().filter_map(Result::ok).filter(|(_, c)| c.peer.family == 0).map(|(k, _)| k.tgid).collect()
     }
 
     /// Stops following a worker and returns what the kernel had counted for it, so that

@@ -1,0 +1,262 @@
+//! Worker-side probes: blocking pops as real Sidekiq workers and raw-socket clients send and
+//! receive them, seen from their syscalls. Root only; run with `sudo cargo xtask test`.
+
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{enqueue_sidekiq_job, prom::Scrape, require_root, wait_for, Agent, Proc, Redis, Sidekiq};
+
+const DURATION: &str = "worker_blocking_pop_duration_seconds";
+const KEYS: &str = "worker_blocking_pop_keys";
+
+fn queues(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn m<'a>(pairs: &'a [(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    pairs.to_vec()
+}
+
+fn group_rule(group: &str) -> String {
+    format!("{group}:cmdline=sidekiq.*\\b{group}\\b")
+}
+
+#[test]
+fn sidekiq_fleets_on_1_20_and_440_queues_fanout_outcomes_and_latency() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", &group_rule("one"), "--worker-rule", &group_rule("twenty"), "--worker-rule", &group_rule("wide")]);
+    let one = Sidekiq::start_tagged(redis.port, Some("one"), &["solo"], 1);
+    let twenty_q = queues("t", 20);
+    let twenty = Sidekiq::start_tagged(redis.port, Some("twenty"), &twenty_q.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    let wide_q = queues("w", 440);
+    let wide = Sidekiq::start_tagged(redis.port, Some("wide"), &wide_q.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    wait_for("all three fleets blocking", Duration::from_secs(15), || {
+        let s = agent.scrape();
+        ["one", "twenty", "wide"]
+            .iter()
+            .all(|g| s.sum(&format!("{KEYS}_count"), &[("process_group", g)]) >= 1.0)
+            .then_some(())
+    });
+
+    // 12 jobs for the single-queue fleet, one every 500 ms: its one processor thread pops
+    // each within a few ms of the push, after waiting about 500 ms.
+    for jid in 0..12 {
+        thread::sleep(Duration::from_millis(500));
+        enqueue_sidekiq_job(&redis, "solo", jid);
+    }
+    wait_for("the 12 jobs to be processed", Duration::from_secs(10), || {
+        (redis.command(&["LLEN", "queue:solo"]) == ":0\r\n"
+            && agent.scrape().sum(&format!("{DURATION}_count"), &[("process_group", "one"), ("outcome", "served")]) == 12.0)
+            .then_some(())
+    });
+    let s = agent.scrape();
+    let pid_note = format!("one={} twenty={} wide={}", one.pid(), twenty.pid(), wide.pid());
+
+    // Fan-out, exactly: every pop of a fleet lists all its queues.
+    for (group, keys, le_below, le_at) in [("one", 1.0, None, "1"), ("twenty", 20.0, Some("10"), "20"), ("wide", 440.0, Some("200"), "500")] {
+        let g = [("process_group", group), ("redis_command", "BRPOP")];
+        let count = s.sum(&format!("{KEYS}_count"), &g);
+        assert!(count >= 1.0, "{group}: no pops ({pid_note})");
+        assert_eq!(s.sum(&format!("{KEYS}_sum"), &g), keys * count, "{group}: every pop lists {keys} keys");
+        assert_eq!(s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", le_at)])), count, "{group}");
+        if let Some(below) = le_below {
+            assert_eq!(s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", below)])), 0.0, "{group}");
+        }
+    }
+
+    // Outcomes: the single-queue fleet was served exactly the 12 jobs; the others only time
+    // out (Sidekiq's BRPOP timeout is 2 s), nobody errs.
+    let served = |g: &str| s.sum(&format!("{DURATION}_count"), &[("process_group", g), ("outcome", "served")]);
+    let timeouts = |g: &str| s.sum(&format!("{DURATION}_count"), &[("process_group", g), ("outcome", "timeout")]);
+    assert_eq!(served("one"), 12.0);
+    assert_eq!(served("twenty"), 0.0);
+    assert_eq!(served("wide"), 0.0);
+    assert!(timeouts("twenty") >= 2.0 && timeouts("wide") >= 2.0);
+    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("outcome", "error")]), 0.0);
+    let mean_timeout = s.sum(&format!("{DURATION}_sum"), &[("process_group", "twenty"), ("outcome", "timeout")]) / timeouts("twenty");
+    assert!((2.0..2.2).contains(&mean_timeout), "Sidekiq's 2 s timeout, seen as {mean_timeout}");
+    // Served pops waited for the next push: about 500 ms apart (the first may wait longer,
+    // from whenever its thread started waiting).
+    let mean_served = s.sum(&format!("{DURATION}_sum"), &[("process_group", "one"), ("outcome", "served")]) / 12.0;
+    eprintln!("served pops of the single-queue fleet: mean {mean_served:.3} s");
+    assert!((0.35..0.7).contains(&mean_served), "mean served latency {mean_served}");
+    // They all waited on this Redis.
+    let port = redis.port.to_string();
+    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("process_group", "one"), ("server_address", "127.0.0.1"), ("server_port", &port)]), s.sum(&format!("{DURATION}_count"), &[("process_group", "one")]));
+
+    // Listening: one process per fleet; without --export-key-names no key is named.
+    for (group, keys) in [("one", 1.0), ("twenty", 20.0), ("wide", 440.0)] {
+        assert_eq!(s.sum("redis_queue_listeners", &[("process_group", group), ("listener", "process")]), 1.0, "{group}");
+        assert_eq!(s.sum("worker_queues_listened", &[("process_group", group)]), keys, "{group}");
+    }
+    assert_eq!(s.find("redis_queue_listeners", &[]).filter(|x| x.labels.contains_key("redis_key")).count(), 0);
+    // Disjoint fleets share no queue.
+    assert_eq!(s.sum("worker_queues_shared", &[("process_group", "one"), ("peer_group", "wide")]), 0.0);
+}
+
+#[test]
+fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--worker-rule", &group_rule("mailers"),
+        "--worker-rule", &group_rule("billing"),
+        "--worker-rule", &group_rule("search"),
+        "--export-key-names", "--max-keys-per-group", "2",
+    ]);
+    let _mailers = Sidekiq::start_tagged(redis.port, Some("mailers"), &["mail", "default", "low"], 1);
+    let _billing = Sidekiq::start_tagged(redis.port, Some("billing"), &["billing", "default"], 1);
+    let _search = Sidekiq::start_tagged(redis.port, Some("search"), &["search"], 1);
+    let s = wait_for("the three fleets' key lists", Duration::from_secs(15), || {
+        let s = agent.scrape();
+        (s.sum("worker_queues_listened", &[]) == 6.0).then_some(s)
+    });
+    let shared = |a: &str, b: &str| s.sum("worker_queues_shared", &[("process_group", a), ("peer_group", b)]);
+    assert_eq!(shared("mailers", "billing"), 1.0, "both listen to queue:default");
+    assert_eq!(shared("billing", "mailers"), 1.0);
+    assert_eq!(shared("mailers", "search"), 0.0);
+    assert_eq!(shared("billing", "search"), 0.0);
+    // Key names with opt-in, at most 2 per group, the rest as "other".
+    let keys = s.label_values("redis_queue_listeners", &[("process_group", "mailers"), ("listener", "process")], "redis_key");
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(keys.contains("other"));
+    assert!(s.label_values("redis_queue_listeners", &[("process_group", "search")], "redis_key").contains("queue:search"));
+}
+
+/// A raw-socket RESP client in Python (socket.sendall and recv: the sendto/recvfrom syscalls).
+/// The marker in its command line is what the agent's rule matches.
+const RAW_CLIENT: &str = r#"
+import socket, sys, time, select
+MARK = "fanout-raw-client"
+port = int(sys.argv[1])
+def enc(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+def read_until(s, n):
+    data = b""
+    while data.count(b"\r\n") < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+# Give the agent a moment to pick this process up (it does in tens of ms).
+time.sleep(0.5)
+s = socket.create_connection(("127.0.0.1", port))
+# 1. A BRPOP split across three writes, timing out after 1 s.
+req = enc("BRPOP", "split:q", "1")
+s.sendall(req[:5]); time.sleep(0.05); s.sendall(req[5:12]); time.sleep(0.05); s.sendall(req[12:])
+assert read_until(s, 1).startswith(b"*-1"), "timeout reply"
+# 2. Pipelined: SET, BRPOP, GET in one write; the BRPOP is served by a push 300 ms later.
+s.sendall(enc("SET", "k", "v") + enc("BRPOP", "piped:q", "5") + enc("GET", "k"))
+print("piped-sent", flush=True)
+data = read_until(s, 6)
+assert data.startswith(b"+OK\r\n*2\r\n"), data
+# 3. Non-blocking socket: reads return EAGAIN until the reply; served by a push 200 ms later.
+s.setblocking(False)
+s.sendall(enc("BLPOP", "nb:q", "5"))
+print("nb-sent", flush=True)
+data = b""
+while data.count(b"\r\n") < 5:
+    try:
+        data += s.recv(65536)
+    except BlockingIOError:
+        time.sleep(0.005)
+s.setblocking(True)
+# 4. A connection that closes while its pop waits.
+c = socket.create_connection(("127.0.0.1", port))
+c.sendall(enc("BRPOP", "never:q", "0"))
+time.sleep(0.3)
+c.close()
+print("done", flush=True)
+"#;
+
+#[test]
+fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", "raw:cmdline=fanout-raw-client"]);
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", RAW_CLIENT, &redis.port.to_string(), "fanout-raw-client"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let pid = child.id().to_string();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut next_line = |want: &str| {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), want);
+    };
+    let mut proc = Proc { child, name: "raw-client".into() };
+    next_line("piped-sent");
+    thread::sleep(Duration::from_millis(300));
+    redis.command(&["LPUSH", "piped:q", "job"]);
+    next_line("nb-sent");
+    thread::sleep(Duration::from_millis(200));
+    redis.command(&["LPUSH", "nb:q", "job"]);
+    next_line("done");
+    let started = Instant::now();
+    let s = wait_for("four pops counted", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 4.0).then_some(s)
+    });
+    let _ = started;
+    let by = |cmd: &str, outcome: &str| -> (f64, f64) {
+        let g = [("process_group", "raw"), ("redis_command", cmd), ("outcome", outcome)];
+        (s.sum(&format!("{DURATION}_count"), &g), s.sum(&format!("{DURATION}_sum"), &g))
+    };
+    let (n, t) = by("BRPOP", "timeout");
+    assert_eq!(n, 1.0, "the split BRPOP timed out once ({pid})");
+    assert!((1.0..1.2).contains(&t), "split BRPOP waited {t} s");
+    let (n, t) = by("BRPOP", "served");
+    assert_eq!(n, 1.0, "the pipelined BRPOP was served");
+    // Not the immediate +OK of the SET before it: the push 300 ms later.
+    assert!((0.3..0.5).contains(&t), "pipelined BRPOP waited {t} s");
+    let (n, t) = by("BLPOP", "served");
+    assert_eq!(n, 1.0, "the non-blocking BLPOP was served");
+    assert!((0.2..0.4).contains(&t), "non-blocking BLPOP waited {t} s");
+    let (n, _) = by("BRPOP", "error");
+    assert_eq!(n, 1.0, "the pop whose connection closed ends as an error");
+    // Every one listed one key; nothing was lost to parsing.
+    assert_eq!(s.sum(&format!("{KEYS}_sum"), &[("process_group", "raw")]), 4.0);
+    assert_eq!(s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]), 0.0);
+    proc.stop();
+}
+
+#[test]
+fn malformed_bytes_from_a_worker_are_counted_and_skipped() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", "raw:cmdline=fanout-raw-client"]);
+    // Garbage that starts like RESP, then a valid BRPOP on a fresh connection.
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+time.sleep(0.5)
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"*2\r\n$5\r\nBRPOP\r\n+garbage\r\n")
+s.recv(1024)
+t = socket.create_connection(("127.0.0.1", port))
+t.sendall(b"*3\r\n$5\r\nBRPOP\r\n$3\r\nq:x\r\n$3\r\n0.1\r\n")
+t.recv(1024)
+"#;
+    let status = Command::new("/usr/bin/python3").args(["-c", script, &redis.port.to_string(), "fanout-raw-client"]).status().unwrap();
+    assert!(status.success());
+    let s: Scrape = wait_for("the valid pop", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 1.0).then_some(s)
+    });
+    assert!(s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]) >= 1.0, "the malformed stream is counted");
+    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("process_group", "raw"), ("outcome", "timeout")]), 1.0);
+    // Redis itself is unharmed by the agent.
+    assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
+}
