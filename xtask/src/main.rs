@@ -42,6 +42,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the RESP tokenizer shared by the eBPF programs and the agent (cargo fuzz, nightly).
+    Fuzz {
+        /// Inputs to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+    },
     /// Start a Redis, a Sidekiq fleet and the agent, and show what the agent sees.
     Demo {
         /// How long to run, in seconds.
@@ -66,6 +72,10 @@ fn main() -> Result<()> {
         Task::Bench { quick } => {
             setup::setup()?;
             bench::run(quick)
+        }
+        Task::Fuzz { runs } => {
+            setup::setup()?;
+            util::fuzz(runs)
         }
         Task::Demo { seconds } => {
             setup::setup()?;

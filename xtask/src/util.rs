@@ -94,3 +94,19 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
     }
     run_checked(&mut cmd)
 }
+
+/// Runs the RESP fuzz target for `runs` inputs, installing cargo-fuzz first if needed.
+pub fn fuzz(runs: u64) -> Result<()> {
+    if command_output(Command::new("cargo").args(["fuzz", "--version"])).is_err() {
+        eprintln!("[fuzz] installing cargo-fuzz");
+        run_checked(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let root = workspace_root();
+    run_checked(
+        Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            .args(["+nightly", "fuzz", "run", "resp", "--"])
+            .arg(format!("-runs={runs}"))
+            .arg("-max_len=4096"),
+    )
+}
