@@ -353,3 +353,40 @@ fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients() {
     // After the last detach Redis still answers normally.
     assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
 }
+
+#[test]
+fn a_redis_in_its_own_mount_and_pid_namespace_is_found_and_probed_through_proc_root() {
+    require_root();
+    // A "container": private mount and PID namespaces, the server binary on a tmpfs that only
+    // exists inside them. The agent must reach it through /proc/<pid>/root.
+    let port = integration_tests::free_port();
+    let script = format!(
+        "mount -t tmpfs tmpfs /mnt && cp /usr/bin/redis-check-rdb /mnt/redis-server && \
+         exec /mnt/redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no"
+    );
+    let child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let _container = integration_tests::Proc { child, name: "container".into() };
+    assert!(!std::path::Path::new("/mnt/redis-server").exists(), "the binary is only visible inside the namespace");
+    wait_for("the containerised redis to answer", Duration::from_secs(10), || {
+        let mut c = Conn::connect(port).ok()?;
+        (c.call(&["PING"]).ok()? == Reply::Simple("PONG".into())).then_some(())
+    });
+    let agent = Agent::start(&[]);
+    // Its host pid: the redis-server whose title has this port.
+    let s = wait_for("the containerised redis in the metrics", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (s.find("fanout_probe_points", &[("server_port", &port.to_string()), ("probe", "blockForKeys")]).count() == 1).then_some(s)
+    });
+    let pid = s.label_values("fanout_probe_points", &[("server_port", &port.to_string())], "process_pid").into_iter().next().unwrap();
+    assert!(agent.log().contains(&format!("/proc/{pid}/root/mnt/redis-server")), "attached through /proc/<pid>/root");
+    let mut c = Conn::connect(port).unwrap();
+    assert!(c.call(&["BRPOP", "a", "b", "0.1"]).unwrap().is_nil());
+    let s = agent.scrape();
+    assert_eq!(count(&s, KEYS, &pid, &[]), 1.0);
+    assert_eq!(sum(&s, KEYS, &pid, &[]), 2.0);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 1.0);
+}
