@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod export;
 pub mod metrics;
+pub mod privileges;
 pub mod proc_reader;
 pub mod redis;
 pub mod resource;

@@ -28,7 +28,18 @@ type Started = (Option<Probes>, Option<Rings>, Vec<ProbeStatus>);
 /// Loads and attaches the probes, or says why not. Without probes the agent still measures
 /// per-thread CPU from /proc, unless `--require-ebpf` was given.
 fn start_probes(config: &Config) -> anyhow::Result<Started> {
+    let caps = crate::privileges::Capabilities::current();
+    if let Some(caps) = caps {
+        let missing = caps.missing();
+        if !missing.is_empty() {
+            tracing::warn!(missing = %crate::privileges::describe(&missing), "the agent lacks capabilities");
+        }
+    }
     let attempt = || -> Result<(Probes, Rings), String> {
+        if let Some(caps) = caps.filter(|c| !c.ebpf_possible()) {
+            let missing: Vec<_> = caps.missing().into_iter().filter(|c| c.ebpf).collect();
+            return Err(format!("missing {}", crate::privileges::describe(&missing)));
+        }
         ebpf::ensure_tracefs()?;
         Probes::start().map_err(|e| e.to_string())
     };
