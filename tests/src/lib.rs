@@ -213,9 +213,23 @@ impl Agent {
     }
 
     pub fn start_binary(bin: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], bin, args, env)
+    }
+
+    /// Runs the agent under `wrapper` (a command that execs its last arguments, such as
+    /// `setpriv ...`).
+    pub fn start_wrapped(wrapper: &[&str], bin: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["run", "--prometheus-listen", &format!("127.0.0.1:{port}"), "--log-level", "info,fanout=debug"])
             .args(args)
             .envs(env.iter().copied())

@@ -4,6 +4,7 @@
 //! to a buildable, testable state and says what it did at each step.
 
 mod bench;
+mod checks;
 mod demo;
 mod setup;
 mod util;

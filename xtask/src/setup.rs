@@ -10,7 +10,10 @@ use crate::util::{command_output, is_root, run_checked, workspace_root};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and demo use (real Redis, Sidekiq, Prometheus) and the tools
 /// used to look at what happens (bpftool, perf, strace).
-const DEBIAN_PACKAGES: &[&str] = &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace", "python3"];
+const DEBIAN_PACKAGES: &[&str] =
+    &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace", "python3", "python3-venv", "util-linux", "systemd"];
+/// Python tools for the deployment checks, pinned, in a venv under target/.
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0"];
 
 fn step(message: &str) {
     eprintln!("[setup] {message}");
@@ -20,6 +23,7 @@ pub fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_tools()?;
     tracefs();
     step("done");
     Ok(())
@@ -123,6 +127,21 @@ fn debian_packages() -> Result<()> {
     for service in ["redis-server", "prometheus", "prometheus-node-exporter"] {
         let _ = Command::new("systemctl").args(["disable", "--now", service]).output();
     }
+    Ok(())
+}
+
+fn python_tools() -> Result<()> {
+    let venv = crate::checks::tools_venv();
+    let marker = venv.join(".fanout-tools");
+    let wanted = PYTHON_TOOLS.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|have| have == wanted) {
+        step("Python tools (kubernetes-validate): present");
+        return Ok(());
+    }
+    step(&format!("Python tools: python3 -m venv {} && pip install {}", venv.display(), PYTHON_TOOLS.join(" ")));
+    run_checked(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+    run_checked(Command::new(venv.join("bin/pip")).args(["install", "--quiet"]).args(PYTHON_TOOLS))?;
+    std::fs::write(marker, wanted)?;
     Ok(())
 }
 

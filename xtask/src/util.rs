@@ -82,6 +82,8 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
         bail!("the integration tests attach eBPF programs and need root: run `sudo cargo xtask test` (or `cargo xtask test --unit-only`)");
     }
     let bin = build_agent(false)?;
+    eprintln!("[test] deployment checks");
+    crate::checks::deploy_checks(&bin)?;
     eprintln!("[test] integration tests (root, one at a time) with {}", bin.display());
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
