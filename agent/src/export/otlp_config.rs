@@ -17,8 +17,10 @@ pub enum OtlpEnvError {
     Millis { var: &'static str, value: String },
     #[error("{var}: malformed header list {value:?} (expected key=value,key2=value2)")]
     Headers { var: &'static str, value: String },
-    #[error("OTLP endpoint {0:?} must start with http:// or https://")]
+    #[error("OTLP endpoint {0:?} must start with http://")]
     Endpoint(String),
+    #[error("OTLP endpoint {0:?}: TLS (https://) is not built into this agent; send to a local or sidecar collector over http://")]
+    Tls(String),
     #[error("OTEL_METRICS_EXPORTER={0:?} is not supported (use otlp or none; Prometheus is served by --prometheus-listen)")]
     Exporter(String),
 }
@@ -136,7 +138,10 @@ impl OtlpConfig {
             }),
             (None, _) => return Ok(None),
         };
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        if endpoint.starts_with("https://") {
+            return Err(OtlpEnvError::Tls(endpoint));
+        }
+        if !endpoint.starts_with("http://") {
             return Err(OtlpEnvError::Endpoint(endpoint));
         }
 
@@ -212,7 +217,7 @@ mod tests {
     #[test]
     fn headers_are_decoded_and_signal_headers_override() {
         let c = resolve(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Basic%20abc, x-tenant=a"),
             ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-tenant=b"),
         ])
@@ -237,6 +242,8 @@ mod tests {
         assert!(matches!(resolve(&[endpoint, ("OTEL_METRIC_EXPORT_INTERVAL", "soon")]), Err(OtlpEnvError::Millis { .. })));
         assert!(matches!(resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]), Err(OtlpEnvError::Headers { .. })));
         assert!(matches!(resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]), Err(OtlpEnvError::Endpoint(_))));
+        // Said plainly at start rather than failing at every push.
+        assert!(matches!(resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")]), Err(OtlpEnvError::Tls(_))));
     }
 
     #[test]
