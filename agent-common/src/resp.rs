@@ -352,9 +352,8 @@ impl RequestState {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
-            self.skip -= n as u64;
-            return (Step::Consumed(n), self.finish_arg_if_done());
+            let (n, call) = self.skip_bytes(avail as u64);
+            return (Step::Consumed(n as usize), call);
         }
         if self.args_left == 0 {
             // A command starts: `*<argc>\r\n`.
@@ -575,12 +574,7 @@ impl ReplyState {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
-            self.skip -= n as u64;
-            if self.skip == 0 {
-                self.element_done();
-            }
-            return (Step::Consumed(n), None);
+            return (Step::Consumed(self.skip_bytes(avail as u64) as usize), None);
         }
         if self.in_line != 0 {
             return self.scan_line(w, 0, avail, None, o);

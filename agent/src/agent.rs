@@ -167,6 +167,7 @@ impl AgentState {
             unavailable: None,
             reported: Vec::new(),
             since: p.since,
+            bookkeeping_time: self.probes.as_ref().is_some_and(|p| p.redis.bookkeeping_time),
         };
         let binary = p
             .info

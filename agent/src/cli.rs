@@ -82,6 +82,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_keys_per_group: Option<usize>,
 
+    /// Do not time Redis's blocking bookkeeping (redis.blocking.cpu.time). That measurement
+    /// needs return probes on blockForKeys and unblockClient: two more probe hits per blocking
+    /// call, each a trap into the kernel on Redis's main thread.
+    #[arg(long)]
+    pub no_redis_bookkeeping_time: bool,
+
     /// Seconds between full /proc rescans (a safety net behind the exec/exit tracepoints).
     #[arg(long, value_name = "SECONDS")]
     pub rescan_interval: Option<f64>,

@@ -46,6 +46,7 @@ pub struct FileConfig {
     pub max_thread_names_per_process: Option<usize>,
     pub export_key_names: Option<bool>,
     pub max_keys_per_group: Option<usize>,
+    pub redis_bookkeeping_time: Option<bool>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     #[serde(default)]
@@ -76,6 +77,8 @@ pub struct Config {
     pub log_level: String,
     pub max_thread_names_per_process: usize,
     pub listeners: crate::worker::ListenerOptions,
+    /// Time blockForKeys/unblockClient with return probes (on unless turned off).
+    pub redis_bookkeeping_time: bool,
 }
 
 impl FileConfig {
@@ -144,6 +147,7 @@ impl Config {
 
         Ok(Self {
             listeners,
+            redis_bookkeeping_time: !args.no_redis_bookkeeping_time && file.redis_bookkeeping_time.unwrap_or(true),
             proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
             otlp,

@@ -76,7 +76,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let proc = ProcRoot::new(&config.proc_root);
     proc.pids().with_context(|| format!("cannot list processes in {}", config.proc_root.display()))?;
 
-    let (probes, ring, probe_status) = start_probes(&config)?;
+    let (mut probes, ring, probe_status) = start_probes(&config)?;
+    if let Some(p) = probes.as_mut() {
+        p.redis.bookkeeping_time = config.redis_bookkeeping_time;
+    }
     let live: Vec<&str> = probe_status.iter().filter(|s| s.attached).map(|s| s.program).collect();
     tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());
 

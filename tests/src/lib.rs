@@ -278,12 +278,14 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// Pushes one no-op Sidekiq job onto `queue`, in the format Sidekiq 6 reads.
-pub fn enqueue_sidekiq_job(redis: &Redis, queue: &str, jid: u64) {
+/// A no-op Sidekiq job for `queue`, in the format Sidekiq 6 reads.
+pub fn sidekiq_job(queue: &str, jid: u64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let job = format!(
-        r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#
-    );
+    format!(r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#)
+}
+
+/// Pushes one no-op Sidekiq job onto `queue`.
+pub fn enqueue_sidekiq_job(redis: &Redis, queue: &str, jid: u64) {
     redis.command(&["SADD", "queues", queue]);
-    redis.command(&["LPUSH", &format!("queue:{queue}"), &job]);
+    redis.command(&["LPUSH", &format!("queue:{queue}"), &sidekiq_job(queue, jid)]);
 }

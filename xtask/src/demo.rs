@@ -66,7 +66,7 @@ pub fn run(seconds: u64) -> Result<()> {
     while Instant::now() < deadline {
         // About 100 jobs a second, spread over both fleets' queues.
         jid += 1;
-        let queue = if jid % 2 == 0 { "narrow".to_string() } else { format!("wide{}", jid % 20) };
+        let queue = if jid.is_multiple_of(2) { "narrow".to_string() } else { format!("wide{}", jid % 20) };
         enqueue_sidekiq_job(&redis, &queue, jid);
         std::thread::sleep(Duration::from_millis(10));
         if window.elapsed() >= Duration::from_secs(5) {

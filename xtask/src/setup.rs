@@ -11,7 +11,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and demo use (real Redis, Sidekiq, Prometheus) and the tools
 /// used to look at what happens (bpftool, perf, strace).
 const DEBIAN_PACKAGES: &[&str] =
-    &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace", "python3", "python3-venv", "util-linux", "systemd"];
+    &["redis-server", "redis-tools", "ruby-sidekiq", "prometheus", "bpftool", "strace", "python3", "python3-venv", "util-linux", "systemd", "fonts-dejavu-core"];
 /// Python tools for the deployment checks, pinned, in a venv under target/.
 const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0"];
 

@@ -24,17 +24,19 @@ use crate::redis::binary::{BinaryId, RedisBinary};
 pub struct UprobeSpec {
     pub program: &'static str,
     pub symbol: &'static str,
+    /// Only for the bookkeeping-time measurement (return probes, opt-in).
+    pub bookkeeping: bool,
 }
 
 /// Probe points as data: each entry program and, where it times a phase, its return program.
 pub const REDIS_UPROBES: [UprobeSpec; 7] = [
-    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS, symbol: "blockForKeys" },
-    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS_RETURN, symbol: "blockForKeys" },
-    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT, symbol: "unblockClient" },
-    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT_RETURN, symbol: "unblockClient" },
-    UprobeSpec { program: programs::REDIS_REPLY_TIMED_OUT, symbol: "replyToBlockedClientTimedOut" },
-    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED, symbol: "handleClientsBlockedOnKeys" },
-    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED_RETURN, symbol: "handleClientsBlockedOnKeys" },
+    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS, symbol: "blockForKeys", bookkeeping: false },
+    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS_RETURN, symbol: "blockForKeys", bookkeeping: true },
+    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT, symbol: "unblockClient", bookkeeping: false },
+    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT_RETURN, symbol: "unblockClient", bookkeeping: true },
+    UprobeSpec { program: programs::REDIS_REPLY_TIMED_OUT, symbol: "replyToBlockedClientTimedOut", bookkeeping: false },
+    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED, symbol: "handleClientsBlockedOnKeys", bookkeeping: false },
+    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED_RETURN, symbol: "handleClientsBlockedOnKeys", bookkeeping: false },
 ];
 
 /// The probe points (functions) in the order the hit counters index them.
@@ -98,6 +100,8 @@ pub struct RedisMaps {
     attachments: StdHashMap<BinaryId, Attachment>,
     /// Why the uprobe programs could not be loaded, if they could not.
     load_error: Option<String>,
+    /// Attach the return probes that time registration and unregistration.
+    pub bookkeeping_time: bool,
 }
 
 impl RedisMaps {
@@ -123,6 +127,7 @@ impl RedisMaps {
             clock: take_map(ebpf, maps::CLOCK_OFFSET)?,
             attachments: StdHashMap::new(),
             load_error,
+            bookkeeping_time: true,
         })
     }
 
@@ -135,7 +140,7 @@ impl RedisMaps {
         if !self.attachments.contains_key(&binary.id) {
             let mut links = Vec::new();
             let mut points: BTreeMap<&'static str, PointState> = BTreeMap::new();
-            for spec in &REDIS_UPROBES {
+            for spec in REDIS_UPROBES.iter().filter(|s| self.bookkeeping_time || !s.bookkeeping) {
                 if !binary.has(spec.symbol) {
                     points.insert(spec.symbol, PointState::Missing);
                     continue;

@@ -31,6 +31,8 @@ pub struct RedisTarget {
     /// Problems already logged, so each is logged once.
     pub reported: Vec<String>,
     pub since: std::time::SystemTime,
+    /// Whether the bookkeeping return probes were attached (`--no-redis-bookkeeping-time`).
+    pub bookkeeping_time: bool,
 }
 
 /// Which metric families can be trusted for one process, and why others cannot.
@@ -181,7 +183,7 @@ impl RedisTarget {
                 Point { attributes: base.clone(), start_time: epoch, value: PointValue::Gauge(readings.registrations as f64) },
             );
         }
-        if verdict.bookkeeping {
+        if verdict.bookkeeping && self.bookkeeping_time {
             for (which, label) in [(phase::REGISTER, "register"), (phase::UNREGISTER, "unregister")] {
                 let ns = readings.bookkeeping.get(&which).map(|t| t.total_ns).unwrap_or(0);
                 let mut attrs = base.clone();

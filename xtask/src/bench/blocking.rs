@@ -1,0 +1,140 @@
+//! Blocking-heavy load: C clients in BRPOP over F keys, a producer pushing at a fixed rate.
+//! Measures what each served job costs Redis's main thread, with and without the agent, and
+//! the fan-out cost curve (main-thread time per blocking call as a function of keys listed),
+//! from /proc, from the agent's own metrics, and from INFO commandstats.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use integration_tests::{resp::Conn, Agent, Redis};
+
+/// One measurement.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BlockingSample {
+    pub keys: usize,
+    pub with_agent: bool,
+    pub served_per_second: f64,
+    /// Main-thread CPU per served job, from /proc (us).
+    pub main_cpu_us_per_job: f64,
+    /// BRPOP usec_per_call over the run, from INFO commandstats.
+    pub info_us_per_call: f64,
+    /// Registration + unregistration time per blocking call, from the agent (us).
+    pub agent_bookkeeping_us_per_call: Option<f64>,
+    /// The agent's own CPU over the run, as a share of one core.
+    pub agent_cpu_share: Option<f64>,
+}
+
+/// Main-thread CPU seconds of a process (its task with tid == pid).
+fn main_thread_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+pub fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (calls, usec) of BRPOP from INFO commandstats.
+fn brpop_stats(redis: &Redis) -> (f64, f64) {
+    let mut conn = Conn::connect(redis.port).expect("connect");
+    let info = match conn.call(&["INFO", "commandstats"]) {
+        Ok(integration_tests::resp::Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
+        _ => String::new(),
+    };
+    let line = info.lines().find(|l| l.starts_with("cmdstat_brpop:")).unwrap_or("");
+    let field = |name: &str| {
+        line.split([':', ',']).find_map(|kv| kv.strip_prefix(&format!("{name}="))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    (field("calls"), field("usec"))
+}
+
+/// The agent's (bookkeeping seconds, blocking calls) for one Redis pid.
+fn agent_bookkeeping(agent: &Agent, pid: u32) -> (f64, f64) {
+    let s = agent.scrape();
+    let pid = pid.to_string();
+    (
+        s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid)]),
+        s.sum("redis_blocking_keys_count", &[("process_pid", &pid)]),
+    )
+}
+
+/// Runs `clients` BRPOP loops over `keys` keys and a producer at `rate` pushes/s for
+/// `seconds`, bounded in time and requests. Returns the sample.
+pub fn run_once(redis: &Redis, agent: Option<&Agent>, keys: usize, clients: usize, rate: u32, seconds: f64) -> Result<BlockingSample> {
+    let names: Arc<Vec<String>> = Arc::new((0..keys).map(|i| format!("bench:q{i}")).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let port = redis.port;
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (names, stop, served) = (names.clone(), stop.clone(), served.clone());
+            thread::spawn(move || -> Result<()> {
+                let mut conn = Conn::connect(port)?;
+                let mut args: Vec<&str> = vec!["BRPOP"];
+                args.extend(names.iter().map(String::as_str));
+                args.push("1");
+                while !stop.load(Ordering::Relaxed) {
+                    if !conn.call(&args)?.is_nil() {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    // Let every client block before measuring.
+    thread::sleep(Duration::from_millis(300));
+    let pid = redis.pid();
+    let (cpu0, (calls0, usec0)) = (main_thread_cpu(pid), brpop_stats(redis));
+    let agent0 = agent.map(|a| (agent_bookkeeping(a, pid), process_cpu(a.proc.pid())));
+    let served0 = served.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut producer = Conn::connect(port)?;
+    let target = names.last().context("no keys")?.clone();
+    let mut pushed = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        // Pace in 10 ms steps.
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while pushed < due {
+            producer.call(&["LPUSH", &target, "job"])?;
+            pushed += 1;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let jobs = (served.load(Ordering::Relaxed) - served0).max(1) as f64;
+    let (cpu1, (calls1, usec1)) = (main_thread_cpu(pid), brpop_stats(redis));
+    let agent1 = agent.map(|a| (agent_bookkeeping(a, pid), process_cpu(a.proc.pid())));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    let _ = producer.call(&["DEL", &target]);
+    let (bookkeeping, agent_cpu) = match (agent0, agent1) {
+        (Some(((b0, c0), p0)), Some(((b1, c1), p1))) => {
+            (Some(if c1 > c0 { (b1 - b0) / (c1 - c0) * 1e6 } else { 0.0 }), Some((p1 - p0) / wall))
+        }
+        _ => (None, None),
+    };
+    Ok(BlockingSample {
+        keys,
+        with_agent: agent.is_some(),
+        served_per_second: jobs / wall,
+        main_cpu_us_per_job: (cpu1 - cpu0) / jobs * 1e6,
+        info_us_per_call: if calls1 > calls0 { (usec1 - usec0) / (calls1 - calls0) } else { 0.0 },
+        agent_bookkeeping_us_per_call: bookkeeping,
+        agent_cpu_share: agent_cpu,
+    })
+}
