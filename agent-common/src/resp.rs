@@ -352,8 +352,9 @@ impl RequestState {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            let (n, call) = self.skip_bytes(avail as u64);
-            return (Step::Consumed(n as usize), call);
+            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            self.skip -= n as u64;
+            return (Step::Consumed(n), self.finish_arg_if_done());
         }
         if self.args_left == 0 {
             // A command starts: `*<argc>\r\n`.
@@ -574,7 +575,12 @@ impl ReplyState {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            return (Step::Consumed(self.skip_bytes(avail as u64) as usize), None);
+            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            self.skip -= n as u64;
+            if self.skip == 0 {
+                self.element_done();
+            }
+            return (Step::Consumed(n), None);
         }
         if self.in_line != 0 {
             return self.scan_line(w, 0, avail, None, o);

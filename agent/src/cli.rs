@@ -15,6 +15,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (needs root or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH).
     Run(RunArgs),
+    /// Load every eBPF program into this kernel's verifier without attaching anything, and
+    /// report each one: a quick check that this kernel accepts the agent's probes.
+    CheckProbes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -12,7 +12,10 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::CheckProbes => return check_probes(),
+    };
 
     let file = match &args.config {
         Some(path) => FileConfig::load(path),
@@ -56,6 +59,31 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("fanout: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `fanout check-probes`: every program through the verifier, one line each.
+fn check_probes() -> ExitCode {
+    match fanout::ebpf::check_all_programs() {
+        Ok(results) => {
+            let mut failed = 0;
+            for (name, result) in &results {
+                match result {
+                    Ok(insns) => println!("ok      {name} ({insns} instructions verified)"),
+                    Err(e) => {
+                        failed += 1;
+                        let first = e.lines().next().unwrap_or_default();
+                        println!("FAILED  {name}: {first}");
+                    }
+                }
+            }
+            println!("{} programs, {failed} rejected", results.len());
+            if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("fanout: error: {e}");
             ExitCode::FAILURE
         }
     }

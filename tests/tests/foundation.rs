@@ -275,3 +275,17 @@ fn process_churn_leaves_nothing_behind_in_the_agent_or_the_kernel() {
     let tracked_now = agent.scrape().sum("fanout_processes_tracked", &[]) as usize;
     assert!(histogram_keys <= tracked_now * 64, "{histogram_keys} histogram keys for {tracked_now} tracked processes");
 }
+
+#[test]
+fn every_ebpf_program_passes_this_kernels_verifier() {
+    require_root();
+    // A quick, specific failure when a change to the probes or the shared tokenizer makes the
+    // verifier reject a program (the agent itself would only log it and carry on without it).
+    let out = std::process::Command::new(integration_tests::fanout_bin()).arg("check-probes").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "rejected programs:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("20 programs, 0 rejected"), "{text}");
+    for program in ["sched_switch", "redis_block_for_keys", "worker_enter_write", "worker_exit_read"] {
+        assert!(text.contains(&format!("ok      {program} (")), "{program}: {text}");
+    }
+}

@@ -148,3 +148,22 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, specs: &[TracepointSpec]) -> Vec<Prob
         })
         .collect()
 }
+
+/// Loads (verifies) every program of the object without attaching it: (program, verified
+/// instruction count or error).
+pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeError> {
+    let mut ebpf = load_object()?;
+    let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
+    let mut out = Vec::new();
+    for name in names {
+        let Some(program) = ebpf.program_mut(&name) else { continue };
+        let result = match program {
+            aya::programs::Program::TracePoint(p) => p.load().and_then(|_| p.info()).map(|i| i.verified_instruction_count().unwrap_or(0)),
+            aya::programs::Program::UProbe(p) => p.load().and_then(|_| p.info()).map(|i| i.verified_instruction_count().unwrap_or(0)),
+            _ => continue,
+        };
+        out.push((name, result.map_err(|e| e.to_string())));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
