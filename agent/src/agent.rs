@@ -125,8 +125,10 @@ impl AgentState {
                         Classification::Worker { .. } => {
                             if let Some(probes) = self.probes.as_mut() {
                                 let proc = &self.proc;
-                                if let Err(e) = probes.worker.track(&mut probes.ebpf, pid, || proc.socket_peers(pid)) {
-                                    tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics");
+                                match probes.worker.track(&mut probes.ebpf, pid, || proc.socket_peers(pid)) {
+                                    Ok(()) => {}
+                                    Err(crate::ebpf::ProbeError::Disabled(why)) => tracing::debug!(pid, "{why}"),
+                                    Err(e) => tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics"),
                                 }
                             }
                         }

@@ -85,6 +85,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_keys_per_group: Option<usize>,
 
+    /// Do not follow workers' syscalls (no worker.* metrics). The syscall tracepoints run a
+    /// filter on every read and write of every process while a worker is tracked, Redis
+    /// included: on a node that runs Redis, that taxes each Redis command (see BENCHMARKS.md).
+    #[arg(long)]
+    pub no_worker_probes: bool,
+
     /// Do not time Redis's blocking bookkeeping (redis.blocking.cpu.time). That measurement
     /// needs return probes on blockForKeys and unblockClient: two more probe hits per blocking
     /// call, each a trap into the kernel on Redis's main thread.

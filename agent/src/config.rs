@@ -47,6 +47,7 @@ pub struct FileConfig {
     pub export_key_names: Option<bool>,
     pub max_keys_per_group: Option<usize>,
     pub redis_bookkeeping_time: Option<bool>,
+    pub worker_probes: Option<bool>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     #[serde(default)]
@@ -79,6 +80,8 @@ pub struct Config {
     pub listeners: crate::worker::ListenerOptions,
     /// Time blockForKeys/unblockClient with return probes (on unless turned off).
     pub redis_bookkeeping_time: bool,
+    /// Follow workers' syscalls (on unless turned off).
+    pub worker_probes: bool,
 }
 
 impl FileConfig {
@@ -148,6 +151,7 @@ impl Config {
         Ok(Self {
             listeners,
             redis_bookkeeping_time: !args.no_redis_bookkeeping_time && file.redis_bookkeeping_time.unwrap_or(true),
+            worker_probes: !args.no_worker_probes && file.worker_probes.unwrap_or(true),
             proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
             otlp,

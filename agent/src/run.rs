@@ -79,6 +79,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (mut probes, ring, probe_status) = start_probes(&config)?;
     if let Some(p) = probes.as_mut() {
         p.redis.bookkeeping_time = config.redis_bookkeeping_time;
+        p.worker.disabled = !config.worker_probes;
     }
     let live: Vec<&str> = probe_status.iter().filter(|s| s.attached).map(|s| s.program).collect();
     tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());

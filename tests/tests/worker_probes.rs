@@ -260,3 +260,24 @@ t.recv(1024)
     // Redis itself is unharmed by the agent.
     assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
 }
+
+#[test]
+fn worker_probes_can_be_turned_off_and_then_cost_nothing() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", "raw:cmdline=fanout-raw-client", "--no-worker-probes"]);
+    let script = r#"
+import socket, sys, time
+time.sleep(0.5)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$3\r\nq:x\r\n$3\r\n0.1\r\n")
+s.recv(1024)
+"#;
+    let status = Command::new("/usr/bin/python3").args(["-c", script, &redis.port.to_string(), "fanout-raw-client"]).status().unwrap();
+    assert!(status.success());
+    let s = agent.scrape();
+    // The worker was tracked (its CPU is measured) but its syscalls were not followed.
+    assert!(agent.log().contains("tracking process"), "{}", agent.log());
+    assert_eq!(s.find(&format!("{DURATION}_count"), &[]).count(), 0);
+    assert!(!agent.log().contains("worker syscall probes attached"));
+}

@@ -16,6 +16,8 @@ pub static EBPF_OBJECT: Option<&[u8]> = None;
 pub enum ProbeError {
     #[error("this fanout binary was built without eBPF programs (AYA_BUILD_SKIP=1)")]
     NotBuilt,
+    #[error("{0}")]
+    Disabled(&'static str),
     #[error("loading the eBPF object failed: {0} (needs CAP_BPF and CAP_PERFMON, or root)")]
     Load(String),
     #[error("eBPF program {0} is missing from the object")]

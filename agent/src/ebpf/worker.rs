@@ -58,6 +58,8 @@ pub struct WorkerMaps {
     load_error: Option<String>,
     /// Why the syscall probes could not be attached the last time it was tried.
     pub attach_error: Option<String>,
+    /// Turned off by configuration (`--no-worker-probes`).
+    pub disabled: bool,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -115,6 +117,7 @@ impl WorkerMaps {
             links: Vec::new(),
             load_error,
             attach_error: None,
+            disabled: false,
         })
     }
 
@@ -125,6 +128,9 @@ impl WorkerMaps {
     /// Starts following a worker: attaches the syscall probes if this is the first one, seeds
     /// the peers of its open sockets, and adds it to the kernel filter.
     pub fn track(&mut self, ebpf: &mut Ebpf, pid: u32, sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>) -> Result<(), ProbeError> {
+        if self.disabled {
+            return Err(ProbeError::Disabled("worker syscall probes are turned off (--no-worker-probes)"));
+        }
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
