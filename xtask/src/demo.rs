@@ -39,6 +39,34 @@ fn print_table(before: &Scrape, after: &Scrape, seconds: f64) {
         println!("{:<10} {:>7} {:<16} {:>8.1} {:>14} {:>10.0}", key.0, key.1, key.2, cpu, mean, waits / seconds);
     }
     println!();
+    // The blocking side, per worker group (as the workers see it) and per Redis.
+    let group_sum = |scrape: &Scrape, name: &str, extra: &[(&str, &str)], group: &str| {
+        let mut m = vec![("process_group", group)];
+        m.extend_from_slice(extra);
+        scrape.sum(name, &m)
+    };
+    println!("{:<10} {:>10} {:>12} {:>10} {:>16}", "group", "pops/s", "keys/pop", "served %", "served mean ms");
+    for group in after.label_values("worker_blocking_pop_keys_count", &[], "process_group") {
+        let d = |name: &str, extra: &[(&str, &str)]| group_sum(after, name, extra, &group) - group_sum(before, name, extra, &group);
+        let pops = d("worker_blocking_pop_duration_seconds_count", &[]);
+        let served = d("worker_blocking_pop_duration_seconds_count", &[("outcome", "served")]);
+        let keys = d("worker_blocking_pop_keys_sum", &[]) / d("worker_blocking_pop_keys_count", &[]).max(1.0);
+        let mean_served = d("worker_blocking_pop_duration_seconds_sum", &[("outcome", "served")]) / served.max(1.0);
+        println!("{:<10} {:>10.1} {:>12.0} {:>10.0} {:>16.1}", group, pops / seconds, keys, 100.0 * served / pops.max(1.0), mean_served * 1e3);
+    }
+    for pid in after.label_values("redis_blocking_keys_count", &[], "process_pid") {
+        let d = |name: &str| after.sum(name, &[("process_pid", &pid)]) - before.sum(name, &[("process_pid", &pid)]);
+        let calls = d("redis_blocking_keys_count");
+        println!(
+            "redis pid {pid}: {:.0} blocking calls/s, {:.0} keys per call, {:.0} clients blocked now ({:.0} key registrations), bookkeeping {:.2}% of a core",
+            calls / seconds,
+            d("redis_blocking_keys_sum") / calls.max(1.0),
+            after.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+            after.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+            100.0 * d("redis_blocking_cpu_time_seconds_total") / seconds
+        );
+    }
+    println!();
 }
 
 pub fn run(seconds: u64) -> Result<()> {
