@@ -19,9 +19,9 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop},
-    macros::{map, tracepoint},
+    macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
 use crate::counters::bump;
@@ -529,23 +529,23 @@ fn iov_total(iov: u64, count: u64) -> u64 {
     MapOpaque.hide(total)
 }
 
-#[tracepoint]
-pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
-    // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
-    let Some((tgid, _)) = worker_tgid() else { return 0 };
-    let (Ok(fd), Ok(buf), Ok(len)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }, unsafe { ctx.read_at::<u64>(ARG2) }) else { return 0 };
+// The handlers below take plain arguments, so that the same logic serves two kinds of
+// attachment: syscall tracepoints (every process pays the tgid filter) and uprobes on the libc
+// functions of each worker process (only workers pay). Tracepoint programs read the arguments
+// at the syscall-format offsets; uprobe programs read them from registers.
+
+#[inline(always)]
+fn handle_write(fd: u64, buf: u64, len: u64) {
+    let Some((tgid, _)) = worker_tgid() else { return };
     on_write(tgid, fd as u32, buf, len, 0, 0, len);
-    0
 }
 
-#[tracepoint]
-pub fn worker_enter_writev(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = worker_tgid() else { return 0 };
-    let (Ok(fd), Ok(iov), Ok(count)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }, unsafe { ctx.read_at::<u64>(ARG2) }) else { return 0 };
+#[inline(always)]
+fn handle_writev(fd: u64, iov: u64, count: u64) {
+    let Some((tgid, _)) = worker_tgid() else { return };
     let total = iov_total(iov, count);
     // The count's range was narrowed differently on each path of the summing loop.
     on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
-    0
 }
 
 /// `struct user_msghdr`: msg_iov at 16, msg_iovlen at 24.
@@ -556,74 +556,50 @@ fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
     Some((iov, count))
 }
 
-#[tracepoint]
-pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = worker_tgid() else { return 0 };
-    let (Ok(fd), Ok(msg)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+#[inline(always)]
+fn handle_sendmsg(fd: u64, msg: u64) {
     if let Some((iov, count)) = msghdr_iov(msg) {
-        let total = iov_total(iov, count);
-        on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
+        handle_writev(fd, iov, count);
     }
-    0
 }
 
-/// Saves a read's buffer for its exit, if the fd is a followed connection.
+/// Saves a read's buffer for its exit, if the fd is a followed connection. `iov_kind`: 0 for
+/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr).
 #[inline(always)]
-fn save_read(ctx: &TracePointContext, iov_kind: u32) -> u32 {
-    let Some((tgid, id)) = worker_tgid() else { return 0 };
-    let (Ok(fd), Ok(buf)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32) {
+    let Some((tgid, id)) = worker_tgid() else { return };
     let key = ConnKey { tgid, fd: fd as u32 };
     match unsafe { CONNS.get(&key) } {
         Some(conn) if conn.kind == conn_kind::RESP => {}
-        _ => return 0,
+        _ => return,
     }
     let (buf, iovcnt) = match iov_kind {
-        // readv(fd, iov, count)
-        1 => (buf, unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0) as u32),
-        // recvmsg(fd, msg, flags)
+        1 => (buf, arg2 as u32),
         2 => match msghdr_iov(buf) {
             Some((iov, count)) => (iov, count as u32),
-            None => return 0,
+            None => return,
         },
         _ => (buf, 0),
     };
     let _ = PENDING_READS.insert(&id, &PendingRead { buf, fd: fd as u32, iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) } }, 0);
-    0
 }
 
-#[tracepoint]
-pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
-    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...).
-    save_read(&ctx, 0)
-}
-
-#[tracepoint]
-pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
-    save_read(&ctx, 1)
-}
-
-#[tracepoint]
-pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    save_read(&ctx, 2)
-}
-
-#[tracepoint]
-pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
-    let Some((tgid, id)) = worker_tgid() else { return 0 };
-    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else { return 0 };
+#[inline(always)]
+fn handle_read_exit(ret: i64) {
+    let Some((tgid, id)) = worker_tgid() else { return };
+    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else { return };
     let _ = PENDING_READS.remove(&id);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else { return 0 };
     let key = ConnKey { tgid, fd: pending.fd };
-    let Some(conn) = CONNS.get_ptr_mut(&key) else { return 0 };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else { return };
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
         finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, now);
-        return 0;
+        return;
     }
     if ret < 0 {
         // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
-        return 0;
+        return;
     }
     let total = ret as u64;
     if pending.iovcnt == 0 {
@@ -631,13 +607,11 @@ pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
     } else if let Ok(v) = unsafe { bpf_probe_read_user(pending.buf as *const IoVec) } {
         follow(conn, tgid, pending.fd, DIR_REPLY, v.base, v.len, pending.buf, pending.iovcnt as u64, total, now);
     }
-    0
 }
 
-#[tracepoint]
-pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = worker_tgid() else { return 0 };
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else { return 0 };
+#[inline(always)]
+fn handle_close(fd: u64) {
+    let Some((tgid, _)) = worker_tgid() else { return };
     let key = ConnKey { tgid, fd: fd as u32 };
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         // Closed while a pop waited: the worker gave up on it.
@@ -645,17 +619,15 @@ pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
         let _ = CONNS.remove(&key);
     }
     let _ = CONN_PEERS.remove(&key);
-    0
 }
 
-#[tracepoint]
-pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = worker_tgid() else { return 0 };
-    let (Ok(fd), Ok(addr)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe { ctx.read_at::<u64>(ARG1) }) else { return 0 };
+#[inline(always)]
+fn handle_connect(fd: u64, addr: u64) {
+    let Some((tgid, _)) = worker_tgid() else { return };
     let key = ConnKey { tgid, fd: fd as u32 };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
-    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else { return 0 };
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else { return };
     let mut peer = Peer { family, port: 0, addr: [0; 16] };
     match family {
         2 | 10 => {
@@ -673,8 +645,151 @@ pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
             }
         }
         1 => {}
-        _ => return 0,
+        _ => return,
     }
     let _ = CONN_PEERS.insert(&key, &peer, 0);
+}
+
+/// The syscall arguments of a tracepoint context (`sys_enter_*`: 8-byte args from offset 16).
+#[inline(always)]
+fn tp_args(ctx: &TracePointContext) -> (u64, u64, u64) {
+    unsafe { (ctx.read_at::<u64>(ARG0).unwrap_or(0), ctx.read_at::<u64>(ARG1).unwrap_or(0), ctx.read_at::<u64>(ARG2).unwrap_or(0)) }
+}
+
+/// Function arguments of a uprobe context.
+#[inline(always)]
+fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
+    (ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0))
+}
+
+// --- syscall tracepoints -----------------------------------------------------------------
+
+#[tracepoint]
+pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
+    // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
+    let (fd, buf, len) = tp_args(&ctx);
+    handle_write(fd, buf, len);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_writev(ctx: TracePointContext) -> u32 {
+    let (fd, iov, count) = tp_args(&ctx);
+    handle_writev(fd, iov, count);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let (fd, msg, _) = tp_args(&ctx);
+    handle_sendmsg(fd, msg);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
+    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...).
+    let (fd, buf, arg2) = tp_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 0);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
+    let (fd, buf, arg2) = tp_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 1);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    let (fd, buf, arg2) = tp_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 2);
+    0
+}
+
+#[tracepoint]
+pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(RET) } {
+        handle_read_exit(ret);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
+    handle_close(tp_args(&ctx).0);
+    0
+}
+
+#[tracepoint]
+pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
+    let (fd, addr, _) = tp_args(&ctx);
+    handle_connect(fd, addr);
+    0
+}
+
+// --- uprobes on the worker's libc (attached per worker process) --------------------------
+
+#[uprobe]
+pub fn worker_libc_write(ctx: ProbeContext) -> u32 {
+    // write(fd, buf, n), send(fd, buf, n, flags), sendto(fd, buf, n, ...).
+    let (fd, buf, len) = up_args(&ctx);
+    handle_write(fd, buf, len);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_writev(ctx: ProbeContext) -> u32 {
+    let (fd, iov, count) = up_args(&ctx);
+    handle_writev(fd, iov, count);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
+    let (fd, msg, _) = up_args(&ctx);
+    handle_sendmsg(fd, msg);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_read(ctx: ProbeContext) -> u32 {
+    // read(fd, buf, n), recv(fd, buf, n, flags), recvfrom(fd, buf, n, ...).
+    let (fd, buf, arg2) = up_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 0);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
+    let (fd, buf, arg2) = up_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 1);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
+    let (fd, buf, arg2) = up_args(&ctx);
+    handle_read_enter(fd, buf, arg2, 2);
+    0
+}
+
+#[uretprobe]
+pub fn worker_libc_read_ret(ctx: RetProbeContext) -> u32 {
+    handle_read_exit(ctx.ret::<i64>());
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_close(ctx: ProbeContext) -> u32 {
+    handle_close(up_args(&ctx).0);
+    0
+}
+
+#[uprobe]
+pub fn worker_libc_connect(ctx: ProbeContext) -> u32 {
+    let (fd, addr, _) = up_args(&ctx);
+    handle_connect(fd, addr);
     0
 }

@@ -125,7 +125,7 @@ impl AgentState {
                         Classification::Worker { .. } => {
                             if let Some(probes) = self.probes.as_mut() {
                                 let proc = &self.proc;
-                                match probes.worker.track(&mut probes.ebpf, pid, || proc.socket_peers(pid)) {
+                                match probes.worker.track(&mut probes.ebpf, pid, proc.libc_path(pid), || proc.socket_peers(pid)) {
                                     Ok(()) => {}
                                     Err(crate::ebpf::ProbeError::Disabled(why)) => tracing::debug!(pid, "{why}"),
                                     Err(e) => tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics"),

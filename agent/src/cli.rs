@@ -91,6 +91,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_worker_probes: bool,
 
+    /// How workers' traffic is followed: `syscalls` (tracepoints; any worker, but every
+    /// process on the host pays a filter on each read and write) or `libc` (uprobes on each
+    /// worker's libc; only workers pay, but workers that bypass libc, such as Go, are not seen).
+    #[arg(long, value_name = "MODE")]
+    pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
+
     /// Do not time Redis's blocking bookkeeping (redis.blocking.cpu.time). That measurement
     /// needs return probes on blockForKeys and unblockClient: two more probe hits per blocking
     /// call, each a trap into the kernel on Redis's main thread.

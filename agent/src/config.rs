@@ -48,6 +48,7 @@ pub struct FileConfig {
     pub max_keys_per_group: Option<usize>,
     pub redis_bookkeeping_time: Option<bool>,
     pub worker_probes: Option<bool>,
+    pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     #[serde(default)]
@@ -82,6 +83,7 @@ pub struct Config {
     pub redis_bookkeeping_time: bool,
     /// Follow workers' syscalls (on unless turned off).
     pub worker_probes: bool,
+    pub worker_probe_mode: crate::ebpf::worker::WorkerProbeMode,
 }
 
 impl FileConfig {
@@ -152,6 +154,7 @@ impl Config {
             listeners,
             redis_bookkeeping_time: !args.no_redis_bookkeeping_time && file.redis_bookkeeping_time.unwrap_or(true),
             worker_probes: !args.no_worker_probes && file.worker_probes.unwrap_or(true),
+            worker_probe_mode: args.worker_probe_mode.or(file.worker_probe_mode).unwrap_or(crate::ebpf::worker::WorkerProbeMode::Syscalls),
             proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
             otlp,

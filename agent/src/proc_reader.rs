@@ -168,6 +168,25 @@ impl ProcRoot {
     }
 }
 
+impl ProcRoot {
+    /// The C library a process has mapped, as a path the agent can open (through
+    /// `/proc/<pid>/root`), from `/proc/<pid>/maps`.
+    pub fn libc_path(&self, pid: u32) -> Option<PathBuf> {
+        let maps = std::fs::read_to_string(self.root.join(pid.to_string()).join("maps")).ok()?;
+        let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| {
+            let name = p.rsplit('/').next().unwrap_or(p);
+            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+        });
+        if let Some(path) = mapped {
+            return Some(self.host_path_of(pid, Path::new(path)));
+        }
+        // Seen at exec, before the dynamic loader has mapped it: look where distributions put
+        // it, inside the process's own root. Uprobes on that file fire once it is mapped.
+        const USUAL: [&str; 4] = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib64/libc.so.6"];
+        USUAL.iter().map(|p| self.host_path_of(pid, Path::new(p))).find(|p| p.exists())
+    }
+}
+
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of /proc CPU counters.
 pub fn ticks_per_second() -> u64 {
     procfs::ticks_per_second()

@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(p) = probes.as_mut() {
         p.redis.bookkeeping_time = config.redis_bookkeeping_time;
         p.worker.disabled = !config.worker_probes;
+        p.worker.mode = config.worker_probe_mode;
     }
     let live: Vec<&str> = probe_status.iter().filter(|s| s.attached).map(|s| s.program).collect();
     tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());

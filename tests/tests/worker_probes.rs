@@ -180,9 +180,21 @@ print("done", flush=True)
 
 #[test]
 fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
+    raw_client_checks(&[]);
+}
+
+/// The same client followed through uprobes on its libc (send/recv) instead of syscalls.
+#[test]
+fn raw_client_through_libc_uprobes() {
+    raw_client_checks(&["--worker-probe-mode", "libc"]);
+}
+
+fn raw_client_checks(mode: &[&str]) {
     require_root();
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&["--worker-rule", "raw:cmdline=fanout-raw-client"]);
+    let mut args = vec!["--worker-rule", "raw:cmdline=fanout-raw-client"];
+    args.extend_from_slice(mode);
+    let agent = Agent::start(&args);
     let mut child = Command::new("/usr/bin/python3")
         .args(["-c", RAW_CLIENT, &redis.port.to_string(), "fanout-raw-client"])
         .stdout(Stdio::piped())
@@ -280,4 +292,28 @@ s.recv(1024)
     assert!(agent.log().contains("tracking process"), "{}", agent.log());
     assert_eq!(s.find(&format!("{DURATION}_count"), &[]).count(), 0);
     assert!(!agent.log().contains("worker syscall probes attached"));
+}
+
+#[test]
+fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-probe-mode", "libc", "--worker-rule", &group_rule("lib")]);
+    let fleet = Sidekiq::start_tagged(redis.port, Some("lib"), &["a", "b", "c"], 1);
+    wait_for("the fleet blocking", Duration::from_secs(15), || {
+        (agent.scrape().sum(&format!("{KEYS}_count"), &[("process_group", "lib")]) >= 1.0).then_some(())
+    });
+    assert!(agent.log().contains("worker libc probes attached"), "{}", agent.log());
+    assert!(!agent.log().contains("worker syscall probes attached"), "no syscall tracepoints in libc mode");
+    for jid in 0..5 {
+        thread::sleep(Duration::from_millis(300));
+        enqueue_sidekiq_job(&redis, "b", jid);
+    }
+    let s = wait_for("5 served pops", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "lib"), ("outcome", "served")]) == 5.0).then_some(s)
+    });
+    let g = [("process_group", "lib")];
+    assert_eq!(s.sum(&format!("{KEYS}_sum"), &g), 3.0 * s.sum(&format!("{KEYS}_count"), &g), "every pop lists 3 keys ({})", fleet.pid());
+    assert_eq!(s.sum("worker_queues_listened", &g), 3.0);
 }

@@ -11,7 +11,11 @@ use agent_common::{
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
-    programs::{trace_point::TracePointLinkId, TracePoint},
+    programs::{
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeLinkId, UProbeScope},
+        TracePoint, UProbe,
+    },
     Ebpf,
 };
 
@@ -40,6 +44,39 @@ pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
     syscall("worker_enter_connect", "sys_enter_connect"),
 ];
 
+/// How the worker side sees the workers' traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerProbeMode {
+    /// Syscall tracepoints: any worker, whatever its language or libc, but every process on
+    /// the host (Redis included) pays the filter on each read and write.
+    Syscalls,
+    /// Uprobes on each worker's libc send/receive functions: only workers pay, but a worker
+    /// that bypasses libc (Go) is not seen.
+    Libc,
+}
+
+/// (program, libc function) pairs attached per worker process in libc mode.
+pub const LIBC_UPROBES: [(&str, &str); 17] = [
+    ("worker_libc_write", "write"),
+    ("worker_libc_write", "send"),
+    ("worker_libc_write", "sendto"),
+    ("worker_libc_writev", "writev"),
+    ("worker_libc_sendmsg", "sendmsg"),
+    ("worker_libc_read", "read"),
+    ("worker_libc_read", "recv"),
+    ("worker_libc_read", "recvfrom"),
+    ("worker_libc_readv", "readv"),
+    ("worker_libc_recvmsg", "recvmsg"),
+    ("worker_libc_read_ret", "read"),
+    ("worker_libc_read_ret", "recv"),
+    ("worker_libc_read_ret", "recvfrom"),
+    ("worker_libc_read_ret", "readv"),
+    ("worker_libc_read_ret", "recvmsg"),
+    ("worker_libc_close", "close"),
+    ("worker_libc_connect", "connect"),
+];
+
 /// What the kernel holds for one worker process.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerReadings {
@@ -60,6 +97,9 @@ pub struct WorkerMaps {
     pub attach_error: Option<String>,
     /// Turned off by configuration (`--no-worker-probes`).
     pub disabled: bool,
+    pub mode: WorkerProbeMode,
+    /// Libc-mode uprobe links per worker pid.
+    libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -105,8 +145,22 @@ impl WorkerMaps {
                 load_error.get_or_insert(e.to_string());
             }
         }
+        let mut loaded = std::collections::BTreeSet::new();
+        for (program, _) in LIBC_UPROBES {
+            if !loaded.insert(program) {
+                continue;
+            }
+            let result = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))
+                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| ProbeError::Load(e.to_string())))
+                .and_then(|p| p.load().map_err(|e| ProbeError::Load(format!("{program}: {e}"))));
+            if let Err(e) = result {
+                load_error.get_or_insert(e.to_string());
+            }
+        }
         if let Some(e) = &load_error {
-            tracing::warn!(error = %e, "worker syscall probes cannot be loaded; no worker-side blocking metrics");
+            tracing::warn!(error = %e, "worker probes cannot be loaded; no worker-side blocking metrics");
         }
         Ok(Self {
             procs: take_map(ebpf, maps::WORKER_PROCS)?,
@@ -118,6 +172,8 @@ impl WorkerMaps {
             load_error,
             attach_error: None,
             disabled: false,
+            mode: WorkerProbeMode::Syscalls,
+            libc_links: std::collections::HashMap::new(),
         })
     }
 
@@ -127,14 +183,22 @@ impl WorkerMaps {
 
     /// Starts following a worker: attaches the syscall probes if this is the first one, seeds
     /// the peers of its open sockets, and adds it to the kernel filter.
-    pub fn track(&mut self, ebpf: &mut Ebpf, pid: u32, sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>) -> Result<(), ProbeError> {
+    pub fn track(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        libc: Option<std::path::PathBuf>,
+        sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
+    ) -> Result<(), ProbeError> {
         if self.disabled {
             return Err(ProbeError::Disabled("worker syscall probes are turned off (--no-worker-probes)"));
         }
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        if self.links.is_empty() {
+        if self.mode == WorkerProbeMode::Libc {
+            self.attach_libc(ebpf, pid, libc)?;
+        } else if self.links.is_empty() {
             for spec in &WORKER_TRACEPOINTS {
                 match attach_tracepoint(ebpf, spec) {
                     Ok(link) => self.links.push((spec.program, link)),
@@ -152,6 +216,30 @@ impl WorkerMaps {
         // After the filter is set: connections made from now on are seen at connect(), the
         // ones made before are in /proc.
         self.seed_peers(pid, sockets());
+        Ok(())
+    }
+
+    /// Attaches the libc uprobes to one worker process.
+    fn attach_libc(&mut self, ebpf: &mut Ebpf, pid: u32, libc: Option<std::path::PathBuf>) -> Result<(), ProbeError> {
+        let libc = libc.ok_or(ProbeError::Disabled("the worker maps no libc (a static or Go binary?); its traffic is not followed"))?;
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(ProbeError::Disabled("pid 0"))?);
+        let mut links = Vec::new();
+        for (program, symbol) in LIBC_UPROBES {
+            let result = ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("program {program} missing"))
+                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
+                .and_then(|p| p.attach(symbol, &libc, scope).map_err(|e| e.to_string()));
+            match result {
+                Ok(link) => links.push((program, link)),
+                Err(e) => tracing::debug!(pid, symbol, error = %e, "libc function not probed"),
+            }
+        }
+        if links.is_empty() {
+            return Err(ProbeError::Attach { program: "worker_libc_*", category: "uprobe", name: "libc", message: format!("nothing could be attached in {}", libc.display()) });
+        }
+        tracing::info!(pid, libc = %libc.display(), uprobes = links.len(), "worker libc probes attached");
+        self.libc_links.insert(pid, links);
         Ok(())
     }
 
@@ -188,6 +276,13 @@ impl WorkerMaps {
         let keys: Vec<WorkerKeysKey> = self.keys.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
         for k in keys {
             let _ = self.keys.remove(&k);
+        }
+        if let Some(links) = self.libc_links.remove(&pid) {
+            for (program, link) in links {
+                if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut UProbe>::try_from) {
+                    let _ = p.detach(link);
+                }
+            }
         }
         if self.procs.keys().next().is_none() {
             self.detach_all(ebpf);
