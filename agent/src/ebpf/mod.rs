@@ -124,19 +124,47 @@ impl Probes {
     }
 }
 
+/// Loads (verifies) one program, once: a program that serves several attach points (write
+/// and sendto, read and recv) is loaded the first time and found loaded after.
+pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
+    let result = match ebpf.program_mut(name).ok_or(ProbeError::MissingProgram(name))? {
+        aya::programs::Program::TracePoint(p) => p.load(),
+        aya::programs::Program::UProbe(p) => p.load(),
+        _ => return Err(ProbeError::Load(format!("{name}: neither a tracepoint nor a uprobe"))),
+    };
+    match result {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
+        Err(e) => Err(ProbeError::Load(format!("{name}: {e}"))),
+    }
+}
+
+/// Loads every named program; returns the first failure, if any (the others are still loaded).
+pub fn load_programs(ebpf: &mut Ebpf, names: impl IntoIterator<Item = &'static str>) -> Option<String> {
+    let mut first_error = None;
+    for name in names {
+        if let Err(e) = load_program(ebpf, name) {
+            first_error.get_or_insert(e.to_string());
+        }
+    }
+    first_error
+}
+
+/// Detaches one uprobe link (a link of a program that is gone is ignored).
+pub fn detach_uprobe(ebpf: &mut Ebpf, program: &'static str, link: aya::programs::uprobe::UProbeLinkId) {
+    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut aya::programs::UProbe>::try_from) {
+        let _ = p.detach(link);
+    }
+}
+
 /// Loads (once) and attaches one tracepoint program.
 pub fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<aya::programs::trace_point::TracePointLinkId, ProbeError> {
     let attach_err = |message: String| ProbeError::Attach { program: spec.program, category: spec.category, name: spec.name, message };
+    load_program(ebpf, spec.program).map_err(|e| attach_err(e.to_string()))?;
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
         .ok_or(ProbeError::MissingProgram(spec.program))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-    // A program may serve several tracepoints (write and sendto); it is loaded once.
-    match program.load() {
-        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
-        Err(e) => return Err(attach_err(e.to_string())),
-    }
     program.attach(spec.category, spec.name).map_err(|e| attach_err(e.to_string()))
 }
 
@@ -158,13 +186,16 @@ pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeE
     let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
     let mut out = Vec::new();
     for name in names {
-        let Some(program) = ebpf.program_mut(&name) else { continue };
-        let result = match program {
-            aya::programs::Program::TracePoint(p) => p.load().and_then(|_| p.info()).map(|i| i.verified_instruction_count().unwrap_or(0)),
-            aya::programs::Program::UProbe(p) => p.load().and_then(|_| p.info()).map(|i| i.verified_instruction_count().unwrap_or(0)),
-            _ => continue,
-        };
-        out.push((name, result.map_err(|e| e.to_string())));
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        let result = load_program(&mut ebpf, name).and_then(|()| {
+            let info = match ebpf.program(name) {
+                Some(aya::programs::Program::TracePoint(p)) => p.info(),
+                Some(aya::programs::Program::UProbe(p)) => p.info(),
+                _ => return Err(ProbeError::MissingProgram(name)),
+            };
+            info.map(|i| i.verified_instruction_count().unwrap_or(0)).map_err(|e| ProbeError::Load(e.to_string()))
+        });
+        out.push((name.to_string(), result.map_err(|e| e.to_string())));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)

@@ -17,7 +17,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{take_map, ProbeError};
+use super::{detach_uprobe, load_programs, take_map, ProbeError};
 use crate::redis::binary::{BinaryId, RedisBinary};
 
 /// One uprobe program and the exported function it attaches to.
@@ -106,17 +106,7 @@ pub struct RedisMaps {
 
 impl RedisMaps {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let mut load_error = None;
-        for spec in &REDIS_UPROBES {
-            let result = ebpf
-                .program_mut(spec.program)
-                .ok_or(ProbeError::MissingProgram(spec.program))
-                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| ProbeError::Load(e.to_string())))
-                .and_then(|p| p.load().map_err(|e| ProbeError::Load(format!("{}: {e}", spec.program))));
-            if let Err(e) = result {
-                load_error.get_or_insert(e.to_string());
-            }
-        }
+        let load_error = load_programs(ebpf, REDIS_UPROBES.iter().map(|spec| spec.program));
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
             blocked: take_map(ebpf, maps::BLOCKED_CLIENTS)?,
@@ -189,9 +179,7 @@ impl RedisMaps {
         if attachment.users.is_empty() {
             let attachment = self.attachments.remove(&binary).expect("present");
             for (program, link) in attachment.links {
-                if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut UProbe>::try_from) {
-                    let _ = p.detach(link);
-                }
+                detach_uprobe(ebpf, program, link);
             }
         }
     }

@@ -19,7 +19,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{attach_tracepoint, take_map, ProbeError, TracepointSpec};
+use super::{attach_tracepoint, detach_uprobe, load_programs, take_map, ProbeError, TracepointSpec};
 use crate::proc_reader::SocketPeer;
 
 const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
@@ -131,34 +131,8 @@ impl WorkerMaps {
     /// Takes the maps and loads (verifies) the programs now, so that attaching them when the
     /// first worker appears is quick.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let mut load_error = None;
-        for spec in &WORKER_TRACEPOINTS {
-            let result = ebpf
-                .program_mut(spec.program)
-                .ok_or(ProbeError::MissingProgram(spec.program))
-                .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| ProbeError::Load(e.to_string())))
-                .and_then(|p| match p.load() {
-                    Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
-                    Err(e) => Err(ProbeError::Load(format!("{}: {e}", spec.program))),
-                });
-            if let Err(e) = result {
-                load_error.get_or_insert(e.to_string());
-            }
-        }
-        let mut loaded = std::collections::BTreeSet::new();
-        for (program, _) in LIBC_UPROBES {
-            if !loaded.insert(program) {
-                continue;
-            }
-            let result = ebpf
-                .program_mut(program)
-                .ok_or(ProbeError::MissingProgram(program))
-                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| ProbeError::Load(e.to_string())))
-                .and_then(|p| p.load().map_err(|e| ProbeError::Load(format!("{program}: {e}"))));
-            if let Err(e) = result {
-                load_error.get_or_insert(e.to_string());
-            }
-        }
+        let programs = WORKER_TRACEPOINTS.iter().map(|spec| spec.program).chain(LIBC_UPROBES.iter().map(|(program, _)| *program));
+        let load_error = load_programs(ebpf, programs);
         if let Some(e) = &load_error {
             tracing::warn!(error = %e, "worker probes cannot be loaded; no worker-side blocking metrics");
         }
@@ -279,9 +253,7 @@ impl WorkerMaps {
         }
         if let Some(links) = self.libc_links.remove(&pid) {
             for (program, link) in links {
-                if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut UProbe>::try_from) {
-                    let _ = p.detach(link);
-                }
+                detach_uprobe(ebpf, program, link);
             }
         }
         if self.procs.keys().next().is_none() {

@@ -31,19 +31,23 @@ pub struct BlockingSample {
     pub agent_cpu_share: Option<f64>,
 }
 
-/// Main-thread CPU seconds of a process (its task with tid == pid).
-fn main_thread_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
+/// User + system CPU seconds from a `stat` file (fields after the comm: utime 11, stime 12;
+/// clock ticks of 10 ms).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Main-thread CPU seconds of a process (its task with tid == pid).
+fn main_thread_cpu(pid: u32) -> f64 {
+    cpu_seconds(&format!("/proc/{pid}/task/{pid}/stat"))
+}
+
+/// CPU seconds of a whole process.
 pub fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// (calls, usec) of BRPOP from INFO commandstats.
