@@ -66,6 +66,6 @@ pub mod programs {
     pub const REDIS_UNBLOCK_CLIENT: &str = "redis_unblock_client";
     pub const REDIS_UNBLOCK_CLIENT_RETURN: &str = "redis_unblock_client_ret";
     pub const REDIS_REPLY_TIMED_OUT: &str = "redis_reply_timed_out";
-    pub const REDIS_HANDLE_BLOCKED: &str = "redis_handle_blocked";
-    pub const REDIS_HANDLE_BLOCKED_RETURN: &str = "redis_handle_blocked_ret";
+    pub const REDIS_SERVING: &str = "redis_serving";
+    pub const REDIS_SERVING_RETURN: &str = "redis_serving_ret";
 }

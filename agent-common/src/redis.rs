@@ -22,7 +22,7 @@ pub const KEY_BUCKETS: usize = KEY_BOUNDS.len() + 1;
 
 /// How a blocking call ended.
 pub mod outcome {
-    /// A write to a key woke it (`unblockClient` inside `handleClientsBlockedOnKeys`).
+    /// A write to a key woke it (`unblockClient` inside the serving window).
     pub const SERVED: u32 = 0;
     /// Its timeout passed (`replyToBlockedClientTimedOut` at or after the deadline).
     pub const TIMEOUT: u32 = 1;
@@ -46,7 +46,9 @@ pub mod point {
     pub const BLOCK_FOR_KEYS: u32 = 0;
     pub const UNBLOCK_CLIENT: u32 = 1;
     pub const REPLY_TIMED_OUT: u32 = 2;
-    pub const HANDLE_BLOCKED_ON_KEYS: u32 = 3;
+    /// The serving window: `serveClientsBlockedOn{List,SortedSet,Stream}Key`, or
+    /// `handleClientsBlockedOnKeys` on builds that do not export those.
+    pub const SERVING_WINDOW: u32 = 3;
     /// Not a probe: `blockForKeys` found the client still blocked from an earlier call, so an
     /// unblock was missed (the LTO case of REDIS-INTERNALS.md).
     pub const MISSED_UNBLOCK: u32 = 4;

@@ -5,7 +5,10 @@
 //! - `blockForKeys(c, btype, keys, numkeys, ...)`: a call blocks. Records fan-out, starts the
 //!   clock, and times the registration (with its return probe).
 //! - `replyToBlockedClientTimedOut(c)`: a timeout reply, or CLIENT UNBLOCK before the deadline.
-//! - `handleClientsBlockedOnKeys()`: the window in which writes serve blocked clients.
+//! - The serving window, in which a write serves the clients blocked on its key:
+//!   `serveClientsBlockedOn{List,SortedSet,Stream}Key()`, called only for a key someone waits
+//!   on, or, on builds that do not export them, `handleClientsBlockedOnKeys()` (which 7.0's
+//!   `beforeSleep` calls on every event-loop iteration, so it costs ordinary traffic too).
 //! - `unblockClient(c)`: the block ends; the outcome follows from the above. Its return probe
 //!   times the unregistration.
 
@@ -17,7 +20,7 @@ use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 
@@ -45,9 +48,9 @@ static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entri
 static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
 
 
-/// tid -> nesting depth of `handleClientsBlockedOnKeys` (0 or 1 in practice).
+/// tid -> whether the thread is inside the serving window (1) or not (0).
 #[map]
-static SERVING: HashMap<u32, u32> = HashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
+static SERVING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
 
 /// (tid << 32 | phase) -> entry time, for the return probes.
 #[map]
@@ -113,7 +116,7 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
             }
         }
     }
-    let _ = PHASE_START.insert(&(((tid as u64) << 32) | phase::REGISTER as u64), &now, 0);
+    start_phase(tid, phase::REGISTER, now);
     0
 }
 
@@ -142,20 +145,28 @@ pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
 }
 
 #[uprobe]
-pub fn redis_handle_blocked(_ctx: ProbeContext) -> u32 {
+pub fn redis_serving(_ctx: ProbeContext) -> u32 {
     let (tgid, tid) = ids();
     if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
         return 0;
     }
-    hit(tgid, point::HANDLE_BLOCKED_ON_KEYS);
-    let _ = SERVING.insert(&tid, &1, 0);
+    hit(tgid, point::SERVING_WINDOW);
+    // The entry stays once made; later calls flip it in place (cheaper than insert/delete).
+    match SERVING.get_ptr_mut(&tid) {
+        Some(depth) => unsafe { *depth = 1 },
+        None => {
+            let _ = SERVING.insert(&tid, &1, 0);
+        }
+    }
     0
 }
 
 #[uretprobe]
-pub fn redis_handle_blocked_ret(_ctx: RetProbeContext) -> u32 {
+pub fn redis_serving_ret(_ctx: RetProbeContext) -> u32 {
     let (_, tid) = ids();
-    let _ = SERVING.remove(&tid);
+    if let Some(depth) = SERVING.get_ptr_mut(&tid) {
+        unsafe { *depth = 0 };
+    }
     0
 }
 
@@ -176,14 +187,14 @@ pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
         outcome::TIMEOUT
     } else if blocked.flags & flags::UNBLOCKED_EARLY != 0 {
         outcome::OTHER
-    } else if unsafe { SERVING.get(&tid) }.is_some() {
+    } else if unsafe { SERVING.get(&tid) }.is_some_and(|depth| *depth != 0) {
         outcome::SERVED
     } else {
         outcome::OTHER
     };
     record_duration(RedisHistKey { tgid, btype: blocked.btype, kind: result, _pad: 0 }, now.saturating_sub(blocked.start_ns));
     let _ = BLOCKED_CLIENTS.remove(&key);
-    let _ = PHASE_START.insert(&(((tid as u64) << 32) | phase::UNREGISTER as u64), &now, 0);
+    start_phase(tid, phase::UNREGISTER, now);
     0
 }
 
@@ -209,12 +220,28 @@ fn record_duration(key: RedisHistKey, ns: u64) {
     }
 }
 
+/// Entries of PHASE_START are made once per (thread, phase) and then rewritten in place: an
+/// LRU insert and delete per call cost more than the rest of the probe.
+#[inline(always)]
+fn start_phase(tid: u32, which: u32, now: u64) {
+    let key = ((tid as u64) << 32) | which as u64;
+    match PHASE_START.get_ptr_mut(&key) {
+        Some(start) => unsafe { *start = now },
+        None => {
+            let _ = PHASE_START.insert(&key, &now, 0);
+        }
+    }
+}
+
 #[inline(always)]
 fn end_phase(which: u32) {
     let (tgid, tid) = ids();
     let start_key = ((tid as u64) << 32) | which as u64;
-    let Some(start) = (unsafe { PHASE_START.get(&start_key) }).copied() else { return };
-    let _ = PHASE_START.remove(&start_key);
+    let Some(start) = PHASE_START.get_ptr_mut(&start_key) else { return };
+    let start = unsafe { core::mem::replace(&mut *start, 0) };
+    if start == 0 {
+        return;
+    }
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     let key = RedisHistKey { tgid, btype: 0, kind: which, _pad: 0 };
     match REDIS_BOOKKEEPING.get_ptr_mut(&key) {

@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod export;
 pub mod metrics;
 pub mod privileges;
+pub mod probe_site;
 pub mod proc_reader;
 pub mod redis;
 pub mod resource;

@@ -141,9 +141,56 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
     let register = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "register")]);
     let unregister = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "unregister")]);
     assert!(register > 0.0 && unregister > 0.0, "register {register}, unregister {unregister}");
-    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
+    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
         assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "live")]), 1.0, "{probe} live");
     }
+}
+
+#[test]
+fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
+    require_root();
+    let (redis, agent, pid) = start();
+    let mut conn = Conn::connect(redis.port).unwrap();
+    for i in 0..2000 {
+        let key = format!("plain{}", i % 10);
+        conn.call(&["SET", &key, "v"]).unwrap();
+        conn.call(&["GET", &key]).unwrap();
+        conn.call(&["LPUSH", "nobody-waits", "x"]).unwrap();
+    }
+    // Every event-loop iteration of Redis 7.0 calls handleClientsBlockedOnKeys; the serving
+    // window is probed on the serve functions instead, so none of these reached a probe.
+    let s = agent.scrape();
+    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
+        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "idle")]), 1.0, "{probe} idle");
+    }
+    // One served pop opens the window (through the split body Redis calls directly).
+    let waiter = thread::spawn(move || Conn::connect(redis.port).unwrap().call(&["BRPOP", "jobs", "5"]).unwrap());
+    wait_for("the client to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 1.0).then_some(()));
+    conn.call(&["LPUSH", "jobs", "job"]).unwrap();
+    assert!(matches!(waiter.join().unwrap(), Reply::Array(Some(_))));
+    let s = agent.scrape();
+    for probe in ["blockForKeys", "unblockClient", "serveClientsBlockedOnKey"] {
+        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "live")]), 1.0, "{probe} live");
+    }
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 1.0);
+}
+
+#[test]
+fn probes_on_debians_redis_go_on_emulated_instructions_and_into_split_bodies() {
+    // Reads the binary only: no root needed, but it is Debian's 7.0.15 build these numbers
+    // describe (see README, "How it works").
+    let path = std::fs::canonicalize("/usr/bin/redis-server").expect("redis-server is installed by cargo xtask setup");
+    let binary = fanout::redis::binary::RedisBinary::inspect(&path).unwrap();
+    for symbol in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
+        assert!(binary.site(symbol).emulated, "{symbol}: {:?}", binary.site(symbol));
+    }
+    // handleClientsBlockedOnKeys starts with a RIP-relative load: the probe moves past it.
+    assert!(binary.site("handleClientsBlockedOnKeys").offset > 0);
+    for symbol in ["serveClientsBlockedOnListKey", "serveClientsBlockedOnSortedSetKey", "serveClientsBlockedOnStreamKey"] {
+        let body = binary.split_body(symbol).unwrap_or_else(|| panic!("{symbol} is a wrapper around a split body"));
+        assert!(body.site.emulated, "{symbol}'s body: {body:?}");
+    }
+    assert!(binary.split_body("blockForKeys").is_none(), "a whole function has no split body");
 }
 
 #[test]
@@ -294,7 +341,7 @@ fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
         let s = agent.scrape();
         (s.find("fanout_probe_points", &[("process_pid", &pid)]).count() == 4).then_some(s)
     });
-    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
+    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
         assert_eq!(s.label_values("fanout_probe_points", &[("process_pid", &pid), ("probe", probe)], "state").into_iter().collect::<Vec<_>>(), vec!["missing"]);
     }
     assert!(agent.log().contains("blockForKeys is not exported by this binary"), "the log says what is missing");

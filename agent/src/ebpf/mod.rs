@@ -200,3 +200,13 @@ pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeE
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
+
+/// Says where a probe went; a probe the kernel must single-step is worth knowing about,
+/// since each of its hits costs a second trap (see `probe_site`).
+pub(crate) fn log_probe_site(symbol: &str, site: crate::probe_site::ProbeSite, binary: &std::path::Path) {
+    if site.emulated {
+        tracing::debug!(symbol, offset = site.offset, binary = %binary.display(), "probe on an emulated instruction");
+    } else {
+        tracing::info!(symbol, binary = %binary.display(), "probe on an instruction the kernel single-steps: each hit costs a second trap");
+    }
+}

@@ -11,40 +11,75 @@ use agent_common::{
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::{
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         UProbe,
     },
     Ebpf,
 };
 
-use super::{detach_uprobe, load_programs, take_map, ProbeError};
+use super::{detach_uprobe, load_programs, log_probe_site, take_map, ProbeError};
 use crate::redis::binary::{BinaryId, RedisBinary};
 
-/// One uprobe program and the exported function it attaches to.
+/// One uprobe program and the exported functions it attaches to.
 pub struct UprobeSpec {
     pub program: &'static str,
-    pub symbol: &'static str,
+    /// The probe point it belongs to (the `probe` label of `fanout.probe.points`).
+    pub point: &'static str,
+    /// Every one of these the binary exports gets the program.
+    pub symbols: &'static [&'static str],
+    /// Used when the binary exports none of `symbols`.
+    pub fallback: Option<&'static str>,
     /// Only for the bookkeeping-time measurement (return probes, opt-in).
     pub bookkeeping: bool,
 }
 
+impl UprobeSpec {
+    const fn one(program: &'static str, symbol: &'static [&'static str; 1], bookkeeping: bool) -> Self {
+        UprobeSpec { program, point: symbol[0], symbols: symbol, fallback: None, bookkeeping }
+    }
+
+    /// The functions of `binary` this program goes on; empty when it has none of them.
+    pub fn targets(&self, binary: &RedisBinary) -> Vec<&'static str> {
+        let present: Vec<&'static str> = self.symbols.iter().copied().filter(|s| binary.has(s)).collect();
+        if present.is_empty() {
+            self.fallback.filter(|s| binary.has(s)).into_iter().collect()
+        } else {
+            present
+        }
+    }
+}
+
+/// The serving window's point. A write serves the clients blocked on its key inside one of
+/// [`SERVE_FUNCTIONS`], which Redis calls only for a key somebody waits on. Builds that do not
+/// export them get `handleClientsBlockedOnKeys`, which also works but is called on every
+/// event-loop iteration by 7.0's `beforeSleep`, so there ordinary traffic pays two probe hits
+/// per iteration. (`serveClientsBlockedOnKeyByModule` is left out: module-blocked clients are
+/// unblocked later, outside any window, and count as `other` either way.)
+pub const SERVING_POINT: &str = "serveClientsBlockedOnKey";
+pub const SERVE_FUNCTIONS: &[&str] = &["serveClientsBlockedOnListKey", "serveClientsBlockedOnSortedSetKey", "serveClientsBlockedOnStreamKey"];
+pub const SERVING_FALLBACK: &str = "handleClientsBlockedOnKeys";
+
+const fn serving(program: &'static str) -> UprobeSpec {
+    UprobeSpec { program, point: SERVING_POINT, symbols: SERVE_FUNCTIONS, fallback: Some(SERVING_FALLBACK), bookkeeping: false }
+}
+
 /// Probe points as data: each entry program and, where it times a phase, its return program.
 pub const REDIS_UPROBES: [UprobeSpec; 7] = [
-    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS, symbol: "blockForKeys", bookkeeping: false },
-    UprobeSpec { program: programs::REDIS_BLOCK_FOR_KEYS_RETURN, symbol: "blockForKeys", bookkeeping: true },
-    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT, symbol: "unblockClient", bookkeeping: false },
-    UprobeSpec { program: programs::REDIS_UNBLOCK_CLIENT_RETURN, symbol: "unblockClient", bookkeeping: true },
-    UprobeSpec { program: programs::REDIS_REPLY_TIMED_OUT, symbol: "replyToBlockedClientTimedOut", bookkeeping: false },
-    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED, symbol: "handleClientsBlockedOnKeys", bookkeeping: false },
-    UprobeSpec { program: programs::REDIS_HANDLE_BLOCKED_RETURN, symbol: "handleClientsBlockedOnKeys", bookkeeping: false },
+    UprobeSpec::one(programs::REDIS_BLOCK_FOR_KEYS, &["blockForKeys"], false),
+    UprobeSpec::one(programs::REDIS_BLOCK_FOR_KEYS_RETURN, &["blockForKeys"], true),
+    UprobeSpec::one(programs::REDIS_UNBLOCK_CLIENT, &["unblockClient"], false),
+    UprobeSpec::one(programs::REDIS_UNBLOCK_CLIENT_RETURN, &["unblockClient"], true),
+    UprobeSpec::one(programs::REDIS_REPLY_TIMED_OUT, &["replyToBlockedClientTimedOut"], false),
+    serving(programs::REDIS_SERVING),
+    serving(programs::REDIS_SERVING_RETURN),
 ];
 
-/// The probe points (functions) in the order the hit counters index them.
+/// The probe points in the order the hit counters index them.
 pub const POINT_SYMBOLS: [(&str, u32); 4] = [
     ("blockForKeys", point::BLOCK_FOR_KEYS),
     ("unblockClient", point::UNBLOCK_CLIENT),
     ("replyToBlockedClientTimedOut", point::REPLY_TIMED_OUT),
-    ("handleClientsBlockedOnKeys", point::HANDLE_BLOCKED_ON_KEYS),
+    (SERVING_POINT, point::SERVING_WINDOW),
 ];
 
 /// The state of one probe point in one binary.
@@ -131,22 +166,35 @@ impl RedisMaps {
             let mut links = Vec::new();
             let mut points: BTreeMap<&'static str, PointState> = BTreeMap::new();
             for spec in REDIS_UPROBES.iter().filter(|s| self.bookkeeping_time || !s.bookkeeping) {
-                if !binary.has(spec.symbol) {
-                    points.insert(spec.symbol, PointState::Missing);
+                let targets = spec.targets(binary);
+                if targets.is_empty() {
+                    points.insert(spec.point, PointState::Missing);
                     continue;
                 }
-                let result = ebpf
-                    .program_mut(spec.program)
-                    .ok_or_else(|| format!("program {} missing", spec.program))
-                    .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                    .and_then(|p| p.attach(spec.symbol, &binary.path, UProbeScope::AllProcesses).map_err(|e| e.to_string()));
-                match result {
-                    Ok(link) => {
-                        links.push((spec.program, link));
-                        points.entry(spec.symbol).or_insert(PointState::Attached);
+                // A split function's body is probed as well as its wrapper: callers in the same
+                // file call the body directly (see `probe_site::FunctionSites`).
+                let locations = targets.into_iter().flat_map(|symbol| {
+                    let site = binary.site(symbol);
+                    let body = binary.split_body(symbol).map(|body| (symbol, body.site, UProbeAttachLocation::AbsoluteOffset(body.file_offset + body.site.offset)));
+                    std::iter::once((symbol, site, UProbeAttachLocation::SymbolOffset(symbol, site.offset))).chain(body)
+                });
+                for (symbol, site, location) in locations {
+                    let result = ebpf
+                        .program_mut(spec.program)
+                        .ok_or_else(|| format!("program {} missing", spec.program))
+                        .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
+                        .and_then(|p| p.attach(location, &binary.path, UProbeScope::AllProcesses).map_err(|e| e.to_string()));
+                    if !points.contains_key(spec.point) {
+                        log_probe_site(symbol, site, &binary.path);
                     }
-                    Err(e) => {
-                        points.insert(spec.symbol, PointState::AttachFailed(e));
+                    match result {
+                        Ok(link) => {
+                            links.push((spec.program, link));
+                            points.entry(spec.point).or_insert(PointState::Attached);
+                        }
+                        Err(e) => {
+                            points.insert(spec.point, PointState::AttachFailed(format!("{symbol}: {e}")));
+                        }
                     }
                 }
             }

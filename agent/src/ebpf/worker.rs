@@ -13,14 +13,17 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
     programs::{
         trace_point::TracePointLinkId,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         TracePoint, UProbe,
     },
     Ebpf,
 };
 
 use super::{attach_tracepoint, detach_uprobe, load_programs, take_map, ProbeError, TracepointSpec};
-use crate::proc_reader::SocketPeer;
+use crate::{
+    probe_site::{self, ProbeSite},
+    proc_reader::SocketPeer,
+};
 
 const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
     TracepointSpec { program, category: "syscalls", name }
@@ -100,6 +103,7 @@ pub struct WorkerMaps {
     pub mode: WorkerProbeMode,
     /// Libc-mode uprobe links per worker pid.
     libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    libc_sites: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>>>,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -148,6 +152,7 @@ impl WorkerMaps {
             disabled: false,
             mode: WorkerProbeMode::Syscalls,
             libc_links: std::collections::HashMap::new(),
+            libc_sites: std::collections::HashMap::new(),
         })
     }
 
@@ -197,13 +202,15 @@ impl WorkerMaps {
     fn attach_libc(&mut self, ebpf: &mut Ebpf, pid: u32, libc: Option<std::path::PathBuf>) -> Result<(), ProbeError> {
         let libc = libc.ok_or(ProbeError::Disabled("the worker maps no libc (a static or Go binary?); its traffic is not followed"))?;
         let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(ProbeError::Disabled("pid 0"))?);
+        let sites = self.libc_sites(&libc);
         let mut links = Vec::new();
         for (program, symbol) in LIBC_UPROBES {
+            let site = sites.get(symbol).map_or(ProbeSite::ENTRY, |s| s.entry);
             let result = ebpf
                 .program_mut(program)
                 .ok_or_else(|| format!("program {program} missing"))
                 .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                .and_then(|p| p.attach(symbol, &libc, scope).map_err(|e| e.to_string()));
+                .and_then(|p| p.attach(UProbeAttachLocation::SymbolOffset(symbol, site.offset), &libc, scope).map_err(|e| e.to_string()));
             match result {
                 Ok(link) => links.push((program, link)),
                 Err(e) => tracing::debug!(pid, symbol, error = %e, "libc function not probed"),
@@ -215,6 +222,34 @@ impl WorkerMaps {
         tracing::info!(pid, libc = %libc.display(), uprobes = links.len(), "worker libc probes attached");
         self.libc_links.insert(pid, links);
         Ok(())
+    }
+
+    /// The probe sites in a libc, computed once per file (dev, inode): a fleet of workers
+    /// shares one or two libcs.
+    fn libc_sites(&mut self, libc: &std::path::Path) -> std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>> {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(libc).map(|m| (m.dev(), m.ino())).unwrap_or_default();
+        if let Some(sites) = self.libc_sites.get(&id) {
+            return sites.clone();
+        }
+        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
+        let sites = match std::fs::read(libc).map_err(|e| e.to_string()).and_then(|data| {
+            object::File::parse(&*data).map(|file| probe_site::sites_in(&file, &names)).map_err(|e| e.to_string())
+        }) {
+            Ok(sites) => sites,
+            Err(error) => {
+                tracing::info!(libc = %libc.display(), %error, "cannot read libc's code; probing function entries");
+                BTreeMap::new()
+            }
+        };
+        for (symbol, site) in &sites {
+            super::log_probe_site(symbol, site.entry, libc);
+        }
+        let sites = std::sync::Arc::new(sites);
+        if id != (0, 0) {
+            self.libc_sites.insert(id, sites.clone());
+        }
+        sites
     }
 
     /// Records peers found in /proc for connections the kernel did not see being made.

@@ -2,9 +2,11 @@
 //! are stripped but linked with `-rdynamic`) and, from them, which layout of the blocking code
 //! it has (see ../shared/REDIS-INTERNALS.md).
 
-use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::{Path, PathBuf}};
+use std::{collections::{BTreeMap, BTreeSet}, os::unix::fs::MetadataExt, path::{Path, PathBuf}};
 
 use object::{Object, ObjectSymbol};
+
+use crate::probe_site::{self, FunctionSites, ProbeSite};
 
 /// Layouts of the blocking code that matter to the probes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,6 +65,8 @@ pub struct RedisBinary {
     /// Exported function names the probes care about.
     pub symbols: BTreeSet<String>,
     pub family: Option<Family>,
+    /// Where in each probed function the probe goes (see `probe_site`).
+    pub sites: BTreeMap<String, FunctionSites>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,9 @@ pub const INTERESTING_SYMBOLS: &[&str] = &[
     "unblockClient",
     "replyToBlockedClientTimedOut",
     "handleClientsBlockedOnKeys",
+    "serveClientsBlockedOnListKey",
+    "serveClientsBlockedOnSortedSetKey",
+    "serveClientsBlockedOnStreamKey",
     "blmpopCommand",
     "unblockClientOnTimeout",
 ];
@@ -112,11 +119,22 @@ impl RedisBinary {
             .map(String::from)
             .collect();
         let family = family_of(&symbols);
-        Ok(Self { path: path.to_path_buf(), id: BinaryId { dev: meta.dev(), ino: meta.ino() }, symbols, family })
+        let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
+        Ok(Self { path: path.to_path_buf(), id: BinaryId { dev: meta.dev(), ino: meta.ino() }, symbols, family, sites })
     }
 
     pub fn has(&self, symbol: &str) -> bool {
         self.symbols.contains(symbol)
+    }
+
+    /// Where to probe `symbol`: its entry unless a cheaper site was found.
+    pub fn site(&self, symbol: &str) -> ProbeSite {
+        self.sites.get(symbol).map_or(ProbeSite::ENTRY, |s| s.entry)
+    }
+
+    /// The split-off body `symbol` tail-jumps into, if it is such a wrapper.
+    pub fn split_body(&self, symbol: &str) -> Option<probe_site::SplitBody> {
+        self.sites.get(symbol).and_then(|s| s.split_body)
     }
 }
 

@@ -9,7 +9,7 @@ use agent_common::redis::{outcome, phase, point, KEY_BOUNDS};
 
 use crate::{
     collect::log2_to_seconds_between,
-    ebpf::redis::{PointState, RedisReadings, POINT_SYMBOLS},
+    ebpf::redis::{PointState, RedisReadings, POINT_SYMBOLS, SERVING_POINT},
     metrics::{catalog, AttrValue, Attributes, HistogramValue, Point, PointValue, Snapshot},
 };
 use binary::{BinaryId, Family};
@@ -78,7 +78,7 @@ pub fn evaluate(points: &BTreeMap<&'static str, PointState>, hits: &[u64; point:
             hits[point::BLOCK_FOR_KEYS as usize]
         ));
     }
-    let outcomes = attached("replyToBlockedClientTimedOut") && attached("handleClientsBlockedOnKeys");
+    let outcomes = attached("replyToBlockedClientTimedOut") && attached(SERVING_POINT);
     Verdict { fanout: block, durations: block && unblock && outcomes, gauges: block && unblock, bookkeeping: block && unblock, problems }
 }
 
@@ -230,10 +230,10 @@ mod tests {
     #[test]
     fn missing_points_are_named_and_nothing_depending_on_them_is_exported() {
         let mut points = all_attached();
-        points.insert("handleClientsBlockedOnKeys", PointState::Missing);
+        points.insert(SERVING_POINT, PointState::Missing);
         let v = evaluate(&points, &hits(10, 10, 0));
         assert!(v.fanout && v.gauges && !v.durations);
-        assert_eq!(v.problems, vec!["handleClientsBlockedOnKeys is not exported by this binary".to_string()]);
+        assert_eq!(v.problems, vec!["serveClientsBlockedOnKey is not exported by this binary".to_string()]);
         let mut points = all_attached();
         points.insert("blockForKeys", PointState::Missing);
         let v = evaluate(&points, &hits(0, 0, 0));
@@ -243,11 +243,11 @@ mod tests {
     #[test]
     fn point_states_distinguish_idle_live_missing_and_unreliable() {
         let mut points = all_attached();
-        points.insert("handleClientsBlockedOnKeys", PointState::Missing);
+        points.insert(SERVING_POINT, PointState::Missing);
         let states: BTreeMap<_, _> = point_states(&points, &hits(5, 0, 0)).into_iter().collect();
         assert_eq!(states["blockForKeys"], "live");
         assert_eq!(states["unblockClient"], "idle");
-        assert_eq!(states["handleClientsBlockedOnKeys"], "missing");
+        assert_eq!(states[SERVING_POINT], "missing");
         let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(100, 0, 50)).into_iter().collect();
         assert_eq!(states["unblockClient"], "unreliable");
     }
