@@ -117,7 +117,11 @@ pub struct KeyHistogram {
 }
 
 impl KeyHistogram {
-    pub const ZERO: Self = Self { count: 0, sum: 0, buckets: [0; KEY_BUCKETS] };
+    pub const ZERO: Self = Self {
+        count: 0,
+        sum: 0,
+        buckets: [0; KEY_BUCKETS],
+    };
 
     #[inline(always)]
     pub fn bucket_index(keys: u32) -> usize {

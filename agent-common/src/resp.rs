@@ -138,7 +138,11 @@ fn pack_upper<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u
         packed |= (UPPER[at(w, start + i) as usize] as u64) << (8 * i);
         i += 1;
     }
-    let mask = if len >= 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
+    let mask = if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * len)) - 1
+    };
     o.hide(packed & mask)
 }
 
@@ -151,7 +155,11 @@ fn pack_raw<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u64
         packed |= (at(w, start + i) as u64) << (8 * i);
         i += 1;
     }
-    let mask = if len >= 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
+    let mask = if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * len)) - 1
+    };
     o.hide(packed & mask)
 }
 
@@ -176,7 +184,11 @@ const fn name(text: &[u8]) -> Name {
 #[inline(always)]
 fn name_at<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> Name {
     let rest = if len > 8 { len - 8 } else { 0 };
-    Name(len, pack_upper(w, start, len, o), pack_upper(w, start + 8, rest, o))
+    Name(
+        len,
+        pack_upper(w, start, len, o),
+        pack_upper(w, start + 8, rest, o),
+    )
 }
 
 const BLOCK: Name = name(b"BLOCK");
@@ -242,13 +254,21 @@ fn number_line<O: Opaque>(w: &[u8; WINDOW], start: usize, avail: usize, o: &O) -
     let value = o.hide(value) & ((1 << 60) - 1);
     let cr = (o.hide(first as u64 + digits) & 63) as usize;
     if cr >= avail {
-        return if avail >= WINDOW || digits as usize >= MAX_DIGITS { Num::Invalid } else { Num::Incomplete };
+        return if avail >= WINDOW || digits as usize >= MAX_DIGITS {
+            Num::Invalid
+        } else {
+            Num::Incomplete
+        };
     }
     if digits == 0 || digits as usize >= MAX_DIGITS || at(w, cr) != b'\r' || cr >= WINDOW {
         return Num::Invalid;
     }
     if cr + 1 >= avail {
-        return if avail >= WINDOW { Num::Invalid } else { Num::Incomplete };
+        return if avail >= WINDOW {
+            Num::Invalid
+        } else {
+            Num::Incomplete
+        };
     }
     if at(w, cr + 1) != b'\n' {
         return Num::Invalid;
@@ -318,11 +338,15 @@ impl RequestState {
     fn is_listened_key(&self, index: u32) -> bool {
         let argc = self.argc;
         match self.command {
-            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => index >= 1 && index + 2 <= argc,
+            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => {
+                index >= 1 && index + 2 <= argc
+            }
             command::BLMOVE | command::BRPOPLPUSH => index == 1,
             command::BLMPOP | command::BZMPOP => index >= 3 && index < 3 + self.numkeys,
             command::XREAD | command::XREADGROUP => {
-                self.streams_at > 0 && index > self.streams_at && index <= self.streams_at + (argc - self.streams_at - 1) / 2
+                self.streams_at > 0
+                    && index > self.streams_at
+                    && index <= self.streams_at + (argc - self.streams_at - 1) / 2
             }
             _ => false,
         }
@@ -330,10 +354,14 @@ impl RequestState {
 
     fn keys(&self) -> u32 {
         match self.command {
-            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => self.argc.saturating_sub(2),
+            command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX => {
+                self.argc.saturating_sub(2)
+            }
             command::BLMOVE | command::BRPOPLPUSH => 1,
             command::BLMPOP | command::BZMPOP => self.numkeys,
-            command::XREAD | command::XREADGROUP if self.streams_at > 0 => (self.argc - self.streams_at - 1) / 2,
+            command::XREAD | command::XREADGROUP if self.streams_at > 0 => {
+                (self.argc - self.streams_at - 1) / 2
+            }
             _ => 0,
         }
     }
@@ -346,13 +374,22 @@ impl RequestState {
 
     /// [`Self::step`] with values hidden from the eBPF verifier by `o`.
     #[inline(never)]
-    pub fn step_with<O: Opaque>(&mut self, w: &[u8; WINDOW], avail: usize, o: &O) -> (Step, Option<BlockingCall>) {
+    pub fn step_with<O: Opaque>(
+        &mut self,
+        w: &[u8; WINDOW],
+        avail: usize,
+        o: &O,
+    ) -> (Step, Option<BlockingCall>) {
         let avail = if avail > WINDOW { WINDOW } else { avail };
         if avail == 0 {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            let n = if (avail as u64) < self.skip {
+                avail
+            } else {
+                self.skip as usize
+            };
             self.skip -= n as u64;
             return (Step::Consumed(n), self.finish_arg_if_done());
         }
@@ -390,16 +427,22 @@ impl RequestState {
         // Arguments whose content matters are short; they must be whole in the window.
         let inspect = index == 0
             || ((self.command == command::BLMPOP || self.command == command::BZMPOP) && index == 2)
-            || ((self.command == command::XREAD || self.command == command::XREADGROUP) && self.streams_at == 0 && (len == 5 || len == 7));
+            || ((self.command == command::XREAD || self.command == command::XREADGROUP)
+                && self.streams_at == 0
+                && (len == 5 || len == 7));
         if inspect && header + len + 2 <= WINDOW {
             if header + len + 2 > avail {
                 return (Step::NeedMore, None);
             }
             if index == 0 {
                 self.command = o.hide(command_of(w, header, len, o) as u64) as u32;
-            } else if index == 2 && (self.command == command::BLMPOP || self.command == command::BZMPOP) {
+            } else if index == 2
+                && (self.command == command::BLMPOP || self.command == command::BZMPOP)
+            {
                 match number_line(w, header, header + len + 2, o) {
-                    Num::Value(n, end) if n >= 1 && n <= MAX_COUNT && end == header + len + 2 => self.numkeys = n as u32,
+                    Num::Value(n, end) if n >= 1 && n <= MAX_COUNT && end == header + len + 2 => {
+                        self.numkeys = n as u32
+                    }
                     _ => return (Step::Invalid, None),
                 }
             } else {
@@ -437,7 +480,10 @@ impl RequestState {
             // Hidden and masked: the compiler would otherwise drop the mask after the range
             // check below, in a form the verifier cannot follow.
             let body_end = (o.hide((header + len) as u64) & 63) as usize;
-            if body_end + 1 < WINDOW && body_end + 1 < avail && (at(w, body_end) != b'\r' || at(w, body_end + 1) != b'\n') {
+            if body_end + 1 < WINDOW
+                && body_end + 1 < avail
+                && (at(w, body_end) != b'\r' || at(w, body_end + 1) != b'\n')
+            {
                 return (Step::Invalid, None);
             }
             self.skip = 0;
@@ -459,11 +505,22 @@ impl RequestState {
     pub fn skip_bytes(&mut self, n: u64) -> (u64, Option<BlockingCall>) {
         let k = if n < self.skip { n } else { self.skip };
         self.skip -= k;
-        (k, if k > 0 { self.finish_arg_if_done() } else { None })
+        (
+            k,
+            if k > 0 {
+                self.finish_arg_if_done()
+            } else {
+                None
+            },
+        )
     }
 
     fn finish_arg_if_done(&mut self) -> Option<BlockingCall> {
-        if self.skip == 0 { self.finish_arg() } else { None }
+        if self.skip == 0 {
+            self.finish_arg()
+        } else {
+            None
+        }
     }
 
     fn finish_arg(&mut self) -> Option<BlockingCall> {
@@ -481,7 +538,12 @@ impl RequestState {
             _ => true,
         };
         if blocking && self.keys() > 0 {
-            Some(BlockingCall { command: self.command, keys: self.keys(), signature: self.signature, index })
+            Some(BlockingCall {
+                command: self.command,
+                keys: self.keys(),
+                signature: self.signature,
+                index,
+            })
         } else {
             None
         }
@@ -569,13 +631,22 @@ impl ReplyState {
 
     /// [`Self::step`] with values hidden from the eBPF verifier by `o`.
     #[inline(never)]
-    pub fn step_with<O: Opaque>(&mut self, w: &[u8; WINDOW], avail: usize, o: &O) -> (Step, Option<ReplyStart>) {
+    pub fn step_with<O: Opaque>(
+        &mut self,
+        w: &[u8; WINDOW],
+        avail: usize,
+        o: &O,
+    ) -> (Step, Option<ReplyStart>) {
         let avail = if avail > WINDOW { WINDOW } else { avail };
         if avail == 0 {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
-            let n = if (avail as u64) < self.skip { avail } else { self.skip as usize };
+            let n = if (avail as u64) < self.skip {
+                avail
+            } else {
+                self.skip as usize
+            };
             self.skip -= n as u64;
             if self.skip == 0 {
                 self.element_done();
@@ -587,7 +658,16 @@ impl ReplyState {
         }
         let kind_byte = w[0];
         let top_level = self.depth == 0;
-        let start = |kind: u32, s: &Self| if top_level && kind_byte != b'>' && kind_byte != b'|' { Some(ReplyStart { index: s.replies, kind }) } else { None };
+        let start = |kind: u32, s: &Self| {
+            if top_level && kind_byte != b'>' && kind_byte != b'|' {
+                Some(ReplyStart {
+                    index: s.replies,
+                    kind,
+                })
+            } else {
+                None
+            }
+        };
         match kind_byte {
             b'+' | b'-' | b':' | b',' | b'#' | b'(' => {
                 let kind = match kind_byte {
@@ -615,7 +695,14 @@ impl ReplyState {
                     (Step::Consumed(end), started)
                 }
                 Num::Value(n, end) if n >= 0 && n <= MAX_BULK => {
-                    let started = start(if kind_byte == b'!' { reply_kind::ERROR } else { reply_kind::DATA }, self);
+                    let started = start(
+                        if kind_byte == b'!' {
+                            reply_kind::ERROR
+                        } else {
+                            reply_kind::DATA
+                        },
+                        self,
+                    );
                     self.skip = n as u64 + 2;
                     (Step::Consumed(end), started)
                 }
@@ -633,7 +720,11 @@ impl ReplyState {
                     if top_level && (kind_byte == b'>' || kind_byte == b'|') {
                         self.out_of_band = 1;
                     }
-                    let elements = if kind_byte == b'%' || kind_byte == b'|' { n * 2 } else { n };
+                    let elements = if kind_byte == b'%' || kind_byte == b'|' {
+                        n * 2
+                    } else {
+                        n
+                    };
                     if elements == 0 {
                         self.element_done();
                     } else {
@@ -653,7 +744,14 @@ impl ReplyState {
     }
 
     /// Consumes a simple line from `from` up to its CRLF, across windows if it is long.
-    fn scan_line<O: Opaque>(&mut self, w: &[u8; WINDOW], from: usize, avail: usize, started: Option<ReplyStart>, o: &O) -> (Step, Option<ReplyStart>) {
+    fn scan_line<O: Opaque>(
+        &mut self,
+        w: &[u8; WINDOW],
+        from: usize,
+        avail: usize,
+        started: Option<ReplyStart>,
+        o: &O,
+    ) -> (Step, Option<ReplyStart>) {
         // Position of the first CRLF at or after `from`, found without branching per byte.
         // `from` is 0 or 1, and w[0] is a type byte, never '\r': searching from 0 is the same.
         let _ = from;
@@ -744,7 +842,12 @@ unsafe impl aya::Pod for Carry {}
 /// Feeds one buffer of a stream through `state` (the user-space twin of the eBPF loop).
 /// `on` gets each event with the offset in `data` just after the step that produced it.
 /// Returns `Err(())` when the stream is not RESP this tokenizer follows.
-pub fn drive<S: Stepper>(state: &mut S, carry: &mut Carry, data: &[u8], mut on: impl FnMut(S::Event, usize)) -> Result<(), ()> {
+pub fn drive<S: Stepper>(
+    state: &mut S,
+    carry: &mut Carry,
+    data: &[u8],
+    mut on: impl FnMut(S::Event, usize),
+) -> Result<(), ()> {
     let mut pos = 0usize;
     loop {
         // Bulk bodies are jumped over without being read, as the kernel does.
@@ -796,7 +899,10 @@ pub fn drive<S: Stepper>(state: &mut S, carry: &mut Carry, data: &[u8], mut on: 
 /// it listens to, in order. Returns the blocking call, or `None` when `bytes` does not start
 /// with a complete blocking command. Used in user space on the full requests the kernel sends
 /// when a connection's key list changes; its count and signature agree with [`RequestState`].
-pub fn listened_keys<'a>(bytes: &'a [u8], mut on_key: impl FnMut(&'a [u8])) -> Option<BlockingCall> {
+pub fn listened_keys<'a>(
+    bytes: &'a [u8],
+    mut on_key: impl FnMut(&'a [u8]),
+) -> Option<BlockingCall> {
     let mut state = RequestState::default();
     let mut pos = 0usize;
     let mut guard = 0usize;
@@ -806,14 +912,20 @@ pub fn listened_keys<'a>(bytes: &'a [u8], mut on_key: impl FnMut(&'a [u8])) -> O
         let take = (bytes.len() - pos).min(WINDOW);
         w[..take].copy_from_slice(&bytes[pos..pos + take]);
         // Before the step: is the argument about to be read a listened key?
-        let at_key = state.args_left > 0 && state.skip == 0 && state.is_listened_key(state.arg_index) && w[0] == b'$';
+        let at_key = state.args_left > 0
+            && state.skip == 0
+            && state.is_listened_key(state.arg_index)
+            && w[0] == b'$';
         let (step, call) = state.step(&w, take);
         match step {
             Step::Consumed(n) => {
                 if at_key {
                     // `$<len>\r\n<body>`: the body follows the header line.
                     let header_end = w[..take].iter().position(|&b| b == b'\n')? + 1;
-                    let len: usize = core::str::from_utf8(&w[1..header_end - 2]).ok()?.parse().ok()?;
+                    let len: usize = core::str::from_utf8(&w[1..header_end - 2])
+                        .ok()?
+                        .parse()
+                        .ok()?;
                     let start = pos + header_end;
                     on_key(bytes.get(start..start + len)?);
                 }
@@ -859,7 +971,10 @@ mod tests {
     }
 
     /// Every way of cutting `data` in two, and one byte at a time, gives the same events.
-    fn same_under_any_split<T: PartialEq + core::fmt::Debug>(data: &[u8], run: impl Fn(&[&[u8]]) -> T) -> T {
+    fn same_under_any_split<T: PartialEq + core::fmt::Debug>(
+        data: &[u8],
+        run: impl Fn(&[&[u8]]) -> T,
+    ) -> T {
         let whole = run(&[data]);
         for cut in 0..=data.len() {
             assert_eq!(run(&[&data[..cut], &data[cut..]]), whole, "cut at {cut}");
@@ -884,14 +999,37 @@ mod tests {
     fn brpop_with_1_5_and_440_keys() {
         for n in [1, 5, 440] {
             let data = brpop(&queues(n), "2");
-            let calls = if n == 440 { requests(&[&data]).unwrap() } else { same_under_any_split(&data, requests).unwrap() };
+            let calls = if n == 440 {
+                requests(&[&data]).unwrap()
+            } else {
+                same_under_any_split(&data, requests).unwrap()
+            };
             assert_eq!(calls.len(), 1);
-            assert_eq!((calls[0].command, calls[0].keys, calls[0].index), (command::BRPOP, n as u32, 0));
+            assert_eq!(
+                (calls[0].command, calls[0].keys, calls[0].index),
+                (command::BRPOP, n as u32, 0)
+            );
         }
         // The 440-key request split at a few awkward places.
         let data = brpop(&queues(440), "2");
-        for cut in [1, 2, 5, 7, 11, 12, 13, 100, 5000, data.len() - 3, data.len() - 1] {
-            assert_eq!(requests(&[&data[..cut], &data[cut..]]).unwrap()[0].keys, 440, "cut {cut}");
+        for cut in [
+            1,
+            2,
+            5,
+            7,
+            11,
+            12,
+            13,
+            100,
+            5000,
+            data.len() - 3,
+            data.len() - 1,
+        ] {
+            assert_eq!(
+                requests(&[&data[..cut], &data[cut..]]).unwrap()[0].keys,
+                440,
+                "cut {cut}"
+            );
         }
     }
 
@@ -900,19 +1038,64 @@ mod tests {
         let cases: Vec<(Vec<u8>, u32, u32)> = vec![
             (encode(&["brpop", "a", "b", "0"]), command::BRPOP, 2),
             (encode(&["BlPoP", "a", "1.5"]), command::BLPOP, 1),
-            (encode(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0"]), command::BLMOVE, 1),
-            (encode(&["BRPOPLPUSH", "src", "dst", "5"]), command::BRPOPLPUSH, 1),
-            (encode(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"]), command::BLMPOP, 3),
-            (encode(&["BZPOPMIN", "z1", "z2", "z3", "0"]), command::BZPOPMIN, 3),
+            (
+                encode(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0"]),
+                command::BLMOVE,
+                1,
+            ),
+            (
+                encode(&["BRPOPLPUSH", "src", "dst", "5"]),
+                command::BRPOPLPUSH,
+                1,
+            ),
+            (
+                encode(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"]),
+                command::BLMPOP,
+                3,
+            ),
+            (
+                encode(&["BZPOPMIN", "z1", "z2", "z3", "0"]),
+                command::BZPOPMIN,
+                3,
+            ),
             (encode(&["bzpopmax", "z1", "0"]), command::BZPOPMAX, 1),
-            (encode(&["BZMPOP", "1", "2", "z1", "z2", "MIN"]), command::BZMPOP, 2),
-            (encode(&["XREAD", "COUNT", "10", "BLOCK", "2000", "STREAMS", "s1", "s2", "$", "$"]), command::XREAD, 2),
-            (encode(&["XREADGROUP", "GROUP", "g", "c", "block", "0", "streams", "s1", ">"]), command::XREADGROUP, 1),
+            (
+                encode(&["BZMPOP", "1", "2", "z1", "z2", "MIN"]),
+                command::BZMPOP,
+                2,
+            ),
+            (
+                encode(&[
+                    "XREAD", "COUNT", "10", "BLOCK", "2000", "STREAMS", "s1", "s2", "$", "$",
+                ]),
+                command::XREAD,
+                2,
+            ),
+            (
+                encode(&[
+                    "XREADGROUP",
+                    "GROUP",
+                    "g",
+                    "c",
+                    "block",
+                    "0",
+                    "streams",
+                    "s1",
+                    ">",
+                ]),
+                command::XREADGROUP,
+                1,
+            ),
         ];
         for (data, cmd, keys) in cases {
             let calls = same_under_any_split(&data, requests).unwrap();
             assert_eq!(calls.len(), 1, "{}", String::from_utf8_lossy(&data));
-            assert_eq!((calls[0].command, calls[0].keys), (cmd, keys), "{}", String::from_utf8_lossy(&data));
+            assert_eq!(
+                (calls[0].command, calls[0].keys),
+                (cmd, keys),
+                "{}",
+                String::from_utf8_lossy(&data)
+            );
         }
     }
 
@@ -948,8 +1131,21 @@ mod tests {
 
     #[test]
     fn malformed_bytes_are_rejected_not_misread() {
-        for bad in [&b"GET a\r\n"[..], b"*x\r\n", b"*2\r\n+OK\r\n", b"*1\r\n$3\r\nabcde\r\n", b"*-5\r\n", b"*99999999999999999999\r\n", b"*1\r\n$-1\r\n"] {
-            assert_eq!(requests(&[bad]), Err(()), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"GET a\r\n"[..],
+            b"*x\r\n",
+            b"*2\r\n+OK\r\n",
+            b"*1\r\n$3\r\nabcde\r\n",
+            b"*-5\r\n",
+            b"*99999999999999999999\r\n",
+            b"*1\r\n$-1\r\n",
+        ] {
+            assert_eq!(
+                requests(&[bad]),
+                Err(()),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -983,7 +1179,14 @@ mod tests {
         data.extend_from_slice(b"*-1\r\n");
         let (starts, replies) = same_under_any_split(&data, replies).unwrap();
         let kinds: Vec<(u64, u32)> = starts.iter().map(|s| (s.index, s.kind)).collect();
-        assert_eq!(kinds, vec![(0, reply_kind::DATA), (1, reply_kind::ERROR), (2, reply_kind::NIL)]);
+        assert_eq!(
+            kinds,
+            vec![
+                (0, reply_kind::DATA),
+                (1, reply_kind::ERROR),
+                (2, reply_kind::NIL)
+            ]
+        );
         assert_eq!(replies, 3, "the push is not a reply");
     }
 
@@ -991,10 +1194,25 @@ mod tests {
     fn listened_keys_agree_with_the_stream_tokenizer() {
         let data = brpop(&queues(440), "2");
         let mut keys = Vec::new();
-        let call = listened_keys(&data, |k| keys.push(String::from_utf8_lossy(k).into_owned())).unwrap();
+        let call = listened_keys(&data, |k| {
+            keys.push(String::from_utf8_lossy(k).into_owned())
+        })
+        .unwrap();
         assert_eq!(call, requests(&[&data]).unwrap()[0]);
         assert_eq!(keys, queues(440));
-        let data = encode(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s1", "s2", ">", ">"]);
+        let data = encode(&[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c",
+            "BLOCK",
+            "0",
+            "STREAMS",
+            "s1",
+            "s2",
+            ">",
+            ">",
+        ]);
         let mut keys = Vec::new();
         listened_keys(&data, |k| keys.push(k.to_vec())).unwrap();
         assert_eq!(keys, vec![b"s1".to_vec(), b"s2".to_vec()]);
@@ -1020,7 +1238,9 @@ mod tests {
                 match next() % 4 {
                     0 => data.extend(brpop(&queues((next() % 50) as usize + 1), "2")),
                     1 => data.extend(encode(&["SET", "k", &"v".repeat((next() % 100) as usize)])),
-                    2 => data.extend(encode(&["XREAD", "BLOCK", "5", "STREAMS", "a", "b", "0", "0"])),
+                    2 => data.extend(encode(&[
+                        "XREAD", "BLOCK", "5", "STREAMS", "a", "b", "0", "0",
+                    ])),
                     _ => data.extend(encode(&["blmpop", "1", "2", "x", "y", "LEFT"])),
                 }
             }

@@ -46,18 +46,30 @@ pub struct Log2Histogram {
 }
 
 impl Log2Histogram {
-    pub const ZERO: Self = Self { count: 0, sum_ns: 0, buckets: [0; HIST_BUCKETS] };
+    pub const ZERO: Self = Self {
+        count: 0,
+        sum_ns: 0,
+        buckets: [0; HIST_BUCKETS],
+    };
 
     /// Index of the bucket that counts `value_ns`.
     #[inline(always)]
     pub fn bucket_index(value_ns: u64) -> usize {
         let bits = (64 - value_ns.leading_zeros()) as usize;
-        if bits >= HIST_BUCKETS { HIST_BUCKETS - 1 } else { bits }
+        if bits >= HIST_BUCKETS {
+            HIST_BUCKETS - 1
+        } else {
+            bits
+        }
     }
 
     /// Exclusive upper bound, in nanoseconds, of bucket `index` (`None` for the last bucket).
     pub fn bucket_upper_bound_ns(index: usize) -> Option<u64> {
-        if index + 1 >= HIST_BUCKETS { None } else { Some(1u64 << index) }
+        if index + 1 >= HIST_BUCKETS {
+            None
+        } else {
+            Some(1u64 << index)
+        }
     }
 
     #[inline(always)]
@@ -92,7 +104,10 @@ pub struct SchedHistograms {
 }
 
 impl SchedHistograms {
-    pub const ZERO: Self = Self { on_cpu: Log2Histogram::ZERO, runqueue_delay: Log2Histogram::ZERO };
+    pub const ZERO: Self = Self {
+        on_cpu: Log2Histogram::ZERO,
+        runqueue_delay: Log2Histogram::ZERO,
+    };
 }
 
 /// Value of `THREAD_STATE`: when the thread last became runnable / started running.

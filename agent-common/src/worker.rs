@@ -15,6 +15,15 @@ pub const KEYSET_MAX_BYTES: usize = 32 * 1024;
 pub const KEYSET_RING_BYTES: u32 = 1024 * 1024;
 
 /// Outcomes of a blocking pop as the worker sees it.
+/// How a worker is followed: the value of its `WORKER_PROCS` entry.
+pub mod via {
+    /// Syscall tracepoints (any worker, whatever its language; every process on the host pays
+    /// the tgid filter while one such worker is tracked).
+    pub const SYSCALLS: u32 = 1;
+    /// Uprobes on the worker's own libc (only that worker pays).
+    pub const LIBC: u32 = 2;
+}
+
 pub mod outcome {
     pub const SERVED: u32 = 0;
     pub const TIMEOUT: u32 = 1;

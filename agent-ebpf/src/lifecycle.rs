@@ -40,7 +40,9 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    let Ok(tid) = (unsafe { ctx.read_at::<i32>(EXIT_PID) }) else { return 0 };
+    let Ok(tid) = (unsafe { ctx.read_at::<i32>(EXIT_PID) }) else {
+        return 0;
+    };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if unsafe { TRACKED_PROCS.get(&tgid) }.is_none() {
         return 0;
@@ -55,8 +57,15 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn send(kind: LifecycleKind, pid: u32) {
-    let event = LifecycleEvent { kind: kind as u32, pid, timestamp_ns: unsafe { bpf_ktime_get_ns() } };
-    if LIFECYCLE_EVENTS.output::<LifecycleEvent>(&event, 0).is_err() {
+    let event = LifecycleEvent {
+        kind: kind as u32,
+        pid,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if LIFECYCLE_EVENTS
+        .output::<LifecycleEvent>(&event, 0)
+        .is_err()
+    {
         bump(ProbeCounter::LifecycleEventsLost);
     }
 }

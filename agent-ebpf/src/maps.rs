@@ -1,6 +1,8 @@
 //! Maps shared by more than one probe area.
 
-use agent_common::sched::{Log2Histogram, ThreadState, TrackedProcess, MAX_TRACKED_PROCESSES, MAX_TRACKED_THREADS};
+use agent_common::sched::{
+    Log2Histogram, ThreadState, TrackedProcess, MAX_TRACKED_PROCESSES, MAX_TRACKED_THREADS,
+};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},

@@ -13,8 +13,9 @@
 //!   times the unregistration.
 
 use agent_common::redis::{
-    flags, outcome, phase, point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime, RedisHistKey,
-    RedisProcess, MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS, MAX_REDIS_PROCESSES,
+    flags, outcome, phase, point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram,
+    PhaseTime, RedisHistKey, RedisProcess, MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS,
+    MAX_REDIS_PROCESSES,
 };
 use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
@@ -26,27 +27,34 @@ use aya_ebpf::{
 
 use crate::counters::bump;
 
+/// `BPF_NOEXIST`: create a map entry only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 #[map]
 static REDIS_PROCS: HashMap<u32, RedisProcess> = HashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
 
 #[map]
-static BLOCKED_CLIENTS: LruHashMap<BlockedKey, BlockedClient> = LruHashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
+static BLOCKED_CLIENTS: LruHashMap<BlockedKey, BlockedClient> =
+    LruHashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
 
 #[map]
-static REDIS_KEYS_HISTS: PerCpuHashMap<RedisHistKey, KeyHistogram> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+static REDIS_KEYS_HISTS: PerCpuHashMap<RedisHistKey, KeyHistogram> =
+    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
 
 #[map]
-static REDIS_DUR_HISTS: PerCpuHashMap<RedisHistKey, DurationHistogram> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+static REDIS_DUR_HISTS: PerCpuHashMap<RedisHistKey, DurationHistogram> =
+    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
 
 #[map]
-static REDIS_BOOKKEEPING: PerCpuHashMap<RedisHistKey, PhaseTime> = PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
+static REDIS_BOOKKEEPING: PerCpuHashMap<RedisHistKey, PhaseTime> =
+    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
 
 #[map]
-static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_REDIS_PROCESSES * point::COUNT as u32, 0);
+static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> =
+    PerCpuHashMap::with_max_entries(MAX_REDIS_PROCESSES * point::COUNT as u32, 0);
 
 #[map]
 static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
-
 
 /// tid -> whether the thread is inside the serving window (1) or not (0).
 #[map]
@@ -84,28 +92,62 @@ fn now_unix_ms(now_ns: u64) -> i64 {
 #[uprobe]
 pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = ids();
-    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else { return 0 };
+    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else {
+        return 0;
+    };
     hit(tgid, point::BLOCK_FOR_KEYS);
     let now = unsafe { bpf_ktime_get_ns() };
-    let (Some(client), Some(btype), Some(numkeys)) = (ctx.arg::<u64>(0), ctx.arg::<u32>(1), ctx.arg::<u32>(3)) else { return 0 };
+    let (Some(client), Some(btype), Some(numkeys)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u32>(1), ctx.arg::<u32>(3))
+    else {
+        return 0;
+    };
     // Both candidates are read, then one is picked: a conditional read would be compiled into
     // a load at a computed offset from the context, which the verifier rejects.
     let fifth: i64 = ctx.arg(4).unwrap_or(0);
     let sixth: i64 = ctx.arg(5).unwrap_or(0);
-    let (fifth, sixth) = unsafe { (core::ptr::read_volatile(&fifth), core::ptr::read_volatile(&sixth)) };
-    let deadline_ms = if process.timeout_arg == 5 { sixth } else { fifth };
+    let (fifth, sixth) = unsafe {
+        (
+            core::ptr::read_volatile(&fifth),
+            core::ptr::read_volatile(&sixth),
+        )
+    };
+    let deadline_ms = if process.timeout_arg == 5 {
+        sixth
+    } else {
+        fifth
+    };
 
-    let key = BlockedKey { tgid, _pad: 0, client };
-    if unsafe { BLOCKED_CLIENTS.get(&key) }.is_some() {
-        // A client cannot block twice without being unblocked in between.
-        hit(tgid, point::MISSED_UNBLOCK);
-    }
-    let blocked = BlockedClient { start_ns: now, deadline_ms, numkeys, btype, flags: 0, _pad: 0 };
-    if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
-        bump(ProbeCounter::BlockedClientInsertFailed);
+    let key = BlockedKey {
+        tgid,
+        _pad: 0,
+        client,
+    };
+    let blocked = BlockedClient {
+        start_ns: now,
+        deadline_ms,
+        numkeys,
+        btype,
+        flags: 0,
+        _pad: 0,
+    };
+    // One map operation in the common case: insert only if absent. An entry already there
+    // means the client blocked twice without being seen to unblock in between.
+    if BLOCKED_CLIENTS.insert(&key, &blocked, BPF_NOEXIST).is_err() {
+        if unsafe { BLOCKED_CLIENTS.get(&key) }.is_some() {
+            hit(tgid, point::MISSED_UNBLOCK);
+        }
+        if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
+            bump(ProbeCounter::BlockedClientInsertFailed);
+        }
     }
 
-    let hist_key = RedisHistKey { tgid, btype, kind: outcome::NONE, _pad: 0 };
+    let hist_key = RedisHistKey {
+        tgid,
+        btype,
+        kind: outcome::NONE,
+        _pad: 0,
+    };
     match REDIS_KEYS_HISTS.get_ptr_mut(&hist_key) {
         Some(h) => unsafe { (*h).record(numkeys) },
         None => {
@@ -133,13 +175,23 @@ pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
         return 0;
     }
     hit(tgid, point::REPLY_TIMED_OUT);
-    let Some(client) = ctx.arg::<u64>(0) else { return 0 };
-    if let Some(blocked) = BLOCKED_CLIENTS.get_ptr_mut(&BlockedKey { tgid, _pad: 0, client }) {
+    let Some(client) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    if let Some(blocked) = BLOCKED_CLIENTS.get_ptr_mut(&BlockedKey {
+        tgid,
+        _pad: 0,
+        client,
+    }) {
         let blocked = unsafe { &mut *blocked };
         // Redis times out a client when its own clock passes the deadline; CLIENT UNBLOCK
         // replies the same way but earlier. 2 ms of slack absorbs clock-reading differences.
         let now_ms = now_unix_ms(unsafe { bpf_ktime_get_ns() });
-        blocked.flags |= if blocked.deadline_ms > 0 && now_ms + 2 >= blocked.deadline_ms { flags::TIMED_OUT } else { flags::UNBLOCKED_EARLY };
+        blocked.flags |= if blocked.deadline_ms > 0 && now_ms + 2 >= blocked.deadline_ms {
+            flags::TIMED_OUT
+        } else {
+            flags::UNBLOCKED_EARLY
+        };
     }
     0
 }
@@ -177,11 +229,19 @@ pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
         return 0;
     }
     hit(tgid, point::UNBLOCK_CLIENT);
-    let Some(client) = ctx.arg::<u64>(0) else { return 0 };
-    let key = BlockedKey { tgid, _pad: 0, client };
+    let Some(client) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let key = BlockedKey {
+        tgid,
+        _pad: 0,
+        client,
+    };
     // Clients blocked before the agent attached, and non-key blocking (WAIT, modules that do
     // not block on keys), have no entry: nothing is known about them.
-    let Some(blocked) = (unsafe { BLOCKED_CLIENTS.get(&key) }).copied() else { return 0 };
+    let Some(blocked) = (unsafe { BLOCKED_CLIENTS.get(&key) }).copied() else {
+        return 0;
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     let result = if blocked.flags & flags::TIMED_OUT != 0 {
         outcome::TIMEOUT
@@ -192,7 +252,15 @@ pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
     } else {
         outcome::OTHER
     };
-    record_duration(RedisHistKey { tgid, btype: blocked.btype, kind: result, _pad: 0 }, now.saturating_sub(blocked.start_ns));
+    record_duration(
+        RedisHistKey {
+            tgid,
+            btype: blocked.btype,
+            kind: result,
+            _pad: 0,
+        },
+        now.saturating_sub(blocked.start_ns),
+    );
     let _ = BLOCKED_CLIENTS.remove(&key);
     start_phase(tid, phase::UNREGISTER, now);
     0
@@ -210,7 +278,9 @@ fn record_duration(key: RedisHistKey, ns: u64) {
         unsafe { (*h).record(ns) };
         return;
     }
-    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else { return };
+    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else {
+        return;
+    };
     if REDIS_DUR_HISTS.insert(&key, zero, 0).is_err() {
         bump(ProbeCounter::HistogramMapFull);
         return;
@@ -237,20 +307,34 @@ fn start_phase(tid: u32, which: u32, now: u64) {
 fn end_phase(which: u32) {
     let (tgid, tid) = ids();
     let start_key = ((tid as u64) << 32) | which as u64;
-    let Some(start) = PHASE_START.get_ptr_mut(&start_key) else { return };
+    let Some(start) = PHASE_START.get_ptr_mut(&start_key) else {
+        return;
+    };
     let start = unsafe { core::mem::replace(&mut *start, 0) };
     if start == 0 {
         return;
     }
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    let key = RedisHistKey { tgid, btype: 0, kind: which, _pad: 0 };
+    let key = RedisHistKey {
+        tgid,
+        btype: 0,
+        kind: which,
+        _pad: 0,
+    };
     match REDIS_BOOKKEEPING.get_ptr_mut(&key) {
         Some(t) => unsafe {
             (*t).total_ns += elapsed;
             (*t).calls += 1;
         },
         None => {
-            let _ = REDIS_BOOKKEEPING.insert(&key, &PhaseTime { total_ns: elapsed, calls: 1 }, 0);
+            let _ = REDIS_BOOKKEEPING.insert(
+                &key,
+                &PhaseTime {
+                    total_ns: elapsed,
+                    calls: 1,
+                },
+                0,
+            );
         }
     }
 }

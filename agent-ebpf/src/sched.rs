@@ -6,7 +6,10 @@
 //! `sched_switch` puts it on a CPU. Its on-CPU stretch ends at the next `sched_switch` away.
 
 use agent_common::{
-    sched::{Log2Histogram, ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, MAX_THREAD_GROUPS},
+    sched::{
+        Log2Histogram, ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState,
+        MAX_THREAD_GROUPS,
+    },
     COMM_LEN,
 };
 use aya_ebpf::{
@@ -87,7 +90,12 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
             None => {
                 // First sight of this thread: its stretch start is unknown, so nothing is
                 // recorded until it comes back on a CPU.
-                let state = ThreadState { tgid: prev_tgid, _pad: 0, runnable_since_ns: runnable_since, on_cpu_since_ns: 0 };
+                let state = ThreadState {
+                    tgid: prev_tgid,
+                    _pad: 0,
+                    runnable_since_ns: runnable_since,
+                    on_cpu_since_ns: 0,
+                };
                 if THREAD_STATE.insert(&tid, &state, 0).is_err() {
                     bump(ProbeCounter::ThreadStateInsertFailed);
                 }
@@ -103,7 +111,11 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
                 if state.runnable_since_ns != 0 && now > state.runnable_since_ns {
                     let comm: [u8; COMM_LEN] = unsafe { ctx.read_at(SWITCH_NEXT_COMM)? };
                     if let Some(hists) = histograms_of(state.tgid, comm) {
-                        unsafe { (*hists).runqueue_delay.record(now - state.runnable_since_ns) };
+                        unsafe {
+                            (*hists)
+                                .runqueue_delay
+                                .record(now - state.runnable_since_ns)
+                        };
                     }
                 }
                 state.runnable_since_ns = 0;
@@ -119,7 +131,9 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
 /// tracked process would be taken for one of its threads.)
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let Ok(pid) = (unsafe { ctx.read_at::<i32>(WAKEUP_PID) }) else { return 0 };
+    let Ok(pid) = (unsafe { ctx.read_at::<i32>(WAKEUP_PID) }) else {
+        return 0;
+    };
     if pid <= 0 {
         return 0;
     }
@@ -134,7 +148,11 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn histograms_of(tgid: u32, comm: [u8; COMM_LEN]) -> Option<*mut SchedHistograms> {
-    let key = ThreadGroupKey { tgid, comm, _pad: 0 };
+    let key = ThreadGroupKey {
+        tgid,
+        comm,
+        _pad: 0,
+    };
     if let Some(hists) = SCHED_HISTS.get_ptr_mut(&key) {
         return Some(hists);
     }

@@ -13,12 +13,15 @@ use agent_common::{
     resp::{reply_kind, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
     worker::{
-        conn_kind, outcome, ConnKey, ConnState, KeysetHeader, PendingRead, Peer, WorkerHistKey, WorkerKeysKey,
-        KEYSET_MAX_BYTES, KEYSET_RING_BYTES, MAX_CONNECTIONS, MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES,
+        conn_kind, outcome, via, ConnKey, ConnState, KeysetHeader, Peer, PendingRead,
+        WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES, MAX_CONNECTIONS,
+        MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES,
     },
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
+    },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -34,11 +37,14 @@ static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_
 static CONN_PEERS: LruHashMap<ConnKey, Peer> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 /// pid_tgid -> arguments of a read in progress.
 #[map]
-static PENDING_READS: LruHashMap<u64, PendingRead> = LruHashMap::with_max_entries(MAX_WORKER_PROCESSES * 4, 0);
+static PENDING_READS: LruHashMap<u64, PendingRead> =
+    LruHashMap::with_max_entries(MAX_WORKER_PROCESSES * 4, 0);
 #[map]
-static WORKER_DUR_HISTS: PerCpuHashMap<WorkerHistKey, Log2Histogram> = PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+static WORKER_DUR_HISTS: PerCpuHashMap<WorkerHistKey, Log2Histogram> =
+    PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
 #[map]
-static WORKER_KEYS_HISTS: PerCpuHashMap<WorkerKeysKey, KeyHistogram> = PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+static WORKER_KEYS_HISTS: PerCpuHashMap<WorkerKeysKey, KeyHistogram> =
+    PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
 #[map]
 static KEYSET_EVENTS: RingBuf = RingBuf::with_byte_size(KEYSET_RING_BYTES, 0);
 
@@ -99,10 +105,14 @@ const ARG2: usize = 32;
 const RET: usize = 16;
 
 #[inline(always)]
-fn worker_tgid() -> Option<(u32, u64)> {
+fn worker_tgid(via: u32) -> Option<(u32, u64)> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    unsafe { WORKER_PROCS.get(&tgid) }?;
+    // Each worker is followed one way only (WORKER_PROCS holds which), or a worker with both
+    // kinds of probe attached would be counted twice.
+    if unsafe { WORKER_PROCS.get(&tgid) }? & via == 0 {
+        return None;
+    }
     Some((tgid, id))
 }
 
@@ -134,7 +144,9 @@ fn record_duration(key: &WorkerHistKey, ns: u64) {
         unsafe { (*h).record(ns) };
         return;
     }
-    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else { return };
+    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else {
+        return;
+    };
     if WORKER_DUR_HISTS.insert(key, zero, 0).is_err() {
         bump(ProbeCounter::HistogramMapFull);
         return;
@@ -172,7 +184,13 @@ fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, now: u64) {
             conn.peer = *peer;
         }
     }
-    let key = WorkerHistKey { tgid, command: conn.pop.command, outcome: result, _pad: 0, peer: conn.peer };
+    let key = WorkerHistKey {
+        tgid,
+        command: conn.pop.command,
+        outcome: result,
+        _pad: 0,
+        peer: conn.peer,
+    };
     record_duration(&key, now.saturating_sub(conn.pop.sent_ns));
 }
 
@@ -189,11 +207,25 @@ fn send_keyset(ctx: &LoopCtx, signature: u64, keys: u32, start: u64, end: u64) -
         len = KEYSET_MAX_BYTES as u64;
     }
     let len = (len as usize) & (KEYSET_MAX_BYTES - 1 + KEYSET_MAX_BYTES);
-    let len = if len > KEYSET_MAX_BYTES { KEYSET_MAX_BYTES } else { len };
+    let len = if len > KEYSET_MAX_BYTES {
+        KEYSET_MAX_BYTES
+    } else {
+        len
+    };
     unsafe {
-        (*event).header = KeysetHeader { tgid: ctx.tgid, fd: ctx.fd, signature, len: len as u32, keys };
+        (*event).header = KeysetHeader {
+            tgid: ctx.tgid,
+            fd: ctx.fd,
+            signature,
+            len: len as u32,
+            keys,
+        };
         let dst = (*event).bytes.as_mut_ptr();
-        let ok = aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len as u32, (ctx.buf + start) as *const c_void) == 0;
+        let ok = aya_ebpf::helpers::generated::bpf_probe_read_user(
+            dst.cast(),
+            len as u32,
+            (ctx.buf + start) as *const c_void,
+        ) == 0;
         if !ok {
             entry.discard(0);
             return false;
@@ -224,7 +256,11 @@ fn fill_window(ctx: &mut LoopCtx, carry: &Carry) -> Option<(*mut Scratch, usize,
     let take = (take as usize) & (2 * WINDOW - 1);
     if take > 0 && take <= WINDOW {
         let rc = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(bytes.as_mut_ptr().add(c).cast(), take as u32, (ctx.buf + ctx.pos) as *const c_void)
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                bytes.as_mut_ptr().add(c).cast(),
+                take as u32,
+                (ctx.buf + ctx.pos) as *const c_void,
+            )
         };
         if rc != 0 {
             ctx.failed = 1;
@@ -238,7 +274,14 @@ fn fill_window(ctx: &mut LoopCtx, carry: &Carry) -> Option<(*mut Scratch, usize,
 
 /// Applies a step's result to the carry and the position; returns 1 to stop the loop.
 #[inline(always)]
-fn advance(ctx: &mut LoopCtx, carry: &mut Carry, scratch: *mut Scratch, step: Step, c: usize, take: usize) -> i64 {
+fn advance(
+    ctx: &mut LoopCtx,
+    carry: &mut Carry,
+    scratch: *mut Scratch,
+    step: Step,
+    c: usize,
+    take: usize,
+) -> i64 {
     let bytes = unsafe { &(*scratch).bytes };
     match step {
         Step::Consumed(n) => {
@@ -287,10 +330,18 @@ fn next_iovec(ctx: &mut LoopCtx) -> bool {
         if next >= ctx.iov_count || next >= MAX_IOVECS as u64 || ctx.left_after == 0 {
             return false;
         }
-        let Ok(v) = (unsafe { bpf_probe_read_user((ctx.iov as *const IoVec).add((next & 15) as usize)) }) else { return false };
+        let Ok(v) =
+            (unsafe { bpf_probe_read_user((ctx.iov as *const IoVec).add((next & 15) as usize)) })
+        else {
+            return false;
+        };
         ctx.iov_index = next;
         ctx.buf = v.base;
-        ctx.len = if v.len < ctx.left_after { v.len } else { ctx.left_after };
+        ctx.len = if v.len < ctx.left_after {
+            v.len
+        } else {
+            ctx.left_after
+        };
         ctx.left_after -= ctx.len;
         ctx.pos = 0;
         return true;
@@ -300,9 +351,16 @@ fn next_iovec(ctx: &mut LoopCtx) -> bool {
 
 /// One request-side step; returns 1 to stop the loop.
 extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
-    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else { return 1 };
+    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
     let ctx = unsafe { &mut *ctx };
-    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid: ctx.tgid, fd: ctx.fd }) else { return 1 };
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey {
+        tgid: ctx.tgid,
+        fd: ctx.fd,
+    }) else {
+        return 1;
+    };
     let conn = unsafe { &mut *conn };
     if ctx.pos >= ctx.len {
         if !next_iovec(ctx) {
@@ -326,7 +384,9 @@ extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
         }
         return 0;
     }
-    let Some((scratch, c, take)) = fill_window(ctx, &conn.request_carry) else { return 1 };
+    let Some((scratch, c, take)) = fill_window(ctx, &conn.request_carry) else {
+        return 1;
+    };
     let avail = c + take;
     if avail == 0 {
         return 1;
@@ -347,9 +407,16 @@ extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
 
 /// One reply-side step; returns 1 to stop the loop.
 extern "C" fn step_reply(_index: u32, _unused: *mut c_void) -> i64 {
-    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else { return 1 };
+    let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
     let ctx = unsafe { &mut *ctx };
-    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid: ctx.tgid, fd: ctx.fd }) else { return 1 };
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey {
+        tgid: ctx.tgid,
+        fd: ctx.fd,
+    }) else {
+        return 1;
+    };
     let conn = unsafe { &mut *conn };
     if ctx.pos >= ctx.len && !next_iovec(ctx) {
         return 1;
@@ -362,7 +429,9 @@ extern "C" fn step_reply(_index: u32, _unused: *mut c_void) -> i64 {
         ctx.pos += conn.reply.skip_bytes(remaining);
         return 0;
     }
-    let Some((scratch, c, take)) = fill_window(ctx, &conn.reply_carry) else { return 1 };
+    let Some((scratch, c, take)) = fill_window(ctx, &conn.reply_carry) else {
+        return 1;
+    };
     let avail = c + take;
     if avail == 0 {
         return 1;
@@ -414,20 +483,64 @@ fn on_call(ctx: &LoopCtx, conn: &mut ConnState, call: agent_common::resp::Blocki
 #[inline(always)]
 /// `iov`/`iov_count` describe an iovec array (then `buf`/`len` are its first element and
 /// `total` bounds the bytes over all of them); 0 for a plain buffer.
-fn follow(conn: *mut ConnState, tgid: u32, fd: u32, dir: u32, buf: u64, len: u64, iov: u64, iov_count: u64, total: u64, now: u64) {
+fn follow(
+    conn: *mut ConnState,
+    tgid: u32,
+    fd: u32,
+    dir: u32,
+    buf: u64,
+    len: u64,
+    iov: u64,
+    iov_count: u64,
+    total: u64,
+    now: u64,
+) {
     if total == 0 {
         return;
     }
-    let Some(state) = LOOP_STATE.get_ptr_mut(0) else { return };
+    let Some(state) = LOOP_STATE.get_ptr_mut(0) else {
+        return;
+    };
     let first = if len < total { len } else { total };
-    unsafe { *state = LoopCtx { buf, len: first, pos: 0, iov, iov_count, iov_index: 0, left_after: total - first, now, tgid, fd, dir, failed: 0 } };
-    let callback = if dir == DIR_REQUEST { step_request as *mut c_void } else { step_reply as *mut c_void };
+    unsafe {
+        *state = LoopCtx {
+            buf,
+            len: first,
+            pos: 0,
+            iov,
+            iov_count,
+            iov_index: 0,
+            left_after: total - first,
+            now,
+            tgid,
+            fd,
+            dir,
+            failed: 0,
+        }
+    };
+    let callback = if dir == DIR_REQUEST {
+        step_request as *mut c_void
+    } else {
+        step_reply as *mut c_void
+    };
     unsafe {
         bpf_loop(MAX_STEPS, callback, core::ptr::null_mut(), 0);
     }
-    let (pos, len, failed, left) = unsafe { ((*state).pos, (*state).len, (*state).failed, (*state).left_after) };
+    let (pos, len, failed, left) = unsafe {
+        (
+            (*state).pos,
+            (*state).len,
+            (*state).failed,
+            (*state).left_after,
+        )
+    };
     let conn = unsafe { &mut *conn };
-    if failed != 0 || pos < len || (iov_count > 1 && left > 0 && unsafe { (*state).iov_index } + 1 < iov_count.min(MAX_IOVECS as u64)) {
+    if failed != 0
+        || pos < len
+        || (iov_count > 1
+            && left > 0
+            && unsafe { (*state).iov_index } + 1 < iov_count.min(MAX_IOVECS as u64))
+    {
         // Not RESP any more, or too much to follow: stop until a write starts a command.
         conn.kind = KIND_DESYNCED;
         conn.pop.active = 0;
@@ -453,7 +566,11 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
             state.peer = peer;
             state.kind = conn_kind::RESP;
         }
-        return if state.kind == conn_kind::RESP { Some(conn) } else { None };
+        return if state.kind == conn_kind::RESP {
+            Some(conn)
+        } else {
+            None
+        };
     }
     // Only a write that starts a command starts following a connection: a process seen
     // mid-command (it was tracked while writing) is picked up at its next command, and
@@ -502,12 +619,25 @@ fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, to
     if len == 0 && iov_count <= 1 {
         return;
     }
-    let Some(conn) = conn_for_write(tgid, fd, buf) else { return };
+    let Some(conn) = conn_for_write(tgid, fd, buf) else {
+        return;
+    };
     let state = unsafe { &mut *conn };
     if !state.request.at_command_boundary() || state.request_carry.len != 0 {
         state.command_start = u64::MAX;
     }
-    follow(conn, tgid, fd, DIR_REQUEST, buf, len, iov, iov_count, total, unsafe { bpf_ktime_get_ns() });
+    follow(
+        conn,
+        tgid,
+        fd,
+        DIR_REQUEST,
+        buf,
+        len,
+        iov,
+        iov_count,
+        total,
+        unsafe { bpf_ktime_get_ns() },
+    );
 }
 
 /// Total bytes of an iovec array (bounded by MAX_IOVECS elements).
@@ -535,14 +665,18 @@ fn iov_total(iov: u64, count: u64) -> u64 {
 // at the syscall-format offsets; uprobe programs read them from registers.
 
 #[inline(always)]
-fn handle_write(fd: u64, buf: u64, len: u64) {
-    let Some((tgid, _)) = worker_tgid() else { return };
+fn handle_write(fd: u64, buf: u64, len: u64, via: u32) {
+    let Some((tgid, _)) = worker_tgid(via) else {
+        return;
+    };
     on_write(tgid, fd as u32, buf, len, 0, 0, len);
 }
 
 #[inline(always)]
-fn handle_writev(fd: u64, iov: u64, count: u64) {
-    let Some((tgid, _)) = worker_tgid() else { return };
+fn handle_writev(fd: u64, iov: u64, count: u64, via: u32) {
+    let Some((tgid, _)) = worker_tgid(via) else {
+        return;
+    };
     let total = iov_total(iov, count);
     // The count's range was narrowed differently on each path of the summing loop.
     on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
@@ -557,18 +691,23 @@ fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
 }
 
 #[inline(always)]
-fn handle_sendmsg(fd: u64, msg: u64) {
+fn handle_sendmsg(fd: u64, msg: u64, via: u32) {
     if let Some((iov, count)) = msghdr_iov(msg) {
-        handle_writev(fd, iov, count);
+        handle_writev(fd, iov, count, via);
     }
 }
 
 /// Saves a read's buffer for its exit, if the fd is a followed connection. `iov_kind`: 0 for
 /// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr).
 #[inline(always)]
-fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32) {
-    let Some((tgid, id)) = worker_tgid() else { return };
-    let key = ConnKey { tgid, fd: fd as u32 };
+fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
+    let Some((tgid, id)) = worker_tgid(via) else {
+        return;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
     match unsafe { CONNS.get(&key) } {
         Some(conn) if conn.kind == conn_kind::RESP => {}
         _ => return,
@@ -581,16 +720,33 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32) {
         },
         _ => (buf, 0),
     };
-    let _ = PENDING_READS.insert(&id, &PendingRead { buf, fd: fd as u32, iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) } }, 0);
+    let _ = PENDING_READS.insert(
+        &id,
+        &PendingRead {
+            buf,
+            fd: fd as u32,
+            iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) },
+        },
+        0,
+    );
 }
 
 #[inline(always)]
-fn handle_read_exit(ret: i64) {
-    let Some((tgid, id)) = worker_tgid() else { return };
-    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else { return };
+fn handle_read_exit(ret: i64, via: u32) {
+    let Some((tgid, id)) = worker_tgid(via) else {
+        return;
+    };
+    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else {
+        return;
+    };
     let _ = PENDING_READS.remove(&id);
-    let key = ConnKey { tgid, fd: pending.fd };
-    let Some(conn) = CONNS.get_ptr_mut(&key) else { return };
+    let key = ConnKey {
+        tgid,
+        fd: pending.fd,
+    };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else {
+        return;
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
@@ -603,32 +759,76 @@ fn handle_read_exit(ret: i64) {
     }
     let total = ret as u64;
     if pending.iovcnt == 0 {
-        follow(conn, tgid, pending.fd, DIR_REPLY, pending.buf, total, 0, 0, total, now);
+        follow(
+            conn,
+            tgid,
+            pending.fd,
+            DIR_REPLY,
+            pending.buf,
+            total,
+            0,
+            0,
+            total,
+            now,
+        );
     } else if let Ok(v) = unsafe { bpf_probe_read_user(pending.buf as *const IoVec) } {
-        follow(conn, tgid, pending.fd, DIR_REPLY, v.base, v.len, pending.buf, pending.iovcnt as u64, total, now);
+        follow(
+            conn,
+            tgid,
+            pending.fd,
+            DIR_REPLY,
+            v.base,
+            v.len,
+            pending.buf,
+            pending.iovcnt as u64,
+            total,
+            now,
+        );
     }
 }
 
 #[inline(always)]
-fn handle_close(fd: u64) {
-    let Some((tgid, _)) = worker_tgid() else { return };
-    let key = ConnKey { tgid, fd: fd as u32 };
+fn handle_close(fd: u64, via: u32) {
+    let Some((tgid, _)) = worker_tgid(via) else {
+        return;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         // Closed while a pop waited: the worker gave up on it.
-        finish_pop(unsafe { &mut *conn }, tgid, fd as u32, outcome::ERROR, unsafe { bpf_ktime_get_ns() });
+        finish_pop(
+            unsafe { &mut *conn },
+            tgid,
+            fd as u32,
+            outcome::ERROR,
+            unsafe { bpf_ktime_get_ns() },
+        );
         let _ = CONNS.remove(&key);
     }
     let _ = CONN_PEERS.remove(&key);
 }
 
 #[inline(always)]
-fn handle_connect(fd: u64, addr: u64) {
-    let Some((tgid, _)) = worker_tgid() else { return };
-    let key = ConnKey { tgid, fd: fd as u32 };
+fn handle_connect(fd: u64, addr: u64, via: u32) {
+    let Some((tgid, _)) = worker_tgid(via) else {
+        return;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
-    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else { return };
-    let mut peer = Peer { family, port: 0, addr: [0; 16] };
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
+        return;
+    };
+    let mut peer = Peer {
+        family,
+        port: 0,
+        addr: [0; 16],
+    };
     match family {
         2 | 10 => {
             let port: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
@@ -653,13 +853,23 @@ fn handle_connect(fd: u64, addr: u64) {
 /// The syscall arguments of a tracepoint context (`sys_enter_*`: 8-byte args from offset 16).
 #[inline(always)]
 fn tp_args(ctx: &TracePointContext) -> (u64, u64, u64) {
-    unsafe { (ctx.read_at::<u64>(ARG0).unwrap_or(0), ctx.read_at::<u64>(ARG1).unwrap_or(0), ctx.read_at::<u64>(ARG2).unwrap_or(0)) }
+    unsafe {
+        (
+            ctx.read_at::<u64>(ARG0).unwrap_or(0),
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
+    }
 }
 
 /// Function arguments of a uprobe context.
 #[inline(always)]
 fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
-    (ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0))
+    (
+        ctx.arg::<u64>(0).unwrap_or(0),
+        ctx.arg::<u64>(1).unwrap_or(0),
+        ctx.arg::<u64>(2).unwrap_or(0),
+    )
 }
 
 // --- syscall tracepoints -----------------------------------------------------------------
@@ -668,21 +878,21 @@ fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
 pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
     // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
     let (fd, buf, len) = tp_args(&ctx);
-    handle_write(fd, buf, len);
+    handle_write(fd, buf, len, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_writev(ctx: TracePointContext) -> u32 {
     let (fd, iov, count) = tp_args(&ctx);
-    handle_writev(fd, iov, count);
+    handle_writev(fd, iov, count, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
     let (fd, msg, _) = tp_args(&ctx);
-    handle_sendmsg(fd, msg);
+    handle_sendmsg(fd, msg, via::SYSCALLS);
     0
 }
 
@@ -690,42 +900,42 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
 pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
     // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...).
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0);
+    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1);
+    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2);
+    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(RET) } {
-        handle_read_exit(ret);
+        handle_read_exit(ret, via::SYSCALLS);
     }
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_close(ctx: TracePointContext) -> u32 {
-    handle_close(tp_args(&ctx).0);
+    handle_close(tp_args(&ctx).0, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
     let (fd, addr, _) = tp_args(&ctx);
-    handle_connect(fd, addr);
+    handle_connect(fd, addr, via::SYSCALLS);
     0
 }
 
@@ -735,21 +945,21 @@ pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
 pub fn worker_libc_write(ctx: ProbeContext) -> u32 {
     // write(fd, buf, n), send(fd, buf, n, flags), sendto(fd, buf, n, ...).
     let (fd, buf, len) = up_args(&ctx);
-    handle_write(fd, buf, len);
+    handle_write(fd, buf, len, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_writev(ctx: ProbeContext) -> u32 {
     let (fd, iov, count) = up_args(&ctx);
-    handle_writev(fd, iov, count);
+    handle_writev(fd, iov, count, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
     let (fd, msg, _) = up_args(&ctx);
-    handle_sendmsg(fd, msg);
+    handle_sendmsg(fd, msg, via::LIBC);
     0
 }
 
@@ -757,39 +967,39 @@ pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_read(ctx: ProbeContext) -> u32 {
     // read(fd, buf, n), recv(fd, buf, n, flags), recvfrom(fd, buf, n, ...).
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0);
+    handle_read_enter(fd, buf, arg2, 0, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1);
+    handle_read_enter(fd, buf, arg2, 1, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2);
+    handle_read_enter(fd, buf, arg2, 2, via::LIBC);
     0
 }
 
 #[uretprobe]
 pub fn worker_libc_read_ret(ctx: RetProbeContext) -> u32 {
-    handle_read_exit(ctx.ret::<i64>());
+    handle_read_exit(ctx.ret::<i64>(), via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_close(ctx: ProbeContext) -> u32 {
-    handle_close(up_args(&ctx).0);
+    handle_close(up_args(&ctx).0, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_connect(ctx: ProbeContext) -> u32 {
     let (fd, addr, _) = up_args(&ctx);
-    handle_connect(fd, addr);
+    handle_connect(fd, addr, via::LIBC);
     0
 }

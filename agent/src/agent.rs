@@ -17,7 +17,7 @@ use crate::{
     discovery::{Change, Discovery, ScanErrors, TrackedProcess},
     ebpf::{
         redis::{clock_offset_ns, PointState},
-        Probes, ProbeStatus,
+        ProbeStatus, Probes,
     },
     export::http_server::MetricsSource,
     metrics::{catalog, prometheus, AttrValue, Attributes, Point, PointValue, Snapshot},
@@ -74,7 +74,9 @@ impl AgentState {
         max_thread_names: usize,
         listeners: ListenerOptions,
     ) -> Self {
-        let boot_time = procfs::boot_time_secs().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        let boot_time = procfs::boot_time_secs()
+            .ok()
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
         Self {
             proc,
             discovery,
@@ -101,13 +103,15 @@ impl AgentState {
                         Err(_) => vec![pid],
                     };
                     let probes = match self.probes.as_mut() {
-                        Some(probes) => match probes.sched.track(pid, p.info.id.start_time_ticks, &tids) {
-                            Ok(()) => "sched",
-                            Err(e) => {
-                                tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
-                                "none"
+                        Some(probes) => {
+                            match probes.sched.track(pid, p.info.id.start_time_ticks, &tids) {
+                                Ok(()) => "sched",
+                                Err(e) => {
+                                    tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
+                                    "none"
+                                }
                             }
-                        },
+                        }
                         None => "none",
                     };
                     tracing::info!(
@@ -125,10 +129,19 @@ impl AgentState {
                         Classification::Worker { .. } => {
                             if let Some(probes) = self.probes.as_mut() {
                                 let proc = &self.proc;
-                                match probes.worker.track(&mut probes.ebpf, pid, proc.libc_path(pid), || proc.socket_peers(pid)) {
+                                match probes.worker.track(
+                                    &mut probes.ebpf,
+                                    pid,
+                                    proc.libc_path(pid),
+                                    || proc.socket_peers(pid),
+                                ) {
                                     Ok(()) => {}
-                                    Err(crate::ebpf::ProbeError::Disabled(why)) => tracing::debug!(pid, "{why}"),
-                                    Err(e) => tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics"),
+                                    Err(crate::ebpf::ProbeError::Disabled(why)) => {
+                                        tracing::debug!(pid, "{why}")
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics")
+                                    }
                                 }
                             }
                         }
@@ -150,7 +163,11 @@ impl AgentState {
                     if let Some(cpu) = self.cpu.remove(&pid) {
                         self.stats.folded_threads += cpu.folded_threads;
                     }
-                    tracing::info!(pid, group = p.group(), "process gone; its series are dropped");
+                    tracing::info!(
+                        pid,
+                        group = p.group(),
+                        "process gone; its series are dropped"
+                    );
                 }
             }
         }
@@ -169,21 +186,29 @@ impl AgentState {
             unavailable: None,
             reported: Vec::new(),
             since: p.since,
-            bookkeeping_time: self.probes.as_ref().is_some_and(|p| p.redis.bookkeeping_time),
+            bookkeeping_time: self
+                .probes
+                .as_ref()
+                .is_some_and(|p| p.redis.bookkeeping_time),
         };
         let binary = p
             .info
             .exe
             .as_deref()
             .ok_or_else(|| "its executable link cannot be read".to_string())
-            .and_then(|exe| RedisBinary::inspect(&self.proc.host_path_of(pid, exe)).map_err(|e| e.to_string()));
+            .and_then(|exe| {
+                RedisBinary::inspect(&self.proc.host_path_of(pid, exe)).map_err(|e| e.to_string())
+            });
         match (self.probes.as_mut(), binary) {
             (None, _) => target.unavailable = Some("eBPF is not available".into()),
             (Some(_), Err(e)) => target.unavailable = Some(e),
             (Some(probes), Ok(binary)) => {
                 target.binary = Some(binary.id);
                 target.family = binary.family;
-                let process = agent_common::redis::RedisProcess { timeout_arg: binary.family.map(|f| f.timeout_arg()).unwrap_or(4), _pad: 0 };
+                let process = agent_common::redis::RedisProcess {
+                    timeout_arg: binary.family.map(|f| f.timeout_arg()).unwrap_or(4),
+                    _pad: 0,
+                };
                 target.points = probes.redis.attach(&mut probes.ebpf, pid, &binary, process);
                 let summary: Vec<String> = target
                     .points
@@ -216,14 +241,21 @@ impl AgentState {
     fn process_attributes(p: &TrackedProcess) -> Attributes {
         vec![
             ("process.group", AttrValue::from(p.group())),
-            ("process.executable.name", AttrValue::from(p.executable_name())),
+            (
+                "process.executable.name",
+                AttrValue::from(p.executable_name()),
+            ),
             ("process.pid", AttrValue::from(p.pid())),
         ]
     }
 
     fn process_start(&self, p: &TrackedProcess) -> SystemTime {
         self.boot_time
-            .map(|boot| boot + Duration::from_secs_f64(p.info.id.start_time_ticks as f64 / self.ticks_per_second))
+            .map(|boot| {
+                boot + Duration::from_secs_f64(
+                    p.info.id.start_time_ticks as f64 / self.ticks_per_second,
+                )
+            })
             .unwrap_or(p.since)
     }
 
@@ -247,7 +279,11 @@ impl AgentState {
                 }
             };
             // The pid may name another process by now.
-            if samples.iter().find(|s| s.tid == pid).is_some_and(|main| main.start_time_ticks != p.info.id.start_time_ticks) {
+            if samples
+                .iter()
+                .find(|s| s.tid == pid)
+                .is_some_and(|main| main.start_time_ticks != p.info.id.start_time_ticks)
+            {
                 gone.push(pid);
                 continue;
             }
@@ -262,7 +298,11 @@ impl AgentState {
                     attributes.push(("cpu.mode", AttrValue::from(mode)));
                     snapshot.push(
                         catalog::THREAD_CPU_TIME,
-                        Point { attributes, start_time: start, value: PointValue::Counter(value as f64 / self.ticks_per_second) },
+                        Point {
+                            attributes,
+                            start_time: start,
+                            value: PointValue::Counter(value as f64 / self.ticks_per_second),
+                        },
                     );
                 }
             }
@@ -294,17 +334,36 @@ impl AgentState {
                 Some(Classification::Worker { group }) => Some(group.clone()),
                 _ => None,
             };
-            self.worker.emit(&readings, &connections, &group_of, &mut snapshot);
+            self.worker
+                .emit(&readings, &connections, &group_of, &mut snapshot);
         }
 
         if let Some(probes) = &self.probes {
             for ((tgid, thread), hists) in probes.sched.histograms() {
-                let Some(p) = self.discovery.get(tgid) else { continue };
-                let label = self.cpu.get(&tgid).map(|c| c.label_for(&thread, self.max_thread_names.max(1) - 1).to_string()).unwrap_or(thread);
+                let Some(p) = self.discovery.get(tgid) else {
+                    continue;
+                };
+                let label = self
+                    .cpu
+                    .get(&tgid)
+                    .map(|c| {
+                        c.label_for(&thread, self.max_thread_names.max(1) - 1)
+                            .to_string()
+                    })
+                    .unwrap_or(thread);
                 let mut attributes = Self::process_attributes(p);
                 attributes.push(("thread.name", AttrValue::from(label)));
-                for (descriptor, h) in [(catalog::THREAD_RUNQUEUE_DELAY, &hists.runqueue_delay), (catalog::THREAD_ONCPU_DURATION, &hists.on_cpu)] {
-                    push_histogram(&mut snapshot, descriptor, attributes.clone(), p.since, log2_to_seconds(h));
+                for (descriptor, h) in [
+                    (catalog::THREAD_RUNQUEUE_DELAY, &hists.runqueue_delay),
+                    (catalog::THREAD_ONCPU_DURATION, &hists.on_cpu),
+                ] {
+                    push_histogram(
+                        &mut snapshot,
+                        descriptor,
+                        attributes.clone(),
+                        p.since,
+                        log2_to_seconds(h),
+                    );
                 }
             }
         }
@@ -325,29 +384,65 @@ impl AgentState {
             *per_group.entry(p.group()).or_default() += 1;
         }
         for (group, n) in per_group {
-            snapshot.push(catalog::PROCESSES_TRACKED, Point { attributes: vec![("process.group", group.into())], start_time: epoch, value: PointValue::Gauge(n as f64) });
+            snapshot.push(
+                catalog::PROCESSES_TRACKED,
+                Point {
+                    attributes: vec![("process.group", group.into())],
+                    start_time: epoch,
+                    value: PointValue::Gauge(n as f64),
+                },
+            );
         }
         for status in &self.probe_status {
             snapshot.push(
                 catalog::PROBES_ATTACHED,
-                Point { attributes: vec![("probe", status.program.into())], start_time: epoch, value: PointValue::Gauge(if status.attached { 1.0 } else { 0.0 }) },
+                Point {
+                    attributes: vec![("probe", status.program.into())],
+                    start_time: epoch,
+                    value: PointValue::Gauge(if status.attached { 1.0 } else { 0.0 }),
+                },
             );
         }
         for (kind, n) in &self.stats.read_errors {
-            snapshot.push(catalog::PROC_READ_ERRORS, Point { attributes: vec![("kind", (*kind).into())], start_time: epoch, value: PointValue::Counter(*n as f64) });
+            snapshot.push(
+                catalog::PROC_READ_ERRORS,
+                Point {
+                    attributes: vec![("kind", (*kind).into())],
+                    start_time: epoch,
+                    value: PointValue::Counter(*n as f64),
+                },
+            );
         }
         snapshot.push(
             catalog::EVENTS_LOST,
-            Point { attributes: vec![("reason", "keyset_unparsable".into())], start_time: epoch, value: PointValue::Counter(self.worker.keyset_errors as f64) },
+            Point {
+                attributes: vec![("reason", "keyset_unparsable".into())],
+                start_time: epoch,
+                value: PointValue::Counter(self.worker.keyset_errors as f64),
+            },
         );
-        let folded: u64 = self.stats.folded_threads + self.cpu.values().map(|c| c.folded_threads).sum::<u64>();
-        snapshot.push(catalog::THREAD_NAMES_OVERFLOW, Point { attributes: vec![], start_time: epoch, value: PointValue::Counter(folded as f64) });
+        let folded: u64 =
+            self.stats.folded_threads + self.cpu.values().map(|c| c.folded_threads).sum::<u64>();
+        snapshot.push(
+            catalog::THREAD_NAMES_OVERFLOW,
+            Point {
+                attributes: vec![],
+                start_time: epoch,
+                value: PointValue::Counter(folded as f64),
+            },
+        );
         if let Some(probes) = &self.probes {
             for (reason, counter) in [
                 ("histogram_map_full", ProbeCounter::HistogramMapFull),
-                ("thread_state_insert_failed", ProbeCounter::ThreadStateInsertFailed),
+                (
+                    "thread_state_insert_failed",
+                    ProbeCounter::ThreadStateInsertFailed,
+                ),
                 ("lifecycle_ring_full", ProbeCounter::LifecycleEventsLost),
-                ("blocked_client_map_full", ProbeCounter::BlockedClientInsertFailed),
+                (
+                    "blocked_client_map_full",
+                    ProbeCounter::BlockedClientInsertFailed,
+                ),
                 ("resp_desync", ProbeCounter::RespDesync),
                 ("keyset_ring_full", ProbeCounter::KeysetLost),
                 ("overlapping_pop", ProbeCounter::OverlappingPop),
@@ -355,17 +450,35 @@ impl AgentState {
             ] {
                 snapshot.push(
                     catalog::EVENTS_LOST,
-                    Point { attributes: vec![("reason", reason.into())], start_time: epoch, value: PointValue::Counter(probes.sched.counter(counter) as f64) },
+                    Point {
+                        attributes: vec![("reason", reason.into())],
+                        start_time: epoch,
+                        value: PointValue::Counter(probes.sched.counter(counter) as f64),
+                    },
                 );
             }
         }
     }
 }
 
-fn push_histogram(snapshot: &mut Snapshot, descriptor: crate::metrics::Descriptor, attributes: Attributes, start: SystemTime, value: crate::metrics::HistogramValue) {
+fn push_histogram(
+    snapshot: &mut Snapshot,
+    descriptor: crate::metrics::Descriptor,
+    attributes: Attributes,
+    start: SystemTime,
+    value: crate::metrics::HistogramValue,
+) {
     // Two kernel keys can fold into one label ("other"): merge them.
-    if let Some(metric) = snapshot.metrics.iter_mut().find(|m| m.descriptor.name == descriptor.name) {
-        if let Some(existing) = metric.points.iter_mut().find(|p| p.attributes == attributes) {
+    if let Some(metric) = snapshot
+        .metrics
+        .iter_mut()
+        .find(|m| m.descriptor.name == descriptor.name)
+    {
+        if let Some(existing) = metric
+            .points
+            .iter_mut()
+            .find(|p| p.attributes == attributes)
+        {
             if let PointValue::Histogram(h) = &mut existing.value {
                 for (a, b) in h.counts.iter_mut().zip(value.counts.iter()) {
                     *a += b;
@@ -376,7 +489,14 @@ fn push_histogram(snapshot: &mut Snapshot, descriptor: crate::metrics::Descripto
             }
         }
     }
-    snapshot.push(descriptor, Point { attributes, start_time: start, value: PointValue::Histogram(value) });
+    snapshot.push(
+        descriptor,
+        Point {
+            attributes,
+            start_time: start,
+            value: PointValue::Histogram(value),
+        },
+    );
 }
 
 /// The agent as shared between the HTTP server, the exporter and the event loop.
@@ -389,10 +509,18 @@ pub struct SharedAgent {
 
 impl SharedAgent {
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = self.state.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        let mut snapshot = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
         snapshot.push(
             catalog::EXPORT_FAILURES,
-            Point { attributes: vec![], start_time: UNIX_EPOCH, value: PointValue::Counter(self.export_failures.load(Ordering::Relaxed) as f64) },
+            Point {
+                attributes: vec![],
+                start_time: UNIX_EPOCH,
+                value: PointValue::Counter(self.export_failures.load(Ordering::Relaxed) as f64),
+            },
         );
         snapshot
     }

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "fanout", version, about = "Measures Redis blocking-pop fan-out, per-thread CPU and run-queue delay of Redis and its workers, with eBPF")]
+#[command(
+    name = "fanout",
+    version,
+    about = "Measures Redis blocking-pop fan-out, per-thread CPU and run-queue delay of Redis and its workers, with eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -91,9 +95,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_worker_probes: bool,
 
-    /// How workers' traffic is followed: `syscalls` (tracepoints; any worker, but every
-    /// process on the host pays a filter on each read and write) or `libc` (uprobes on each
-    /// worker's libc; only workers pay, but workers that bypass libc, such as Go, are not seen).
+    /// How workers' traffic is followed: `auto` (the default: each worker through its libc,
+    /// or through the syscall tracepoints when it has no libc to probe, such as Go),
+    /// `syscalls` (tracepoints for every worker; every process on the host then pays a filter
+    /// on each read and write, Redis included) or `libc` (uprobes on each worker's libc only;
+    /// workers that bypass libc are not seen).
     #[arg(long, value_name = "MODE")]
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
 

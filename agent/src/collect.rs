@@ -29,7 +29,12 @@ pub fn log2_to_seconds_between(h: &Log2Histogram, first: usize, last: usize) -> 
         let slot = i.clamp(first, last + 1) - first;
         counts[slot] += c;
     }
-    HistogramValue { bounds, counts, sum: h.sum_ns as f64 / 1e9, count: h.count }
+    HistogramValue {
+        bounds,
+        counts,
+        sum: h.sum_ns as f64 / 1e9,
+        count: h.count,
+    }
 }
 
 #[cfg(test)]
@@ -39,13 +44,24 @@ mod tests {
     #[test]
     fn log2_buckets_map_to_second_bounds_with_exact_counts() {
         let mut h = Log2Histogram::ZERO;
-        for v in [0u64, 5, 1023, 1024, 1_000_000, 2_000_000_000, 600_000_000_000] {
+        for v in [
+            0u64,
+            5,
+            1023,
+            1024,
+            1_000_000,
+            2_000_000_000,
+            600_000_000_000,
+        ] {
             h.record(v);
         }
         let out = log2_to_seconds(&h);
         assert_eq!(out.count, 7);
         assert_eq!(out.counts.iter().sum::<u64>(), 7);
-        assert_eq!(out.bounds.len(), LAST_EXPORTED_BUCKET - FIRST_EXPORTED_BUCKET + 1);
+        assert_eq!(
+            out.bounds.len(),
+            LAST_EXPORTED_BUCKET - FIRST_EXPORTED_BUCKET + 1
+        );
         assert_eq!(out.bounds[0], 1.024e-6);
         // 0, 5 and 1023 ns are all below 1.024 us.
         assert_eq!(out.counts[0], 3);

@@ -91,12 +91,18 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             // toml's messages span several lines with a source excerpt; one line is wanted.
-            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
         })
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Self::parse(path, &text)
     }
 }
@@ -111,8 +117,16 @@ fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
 
 impl Config {
     /// Resolves flags over file over defaults, reading OTEL_* variables through `env`.
-    pub fn resolve(args: &RunArgs, file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut specs: Vec<RuleSpec> = args.worker_rules.iter().map(|f| WorkerRule::parse_flag(f)).collect::<Result<_, _>>()?;
+    pub fn resolve(
+        args: &RunArgs,
+        file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut specs: Vec<RuleSpec> = args
+            .worker_rules
+            .iter()
+            .map(|f| WorkerRule::parse_flag(f))
+            .collect::<Result<_, _>>()?;
         specs.extend(file.worker_rules);
         let use_defaults = !args.no_default_rules && file.default_worker_rules.unwrap_or(true);
         if use_defaults {
@@ -130,18 +144,31 @@ impl Config {
         let overrides = OtlpOverrides {
             endpoint: args.otlp_endpoint.clone().or(file.otlp.endpoint),
             protocol: args.otlp_protocol.or(file.otlp.protocol),
-            interval: args.otlp_interval.or(file.otlp.interval_secs).map(|s| seconds("otlp interval", s)).transpose()?,
-            timeout: file.otlp.timeout_secs.map(|s| seconds("otlp timeout", s)).transpose()?,
+            interval: args
+                .otlp_interval
+                .or(file.otlp.interval_secs)
+                .map(|s| seconds("otlp interval", s))
+                .transpose()?,
+            timeout: file
+                .otlp
+                .timeout_secs
+                .map(|s| seconds("otlp timeout", s))
+                .transpose()?,
             headers: file.otlp.headers,
         };
         let otlp = OtlpConfig::resolve(overrides, env)?;
 
         let max_thread_names_per_process = file.max_thread_names_per_process.unwrap_or(64);
         if !(1..=1024).contains(&max_thread_names_per_process) {
-            return Err(ConfigError::BadThreadNameLimit(max_thread_names_per_process));
+            return Err(ConfigError::BadThreadNameLimit(
+                max_thread_names_per_process,
+            ));
         }
 
-        let max_keys_per_group = args.max_keys_per_group.or(file.max_keys_per_group).unwrap_or(50);
+        let max_keys_per_group = args
+            .max_keys_per_group
+            .or(file.max_keys_per_group)
+            .unwrap_or(50);
         if !(1..=10000).contains(&max_keys_per_group) {
             return Err(ConfigError::BadKeyLimit(max_keys_per_group));
         }
@@ -152,17 +179,37 @@ impl Config {
 
         Ok(Self {
             listeners,
-            redis_bookkeeping_time: !args.no_redis_bookkeeping_time && file.redis_bookkeeping_time.unwrap_or(true),
+            redis_bookkeeping_time: !args.no_redis_bookkeeping_time
+                && file.redis_bookkeeping_time.unwrap_or(true),
             worker_probes: !args.no_worker_probes && file.worker_probes.unwrap_or(true),
-            worker_probe_mode: args.worker_probe_mode.or(file.worker_probe_mode).unwrap_or(crate::ebpf::worker::WorkerProbeMode::Syscalls),
-            proc_root: args.proc_root.clone().or(file.proc_root).unwrap_or_else(|| PathBuf::from("/proc")),
+            worker_probe_mode: args
+                .worker_probe_mode
+                .or(file.worker_probe_mode)
+                .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Auto),
+            proc_root: args
+                .proc_root
+                .clone()
+                .or(file.proc_root)
+                .unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
             otlp,
             rules,
-            rescan_interval: seconds("rescan interval", args.rescan_interval.or(file.rescan_interval_secs).unwrap_or(10.0))?,
+            rescan_interval: seconds(
+                "rescan interval",
+                args.rescan_interval
+                    .or(file.rescan_interval_secs)
+                    .unwrap_or(10.0),
+            )?,
             require_ebpf: args.require_ebpf || file.require_ebpf.unwrap_or(false),
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
-            log_level: args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            log_level: args
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
             max_thread_names_per_process,
         })
     }
@@ -185,10 +232,19 @@ mod tests {
     fn defaults_without_file_or_flags() {
         let config = Config::resolve(&RunArgs::default(), FileConfig::default(), &no_env).unwrap();
         assert_eq!(config.proc_root, PathBuf::from("/proc"));
-        assert_eq!(config.prometheus_listen, Some("0.0.0.0:9464".parse().unwrap()));
-        assert!(config.otlp.is_none(), "OTLP push is off until an endpoint is configured");
+        assert_eq!(
+            config.prometheus_listen,
+            Some("0.0.0.0:9464".parse().unwrap())
+        );
+        assert!(
+            config.otlp.is_none(),
+            "OTLP push is off until an endpoint is configured"
+        );
         assert_eq!(config.rescan_interval, Duration::from_secs(10));
-        assert_eq!(config.rules.groups().collect::<Vec<_>>(), ["sidekiq", "resque", "rq", "celery"]);
+        assert_eq!(
+            config.rules.groups().collect::<Vec<_>>(),
+            ["sidekiq", "resque", "rq", "celery"]
+        );
     }
 
     #[test]
@@ -216,9 +272,15 @@ mod tests {
         };
         let config = Config::resolve(&args, file, &no_env).unwrap();
         assert_eq!(config.proc_root, PathBuf::from("/host/proc"));
-        assert_eq!(config.prometheus_listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(
+            config.prometheus_listen,
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
         assert_eq!(config.rescan_interval, Duration::from_secs(30));
-        assert_eq!(config.rules.groups().collect::<Vec<_>>(), ["mail", "billing"]);
+        assert_eq!(
+            config.rules.groups().collect::<Vec<_>>(),
+            ["mail", "billing"]
+        );
         let otlp = config.otlp.unwrap();
         assert_eq!(otlp.endpoint, "http://collector:4318/v1/metrics");
         assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
@@ -230,33 +292,60 @@ mod tests {
         let err = parse("prometheus_lisen = \"x\"").unwrap_err().to_string();
         assert!(err.contains("unknown field `prometheus_lisen`"), "{err}");
         assert!(!err.contains('\n'), "{err}");
-        let err = parse("prometheus_listen = \"not an address\"").unwrap_err().to_string();
+        let err = parse("prometheus_listen = \"not an address\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("config file fanout.toml:"), "{err}");
-        let err = parse("[[worker_rule]]\ngroup = \"x\"\nregex = \"y\"").unwrap_err().to_string();
+        let err = parse("[[worker_rule]]\ngroup = \"x\"\nregex = \"y\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `regex`"), "{err}");
     }
 
     #[test]
     fn invalid_rules_and_intervals_fail_resolution() {
         let file = parse("[[worker_rule]]\ngroup = \"x\"\ncmdline = \"(\"").unwrap();
-        let err = Config::resolve(&RunArgs::default(), file, &no_env).unwrap_err().to_string();
+        let err = Config::resolve(&RunArgs::default(), file, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid cmdline regex"), "{err}");
-        let args = RunArgs { rescan_interval: Some(0.0), ..Default::default() };
-        let err = Config::resolve(&args, FileConfig::default(), &no_env).unwrap_err().to_string();
-        assert_eq!(err, "rescan interval must be a positive number of seconds, got 0");
+        let args = RunArgs {
+            rescan_interval: Some(0.0),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default(), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "rescan interval must be a positive number of seconds, got 0"
+        );
         let file = parse("max_thread_names_per_process = 0").unwrap();
         assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
     }
 
     #[test]
     fn prometheus_can_be_disabled() {
-        let args = RunArgs { no_prometheus: true, ..Default::default() };
-        assert_eq!(Config::resolve(&args, FileConfig::default(), &no_env).unwrap().prometheus_listen, None);
+        let args = RunArgs {
+            no_prometheus: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args, FileConfig::default(), &no_env)
+                .unwrap()
+                .prometheus_listen,
+            None
+        );
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = FileConfig::load(Path::new("/nonexistent/fanout.toml")).unwrap_err().to_string();
-        assert!(err.starts_with("cannot read config file /nonexistent/fanout.toml:"), "{err}");
+        let err = FileConfig::load(Path::new("/nonexistent/fanout.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read config file /nonexistent/fanout.toml:"),
+            "{err}"
+        );
     }
 }

@@ -63,7 +63,12 @@ pub struct Discovery {
 
 impl Discovery {
     pub fn new(proc: ProcRoot, rules: RuleSet, own_pid: u32) -> Self {
-        Self { proc, rules, own_pid, tracked: BTreeMap::new() }
+        Self {
+            proc,
+            rules,
+            own_pid,
+            tracked: BTreeMap::new(),
+        }
     }
 
     pub fn tracked(&self) -> impl Iterator<Item = &TrackedProcess> {
@@ -81,7 +86,11 @@ impl Discovery {
         match self.proc.process_info(pid) {
             Ok(info) => {
                 let class = self.rules.classify(&info)?;
-                Some(TrackedProcess { info, class, since: SystemTime::now() })
+                Some(TrackedProcess {
+                    info,
+                    class,
+                    since: SystemTime::now(),
+                })
             }
             Err(e) => {
                 errors.count(&e);
@@ -105,9 +114,17 @@ impl Discovery {
         let old = std::mem::take(&mut self.tracked);
         for (pid, previous) in old {
             match seen.remove(&pid) {
-                Some(current) if current.info.id == previous.info.id && current.class == previous.class => {
+                Some(current)
+                    if current.info.id == previous.info.id && current.class == previous.class =>
+                {
                     // Keep the original `since`, refresh the facts (titles change).
-                    self.tracked.insert(pid, TrackedProcess { since: previous.since, ..current });
+                    self.tracked.insert(
+                        pid,
+                        TrackedProcess {
+                            since: previous.since,
+                            ..current
+                        },
+                    );
                 }
                 Some(current) => {
                     changes.push(Change::Removed(previous));
@@ -130,8 +147,16 @@ impl Discovery {
         let mut changes = Vec::new();
         let current = self.classify(pid, &mut errors);
         match (self.tracked.remove(&pid), current) {
-            (Some(previous), Some(current)) if previous.info.id == current.info.id && previous.class == current.class => {
-                self.tracked.insert(pid, TrackedProcess { since: previous.since, ..current });
+            (Some(previous), Some(current))
+                if previous.info.id == current.info.id && previous.class == current.class =>
+            {
+                self.tracked.insert(
+                    pid,
+                    TrackedProcess {
+                        since: previous.since,
+                        ..current
+                    },
+                );
             }
             (previous, current) => {
                 if let Some(previous) = previous {
@@ -166,11 +191,19 @@ mod tests {
     fn scan_finds_redis_servers_and_workers_in_a_fixture_tree() {
         let mut d = discovery();
         let (changes, errors) = d.rescan().unwrap();
-        let mut found: Vec<(u32, String)> = d.tracked().map(|p| (p.pid(), p.group().to_string())).collect();
+        let mut found: Vec<(u32, String)> = d
+            .tracked()
+            .map(|p| (p.pid(), p.group().to_string()))
+            .collect();
         found.sort();
         assert_eq!(
             found,
-            vec![(100, "redis".into()), (200, "sidekiq".into()), (400, "redis".into()), (500, "sidekiq".into())]
+            vec![
+                (100, "redis".into()),
+                (200, "sidekiq".into()),
+                (400, "redis".into()),
+                (500, "sidekiq".into())
+            ]
         );
         assert_eq!(changes.len(), 4);
         assert!(changes.iter().all(|c| matches!(c, Change::Added(_))));

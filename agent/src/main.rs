@@ -21,33 +21,47 @@ fn main() -> ExitCode {
         Some(path) => FileConfig::load(path),
         None => Ok(FileConfig::default()),
     };
-    let config = match file.and_then(|file| Config::resolve(&args, file, &|k| std::env::var(k).ok())) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fanout: error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+    let config =
+        match file.and_then(|file| Config::resolve(&args, file, &|k| std::env::var(k).ok())) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("fanout: error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
 
-    let filter = match std::env::var("RUST_LOG").ok().filter(|_| args.log_level.is_none()) {
+    let filter = match std::env::var("RUST_LOG")
+        .ok()
+        .filter(|_| args.log_level.is_none())
+    {
         Some(env) => EnvFilter::try_new(env),
         None => EnvFilter::try_new(&config.log_level),
     };
     let filter = match filter {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("fanout: error: invalid log filter {:?}: {e}", config.log_level);
+            eprintln!(
+                "fanout: error: invalid log filter {:?}: {e}",
+                config.log_level
+            );
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fanout: error: cannot start the async runtime: {e}");
@@ -80,7 +94,11 @@ fn check_probes() -> ExitCode {
                 }
             }
             println!("{} programs, {failed} rejected", results.len());
-            if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("fanout: error: {e}");

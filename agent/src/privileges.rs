@@ -11,15 +11,36 @@ pub struct Capability {
     pub ebpf: bool,
 }
 
-pub const CAP_DAC_READ_SEARCH: Capability =
-    Capability { bit: 2, name: "CAP_DAC_READ_SEARCH", needed_for: "reading other users' /proc files and binaries", ebpf: false };
-pub const CAP_SYS_PTRACE: Capability =
-    Capability { bit: 19, name: "CAP_SYS_PTRACE", needed_for: "reading /proc/<pid>/exe and /proc/<pid>/root of other users' processes", ebpf: false };
-pub const CAP_SYS_ADMIN: Capability =
-    Capability { bit: 21, name: "CAP_SYS_ADMIN", needed_for: "eBPF on kernels older than 5.8, mounting tracefs", ebpf: false };
-pub const CAP_PERFMON: Capability =
-    Capability { bit: 38, name: "CAP_PERFMON", needed_for: "attaching tracepoints and uprobes", ebpf: true };
-pub const CAP_BPF: Capability = Capability { bit: 39, name: "CAP_BPF", needed_for: "loading eBPF programs and maps", ebpf: true };
+pub const CAP_DAC_READ_SEARCH: Capability = Capability {
+    bit: 2,
+    name: "CAP_DAC_READ_SEARCH",
+    needed_for: "reading other users' /proc files and binaries",
+    ebpf: false,
+};
+pub const CAP_SYS_PTRACE: Capability = Capability {
+    bit: 19,
+    name: "CAP_SYS_PTRACE",
+    needed_for: "reading /proc/<pid>/exe and /proc/<pid>/root of other users' processes",
+    ebpf: false,
+};
+pub const CAP_SYS_ADMIN: Capability = Capability {
+    bit: 21,
+    name: "CAP_SYS_ADMIN",
+    needed_for: "eBPF on kernels older than 5.8, mounting tracefs",
+    ebpf: false,
+};
+pub const CAP_PERFMON: Capability = Capability {
+    bit: 38,
+    name: "CAP_PERFMON",
+    needed_for: "attaching tracepoints and uprobes",
+    ebpf: true,
+};
+pub const CAP_BPF: Capability = Capability {
+    bit: 39,
+    name: "CAP_BPF",
+    needed_for: "loading eBPF programs and maps",
+    ebpf: true,
+};
 
 pub const REQUIRED: [Capability; 4] = [CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH];
 
@@ -31,8 +52,13 @@ pub struct Capabilities {
 impl Capabilities {
     /// Parses the `CapEff:` line of a `/proc/<pid>/status` text.
     pub fn from_status(status: &str) -> Option<Self> {
-        let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-        u64::from_str_radix(hex, 16).ok().map(|effective| Self { effective })
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))?
+            .trim();
+        u64::from_str_radix(hex, 16)
+            .ok()
+            .map(|effective| Self { effective })
     }
 
     pub fn current() -> Option<Self> {
@@ -61,7 +87,11 @@ impl Capabilities {
 
 /// One line naming missing capabilities and what each is for.
 pub fn describe(missing: &[Capability]) -> String {
-    missing.iter().map(|c| format!("{} ({})", c.name, c.needed_for)).collect::<Vec<_>>().join(", ")
+    missing
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.needed_for))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -69,7 +99,10 @@ mod tests {
     use super::*;
 
     fn caps(hex: &str) -> Capabilities {
-        Capabilities::from_status(&format!("Name:\tfanout\nCapInh:\t0000000000000000\nCapEff:\t{hex}\nCapBnd:\t000001ffffffffff\n")).unwrap()
+        Capabilities::from_status(&format!(
+            "Name:\tfanout\nCapInh:\t0000000000000000\nCapEff:\t{hex}\nCapBnd:\t000001ffffffffff\n"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -93,7 +126,8 @@ mod tests {
         let names: Vec<_> = c.missing().iter().map(|c| c.name).collect();
         assert_eq!(names, ["CAP_BPF", "CAP_PERFMON"]);
         assert!(!c.ebpf_possible());
-        assert!(describe(&c.missing()).starts_with("CAP_BPF (loading eBPF programs and maps), CAP_PERFMON"));
+        assert!(describe(&c.missing())
+            .starts_with("CAP_BPF (loading eBPF programs and maps), CAP_PERFMON"));
     }
 
     #[test]

@@ -37,7 +37,10 @@ pub struct ProbeSite {
 }
 
 impl ProbeSite {
-    pub const ENTRY: ProbeSite = ProbeSite { offset: 0, emulated: false };
+    pub const ENTRY: ProbeSite = ProbeSite {
+        offset: 0,
+        emulated: false,
+    };
 }
 
 /// What one decoded instruction is, as far as probe placement cares.
@@ -61,7 +64,12 @@ pub fn find(code: &[u8]) -> ProbeSite {
         match decode(&code[at..]) {
             // The whole instruction must be inside what was read (and so inside the function).
             Some((_, len)) if at + len > code.len() => break,
-            Some((Insn::Emulated, _)) => return ProbeSite { offset: at as u64, emulated: true },
+            Some((Insn::Emulated, _)) => {
+                return ProbeSite {
+                    offset: at as u64,
+                    emulated: true,
+                }
+            }
             Some((Insn::Harmless, len)) => at += len,
             Some((Insn::Stop, _)) | None => break,
         }
@@ -94,7 +102,11 @@ const MAX_WRAPPER_BYTES: u64 = 64;
 /// cannot be read get [`ProbeSite::ENTRY`].
 pub fn sites_in(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, FunctionSites> {
     use object::{Object, ObjectSection, ObjectSymbol};
-    fn code_at<'data>(section: &object::Section<'data, '_>, address: u64, length: u64) -> Option<&'data [u8]> {
+    fn code_at<'data>(
+        section: &object::Section<'data, '_>,
+        address: u64,
+        length: u64,
+    ) -> Option<&'data [u8]> {
         section.data_range(address, length).ok().flatten()
     }
     let mut sites = BTreeMap::new();
@@ -103,13 +115,25 @@ pub fn sites_in(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, Fun
         if !symbol.is_definition() || !names.contains(&name) || sites.contains_key(name) {
             continue;
         }
-        let section = symbol.section_index().and_then(|index| file.section_by_index(index).ok());
+        let section = symbol
+            .section_index()
+            .and_then(|index| file.section_by_index(index).ok());
         let Some(section) = section else {
-            sites.insert(name.to_string(), FunctionSites { entry: ProbeSite::ENTRY, split_body: None });
+            sites.insert(
+                name.to_string(),
+                FunctionSites {
+                    entry: ProbeSite::ENTRY,
+                    split_body: None,
+                },
+            );
             continue;
         };
         let size = symbol.size();
-        let prologue = if size == 0 { PROLOGUE_BYTES as u64 } else { size.min(PROLOGUE_BYTES as u64) };
+        let prologue = if size == 0 {
+            PROLOGUE_BYTES as u64
+        } else {
+            size.min(PROLOGUE_BYTES as u64)
+        };
         let entry = code_at(&section, symbol.address(), prologue).map_or(ProbeSite::ENTRY, find);
         let split_body = (size > 0 && size <= MAX_WRAPPER_BYTES)
             .then(|| code_at(&section, symbol.address(), size))
@@ -119,7 +143,8 @@ pub fn sites_in(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, Fun
             .and_then(|body| {
                 let (section_offset, _) = section.file_range()?;
                 let file_offset = body.checked_sub(section.address())? + section_offset;
-                let site = code_at(&section, body, PROLOGUE_BYTES as u64).map_or(ProbeSite::ENTRY, find);
+                let site =
+                    code_at(&section, body, PROLOGUE_BYTES as u64).map_or(ProbeSite::ENTRY, find);
                 Some(SplitBody { file_offset, site })
             });
         sites.insert(name.to_string(), FunctionSites { entry, split_body });
@@ -140,7 +165,9 @@ pub fn tail_jump(code: &[u8]) -> Option<i64> {
             [0xeb, rel, ..] => (2, Some(i64::from(*rel as i8))),
             [0x70..=0x7f, rel, ..] => (2, Some(i64::from(*rel as i8))),
             [0xe9, a, b, c, d, ..] => (5, Some(i64::from(i32::from_le_bytes([*a, *b, *c, *d])))),
-            [0x0f, 0x80..=0x8f, a, b, c, d, ..] => (6, Some(i64::from(i32::from_le_bytes([*a, *b, *c, *d])))),
+            [0x0f, 0x80..=0x8f, a, b, c, d, ..] => {
+                (6, Some(i64::from(i32::from_le_bytes([*a, *b, *c, *d]))))
+            }
             [0xc3, ..] | [0xcc, ..] => (1, None),
             _ => match decode(rest)? {
                 (Insn::Stop, _) => (prefixed_nop_len(rest)?, None),
@@ -219,7 +246,14 @@ fn decode(code: &[u8]) -> Option<(Insn, usize)> {
         0x89 | 0x31 => {
             let modrm = byte(at + 1)?;
             let destination = (modrm & 7) | (rex_b << 3);
-            Some((if modrm >> 6 == 3 && SCRATCH_REGISTERS.contains(&destination) { Insn::Harmless } else { Insn::Stop }, at + 2))
+            Some((
+                if modrm >> 6 == 3 && SCRATCH_REGISTERS.contains(&destination) {
+                    Insn::Harmless
+                } else {
+                    Insn::Stop
+                },
+                at + 2,
+            ))
         }
         // mov r, r/m (0x8b) and xor r, r/m (0x33): write the reg field. The source may be a
         // register or memory (a RIP-relative load is how Redis reads `server`).
@@ -227,7 +261,14 @@ fn decode(code: &[u8]) -> Option<(Insn, usize)> {
             let modrm = byte(at + 1)?;
             let destination = ((modrm >> 3) & 7) | (rex_r << 3);
             let len = modrm_len(&code[at + 1..])?;
-            Some((if SCRATCH_REGISTERS.contains(&destination) { Insn::Harmless } else { Insn::Stop }, at + 1 + len))
+            Some((
+                if SCRATCH_REGISTERS.contains(&destination) {
+                    Insn::Harmless
+                } else {
+                    Insn::Stop
+                },
+                at + 1 + len,
+            ))
         }
         _ => Some((Insn::Stop, 0)),
     }
@@ -257,7 +298,10 @@ mod tests {
     use super::*;
 
     fn site(offset: u64) -> ProbeSite {
-        ProbeSite { offset, emulated: true }
+        ProbeSite {
+            offset,
+            emulated: true,
+        }
     }
 
     #[test]
@@ -270,15 +314,24 @@ mod tests {
     #[test]
     fn a_rip_relative_load_into_a_scratch_register_is_stepped_over() {
         // handleClientsBlockedOnKeys: mov 0x147992(%rip),%eax; push %r12
-        assert_eq!(find(&[0x8b, 0x05, 0x92, 0x79, 0x14, 0x00, 0x41, 0x54, 0x55]), site(6));
+        assert_eq!(
+            find(&[0x8b, 0x05, 0x92, 0x79, 0x14, 0x00, 0x41, 0x54, 0x55]),
+            site(6)
+        );
     }
 
     #[test]
     fn glibc_syscall_wrappers_are_probed_at_their_first_branch() {
         // write: cmpb $0x0,__libc_single_threaded(%rip); je
-        assert_eq!(find(&[0x80, 0x3d, 0x91, 0x32, 0x0e, 0x00, 0x00, 0x74, 0x17, 0xb8]), site(7));
+        assert_eq!(
+            find(&[0x80, 0x3d, 0x91, 0x32, 0x0e, 0x00, 0x00, 0x74, 0x17, 0xb8]),
+            site(7)
+        );
         // sendto: cmpb ...; mov %ecx,%r10d; je
-        assert_eq!(find(&[0x80, 0x3d, 0x31, 0x09, 0x0d, 0x00, 0x00, 0x41, 0x89, 0xca, 0x74, 0x14]), site(10));
+        assert_eq!(
+            find(&[0x80, 0x3d, 0x31, 0x09, 0x0d, 0x00, 0x00, 0x41, 0x89, 0xca, 0x74, 0x14]),
+            site(10)
+        );
         // recvmsg: push %rbx
         assert_eq!(find(&[0x53, 0x48, 0x83, 0xec, 0x10]), site(0));
     }
@@ -286,7 +339,10 @@ mod tests {
     #[test]
     fn endbr64_and_nops_are_handled() {
         // endbr64; push %rbp
-        assert_eq!(find(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5]), site(4));
+        assert_eq!(
+            find(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5]),
+            site(4)
+        );
         // a 5-byte nop is emulated itself
         assert_eq!(find(&[0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55]), site(0));
         // endbr64; call rel32
@@ -313,7 +369,8 @@ mod tests {
         //   mov 0x1482b6(%rip),%eax; test %eax,%eax; jne +6; ret; nopl 0x0(%rax,%rax,1);
         //   jmp ffec0 <serveClientsBlockedOnListKey.part.0>
         let wrapper = [
-            0x8b, 0x05, 0xb6, 0x82, 0x14, 0x00, 0x85, 0xc0, 0x75, 0x06, 0xc3, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0xe9, 0x6b, 0xfe, 0xff, 0xff,
+            0x8b, 0x05, 0xb6, 0x82, 0x14, 0x00, 0x85, 0xc0, 0x75, 0x06, 0xc3, 0x0f, 0x1f, 0x44,
+            0x00, 0x00, 0xe9, 0x6b, 0xfe, 0xff, 0xff,
         ];
         assert_eq!(tail_jump(&wrapper), Some(0xffec0 - 0x100040));
         // The wrapper's own probe site is its jne.
@@ -322,7 +379,10 @@ mod tests {
         assert_eq!(tail_jump(&[0x85, 0xc0, 0x75, 0x01, 0xc3, 0xc3]), None);
         assert_eq!(tail_jump(&[0x48, 0x83, 0xec, 0x10, 0xe9, 0, 0, 0, 0]), None);
         // Padding with prefixes is stepped over.
-        assert_eq!(tail_jump(&[0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0, 0xeb, 0x10]), Some(13 + 0x10));
+        assert_eq!(
+            tail_jump(&[0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0, 0xeb, 0x10]),
+            Some(13 + 0x10)
+        );
     }
 
     #[test]

@@ -51,17 +51,29 @@ pub enum ReadError {
     Vanished(u32),
     /// Anything else (permissions, malformed content).
     #[error("reading {what} of process {pid}: {message}")]
-    Failed { pid: u32, what: &'static str, message: String },
+    Failed {
+        pid: u32,
+        what: &'static str,
+        message: String,
+    },
 }
 
 impl ReadError {
     fn from_proc(pid: u32, what: &'static str, err: ProcError) -> Self {
         match err {
             ProcError::NotFound(_) => ReadError::Vanished(pid),
-            ProcError::Io(ref io, _) if io.kind() == std::io::ErrorKind::NotFound => ReadError::Vanished(pid),
+            ProcError::Io(ref io, _) if io.kind() == std::io::ErrorKind::NotFound => {
+                ReadError::Vanished(pid)
+            }
             // ESRCH: the task was reaped between opening its directory and reading a file.
-            ProcError::Io(ref io, _) if io.raw_os_error() == Some(libc::ESRCH) => ReadError::Vanished(pid),
-            other => ReadError::Failed { pid, what, message: other.to_string() },
+            ProcError::Io(ref io, _) if io.raw_os_error() == Some(libc::ESRCH) => {
+                ReadError::Vanished(pid)
+            }
+            other => ReadError::Failed {
+                pid,
+                what,
+                message: other.to_string(),
+            },
         }
     }
 
@@ -100,14 +112,17 @@ impl ProcRoot {
     }
 
     fn open(&self, pid: u32) -> Result<Process, ReadError> {
-        Process::new_with_root(self.root.join(pid.to_string())).map_err(|e| ReadError::from_proc(pid, "directory", e))
+        Process::new_with_root(self.root.join(pid.to_string()))
+            .map_err(|e| ReadError::from_proc(pid, "directory", e))
     }
 
     /// Identity and rule-matching facts of a process. A missing exe link (kernel threads, or a
     /// process of another user without CAP_SYS_PTRACE) is not an error: `exe` is `None`.
     pub fn process_info(&self, pid: u32) -> Result<ProcessInfo, ReadError> {
         let process = self.open(pid)?;
-        let stat = process.stat().map_err(|e| ReadError::from_proc(pid, "stat", e))?;
+        let stat = process
+            .stat()
+            .map_err(|e| ReadError::from_proc(pid, "stat", e))?;
         let cmdline = match process.cmdline() {
             Ok(args) => args,
             Err(e) => match ReadError::from_proc(pid, "cmdline", e) {
@@ -117,7 +132,10 @@ impl ProcRoot {
         };
         let exe = process.exe().ok();
         Ok(ProcessInfo {
-            id: ProcessId { pid, start_time_ticks: stat.starttime },
+            id: ProcessId {
+                pid,
+                start_time_ticks: stat.starttime,
+            },
             comm: stat.comm,
             exe,
             cmdline,
@@ -127,14 +145,19 @@ impl ProcRoot {
     /// Start time of `pid`, to check that a pid still names the same process.
     pub fn start_time(&self, pid: u32) -> Result<u64, ReadError> {
         let process = self.open(pid)?;
-        Ok(process.stat().map_err(|e| ReadError::from_proc(pid, "stat", e))?.starttime)
+        Ok(process
+            .stat()
+            .map_err(|e| ReadError::from_proc(pid, "stat", e))?
+            .starttime)
     }
 
     /// CPU counters of every thread of a process. Threads that exit during the walk are skipped
     /// and counted in the second value; the process itself vanishing is an error.
     pub fn thread_samples(&self, pid: u32) -> Result<(Vec<ThreadSample>, u64), ReadError> {
         let process = self.open(pid)?;
-        let tasks = process.tasks().map_err(|e| ReadError::from_proc(pid, "task list", e))?;
+        let tasks = process
+            .tasks()
+            .map_err(|e| ReadError::from_proc(pid, "task list", e))?;
         let mut samples = Vec::new();
         let mut vanished = 0;
         for task in tasks {
@@ -168,22 +191,75 @@ impl ProcRoot {
     }
 }
 
+/// How an executable does its I/O, as far as libc probes are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExeKind {
+    /// Dynamically linked: its reads and writes go through the libc.so it maps.
+    Dynamic,
+    /// Statically linked: there is no libc.so to probe.
+    Static,
+    /// A Go binary: its runtime makes network syscalls itself, even when it links libc (cgo).
+    Go,
+}
+
+/// Classifies an executable from its ELF headers (read lazily: Go binaries can be large).
+pub fn exe_kind(path: &Path) -> std::io::Result<ExeKind> {
+    use object::{Object, ObjectSection};
+    let file = std::fs::File::open(path)?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if elf.section_by_name(".go.buildinfo").is_some()
+        || elf.section_by_name(".gopclntab").is_some()
+        || elf.section_by_name(".note.go.buildid").is_some()
+    {
+        return Ok(ExeKind::Go);
+    }
+    // A program interpreter (ld.so) means shared libraries; static-pie binaries have a
+    // .dynamic section but no interpreter.
+    Ok(if elf.section_by_name(".interp").is_some() {
+        ExeKind::Dynamic
+    } else {
+        ExeKind::Static
+    })
+}
+
 impl ProcRoot {
-    /// The C library a process has mapped, as a path the agent can open (through
-    /// `/proc/<pid>/root`), from `/proc/<pid>/maps`.
+    /// The C library through which a process does its I/O, as a path the agent can open
+    /// (through `/proc/<pid>/root`): the one in `/proc/<pid>/maps`, or, for a process seen at
+    /// exec before its loader ran, where distributions put it. `None` for static and Go
+    /// executables, which do their I/O without one.
     pub fn libc_path(&self, pid: u32) -> Option<PathBuf> {
+        let exe = self.root.join(pid.to_string()).join("exe");
+        match exe_kind(&exe) {
+            Ok(ExeKind::Dynamic) => {}
+            Ok(_) => return None,
+            // Unreadable: fall through to what the maps say.
+            Err(_) => {}
+        }
         let maps = std::fs::read_to_string(self.root.join(pid.to_string()).join("maps")).ok()?;
-        let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| {
-            let name = p.rsplit('/').next().unwrap_or(p);
-            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
-        });
+        let mapped = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                let name = p.rsplit('/').next().unwrap_or(p);
+                name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+            });
         if let Some(path) = mapped {
             return Some(self.host_path_of(pid, Path::new(path)));
         }
         // Seen at exec, before the dynamic loader has mapped it: look where distributions put
         // it, inside the process's own root. Uprobes on that file fire once it is mapped.
-        const USUAL: [&str; 4] = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib64/libc.so.6"];
-        USUAL.iter().map(|p| self.host_path_of(pid, Path::new(p))).find(|p| p.exists())
+        const USUAL: [&str; 4] = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib64/libc.so.6",
+            "/usr/lib64/libc.so.6",
+        ];
+        USUAL
+            .iter()
+            .map(|p| self.host_path_of(pid, Path::new(p)))
+            .find(|p| p.exists())
     }
 }
 
@@ -195,6 +271,19 @@ pub fn ticks_per_second() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executables_are_classified_by_their_elf_headers() {
+        // This test binary is a dynamically linked Rust program.
+        assert_eq!(
+            exe_kind(&std::env::current_exe().unwrap()).unwrap(),
+            ExeKind::Dynamic
+        );
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), b"#!/bin/sh\n").unwrap();
+        assert!(exe_kind(script.path()).is_err(), "not an ELF file");
+        assert!(exe_kind(Path::new("/nonexistent")).is_err());
+    }
 
     fn fixtures() -> ProcRoot {
         ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"))
@@ -208,7 +297,13 @@ mod tests {
     #[test]
     fn reads_identity_exe_and_cmdline() {
         let info = fixtures().process_info(100).unwrap();
-        assert_eq!(info.id, ProcessId { pid: 100, start_time_ticks: 64108 });
+        assert_eq!(
+            info.id,
+            ProcessId {
+                pid: 100,
+                start_time_ticks: 64108
+            }
+        );
         assert_eq!(info.comm, "redis-server");
         assert_eq!(info.exe_name(), Some("redis-check-rdb"));
         assert_eq!(info.cmdline, vec!["redis-server 127.0.0.1:6379"]);
@@ -232,7 +327,10 @@ mod tests {
     fn per_thread_cpu_counters() {
         let (threads, vanished) = fixtures().thread_samples(100).unwrap();
         assert_eq!(vanished, 0);
-        let mut names: Vec<_> = threads.iter().map(|t| (t.tid, t.name.as_str(), t.user_ticks, t.system_ticks)).collect();
+        let mut names: Vec<_> = threads
+            .iter()
+            .map(|t| (t.tid, t.name.as_str(), t.user_ticks, t.system_ticks))
+            .collect();
         names.sort();
         assert_eq!(
             names,
@@ -259,16 +357,26 @@ mod tests {
     fn a_process_that_vanished_mid_read_is_reported_as_vanished() {
         // Its stat is there but its task directory is gone.
         assert!(fixtures().process_info(400).is_ok());
-        assert!(matches!(fixtures().thread_samples(400), Err(ReadError::Vanished(400))));
+        assert!(matches!(
+            fixtures().thread_samples(400),
+            Err(ReadError::Vanished(400))
+        ));
         // And one that is not there at all.
-        assert!(matches!(fixtures().process_info(999), Err(ReadError::Vanished(999))));
+        assert!(matches!(
+            fixtures().process_info(999),
+            Err(ReadError::Vanished(999))
+        ));
         assert_eq!(ReadError::Vanished(1).kind(), "vanished");
     }
 
     #[test]
     fn executables_are_reached_through_the_process_root() {
         let path = fixtures().host_path_of(100, Path::new("/usr/bin/redis-check-rdb"));
-        assert!(path.ends_with("proc/100/root/usr/bin/redis-check-rdb"), "{}", path.display());
+        assert!(
+            path.ends_with("proc/100/root/usr/bin/redis-check-rdb"),
+            "{}",
+            path.display()
+        );
     }
 }
 
@@ -285,7 +393,9 @@ pub fn parse_proc_net_address(text: &str) -> Option<SocketPeer> {
     let (addr, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match addr.len() {
-        8 => std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_le_bytes())),
+        8 => std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::from_str_radix(addr, 16).ok()?.to_le_bytes(),
+        )),
         32 => {
             let mut bytes = [0u8; 16];
             for (i, chunk) in bytes.chunks_mut(4).enumerate() {
@@ -323,12 +433,19 @@ impl ProcRoot {
                 by_inode.extend(parse_proc_net_tcp(&text));
             }
         }
-        let Ok(fds) = std::fs::read_dir(base.join("fd")) else { return Vec::new() };
+        let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
+            return Vec::new();
+        };
         fds.filter_map(|entry| {
             let entry = entry.ok()?;
             let fd: u32 = entry.file_name().to_str()?.parse().ok()?;
             let link = std::fs::read_link(entry.path()).ok()?;
-            let inode: u64 = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
+            let inode: u64 = link
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
             Some((fd, *by_inode.get(&inode)?))
         })
         .collect()
@@ -345,10 +462,22 @@ mod net_tests {
                     0: 0100007F:D431 0100007F:18EB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
                     1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
         let peers = parse_proc_net_tcp(text);
-        assert_eq!(peers[&4242], SocketPeer { ip: "127.0.0.1".parse().unwrap(), port: 6379 });
+        assert_eq!(
+            peers[&4242],
+            SocketPeer {
+                ip: "127.0.0.1".parse().unwrap(),
+                port: 6379
+            }
+        );
         assert_eq!(peers[&77].port, 0);
         let v6 = parse_proc_net_address("00000000000000000000000001000000:18EB").unwrap();
-        assert_eq!(v6, SocketPeer { ip: "::1".parse().unwrap(), port: 6379 });
+        assert_eq!(
+            v6,
+            SocketPeer {
+                ip: "::1".parse().unwrap(),
+                port: 6379
+            }
+        );
         assert!(parse_proc_net_address("zz:1").is_none());
     }
 }

@@ -29,9 +29,13 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>, hostname: Option<String>) ->
         set("host.name", host);
     }
     // The spec's aliases first, then the names this project's manifests use.
-    for (var, key) in [("NODE_NAME", "k8s.node.name"), ("POD_NAME", "k8s.pod.name"), ("POD_NAMESPACE", "k8s.namespace.name")]
-        .into_iter()
-        .chain(K8S_ENV)
+    for (var, key) in [
+        ("NODE_NAME", "k8s.node.name"),
+        ("POD_NAME", "k8s.pod.name"),
+        ("POD_NAMESPACE", "k8s.namespace.name"),
+    ]
+    .into_iter()
+    .chain(K8S_ENV)
     {
         if let Some(v) = env(var).filter(|v| !v.is_empty()) {
             set(key, v);
@@ -55,7 +59,10 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>, hostname: Option<String>) ->
 
 /// The kernel's host name (`uname -n`).
 pub fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -74,10 +81,19 @@ mod tests {
             _ => None,
         };
         let attrs = detect(&env, Some("box".into()));
-        assert_eq!(get(&attrs, "service.name"), Some(&AttrValue::from("fanout")));
+        assert_eq!(
+            get(&attrs, "service.name"),
+            Some(&AttrValue::from("fanout"))
+        );
         assert_eq!(get(&attrs, "host.name"), Some(&AttrValue::from("box")));
-        assert_eq!(get(&attrs, "k8s.node.name"), Some(&AttrValue::from("node-1")));
-        assert_eq!(get(&attrs, "k8s.pod.name"), Some(&AttrValue::from("fanout-abc")));
+        assert_eq!(
+            get(&attrs, "k8s.node.name"),
+            Some(&AttrValue::from("node-1"))
+        );
+        assert_eq!(
+            get(&attrs, "k8s.pod.name"),
+            Some(&AttrValue::from("fanout-abc"))
+        );
     }
 
     #[test]
@@ -90,13 +106,24 @@ mod tests {
     #[test]
     fn otel_resource_attributes_and_service_name_override() {
         let env = |k: &str| match k {
-            "OTEL_RESOURCE_ATTRIBUTES" => Some("deployment.environment=prod, service.name=x".to_string()),
+            "OTEL_RESOURCE_ATTRIBUTES" => {
+                Some("deployment.environment=prod, service.name=x".to_string())
+            }
             "OTEL_SERVICE_NAME" => Some("fanout-eu".to_string()),
             _ => None,
         };
         let attrs = detect(&env, None);
-        assert_eq!(get(&attrs, "deployment.environment"), Some(&AttrValue::from("prod")));
-        assert_eq!(get(&attrs, "service.name"), Some(&AttrValue::from("fanout-eu")));
-        assert_eq!(attrs.iter().filter(|(k, _)| *k == "service.name").count(), 1);
+        assert_eq!(
+            get(&attrs, "deployment.environment"),
+            Some(&AttrValue::from("prod"))
+        );
+        assert_eq!(
+            get(&attrs, "service.name"),
+            Some(&AttrValue::from("fanout-eu"))
+        );
+        assert_eq!(
+            attrs.iter().filter(|(k, _)| *k == "service.name").count(),
+            1
+        );
     }
 }

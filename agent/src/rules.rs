@@ -63,7 +63,11 @@ impl WorkerRule {
         if group == REDIS_GROUP {
             return Err(RuleError::ReservedGroup(group.to_string()));
         }
-        if group.len() > 64 || !group.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        if group.len() > 64
+            || !group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
             return Err(RuleError::BadGroupName(group.to_string()));
         }
         if spec.comm.is_none() && spec.exe.is_none() && spec.cmdline.is_none() {
@@ -71,7 +75,10 @@ impl WorkerRule {
         }
         if let Some(comm) = &spec.comm {
             if comm.len() > 15 {
-                return Err(RuleError::CommTooLong { group: group.to_string(), comm: comm.clone() });
+                return Err(RuleError::CommTooLong {
+                    group: group.to_string(),
+                    comm: comm.clone(),
+                });
             }
         }
         let cmdline = spec
@@ -79,8 +86,16 @@ impl WorkerRule {
             .as_deref()
             .map(Regex::new)
             .transpose()
-            .map_err(|e| RuleError::BadRegex { group: group.to_string(), message: e.to_string().replace('\n', " ") })?;
-        Ok(Self { group: group.to_string(), comm: spec.comm.clone(), exe: spec.exe.clone(), cmdline })
+            .map_err(|e| RuleError::BadRegex {
+                group: group.to_string(),
+                message: e.to_string().replace('\n', " "),
+            })?;
+        Ok(Self {
+            group: group.to_string(),
+            comm: spec.comm.clone(),
+            exe: spec.exe.clone(),
+            cmdline,
+        })
     }
 
     /// Parses the `--worker-rule GROUP:KIND=VALUE` flag form.
@@ -88,7 +103,10 @@ impl WorkerRule {
         let bad = || RuleError::BadFlag(flag.to_string());
         let (group, matcher) = flag.split_once(':').ok_or_else(bad)?;
         let (kind, value) = matcher.split_once('=').ok_or_else(bad)?;
-        let mut spec = RuleSpec { group: group.to_string(), ..Default::default() };
+        let mut spec = RuleSpec {
+            group: group.to_string(),
+            ..Default::default()
+        };
         match kind {
             "comm" => spec.comm = Some(value.to_string()),
             "exe" => spec.exe = Some(value.to_string()),
@@ -121,7 +139,11 @@ impl WorkerRule {
 /// Rules for the job frameworks Fanout knows. Each regex matches both the command line a worker
 /// is started with and the process title the framework sets afterwards.
 pub fn default_rule_specs() -> Vec<RuleSpec> {
-    let cmdline = |group: &str, regex: &str| RuleSpec { group: group.into(), cmdline: Some(regex.into()), ..Default::default() };
+    let cmdline = |group: &str, regex: &str| RuleSpec {
+        group: group.into(),
+        cmdline: Some(regex.into()),
+        ..Default::default()
+    };
     vec![
         // `ruby /usr/bin/sidekiq -r app.rb`, then the title "sidekiq 6.4.1 app [0 of 5 busy]".
         cmdline("sidekiq", r"(^|/)sidekiq( |$)"),
@@ -158,19 +180,28 @@ impl Classification {
 
 impl RuleSet {
     pub fn new(specs: &[RuleSpec]) -> Result<Self, RuleError> {
-        Ok(Self { workers: specs.iter().map(WorkerRule::compile).collect::<Result<_, _>>()? })
+        Ok(Self {
+            workers: specs
+                .iter()
+                .map(WorkerRule::compile)
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     pub fn classify(&self, process: &ProcessInfo) -> Option<Classification> {
         let is_server = SERVER_NAMES.contains(&process.comm.as_str())
-            || process.exe_name().is_some_and(|name| SERVER_NAMES.contains(&name));
+            || process
+                .exe_name()
+                .is_some_and(|name| SERVER_NAMES.contains(&name));
         if is_server {
             return Some(Classification::RedisServer);
         }
         self.workers
             .iter()
             .find(|rule| rule.matches(process))
-            .map(|rule| Classification::Worker { group: rule.group.clone() })
+            .map(|rule| Classification::Worker {
+                group: rule.group.clone(),
+            })
     }
 
     pub fn groups(&self) -> impl Iterator<Item = &str> {
@@ -185,10 +216,17 @@ mod tests {
 
     fn process(comm: &str, exe: Option<&str>, cmdline: &str) -> ProcessInfo {
         ProcessInfo {
-            id: ProcessId { pid: 10, start_time_ticks: 5 },
+            id: ProcessId {
+                pid: 10,
+                start_time_ticks: 5,
+            },
             comm: comm.into(),
             exe: exe.map(Into::into),
-            cmdline: cmdline.split(' ').filter(|s| !s.is_empty()).map(String::from).collect(),
+            cmdline: cmdline
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
         }
     }
 
@@ -198,7 +236,11 @@ mod tests {
 
     #[test]
     fn debian_redis_is_recognised_by_comm_although_its_exe_is_redis_check_rdb() {
-        let p = process("redis-server", Some("/usr/bin/redis-check-rdb"), "redis-server 127.0.0.1:6379");
+        let p = process(
+            "redis-server",
+            Some("/usr/bin/redis-check-rdb"),
+            "redis-server 127.0.0.1:6379",
+        );
         assert_eq!(defaults().classify(&p), Some(Classification::RedisServer));
     }
 
@@ -212,33 +254,92 @@ mod tests {
 
     #[test]
     fn redis_cli_and_benchmark_are_not_servers() {
-        assert_eq!(defaults().classify(&process("redis-cli", Some("/usr/bin/redis-cli"), "redis-cli ping")), None);
-        assert_eq!(defaults().classify(&process("redis-benchmark", None, "redis-benchmark -t get")), None);
+        assert_eq!(
+            defaults().classify(&process(
+                "redis-cli",
+                Some("/usr/bin/redis-cli"),
+                "redis-cli ping"
+            )),
+            None
+        );
+        assert_eq!(
+            defaults().classify(&process("redis-benchmark", None, "redis-benchmark -t get")),
+            None
+        );
     }
 
     #[test]
     fn sidekiq_before_and_after_it_sets_its_title() {
         let rules = defaults();
-        let sidekiq = Some(Classification::Worker { group: "sidekiq".into() });
-        let started = process("ruby", Some("/usr/bin/ruby3.1"), "ruby /usr/bin/sidekiq -r ./jobs.rb -c 5");
+        let sidekiq = Some(Classification::Worker {
+            group: "sidekiq".into(),
+        });
+        let started = process(
+            "ruby",
+            Some("/usr/bin/ruby3.1"),
+            "ruby /usr/bin/sidekiq -r ./jobs.rb -c 5",
+        );
         assert_eq!(rules.classify(&started), sidekiq);
-        let titled = process("sidekiq", Some("/usr/bin/ruby3.1"), "sidekiq 6.4.1 app [0 of 5 busy]");
+        let titled = process(
+            "sidekiq",
+            Some("/usr/bin/ruby3.1"),
+            "sidekiq 6.4.1 app [0 of 5 busy]",
+        );
         assert_eq!(rules.classify(&titled), sidekiq);
         // An editor opening a file named after Sidekiq is not a worker.
-        assert_eq!(rules.classify(&process("vim", None, "vim sidekiq.yml")), None);
+        assert_eq!(
+            rules.classify(&process("vim", None, "vim sidekiq.yml")),
+            None
+        );
     }
 
     #[test]
     fn resque_rq_and_celery_defaults() {
         let rules = defaults();
         let group = |p: &ProcessInfo| rules.classify(p).map(|c| c.group().to_string());
-        assert_eq!(group(&process("ruby", None, "resque-2.6.0: Waiting for default")).as_deref(), Some("resque"));
-        assert_eq!(group(&process("rake", None, "rake resque:work QUEUE=*")).as_deref(), Some("resque"));
-        assert_eq!(group(&process("python3", None, "/usr/bin/python3 /usr/local/bin/rq worker high low")).as_deref(), Some("rq"));
-        assert_eq!(group(&process("python3", None, "rq:worker:abc123")).as_deref(), Some("rq"));
-        assert_eq!(group(&process("celery", None, "/venv/bin/python /venv/bin/celery -A proj worker -l info")).as_deref(), Some("celery"));
-        assert_eq!(group(&process("python", None, "python -m celery worker")).as_deref(), Some("celery"));
-        assert_eq!(group(&process("python", None, "[celeryd: celery@host:MainProcess]")).as_deref(), Some("celery"));
+        assert_eq!(
+            group(&process("ruby", None, "resque-2.6.0: Waiting for default")).as_deref(),
+            Some("resque")
+        );
+        assert_eq!(
+            group(&process("rake", None, "rake resque:work QUEUE=*")).as_deref(),
+            Some("resque")
+        );
+        assert_eq!(
+            group(&process(
+                "python3",
+                None,
+                "/usr/bin/python3 /usr/local/bin/rq worker high low"
+            ))
+            .as_deref(),
+            Some("rq")
+        );
+        assert_eq!(
+            group(&process("python3", None, "rq:worker:abc123")).as_deref(),
+            Some("rq")
+        );
+        assert_eq!(
+            group(&process(
+                "celery",
+                None,
+                "/venv/bin/python /venv/bin/celery -A proj worker -l info"
+            ))
+            .as_deref(),
+            Some("celery")
+        );
+        assert_eq!(
+            group(&process("python", None, "python -m celery worker")).as_deref(),
+            Some("celery")
+        );
+        assert_eq!(
+            group(&process(
+                "python",
+                None,
+                "[celeryd: celery@host:MainProcess]"
+            ))
+            .as_deref(),
+            Some("celery")
+        );
         assert_eq!(group(&process("celery", None, "celery -A proj beat")), None);
         assert_eq!(group(&process("python3", None, "python3 rqstats.py")), None);
     }
@@ -246,8 +347,17 @@ mod tests {
     #[test]
     fn all_matchers_of_a_rule_must_match_and_first_rule_wins() {
         let specs = vec![
-            RuleSpec { group: "billing".into(), comm: Some("ruby".into()), cmdline: Some("billing".into()), ..Default::default() },
-            RuleSpec { group: "any-ruby".into(), exe: Some("ruby3.1".into()), ..Default::default() },
+            RuleSpec {
+                group: "billing".into(),
+                comm: Some("ruby".into()),
+                cmdline: Some("billing".into()),
+                ..Default::default()
+            },
+            RuleSpec {
+                group: "any-ruby".into(),
+                exe: Some("ruby3.1".into()),
+                ..Default::default()
+            },
         ];
         let rules = RuleSet::new(&specs).unwrap();
         let billing = process("ruby", Some("/usr/bin/ruby3.1"), "ruby billing_worker.rb");
@@ -260,31 +370,88 @@ mod tests {
 
     #[test]
     fn kernel_threads_with_empty_cmdline_never_match_a_cmdline_rule() {
-        let specs = vec![RuleSpec { group: "all".into(), cmdline: Some(".*".into()), ..Default::default() }];
-        assert_eq!(RuleSet::new(&specs).unwrap().classify(&process("kworker/0:1", None, "")), None);
+        let specs = vec![RuleSpec {
+            group: "all".into(),
+            cmdline: Some(".*".into()),
+            ..Default::default()
+        }];
+        assert_eq!(
+            RuleSet::new(&specs)
+                .unwrap()
+                .classify(&process("kworker/0:1", None, "")),
+            None
+        );
     }
 
     #[test]
     fn invalid_rules_are_rejected_with_their_reason() {
-        let spec = |group: &str, cmdline: Option<&str>| RuleSpec { group: group.into(), cmdline: cmdline.map(Into::into), ..Default::default() };
-        assert_eq!(WorkerRule::compile(&spec("", Some("x"))).unwrap_err(), RuleError::EmptyGroup);
-        assert_eq!(WorkerRule::compile(&spec("redis", Some("x"))).unwrap_err(), RuleError::ReservedGroup("redis".into()));
-        assert_eq!(WorkerRule::compile(&spec("w", None)).unwrap_err(), RuleError::NoMatcher("w".into()));
-        assert!(matches!(WorkerRule::compile(&spec("w", Some("(unclosed"))).unwrap_err(), RuleError::BadRegex { .. }));
-        assert!(matches!(WorkerRule::compile(&spec("bad group", Some("x"))).unwrap_err(), RuleError::BadGroupName(_)));
-        let long = RuleSpec { group: "w".into(), comm: Some("a-name-longer-than-15".into()), ..Default::default() };
-        assert!(matches!(WorkerRule::compile(&long).unwrap_err(), RuleError::CommTooLong { .. }));
+        let spec = |group: &str, cmdline: Option<&str>| RuleSpec {
+            group: group.into(),
+            cmdline: cmdline.map(Into::into),
+            ..Default::default()
+        };
+        assert_eq!(
+            WorkerRule::compile(&spec("", Some("x"))).unwrap_err(),
+            RuleError::EmptyGroup
+        );
+        assert_eq!(
+            WorkerRule::compile(&spec("redis", Some("x"))).unwrap_err(),
+            RuleError::ReservedGroup("redis".into())
+        );
+        assert_eq!(
+            WorkerRule::compile(&spec("w", None)).unwrap_err(),
+            RuleError::NoMatcher("w".into())
+        );
+        assert!(matches!(
+            WorkerRule::compile(&spec("w", Some("(unclosed"))).unwrap_err(),
+            RuleError::BadRegex { .. }
+        ));
+        assert!(matches!(
+            WorkerRule::compile(&spec("bad group", Some("x"))).unwrap_err(),
+            RuleError::BadGroupName(_)
+        ));
+        let long = RuleSpec {
+            group: "w".into(),
+            comm: Some("a-name-longer-than-15".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            WorkerRule::compile(&long).unwrap_err(),
+            RuleError::CommTooLong { .. }
+        ));
     }
 
     #[test]
     fn flag_form_parses_each_matcher_kind() {
         assert_eq!(
             WorkerRule::parse_flag("mailers:cmdline=mailer (worker)").unwrap(),
-            RuleSpec { group: "mailers".into(), cmdline: Some("mailer (worker)".into()), ..Default::default() }
+            RuleSpec {
+                group: "mailers".into(),
+                cmdline: Some("mailer (worker)".into()),
+                ..Default::default()
+            }
         );
-        assert_eq!(WorkerRule::parse_flag("a:comm=ruby").unwrap().comm.as_deref(), Some("ruby"));
-        assert_eq!(WorkerRule::parse_flag("a:exe=python3").unwrap().exe.as_deref(), Some("python3"));
-        assert!(matches!(WorkerRule::parse_flag("a=b"), Err(RuleError::BadFlag(_))));
-        assert!(matches!(WorkerRule::parse_flag("a:path=b"), Err(RuleError::BadFlag(_))));
+        assert_eq!(
+            WorkerRule::parse_flag("a:comm=ruby")
+                .unwrap()
+                .comm
+                .as_deref(),
+            Some("ruby")
+        );
+        assert_eq!(
+            WorkerRule::parse_flag("a:exe=python3")
+                .unwrap()
+                .exe
+                .as_deref(),
+            Some("python3")
+        );
+        assert!(matches!(
+            WorkerRule::parse_flag("a=b"),
+            Err(RuleError::BadFlag(_))
+        ));
+        assert!(matches!(
+            WorkerRule::parse_flag("a:path=b"),
+            Err(RuleError::BadFlag(_))
+        ));
     }
 }

@@ -46,7 +46,11 @@ fn start_probes(config: &Config) -> anyhow::Result<Started> {
     match attempt() {
         Ok((probes, ring)) => {
             for status in probes.status.iter().filter(|s| !s.attached) {
-                tracing::warn!(probe = status.program, error = status.error.as_deref().unwrap_or(""), "probe not attached");
+                tracing::warn!(
+                    probe = status.program,
+                    error = status.error.as_deref().unwrap_or(""),
+                    "probe not attached"
+                );
             }
             if config.require_ebpf && probes.status.iter().any(|s| !s.attached) {
                 anyhow::bail!("--require-ebpf: not every eBPF program could be attached (see the warnings above)");
@@ -65,7 +69,11 @@ fn start_probes(config: &Config) -> anyhow::Result<Started> {
             tracing::warn!(error = %message, "eBPF unavailable: measuring per-thread CPU from /proc only; run-queue delay, blocking probes and exec/exit events are off");
             let status = ebpf::sched::TRACEPOINTS
                 .iter()
-                .map(|t| ProbeStatus { program: t.program, attached: false, error: Some(message.clone()) })
+                .map(|t| ProbeStatus {
+                    program: t.program,
+                    attached: false,
+                    error: Some(message.clone()),
+                })
                 .collect();
             Ok((None, None, status))
         }
@@ -74,7 +82,8 @@ fn start_probes(config: &Config) -> anyhow::Result<Started> {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let proc = ProcRoot::new(&config.proc_root);
-    proc.pids().with_context(|| format!("cannot list processes in {}", config.proc_root.display()))?;
+    proc.pids()
+        .with_context(|| format!("cannot list processes in {}", config.proc_root.display()))?;
 
     let (mut probes, ring, probe_status) = start_probes(&config)?;
     if let Some(p) = probes.as_mut() {
@@ -82,11 +91,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p.worker.disabled = !config.worker_probes;
         p.worker.mode = config.worker_probe_mode;
     }
-    let live: Vec<&str> = probe_status.iter().filter(|s| s.attached).map(|s| s.program).collect();
+    let live: Vec<&str> = probe_status
+        .iter()
+        .filter(|s| s.attached)
+        .map(|s| s.program)
+        .collect();
     tracing::info!(probes = ?live, "eBPF programs attached: {}/{}", live.len(), probe_status.len());
 
     let discovery = Discovery::new(proc.clone(), config.rules.clone(), std::process::id());
-    let mut state = AgentState::new(proc, discovery, probes, probe_status, config.max_thread_names_per_process, config.listeners);
+    let mut state = AgentState::new(
+        proc,
+        discovery,
+        probes,
+        probe_status,
+        config.max_thread_names_per_process,
+        config.listeners,
+    );
     state.refresh_clock();
     let (changes, errors) = state.discovery.rescan().context("initial /proc scan")?;
     state.stats.count_scan(&errors);
@@ -117,15 +137,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(run_exporter(sender, interval, failures, move || {
             // The snapshot reads /proc synchronously; it is short and bounded by the number of
             // tracked threads, and this task does nothing else meanwhile.
-            (tokio::task::block_in_place(|| source.snapshot()), source.resource.clone())
+            (
+                tokio::task::block_in_place(|| source.snapshot()),
+                source.resource.clone(),
+            )
         }));
     }
 
     if let Some(rings) = ring {
         let agent = shared.clone();
-        tokio::spawn(follow_ring(rings.lifecycle, "lifecycle", move |records| on_lifecycle(&agent, records)));
+        tokio::spawn(follow_ring(rings.lifecycle, "lifecycle", move |records| {
+            on_lifecycle(&agent, records)
+        }));
         let agent = shared.clone();
-        tokio::spawn(follow_ring(rings.keysets, "keyset", move |records| on_keysets(&agent, records)));
+        tokio::spawn(follow_ring(rings.keysets, "keyset", move |records| {
+            on_keysets(&agent, records)
+        }));
     }
     shared.ready.store(true, Ordering::Relaxed);
 
@@ -154,7 +181,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Reads a ring buffer as records arrive, handing each batch to `handle`.
-async fn follow_ring(ring: RingBuf<MapData>, name: &'static str, mut handle: impl FnMut(Vec<Vec<u8>>)) {
+async fn follow_ring(
+    ring: RingBuf<MapData>,
+    name: &'static str,
+    mut handle: impl FnMut(Vec<Vec<u8>>),
+) {
     tracing::debug!(ring = name, fd = ring.as_raw_fd(), "following ring buffer");
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, which deregisters it
     // before dropping it; nothing else closes the fd.
@@ -190,7 +221,10 @@ async fn follow_ring(ring: RingBuf<MapData>, name: &'static str, mut handle: imp
 /// Exec and exit events: re-check or drop the pids they name.
 fn on_lifecycle(shared: &SharedAgent, records: Vec<Vec<u8>>) {
     let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-    for event in records.iter().filter_map(|r| ebpf::sched::decode_lifecycle(r)) {
+    for event in records
+        .iter()
+        .filter_map(|r| ebpf::sched::decode_lifecycle(r))
+    {
         match event.kind() {
             Some(LifecycleKind::Exec) => {
                 // Short-lived processes vanish before they are read: normal, not counted.
@@ -217,7 +251,8 @@ fn on_keysets(shared: &SharedAgent, records: Vec<Vec<u8>>) {
             continue;
         }
         // SAFETY: length checked; the header is plain old data, read unaligned.
-        let header: agent_common::worker::KeysetHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let header: agent_common::worker::KeysetHeader =
+            unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
         let len = (header.len as usize).min(record.len() - size);
         state.worker.on_keyset(&header, &record[size..size + len]);
     }

@@ -48,7 +48,10 @@ impl ProcessCpu {
     pub fn update(&mut self, samples: &[ThreadSample], max_names: usize) {
         let mut live = HashMap::with_capacity(samples.len());
         for sample in samples {
-            let now = CpuTicks { user: sample.user_ticks, system: sample.system_ticks };
+            let now = CpuTicks {
+                user: sample.user_ticks,
+                system: sample.system_ticks,
+            };
             let delta = match self.threads.get(&sample.tid) {
                 // Same thread as before (a reused tid has another start time).
                 Some(seen) if seen.start_time_ticks == sample.start_time_ticks => CpuTicks {
@@ -57,14 +60,25 @@ impl ProcessCpu {
                 },
                 _ => now,
             };
-            let label = self.label_for(&sample.name, max_names.max(1) - 1).to_string();
-            if label == OTHER_THREADS && sample.name != OTHER_THREADS && !self.threads.contains_key(&sample.tid) {
+            let label = self
+                .label_for(&sample.name, max_names.max(1) - 1)
+                .to_string();
+            if label == OTHER_THREADS
+                && sample.name != OTHER_THREADS
+                && !self.threads.contains_key(&sample.tid)
+            {
                 self.folded_threads += 1;
             }
             let total = self.totals.entry(label).or_default();
             total.user += delta.user;
             total.system += delta.system;
-            live.insert(sample.tid, SeenThread { start_time_ticks: sample.start_time_ticks, last: now });
+            live.insert(
+                sample.tid,
+                SeenThread {
+                    start_time_ticks: sample.start_time_ticks,
+                    last: now,
+                },
+            );
         }
         // Forget exited threads so that churn does not grow the map.
         self.threads = live;
@@ -81,25 +95,71 @@ mod tests {
     use super::*;
 
     fn sample(tid: u32, name: &str, start: u64, user: u64, system: u64) -> ThreadSample {
-        ThreadSample { tid, name: name.into(), start_time_ticks: start, user_ticks: user, system_ticks: system }
+        ThreadSample {
+            tid,
+            name: name.into(),
+            start_time_ticks: start,
+            user_ticks: user,
+            system_ticks: system,
+        }
     }
 
     #[test]
     fn threads_with_the_same_name_are_summed() {
         let mut cpu = ProcessCpu::default();
-        cpu.update(&[sample(1, "redis-server", 10, 100, 10), sample(2, "io_thd_1", 11, 5, 1), sample(3, "io_thd_1", 11, 7, 2)], 64);
-        assert_eq!(cpu.totals()["redis-server"], CpuTicks { user: 100, system: 10 });
-        assert_eq!(cpu.totals()["io_thd_1"], CpuTicks { user: 12, system: 3 });
+        cpu.update(
+            &[
+                sample(1, "redis-server", 10, 100, 10),
+                sample(2, "io_thd_1", 11, 5, 1),
+                sample(3, "io_thd_1", 11, 7, 2),
+            ],
+            64,
+        );
+        assert_eq!(
+            cpu.totals()["redis-server"],
+            CpuTicks {
+                user: 100,
+                system: 10
+            }
+        );
+        assert_eq!(
+            cpu.totals()["io_thd_1"],
+            CpuTicks {
+                user: 12,
+                system: 3
+            }
+        );
     }
 
     #[test]
     fn totals_never_decrease_when_threads_exit_and_count_new_threads_whole() {
         let mut cpu = ProcessCpu::default();
-        cpu.update(&[sample(1, "main", 10, 100, 0), sample(2, "worker", 11, 50, 5)], 64);
+        cpu.update(
+            &[
+                sample(1, "main", 10, 100, 0),
+                sample(2, "worker", 11, 50, 5),
+            ],
+            64,
+        );
         // Thread 2 exits; thread 3 (same name) starts and has used 3 ticks already.
-        cpu.update(&[sample(1, "main", 10, 120, 0), sample(3, "worker", 20, 3, 0)], 64);
-        assert_eq!(cpu.totals()["main"], CpuTicks { user: 120, system: 0 });
-        assert_eq!(cpu.totals()["worker"], CpuTicks { user: 53, system: 5 });
+        cpu.update(
+            &[sample(1, "main", 10, 120, 0), sample(3, "worker", 20, 3, 0)],
+            64,
+        );
+        assert_eq!(
+            cpu.totals()["main"],
+            CpuTicks {
+                user: 120,
+                system: 0
+            }
+        );
+        assert_eq!(
+            cpu.totals()["worker"],
+            CpuTicks {
+                user: 53,
+                system: 5
+            }
+        );
     }
 
     #[test]
@@ -114,7 +174,9 @@ mod tests {
     #[test]
     fn thread_names_past_the_limit_fold_into_other() {
         let mut cpu = ProcessCpu::default();
-        let threads: Vec<_> = (0..10).map(|i| sample(i, &format!("t{i}"), 1, 1, 0)).collect();
+        let threads: Vec<_> = (0..10)
+            .map(|i| sample(i, &format!("t{i}"), 1, 1, 0))
+            .collect();
         cpu.update(&threads, 4);
         // Three names plus "other" make the limit of four labels.
         assert_eq!(cpu.totals().len(), 4);

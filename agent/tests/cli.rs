@@ -4,7 +4,11 @@
 use std::process::{Command, Output};
 
 fn fanout(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fanout")).args(args).env_remove("RUST_LOG").output().expect("run fanout")
+    Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run fanout")
 }
 
 fn stderr(out: &Output) -> String {
@@ -20,7 +24,11 @@ fn assert_usage_error(out: &Output, expected: &str) {
 fn assert_one_line_usage_error(out: &Output, expected: &str) {
     assert_usage_error(out, expected);
     let err = stderr(out);
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err:?}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err:?}"
+    );
     assert!(err.starts_with("fanout: error: "), "{err:?}");
 }
 
@@ -28,11 +36,21 @@ fn assert_one_line_usage_error(out: &Output, expected: &str) {
 fn version_and_help() {
     let out = fanout(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("fanout {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("fanout {}", env!("CARGO_PKG_VERSION"))
+    );
     let out = fanout(&["run", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--prometheus-listen", "--otlp-endpoint", "--worker-rule", "--proc-root", "--log-format"] {
+    for flag in [
+        "--config",
+        "--prometheus-listen",
+        "--otlp-endpoint",
+        "--worker-rule",
+        "--proc-root",
+        "--log-format",
+    ] {
         assert!(help.contains(flag), "{flag} missing from help");
     }
 }
@@ -44,25 +62,50 @@ fn unknown_flag_exits_2() {
 
 #[test]
 fn invalid_flag_value_exits_2() {
-    assert_usage_error(&fanout(&["run", "--prometheus-listen", "nowhere"]), "invalid value 'nowhere'");
-    assert_usage_error(&fanout(&["run", "--otlp-protocol", "http/json"]), "invalid value 'http/json'");
+    assert_usage_error(
+        &fanout(&["run", "--prometheus-listen", "nowhere"]),
+        "invalid value 'nowhere'",
+    );
+    assert_usage_error(
+        &fanout(&["run", "--otlp-protocol", "http/json"]),
+        "invalid value 'http/json'",
+    );
 }
 
 #[test]
 fn invalid_worker_rule_exits_2_with_one_line() {
-    assert_one_line_usage_error(&fanout(&["run", "--worker-rule", "billing:cmdline=(oops"]), "invalid cmdline regex");
-    assert_one_line_usage_error(&fanout(&["run", "--worker-rule", "nocolon"]), "invalid --worker-rule \"nocolon\"");
+    assert_one_line_usage_error(
+        &fanout(&["run", "--worker-rule", "billing:cmdline=(oops"]),
+        "invalid cmdline regex",
+    );
+    assert_one_line_usage_error(
+        &fanout(&["run", "--worker-rule", "nocolon"]),
+        "invalid --worker-rule \"nocolon\"",
+    );
 }
 
 #[test]
 fn invalid_config_file_exits_2_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fanout.toml");
-    std::fs::write(&path, "prometheus_listen = \"127.0.0.1:1\"\n[[worker_rule]]\ngroup = \"redis\"\ncomm = \"x\"\n").unwrap();
-    assert_one_line_usage_error(&fanout(&["run", "--config", path.to_str().unwrap()]), "reserved group name");
+    std::fs::write(
+        &path,
+        "prometheus_listen = \"127.0.0.1:1\"\n[[worker_rule]]\ngroup = \"redis\"\ncomm = \"x\"\n",
+    )
+    .unwrap();
+    assert_one_line_usage_error(
+        &fanout(&["run", "--config", path.to_str().unwrap()]),
+        "reserved group name",
+    );
     std::fs::write(&path, "this is not toml").unwrap();
-    assert_one_line_usage_error(&fanout(&["run", "--config", path.to_str().unwrap()]), "config file");
-    assert_one_line_usage_error(&fanout(&["run", "--config", "/nonexistent.toml"]), "cannot read config file /nonexistent.toml");
+    assert_one_line_usage_error(
+        &fanout(&["run", "--config", path.to_str().unwrap()]),
+        "config file",
+    );
+    assert_one_line_usage_error(
+        &fanout(&["run", "--config", "/nonexistent.toml"]),
+        "cannot read config file /nonexistent.toml",
+    );
 }
 
 #[test]

@@ -24,17 +24,40 @@ fn exported() -> BTreeSet<String> {
 
 /// Label names the agent's series carry (attribute keys translated), and Prometheus's own.
 const LABELS: &[&str] = &[
-    "process_group", "process_executable_name", "process_pid", "thread_name", "cpu_mode", "redis_block_type", "outcome",
-    "server_port", "server_address", "redis_blocking_phase", "probe", "state", "reason", "kind", "listener", "redis_key",
-    "redis_command", "peer_group", "instance", "job", "le",
+    "process_group",
+    "process_executable_name",
+    "process_pid",
+    "thread_name",
+    "cpu_mode",
+    "redis_block_type",
+    "outcome",
+    "server_port",
+    "server_address",
+    "redis_blocking_phase",
+    "probe",
+    "state",
+    "reason",
+    "kind",
+    "listener",
+    "redis_key",
+    "redis_command",
+    "peer_group",
+    "instance",
+    "job",
+    "le",
 ];
 
 fn read(path: &str) -> String {
-    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap_or_else(|e| panic!("{path}: {e}"))
+    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 fn recording_rules(rules: &str) -> BTreeSet<String> {
-    rules.lines().filter_map(|l| l.trim().strip_prefix("- record: ")).map(|s| s.trim().to_string()).collect()
+    rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(|s| s.trim().to_string())
+        .collect()
 }
 
 /// Identifiers in a PromQL expression that name metrics of this project (prefix `process_`,
@@ -56,7 +79,9 @@ fn metric_references(expr: &str) -> Vec<String> {
             current.push(c);
         } else {
             let word = std::mem::take(&mut current);
-            let ours = ["process_", "redis_", "worker_", "fanout_", "fanout:"].iter().any(|p| word.starts_with(p));
+            let ours = ["process_", "redis_", "worker_", "fanout_", "fanout:"]
+                .iter()
+                .any(|p| word.starts_with(p));
             if ours && !LABELS.contains(&word.as_str()) {
                 out.push(word);
             }
@@ -69,29 +94,50 @@ fn check(source: &str, exprs: Vec<String>, known: &BTreeSet<String>) {
     assert!(!exprs.is_empty(), "{source}: no expressions found");
     for expr in exprs {
         let refs = metric_references(&expr);
-        assert!(!refs.is_empty(), "{source}: `{expr}` queries none of the agent's metrics");
+        assert!(
+            !refs.is_empty(),
+            "{source}: `{expr}` queries none of the agent's metrics"
+        );
         for r in refs {
-            assert!(known.contains(&r), "{source}: `{r}` in `{expr}` is neither exported by the agent nor a recording rule");
+            assert!(
+                known.contains(&r),
+                "{source}: `{r}` in `{expr}` is neither exported by the agent nor a recording rule"
+            );
         }
     }
 }
 
 #[test]
 fn the_reference_extractor_tells_metrics_from_labels() {
-    let refs = metric_references(r#"sum by (process_pid) (rate(redis_blocking_keys_sum{process_group="redis_x"}[5m])) / fanout:a:b"#);
-    assert_eq!(refs, vec!["redis_blocking_keys_sum".to_string(), "fanout:a:b".to_string()]);
+    let refs = metric_references(
+        r#"sum by (process_pid) (rate(redis_blocking_keys_sum{process_group="redis_x"}[5m])) / fanout:a:b"#,
+    );
+    assert_eq!(
+        refs,
+        vec![
+            "redis_blocking_keys_sum".to_string(),
+            "fanout:a:b".to_string()
+        ]
+    );
 }
 
 #[test]
 fn dashboard_queries_only_exported_metrics_and_recording_rules() {
     let mut known = exported();
     known.extend(recording_rules(&read("deploy/alerts/fanout.rules.yml")));
-    let dashboard: serde_json::Value = serde_json::from_str(&read("deploy/grafana/fanout.json")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/fanout.json")).unwrap();
     let exprs: Vec<String> = dashboard["panels"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string())
+        })
         .collect();
     check("deploy/grafana/fanout.json", exprs, &known);
 }

@@ -34,7 +34,11 @@ pub fn fanout_bin() -> PathBuf {
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` every 20 ms until it returns Some, for at most `limit`.
@@ -96,16 +100,42 @@ impl Redis {
     pub fn start(extra: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed by cargo xtask setup");
-        let redis = Redis { proc: Proc { child, name: "redis-server".into() }, port };
-        wait_for("redis-server to answer PING", Duration::from_secs(10), || {
-            redis.try_command(&["PING"]).ok().filter(|r| r == "+PONG\r\n")
-        });
+            .expect(
+                "redis-server (Debian package redis-server) must be installed by cargo xtask setup",
+            );
+        let redis = Redis {
+            proc: Proc {
+                child,
+                name: "redis-server".into(),
+            },
+            port,
+        };
+        wait_for(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                redis
+                    .try_command(&["PING"])
+                    .ok()
+                    .filter(|r| r == "+PONG\r\n")
+            },
+        );
         redis
     }
 
@@ -122,7 +152,10 @@ impl Redis {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line)?;
-        if let Some(len) = line.strip_prefix('$').and_then(|n| n.trim().parse::<i64>().ok()) {
+        if let Some(len) = line
+            .strip_prefix('$')
+            .and_then(|n| n.trim().parse::<i64>().ok())
+        {
             if len >= 0 {
                 let mut body = vec![0; len as usize + 2];
                 reader.read_exact(&mut body)?;
@@ -133,7 +166,8 @@ impl Redis {
     }
 
     pub fn command(&self, args: &[&str]) -> String {
-        self.try_command(args).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+        self.try_command(args)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
 }
 
@@ -158,7 +192,12 @@ impl Sidekiq {
     }
 
     /// With `-g TAG`, which Sidekiq shows in its process title: rules can tell fleets apart.
-    pub fn start_tagged(redis_port: u16, tag: Option<&str>, queues: &[&str], concurrency: u32) -> Self {
+    pub fn start_tagged(
+        redis_port: u16,
+        tag: Option<&str>,
+        queues: &[&str],
+        concurrency: u32,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("jobs.rb"),
@@ -175,18 +214,32 @@ impl Sidekiq {
         for q in queues {
             cmd.args(["-q", q]);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("sidekiq (Debian package ruby-sidekiq)");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sidekiq (Debian package ruby-sidekiq)");
         let pid = child.id();
-        let sidekiq = Sidekiq { proc: Proc { child, name: "sidekiq".into() }, _dir: dir };
+        let sidekiq = Sidekiq {
+            proc: Proc {
+                child,
+                name: "sidekiq".into(),
+            },
+            _dir: dir,
+        };
         // Ready once its processor threads exist.
-        wait_for("Sidekiq to start its processor threads", Duration::from_secs(30), || {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-            let processors = tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|c| c.trim() == "processor")
-                .count();
-            (processors == concurrency as usize).then_some(())
-        });
+        wait_for(
+            "Sidekiq to start its processor threads",
+            Duration::from_secs(30),
+            || {
+                let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+                let processors = tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|c| c.trim() == "processor")
+                    .count();
+                (processors == concurrency as usize).then_some(())
+            },
+        );
         sidekiq
     }
 
@@ -218,7 +271,12 @@ impl Agent {
 
     /// Runs the agent under `wrapper` (a command that execs its last arguments, such as
     /// `setpriv ...`).
-    pub fn start_wrapped(wrapper: &[&str], bin: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = match wrapper.split_first() {
@@ -230,7 +288,13 @@ impl Agent {
             None => Command::new(bin),
         };
         let child = cmd
-            .args(["run", "--prometheus-listen", &format!("127.0.0.1:{port}"), "--log-level", "info,fanout=debug"])
+            .args([
+                "run",
+                "--prometheus-listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-level",
+                "info,fanout=debug",
+            ])
             .args(args)
             .envs(env.iter().copied())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -238,13 +302,23 @@ impl Agent {
             .stderr(log.reopen().unwrap())
             .spawn()
             .expect("spawn the agent");
-        let agent = Agent { proc: Proc { child, name: "fanout".into() }, port, log };
-        wait_for("the agent's /readyz", Duration::from_secs(20), || (http_get(port, "/readyz").ok()?.0 == 200).then_some(()));
+        let agent = Agent {
+            proc: Proc {
+                child,
+                name: "fanout".into(),
+            },
+            port,
+            log,
+        };
+        wait_for("the agent's /readyz", Duration::from_secs(20), || {
+            (http_get(port, "/readyz").ok()?.0 == 200).then_some(())
+        });
         agent
     }
 
     pub fn metrics_text(&self) -> String {
-        let (status, body) = http_get(self.port, "/metrics").unwrap_or_else(|e| panic!("scrape failed: {e}\nagent log:\n{}", self.log()));
+        let (status, body) = http_get(self.port, "/metrics")
+            .unwrap_or_else(|e| panic!("scrape failed: {e}\nagent log:\n{}", self.log()));
         assert_eq!(status, 200);
         body
     }
@@ -261,7 +335,10 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- agent log ---\n{}\n--- end of agent log ---", self.log());
+            eprintln!(
+                "--- agent log ---\n{}\n--- end of agent log ---",
+                self.log()
+            );
         }
     }
 }
@@ -273,15 +350,27 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// A no-op Sidekiq job for `queue`, in the format Sidekiq 6 reads.
 pub fn sidekiq_job(queue: &str, jid: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    format!(r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    format!(
+        r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#
+    )
 }
 
 /// Pushes one no-op Sidekiq job onto `queue`.

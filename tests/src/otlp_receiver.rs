@@ -21,7 +21,9 @@ pub struct Receiver {
 impl Receiver {
     /// Waits (bounded) for the next request.
     pub fn next(&self, limit: Duration) -> ExportMetricsServiceRequest {
-        self.requests.recv_timeout(limit).unwrap_or_else(|_| panic!("no OTLP request within {limit:?}"))
+        self.requests
+            .recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("no OTLP request within {limit:?}"))
     }
 }
 
@@ -40,30 +42,51 @@ struct GrpcService(mpsc::SyncSender<ExportMetricsServiceRequest>);
 
 #[tonic::async_trait]
 impl MetricsService for GrpcService {
-    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let _ = self.0.try_send(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
 fn spawn_server<F, Fut>(serve: F) -> Receiver
 where
-    F: FnOnce(tokio::net::TcpListener, mpsc::SyncSender<ExportMetricsServiceRequest>, tokio::sync::oneshot::Receiver<()>) -> Fut + Send + 'static,
+    F: FnOnce(
+            tokio::net::TcpListener,
+            mpsc::SyncSender<ExportMetricsServiceRequest>,
+            tokio::sync::oneshot::Receiver<()>,
+        ) -> Fut
+        + Send
+        + 'static,
     Fut: std::future::Future<Output = ()>,
 {
     let (tx, rx) = mpsc::sync_channel(64);
     let (addr_tx, addr_rx) = mpsc::channel();
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel();
     let thread = thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
             serve(listener, tx, shutdown_rx).await;
         });
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("receiver bound");
-    Receiver { addr, requests: rx, shutdown: Some(shutdown_tx), thread: Some(thread) }
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("receiver bound");
+    Receiver {
+        addr,
+        requests: rx,
+        shutdown: Some(shutdown_tx),
+        thread: Some(thread),
+    }
 }
 
 /// An OTLP/gRPC receiver on a loopback port.
@@ -85,21 +108,31 @@ pub fn http() -> Receiver {
     spawn_server(|listener, tx, shutdown| async move {
         let app = axum::Router::new().route(
             "/v1/metrics",
-            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-                let tx = tx.clone();
-                async move {
-                    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/x-protobuf") {
-                        return (axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE, Vec::new());
-                    }
-                    match ExportMetricsServiceRequest::decode(body.as_ref()) {
-                        Ok(req) => {
-                            let _ = tx.try_send(req);
-                            (axum::http::StatusCode::OK, ExportMetricsServiceResponse { partial_success: None }.encode_to_vec())
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let tx = tx.clone();
+                    async move {
+                        if headers.get("content-type").and_then(|v| v.to_str().ok())
+                            != Some("application/x-protobuf")
+                        {
+                            return (axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE, Vec::new());
                         }
-                        Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+                        match ExportMetricsServiceRequest::decode(body.as_ref()) {
+                            Ok(req) => {
+                                let _ = tx.try_send(req);
+                                (
+                                    axum::http::StatusCode::OK,
+                                    ExportMetricsServiceResponse {
+                                        partial_success: None,
+                                    }
+                                    .encode_to_vec(),
+                                )
+                            }
+                            Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+                        }
                     }
-                }
-            }),
+                },
+            ),
         );
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -44,27 +44,47 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 impl Scrape {
     pub fn parse(text: &str) -> Self {
         let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed line {line:?}"));
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("malformed line {line:?}"));
             let value: f64 = match value {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,
-                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
             };
             let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name.to_string(), parse_labels(labels.trim_end_matches('}'))),
+                Some((name, labels)) => {
+                    (name.to_string(), parse_labels(labels.trim_end_matches('}')))
+                }
                 None => (series.to_string(), BTreeMap::new()),
             };
-            samples.push(Sample { name, labels, value });
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
         }
         Scrape { samples }
     }
 
     /// Samples named `name` whose labels include every pair of `matchers`.
-    pub fn find<'a>(&'a self, name: &'a str, matchers: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples
-            .iter()
-            .filter(move |s| s.name == name && matchers.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+    pub fn find<'a>(
+        &'a self,
+        name: &'a str,
+        matchers: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && matchers
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
     }
 
     /// The sum over the matching samples.
@@ -73,8 +93,15 @@ impl Scrape {
     }
 
     /// The value of a label across matching samples, deduplicated.
-    pub fn label_values(&self, name: &str, matchers: &[(&str, &str)], label: &str) -> std::collections::BTreeSet<String> {
-        self.find(name, matchers).filter_map(|s| s.labels.get(label).cloned()).collect()
+    pub fn label_values(
+        &self,
+        name: &str,
+        matchers: &[(&str, &str)],
+        label: &str,
+    ) -> std::collections::BTreeSet<String> {
+        self.find(name, matchers)
+            .filter_map(|s| s.labels.get(label).cloned())
+            .collect()
     }
 }
 
@@ -84,7 +111,9 @@ mod tests {
 
     #[test]
     fn parses_labels_with_escapes_and_special_values() {
-        let s = Scrape::parse("# HELP x y\nm{a=\"1\",b=\"q\\\"x,y\"} 2.5\nh_bucket{le=\"+Inf\"} 3\nplain +Inf\n");
+        let s = Scrape::parse(
+            "# HELP x y\nm{a=\"1\",b=\"q\\\"x,y\"} 2.5\nh_bucket{le=\"+Inf\"} 3\nplain +Inf\n",
+        );
         assert_eq!(s.samples.len(), 3);
         assert_eq!(s.samples[0].labels["b"], "q\"x,y");
         assert_eq!(s.sum("m", &[("a", "1")]), 2.5);

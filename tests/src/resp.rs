@@ -32,7 +32,10 @@ impl Conn {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), writer: stream })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
     }
 
     pub fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
@@ -72,11 +75,17 @@ fn bad(msg: String) -> std::io::Error {
 fn read_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     let line = line.trim_end_matches("\r\n");
     let (kind, rest) = line.split_at(1);
-    let number = || rest.parse::<i64>().map_err(|_| bad(format!("bad length in {line:?}")));
+    let number = || {
+        rest.parse::<i64>()
+            .map_err(|_| bad(format!("bad length in {line:?}")))
+    };
     Ok(match kind {
         "+" => Reply::Simple(rest.to_string()),
         "-" => Reply::Error(rest.to_string()),
@@ -97,7 +106,9 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
             if n < 0 {
                 Reply::Array(None)
             } else {
-                Reply::Array(Some((0..n).map(|_| read_reply(r)).collect::<Result<_, _>>()?))
+                Reply::Array(Some(
+                    (0..n).map(|_| read_reply(r)).collect::<Result<_, _>>()?,
+                ))
             }
         }
         _ => return Err(bad(format!("unexpected reply {line:?}"))),

@@ -17,11 +17,20 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{free_port, http_get, require_root, resp::Conn, wait_for, Agent, Proc, Redis, Sidekiq};
+use integration_tests::{
+    free_port, http_get, require_root, resp::Conn, wait_for, Agent, Proc, Redis, Sidekiq,
+};
 
 fn shortened_rules(dir: &Path) -> std::path::PathBuf {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/alerts/fanout.rules.yml")).unwrap();
-    let mut rules = shipped.replace("[1m]", "[10s]").replace("[5m]", "[10s]").replace("interval: 30s", "interval: 2s");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/alerts/fanout.rules.yml"
+    ))
+    .unwrap();
+    let mut rules = shipped
+        .replace("[1m]", "[10s]")
+        .replace("[5m]", "[10s]")
+        .replace("interval: 30s", "interval: 2s");
     for minutes in ["2m", "5m", "10m", "15m"] {
         rules = rules.replace(&format!("for: {minutes}"), "for: 5s");
     }
@@ -48,15 +57,30 @@ impl Prometheus {
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
         let port = free_port();
         let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus (Debian package prometheus)");
-        let prom = Prometheus { _proc: Proc { child, name: "prometheus".into() }, port, _dir: dir };
-        wait_for("Prometheus to be ready", Duration::from_secs(30), || (http_get(port, "/-/ready").ok()?.0 == 200).then_some(()));
+        let prom = Prometheus {
+            _proc: Proc {
+                child,
+                name: "prometheus".into(),
+            },
+            port,
+            _dir: dir,
+        };
+        wait_for("Prometheus to be ready", Duration::from_secs(30), || {
+            (http_get(port, "/-/ready").ok()?.0 == 200).then_some(())
+        });
         prom
     }
 
@@ -69,12 +93,20 @@ impl Prometheus {
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| (a["labels"]["alertname"].as_str().unwrap().to_string(), a["state"].as_str().unwrap().to_string(), a["labels"].clone()))
+            .map(|a| {
+                (
+                    a["labels"]["alertname"].as_str().unwrap().to_string(),
+                    a["state"].as_str().unwrap().to_string(),
+                    a["labels"].clone(),
+                )
+            })
             .collect()
     }
 
     fn firing(&self, name: &str, label: &str, value: &str) -> bool {
-        self.alerts().iter().any(|(n, s, l)| n == name && s == "firing" && l[label] == value)
+        self.alerts()
+            .iter()
+            .any(|(n, s, l)| n == name && s == "firing" && l[label] == value)
     }
 }
 
@@ -104,18 +136,33 @@ fn redis_saturation_fires_the_alert_and_it_resolves_when_the_load_stops() {
             }
         })
     };
-    wait_for("the saturation alert to fire", Duration::from_secs(60), || {
-        (prometheus.firing("FanoutRedisMainThreadSaturated", "process_pid", &pid)
-            && prometheus.alerts().iter().any(|(n, s, l)| n == "FanoutRedisMainThreadSaturated" && s == "firing" && l["severity"] == "critical"))
-        .then_some(())
-    });
+    wait_for(
+        "the saturation alert to fire",
+        Duration::from_secs(60),
+        || {
+            (prometheus.firing("FanoutRedisMainThreadSaturated", "process_pid", &pid)
+                && prometheus.alerts().iter().any(|(n, s, l)| {
+                    n == "FanoutRedisMainThreadSaturated"
+                        && s == "firing"
+                        && l["severity"] == "critical"
+                }))
+            .then_some(())
+        },
+    );
     // Busy, not starved: the starvation alert stays quiet.
     assert!(!prometheus.firing("FanoutRedisMainThreadStarved", "process_pid", &pid));
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    wait_for("the saturation alert to resolve", Duration::from_secs(60), || {
-        (!prometheus.alerts().iter().any(|(n, _, l)| n == "FanoutRedisMainThreadSaturated" && l["process_pid"] == pid.as_str())).then_some(())
-    });
+    wait_for(
+        "the saturation alert to resolve",
+        Duration::from_secs(60),
+        || {
+            (!prometheus.alerts().iter().any(|(n, _, l)| {
+                n == "FanoutRedisMainThreadSaturated" && l["process_pid"] == pid.as_str()
+            }))
+            .then_some(())
+        },
+    );
 }
 
 #[test]
@@ -126,15 +173,30 @@ fn a_fleet_on_440_queues_fires_the_fanout_alert_and_one_on_a_single_queue_does_n
     let agent = Agent::start(&[]);
     let prometheus = Prometheus::start(agent.port);
     let queues: Vec<String> = (0..440).map(|i| format!("q{i}")).collect();
-    let _wide = Sidekiq::start(wide_redis.port, &queues.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    let _wide = Sidekiq::start(
+        wide_redis.port,
+        &queues.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+    );
     let _narrow = Sidekiq::start(narrow_redis.port, &["only"], 2);
     let (wide_pid, narrow_pid) = (wide_redis.pid().to_string(), narrow_redis.pid().to_string());
-    wait_for("the fan-out alert for the wide fleet's Redis", Duration::from_secs(60), || {
-        prometheus.firing("FanoutBlockingFanoutHigh", "process_pid", &wide_pid).then_some(())
-    });
+    wait_for(
+        "the fan-out alert for the wide fleet's Redis",
+        Duration::from_secs(60),
+        || {
+            prometheus
+                .firing("FanoutBlockingFanoutHigh", "process_pid", &wide_pid)
+                .then_some(())
+        },
+    );
     // Both Redis servers have been blocking all along (Sidekiq's 2 s BRPOP): only the wide one fires.
-    assert!(!prometheus.alerts().iter().any(|(n, _, l)| n == "FanoutBlockingFanoutHigh" && l["process_pid"] == narrow_pid.as_str()));
+    assert!(!prometheus.alerts().iter().any(
+        |(n, _, l)| n == "FanoutBlockingFanoutHigh" && l["process_pid"] == narrow_pid.as_str()
+    ));
     let (status, body) = http_get(prometheus.port, &format!("/api/v1/query?query=fanout:redis_blocking_keys:mean5m%7Bprocess_pid=%22{narrow_pid}%22%7D")).unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("\"1\""), "the narrow fleet lists one key per call: {body}");
+    assert!(
+        body.contains("\"1\""),
+        "the narrow fleet lists one key per call: {body}"
+    );
 }

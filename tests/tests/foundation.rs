@@ -31,39 +31,98 @@ fn per_thread_cpu_of_redis_and_sidekiq_has_their_thread_names() {
 
     let redis_pid = redis.pid().to_string();
     let sidekiq_pid = sidekiq.pid().to_string();
-    let scrape = wait_for("both processes in the agent's metrics", Duration::from_secs(10), || {
-        let s = agent.scrape();
-        (s.find(CPU, &[("process_pid", &redis_pid)]).count() > 0 && s.find(CPU, &[("process_pid", &sidekiq_pid)]).count() > 0).then_some(s)
-    });
+    let scrape = wait_for(
+        "both processes in the agent's metrics",
+        Duration::from_secs(10),
+        || {
+            let s = agent.scrape();
+            (s.find(CPU, &[("process_pid", &redis_pid)]).count() > 0
+                && s.find(CPU, &[("process_pid", &sidekiq_pid)]).count() > 0)
+                .then_some(s)
+        },
+    );
 
-    let redis_threads = scrape.label_values(CPU, &[("process_pid", &redis_pid), ("process_group", "redis")], "thread_name");
+    let redis_threads = scrape.label_values(
+        CPU,
+        &[("process_pid", &redis_pid), ("process_group", "redis")],
+        "thread_name",
+    );
     assert_eq!(
         redis_threads,
-        set(&["redis-server", "io_thd_1", "bio_close_file", "bio_aof_fsync", "bio_lazy_free", "jemalloc_bg_thd"]),
+        set(&[
+            "redis-server",
+            "io_thd_1",
+            "bio_close_file",
+            "bio_aof_fsync",
+            "bio_lazy_free",
+            "jemalloc_bg_thd"
+        ]),
         "Redis 7.0 with io-threads 2: main thread, one I/O thread, three bio threads, jemalloc's"
     );
-    let sidekiq_threads = scrape.label_values(CPU, &[("process_pid", &sidekiq_pid), ("process_group", "sidekiq")], "thread_name");
+    let sidekiq_threads = scrape.label_values(
+        CPU,
+        &[("process_pid", &sidekiq_pid), ("process_group", "sidekiq")],
+        "thread_name",
+    );
     assert!(
         set(&["sidekiq", "processor", "heartbeat", "scheduler"]).is_subset(&sidekiq_threads),
         "Sidekiq thread names: {sidekiq_threads:?}"
     );
     // Debian's redis-server is a symlink to redis-check-rdb: the semantic conventions' exe name.
-    assert_eq!(scrape.label_values(CPU, &[("process_pid", &redis_pid)], "process_executable_name"), set(&["redis-check-rdb"]));
-    assert_eq!(scrape.label_values(CPU, &[("process_pid", &redis_pid)], "cpu_mode"), set(&["user", "system"]));
+    assert_eq!(
+        scrape.label_values(
+            CPU,
+            &[("process_pid", &redis_pid)],
+            "process_executable_name"
+        ),
+        set(&["redis-check-rdb"])
+    );
+    assert_eq!(
+        scrape.label_values(CPU, &[("process_pid", &redis_pid)], "cpu_mode"),
+        set(&["user", "system"])
+    );
     // Three processor threads share one series per mode.
-    assert_eq!(scrape.find(CPU, &[("process_pid", &sidekiq_pid), ("thread_name", "processor")]).count(), 2);
-    assert_eq!(scrape.sum("fanout_processes_tracked", &[("process_group", "redis")]), 1.0);
-    assert_eq!(scrape.sum("fanout_processes_tracked", &[("process_group", "sidekiq")]), 1.0);
-    assert_eq!(scrape.find("fanout_probes_attached", &[]).filter(|s| s.value == 1.0).count(), 4, "all four tracepoints attached");
+    assert_eq!(
+        scrape
+            .find(
+                CPU,
+                &[("process_pid", &sidekiq_pid), ("thread_name", "processor")]
+            )
+            .count(),
+        2
+    );
+    assert_eq!(
+        scrape.sum("fanout_processes_tracked", &[("process_group", "redis")]),
+        1.0
+    );
+    assert_eq!(
+        scrape.sum("fanout_processes_tracked", &[("process_group", "sidekiq")]),
+        1.0
+    );
+    assert_eq!(
+        scrape
+            .find("fanout_probes_attached", &[])
+            .filter(|s| s.value == 1.0)
+            .count(),
+        4,
+        "all four tracepoints attached"
+    );
 
     // Redis's main thread wakes ten times a second (serverCron) and Sidekiq's threads poll:
     // both get run-queue delay samples from the kernel within a few seconds.
-    wait_for("run-queue delay samples for both", Duration::from_secs(10), || {
-        let s = agent.scrape();
-        (s.sum(RUNQ_COUNT, &[("process_pid", &redis_pid), ("thread_name", "redis-server")]) >= 5.0
-            && s.sum(RUNQ_COUNT, &[("process_pid", &sidekiq_pid)]) >= 1.0)
-            .then_some(())
-    });
+    wait_for(
+        "run-queue delay samples for both",
+        Duration::from_secs(10),
+        || {
+            let s = agent.scrape();
+            (s.sum(
+                RUNQ_COUNT,
+                &[("process_pid", &redis_pid), ("thread_name", "redis-server")],
+            ) >= 5.0
+                && s.sum(RUNQ_COUNT, &[("process_pid", &sidekiq_pid)]) >= 1.0)
+                .then_some(())
+        },
+    );
 }
 
 #[test]
@@ -72,9 +131,14 @@ fn a_busy_redis_shows_its_main_thread_near_one_core_and_other_threads_idle() {
     let redis = Redis::start(&["--io-threads", "2"]);
     let agent = Agent::start(&[]);
     let pid = redis.pid().to_string();
-    wait_for("redis in the metrics", Duration::from_secs(10), || (agent.scrape().find(CPU, &[("process_pid", &pid)]).count() > 0).then_some(()));
+    wait_for("redis in the metrics", Duration::from_secs(10), || {
+        (agent.scrape().find(CPU, &[("process_pid", &pid)]).count() > 0).then_some(())
+    });
 
-    let main = [("process_pid", pid.as_str()), ("thread_name", "redis-server")];
+    let main = [
+        ("process_pid", pid.as_str()),
+        ("thread_name", "redis-server"),
+    ];
     let before = agent.scrape();
     let t0 = Instant::now();
     // A CPU-bound script that holds the main thread for 3 s of wall time.
@@ -87,22 +151,32 @@ fn a_busy_redis_shows_its_main_thread_near_one_core_and_other_threads_idle() {
     let wall = t0.elapsed().as_secs_f64();
 
     let main_cpu = after.sum(CPU, &main) - before.sum(CPU, &main);
-    let all_cpu = after.sum(CPU, &[("process_pid", &pid)]) - before.sum(CPU, &[("process_pid", &pid)]);
+    let all_cpu =
+        after.sum(CPU, &[("process_pid", &pid)]) - before.sum(CPU, &[("process_pid", &pid)]);
     let others = all_cpu - main_cpu;
     let share = main_cpu / wall;
     eprintln!("main thread {main_cpu:.2} s over {wall:.2} s ({share:.2} of a core); other threads {others:.3} s");
     // The script runs 3 s of the ~3.3 s window; /proc ticks are 10 ms, and the machine is shared.
-    assert!(share > 0.75 && share <= 1.02, "main thread used {share:.2} of a core");
+    assert!(
+        share > 0.75 && share <= 1.02,
+        "main thread used {share:.2} of a core"
+    );
     assert!(others < 0.05 * wall, "other threads used {others:.3} s");
 
     // The kernel's on-CPU histogram agrees with /proc about the main thread.
     let oncpu = after.sum(ONCPU_SUM, &main) - before.sum(ONCPU_SUM, &main);
     eprintln!("eBPF on-CPU time of the main thread: {oncpu:.2} s");
-    assert!((oncpu - main_cpu).abs() < 0.15 * main_cpu + 0.05, "eBPF says {oncpu:.3} s, /proc says {main_cpu:.3} s");
+    assert!(
+        (oncpu - main_cpu).abs() < 0.15 * main_cpu + 0.05,
+        "eBPF says {oncpu:.3} s, /proc says {main_cpu:.3} s"
+    );
 }
 
 fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
-    attrs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
 }
 
 fn string_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
@@ -118,13 +192,22 @@ fn otlp_cpu_series(request: &ExportMetricsServiceRequest, pid: u32) -> BTreeSet<
     let mut out = BTreeSet::new();
     for rm in &request.resource_metrics {
         for sm in &rm.scope_metrics {
-            for m in sm.metrics.iter().filter(|m| m.name == "process.thread.cpu.time") {
+            for m in sm
+                .metrics
+                .iter()
+                .filter(|m| m.name == "process.thread.cpu.time")
+            {
                 assert_eq!(m.unit, "s");
-                let Some(Data::Sum(sum)) = &m.data else { panic!("process.thread.cpu.time must be a Sum") };
+                let Some(Data::Sum(sum)) = &m.data else {
+                    panic!("process.thread.cpu.time must be a Sum")
+                };
                 assert!(sum.is_monotonic);
                 for p in &sum.data_points {
                     if attr(&p.attributes, "process.pid") == Some(&Value::IntValue(pid as i64)) {
-                        out.insert((string_attr(&p.attributes, "thread.name").unwrap(), string_attr(&p.attributes, "cpu.mode").unwrap()));
+                        out.insert((
+                            string_attr(&p.attributes, "thread.name").unwrap(),
+                            string_attr(&p.attributes, "cpu.mode").unwrap(),
+                        ));
                     }
                 }
             }
@@ -136,39 +219,85 @@ fn otlp_cpu_series(request: &ExportMetricsServiceRequest, pid: u32) -> BTreeSet<
 fn check_otlp(receiver: otlp_receiver::Receiver, protocol: &str, endpoint: String) {
     let redis = Redis::start(&[]);
     let agent = Agent::start_with_env(
-        &["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol, "--otlp-interval", "0.5"],
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol,
+            "--otlp-interval",
+            "0.5",
+        ],
         &[("K8S_NODE_NAME", "node-a"), ("K8S_POD_NAME", "fanout-xyz")],
     );
     let pid = redis.pid();
-    let request = wait_for("an OTLP request with the Redis CPU and run-queue series", Duration::from_secs(15), || {
-        // The first push goes out at start, before the kernel has seen a context switch.
-        let r = receiver.next(Duration::from_secs(10));
-        let has_runqueue = r.resource_metrics[0].scope_metrics[0].metrics.iter().any(|m| m.name == "process.thread.runqueue.delay");
-        (!otlp_cpu_series(&r, pid).is_empty() && has_runqueue).then_some(r)
-    });
+    let request = wait_for(
+        "an OTLP request with the Redis CPU and run-queue series",
+        Duration::from_secs(15),
+        || {
+            // The first push goes out at start, before the kernel has seen a context switch.
+            let r = receiver.next(Duration::from_secs(10));
+            let has_runqueue = r.resource_metrics[0].scope_metrics[0]
+                .metrics
+                .iter()
+                .any(|m| m.name == "process.thread.runqueue.delay");
+            (!otlp_cpu_series(&r, pid).is_empty() && has_runqueue).then_some(r)
+        },
+    );
     let resource = request.resource_metrics[0].resource.as_ref().unwrap();
-    assert_eq!(string_attr(&resource.attributes, "service.name").as_deref(), Some("fanout"));
+    assert_eq!(
+        string_attr(&resource.attributes, "service.name").as_deref(),
+        Some("fanout")
+    );
     assert!(string_attr(&resource.attributes, "host.name").is_some());
-    assert_eq!(string_attr(&resource.attributes, "k8s.node.name").as_deref(), Some("node-a"));
-    assert_eq!(string_attr(&resource.attributes, "k8s.pod.name").as_deref(), Some("fanout-xyz"));
+    assert_eq!(
+        string_attr(&resource.attributes, "k8s.node.name").as_deref(),
+        Some("node-a")
+    );
+    assert_eq!(
+        string_attr(&resource.attributes, "k8s.pod.name").as_deref(),
+        Some("fanout-xyz")
+    );
 
     // The same series as the Prometheus endpoint.
     let otlp_series = otlp_cpu_series(&request, pid);
     let scrape = agent.scrape();
     let prom_series: BTreeSet<(String, String)> = scrape
         .find(CPU, &[("process_pid", &pid.to_string())])
-        .map(|s| (s.labels["thread_name"].clone(), s.labels["cpu_mode"].clone()))
+        .map(|s| {
+            (
+                s.labels["thread_name"].clone(),
+                s.labels["cpu_mode"].clone(),
+            )
+        })
         .collect();
     assert_eq!(otlp_series, prom_series);
     assert!(otlp_series.contains(&("redis-server".to_string(), "user".to_string())));
 
-    let names: BTreeSet<&str> = request.resource_metrics[0].scope_metrics[0].metrics.iter().map(|m| m.name.as_str()).collect();
-    for expected in ["process.thread.cpu.time", "process.thread.runqueue.delay", "fanout.processes.tracked", "fanout.probes.attached"] {
-        assert!(names.contains(expected), "{expected} missing from {names:?}");
+    let names: BTreeSet<&str> = request.resource_metrics[0].scope_metrics[0]
+        .metrics
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    for expected in [
+        "process.thread.cpu.time",
+        "process.thread.runqueue.delay",
+        "fanout.processes.tracked",
+        "fanout.probes.attached",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
     }
     // A histogram with explicit bounds in seconds.
-    let runq = request.resource_metrics[0].scope_metrics[0].metrics.iter().find(|m| m.name == "process.thread.runqueue.delay").unwrap();
-    let Some(Data::Histogram(h)) = &runq.data else { panic!("runqueue delay must be a histogram") };
+    let runq = request.resource_metrics[0].scope_metrics[0]
+        .metrics
+        .iter()
+        .find(|m| m.name == "process.thread.runqueue.delay")
+        .unwrap();
+    let Some(Data::Histogram(h)) = &runq.data else {
+        panic!("runqueue delay must be a histogram")
+    };
     for p in &h.data_points {
         assert_eq!(p.bucket_counts.len(), p.explicit_bounds.len() + 1);
         assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count);
@@ -200,15 +329,33 @@ fn a_collector_that_is_down_does_not_block_collection() {
     let redis = Redis::start(&[]);
     // Nothing listens on this port.
     let port = integration_tests::free_port();
-    let agent = Agent::start(&["--otlp-endpoint", &format!("http://127.0.0.1:{port}"), "--otlp-protocol", "grpc", "--otlp-interval", "0.2"]);
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--otlp-protocol",
+        "grpc",
+        "--otlp-interval",
+        "0.2",
+    ]);
     let pid = redis.pid().to_string();
-    wait_for("failed pushes to be counted", Duration::from_secs(10), || (agent.scrape().sum("fanout_export_failures_total", &[]) >= 3.0).then_some(()));
+    wait_for(
+        "failed pushes to be counted",
+        Duration::from_secs(10),
+        || (agent.scrape().sum("fanout_export_failures_total", &[]) >= 3.0).then_some(()),
+    );
     // Scrapes stay fast and complete while pushes fail.
     let t = Instant::now();
     let s = agent.scrape();
     assert!(s.find(CPU, &[("process_pid", &pid)]).count() > 0);
-    assert!(t.elapsed() < Duration::from_secs(2), "scrape took {:?}", t.elapsed());
-    assert!(agent.log().matches("OTLP push failed").count() == 1, "an outage is logged once, not per push");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "scrape took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        agent.log().matches("OTLP push failed").count() == 1,
+        "an outage is logged once, not per push"
+    );
 }
 
 #[test]
@@ -219,27 +366,54 @@ fn a_redis_started_after_the_agent_is_picked_up_within_2s_and_dropped_when_it_ex
     let started = Instant::now();
     let mut redis = Redis::start(&[]);
     let pid = redis.pid().to_string();
-    wait_for("the new redis-server in the metrics", Duration::from_secs(5), || {
-        (agent.scrape().find(CPU, &[("process_pid", &pid)]).count() > 0).then_some(())
-    });
+    wait_for(
+        "the new redis-server in the metrics",
+        Duration::from_secs(5),
+        || (agent.scrape().find(CPU, &[("process_pid", &pid)]).count() > 0).then_some(()),
+    );
     let picked_up = started.elapsed();
     eprintln!("picked up {picked_up:?} after spawn");
-    assert!(picked_up < Duration::from_secs(2), "picked up after {picked_up:?}");
+    assert!(
+        picked_up < Duration::from_secs(2),
+        "picked up after {picked_up:?}"
+    );
 
     redis.proc.stop();
     let stopped = Instant::now();
-    wait_for("the exited redis-server's series to go", Duration::from_secs(5), || {
-        let s = agent.scrape();
-        (s.find(CPU, &[("process_pid", &pid)]).count() == 0 && s.find(RUNQ_COUNT, &[("process_pid", &pid)]).count() == 0).then_some(())
-    });
-    assert!(stopped.elapsed() < Duration::from_secs(2), "dropped after {:?}", stopped.elapsed());
-    assert_eq!(agent.scrape().sum("fanout_processes_tracked", &[("process_group", "redis")]), 0.0);
+    wait_for(
+        "the exited redis-server's series to go",
+        Duration::from_secs(5),
+        || {
+            let s = agent.scrape();
+            (s.find(CPU, &[("process_pid", &pid)]).count() == 0
+                && s.find(RUNQ_COUNT, &[("process_pid", &pid)]).count() == 0)
+                .then_some(())
+        },
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "dropped after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        agent
+            .scrape()
+            .sum("fanout_processes_tracked", &[("process_group", "redis")]),
+        0.0
+    );
 }
 
 /// Entries of a kernel map, read with bpftool (Debian package bpftool, installed by setup).
 fn map_entries(name: &str) -> usize {
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "name", name]).output().expect("bpftool");
-    assert!(out.status.success(), "bpftool map dump {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", name])
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     // One JSON object per entry, each with a "key".
     text.matches("\"key\"").count()
@@ -248,32 +422,61 @@ fn map_entries(name: &str) -> usize {
 #[test]
 fn process_churn_leaves_nothing_behind_in_the_agent_or_the_kernel() {
     require_root();
-    let agent = Agent::start(&["--worker-rule", "churn:cmdline=^sleep 0\\.2[0-9]*$", "--rescan-interval", "600"]);
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "churn:cmdline=^sleep 0\\.2[0-9]*$",
+        "--rescan-interval",
+        "600",
+    ]);
     let baseline_tracked = map_entries("TRACKED_PROCS");
     // 40 short-lived tracked processes, 4 at a time.
     for round in 0..10 {
         let mut children: Vec<_> = (0..4)
-            .map(|i| std::process::Command::new("sleep").arg(format!("0.2{round}{i}")).spawn().unwrap())
+            .map(|i| {
+                std::process::Command::new("sleep")
+                    .arg(format!("0.2{round}{i}"))
+                    .spawn()
+                    .unwrap()
+            })
             .collect();
         if round == 5 {
-            wait_for("churned processes to be tracked", Duration::from_secs(2), || {
-                (agent.scrape().sum("fanout_processes_tracked", &[("process_group", "churn")]) >= 1.0).then_some(())
-            });
+            wait_for(
+                "churned processes to be tracked",
+                Duration::from_secs(2),
+                || {
+                    (agent
+                        .scrape()
+                        .sum("fanout_processes_tracked", &[("process_group", "churn")])
+                        >= 1.0)
+                        .then_some(())
+                },
+            );
         }
         for c in &mut children {
             c.wait().unwrap();
         }
     }
-    wait_for("every churned process to be dropped", Duration::from_secs(3), || {
-        let s = agent.scrape();
-        (s.sum("fanout_processes_tracked", &[("process_group", "churn")]) == 0.0
-            && s.find(CPU, &[("process_group", "churn")]).count() == 0)
-            .then_some(())
-    });
-    assert_eq!(map_entries("TRACKED_PROCS"), baseline_tracked, "kernel filter entries left behind");
+    wait_for(
+        "every churned process to be dropped",
+        Duration::from_secs(3),
+        || {
+            let s = agent.scrape();
+            (s.sum("fanout_processes_tracked", &[("process_group", "churn")]) == 0.0
+                && s.find(CPU, &[("process_group", "churn")]).count() == 0)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        map_entries("TRACKED_PROCS"),
+        baseline_tracked,
+        "kernel filter entries left behind"
+    );
     let histogram_keys = map_entries("SCHED_HISTS");
     let tracked_now = agent.scrape().sum("fanout_processes_tracked", &[]) as usize;
-    assert!(histogram_keys <= tracked_now * 64, "{histogram_keys} histogram keys for {tracked_now} tracked processes");
+    assert!(
+        histogram_keys <= tracked_now * 64,
+        "{histogram_keys} histogram keys for {tracked_now} tracked processes"
+    );
 }
 
 #[test]
@@ -281,11 +484,26 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
     require_root();
     // A quick, specific failure when a change to the probes or the shared tokenizer makes the
     // verifier reject a program (the agent itself would only log it and carry on without it).
-    let out = std::process::Command::new(integration_tests::fanout_bin()).arg("check-probes").output().unwrap();
+    let out = std::process::Command::new(integration_tests::fanout_bin())
+        .arg("check-probes")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "rejected programs:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rejected programs:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("29 programs, 0 rejected"), "{text}");
-    for program in ["sched_switch", "redis_block_for_keys", "worker_enter_write", "worker_exit_read"] {
-        assert!(text.contains(&format!("ok      {program} (")), "{program}: {text}");
+    for program in [
+        "sched_switch",
+        "redis_block_for_keys",
+        "worker_enter_write",
+        "worker_exit_read",
+    ] {
+        assert!(
+            text.contains(&format!("ok      {program} (")),
+            "{program}: {text}"
+        );
     }
 }

@@ -64,10 +64,20 @@ fn start() -> (Redis, Agent, String) {
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[]);
     let pid = redis.pid().to_string();
-    wait_for("the Redis probes to be attached", Duration::from_secs(10), || {
-        let s = agent.scrape();
-        (s.find("fanout_probe_points", &[("process_pid", &pid), ("probe", "blockForKeys")]).count() == 1).then_some(())
-    });
+    wait_for(
+        "the Redis probes to be attached",
+        Duration::from_secs(10),
+        || {
+            let s = agent.scrape();
+            (s.find(
+                "fanout_probe_points",
+                &[("process_pid", &pid), ("probe", "blockForKeys")],
+            )
+            .count()
+                == 1)
+                .then_some(())
+        },
+    );
     (redis, agent, pid)
 }
 
@@ -78,9 +88,19 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
     let port = redis.port;
 
     // 10 calls on 1 key and 10 on 5 keys, all timing out.
-    let replies = parallel(port, (0..10).map(|i| brpop(&keys(&format!("one{i}"), 1), "0.1")).collect());
+    let replies = parallel(
+        port,
+        (0..10)
+            .map(|i| brpop(&keys(&format!("one{i}"), 1), "0.1"))
+            .collect(),
+    );
     assert!(replies.iter().all(Reply::is_nil));
-    let replies = parallel(port, (0..10).map(|i| brpop(&keys(&format!("five{i}"), 5), "0.1")).collect());
+    let replies = parallel(
+        port,
+        (0..10)
+            .map(|i| brpop(&keys(&format!("five{i}"), 5), "0.1"))
+            .collect(),
+    );
     assert!(replies.iter().all(Reply::is_nil));
 
     // 5 clients blocked on 440 keys each (a distinct first key, 439 shared), then served.
@@ -104,10 +124,16 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
         let s = agent.scrape();
         (s.sum("redis_clients_blocked", &[("process_pid", &pid)]) == 5.0).then_some(s)
     });
-    assert_eq!(s.sum("redis_blocking_registrations", &[("process_pid", &pid)]), 2200.0);
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        2200.0
+    );
     thread::sleep(Duration::from_millis(200));
     for i in 0..5 {
-        assert_eq!(redis.command(&["LPUSH", &format!("served{i}"), "job"]), ":1\r\n");
+        assert_eq!(
+            redis.command(&["LPUSH", &format!("served{i}"), "job"]),
+            ":1\r\n"
+        );
     }
     for h in blocked {
         let (reply, waited) = h.join().unwrap();
@@ -132,17 +158,50 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 0.0);
     // Timeouts of 0.1 s fire on Redis's 100 ms cron: between 0.1 and 0.25 s each.
     let mean_timeout = sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / 20.0;
-    assert!((0.1..0.25).contains(&mean_timeout), "mean timeout {mean_timeout}");
+    assert!(
+        (0.1..0.25).contains(&mean_timeout),
+        "mean timeout {mean_timeout}"
+    );
     // The served clients waited at least the 200 ms pause.
     assert!(sum(&s, DURATION, &pid, &[("outcome", "served")]) / 5.0 >= 0.2);
 
-    assert_eq!(s.sum("redis_clients_blocked", &[("process_pid", &pid)]), 0.0);
-    assert_eq!(s.sum("redis_blocking_registrations", &[("process_pid", &pid)]), 0.0);
-    let register = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "register")]);
-    let unregister = s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid), ("redis_blocking_phase", "unregister")]);
-    assert!(register > 0.0 && unregister > 0.0, "register {register}, unregister {unregister}");
-    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
-        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "live")]), 1.0, "{probe} live");
+    assert_eq!(
+        s.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+        0.0
+    );
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        0.0
+    );
+    let register = s.sum(
+        "redis_blocking_cpu_time_seconds_total",
+        &[("process_pid", &pid), ("redis_blocking_phase", "register")],
+    );
+    let unregister = s.sum(
+        "redis_blocking_cpu_time_seconds_total",
+        &[
+            ("process_pid", &pid),
+            ("redis_blocking_phase", "unregister"),
+        ],
+    );
+    assert!(
+        register > 0.0 && unregister > 0.0,
+        "register {register}, unregister {unregister}"
+    );
+    for probe in [
+        "blockForKeys",
+        "unblockClient",
+        "replyToBlockedClientTimedOut",
+        "serveClientsBlockedOnKey",
+    ] {
+        assert_eq!(
+            s.sum(
+                "fanout_probe_points",
+                &[("process_pid", &pid), ("probe", probe), ("state", "live")]
+            ),
+            1.0,
+            "{probe} live"
+        );
     }
 }
 
@@ -160,17 +219,47 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
     // Every event-loop iteration of Redis 7.0 calls handleClientsBlockedOnKeys; the serving
     // window is probed on the serve functions instead, so none of these reached a probe.
     let s = agent.scrape();
-    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
-        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "idle")]), 1.0, "{probe} idle");
+    for probe in [
+        "blockForKeys",
+        "unblockClient",
+        "replyToBlockedClientTimedOut",
+        "serveClientsBlockedOnKey",
+    ] {
+        assert_eq!(
+            s.sum(
+                "fanout_probe_points",
+                &[("process_pid", &pid), ("probe", probe), ("state", "idle")]
+            ),
+            1.0,
+            "{probe} idle"
+        );
     }
     // One served pop opens the window (through the split body Redis calls directly).
-    let waiter = thread::spawn(move || Conn::connect(redis.port).unwrap().call(&["BRPOP", "jobs", "5"]).unwrap());
-    wait_for("the client to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 1.0).then_some(()));
+    let waiter = thread::spawn(move || {
+        Conn::connect(redis.port)
+            .unwrap()
+            .call(&["BRPOP", "jobs", "5"])
+            .unwrap()
+    });
+    wait_for("the client to block", Duration::from_secs(5), || {
+        (agent
+            .scrape()
+            .sum("redis_clients_blocked", &[("process_pid", &pid)])
+            == 1.0)
+            .then_some(())
+    });
     conn.call(&["LPUSH", "jobs", "job"]).unwrap();
     assert!(matches!(waiter.join().unwrap(), Reply::Array(Some(_))));
     let s = agent.scrape();
     for probe in ["blockForKeys", "unblockClient", "serveClientsBlockedOnKey"] {
-        assert_eq!(s.sum("fanout_probe_points", &[("process_pid", &pid), ("probe", probe), ("state", "live")]), 1.0, "{probe} live");
+        assert_eq!(
+            s.sum(
+                "fanout_probe_points",
+                &[("process_pid", &pid), ("probe", probe), ("state", "live")]
+            ),
+            1.0,
+            "{probe} live"
+        );
     }
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 1.0);
 }
@@ -179,18 +268,37 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
 fn probes_on_debians_redis_go_on_emulated_instructions_and_into_split_bodies() {
     // Reads the binary only: no root needed, but it is Debian's 7.0.15 build these numbers
     // describe (see README, "How it works").
-    let path = std::fs::canonicalize("/usr/bin/redis-server").expect("redis-server is installed by cargo xtask setup");
+    let path = std::fs::canonicalize("/usr/bin/redis-server")
+        .expect("redis-server is installed by cargo xtask setup");
     let binary = fanout::redis::binary::RedisBinary::inspect(&path).unwrap();
-    for symbol in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "handleClientsBlockedOnKeys"] {
-        assert!(binary.site(symbol).emulated, "{symbol}: {:?}", binary.site(symbol));
+    for symbol in [
+        "blockForKeys",
+        "unblockClient",
+        "replyToBlockedClientTimedOut",
+        "handleClientsBlockedOnKeys",
+    ] {
+        assert!(
+            binary.site(symbol).emulated,
+            "{symbol}: {:?}",
+            binary.site(symbol)
+        );
     }
     // handleClientsBlockedOnKeys starts with a RIP-relative load: the probe moves past it.
     assert!(binary.site("handleClientsBlockedOnKeys").offset > 0);
-    for symbol in ["serveClientsBlockedOnListKey", "serveClientsBlockedOnSortedSetKey", "serveClientsBlockedOnStreamKey"] {
-        let body = binary.split_body(symbol).unwrap_or_else(|| panic!("{symbol} is a wrapper around a split body"));
+    for symbol in [
+        "serveClientsBlockedOnListKey",
+        "serveClientsBlockedOnSortedSetKey",
+        "serveClientsBlockedOnStreamKey",
+    ] {
+        let body = binary
+            .split_body(symbol)
+            .unwrap_or_else(|| panic!("{symbol} is a wrapper around a split body"));
         assert!(body.site.emulated, "{symbol}'s body: {body:?}");
     }
-    assert!(binary.split_body("blockForKeys").is_none(), "a whole function has no split body");
+    assert!(
+        binary.split_body("blockForKeys").is_none(),
+        "a whole function has no split body"
+    );
 }
 
 #[test]
@@ -210,7 +318,13 @@ fn blocking_durations_match_what_the_client_saw() {
         let r = c.call(&["BLPOP", "later", "5"]).unwrap();
         (r, t.elapsed().as_secs_f64())
     });
-    wait_for("the waiter to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 1.0).then_some(()));
+    wait_for("the waiter to block", Duration::from_secs(5), || {
+        (agent
+            .scrape()
+            .sum("redis_clients_blocked", &[("process_pid", &pid)])
+            == 1.0)
+            .then_some(())
+    });
     thread::sleep(Duration::from_millis(300));
     redis.command(&["RPUSH", "later", "x"]);
     let (reply, served_client) = waiter.join().unwrap();
@@ -221,13 +335,25 @@ fn blocking_durations_match_what_the_client_saw() {
     eprintln!("timeout: Redis-side {timeout:.4} s, client {client_saw:.4} s");
     assert!((1.0..1.15).contains(&timeout), "{timeout}");
     // The Redis side is inside the client's round trip, within a few ms of it.
-    assert!(timeout <= client_saw && client_saw - timeout < 0.02, "redis {timeout}, client {client_saw}");
+    assert!(
+        timeout <= client_saw && client_saw - timeout < 0.02,
+        "redis {timeout}, client {client_saw}"
+    );
     let served = sum(&s, DURATION, &pid, &[("outcome", "served")]);
     eprintln!("served: Redis-side {served:.4} s, client {served_client:.4} s");
-    assert!(served >= 0.3 && served <= served_client, "redis {served}, client {served_client}");
+    assert!(
+        served >= 0.3 && served <= served_client,
+        "redis {served}, client {served_client}"
+    );
     // One 1 s timeout lands in the bucket bounded by 2^30 ns (1.07 s) or the next one.
-    assert_eq!(bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "0.536870912"), 0.0);
-    assert_eq!(bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "2.147483648"), 1.0);
+    assert_eq!(
+        bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "0.536870912"),
+        0.0
+    );
+    assert_eq!(
+        bucket(&s, DURATION, &pid, &[("outcome", "timeout")], "2.147483648"),
+        1.0
+    );
 }
 
 #[test]
@@ -236,7 +362,11 @@ fn disconnects_and_client_unblock_are_other_not_timeouts() {
     let (redis, agent, pid) = start();
     let blocked = |agent: &Agent, n: f64| {
         wait_for("clients to block", Duration::from_secs(5), || {
-            (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == n).then_some(())
+            (agent
+                .scrape()
+                .sum("redis_clients_blocked", &[("process_pid", &pid)])
+                == n)
+                .then_some(())
         })
     };
     // A client that disconnects while blocked.
@@ -252,12 +382,18 @@ fn disconnects_and_client_unblock_are_other_not_timeouts() {
         let id = c.id();
         c.send(&["BRPOP", "never", "30"]).unwrap();
         blocked(&agent, 1.0);
-        assert_eq!(redis.command(&["CLIENT", "UNBLOCK", &id.to_string(), mode]), ":1\r\n");
+        assert_eq!(
+            redis.command(&["CLIENT", "UNBLOCK", &id.to_string(), mode]),
+            ":1\r\n"
+        );
         let reply = c.read().unwrap();
         if mode == "TIMEOUT" {
             assert!(reply.is_nil(), "{reply:?}");
         } else {
-            assert!(matches!(reply, Reply::Error(ref e) if e.starts_with("UNBLOCKED")), "{reply:?}");
+            assert!(
+                matches!(reply, Reply::Error(ref e) if e.starts_with("UNBLOCKED")),
+                "{reply:?}"
+            );
         }
     }
     let s = agent.scrape();
@@ -273,13 +409,38 @@ fn blmove_bzpopmin_and_xread_are_counted_by_block_type() {
     let (redis, agent, pid) = start();
     let port = redis.port;
     let mut c = Conn::connect(port).unwrap();
-    assert!(c.call(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0.1"]).unwrap().is_nil());
-    assert!(c.call(&["BZPOPMIN", "z1", "z2", "z3", "0.1"]).unwrap().is_nil());
-    assert!(c.call(&["XREAD", "BLOCK", "100", "STREAMS", "s1", "s2", "$", "$"]).unwrap().is_nil());
+    assert!(c
+        .call(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0.1"])
+        .unwrap()
+        .is_nil());
+    assert!(c
+        .call(&["BZPOPMIN", "z1", "z2", "z3", "0.1"])
+        .unwrap()
+        .is_nil());
+    assert!(c
+        .call(&["XREAD", "BLOCK", "100", "STREAMS", "s1", "s2", "$", "$"])
+        .unwrap()
+        .is_nil());
     // Served ones.
-    let w1 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BLMOVE", "src2", "dst2", "LEFT", "RIGHT", "5"]).unwrap());
-    let w2 = thread::spawn(move || Conn::connect(port).unwrap().call(&["BZPOPMIN", "z4", "z5", "5"]).unwrap());
-    wait_for("both to block", Duration::from_secs(5), || (agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]) == 2.0).then_some(()));
+    let w1 = thread::spawn(move || {
+        Conn::connect(port)
+            .unwrap()
+            .call(&["BLMOVE", "src2", "dst2", "LEFT", "RIGHT", "5"])
+            .unwrap()
+    });
+    let w2 = thread::spawn(move || {
+        Conn::connect(port)
+            .unwrap()
+            .call(&["BZPOPMIN", "z4", "z5", "5"])
+            .unwrap()
+    });
+    wait_for("both to block", Duration::from_secs(5), || {
+        (agent
+            .scrape()
+            .sum("redis_clients_blocked", &[("process_pid", &pid)])
+            == 2.0)
+            .then_some(())
+    });
     redis.command(&["LPUSH", "src2", "a"]);
     redis.command(&["ZADD", "z5", "1", "m"]);
     assert!(!w1.join().unwrap().is_nil());
@@ -295,10 +456,19 @@ fn blmove_bzpopmin_and_xread_are_counted_by_block_type() {
     let stream = [("redis_block_type", "stream")];
     assert_eq!(count(&s, KEYS, &pid, &stream), 1.0);
     assert_eq!(sum(&s, KEYS, &pid, &stream), 2.0);
-    assert_eq!(count(&s, DURATION, &pid, &[stream[0], ("outcome", "timeout")]), 1.0);
+    assert_eq!(
+        count(&s, DURATION, &pid, &[stream[0], ("outcome", "timeout")]),
+        1.0
+    );
     for t in [&list, &zset] {
-        assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "timeout")]), 1.0);
-        assert_eq!(count(&s, DURATION, &pid, &[t[0], ("outcome", "served")]), 1.0);
+        assert_eq!(
+            count(&s, DURATION, &pid, &[t[0], ("outcome", "timeout")]),
+            1.0
+        );
+        assert_eq!(
+            count(&s, DURATION, &pid, &[t[0], ("outcome", "served")]),
+            1.0
+        );
     }
 }
 
@@ -311,10 +481,23 @@ fn two_redis_servers_get_separate_series() {
     let (pa, pb) = (a.pid().to_string(), b.pid().to_string());
     wait_for("both attached", Duration::from_secs(10), || {
         let s = agent.scrape();
-        (s.find("fanout_probe_points", &[("probe", "blockForKeys")]).count() >= 2).then_some(())
+        (s.find("fanout_probe_points", &[("probe", "blockForKeys")])
+            .count()
+            >= 2)
+            .then_some(())
     });
-    parallel(a.port, (0..2).map(|i| brpop(&keys(&format!("a{i}"), 3), "0.1")).collect());
-    parallel(b.port, (0..3).map(|i| brpop(&keys(&format!("b{i}"), 7), "0.1")).collect());
+    parallel(
+        a.port,
+        (0..2)
+            .map(|i| brpop(&keys(&format!("a{i}"), 3), "0.1"))
+            .collect(),
+    );
+    parallel(
+        b.port,
+        (0..3)
+            .map(|i| brpop(&keys(&format!("b{i}"), 7), "0.1"))
+            .collect(),
+    );
     let s = agent.scrape();
     let (port_a, port_b) = (a.port.to_string(), b.port.to_string());
     assert_eq!(count(&s, KEYS, &pa, &[("server_port", &port_a)]), 2.0);
@@ -333,26 +516,71 @@ fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("redis-server");
     std::fs::copy("/bin/sleep", &fake).unwrap();
-    let mut child = integration_tests::Proc { child: std::process::Command::new(&fake).arg("60").spawn().unwrap(), name: "fake".into() };
+    let mut child = integration_tests::Proc {
+        child: std::process::Command::new(&fake).arg("60").spawn().unwrap(),
+        name: "fake".into(),
+    };
     let real = Redis::start(&[]);
     let agent = Agent::start(&[]);
     let pid = child.pid().to_string();
-    let s = wait_for("the fake server's probe points", Duration::from_secs(10), || {
-        let s = agent.scrape();
-        (s.find("fanout_probe_points", &[("process_pid", &pid)]).count() == 4).then_some(s)
-    });
-    for probe in ["blockForKeys", "unblockClient", "replyToBlockedClientTimedOut", "serveClientsBlockedOnKey"] {
-        assert_eq!(s.label_values("fanout_probe_points", &[("process_pid", &pid), ("probe", probe)], "state").into_iter().collect::<Vec<_>>(), vec!["missing"]);
+    let s = wait_for(
+        "the fake server's probe points",
+        Duration::from_secs(10),
+        || {
+            let s = agent.scrape();
+            (s.find("fanout_probe_points", &[("process_pid", &pid)])
+                .count()
+                == 4)
+                .then_some(s)
+        },
+    );
+    for probe in [
+        "blockForKeys",
+        "unblockClient",
+        "replyToBlockedClientTimedOut",
+        "serveClientsBlockedOnKey",
+    ] {
+        assert_eq!(
+            s.label_values(
+                "fanout_probe_points",
+                &[("process_pid", &pid), ("probe", probe)],
+                "state"
+            )
+            .into_iter()
+            .collect::<Vec<_>>(),
+            vec!["missing"]
+        );
     }
-    assert!(agent.log().contains("blockForKeys is not exported by this binary"), "the log says what is missing");
+    assert!(
+        agent
+            .log()
+            .contains("blockForKeys is not exported by this binary"),
+        "the log says what is missing"
+    );
     // Nothing is exported for it, not zeros.
-    for name in ["redis_blocking_keys_count", "redis_clients_blocked", "redis_blocking_registrations", "redis_blocking_cpu_time_seconds_total"] {
-        assert_eq!(s.find(name, &[("process_pid", &pid)]).count(), 0, "{name} for a process without probes");
+    for name in [
+        "redis_blocking_keys_count",
+        "redis_clients_blocked",
+        "redis_blocking_registrations",
+        "redis_blocking_cpu_time_seconds_total",
+    ] {
+        assert_eq!(
+            s.find(name, &[("process_pid", &pid)]).count(),
+            0,
+            "{name} for a process without probes"
+        );
     }
     // The real Redis beside it is measured as usual.
     let rpid = real.pid().to_string();
-    assert_eq!(s.sum("redis_clients_blocked", &[("process_pid", &rpid)]), 0.0);
-    assert_eq!(s.find("redis_clients_blocked", &[("process_pid", &rpid)]).count(), 1);
+    assert_eq!(
+        s.sum("redis_clients_blocked", &[("process_pid", &rpid)]),
+        0.0
+    );
+    assert_eq!(
+        s.find("redis_clients_blocked", &[("process_pid", &rpid)])
+            .count(),
+        1
+    );
     child.stop();
 }
 
@@ -370,14 +598,33 @@ fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients() {
                 let mut conn = Conn::connect(port).unwrap();
                 let mut done = 0u64;
                 let started = Instant::now();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(60)
+                {
                     let key = format!("w{w}");
-                    assert_eq!(conn.call(&["SET", &key, &done.to_string()]).unwrap(), Reply::Simple("OK".into()));
-                    assert_eq!(conn.call(&["GET", &key]).unwrap(), Reply::Bulk(Some(done.to_string().into_bytes())));
-                    assert_eq!(conn.call(&["LPUSH", &format!("q{w}"), "job"]).unwrap(), Reply::Integer(1));
-                    let popped = conn.call(&["BRPOP", &format!("q{w}"), "other", "1"]).unwrap();
-                    assert!(matches!(popped, Reply::Array(Some(ref v)) if v.len() == 2), "{popped:?}");
-                    assert!(conn.call(&["BLPOP", &format!("empty{w}"), "0.01"]).unwrap().is_nil());
+                    assert_eq!(
+                        conn.call(&["SET", &key, &done.to_string()]).unwrap(),
+                        Reply::Simple("OK".into())
+                    );
+                    assert_eq!(
+                        conn.call(&["GET", &key]).unwrap(),
+                        Reply::Bulk(Some(done.to_string().into_bytes()))
+                    );
+                    assert_eq!(
+                        conn.call(&["LPUSH", &format!("q{w}"), "job"]).unwrap(),
+                        Reply::Integer(1)
+                    );
+                    let popped = conn
+                        .call(&["BRPOP", &format!("q{w}"), "other", "1"])
+                        .unwrap();
+                    assert!(
+                        matches!(popped, Reply::Array(Some(ref v)) if v.len() == 2),
+                        "{popped:?}"
+                    );
+                    assert!(conn
+                        .call(&["BLPOP", &format!("empty{w}"), "0.01"])
+                        .unwrap()
+                        .is_nil());
                     done += 1;
                 }
                 done
@@ -395,7 +642,10 @@ fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients() {
         thread::sleep(Duration::from_millis(300));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let total: u64 = workers.into_iter().map(|w| w.join().expect("a client saw an error or a wrong reply")).sum();
+    let total: u64 = workers
+        .into_iter()
+        .map(|w| w.join().expect("a client saw an error or a wrong reply"))
+        .sum();
     assert!(total > 30, "workload ran {total} iterations");
     // After the last detach Redis still answers normally.
     assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
@@ -412,24 +662,70 @@ fn a_redis_in_its_own_mount_and_pid_namespace_is_found_and_probed_through_proc_r
          exec /mnt/redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no"
     );
     let child = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "sh", "-c", &script])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            &script,
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("unshare (util-linux)");
-    let _container = integration_tests::Proc { child, name: "container".into() };
-    assert!(!std::path::Path::new("/mnt/redis-server").exists(), "the binary is only visible inside the namespace");
-    wait_for("the containerised redis to answer", Duration::from_secs(10), || {
-        let mut c = Conn::connect(port).ok()?;
-        (c.call(&["PING"]).ok()? == Reply::Simple("PONG".into())).then_some(())
-    });
+    let _container = integration_tests::Proc {
+        child,
+        name: "container".into(),
+    };
+    assert!(
+        !std::path::Path::new("/mnt/redis-server").exists(),
+        "the binary is only visible inside the namespace"
+    );
+    wait_for(
+        "the containerised redis to answer",
+        Duration::from_secs(10),
+        || {
+            let mut c = Conn::connect(port).ok()?;
+            (c.call(&["PING"]).ok()? == Reply::Simple("PONG".into())).then_some(())
+        },
+    );
     let agent = Agent::start(&[]);
     // Its host pid: the redis-server whose title has this port.
-    let s = wait_for("the containerised redis in the metrics", Duration::from_secs(10), || {
-        let s = agent.scrape();
-        (s.find("fanout_probe_points", &[("server_port", &port.to_string()), ("probe", "blockForKeys")]).count() == 1).then_some(s)
-    });
-    let pid = s.label_values("fanout_probe_points", &[("server_port", &port.to_string())], "process_pid").into_iter().next().unwrap();
-    assert!(agent.log().contains(&format!("/proc/{pid}/root/mnt/redis-server")), "attached through /proc/<pid>/root");
+    let s = wait_for(
+        "the containerised redis in the metrics",
+        Duration::from_secs(10),
+        || {
+            let s = agent.scrape();
+            (s.find(
+                "fanout_probe_points",
+                &[
+                    ("server_port", &port.to_string()),
+                    ("probe", "blockForKeys"),
+                ],
+            )
+            .count()
+                == 1)
+                .then_some(s)
+        },
+    );
+    let pid = s
+        .label_values(
+            "fanout_probe_points",
+            &[("server_port", &port.to_string())],
+            "process_pid",
+        )
+        .into_iter()
+        .next()
+        .unwrap();
+    assert!(
+        agent
+            .log()
+            .contains(&format!("/proc/{pid}/root/mnt/redis-server")),
+        "attached through /proc/<pid>/root"
+    );
     let mut c = Conn::connect(port).unwrap();
     assert!(c.call(&["BRPOP", "a", "b", "0.1"]).unwrap().is_nil());
     let s = agent.scrape();

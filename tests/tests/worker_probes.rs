@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{enqueue_sidekiq_job, prom::Scrape, require_root, wait_for, Agent, Proc, Redis, Sidekiq};
+use integration_tests::{
+    enqueue_sidekiq_job, prom::Scrape, require_root, wait_for, Agent, Proc, Redis, Sidekiq,
+};
 
 const DURATION: &str = "worker_blocking_pop_duration_seconds";
 const KEYS: &str = "worker_blocking_pop_keys";
@@ -28,12 +30,29 @@ fn group_rule(group: &str) -> String {
 fn sidekiq_fleets_on_1_20_and_440_queues_fanout_outcomes_and_latency() {
     require_root();
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&["--worker-rule", &group_rule("one"), "--worker-rule", &group_rule("twenty"), "--worker-rule", &group_rule("wide")]);
+    let agent = Agent::start(&[
+        "--worker-rule",
+        &group_rule("one"),
+        "--worker-rule",
+        &group_rule("twenty"),
+        "--worker-rule",
+        &group_rule("wide"),
+    ]);
     let one = Sidekiq::start_tagged(redis.port, Some("one"), &["solo"], 1);
     let twenty_q = queues("t", 20);
-    let twenty = Sidekiq::start_tagged(redis.port, Some("twenty"), &twenty_q.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    let twenty = Sidekiq::start_tagged(
+        redis.port,
+        Some("twenty"),
+        &twenty_q.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+    );
     let wide_q = queues("w", 440);
-    let wide = Sidekiq::start_tagged(redis.port, Some("wide"), &wide_q.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    let wide = Sidekiq::start_tagged(
+        redis.port,
+        Some("wide"),
+        &wide_q.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+    );
     wait_for("all three fleets blocking", Duration::from_secs(15), || {
         let s = agent.scrape();
         ["one", "twenty", "wide"]
@@ -48,54 +67,139 @@ fn sidekiq_fleets_on_1_20_and_440_queues_fanout_outcomes_and_latency() {
         thread::sleep(Duration::from_millis(500));
         enqueue_sidekiq_job(&redis, "solo", jid);
     }
-    wait_for("the 12 jobs to be processed", Duration::from_secs(10), || {
-        (redis.command(&["LLEN", "queue:solo"]) == ":0\r\n"
-            && agent.scrape().sum(&format!("{DURATION}_count"), &[("process_group", "one"), ("outcome", "served")]) == 12.0)
-            .then_some(())
-    });
+    wait_for(
+        "the 12 jobs to be processed",
+        Duration::from_secs(10),
+        || {
+            (redis.command(&["LLEN", "queue:solo"]) == ":0\r\n"
+                && agent.scrape().sum(
+                    &format!("{DURATION}_count"),
+                    &[("process_group", "one"), ("outcome", "served")],
+                ) == 12.0)
+                .then_some(())
+        },
+    );
     let s = agent.scrape();
-    let pid_note = format!("one={} twenty={} wide={}", one.pid(), twenty.pid(), wide.pid());
+    let pid_note = format!(
+        "one={} twenty={} wide={}",
+        one.pid(),
+        twenty.pid(),
+        wide.pid()
+    );
 
     // Fan-out, exactly: every pop of a fleet lists all its queues.
-    for (group, keys, le_below, le_at) in [("one", 1.0, None, "1"), ("twenty", 20.0, Some("10"), "20"), ("wide", 440.0, Some("200"), "500")] {
+    for (group, keys, le_below, le_at) in [
+        ("one", 1.0, None, "1"),
+        ("twenty", 20.0, Some("10"), "20"),
+        ("wide", 440.0, Some("200"), "500"),
+    ] {
         let g = [("process_group", group), ("redis_command", "BRPOP")];
         let count = s.sum(&format!("{KEYS}_count"), &g);
         assert!(count >= 1.0, "{group}: no pops ({pid_note})");
-        assert_eq!(s.sum(&format!("{KEYS}_sum"), &g), keys * count, "{group}: every pop lists {keys} keys");
-        assert_eq!(s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", le_at)])), count, "{group}");
+        assert_eq!(
+            s.sum(&format!("{KEYS}_sum"), &g),
+            keys * count,
+            "{group}: every pop lists {keys} keys"
+        );
+        assert_eq!(
+            s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", le_at)])),
+            count,
+            "{group}"
+        );
         if let Some(below) = le_below {
-            assert_eq!(s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", below)])), 0.0, "{group}");
+            assert_eq!(
+                s.sum(&format!("{KEYS}_bucket"), &m(&[g[0], g[1], ("le", below)])),
+                0.0,
+                "{group}"
+            );
         }
     }
 
     // Outcomes: the single-queue fleet was served exactly the 12 jobs; the others only time
     // out (Sidekiq's BRPOP timeout is 2 s), nobody errs.
-    let served = |g: &str| s.sum(&format!("{DURATION}_count"), &[("process_group", g), ("outcome", "served")]);
-    let timeouts = |g: &str| s.sum(&format!("{DURATION}_count"), &[("process_group", g), ("outcome", "timeout")]);
+    let served = |g: &str| {
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", g), ("outcome", "served")],
+        )
+    };
+    let timeouts = |g: &str| {
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", g), ("outcome", "timeout")],
+        )
+    };
     assert_eq!(served("one"), 12.0);
     assert_eq!(served("twenty"), 0.0);
     assert_eq!(served("wide"), 0.0);
     assert!(timeouts("twenty") >= 2.0 && timeouts("wide") >= 2.0);
-    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("outcome", "error")]), 0.0);
-    let mean_timeout = s.sum(&format!("{DURATION}_sum"), &[("process_group", "twenty"), ("outcome", "timeout")]) / timeouts("twenty");
-    assert!((2.0..2.2).contains(&mean_timeout), "Sidekiq's 2 s timeout, seen as {mean_timeout}");
+    assert_eq!(
+        s.sum(&format!("{DURATION}_count"), &[("outcome", "error")]),
+        0.0
+    );
+    let mean_timeout = s.sum(
+        &format!("{DURATION}_sum"),
+        &[("process_group", "twenty"), ("outcome", "timeout")],
+    ) / timeouts("twenty");
+    assert!(
+        (2.0..2.2).contains(&mean_timeout),
+        "Sidekiq's 2 s timeout, seen as {mean_timeout}"
+    );
     // Served pops waited for the next push: about 500 ms apart (the first may wait longer,
     // from whenever its thread started waiting).
-    let mean_served = s.sum(&format!("{DURATION}_sum"), &[("process_group", "one"), ("outcome", "served")]) / 12.0;
+    let mean_served = s.sum(
+        &format!("{DURATION}_sum"),
+        &[("process_group", "one"), ("outcome", "served")],
+    ) / 12.0;
     eprintln!("served pops of the single-queue fleet: mean {mean_served:.3} s");
-    assert!((0.35..0.7).contains(&mean_served), "mean served latency {mean_served}");
+    assert!(
+        (0.35..0.7).contains(&mean_served),
+        "mean served latency {mean_served}"
+    );
     // They all waited on this Redis.
     let port = redis.port.to_string();
-    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("process_group", "one"), ("server_address", "127.0.0.1"), ("server_port", &port)]), s.sum(&format!("{DURATION}_count"), &[("process_group", "one")]));
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[
+                ("process_group", "one"),
+                ("server_address", "127.0.0.1"),
+                ("server_port", &port)
+            ]
+        ),
+        s.sum(&format!("{DURATION}_count"), &[("process_group", "one")])
+    );
 
     // Listening: one process per fleet; without --export-key-names no key is named.
     for (group, keys) in [("one", 1.0), ("twenty", 20.0), ("wide", 440.0)] {
-        assert_eq!(s.sum("redis_queue_listeners", &[("process_group", group), ("listener", "process")]), 1.0, "{group}");
-        assert_eq!(s.sum("worker_queues_listened", &[("process_group", group)]), keys, "{group}");
+        assert_eq!(
+            s.sum(
+                "redis_queue_listeners",
+                &[("process_group", group), ("listener", "process")]
+            ),
+            1.0,
+            "{group}"
+        );
+        assert_eq!(
+            s.sum("worker_queues_listened", &[("process_group", group)]),
+            keys,
+            "{group}"
+        );
     }
-    assert_eq!(s.find("redis_queue_listeners", &[]).filter(|x| x.labels.contains_key("redis_key")).count(), 0);
+    assert_eq!(
+        s.find("redis_queue_listeners", &[])
+            .filter(|x| x.labels.contains_key("redis_key"))
+            .count(),
+        0
+    );
     // Disjoint fleets share no queue.
-    assert_eq!(s.sum("worker_queues_shared", &[("process_group", "one"), ("peer_group", "wide")]), 0.0);
+    assert_eq!(
+        s.sum(
+            "worker_queues_shared",
+            &[("process_group", "one"), ("peer_group", "wide")]
+        ),
+        0.0
+    );
 }
 
 #[test]
@@ -103,28 +207,57 @@ fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
     require_root();
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[
-        "--worker-rule", &group_rule("mailers"),
-        "--worker-rule", &group_rule("billing"),
-        "--worker-rule", &group_rule("search"),
-        "--export-key-names", "--max-keys-per-group", "2",
+        "--worker-rule",
+        &group_rule("mailers"),
+        "--worker-rule",
+        &group_rule("billing"),
+        "--worker-rule",
+        &group_rule("search"),
+        "--export-key-names",
+        "--max-keys-per-group",
+        "2",
     ]);
-    let _mailers = Sidekiq::start_tagged(redis.port, Some("mailers"), &["mail", "default", "low"], 1);
+    let _mailers =
+        Sidekiq::start_tagged(redis.port, Some("mailers"), &["mail", "default", "low"], 1);
     let _billing = Sidekiq::start_tagged(redis.port, Some("billing"), &["billing", "default"], 1);
     let _search = Sidekiq::start_tagged(redis.port, Some("search"), &["search"], 1);
-    let s = wait_for("the three fleets' key lists", Duration::from_secs(15), || {
-        let s = agent.scrape();
-        (s.sum("worker_queues_listened", &[]) == 6.0).then_some(s)
-    });
-    let shared = |a: &str, b: &str| s.sum("worker_queues_shared", &[("process_group", a), ("peer_group", b)]);
-    assert_eq!(shared("mailers", "billing"), 1.0, "both listen to queue:default");
+    let s = wait_for(
+        "the three fleets' key lists",
+        Duration::from_secs(15),
+        || {
+            let s = agent.scrape();
+            (s.sum("worker_queues_listened", &[]) == 6.0).then_some(s)
+        },
+    );
+    let shared = |a: &str, b: &str| {
+        s.sum(
+            "worker_queues_shared",
+            &[("process_group", a), ("peer_group", b)],
+        )
+    };
+    assert_eq!(
+        shared("mailers", "billing"),
+        1.0,
+        "both listen to queue:default"
+    );
     assert_eq!(shared("billing", "mailers"), 1.0);
     assert_eq!(shared("mailers", "search"), 0.0);
     assert_eq!(shared("billing", "search"), 0.0);
     // Key names with opt-in, at most 2 per group, the rest as "other".
-    let keys = s.label_values("redis_queue_listeners", &[("process_group", "mailers"), ("listener", "process")], "redis_key");
+    let keys = s.label_values(
+        "redis_queue_listeners",
+        &[("process_group", "mailers"), ("listener", "process")],
+        "redis_key",
+    );
     assert_eq!(keys.len(), 3, "{keys:?}");
     assert!(keys.contains("other"));
-    assert!(s.label_values("redis_queue_listeners", &[("process_group", "search")], "redis_key").contains("queue:search"));
+    assert!(s
+        .label_values(
+            "redis_queue_listeners",
+            &[("process_group", "search")],
+            "redis_key"
+        )
+        .contains("queue:search"));
 }
 
 /// A raw-socket RESP client in Python (socket.sendall and recv: the sendto/recvfrom syscalls).
@@ -180,7 +313,7 @@ print("done", flush=True)
 
 #[test]
 fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
-    raw_client_checks(&[]);
+    raw_client_checks(&["--worker-probe-mode", "syscalls"]);
 }
 
 /// The same client followed through uprobes on its libc (send/recv) instead of syscalls.
@@ -196,7 +329,12 @@ fn raw_client_checks(mode: &[&str]) {
     args.extend_from_slice(mode);
     let agent = Agent::start(&args);
     let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", RAW_CLIENT, &redis.port.to_string(), "fanout-raw-client"])
+        .args([
+            "-c",
+            RAW_CLIENT,
+            &redis.port.to_string(),
+            "fanout-raw-client",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
@@ -208,7 +346,10 @@ fn raw_client_checks(mode: &[&str]) {
         std::io::BufRead::read_line(&mut out, &mut line).unwrap();
         assert_eq!(line.trim(), want);
     };
-    let mut proc = Proc { child, name: "raw-client".into() };
+    let mut proc = Proc {
+        child,
+        name: "raw-client".into(),
+    };
     next_line("piped-sent");
     thread::sleep(Duration::from_millis(300));
     redis.command(&["LPUSH", "piped:q", "job"]);
@@ -223,8 +364,15 @@ fn raw_client_checks(mode: &[&str]) {
     });
     let _ = started;
     let by = |cmd: &str, outcome: &str| -> (f64, f64) {
-        let g = [("process_group", "raw"), ("redis_command", cmd), ("outcome", outcome)];
-        (s.sum(&format!("{DURATION}_count"), &g), s.sum(&format!("{DURATION}_sum"), &g))
+        let g = [
+            ("process_group", "raw"),
+            ("redis_command", cmd),
+            ("outcome", outcome),
+        ];
+        (
+            s.sum(&format!("{DURATION}_count"), &g),
+            s.sum(&format!("{DURATION}_sum"), &g),
+        )
     };
     let (n, t) = by("BRPOP", "timeout");
     assert_eq!(n, 1.0, "the split BRPOP timed out once ({pid})");
@@ -239,8 +387,14 @@ fn raw_client_checks(mode: &[&str]) {
     let (n, _) = by("BRPOP", "error");
     assert_eq!(n, 1.0, "the pop whose connection closed ends as an error");
     // Every one listed one key; nothing was lost to parsing.
-    assert_eq!(s.sum(&format!("{KEYS}_sum"), &[("process_group", "raw")]), 4.0);
-    assert_eq!(s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]), 0.0);
+    assert_eq!(
+        s.sum(&format!("{KEYS}_sum"), &[("process_group", "raw")]),
+        4.0
+    );
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0
+    );
     proc.stop();
 }
 
@@ -261,14 +415,26 @@ t = socket.create_connection(("127.0.0.1", port))
 t.sendall(b"*3\r\n$5\r\nBRPOP\r\n$3\r\nq:x\r\n$3\r\n0.1\r\n")
 t.recv(1024)
 "#;
-    let status = Command::new("/usr/bin/python3").args(["-c", script, &redis.port.to_string(), "fanout-raw-client"]).status().unwrap();
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", script, &redis.port.to_string(), "fanout-raw-client"])
+        .status()
+        .unwrap();
     assert!(status.success());
     let s: Scrape = wait_for("the valid pop", Duration::from_secs(5), || {
         let s = agent.scrape();
         (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 1.0).then_some(s)
     });
-    assert!(s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]) >= 1.0, "the malformed stream is counted");
-    assert_eq!(s.sum(&format!("{DURATION}_count"), &[("process_group", "raw"), ("outcome", "timeout")]), 1.0);
+    assert!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]) >= 1.0,
+        "the malformed stream is counted"
+    );
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "raw"), ("outcome", "timeout")]
+        ),
+        1.0
+    );
     // Redis itself is unharmed by the agent.
     assert_eq!(redis.command(&["PING"]), "+PONG\r\n");
 }
@@ -277,7 +443,11 @@ t.recv(1024)
 fn worker_probes_can_be_turned_off_and_then_cost_nothing() {
     require_root();
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&["--worker-rule", "raw:cmdline=fanout-raw-client", "--no-worker-probes"]);
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "raw:cmdline=fanout-raw-client",
+        "--no-worker-probes",
+    ]);
     let script = r#"
 import socket, sys, time
 time.sleep(0.5)
@@ -285,7 +455,10 @@ s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$3\r\nq:x\r\n$3\r\n0.1\r\n")
 s.recv(1024)
 "#;
-    let status = Command::new("/usr/bin/python3").args(["-c", script, &redis.port.to_string(), "fanout-raw-client"]).status().unwrap();
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", script, &redis.port.to_string(), "fanout-raw-client"])
+        .status()
+        .unwrap();
     assert!(status.success());
     let s = agent.scrape();
     // The worker was tracked (its CPU is measured) but its syscalls were not followed.
@@ -298,22 +471,158 @@ s.recv(1024)
 fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
     require_root();
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&["--worker-probe-mode", "libc", "--worker-rule", &group_rule("lib")]);
+    let agent = Agent::start(&[
+        "--worker-probe-mode",
+        "libc",
+        "--worker-rule",
+        &group_rule("lib"),
+    ]);
     let fleet = Sidekiq::start_tagged(redis.port, Some("lib"), &["a", "b", "c"], 1);
     wait_for("the fleet blocking", Duration::from_secs(15), || {
-        (agent.scrape().sum(&format!("{KEYS}_count"), &[("process_group", "lib")]) >= 1.0).then_some(())
+        (agent
+            .scrape()
+            .sum(&format!("{KEYS}_count"), &[("process_group", "lib")])
+            >= 1.0)
+            .then_some(())
     });
-    assert!(agent.log().contains("worker libc probes attached"), "{}", agent.log());
-    assert!(!agent.log().contains("worker syscall probes attached"), "no syscall tracepoints in libc mode");
+    assert!(
+        agent.log().contains("worker libc probes attached"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("worker syscall probes attached"),
+        "no syscall tracepoints in libc mode"
+    );
     for jid in 0..5 {
         thread::sleep(Duration::from_millis(300));
         enqueue_sidekiq_job(&redis, "b", jid);
     }
     let s = wait_for("5 served pops", Duration::from_secs(10), || {
         let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "lib"), ("outcome", "served")]) == 5.0).then_some(s)
+        (s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "lib"), ("outcome", "served")],
+        ) == 5.0)
+            .then_some(s)
     });
     let g = [("process_group", "lib")];
-    assert_eq!(s.sum(&format!("{KEYS}_sum"), &g), 3.0 * s.sum(&format!("{KEYS}_count"), &g), "every pop lists 3 keys ({})", fleet.pid());
+    assert_eq!(
+        s.sum(&format!("{KEYS}_sum"), &g),
+        3.0 * s.sum(&format!("{KEYS}_count"), &g),
+        "every pop lists 3 keys ({})",
+        fleet.pid()
+    );
     assert_eq!(s.sum("worker_queues_listened", &g), 3.0);
+}
+
+/// A worker with no libc.so (statically linked, as Go binaries are) doing 3 BRPOPs that time
+/// out, in raw syscalls.
+const STATIC_CLIENT: &str = r#"
+#include <arpa/inet.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    usleep(500000); /* the agent picks the process up in tens of ms */
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
+    const char *req = "*3\r\n$5\r\nBRPOP\r\n$8\r\nstatic:q\r\n$3\r\n0.2\r\n";
+    char buf[64];
+    for (int i = 0; i < 3; i++) {
+        if (write(s, req, strlen(req)) != (ssize_t)strlen(req)) return 2;
+        if (read(s, buf, sizeof buf) < 5 || memcmp(buf, "*-1\r\n", 5) != 0) return 3;
+    }
+    usleep(1500000); /* stays tracked while the other client runs */
+    return 0;
+}
+"#;
+
+/// In the default mode each worker is followed one way: the static one through the syscall
+/// tracepoints, the Python one through its libc. The tracepoints, attached for the first, see
+/// the second's syscalls too, and the kernel filter keeps them from being counted twice.
+#[test]
+fn auto_mode_follows_each_worker_once_through_libc_or_else_syscalls() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("static-client.c");
+    let binary = dir.path().join("fanout-static-client");
+    std::fs::write(&source, STATIC_CLIENT).unwrap();
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .status()
+        .expect("gcc (installed by cargo xtask setup)");
+    assert!(built.success(), "static test worker did not build");
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "static:cmdline=fanout-static-client",
+        "--worker-rule",
+        "py:cmdline=fanout-py-client",
+    ]);
+    let port = redis.port.to_string();
+    let mut static_worker = Command::new(&binary).arg(&port).spawn().unwrap();
+    let script = r#"
+import socket, sys, time
+time.sleep(0.9)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for _ in range(2):
+    s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$4\r\npy:q\r\n$3\r\n0.2\r\n")
+    assert s.recv(64).startswith(b"*-1")
+"#;
+    let py = Command::new("/usr/bin/python3")
+        .args(["-c", script, &port, "fanout-py-client"])
+        .status()
+        .unwrap();
+    assert!(py.success());
+    assert!(
+        static_worker.wait().unwrap().success(),
+        "the static worker's pops did not time out as expected"
+    );
+    let s = wait_for("both workers' pops", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "static")]) >= 3.0).then_some(s)
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("following this worker through the syscall tracepoints"),
+        "{log}"
+    );
+    assert!(log.contains("worker libc probes attached"), "{log}");
+    for (group, pops) in [("static", 3.0), ("py", 2.0)] {
+        assert_eq!(
+            s.sum(
+                &format!("{DURATION}_count"),
+                &[("process_group", group), ("outcome", "timeout")]
+            ),
+            pops,
+            "{group}"
+        );
+        assert_eq!(
+            s.sum(&format!("{DURATION}_count"), &[("process_group", group)]),
+            pops,
+            "{group}: nothing else, nothing twice"
+        );
+        assert_eq!(
+            s.sum(&format!("{KEYS}_count"), &[("process_group", group)]),
+            pops,
+            "{group}"
+        );
+    }
+    // With the static worker gone, no worker needs the tracepoints: they are detached.
+    wait_for(
+        "the syscall tracepoints detached",
+        Duration::from_secs(5),
+        || {
+            agent
+                .log()
+                .contains("through the syscall tracepoints any more")
+                .then_some(())
+        },
+    );
 }

@@ -18,8 +18,14 @@ pub fn tools_venv() -> std::path::PathBuf {
 }
 
 fn run(name: &str, cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("{name}: cannot run {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .with_context(|| format!("{name}: cannot run {cmd:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         bail!("{name} failed:\n{text}");
     }
@@ -40,10 +46,24 @@ pub fn deploy_checks(fanout_bin: &Path) -> Result<()> {
         }
     };
 
-    check("promtool check rules", run("promtool check rules", Command::new("promtool").arg("check").arg("rules").arg(deploy.join("alerts/fanout.rules.yml"))));
+    check(
+        "promtool check rules",
+        run(
+            "promtool check rules",
+            Command::new("promtool")
+                .arg("check")
+                .arg("rules")
+                .arg(deploy.join("alerts/fanout.rules.yml")),
+        ),
+    );
     check(
         "promtool test rules",
-        run("promtool test rules", Command::new("promtool").current_dir(deploy.join("alerts/tests")).args(["test", "rules", "fanout.test.yml"])),
+        run(
+            "promtool test rules",
+            Command::new("promtool")
+                .current_dir(deploy.join("alerts/tests"))
+                .args(["test", "rules", "fanout.test.yml"]),
+        ),
     );
     check(
         "kubernetes manifests",
@@ -54,12 +74,17 @@ pub fn deploy_checks(fanout_bin: &Path) -> Result<()> {
                 .arg(deploy.join("kubernetes/fanout.yaml")),
         ),
     );
-    check("systemd unit", systemd_unit(&deploy.join("systemd/fanout.service"), fanout_bin));
+    check(
+        "systemd unit",
+        systemd_unit(&deploy.join("systemd/fanout.service"), fanout_bin),
+    );
     check(
         "collector config",
         run(
             "collector config",
-            Command::new(tools_venv().join("bin/python")).arg(root.join("xtask/src/check_collector.py")).arg(deploy.join("otel-collector/config.yaml")),
+            Command::new(tools_venv().join("bin/python"))
+                .arg(root.join("xtask/src/check_collector.py"))
+                .arg(deploy.join("otel-collector/config.yaml")),
         ),
     );
     eprintln!("checks: {passed} passed, {} failed", failures.len());
@@ -76,10 +101,21 @@ fn systemd_unit(unit: &Path, fanout_bin: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("fanout-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let copy = dir.join("fanout.service");
-    std::fs::write(&copy, text.replace("/usr/local/bin/fanout", &fanout_bin.display().to_string()))?;
-    let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().context("systemd-analyze")?;
+    std::fs::write(
+        &copy,
+        text.replace("/usr/local/bin/fanout", &fanout_bin.display().to_string()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .context("systemd-analyze")?;
     let _ = std::fs::remove_dir_all(&dir);
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() || !said.trim().is_empty() {
         bail!("systemd-analyze verify: {said}");
     }

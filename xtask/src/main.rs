@@ -13,7 +13,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", about = "Fanout's build, run, test, bench and demo tasks")]
+#[command(
+    name = "xtask",
+    about = "Fanout's build, run, test, bench and demo tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,

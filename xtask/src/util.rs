@@ -8,7 +8,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 pub fn is_root() -> bool {
@@ -23,16 +26,23 @@ extern "C" {
 
 /// Runs a command and returns its stdout, failing on a non-zero exit.
 pub fn command_output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a command with inherited output, failing on a non-zero exit.
 pub fn run_checked(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -43,12 +53,16 @@ pub fn run_checked(cmd: &mut Command) -> Result<()> {
 pub fn build_agent(release: bool) -> Result<PathBuf> {
     let root = workspace_root();
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(&root).args(["build", "--package", "agent", "--bin", "fanout"]);
+    cmd.current_dir(&root)
+        .args(["build", "--package", "agent", "--bin", "fanout"]);
     if release {
         cmd.arg("--release");
     }
     run_checked(&mut cmd)?;
-    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("fanout"))
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("fanout"))
 }
 
 /// Replaces this process with the agent.
@@ -84,7 +98,10 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
     let bin = build_agent(false)?;
     eprintln!("[test] deployment checks");
     crate::checks::deploy_checks(&bin)?;
-    eprintln!("[test] integration tests (root, one at a time) with {}", bin.display());
+    eprintln!(
+        "[test] integration tests (root, one at a time) with {}",
+        bin.display()
+    );
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .args(["test", "--package", "integration-tests", "--"])

@@ -8,7 +8,10 @@ use aya::{programs::TracePoint, Ebpf};
 
 /// The eBPF object built by build.rs, or `None` when built with `AYA_BUILD_SKIP=1`.
 #[cfg(not(fanout_no_ebpf))]
-pub static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fanout-ebpf")));
+pub static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/fanout-ebpf"
+)));
 #[cfg(fanout_no_ebpf)]
 pub static EBPF_OBJECT: Option<&[u8]> = None;
 
@@ -27,7 +30,12 @@ pub enum ProbeError {
     #[error("eBPF map {name}: {message}")]
     Map { name: &'static str, message: String },
     #[error("loading or attaching {program} to tracepoint {category}:{name} failed: {message}")]
-    Attach { program: &'static str, category: &'static str, name: &'static str, message: String },
+    Attach {
+        program: &'static str,
+        category: &'static str,
+        name: &'static str,
+        message: String,
+    },
 }
 
 /// A tracepoint program and where it attaches.
@@ -55,20 +63,37 @@ pub fn ensure_tracefs() -> Result<(), String> {
     let target = c"/sys/kernel/tracing";
     let fstype = c"tracefs";
     // SAFETY: valid NUL-terminated strings, no data argument.
-    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {}", std::io::Error::last_os_error()))
+        Err(format!(
+            "tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        ))
     }
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps against it (before 5.11).
 fn raise_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -80,9 +105,15 @@ pub fn load_object() -> Result<Ebpf, ProbeError> {
 }
 
 /// Takes a map out of the loaded object, typed.
-pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError> {
+pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, ProbeError> {
     let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
-    T::try_from(map).map_err(|e| ProbeError::Map { name, message: e.to_string() })
+    T::try_from(map).map_err(|e| ProbeError::Map {
+        name,
+        message: e.to_string(),
+    })
 }
 
 /// The ring buffers the kernel sends events through.
@@ -116,7 +147,16 @@ impl Probes {
         let sched = sched::SchedMaps::new(&mut ebpf)?;
         let redis = redis::RedisMaps::new(&mut ebpf)?;
         let worker = worker::WorkerMaps::new(&mut ebpf)?;
-        Ok((Self { ebpf, sched, redis, worker, status }, ring))
+        Ok((
+            Self {
+                ebpf,
+                sched,
+                redis,
+                worker,
+                status,
+            },
+            ring,
+        ))
     }
 
     pub fn any_attached(&self) -> bool {
@@ -127,10 +167,17 @@ impl Probes {
 /// Loads (verifies) one program, once: a program that serves several attach points (write
 /// and sendto, read and recv) is loaded the first time and found loaded after.
 pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
-    let result = match ebpf.program_mut(name).ok_or(ProbeError::MissingProgram(name))? {
+    let result = match ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+    {
         aya::programs::Program::TracePoint(p) => p.load(),
         aya::programs::Program::UProbe(p) => p.load(),
-        _ => return Err(ProbeError::Load(format!("{name}: neither a tracepoint nor a uprobe"))),
+        _ => {
+            return Err(ProbeError::Load(format!(
+                "{name}: neither a tracepoint nor a uprobe"
+            )))
+        }
     };
     match result {
         Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
@@ -139,7 +186,10 @@ pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeErro
 }
 
 /// Loads every named program; returns the first failure, if any (the others are still loaded).
-pub fn load_programs(ebpf: &mut Ebpf, names: impl IntoIterator<Item = &'static str>) -> Option<String> {
+pub fn load_programs(
+    ebpf: &mut Ebpf,
+    names: impl IntoIterator<Item = &'static str>,
+) -> Option<String> {
     let mut first_error = None;
     for name in names {
         if let Err(e) = load_program(ebpf, name) {
@@ -150,22 +200,39 @@ pub fn load_programs(ebpf: &mut Ebpf, names: impl IntoIterator<Item = &'static s
 }
 
 /// Detaches one uprobe link (a link of a program that is gone is ignored).
-pub fn detach_uprobe(ebpf: &mut Ebpf, program: &'static str, link: aya::programs::uprobe::UProbeLinkId) {
-    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut aya::programs::UProbe>::try_from) {
+pub fn detach_uprobe(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    link: aya::programs::uprobe::UProbeLinkId,
+) {
+    if let Some(Ok(p)) = ebpf
+        .program_mut(program)
+        .map(<&mut aya::programs::UProbe>::try_from)
+    {
         let _ = p.detach(link);
     }
 }
 
 /// Loads (once) and attaches one tracepoint program.
-pub fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<aya::programs::trace_point::TracePointLinkId, ProbeError> {
-    let attach_err = |message: String| ProbeError::Attach { program: spec.program, category: spec.category, name: spec.name, message };
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    spec: &TracepointSpec,
+) -> Result<aya::programs::trace_point::TracePointLinkId, ProbeError> {
+    let attach_err = |message: String| ProbeError::Attach {
+        program: spec.program,
+        category: spec.category,
+        name: spec.name,
+        message,
+    };
     load_program(ebpf, spec.program).map_err(|e| attach_err(e.to_string()))?;
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
         .ok_or(ProbeError::MissingProgram(spec.program))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-    program.attach(spec.category, spec.name).map_err(|e| attach_err(e.to_string()))
+    program
+        .attach(spec.category, spec.name)
+        .map_err(|e| attach_err(e.to_string()))
 }
 
 /// Loads and attaches each tracepoint; one failing does not stop the others.
@@ -174,7 +241,11 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, specs: &[TracepointSpec]) -> Vec<Prob
         .iter()
         .map(|spec| {
             let result = attach_tracepoint(ebpf, spec);
-            ProbeStatus { program: spec.program, attached: result.is_ok(), error: result.err().map(|e| e.to_string()) }
+            ProbeStatus {
+                program: spec.program,
+                attached: result.is_ok(),
+                error: result.err().map(|e| e.to_string()),
+            }
         })
         .collect()
 }
@@ -193,7 +264,8 @@ pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeE
                 Some(aya::programs::Program::UProbe(p)) => p.info(),
                 _ => return Err(ProbeError::MissingProgram(name)),
             };
-            info.map(|i| i.verified_instruction_count().unwrap_or(0)).map_err(|e| ProbeError::Load(e.to_string()))
+            info.map(|i| i.verified_instruction_count().unwrap_or(0))
+                .map_err(|e| ProbeError::Load(e.to_string()))
         });
         out.push((name.to_string(), result.map_err(|e| e.to_string())));
     }
@@ -203,7 +275,11 @@ pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeE
 
 /// Says where a probe went; a probe the kernel must single-step is worth knowing about,
 /// since each of its hits costs a second trap (see `probe_site`).
-pub(crate) fn log_probe_site(symbol: &str, site: crate::probe_site::ProbeSite, binary: &std::path::Path) {
+pub(crate) fn log_probe_site(
+    symbol: &str,
+    site: crate::probe_site::ProbeSite,
+    binary: &std::path::Path,
+) {
     if site.emulated {
         tracing::debug!(symbol, offset = site.offset, binary = %binary.display(), "probe on an emulated instruction");
     } else {

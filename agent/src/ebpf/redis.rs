@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 
 use agent_common::{
     maps, programs,
-    redis::{point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime, RedisHistKey, RedisProcess},
+    redis::{
+        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime, RedisHistKey,
+        RedisProcess,
+    },
     sched::Log2Histogram,
 };
 use aya::{
@@ -34,15 +37,33 @@ pub struct UprobeSpec {
 }
 
 impl UprobeSpec {
-    const fn one(program: &'static str, symbol: &'static [&'static str; 1], bookkeeping: bool) -> Self {
-        UprobeSpec { program, point: symbol[0], symbols: symbol, fallback: None, bookkeeping }
+    const fn one(
+        program: &'static str,
+        symbol: &'static [&'static str; 1],
+        bookkeeping: bool,
+    ) -> Self {
+        UprobeSpec {
+            program,
+            point: symbol[0],
+            symbols: symbol,
+            fallback: None,
+            bookkeeping,
+        }
     }
 
     /// The functions of `binary` this program goes on; empty when it has none of them.
     pub fn targets(&self, binary: &RedisBinary) -> Vec<&'static str> {
-        let present: Vec<&'static str> = self.symbols.iter().copied().filter(|s| binary.has(s)).collect();
+        let present: Vec<&'static str> = self
+            .symbols
+            .iter()
+            .copied()
+            .filter(|s| binary.has(s))
+            .collect();
         if present.is_empty() {
-            self.fallback.filter(|s| binary.has(s)).into_iter().collect()
+            self.fallback
+                .filter(|s| binary.has(s))
+                .into_iter()
+                .collect()
         } else {
             present
         }
@@ -56,20 +77,42 @@ impl UprobeSpec {
 /// per iteration. (`serveClientsBlockedOnKeyByModule` is left out: module-blocked clients are
 /// unblocked later, outside any window, and count as `other` either way.)
 pub const SERVING_POINT: &str = "serveClientsBlockedOnKey";
-pub const SERVE_FUNCTIONS: &[&str] = &["serveClientsBlockedOnListKey", "serveClientsBlockedOnSortedSetKey", "serveClientsBlockedOnStreamKey"];
+pub const SERVE_FUNCTIONS: &[&str] = &[
+    "serveClientsBlockedOnListKey",
+    "serveClientsBlockedOnSortedSetKey",
+    "serveClientsBlockedOnStreamKey",
+];
 pub const SERVING_FALLBACK: &str = "handleClientsBlockedOnKeys";
 
 const fn serving(program: &'static str) -> UprobeSpec {
-    UprobeSpec { program, point: SERVING_POINT, symbols: SERVE_FUNCTIONS, fallback: Some(SERVING_FALLBACK), bookkeeping: false }
+    UprobeSpec {
+        program,
+        point: SERVING_POINT,
+        symbols: SERVE_FUNCTIONS,
+        fallback: Some(SERVING_FALLBACK),
+        bookkeeping: false,
+    }
 }
 
 /// Probe points as data: each entry program and, where it times a phase, its return program.
 pub const REDIS_UPROBES: [UprobeSpec; 7] = [
     UprobeSpec::one(programs::REDIS_BLOCK_FOR_KEYS, &["blockForKeys"], false),
-    UprobeSpec::one(programs::REDIS_BLOCK_FOR_KEYS_RETURN, &["blockForKeys"], true),
+    UprobeSpec::one(
+        programs::REDIS_BLOCK_FOR_KEYS_RETURN,
+        &["blockForKeys"],
+        true,
+    ),
     UprobeSpec::one(programs::REDIS_UNBLOCK_CLIENT, &["unblockClient"], false),
-    UprobeSpec::one(programs::REDIS_UNBLOCK_CLIENT_RETURN, &["unblockClient"], true),
-    UprobeSpec::one(programs::REDIS_REPLY_TIMED_OUT, &["replyToBlockedClientTimedOut"], false),
+    UprobeSpec::one(
+        programs::REDIS_UNBLOCK_CLIENT_RETURN,
+        &["unblockClient"],
+        true,
+    ),
+    UprobeSpec::one(
+        programs::REDIS_REPLY_TIMED_OUT,
+        &["replyToBlockedClientTimedOut"],
+        false,
+    ),
     serving(programs::REDIS_SERVING),
     serving(programs::REDIS_SERVING_RETURN),
 ];
@@ -158,14 +201,26 @@ impl RedisMaps {
 
     /// Attaches the uprobes to `binary` unless another process already brought them, and
     /// starts attributing hits in process `pid`. Returns the state of each probe point.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, binary: &RedisBinary, process: RedisProcess) -> BTreeMap<&'static str, PointState> {
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        binary: &RedisBinary,
+        process: RedisProcess,
+    ) -> BTreeMap<&'static str, PointState> {
         if let Some(error) = &self.load_error {
-            return POINT_SYMBOLS.iter().map(|(s, _)| (*s, PointState::AttachFailed(error.clone()))).collect();
+            return POINT_SYMBOLS
+                .iter()
+                .map(|(s, _)| (*s, PointState::AttachFailed(error.clone())))
+                .collect();
         }
         if !self.attachments.contains_key(&binary.id) {
             let mut links = Vec::new();
             let mut points: BTreeMap<&'static str, PointState> = BTreeMap::new();
-            for spec in REDIS_UPROBES.iter().filter(|s| self.bookkeeping_time || !s.bookkeeping) {
+            for spec in REDIS_UPROBES
+                .iter()
+                .filter(|s| self.bookkeeping_time || !s.bookkeeping)
+            {
                 let targets = spec.targets(binary);
                 if targets.is_empty() {
                     points.insert(spec.point, PointState::Missing);
@@ -175,15 +230,31 @@ impl RedisMaps {
                 // file call the body directly (see `probe_site::FunctionSites`).
                 let locations = targets.into_iter().flat_map(|symbol| {
                     let site = binary.site(symbol);
-                    let body = binary.split_body(symbol).map(|body| (symbol, body.site, UProbeAttachLocation::AbsoluteOffset(body.file_offset + body.site.offset)));
-                    std::iter::once((symbol, site, UProbeAttachLocation::SymbolOffset(symbol, site.offset))).chain(body)
+                    let body = binary.split_body(symbol).map(|body| {
+                        (
+                            symbol,
+                            body.site,
+                            UProbeAttachLocation::AbsoluteOffset(
+                                body.file_offset + body.site.offset,
+                            ),
+                        )
+                    });
+                    std::iter::once((
+                        symbol,
+                        site,
+                        UProbeAttachLocation::SymbolOffset(symbol, site.offset),
+                    ))
+                    .chain(body)
                 });
                 for (symbol, site, location) in locations {
                     let result = ebpf
                         .program_mut(spec.program)
                         .ok_or_else(|| format!("program {} missing", spec.program))
                         .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                        .and_then(|p| p.attach(location, &binary.path, UProbeScope::AllProcesses).map_err(|e| e.to_string()));
+                        .and_then(|p| {
+                            p.attach(location, &binary.path, UProbeScope::AllProcesses)
+                                .map_err(|e| e.to_string())
+                        });
                     if !points.contains_key(spec.point) {
                         log_probe_site(symbol, site, &binary.path);
                     }
@@ -193,14 +264,27 @@ impl RedisMaps {
                             points.entry(spec.point).or_insert(PointState::Attached);
                         }
                         Err(e) => {
-                            points.insert(spec.point, PointState::AttachFailed(format!("{symbol}: {e}")));
+                            points.insert(
+                                spec.point,
+                                PointState::AttachFailed(format!("{symbol}: {e}")),
+                            );
                         }
                     }
                 }
             }
-            self.attachments.insert(binary.id, Attachment { links, points, users: BTreeSet::new() });
+            self.attachments.insert(
+                binary.id,
+                Attachment {
+                    links,
+                    points,
+                    users: BTreeSet::new(),
+                },
+            );
         }
-        let attachment = self.attachments.get_mut(&binary.id).expect("inserted above");
+        let attachment = self
+            .attachments
+            .get_mut(&binary.id)
+            .expect("inserted above");
         attachment.users.insert(pid);
         if let Err(e) = self.procs.insert(pid, process, 0) {
             tracing::warn!(pid, error = %e, "cannot register Redis process for blocking probes");
@@ -212,17 +296,28 @@ impl RedisMaps {
     /// no tracked process runs it any more.
     pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32, binary: BinaryId) {
         let _ = self.procs.remove(&pid);
-        let stale: Vec<BlockedKey> = self.blocked.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        let stale: Vec<BlockedKey> = self
+            .blocked
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
         for k in stale {
             let _ = self.blocked.remove(&k);
         }
-        for map in [&mut self.keys as &mut dyn RemoveByTgid, &mut self.durations, &mut self.bookkeeping] {
+        for map in [
+            &mut self.keys as &mut dyn RemoveByTgid,
+            &mut self.durations,
+            &mut self.bookkeeping,
+        ] {
             map.remove_tgid(pid);
         }
         for p in 0..point::COUNT as u64 {
             let _ = self.hits.remove(&(((pid as u64) << 32) | p));
         }
-        let Some(attachment) = self.attachments.get_mut(&binary) else { return };
+        let Some(attachment) = self.attachments.get_mut(&binary) else {
+            return;
+        };
         attachment.users.remove(&pid);
         if attachment.users.is_empty() {
             let attachment = self.attachments.remove(&binary).expect("present");
@@ -241,15 +336,30 @@ impl RedisMaps {
     pub fn read(&self) -> BTreeMap<u32, RedisReadings> {
         let mut out: BTreeMap<u32, RedisReadings> = BTreeMap::new();
         for (key, per_cpu) in self.keys.iter().filter_map(Result::ok) {
-            let entry = out.entry(key.tgid).or_default().keys.entry(key.btype).or_insert(KeyHistogram::ZERO);
+            let entry = out
+                .entry(key.tgid)
+                .or_default()
+                .keys
+                .entry(key.btype)
+                .or_insert(KeyHistogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
         }
         for (key, per_cpu) in self.durations.iter().filter_map(Result::ok) {
-            let entry = out.entry(key.tgid).or_default().durations.entry((key.btype, key.kind)).or_insert(Log2Histogram::ZERO);
+            let entry = out
+                .entry(key.tgid)
+                .or_default()
+                .durations
+                .entry((key.btype, key.kind))
+                .or_insert(Log2Histogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
         }
         for (key, per_cpu) in self.bookkeeping.iter().filter_map(Result::ok) {
-            let entry = out.entry(key.tgid).or_default().bookkeeping.entry(key.kind).or_default();
+            let entry = out
+                .entry(key.tgid)
+                .or_default()
+                .bookkeeping
+                .entry(key.kind)
+                .or_default();
             for v in per_cpu.iter() {
                 entry.total_ns += v.total_ns;
                 entry.calls += v.calls;
@@ -276,7 +386,11 @@ trait RemoveByTgid {
 
 impl<V: aya::Pod> RemoveByTgid for PerCpuHashMap<MapData, RedisHistKey, V> {
     fn remove_tgid(&mut self, tgid: u32) {
-        let stale: Vec<RedisHistKey> = self.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+        let stale: Vec<RedisHistKey> = self
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
         for k in stale {
             let _ = self.remove(&k);
         }
@@ -286,7 +400,10 @@ impl<V: aya::Pod> RemoveByTgid for PerCpuHashMap<MapData, RedisHistKey, V> {
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns.
 pub fn clock_offset_ns() -> i64 {
     let read = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64

@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 
 use agent_common::{
     lifecycle::LifecycleEvent,
-    maps,
-    programs,
-    sched::{ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess, PROBE_COUNTER_SLOTS},
+    maps, programs,
+    sched::{
+        ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess,
+        PROBE_COUNTER_SLOTS,
+    },
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
@@ -17,10 +19,26 @@ use aya::{
 use super::{take_map, ProbeError, TracepointSpec};
 
 pub const TRACEPOINTS: [TracepointSpec; 4] = [
-    TracepointSpec { program: programs::SCHED_SWITCH, category: "sched", name: "sched_switch" },
-    TracepointSpec { program: programs::SCHED_WAKEUP, category: "sched", name: "sched_wakeup" },
-    TracepointSpec { program: programs::PROCESS_EXEC, category: "sched", name: "sched_process_exec" },
-    TracepointSpec { program: programs::PROCESS_EXIT, category: "sched", name: "sched_process_exit" },
+    TracepointSpec {
+        program: programs::SCHED_SWITCH,
+        category: "sched",
+        name: "sched_switch",
+    },
+    TracepointSpec {
+        program: programs::SCHED_WAKEUP,
+        category: "sched",
+        name: "sched_wakeup",
+    },
+    TracepointSpec {
+        program: programs::PROCESS_EXEC,
+        category: "sched",
+        name: "sched_process_exec",
+    },
+    TracepointSpec {
+        program: programs::PROCESS_EXIT,
+        category: "sched",
+        name: "sched_process_exit",
+    },
 ];
 
 /// Per-CPU values merged, keyed by (tgid, thread name).
@@ -52,12 +70,31 @@ impl SchedMaps {
 
     /// Starts measuring a process: its tgid goes into the in-kernel filter and its current
     /// threads are seeded, so that threads already asleep are measured from their next wakeup.
-    pub fn track(&mut self, tgid: u32, start_time_ticks: u64, tids: &[u32]) -> Result<(), ProbeError> {
-        let map_err = |name: &'static str| move |e: aya::maps::MapError| ProbeError::Map { name, message: e.to_string() };
-        self.tracked.insert(tgid, TrackedProcess { start_time_ticks }, 0).map_err(map_err(maps::TRACKED_PROCESSES))?;
+    pub fn track(
+        &mut self,
+        tgid: u32,
+        start_time_ticks: u64,
+        tids: &[u32],
+    ) -> Result<(), ProbeError> {
+        let map_err = |name: &'static str| {
+            move |e: aya::maps::MapError| ProbeError::Map {
+                name,
+                message: e.to_string(),
+            }
+        };
+        self.tracked
+            .insert(tgid, TrackedProcess { start_time_ticks }, 0)
+            .map_err(map_err(maps::TRACKED_PROCESSES))?;
         for &tid in tids {
             // BPF_NOEXIST: a thread the kernel already knows keeps its timestamps.
-            let _ = self.threads.insert(tid, ThreadState { tgid, ..Default::default() }, 1 /* BPF_NOEXIST */);
+            let _ = self.threads.insert(
+                tid,
+                ThreadState {
+                    tgid,
+                    ..Default::default()
+                },
+                1, /* BPF_NOEXIST */
+            );
         }
         Ok(())
     }
@@ -65,11 +102,22 @@ impl SchedMaps {
     /// Stops measuring a process and frees everything the kernel holds for it.
     pub fn untrack(&mut self, tgid: u32) {
         let _ = self.tracked.remove(&tgid);
-        let stale_keys: Vec<ThreadGroupKey> = self.histograms.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+        let stale_keys: Vec<ThreadGroupKey> = self
+            .histograms
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
         for key in stale_keys {
             let _ = self.histograms.remove(&key);
         }
-        let stale_threads: Vec<u32> = self.threads.iter().filter_map(Result::ok).filter(|(_, s)| s.tgid == tgid).map(|(tid, _)| tid).collect();
+        let stale_threads: Vec<u32> = self
+            .threads
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| s.tgid == tgid)
+            .map(|(tid, _)| tid)
+            .collect();
         for tid in stale_threads {
             let _ = self.threads.remove(&tid);
         }
@@ -79,7 +127,9 @@ impl SchedMaps {
     pub fn histograms(&self) -> MergedHistograms {
         let mut merged = MergedHistograms::new();
         for (key, per_cpu) in self.histograms.iter().filter_map(Result::ok) {
-            let entry = merged.entry((key.tgid, comm_to_string(&key.comm))).or_insert(SchedHistograms::ZERO);
+            let entry = merged
+                .entry((key.tgid, comm_to_string(&key.comm)))
+                .or_insert(SchedHistograms::ZERO);
             for value in per_cpu.iter() {
                 entry.on_cpu.merge(&value.on_cpu);
                 entry.runqueue_delay.merge(&value.runqueue_delay);
@@ -91,7 +141,10 @@ impl SchedMaps {
     /// The probes' own trouble counters, summed over CPUs.
     pub fn counter(&self, counter: ProbeCounter) -> u64 {
         debug_assert!((counter as u32) < PROBE_COUNTER_SLOTS);
-        self.counters.get(&(counter as u32), 0).map(|values| values.iter().sum()).unwrap_or(0)
+        self.counters
+            .get(&(counter as u32), 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
     }
 }
 

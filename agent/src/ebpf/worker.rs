@@ -7,7 +7,7 @@ use agent_common::{
     maps,
     redis::KeyHistogram,
     sched::Log2Histogram,
-    worker::{ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
+    worker::{via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
@@ -19,14 +19,20 @@ use aya::{
     Ebpf,
 };
 
-use super::{attach_tracepoint, detach_uprobe, load_programs, take_map, ProbeError, TracepointSpec};
+use super::{
+    attach_tracepoint, detach_uprobe, load_programs, take_map, ProbeError, TracepointSpec,
+};
 use crate::{
     probe_site::{self, ProbeSite},
     proc_reader::SocketPeer,
 };
 
 const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
-    TracepointSpec { program, category: "syscalls", name }
+    TracepointSpec {
+        program,
+        category: "syscalls",
+        name,
+    }
 }
 
 /// The syscalls followed, and the program each runs.
@@ -51,6 +57,10 @@ pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerProbeMode {
+    /// Each worker through its libc when it has one the probes can attach to, through the
+    /// syscall tracepoints otherwise (static or Go binaries). Redis and every other process
+    /// pay nothing unless a worker of the second kind is tracked.
+    Auto,
     /// Syscall tracepoints: any worker, whatever its language or libc, but every process on
     /// the host (Redis included) pays the filter on each read and write.
     Syscalls,
@@ -103,11 +113,18 @@ pub struct WorkerMaps {
     pub mode: WorkerProbeMode,
     /// Libc-mode uprobe links per worker pid.
     libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
-    libc_sites: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>>>,
+    libc_sites: std::collections::HashMap<
+        (u64, u64),
+        std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>>,
+    >,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
-    let mut peer = Peer { family: 0, port: p.port, addr: [0; 16] };
+    let mut peer = Peer {
+        family: 0,
+        port: p.port,
+        addr: [0; 16],
+    };
     match p.ip {
         std::net::IpAddr::V4(v4) => {
             peer.family = 2;
@@ -124,7 +141,8 @@ pub fn peer_from(p: SocketPeer) -> Peer {
 /// `server.address` of a peer.
 pub fn peer_address(peer: &Peer) -> String {
     match peer.family {
-        2 => std::net::Ipv4Addr::new(peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3]).to_string(),
+        2 => std::net::Ipv4Addr::new(peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3])
+            .to_string(),
         10 => std::net::Ipv6Addr::from(peer.addr).to_string(),
         1 => "unix".into(),
         _ => "unknown".into(),
@@ -135,7 +153,10 @@ impl WorkerMaps {
     /// Takes the maps and loads (verifies) the programs now, so that attaching them when the
     /// first worker appears is quick.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let programs = WORKER_TRACEPOINTS.iter().map(|spec| spec.program).chain(LIBC_UPROBES.iter().map(|(program, _)| *program));
+        let programs = WORKER_TRACEPOINTS
+            .iter()
+            .map(|spec| spec.program)
+            .chain(LIBC_UPROBES.iter().map(|(program, _)| *program));
         let load_error = load_programs(ebpf, programs);
         if let Some(e) = &load_error {
             tracing::warn!(error = %e, "worker probes cannot be loaded; no worker-side blocking metrics");
@@ -150,7 +171,7 @@ impl WorkerMaps {
             load_error,
             attach_error: None,
             disabled: false,
-            mode: WorkerProbeMode::Syscalls,
+            mode: WorkerProbeMode::Auto,
             libc_links: std::collections::HashMap::new(),
             libc_sites: std::collections::HashMap::new(),
         })
@@ -170,38 +191,80 @@ impl WorkerMaps {
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) -> Result<(), ProbeError> {
         if self.disabled {
-            return Err(ProbeError::Disabled("worker syscall probes are turned off (--no-worker-probes)"));
+            return Err(ProbeError::Disabled(
+                "worker syscall probes are turned off (--no-worker-probes)",
+            ));
         }
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        if self.mode == WorkerProbeMode::Libc {
-            self.attach_libc(ebpf, pid, libc)?;
-        } else if self.links.is_empty() {
-            for spec in &WORKER_TRACEPOINTS {
-                match attach_tracepoint(ebpf, spec) {
-                    Ok(link) => self.links.push((spec.program, link)),
-                    Err(e) => {
-                        self.detach_all(ebpf);
-                        self.attach_error = Some(e.to_string());
-                        return Err(e);
-                    }
-                }
+        let way = match self.mode {
+            WorkerProbeMode::Libc => {
+                self.attach_libc(ebpf, pid, libc)?;
+                via::LIBC
             }
-            self.attach_error = None;
-            tracing::info!(syscalls = WORKER_TRACEPOINTS.len(), "worker syscall probes attached");
+            WorkerProbeMode::Syscalls => {
+                self.attach_syscalls(ebpf)?;
+                via::SYSCALLS
+            }
+            WorkerProbeMode::Auto => match self.attach_libc(ebpf, pid, libc) {
+                Ok(()) => via::LIBC,
+                Err(reason) => {
+                    tracing::info!(pid, %reason, "following this worker through the syscall tracepoints instead of its libc");
+                    self.attach_syscalls(ebpf)?;
+                    via::SYSCALLS
+                }
+            },
+        };
+        if let Err(e) = self.procs.insert(pid, way, 0) {
+            self.forget(ebpf, pid);
+            return Err(ProbeError::Map {
+                name: maps::WORKER_PROCS,
+                message: e.to_string(),
+            });
         }
-        self.procs.insert(pid, 1, 0).map_err(|e| ProbeError::Map { name: maps::WORKER_PROCS, message: e.to_string() })?;
         // After the filter is set: connections made from now on are seen at connect(), the
         // ones made before are in /proc.
         self.seed_peers(pid, sockets());
         Ok(())
     }
 
+    /// Attaches the syscall tracepoints unless they are already attached.
+    fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        if !self.links.is_empty() {
+            return Ok(());
+        }
+        for spec in &WORKER_TRACEPOINTS {
+            match attach_tracepoint(ebpf, spec) {
+                Ok(link) => self.links.push((spec.program, link)),
+                Err(e) => {
+                    self.detach_syscalls(ebpf);
+                    self.attach_error = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        self.attach_error = None;
+        tracing::info!(
+            syscalls = WORKER_TRACEPOINTS.len(),
+            "worker syscall probes attached"
+        );
+        Ok(())
+    }
+
     /// Attaches the libc uprobes to one worker process.
-    fn attach_libc(&mut self, ebpf: &mut Ebpf, pid: u32, libc: Option<std::path::PathBuf>) -> Result<(), ProbeError> {
-        let libc = libc.ok_or(ProbeError::Disabled("the worker maps no libc (a static or Go binary?); its traffic is not followed"))?;
-        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(ProbeError::Disabled("pid 0"))?);
+    fn attach_libc(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        libc: Option<std::path::PathBuf>,
+    ) -> Result<(), ProbeError> {
+        let libc = libc.ok_or(ProbeError::Disabled(
+            "the worker maps no libc (a static or Go binary?); its traffic is not followed",
+        ))?;
+        let scope = UProbeScope::OneProcess(
+            std::num::NonZeroU32::new(pid).ok_or(ProbeError::Disabled("pid 0"))?,
+        );
         let sites = self.libc_sites(&libc);
         let mut links = Vec::new();
         for (program, symbol) in LIBC_UPROBES {
@@ -210,14 +273,26 @@ impl WorkerMaps {
                 .program_mut(program)
                 .ok_or_else(|| format!("program {program} missing"))
                 .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                .and_then(|p| p.attach(UProbeAttachLocation::SymbolOffset(symbol, site.offset), &libc, scope).map_err(|e| e.to_string()));
+                .and_then(|p| {
+                    p.attach(
+                        UProbeAttachLocation::SymbolOffset(symbol, site.offset),
+                        &libc,
+                        scope,
+                    )
+                    .map_err(|e| e.to_string())
+                });
             match result {
                 Ok(link) => links.push((program, link)),
                 Err(e) => tracing::debug!(pid, symbol, error = %e, "libc function not probed"),
             }
         }
         if links.is_empty() {
-            return Err(ProbeError::Attach { program: "worker_libc_*", category: "uprobe", name: "libc", message: format!("nothing could be attached in {}", libc.display()) });
+            return Err(ProbeError::Attach {
+                program: "worker_libc_*",
+                category: "uprobe",
+                name: "libc",
+                message: format!("nothing could be attached in {}", libc.display()),
+            });
         }
         tracing::info!(pid, libc = %libc.display(), uprobes = links.len(), "worker libc probes attached");
         self.libc_links.insert(pid, links);
@@ -226,16 +301,25 @@ impl WorkerMaps {
 
     /// The probe sites in a libc, computed once per file (dev, inode): a fleet of workers
     /// shares one or two libcs.
-    fn libc_sites(&mut self, libc: &std::path::Path) -> std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>> {
+    fn libc_sites(
+        &mut self,
+        libc: &std::path::Path,
+    ) -> std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>> {
         use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(libc).map(|m| (m.dev(), m.ino())).unwrap_or_default();
+        let id = std::fs::metadata(libc)
+            .map(|m| (m.dev(), m.ino()))
+            .unwrap_or_default();
         if let Some(sites) = self.libc_sites.get(&id) {
             return sites.clone();
         }
         let names: Vec<&str> = LIBC_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
-        let sites = match std::fs::read(libc).map_err(|e| e.to_string()).and_then(|data| {
-            object::File::parse(&*data).map(|file| probe_site::sites_in(&file, &names)).map_err(|e| e.to_string())
-        }) {
+        let sites = match std::fs::read(libc)
+            .map_err(|e| e.to_string())
+            .and_then(|data| {
+                object::File::parse(&*data)
+                    .map(|file| probe_site::sites_in(&file, &names))
+                    .map_err(|e| e.to_string())
+            }) {
             Ok(sites) => sites,
             Err(error) => {
                 tracing::info!(libc = %libc.display(), %error, "cannot read libc's code; probing function entries");
@@ -256,13 +340,20 @@ impl WorkerMaps {
     pub fn seed_peers(&mut self, pid: u32, sockets: Vec<(u32, SocketPeer)>) {
         for (fd, peer) in sockets {
             // BPF_NOEXIST: what connect() recorded wins.
-            let _ = self.peers.insert(ConnKey { tgid: pid, fd }, peer_from(peer), 1);
+            let _ = self
+                .peers
+                .insert(ConnKey { tgid: pid, fd }, peer_from(peer), 1);
         }
     }
 
     /// Processes with followed connections whose peer is not known yet.
     pub fn unknown_peer_pids(&self) -> std::collections::BTreeSet<u32> {
-        self.conns.iter().filter_map(Result::ok).filter(|(_, c)| c.peer.family == 0).map(|(k, _)| k.tgid).collect()
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.peer.family == 0)
+            .map(|(k, _)| k.tgid)
+            .collect()
     }
 
     /// Stops following a worker and returns what the kernel had counted for it, so that
@@ -270,34 +361,65 @@ impl WorkerMaps {
     pub fn untrack(&mut self, ebpf: &mut Ebpf, pid: u32) -> WorkerReadings {
         let readings = self.read().remove(&pid).unwrap_or_default();
         let _ = self.procs.remove(&pid);
-        let conns: Vec<ConnKey> = self.conns.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        let conns: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
         for k in conns {
             let _ = self.conns.remove(&k);
         }
-        let peers: Vec<ConnKey> = self.peers.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        let peers: Vec<ConnKey> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
         for k in peers {
             let _ = self.peers.remove(&k);
         }
-        let durations: Vec<WorkerHistKey> = self.durations.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        let durations: Vec<WorkerHistKey> = self
+            .durations
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
         for k in durations {
             let _ = self.durations.remove(&k);
         }
-        let keys: Vec<WorkerKeysKey> = self.keys.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
+        let keys: Vec<WorkerKeysKey> = self
+            .keys
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
         for k in keys {
             let _ = self.keys.remove(&k);
         }
+        self.forget(ebpf, pid);
+        readings
+    }
+
+    /// Detaches what only `pid` used: its libc uprobes, and the syscall tracepoints once no
+    /// tracked worker is followed through them.
+    fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
         if let Some(links) = self.libc_links.remove(&pid) {
             for (program, link) in links {
                 detach_uprobe(ebpf, program, link);
             }
         }
-        if self.procs.keys().next().is_none() {
-            self.detach_all(ebpf);
+        if !self
+            .procs
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, way)| way & via::SYSCALLS != 0)
+        {
+            self.detach_syscalls(ebpf);
         }
-        readings
     }
 
-    fn detach_all(&mut self, ebpf: &mut Ebpf) {
+    fn detach_syscalls(&mut self, ebpf: &mut Ebpf) {
         if self.links.is_empty() {
             return;
         }
@@ -306,18 +428,28 @@ impl WorkerMaps {
                 let _ = p.detach(link);
             }
         }
-        tracing::info!("no worker tracked any more: worker syscall probes detached");
+        tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
     }
 
     /// Histograms per tgid, merged over CPUs.
     pub fn read(&self) -> BTreeMap<u32, WorkerReadings> {
         let mut out: BTreeMap<u32, WorkerReadings> = BTreeMap::new();
         for (key, per_cpu) in self.durations.iter().filter_map(Result::ok) {
-            let entry = out.entry(key.tgid).or_default().durations.entry((key.command, key.outcome, key.peer)).or_insert(Log2Histogram::ZERO);
+            let entry = out
+                .entry(key.tgid)
+                .or_default()
+                .durations
+                .entry((key.command, key.outcome, key.peer))
+                .or_insert(Log2Histogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
         }
         for (key, per_cpu) in self.keys.iter().filter_map(Result::ok) {
-            let entry = out.entry(key.tgid).or_default().keys.entry(key.command).or_insert(KeyHistogram::ZERO);
+            let entry = out
+                .entry(key.tgid)
+                .or_default()
+                .keys
+                .entry(key.command)
+                .or_insert(KeyHistogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
         }
         out
@@ -325,6 +457,10 @@ impl WorkerMaps {
 
     /// Followed RESP connections and their state.
     pub fn connections(&self) -> Vec<(ConnKey, ConnState)> {
-        self.conns.iter().filter_map(Result::ok).filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP).collect()
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP)
+            .collect()
     }
 }

@@ -14,8 +14,16 @@ pub trait MetricsSource: Send + Sync + 'static {
 
 async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
     // Rendering reads /proc: keep it off the async workers.
-    let body = tokio::task::spawn_blocking(move || source.render_prometheus()).await.unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    let body = tokio::task::spawn_blocking(move || source.render_prometheus())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
@@ -27,7 +35,10 @@ async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoRespo
 }
 
 /// Binds first (so that a taken port is reported at start), then serves in the background.
-pub async fn serve<S: MetricsSource>(addr: SocketAddr, source: Arc<S>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve<S: MetricsSource>(
+    addr: SocketAddr,
+    source: Arc<S>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = Router::new()

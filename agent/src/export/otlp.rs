@@ -13,11 +13,13 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
-    collector::metrics::v1::{metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest},
+    collector::metrics::v1::{
+        metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest,
+    },
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
     metrics::v1::{
-        metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric as ProtoMetric,
-        NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+        metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
+        Metric as ProtoMetric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
     },
     resource::v1::Resource,
 };
@@ -30,7 +32,9 @@ use crate::{
 };
 
 fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn key_values(attributes: &Attributes) -> Vec<KeyValue> {
@@ -50,7 +54,11 @@ fn key_values(attributes: &Attributes) -> Vec<KeyValue> {
 }
 
 /// Builds the OTLP request for one snapshot taken at `now`.
-pub fn build_request(snapshot: &Snapshot, resource: &Attributes, now: SystemTime) -> ExportMetricsServiceRequest {
+pub fn build_request(
+    snapshot: &Snapshot,
+    resource: &Attributes,
+    now: SystemTime,
+) -> ExportMetricsServiceRequest {
     let time_unix_nano = nanos(now);
     let metrics = snapshot
         .metrics
@@ -81,7 +89,10 @@ pub fn build_request(snapshot: &Snapshot, resource: &Attributes, now: SystemTime
                         .points
                         .iter()
                         .filter_map(|p| match p.value {
-                            PointValue::Gauge(v) => Some(NumberDataPoint { start_time_unix_nano: 0, ..number_point(p, v) }),
+                            PointValue::Gauge(v) => Some(NumberDataPoint {
+                                start_time_unix_nano: 0,
+                                ..number_point(p, v)
+                            }),
                             _ => None,
                         })
                         .collect(),
@@ -118,7 +129,10 @@ pub fn build_request(snapshot: &Snapshot, resource: &Attributes, now: SystemTime
         .collect();
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource { attributes: key_values(resource), ..Default::default() }),
+            resource: Some(Resource {
+                attributes: key_values(resource),
+                ..Default::default()
+            }),
             scope_metrics: vec![ScopeMetrics {
                 scope: Some(InstrumentationScope {
                     name: "fanout".into(),
@@ -160,7 +174,10 @@ impl OtlpSender {
     /// Creates the client; nothing connects until the first push, so a collector that is down
     /// at start does not delay the agent.
     pub fn new(config: OtlpConfig) -> Result<Self, ExportError> {
-        let bad = |message: String| ExportError::Endpoint { endpoint: config.endpoint.clone(), message };
+        let bad = |message: String| ExportError::Endpoint {
+            endpoint: config.endpoint.clone(),
+            message,
+        };
         let transport = match config.protocol {
             OtlpProtocol::Grpc => {
                 let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
@@ -182,43 +199,56 @@ impl OtlpSender {
 
     pub async fn send(&mut self, request: ExportMetricsServiceRequest) -> Result<(), ExportError> {
         let timeout = self.config.timeout;
-        let fut = async {
-            match &mut self.transport {
-                Transport::Grpc(client) => {
-                    let mut req = tonic::Request::new(request);
-                    for (k, v) in &self.config.headers {
-                        if let (Ok(key), Ok(value)) =
-                            (k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(), v.parse())
-                        {
-                            req.metadata_mut().insert(key, value);
+        let fut =
+            async {
+                match &mut self.transport {
+                    Transport::Grpc(client) => {
+                        let mut req = tonic::Request::new(request);
+                        for (k, v) in &self.config.headers {
+                            if let (Ok(key), Ok(value)) = (
+                                k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                                v.parse(),
+                            ) {
+                                req.metadata_mut().insert(key, value);
+                            }
+                        }
+                        client.export(req).await.map(|_| ()).map_err(|s| {
+                            ExportError::Grpc(format!("{}: {}", s.code(), s.message()))
+                        })
+                    }
+                    Transport::Http(client) => {
+                        let mut builder = client
+                            .post(&self.config.endpoint)
+                            .header("content-type", "application/x-protobuf")
+                            .body(request.encode_to_vec());
+                        for (k, v) in &self.config.headers {
+                            builder = builder.header(k.as_str(), v.as_str());
+                        }
+                        let response = builder
+                            .send()
+                            .await
+                            .map_err(|e| ExportError::Http(e.to_string()))?;
+                        if response.status().is_success() {
+                            Ok(())
+                        } else {
+                            Err(ExportError::Http(format!("status {}", response.status())))
                         }
                     }
-                    client.export(req).await.map(|_| ()).map_err(|s| ExportError::Grpc(format!("{}: {}", s.code(), s.message())))
                 }
-                Transport::Http(client) => {
-                    let mut builder = client
-                        .post(&self.config.endpoint)
-                        .header("content-type", "application/x-protobuf")
-                        .body(request.encode_to_vec());
-                    for (k, v) in &self.config.headers {
-                        builder = builder.header(k.as_str(), v.as_str());
-                    }
-                    let response = builder.send().await.map_err(|e| ExportError::Http(e.to_string()))?;
-                    if response.status().is_success() {
-                        Ok(())
-                    } else {
-                        Err(ExportError::Http(format!("status {}", response.status())))
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| ExportError::Timeout(timeout))?
+            };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ExportError::Timeout(timeout))?
     }
 }
 
 /// Pushes a fresh snapshot every interval until the process ends.
-pub async fn run_exporter<F>(mut sender: OtlpSender, interval: Duration, failures: Arc<AtomicU64>, mut snapshot: F)
-where
+pub async fn run_exporter<F>(
+    mut sender: OtlpSender,
+    interval: Duration,
+    failures: Arc<AtomicU64>,
+    mut snapshot: F,
+) where
     F: FnMut() -> (Snapshot, Attributes) + Send,
 {
     let mut ticker = tokio::time::interval(interval);
@@ -255,25 +285,65 @@ mod tests {
     fn request_carries_resource_temporality_and_buckets() {
         let mut snapshot = Snapshot::default();
         let start = UNIX_EPOCH + Duration::from_secs(100);
-        snapshot.push(catalog::THREAD_CPU_TIME, Point { attributes: vec![("process.pid", AttrValue::Int(42))], start_time: start, value: PointValue::Counter(2.5) });
+        snapshot.push(
+            catalog::THREAD_CPU_TIME,
+            Point {
+                attributes: vec![("process.pid", AttrValue::Int(42))],
+                start_time: start,
+                value: PointValue::Counter(2.5),
+            },
+        );
         snapshot.push(
             catalog::THREAD_RUNQUEUE_DELAY,
-            Point { attributes: vec![], start_time: start, value: PointValue::Histogram(HistogramValue { bounds: vec![1.0], counts: vec![3, 4], sum: 9.0, count: 7 }) },
+            Point {
+                attributes: vec![],
+                start_time: start,
+                value: PointValue::Histogram(HistogramValue {
+                    bounds: vec![1.0],
+                    counts: vec![3, 4],
+                    sum: 9.0,
+                    count: 7,
+                }),
+            },
         );
-        snapshot.push(catalog::PROCESSES_TRACKED, Point { attributes: vec![], start_time: start, value: PointValue::Gauge(3.0) });
+        snapshot.push(
+            catalog::PROCESSES_TRACKED,
+            Point {
+                attributes: vec![],
+                start_time: start,
+                value: PointValue::Gauge(3.0),
+            },
+        );
         let now = UNIX_EPOCH + Duration::from_secs(200);
-        let req = build_request(&snapshot, &vec![("service.name", AttrValue::from("fanout"))], now);
+        let req = build_request(
+            &snapshot,
+            &vec![("service.name", AttrValue::from("fanout"))],
+            now,
+        );
         let rm = &req.resource_metrics[0];
-        assert_eq!(rm.resource.as_ref().unwrap().attributes[0].key, "service.name");
+        assert_eq!(
+            rm.resource.as_ref().unwrap().attributes[0].key,
+            "service.name"
+        );
         let metrics = &rm.scope_metrics[0].metrics;
         assert_eq!(metrics.len(), 3);
-        let Some(metric::Data::Sum(sum)) = &metrics[0].data else { panic!("counter must be a Sum") };
+        let Some(metric::Data::Sum(sum)) = &metrics[0].data else {
+            panic!("counter must be a Sum")
+        };
         assert!(sum.is_monotonic);
-        assert_eq!(sum.aggregation_temporality, AggregationTemporality::Cumulative as i32);
+        assert_eq!(
+            sum.aggregation_temporality,
+            AggregationTemporality::Cumulative as i32
+        );
         assert_eq!(sum.data_points[0].start_time_unix_nano, 100_000_000_000);
         assert_eq!(sum.data_points[0].time_unix_nano, 200_000_000_000);
-        assert_eq!(sum.data_points[0].value, Some(number_data_point::Value::AsDouble(2.5)));
-        let Some(metric::Data::Histogram(h)) = &metrics[1].data else { panic!("histogram") };
+        assert_eq!(
+            sum.data_points[0].value,
+            Some(number_data_point::Value::AsDouble(2.5))
+        );
+        let Some(metric::Data::Histogram(h)) = &metrics[1].data else {
+            panic!("histogram")
+        };
         assert_eq!(h.data_points[0].bucket_counts, vec![3, 4]);
         assert_eq!(h.data_points[0].explicit_bounds, vec![1.0]);
         assert_eq!(h.data_points[0].count, 7);

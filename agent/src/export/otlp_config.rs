@@ -47,7 +47,10 @@ pub struct OtlpOverrides {
     pub headers: Vec<(String, String)>,
 }
 
-fn millis(env: &dyn Fn(&str) -> Option<String>, var: &'static str) -> Result<Option<Duration>, OtlpEnvError> {
+fn millis(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<Duration>, OtlpEnvError> {
     match env(var) {
         None => Ok(None),
         Some(value) => match value.trim().parse::<u64>() {
@@ -57,26 +60,49 @@ fn millis(env: &dyn Fn(&str) -> Option<String>, var: &'static str) -> Result<Opt
     }
 }
 
-fn protocol(env: &dyn Fn(&str) -> Option<String>, var: &'static str) -> Result<Option<OtlpProtocol>, OtlpEnvError> {
+fn protocol(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<OtlpProtocol>, OtlpEnvError> {
     match env(var).as_deref().map(str::trim) {
         None => Ok(None),
         Some("grpc") => Ok(Some(OtlpProtocol::Grpc)),
         Some("http/protobuf") => Ok(Some(OtlpProtocol::HttpProtobuf)),
-        Some(other) => Err(OtlpEnvError::Protocol { var, value: other.to_string() }),
+        Some(other) => Err(OtlpEnvError::Protocol {
+            var,
+            value: other.to_string(),
+        }),
     }
 }
 
 /// Parses `key1=value1,key2=value2` with percent-encoded values (W3C baggage style).
-fn headers(env: &dyn Fn(&str) -> Option<String>, var: &'static str) -> Result<Vec<(String, String)>, OtlpEnvError> {
-    let Some(value) = env(var) else { return Ok(Vec::new()) };
+fn headers(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Vec<(String, String)>, OtlpEnvError> {
+    let Some(value) = env(var) else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| OtlpEnvError::Headers { var, value: value.clone() })?;
+        let (k, v) = pair.split_once('=').ok_or_else(|| OtlpEnvError::Headers {
+            var,
+            value: value.clone(),
+        })?;
         let k = k.trim();
         if k.is_empty() {
-            return Err(OtlpEnvError::Headers { var, value: value.clone() });
+            return Err(OtlpEnvError::Headers {
+                var,
+                value: value.clone(),
+            });
         }
-        out.push((k.to_ascii_lowercase(), percent_decode(v.trim()).ok_or_else(|| OtlpEnvError::Headers { var, value: value.clone() })?));
+        out.push((
+            k.to_ascii_lowercase(),
+            percent_decode(v.trim()).ok_or_else(|| OtlpEnvError::Headers {
+                var,
+                value: value.clone(),
+            })?,
+        ));
     }
     Ok(out)
 }
@@ -99,7 +125,10 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 impl OtlpConfig {
-    pub fn resolve(overrides: OtlpOverrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Self>, OtlpEnvError> {
+    pub fn resolve(
+        overrides: OtlpOverrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, OtlpEnvError> {
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
@@ -146,7 +175,10 @@ impl OtlpConfig {
         }
 
         let mut all_headers = headers(env, "OTEL_EXPORTER_OTLP_HEADERS")?;
-        for (k, v) in headers(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS")?.into_iter().chain(overrides.headers) {
+        for (k, v) in headers(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS")?
+            .into_iter()
+            .chain(overrides.headers)
+        {
             all_headers.retain(|(existing, _)| existing != &k);
             all_headers.push((k, v));
         }
@@ -162,7 +194,13 @@ impl OtlpConfig {
             Some(i) => i,
             None => millis(env, "OTEL_METRIC_EXPORT_INTERVAL")?.unwrap_or(Duration::from_secs(60)),
         };
-        Ok(Some(Self { endpoint, protocol, headers: all_headers, timeout, interval }))
+        Ok(Some(Self {
+            endpoint,
+            protocol,
+            headers: all_headers,
+            timeout,
+            interval,
+        }))
     }
 }
 
@@ -172,7 +210,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -187,10 +228,17 @@ mod tests {
 
     #[test]
     fn generic_endpoint_gets_the_signal_path_for_http_only() {
-        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318/")]).unwrap().unwrap();
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318/")])
+            .unwrap()
+            .unwrap();
         assert_eq!(c.endpoint, "http://otel:4318/v1/metrics");
         assert_eq!(c.protocol, OtlpProtocol::HttpProtobuf);
-        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap().unwrap();
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!(c.endpoint, "http://otel:4317");
         assert_eq!(c.protocol, OtlpProtocol::Grpc);
     }
@@ -199,7 +247,10 @@ mod tests {
     fn signal_specific_variables_win_and_are_used_as_is() {
         let c = resolve(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
-            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://metrics:9999/custom"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "http://metrics:9999/custom",
+            ),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
@@ -218,38 +269,90 @@ mod tests {
     fn headers_are_decoded_and_signal_headers_override() {
         let c = resolve(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Basic%20abc, x-tenant=a"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Basic%20abc, x-tenant=a",
+            ),
             ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-tenant=b"),
         ])
         .unwrap()
         .unwrap();
-        assert_eq!(c.headers, vec![("authorization".to_string(), "Basic abc".to_string()), ("x-tenant".to_string(), "b".to_string())]);
+        assert_eq!(
+            c.headers,
+            vec![
+                ("authorization".to_string(), "Basic abc".to_string()),
+                ("x-tenant".to_string(), "b".to_string())
+            ]
+        );
     }
 
     #[test]
     fn exporter_selection_and_disabling() {
-        let c = resolve(&[("OTEL_METRICS_EXPORTER", "otlp")]).unwrap().unwrap();
+        let c = resolve(&[("OTEL_METRICS_EXPORTER", "otlp")])
+            .unwrap()
+            .unwrap();
         assert_eq!(c.endpoint, "http://localhost:4318/v1/metrics");
-        assert_eq!(resolve(&[("OTEL_METRICS_EXPORTER", "none"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")]).unwrap(), None);
-        assert_eq!(resolve(&[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")]).unwrap(), None);
-        assert!(matches!(resolve(&[("OTEL_METRICS_EXPORTER", "zipkin")]), Err(OtlpEnvError::Exporter(_))));
+        assert_eq!(
+            resolve(&[
+                ("OTEL_METRICS_EXPORTER", "none"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")
+            ])
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            resolve(&[
+                ("OTEL_SDK_DISABLED", "true"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")
+            ])
+            .unwrap(),
+            None
+        );
+        assert!(matches!(
+            resolve(&[("OTEL_METRICS_EXPORTER", "zipkin")]),
+            Err(OtlpEnvError::Exporter(_))
+        ));
     }
 
     #[test]
     fn malformed_values_are_errors() {
         let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x");
-        assert!(matches!(resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]), Err(OtlpEnvError::Protocol { .. })));
-        assert!(matches!(resolve(&[endpoint, ("OTEL_METRIC_EXPORT_INTERVAL", "soon")]), Err(OtlpEnvError::Millis { .. })));
-        assert!(matches!(resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]), Err(OtlpEnvError::Headers { .. })));
-        assert!(matches!(resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]), Err(OtlpEnvError::Endpoint(_))));
+        assert!(matches!(
+            resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
+            Err(OtlpEnvError::Protocol { .. })
+        ));
+        assert!(matches!(
+            resolve(&[endpoint, ("OTEL_METRIC_EXPORT_INTERVAL", "soon")]),
+            Err(OtlpEnvError::Millis { .. })
+        ));
+        assert!(matches!(
+            resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]),
+            Err(OtlpEnvError::Headers { .. })
+        ));
+        assert!(matches!(
+            resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]),
+            Err(OtlpEnvError::Endpoint(_))
+        ));
         // Said plainly at start rather than failing at every push.
-        assert!(matches!(resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")]), Err(OtlpEnvError::Tls(_))));
+        assert!(matches!(
+            resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")]),
+            Err(OtlpEnvError::Tls(_))
+        ));
     }
 
     #[test]
     fn overrides_beat_the_environment() {
-        let overrides = OtlpOverrides { endpoint: Some("http://flag:4317".into()), protocol: Some(OtlpProtocol::Grpc), ..Default::default() };
-        let c = OtlpConfig::resolve(overrides, &env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318")])).unwrap().unwrap();
+        let overrides = OtlpOverrides {
+            endpoint: Some("http://flag:4317".into()),
+            protocol: Some(OtlpProtocol::Grpc),
+            ..Default::default()
+        };
+        let c = OtlpConfig::resolve(
+            overrides,
+            &env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318")]),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(c.endpoint, "http://flag:4317");
         assert_eq!(c.protocol, OtlpProtocol::Grpc);
     }

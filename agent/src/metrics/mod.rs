@@ -102,10 +102,17 @@ pub struct Snapshot {
 impl Snapshot {
     /// Adds a point under `descriptor`, creating the metric on first use (order is kept).
     pub fn push(&mut self, descriptor: Descriptor, point: Point) {
-        if let Some(metric) = self.metrics.iter_mut().find(|m| m.descriptor.name == descriptor.name) {
+        if let Some(metric) = self
+            .metrics
+            .iter_mut()
+            .find(|m| m.descriptor.name == descriptor.name)
+        {
             metric.points.push(point);
         } else {
-            self.metrics.push(Metric { descriptor, points: vec![point] });
+            self.metrics.push(Metric {
+                descriptor,
+                points: vec![point],
+            });
         }
     }
 
@@ -151,7 +158,8 @@ pub mod catalog {
     };
     pub const PROC_READ_ERRORS: Descriptor = Descriptor {
         name: "fanout.proc.read.errors",
-        description: "Reads of /proc that failed, by kind (vanished: the process or thread exited mid-read)",
+        description:
+            "Reads of /proc that failed, by kind (vanished: the process or thread exited mid-read)",
         unit: "{error}",
         kind: Kind::Counter,
     };
@@ -176,7 +184,8 @@ pub mod catalog {
 
     pub const REDIS_BLOCKING_KEYS: Descriptor = Descriptor {
         name: "redis.blocking.keys",
-        description: "Keys listed by each blocking call that blocked (fan-out), seen inside redis-server",
+        description:
+            "Keys listed by each blocking call that blocked (fan-out), seen inside redis-server",
         unit: "{key}",
         kind: Kind::Histogram,
     };
@@ -194,7 +203,8 @@ pub mod catalog {
     };
     pub const REDIS_BLOCKING_REGISTRATIONS: Descriptor = Descriptor {
         name: "redis.blocking.registrations",
-        description: "Key registrations held by blocked clients: the sum of keys over blocked clients",
+        description:
+            "Key registrations held by blocked clients: the sum of keys over blocked clients",
         unit: "{key}",
         kind: Kind::Gauge,
     };

@@ -10,7 +10,13 @@ use super::{Attributes, Kind, PointValue, Snapshot};
 fn sanitize(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     while out.contains("__") {
         out = out.replace("__", "_");
@@ -44,7 +50,16 @@ fn unit_word(unit: &str) -> Option<String> {
         }
     };
     match unit.split_once('/') {
-        Some((a, b)) => Some(format!("{}_per_{}", word(a), match b { "s" => "second".into(), "m" => "minute".into(), "h" => "hour".into(), other => word(other) })),
+        Some((a, b)) => Some(format!(
+            "{}_per_{}",
+            word(a),
+            match b {
+                "s" => "second".into(),
+                "m" => "minute".into(),
+                "h" => "hour".into(),
+                other => word(other),
+            }
+        )),
         None => Some(word(unit)),
     }
 }
@@ -88,7 +103,9 @@ fn labels(attributes: &Attributes, extra: Option<(&str, &str)>) -> String {
     }
     let mut out = String::from("{");
     let mut first = true;
-    let pairs = attributes.iter().map(|(k, v)| (label_name(k), v.to_string()));
+    let pairs = attributes
+        .iter()
+        .map(|(k, v)| (label_name(k), v.to_string()));
     for (k, v) in pairs.chain(extra.map(|(k, v)| (k.to_string(), v.to_string()))) {
         if !first {
             out.push(',');
@@ -105,7 +122,11 @@ fn labels(attributes: &Attributes, extra: Option<(&str, &str)>) -> String {
 
 fn number(v: f64) -> String {
     if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v.is_nan() {
         "NaN".into()
     } else {
@@ -137,17 +158,40 @@ pub fn render(snapshot: &Snapshot, resource: &Attributes) -> String {
         for point in &metric.points {
             match &point.value {
                 PointValue::Counter(v) | PointValue::Gauge(v) => {
-                    let _ = writeln!(out, "{name}{} {}", labels(&point.attributes, None), number(*v));
+                    let _ = writeln!(
+                        out,
+                        "{name}{} {}",
+                        labels(&point.attributes, None),
+                        number(*v)
+                    );
                 }
                 PointValue::Histogram(h) => {
                     let mut cumulative = 0u64;
                     for (i, count) in h.counts.iter().enumerate() {
                         cumulative += count;
-                        let le = h.bounds.get(i).map(|b| number(*b)).unwrap_or_else(|| "+Inf".into());
-                        let _ = writeln!(out, "{name}_bucket{} {cumulative}", labels(&point.attributes, Some(("le", &le))));
+                        let le = h
+                            .bounds
+                            .get(i)
+                            .map(|b| number(*b))
+                            .unwrap_or_else(|| "+Inf".into());
+                        let _ = writeln!(
+                            out,
+                            "{name}_bucket{} {cumulative}",
+                            labels(&point.attributes, Some(("le", &le)))
+                        );
                     }
-                    let _ = writeln!(out, "{name}_sum{} {}", labels(&point.attributes, None), number(h.sum));
-                    let _ = writeln!(out, "{name}_count{} {}", labels(&point.attributes, None), h.count);
+                    let _ = writeln!(
+                        out,
+                        "{name}_sum{} {}",
+                        labels(&point.attributes, None),
+                        number(h.sum)
+                    );
+                    let _ = writeln!(
+                        out,
+                        "{name}_count{} {}",
+                        labels(&point.attributes, None),
+                        h.count
+                    );
                 }
             }
         }
@@ -163,17 +207,50 @@ mod tests {
 
     #[test]
     fn names_follow_the_otel_translation() {
-        assert_eq!(prometheus_name("process.thread.cpu.time", "s", Kind::Counter), "process_thread_cpu_time_seconds_total");
-        assert_eq!(prometheus_name("process.thread.runqueue.delay", "s", Kind::Histogram), "process_thread_runqueue_delay_seconds");
-        assert_eq!(prometheus_name("redis.blocking.keys", "{key}", Kind::Histogram), "redis_blocking_keys");
-        assert_eq!(prometheus_name("redis.blocking.cpu.time", "s", Kind::Counter), "redis_blocking_cpu_time_seconds_total");
-        assert_eq!(prometheus_name("worker.blocking_pop.duration", "s", Kind::Histogram), "worker_blocking_pop_duration_seconds");
-        assert_eq!(prometheus_name("redis.clients.blocked", "{client}", Kind::Gauge), "redis_clients_blocked");
-        assert_eq!(prometheus_name("system.memory.usage", "By", Kind::Gauge), "system_memory_usage_bytes");
-        assert_eq!(prometheus_name("cpu.utilization", "1", Kind::Gauge), "cpu_utilization_ratio");
-        assert_eq!(prometheus_name("net.io", "By/s", Kind::Gauge), "net_io_bytes_per_second");
-        assert_eq!(prometheus_name("requests.total", "{request}", Kind::Counter), "requests_total");
-        assert_eq!(prometheus_name("latency_seconds", "s", Kind::Gauge), "latency_seconds");
+        assert_eq!(
+            prometheus_name("process.thread.cpu.time", "s", Kind::Counter),
+            "process_thread_cpu_time_seconds_total"
+        );
+        assert_eq!(
+            prometheus_name("process.thread.runqueue.delay", "s", Kind::Histogram),
+            "process_thread_runqueue_delay_seconds"
+        );
+        assert_eq!(
+            prometheus_name("redis.blocking.keys", "{key}", Kind::Histogram),
+            "redis_blocking_keys"
+        );
+        assert_eq!(
+            prometheus_name("redis.blocking.cpu.time", "s", Kind::Counter),
+            "redis_blocking_cpu_time_seconds_total"
+        );
+        assert_eq!(
+            prometheus_name("worker.blocking_pop.duration", "s", Kind::Histogram),
+            "worker_blocking_pop_duration_seconds"
+        );
+        assert_eq!(
+            prometheus_name("redis.clients.blocked", "{client}", Kind::Gauge),
+            "redis_clients_blocked"
+        );
+        assert_eq!(
+            prometheus_name("system.memory.usage", "By", Kind::Gauge),
+            "system_memory_usage_bytes"
+        );
+        assert_eq!(
+            prometheus_name("cpu.utilization", "1", Kind::Gauge),
+            "cpu_utilization_ratio"
+        );
+        assert_eq!(
+            prometheus_name("net.io", "By/s", Kind::Gauge),
+            "net_io_bytes_per_second"
+        );
+        assert_eq!(
+            prometheus_name("requests.total", "{request}", Kind::Counter),
+            "requests_total"
+        );
+        assert_eq!(
+            prometheus_name("latency_seconds", "s", Kind::Gauge),
+            "latency_seconds"
+        );
         assert_eq!(prometheus_name("9lives", "", Kind::Gauge), "_9lives");
         assert_eq!(label_name("process.pid"), "process_pid");
         assert_eq!(label_name("k8s.pod.name"), "k8s_pod_name");
@@ -182,17 +259,35 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_histogram_buckets() {
         let mut snapshot = Snapshot::default();
-        let attrs = vec![("process.group", AttrValue::from("redis")), ("thread.name", AttrValue::from("a\"b"))];
-        snapshot.push(catalog::THREAD_CPU_TIME, Point { attributes: attrs.clone(), start_time: SystemTime::UNIX_EPOCH, value: PointValue::Counter(1.5) });
+        let attrs = vec![
+            ("process.group", AttrValue::from("redis")),
+            ("thread.name", AttrValue::from("a\"b")),
+        ];
+        snapshot.push(
+            catalog::THREAD_CPU_TIME,
+            Point {
+                attributes: attrs.clone(),
+                start_time: SystemTime::UNIX_EPOCH,
+                value: PointValue::Counter(1.5),
+            },
+        );
         snapshot.push(
             catalog::THREAD_RUNQUEUE_DELAY,
             Point {
                 attributes: attrs,
                 start_time: SystemTime::UNIX_EPOCH,
-                value: PointValue::Histogram(HistogramValue { bounds: vec![0.001, 0.01], counts: vec![2, 3, 1], sum: 0.05, count: 6 }),
+                value: PointValue::Histogram(HistogramValue {
+                    bounds: vec![0.001, 0.01],
+                    counts: vec![2, 3, 1],
+                    sum: 0.05,
+                    count: 6,
+                }),
             },
         );
-        let text = render(&snapshot, &vec![("service.name", AttrValue::from("fanout"))]);
+        let text = render(
+            &snapshot,
+            &vec![("service.name", AttrValue::from("fanout"))],
+        );
         let expected = "\
 # HELP target_info Target metadata
 # TYPE target_info gauge

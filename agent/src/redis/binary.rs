@@ -2,7 +2,11 @@
 //! are stripped but linked with `-rdynamic`) and, from them, which layout of the blocking code
 //! it has (see ../shared/REDIS-INTERNALS.md).
 
-use std::{collections::{BTreeMap, BTreeSet}, os::unix::fs::MetadataExt, path::{Path, PathBuf}};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use object::{Object, ObjectSymbol};
 
@@ -105,10 +109,16 @@ pub fn family_of(symbols: &BTreeSet<String>) -> Option<Family> {
 
 impl RedisBinary {
     pub fn inspect(path: &Path) -> Result<Self, BinaryError> {
-        let read = |e: std::io::Error| BinaryError::Read { path: path.to_path_buf(), message: e.to_string() };
+        let read = |e: std::io::Error| BinaryError::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
         let meta = std::fs::metadata(path).map_err(read)?;
         let data = std::fs::read(path).map_err(read)?;
-        let file = object::File::parse(&*data).map_err(|e| BinaryError::Elf { path: path.to_path_buf(), message: e.to_string() })?;
+        let file = object::File::parse(&*data).map_err(|e| BinaryError::Elf {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         // .dynsym first (stripped builds), .symtab too when the binary has it.
         let symbols: BTreeSet<String> = file
             .dynamic_symbols()
@@ -120,7 +130,16 @@ impl RedisBinary {
             .collect();
         let family = family_of(&symbols);
         let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
-        Ok(Self { path: path.to_path_buf(), id: BinaryId { dev: meta.dev(), ino: meta.ino() }, symbols, family, sites })
+        Ok(Self {
+            path: path.to_path_buf(),
+            id: BinaryId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+            symbols,
+            family,
+            sites,
+        })
     }
 
     pub fn has(&self, symbol: &str) -> bool {
@@ -141,7 +160,10 @@ impl RedisBinary {
 /// The port in a Redis process title such as `redis-server 127.0.0.1:6379` or `redis-server *:6380 [cluster]`.
 pub fn port_from_title(cmdline: &[String]) -> Option<u16> {
     let title = cmdline.join(" ");
-    title.split_whitespace().find_map(|word| word.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
+    title.split_whitespace().find_map(|word| {
+        word.rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+    })
 }
 
 #[cfg(test)]
@@ -155,9 +177,22 @@ mod tests {
     #[test]
     fn family_follows_the_symbols_each_version_exports() {
         assert_eq!(family_of(&set(&["unblockClient"])), None);
-        assert_eq!(family_of(&set(&["blockForKeys", "unblockClient"])), Some(Family::Redis6));
-        assert_eq!(family_of(&set(&["blockForKeys", "blmpopCommand"])), Some(Family::Redis70));
-        assert_eq!(family_of(&set(&["blockForKeys", "blmpopCommand", "unblockClientOnTimeout"])), Some(Family::Redis72Plus));
+        assert_eq!(
+            family_of(&set(&["blockForKeys", "unblockClient"])),
+            Some(Family::Redis6)
+        );
+        assert_eq!(
+            family_of(&set(&["blockForKeys", "blmpopCommand"])),
+            Some(Family::Redis70)
+        );
+        assert_eq!(
+            family_of(&set(&[
+                "blockForKeys",
+                "blmpopCommand",
+                "unblockClientOnTimeout"
+            ])),
+            Some(Family::Redis72Plus)
+        );
     }
 
     #[test]
@@ -169,16 +204,30 @@ mod tests {
         assert_eq!(Family::Redis70.block_type(5), Some("zset"));
         assert_eq!(Family::Redis70.block_type(4), Some("stream"));
         assert_eq!(Family::Redis72Plus.block_type(6), Some("zset"));
-        assert_eq!(Family::Redis72Plus.block_type(3), None, "WAITAOF is not key blocking");
-        assert_eq!(Family::Redis70.block_type(2), None, "WAIT is not key blocking");
+        assert_eq!(
+            Family::Redis72Plus.block_type(3),
+            None,
+            "WAITAOF is not key blocking"
+        );
+        assert_eq!(
+            Family::Redis70.block_type(2),
+            None,
+            "WAIT is not key blocking"
+        );
     }
 
     #[test]
     fn ports_from_process_titles() {
         let t = |s: &str| vec![s.to_string()];
-        assert_eq!(port_from_title(&t("redis-server 127.0.0.1:6390")), Some(6390));
+        assert_eq!(
+            port_from_title(&t("redis-server 127.0.0.1:6390")),
+            Some(6390)
+        );
         assert_eq!(port_from_title(&t("redis-server *:6379")), Some(6379));
-        assert_eq!(port_from_title(&t("valkey-server [::1]:7000 [cluster]")), Some(7000));
+        assert_eq!(
+            port_from_title(&t("valkey-server [::1]:7000 [cluster]")),
+            Some(7000)
+        );
         assert_eq!(port_from_title(&t("redis-server unixsocket")), None);
     }
 
@@ -190,6 +239,9 @@ mod tests {
         assert!(RedisBinary::inspect(Path::new("/nonexistent")).is_err());
         let not_elf = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(not_elf.path(), b"#!/bin/sh\n").unwrap();
-        assert!(matches!(RedisBinary::inspect(not_elf.path()), Err(BinaryError::Elf { .. })));
+        assert!(matches!(
+            RedisBinary::inspect(not_elf.path()),
+            Err(BinaryError::Elf { .. })
+        ));
     }
 }

@@ -57,14 +57,21 @@ pub fn unblock_bypassed(hits: &[u64; point::COUNT]) -> bool {
 }
 
 /// Decides what to export from the attached points and what the probes have seen.
-pub fn evaluate(points: &BTreeMap<&'static str, PointState>, hits: &[u64; point::COUNT]) -> Verdict {
+pub fn evaluate(
+    points: &BTreeMap<&'static str, PointState>,
+    hits: &[u64; point::COUNT],
+) -> Verdict {
     let attached = |symbol: &str| points.get(symbol) == Some(&PointState::Attached);
     let mut problems = Vec::new();
     for (symbol, state) in points {
         match state {
             PointState::Attached => {}
-            PointState::Missing => problems.push(format!("{symbol} is not exported by this binary")),
-            PointState::AttachFailed(e) => problems.push(format!("{symbol} could not be attached: {e}")),
+            PointState::Missing => {
+                problems.push(format!("{symbol} is not exported by this binary"))
+            }
+            PointState::AttachFailed(e) => {
+                problems.push(format!("{symbol} could not be attached: {e}"))
+            }
         }
     }
     let block = attached("blockForKeys");
@@ -79,18 +86,31 @@ pub fn evaluate(points: &BTreeMap<&'static str, PointState>, hits: &[u64; point:
         ));
     }
     let outcomes = attached("replyToBlockedClientTimedOut") && attached(SERVING_POINT);
-    Verdict { fanout: block, durations: block && unblock && outcomes, gauges: block && unblock, bookkeeping: block && unblock, problems }
+    Verdict {
+        fanout: block,
+        durations: block && unblock && outcomes,
+        gauges: block && unblock,
+        bookkeeping: block && unblock,
+        problems,
+    }
 }
 
 /// The state of each point for `fanout.probe.points`: attached points are `live` once hit,
 /// `idle` before; `unreliable` when bypassed.
-pub fn point_states(points: &BTreeMap<&'static str, PointState>, hits: &[u64; point::COUNT]) -> Vec<(&'static str, &'static str)> {
+pub fn point_states(
+    points: &BTreeMap<&'static str, PointState>,
+    hits: &[u64; point::COUNT],
+) -> Vec<(&'static str, &'static str)> {
     POINT_SYMBOLS
         .iter()
         .map(|(symbol, index)| {
             let state = match points.get(symbol) {
                 None => "unavailable",
-                Some(PointState::Attached) if *symbol == "unblockClient" && unblock_bypassed(hits) => "unreliable",
+                Some(PointState::Attached)
+                    if *symbol == "unblockClient" && unblock_bypassed(hits) =>
+                {
+                    "unreliable"
+                }
                 Some(PointState::Attached) if hits[*index as usize] > 0 => "live",
                 Some(PointState::Attached) => "idle",
                 Some(other) => other.label(),
@@ -129,7 +149,14 @@ impl RedisTarget {
                 let mut attrs = base.clone();
                 attrs.push(("probe", symbol.into()));
                 attrs.push(("state", "unavailable".into()));
-                snapshot.push(catalog::PROBE_POINTS, Point { attributes: attrs, start_time: epoch, value: PointValue::Gauge(1.0) });
+                snapshot.push(
+                    catalog::PROBE_POINTS,
+                    Point {
+                        attributes: attrs,
+                        start_time: epoch,
+                        value: PointValue::Gauge(1.0),
+                    },
+                );
             }
             if !self.reported.iter().any(|r| r == reason) {
                 tracing::warn!(pid = self.pid, reason = %reason, "no blocking probes for this Redis; exporting no redis.* metrics for it");
@@ -141,7 +168,14 @@ impl RedisTarget {
             let mut attrs = base.clone();
             attrs.push(("probe", symbol.into()));
             attrs.push(("state", state.into()));
-            snapshot.push(catalog::PROBE_POINTS, Point { attributes: attrs, start_time: epoch, value: PointValue::Gauge(1.0) });
+            snapshot.push(
+                catalog::PROBE_POINTS,
+                Point {
+                    attributes: attrs,
+                    start_time: epoch,
+                    value: PointValue::Gauge(1.0),
+                },
+            );
         }
         let verdict = evaluate(&self.points, &readings.hits);
         for problem in &verdict.problems {
@@ -154,7 +188,9 @@ impl RedisTarget {
 
         if verdict.fanout {
             for (btype, h) in &readings.keys {
-                let Some(block_type) = family.block_type(*btype) else { continue };
+                let Some(block_type) = family.block_type(*btype) else {
+                    continue;
+                };
                 let mut attrs = base.clone();
                 attrs.insert(0, ("redis.block.type", block_type.into()));
                 let value = HistogramValue {
@@ -163,32 +199,73 @@ impl RedisTarget {
                     sum: h.sum as f64,
                     count: h.count,
                 };
-                snapshot.push(catalog::REDIS_BLOCKING_KEYS, Point { attributes: attrs, start_time: self.since, value: PointValue::Histogram(value) });
+                snapshot.push(
+                    catalog::REDIS_BLOCKING_KEYS,
+                    Point {
+                        attributes: attrs,
+                        start_time: self.since,
+                        value: PointValue::Histogram(value),
+                    },
+                );
             }
         }
         if verdict.durations {
             for ((btype, kind), h) in &readings.durations {
-                let Some(block_type) = family.block_type(*btype) else { continue };
+                let Some(block_type) = family.block_type(*btype) else {
+                    continue;
+                };
                 let mut attrs = base.clone();
                 attrs.insert(0, ("redis.block.type", block_type.into()));
                 attrs.insert(1, ("outcome", outcome_label(*kind).into()));
                 let value = log2_to_seconds_between(h, DURATION_FIRST_BUCKET, DURATION_LAST_BUCKET);
-                snapshot.push(catalog::REDIS_BLOCKING_DURATION, Point { attributes: attrs, start_time: self.since, value: PointValue::Histogram(value) });
+                snapshot.push(
+                    catalog::REDIS_BLOCKING_DURATION,
+                    Point {
+                        attributes: attrs,
+                        start_time: self.since,
+                        value: PointValue::Histogram(value),
+                    },
+                );
             }
         }
         if verdict.gauges {
-            snapshot.push(catalog::REDIS_CLIENTS_BLOCKED, Point { attributes: base.clone(), start_time: epoch, value: PointValue::Gauge(readings.blocked_clients as f64) });
+            snapshot.push(
+                catalog::REDIS_CLIENTS_BLOCKED,
+                Point {
+                    attributes: base.clone(),
+                    start_time: epoch,
+                    value: PointValue::Gauge(readings.blocked_clients as f64),
+                },
+            );
             snapshot.push(
                 catalog::REDIS_BLOCKING_REGISTRATIONS,
-                Point { attributes: base.clone(), start_time: epoch, value: PointValue::Gauge(readings.registrations as f64) },
+                Point {
+                    attributes: base.clone(),
+                    start_time: epoch,
+                    value: PointValue::Gauge(readings.registrations as f64),
+                },
             );
         }
         if verdict.bookkeeping && self.bookkeeping_time {
-            for (which, label) in [(phase::REGISTER, "register"), (phase::UNREGISTER, "unregister")] {
-                let ns = readings.bookkeeping.get(&which).map(|t| t.total_ns).unwrap_or(0);
+            for (which, label) in [
+                (phase::REGISTER, "register"),
+                (phase::UNREGISTER, "unregister"),
+            ] {
+                let ns = readings
+                    .bookkeeping
+                    .get(&which)
+                    .map(|t| t.total_ns)
+                    .unwrap_or(0);
                 let mut attrs = base.clone();
                 attrs.push(("redis.blocking.phase", label.into()));
-                snapshot.push(catalog::REDIS_BLOCKING_CPU_TIME, Point { attributes: attrs, start_time: self.since, value: PointValue::Counter(ns as f64 / 1e9) });
+                snapshot.push(
+                    catalog::REDIS_BLOCKING_CPU_TIME,
+                    Point {
+                        attributes: attrs,
+                        start_time: self.since,
+                        value: PointValue::Counter(ns as f64 / 1e9),
+                    },
+                );
             }
         }
     }
@@ -199,7 +276,10 @@ mod tests {
     use super::*;
 
     fn all_attached() -> BTreeMap<&'static str, PointState> {
-        POINT_SYMBOLS.iter().map(|(s, _)| (*s, PointState::Attached)).collect()
+        POINT_SYMBOLS
+            .iter()
+            .map(|(s, _)| (*s, PointState::Attached))
+            .collect()
     }
 
     fn hits(block: u64, unblock: u64, missed: u64) -> [u64; point::COUNT] {
@@ -213,7 +293,16 @@ mod tests {
     #[test]
     fn everything_exported_when_all_points_are_attached_and_unblocks_are_seen() {
         let v = evaluate(&all_attached(), &hits(100, 100, 0));
-        assert_eq!(v, Verdict { fanout: true, durations: true, gauges: true, bookkeeping: true, problems: vec![] });
+        assert_eq!(
+            v,
+            Verdict {
+                fanout: true,
+                durations: true,
+                gauges: true,
+                bookkeeping: true,
+                problems: vec![]
+            }
+        );
     }
 
     #[test]
@@ -233,7 +322,10 @@ mod tests {
         points.insert(SERVING_POINT, PointState::Missing);
         let v = evaluate(&points, &hits(10, 10, 0));
         assert!(v.fanout && v.gauges && !v.durations);
-        assert_eq!(v.problems, vec!["serveClientsBlockedOnKey is not exported by this binary".to_string()]);
+        assert_eq!(
+            v.problems,
+            vec!["serveClientsBlockedOnKey is not exported by this binary".to_string()]
+        );
         let mut points = all_attached();
         points.insert("blockForKeys", PointState::Missing);
         let v = evaluate(&points, &hits(0, 0, 0));
@@ -248,7 +340,9 @@ mod tests {
         assert_eq!(states["blockForKeys"], "live");
         assert_eq!(states["unblockClient"], "idle");
         assert_eq!(states[SERVING_POINT], "missing");
-        let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(100, 0, 50)).into_iter().collect();
+        let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(100, 0, 50))
+            .into_iter()
+            .collect();
         assert_eq!(states["unblockClient"], "unreliable");
     }
 }

@@ -42,7 +42,8 @@ pub struct ListenerReport {
 impl ListenerReport {
     pub fn build(conns: &[ConnListening], max_keys_per_group: usize) -> Self {
         // group -> (server, key) -> (processes, blocked connections)
-        let mut per_group: BTreeMap<&str, BTreeMap<(&str, &str), (BTreeSet<u32>, usize)>> = BTreeMap::new();
+        let mut per_group: BTreeMap<&str, BTreeMap<(&str, &str), (BTreeSet<u32>, usize)>> =
+            BTreeMap::new();
         let mut processes: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
         let mut blocked: BTreeMap<&str, usize> = BTreeMap::new();
         for c in conns {
@@ -58,7 +59,10 @@ impl ListenerReport {
         let mut report = ListenerReport::default();
         for (group, keys) in &per_group {
             // Busiest keys first; past the limit they fold into "other".
-            let mut ranked: Vec<(&str, usize, usize)> = keys.iter().map(|((_, k), (p, b))| (*k, p.len(), *b)).collect();
+            let mut ranked: Vec<(&str, usize, usize)> = keys
+                .iter()
+                .map(|((_, k), (p, b))| (*k, p.len(), *b))
+                .collect();
             ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(b.0)));
             let mut g = GroupListening {
                 processes: processes.get(group).map_or(0, BTreeSet::len),
@@ -75,12 +79,17 @@ impl ListenerReport {
                     e.0 = e.0.max(*p);
                     e.1 += b;
                 } else {
-                    other_pids.extend(keys.iter().filter(|((_, k), _)| k == key).flat_map(|(_, (pids, _))| pids.iter().copied()));
+                    other_pids.extend(
+                        keys.iter()
+                            .filter(|((_, k), _)| k == key)
+                            .flat_map(|(_, (pids, _))| pids.iter().copied()),
+                    );
                     other_blocked += b;
                 }
             }
             if !other_pids.is_empty() {
-                g.per_key.insert(OTHER_KEYS.to_string(), (other_pids.len(), other_blocked));
+                g.per_key
+                    .insert(OTHER_KEYS.to_string(), (other_pids.len(), other_blocked));
             }
             report.groups.insert(group.to_string(), g);
         }
@@ -106,21 +115,55 @@ impl ListenerReport {
                         let mut attributes = base();
                         attributes.push(("redis.key", AttrValue::from(key.as_str())));
                         attributes.push(("listener", AttrValue::from(kind)));
-                        snapshot.push(catalog::QUEUE_LISTENERS, Point { attributes, start_time: epoch, value: gauge(v) });
+                        snapshot.push(
+                            catalog::QUEUE_LISTENERS,
+                            Point {
+                                attributes,
+                                start_time: epoch,
+                                value: gauge(v),
+                            },
+                        );
                     }
                 }
             } else {
-                for (kind, v) in [("process", g.processes), ("blocked_connection", g.blocked_connections)] {
+                for (kind, v) in [
+                    ("process", g.processes),
+                    ("blocked_connection", g.blocked_connections),
+                ] {
                     let mut attributes = base();
                     attributes.push(("listener", AttrValue::from(kind)));
-                    snapshot.push(catalog::QUEUE_LISTENERS, Point { attributes, start_time: epoch, value: gauge(v) });
+                    snapshot.push(
+                        catalog::QUEUE_LISTENERS,
+                        Point {
+                            attributes,
+                            start_time: epoch,
+                            value: gauge(v),
+                        },
+                    );
                 }
             }
-            snapshot.push(catalog::WORKER_QUEUES, Point { attributes: base(), start_time: epoch, value: gauge(g.distinct_keys) });
+            snapshot.push(
+                catalog::WORKER_QUEUES,
+                Point {
+                    attributes: base(),
+                    start_time: epoch,
+                    value: gauge(g.distinct_keys),
+                },
+            );
         }
         for ((a, b), n) in &self.shared {
-            let attributes = vec![("process.group", AttrValue::from(a.as_str())), ("peer.group", AttrValue::from(b.as_str()))];
-            snapshot.push(catalog::QUEUES_SHARED, Point { attributes, start_time: epoch, value: gauge(*n) });
+            let attributes = vec![
+                ("process.group", AttrValue::from(a.as_str())),
+                ("peer.group", AttrValue::from(b.as_str())),
+            ];
+            snapshot.push(
+                catalog::QUEUES_SHARED,
+                Point {
+                    attributes,
+                    start_time: epoch,
+                    value: gauge(*n),
+                },
+            );
         }
     }
 }
@@ -148,7 +191,10 @@ mod tests {
         ];
         let r = ListenerReport::build(&conns, 10);
         let g = &r.groups["web"];
-        assert_eq!((g.processes, g.blocked_connections, g.distinct_keys), (2, 2, 2));
+        assert_eq!(
+            (g.processes, g.blocked_connections, g.distinct_keys),
+            (2, 2, 2)
+        );
         assert_eq!(g.per_key["q:a"], (2, 2));
         assert_eq!(g.per_key["q:b"], (1, 1));
     }
@@ -173,7 +219,10 @@ mod tests {
     fn keys_past_the_limit_fold_into_other() {
         let keys: Vec<String> = (0..440).map(|i| format!("q{i}")).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let conns = vec![conn("wide", 1, "r:1", &refs, true), conn("wide", 2, "r:1", &refs[..5], false)];
+        let conns = vec![
+            conn("wide", 1, "r:1", &refs, true),
+            conn("wide", 2, "r:1", &refs[..5], false),
+        ];
         let r = ListenerReport::build(&conns, 10);
         let g = &r.groups["wide"];
         assert_eq!(g.per_key.len(), 11);

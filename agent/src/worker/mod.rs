@@ -77,9 +77,20 @@ impl WorkerSide {
     /// A key list from the kernel: the request bytes of a blocking call.
     pub fn on_keyset(&mut self, header: &KeysetHeader, bytes: &[u8]) {
         let mut keys = Vec::with_capacity(header.keys as usize);
-        match listened_keys(bytes, |k| keys.push(String::from_utf8_lossy(k).into_owned())) {
+        match listened_keys(bytes, |k| {
+            keys.push(String::from_utf8_lossy(k).into_owned())
+        }) {
             Some(call) if call.signature == header.signature => {
-                self.keysets.insert(ConnKey { tgid: header.tgid, fd: header.fd }, Keyset { signature: header.signature, keys: Arc::new(keys) });
+                self.keysets.insert(
+                    ConnKey {
+                        tgid: header.tgid,
+                        fd: header.fd,
+                    },
+                    Keyset {
+                        signature: header.signature,
+                        keys: Arc::new(keys),
+                    },
+                );
             }
             _ => self.keyset_errors += 1,
         }
@@ -88,10 +99,16 @@ impl WorkerSide {
     /// Keeps an exiting worker's counts in its group's totals.
     pub fn retire(&mut self, group: &str, readings: WorkerReadings, pid: u32) {
         for ((cmd, result, peer), h) in readings.durations {
-            self.retired_durations.entry((group.to_string(), cmd, result, peer)).or_insert(Log2Histogram::ZERO).merge(&h);
+            self.retired_durations
+                .entry((group.to_string(), cmd, result, peer))
+                .or_insert(Log2Histogram::ZERO)
+                .merge(&h);
         }
         for (cmd, h) in readings.keys {
-            self.retired_keys.entry((group.to_string(), cmd)).or_insert(KeyHistogram::ZERO).merge(&h);
+            self.retired_keys
+                .entry((group.to_string(), cmd))
+                .or_insert(KeyHistogram::ZERO)
+                .merge(&h);
         }
         self.keysets.retain(|k, _| k.tgid != pid);
     }
@@ -107,12 +124,19 @@ impl WorkerSide {
         let mut durations = self.retired_durations.clone();
         let mut keys = self.retired_keys.clone();
         for (tgid, r) in readings {
-            let Some(group) = group_of(*tgid) else { continue };
+            let Some(group) = group_of(*tgid) else {
+                continue;
+            };
             for ((cmd, result, peer), h) in &r.durations {
-                durations.entry((group.clone(), *cmd, *result, *peer)).or_insert(Log2Histogram::ZERO).merge(h);
+                durations
+                    .entry((group.clone(), *cmd, *result, *peer))
+                    .or_insert(Log2Histogram::ZERO)
+                    .merge(h);
             }
             for (cmd, h) in &r.keys {
-                keys.entry((group.clone(), *cmd)).or_insert(KeyHistogram::ZERO).merge(h);
+                keys.entry((group.clone(), *cmd))
+                    .or_insert(KeyHistogram::ZERO)
+                    .merge(h);
             }
         }
         for ((group, cmd, result, peer), h) in &durations {
@@ -124,22 +148,48 @@ impl WorkerSide {
                 ("server.port", AttrValue::Int(peer.port as i64)),
             ];
             let value = log2_to_seconds_between(h, FIRST_BUCKET, LAST_BUCKET);
-            snapshot.push(catalog::WORKER_POP_DURATION, Point { attributes, start_time: self.since, value: PointValue::Histogram(value) });
+            snapshot.push(
+                catalog::WORKER_POP_DURATION,
+                Point {
+                    attributes,
+                    start_time: self.since,
+                    value: PointValue::Histogram(value),
+                },
+            );
         }
         for ((group, cmd), h) in &keys {
-            let attributes = vec![("process.group", AttrValue::from(group.as_str())), ("redis.command", AttrValue::from(command::name(*cmd)))];
-            let value = HistogramValue { bounds: KEY_BOUNDS.iter().map(|b| *b as f64).collect(), counts: h.buckets.to_vec(), sum: h.sum as f64, count: h.count };
-            snapshot.push(catalog::WORKER_POP_KEYS, Point { attributes, start_time: self.since, value: PointValue::Histogram(value) });
+            let attributes = vec![
+                ("process.group", AttrValue::from(group.as_str())),
+                ("redis.command", AttrValue::from(command::name(*cmd))),
+            ];
+            let value = HistogramValue {
+                bounds: KEY_BOUNDS.iter().map(|b| *b as f64).collect(),
+                counts: h.buckets.to_vec(),
+                sum: h.sum as f64,
+                count: h.count,
+            };
+            snapshot.push(
+                catalog::WORKER_POP_KEYS,
+                Point {
+                    attributes,
+                    start_time: self.since,
+                    value: PointValue::Histogram(value),
+                },
+            );
         }
 
         // Forget key lists of connections the kernel no longer follows.
-        let live: std::collections::HashSet<ConnKey> = connections.iter().map(|(k, _)| *k).collect();
+        let live: std::collections::HashSet<ConnKey> =
+            connections.iter().map(|(k, _)| *k).collect();
         self.keysets.retain(|k, _| live.contains(k));
         let listening: Vec<ConnListening> = connections
             .iter()
             .filter_map(|(key, conn)| {
                 let group = group_of(key.tgid)?;
-                let keyset = self.keysets.get(key).filter(|k| k.signature == conn.keyset_sent)?;
+                let keyset = self
+                    .keysets
+                    .get(key)
+                    .filter(|k| k.signature == conn.keyset_sent)?;
                 Some(ConnListening {
                     group,
                     pid: key.tgid,
@@ -149,6 +199,7 @@ impl WorkerSide {
                 })
             })
             .collect();
-        ListenerReport::build(&listening, self.options.max_keys_per_group).emit(self.options.export_key_names, snapshot);
+        ListenerReport::build(&listening, self.options.max_keys_per_group)
+            .emit(self.options.export_key_names, snapshot);
     }
 }

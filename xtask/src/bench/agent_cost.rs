@@ -12,13 +12,28 @@ use integration_tests::{resp::Conn, sidekiq_job, wait_for, Agent, Proc, Redis, S
 
 use super::blocking::{process_cpu, run_once};
 
-/// Peak resident set of a process, in MiB (VmHWM).
-pub fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of a process from /proc/<pid>/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// Peak resident set of a process, in MiB (VmHWM).
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set of a process now, in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -26,6 +41,8 @@ pub struct CostSample {
     pub scenario: String,
     pub agent_cpu_share: f64,
     pub agent_peak_rss_mib: f64,
+    /// At the end of the scenario, after it ran under load.
+    pub agent_rss_mib: f64,
 }
 
 /// Agent CPU and RSS while Redis serves `rate` blocking pops per second.
@@ -37,17 +54,34 @@ pub fn under_pops(bin: &std::path::Path, rate: u32, seconds: f64) -> Result<Cost
         scenario: format!("{rate} blocking pops/s (50 clients, 10 keys)"),
         agent_cpu_share: sample.agent_cpu_share.unwrap_or(f64::NAN),
         agent_peak_rss_mib: peak_rss_mib(agent.proc.pid()),
+        agent_rss_mib: rss_mib(agent.proc.pid()),
     })
 }
 
 /// Agent CPU and RSS with `n` tracked processes, scraped every second.
 pub fn with_processes(bin: &std::path::Path, n: usize, seconds: f64) -> Result<CostSample> {
     let sleepers: Vec<Proc> = (0..n)
-        .map(|_| Proc { child: Command::new("sleep").arg("3598").stdout(Stdio::null()).spawn().expect("sleep"), name: "sleeper".into() })
+        .map(|_| Proc {
+            child: Command::new("sleep")
+                .arg("3598")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("sleep"),
+            name: "sleeper".into(),
+        })
         .collect();
-    let agent = Agent::start_binary(bin, &["--worker-rule", "benchmany:cmdline=^sleep 3598$"], &[]);
+    let agent = Agent::start_binary(
+        bin,
+        &["--worker-rule", "benchmany:cmdline=^sleep 3598$"],
+        &[],
+    );
     wait_for("all sleepers tracked", Duration::from_secs(30), || {
-        (agent.scrape().sum("fanout_processes_tracked", &[("process_group", "benchmany")]) as usize == n).then_some(())
+        (agent.scrape().sum(
+            "fanout_processes_tracked",
+            &[("process_group", "benchmany")],
+        ) as usize
+            == n)
+            .then_some(())
     });
     let cpu0 = process_cpu(agent.proc.pid());
     let started = Instant::now();
@@ -56,9 +90,14 @@ pub fn with_processes(bin: &std::path::Path, n: usize, seconds: f64) -> Result<C
         std::thread::sleep(Duration::from_secs(1));
     }
     let share = (process_cpu(agent.proc.pid()) - cpu0) / started.elapsed().as_secs_f64();
-    let rss = peak_rss_mib(agent.proc.pid());
+    let (peak, rss) = (peak_rss_mib(agent.proc.pid()), rss_mib(agent.proc.pid()));
     drop(sleepers);
-    Ok(CostSample { scenario: format!("{n} tracked processes, scraped every second"), agent_cpu_share: share, agent_peak_rss_mib: rss })
+    Ok(CostSample {
+        scenario: format!("{n} tracked processes, scraped every second"),
+        agent_cpu_share: share,
+        agent_peak_rss_mib: peak,
+        agent_rss_mib: rss,
+    })
 }
 
 /// Seconds from a redis-server's spawn to its blocking probes being attached (as the agent's
@@ -69,7 +108,15 @@ pub fn attach_latency(bin: &std::path::Path, many: usize) -> Result<(f64, f64)> 
     let redis = Redis::start(&[]);
     let pid = redis.pid().to_string();
     wait_for("probes on the new redis", Duration::from_secs(10), || {
-        (agent.scrape().sum("fanout_probe_points", &[("process_pid", &pid), ("probe", "blockForKeys"), ("state", "idle")]) == 1.0).then_some(())
+        (agent.scrape().sum(
+            "fanout_probe_points",
+            &[
+                ("process_pid", &pid),
+                ("probe", "blockForKeys"),
+                ("state", "idle"),
+            ],
+        ) == 1.0)
+            .then_some(())
     });
     let one = spawned.elapsed().as_secs_f64();
     drop(agent);
@@ -78,7 +125,13 @@ pub fn attach_latency(bin: &std::path::Path, many: usize) -> Result<(f64, f64)> 
     let agent = Agent::start_binary(bin, &[], &[]);
     wait_for("probes on every server", Duration::from_secs(60), || {
         let s = agent.scrape();
-        (s.find("fanout_probe_points", &[("probe", "blockForKeys"), ("state", "idle")]).count() > many).then_some(())
+        (s.find(
+            "fanout_probe_points",
+            &[("probe", "blockForKeys"), ("state", "idle")],
+        )
+        .count()
+            > many)
+            .then_some(())
     });
     let all = started.elapsed().as_secs_f64();
     drop(servers);
@@ -93,7 +146,18 @@ pub fn sidekiq_jobs_per_second(bin: &std::path::Path, with_agent: bool, jobs: u6
     if let Some(a) = &agent {
         let pid = sidekiq.pid().to_string();
         wait_for("the fleet tracked", Duration::from_secs(20), || {
-            (a.scrape().find("worker_blocking_pop_keys_count", &[]).count() > 0 || a.scrape().find("process_thread_cpu_time_seconds_total", &[("process_pid", &pid)]).count() > 0).then_some(())
+            (a.scrape()
+                .find("worker_blocking_pop_keys_count", &[])
+                .count()
+                > 0
+                || a.scrape()
+                    .find(
+                        "process_thread_cpu_time_seconds_total",
+                        &[("process_pid", &pid)],
+                    )
+                    .count()
+                    > 0)
+            .then_some(())
         });
     }
     // Fill a queue the fleet does not listen to (pipelined), then rename it in at once.
@@ -108,6 +172,8 @@ pub fn sidekiq_jobs_per_second(bin: &std::path::Path, with_agent: bool, jobs: u6
     }
     let started = Instant::now();
     redis.command(&["RENAME", "queue:staging", "queue:bench"]);
-    wait_for("the queue to drain", Duration::from_secs(120), || (redis.command(&["LLEN", "queue:bench"]) == ":0\r\n").then_some(()));
+    wait_for("the queue to drain", Duration::from_secs(120), || {
+        (redis.command(&["LLEN", "queue:bench"]) == ":0\r\n").then_some(())
+    });
     Ok(jobs as f64 / started.elapsed().as_secs_f64())
 }

@@ -35,8 +35,16 @@ pub struct BlockingSample {
 /// clock ticks of 10 ms).
 fn cpu_seconds(stat_path: &str) -> f64 {
     let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -54,12 +62,20 @@ pub fn process_cpu(pid: u32) -> f64 {
 fn brpop_stats(redis: &Redis) -> (f64, f64) {
     let mut conn = Conn::connect(redis.port).expect("connect");
     let info = match conn.call(&["INFO", "commandstats"]) {
-        Ok(integration_tests::resp::Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(integration_tests::resp::Reply::Bulk(Some(b))) => {
+            String::from_utf8_lossy(&b).into_owned()
+        }
         _ => String::new(),
     };
-    let line = info.lines().find(|l| l.starts_with("cmdstat_brpop:")).unwrap_or("");
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_brpop:"))
+        .unwrap_or("");
     let field = |name: &str| {
-        line.split([':', ',']).find_map(|kv| kv.strip_prefix(&format!("{name}="))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        line.split([':', ','])
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     };
     (field("calls"), field("usec"))
 }
@@ -69,14 +85,24 @@ fn agent_bookkeeping(agent: &Agent, pid: u32) -> (f64, f64) {
     let s = agent.scrape();
     let pid = pid.to_string();
     (
-        s.sum("redis_blocking_cpu_time_seconds_total", &[("process_pid", &pid)]),
+        s.sum(
+            "redis_blocking_cpu_time_seconds_total",
+            &[("process_pid", &pid)],
+        ),
         s.sum("redis_blocking_keys_count", &[("process_pid", &pid)]),
     )
 }
 
 /// Runs `clients` BRPOP loops over `keys` keys and a producer at `rate` pushes/s for
 /// `seconds`, bounded in time and requests. Returns the sample.
-pub fn run_once(redis: &Redis, agent: Option<&Agent>, keys: usize, clients: usize, rate: u32, seconds: f64) -> Result<BlockingSample> {
+pub fn run_once(
+    redis: &Redis,
+    agent: Option<&Agent>,
+    keys: usize,
+    clients: usize,
+    rate: u32,
+    seconds: f64,
+) -> Result<BlockingSample> {
     let names: Arc<Vec<String>> = Arc::new((0..keys).map(|i| format!("bench:q{i}")).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -123,13 +149,19 @@ pub fn run_once(redis: &Redis, agent: Option<&Agent>, keys: usize, clients: usiz
     let agent1 = agent.map(|a| (agent_bookkeeping(a, pid), process_cpu(a.proc.pid())));
     stop.store(true, Ordering::Relaxed);
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
     let _ = producer.call(&["DEL", &target]);
     let (bookkeeping, agent_cpu) = match (agent0, agent1) {
-        (Some(((b0, c0), p0)), Some(((b1, c1), p1))) => {
-            (Some(if c1 > c0 { (b1 - b0) / (c1 - c0) * 1e6 } else { 0.0 }), Some((p1 - p0) / wall))
-        }
+        (Some(((b0, c0), p0)), Some(((b1, c1), p1))) => (
+            Some(if c1 > c0 {
+                (b1 - b0) / (c1 - c0) * 1e6
+            } else {
+                0.0
+            }),
+            Some((p1 - p0) / wall),
+        ),
         _ => (None, None),
     };
     Ok(BlockingSample {
@@ -137,7 +169,11 @@ pub fn run_once(redis: &Redis, agent: Option<&Agent>, keys: usize, clients: usiz
         with_agent: agent.is_some(),
         served_per_second: jobs / wall,
         main_cpu_us_per_job: (cpu1 - cpu0) / jobs * 1e6,
-        info_us_per_call: if calls1 > calls0 { (usec1 - usec0) / (calls1 - calls0) } else { 0.0 },
+        info_us_per_call: if calls1 > calls0 {
+            (usec1 - usec0) / (calls1 - calls0)
+        } else {
+            0.0
+        },
         agent_bookkeeping_us_per_call: bookkeeping,
         agent_cpu_share: agent_cpu,
     })

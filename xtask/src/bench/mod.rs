@@ -31,14 +31,20 @@ enum Variant {
     Without,
     /// The agent tracking this Redis (scheduler, lifecycle and Redis uprobes).
     Agent,
-    /// The same, plus a tracked worker, so the worker syscall tracepoints are attached too and
-    /// every read/write of Redis pays their filter.
-    AgentWithWorkerProbes,
-    /// A tracked worker followed through uprobes on its own libc (`--worker-probe-mode libc`).
-    AgentWithLibcWorkerProbes,
+    /// The same, plus a tracked worker on the same host, followed the default way (`auto`:
+    /// through its own libc, so Redis should pay nothing for it).
+    AgentWithWorker,
+    /// A tracked worker followed through the syscall tracepoints (`--worker-probe-mode
+    /// syscalls`), so every read/write of Redis pays their filter.
+    AgentWithSyscallWorkerProbes,
 }
 
-const VARIANTS: [Variant; 4] = [Variant::Without, Variant::Agent, Variant::AgentWithWorkerProbes, Variant::AgentWithLibcWorkerProbes];
+const VARIANTS: [Variant; 4] = [
+    Variant::Without,
+    Variant::Agent,
+    Variant::AgentWithWorker,
+    Variant::AgentWithSyscallWorkerProbes,
+];
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -51,31 +57,63 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
-    (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
 }
 
 /// Requests per second of one redis-benchmark run (its CSV output, one test).
 fn redis_benchmark(port: u16, load: &Load) -> Result<f64> {
-    let out = command_output(Command::new("redis-benchmark").args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"]).args(&load.args))?;
-    let line = out.lines().nth(1).with_context(|| format!("no result from redis-benchmark: {out}"))?;
-    Ok(line.split(',').nth(1).context("malformed CSV")?.trim_matches('"').parse()?)
+    let out = command_output(
+        Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"])
+            .args(&load.args),
+    )?;
+    let line = out
+        .lines()
+        .nth(1)
+        .with_context(|| format!("no result from redis-benchmark: {out}"))?;
+    Ok(line
+        .split(',')
+        .nth(1)
+        .context("malformed CSV")?
+        .trim_matches('"')
+        .parse()?)
 }
 
 fn start_agent(bin: &std::path::Path, variant: Variant) -> Option<(Agent, Option<Proc>)> {
     match variant {
         Variant::Without => None,
         Variant::Agent => Some((Agent::start_binary(bin, &[], &[]), None)),
-        Variant::AgentWithWorkerProbes | Variant::AgentWithLibcWorkerProbes => {
-            let idle = std::process::Command::new("sleep").arg("3599").spawn().expect("sleep");
+        Variant::AgentWithWorker | Variant::AgentWithSyscallWorkerProbes => {
+            let idle = std::process::Command::new("sleep")
+                .arg("3599")
+                .spawn()
+                .expect("sleep");
             let mut args = vec!["--worker-rule", "benchidle:cmdline=^sleep 3599$"];
-            if variant == Variant::AgentWithLibcWorkerProbes {
-                args.extend(["--worker-probe-mode", "libc"]);
+            if variant == Variant::AgentWithSyscallWorkerProbes {
+                args.extend(["--worker-probe-mode", "syscalls"]);
             }
             let agent = Agent::start_binary(bin, &args, &[]);
-            integration_tests::wait_for("the idle worker tracked", std::time::Duration::from_secs(10), || {
-                (agent.scrape().sum("fanout_processes_tracked", &[("process_group", "benchidle")]) == 1.0).then_some(())
-            });
-            Some((agent, Some(Proc { child: idle, name: "idle worker".into() })))
+            integration_tests::wait_for(
+                "the idle worker tracked",
+                std::time::Duration::from_secs(10),
+                || {
+                    (agent.scrape().sum(
+                        "fanout_processes_tracked",
+                        &[("process_group", "benchidle")],
+                    ) == 1.0)
+                        .then_some(())
+                },
+            );
+            Some((
+                agent,
+                Some(Proc {
+                    child: idle,
+                    name: "idle worker".into(),
+                }),
+            ))
         }
     }
 }
@@ -86,10 +124,35 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let bin = build_agent(true)?;
     let started = Instant::now();
-    let (rounds, requests, seconds) = if quick { (2, 100_000, 3.0) } else { (5, 300_000, 6.0) };
+    let (rounds, requests, seconds) = if quick {
+        (2, 100_000, 3.0)
+    } else {
+        (5, 300_000, 6.0)
+    };
     let loads = [
-        Load { name: "GET/SET, 50 clients", args: ["-t", "get,set", "-c", "50", "-n", &requests.to_string()].iter().map(|s| s.to_string()).collect() },
-        Load { name: "GET, 50 clients, pipelined x16", args: ["-t", "get", "-c", "50", "-P", "16", "-n", &(requests * 4).to_string()].iter().map(|s| s.to_string()).collect() },
+        Load {
+            name: "GET/SET, 50 clients",
+            args: ["-t", "get,set", "-c", "50", "-n", &requests.to_string()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        },
+        Load {
+            name: "GET, 50 clients, pipelined x16",
+            args: [
+                "-t",
+                "get",
+                "-c",
+                "50",
+                "-P",
+                "16",
+                "-n",
+                &(requests * 4).to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        },
     ];
 
     // 1. Plain traffic.
@@ -109,11 +172,16 @@ pub fn run(quick: bool) -> Result<()> {
                 let t = Instant::now();
                 plain[i][index].push(redis_benchmark(redis.port, load)?);
                 if let (Some((a, _)), Some(c0)) = (&agent, cpu0) {
-                    plain_agent_cpu.push((process_cpu(a.proc.pid()) - c0) / t.elapsed().as_secs_f64());
+                    plain_agent_cpu
+                        .push((process_cpu(a.proc.pid()) - c0) / t.elapsed().as_secs_f64());
                 }
             }
         }
-        eprintln!("[bench] plain traffic round {}/{rounds} ({:.0} s)", round + 1, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[bench] plain traffic round {}/{rounds} ({:.0} s)",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
     }
     drop(redis);
 
@@ -122,30 +190,62 @@ pub fn run(quick: bool) -> Result<()> {
     let (clients, rate) = (50, 1000);
     let mut blocking: Vec<BlockingSample> = Vec::new();
     for (round, keys) in (0..rounds).flat_map(|r| fanouts.iter().map(move |k| (r, *k))) {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for with_agent in order {
             let redis = Redis::start(&[]);
             let agent = with_agent.then(|| Agent::start_binary(&bin, &[], &[]));
             if let Some(a) = &agent {
                 let pid = redis.pid().to_string();
-                integration_tests::wait_for("probes on the bench Redis", std::time::Duration::from_secs(10), || {
-                    (a.scrape().find("fanout_probe_points", &[("process_pid", &pid)]).count() > 0).then_some(())
-                });
+                integration_tests::wait_for(
+                    "probes on the bench Redis",
+                    std::time::Duration::from_secs(10),
+                    || {
+                        (a.scrape()
+                            .find("fanout_probe_points", &[("process_pid", &pid)])
+                            .count()
+                            > 0)
+                        .then_some(())
+                    },
+                );
             }
-            blocking.push(blocking::run_once(&redis, agent.as_ref(), keys, clients, rate, seconds)?);
+            blocking.push(blocking::run_once(
+                &redis,
+                agent.as_ref(),
+                keys,
+                clients,
+                rate,
+                seconds,
+            )?);
         }
-        eprintln!("[bench] blocking round {}/{rounds}, {keys} keys ({:.0} s)", round + 1, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[bench] blocking round {}/{rounds}, {keys} keys ({:.0} s)",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
     }
 
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { 10000 };
     let mut sidekiq: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for with_agent in order {
-            sidekiq[with_agent as usize].push(agent_cost::sidekiq_jobs_per_second(&bin, with_agent, jobs)?);
+            sidekiq[with_agent as usize]
+                .push(agent_cost::sidekiq_jobs_per_second(&bin, with_agent, jobs)?);
         }
-        eprintln!("[bench] sidekiq round {}/{rounds} ({:.0} s)", round + 1, started.elapsed().as_secs_f64());
+        eprintln!(
+            "[bench] sidekiq round {}/{rounds} ({:.0} s)",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
     }
 
     // 4. The agent's own cost, and 5. attach latency.
@@ -154,11 +254,32 @@ pub fn run(quick: bool) -> Result<()> {
         agent_cost::under_pops(&bin, 10000, seconds)?,
         agent_cost::with_processes(&bin, 500, seconds * 2.0)?,
     ];
-    eprintln!("[bench] agent cost ({:.0} s)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[bench] agent cost ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
     let attach = agent_cost::attach_latency(&bin, 50)?;
-    eprintln!("[bench] attach latency ({:.0} s)", started.elapsed().as_secs_f64());
-    let extra = Extra { sidekiq, jobs, costs, attach };
-    write_report(&loads, &plain, &plain_agent_cpu, &blocking, &fanouts, rounds, quick, (clients, rate, seconds), &extra)
+    eprintln!(
+        "[bench] attach latency ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let extra = Extra {
+        sidekiq,
+        jobs,
+        costs,
+        attach,
+    };
+    write_report(
+        &loads,
+        &plain,
+        &plain_agent_cpu,
+        &blocking,
+        &fanouts,
+        rounds,
+        quick,
+        (clients, rate, seconds),
+        &extra,
+    )
 }
 
 struct Extra {
@@ -171,12 +292,27 @@ struct Extra {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = command_output(Command::new("uname").arg("-r")).unwrap_or_default();
     let redis = command_output(Command::new("redis-server").arg("--version")).unwrap_or_default();
-    let redis = redis.split_whitespace().find(|w| w.starts_with("v=")).unwrap_or("").trim_start_matches("v=").to_string();
-    format!("{} x {cpu}, Linux {}, Redis {redis}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), kernel.trim())
+    let redis = redis
+        .split_whitespace()
+        .find(|w| w.starts_with("v="))
+        .unwrap_or("")
+        .trim_start_matches("v=")
+        .to_string();
+    format!(
+        "{} x {cpu}, Linux {}, Redis {redis}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel.trim()
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -192,11 +328,19 @@ fn write_report(
     extra: &Extra,
 ) -> Result<()> {
     let mut md = String::new();
-    let _ = writeln!(md, "# Benchmarks\n\nGenerated by `cargo xtask bench{}` on {}.\n", if quick { " --quick" } else { "" }, machine());
+    let _ = writeln!(
+        md,
+        "# Benchmarks\n\nGenerated by `cargo xtask bench{}` on {}.\n",
+        if quick { " --quick" } else { "" },
+        machine()
+    );
     let _ = writeln!(md, "Each figure is the median over {rounds} rounds, with min-max in brackets; every with-agent run is paired with a without-agent run in the same invocation, in alternating order. This machine is shared and noisy: read ratios, not absolute numbers.\n");
 
-    let _ = writeln!(md, "## 1. Plain Redis traffic (redis-benchmark, no blocking calls)\n");
-    let _ = writeln!(md, "| load | without agent (req/s) | with agent | ratio | + worker syscall probes | ratio | + worker libc probes | ratio | target (each ratio) |");
+    let _ = writeln!(
+        md,
+        "## 1. Plain Redis traffic (redis-benchmark, no blocking calls)\n"
+    );
+    let _ = writeln!(md, "| load | without agent (req/s) | with agent | ratio | + a tracked worker (default mode) | ratio | + a tracked worker, `--worker-probe-mode syscalls` | ratio | target (each ratio) |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let mut json_plain = Vec::new();
     for (load, runs) in loads.iter().zip(plain) {
@@ -219,7 +363,7 @@ fn write_report(
             verdict(r2),
             verdict(r3)
         );
-        json_plain.push(serde_json::json!({"load": load.name, "without": runs[0], "with_agent": runs[1], "with_agent_and_worker_syscall_probes": runs[2], "with_agent_and_worker_libc_probes": runs[3]}));
+        json_plain.push(serde_json::json!({"load": load.name, "without": runs[0], "with_agent": runs[1], "with_agent_and_tracked_worker": runs[2], "with_agent_and_worker_syscall_probes": runs[3]}));
     }
     let _ = writeln!(md, "\nAgent CPU during these runs: median {:.3} of a core. Its eBPF programs run in the context of the tasks they observe, so their cost shows up in the ratios above, not here.\n", median(plain_agent_cpu));
 
@@ -227,7 +371,11 @@ fn write_report(
     let _ = writeln!(md, "| keys (F) | served/s without | served/s with | main-thread us per job without | with | ratio (without/with) | target |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     let pick = |keys: usize, with: bool, f: &dyn Fn(&BlockingSample) -> f64| -> Vec<f64> {
-        blocking.iter().filter(|s| s.keys == keys && s.with_agent == with).map(f).collect()
+        blocking
+            .iter()
+            .filter(|s| s.keys == keys && s.with_agent == with)
+            .map(f)
+            .collect()
     };
     for &keys in fanouts {
         let served0 = median(&pick(keys, false, &|s| s.served_per_second));
@@ -235,7 +383,15 @@ fn write_report(
         let cpu0 = pick(keys, false, &|s| s.main_cpu_us_per_job);
         let cpu1 = pick(keys, true, &|s| s.main_cpu_us_per_job);
         let ratio = median(&cpu0) / median(&cpu1);
-        let target = if keys == 440 { if ratio >= 0.97 { ">= 0.97: met" } else { ">= 0.97: MISSED" } } else { "" };
+        let target = if keys == 440 {
+            if ratio >= 0.97 {
+                ">= 0.97: met"
+            } else {
+                ">= 0.97: MISSED"
+            }
+        } else {
+            ""
+        };
         let (a0, b0) = min_max(&cpu0);
         let (a1, b1) = min_max(&cpu1);
         let _ = writeln!(md, "| {keys} | {served0:.0} | {served1:.0} | {:.1} [{a0:.1}-{b0:.1}] | {:.1} [{a1:.1}-{b1:.1}] | {ratio:.3} | {target} |", median(&cpu0), median(&cpu1));
@@ -251,8 +407,12 @@ fn write_report(
     for &keys in fanouts {
         let p = median(&pick(keys, false, &|s| s.main_cpu_us_per_job));
         let i = median(&pick(keys, false, &|s| s.info_us_per_call));
-        let a = median(&pick(keys, true, &|s| s.agent_bookkeeping_us_per_call.unwrap_or(f64::NAN)));
-        let c = median(&pick(keys, true, &|s| s.agent_cpu_share.unwrap_or(f64::NAN)));
+        let a = median(&pick(keys, true, &|s| {
+            s.agent_bookkeeping_us_per_call.unwrap_or(f64::NAN)
+        }));
+        let c = median(&pick(keys, true, &|s| {
+            s.agent_cpu_share.unwrap_or(f64::NAN)
+        }));
         let _ = writeln!(md, "| {keys} | {p:.1} | {i:.1} | {a:.1} | {c:.3} |");
         curve_proc.push((keys as f64, p));
         curve_info.push((keys as f64, i));
@@ -269,19 +429,48 @@ fn write_report(
         ],
     )?;
     let _ = writeln!(md, "\n![fan-out cost curve](bench-fanout-cost.png)\n");
-    let _ = writeln!(md, "## 4. Workers: a real Sidekiq fleet (10 threads) draining {} no-op jobs\n", extra.jobs);
+    let _ = writeln!(
+        md,
+        "## 4. Workers: a real Sidekiq fleet (10 threads) draining {} no-op jobs\n",
+        extra.jobs
+    );
     let (w0, w1) = (median(&extra.sidekiq[0]), median(&extra.sidekiq[1]));
     let (a0, b0) = min_max(&extra.sidekiq[0]);
     let (a1, b1) = min_max(&extra.sidekiq[1]);
     let ratio = w1 / w0;
-    let _ = writeln!(md, "| without agent (jobs/s) | with agent (jobs/s) | ratio | target |\n|---|---|---|---|");
-    let _ = writeln!(md, "| {w0:.0} [{a0:.0}-{b0:.0}] | {w1:.0} [{a1:.0}-{b1:.0}] | {ratio:.3} | >= 0.97: {} |\n", if ratio >= 0.97 { "met" } else { "MISSED" });
-    let _ = writeln!(md, "## 5. The agent's own cost\n\n| scenario | agent CPU (share of a core) | agent peak RSS (MiB) | targets |\n|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| without agent (jobs/s) | with agent (jobs/s) | ratio | target |\n|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| {w0:.0} [{a0:.0}-{b0:.0}] | {w1:.0} [{a1:.0}-{b1:.0}] | {ratio:.3} | >= 0.97: {} |\n",
+        if ratio >= 0.97 { "met" } else { "MISSED" }
+    );
+    let _ = writeln!(md, "## 5. The agent's own cost\n\n| scenario | agent CPU (share of a core) | agent RSS at the end (MiB) | agent peak RSS (MiB) | targets |\n|---|---|---|---|---|");
     for c in &extra.costs {
-        let cpu_target = if c.scenario.starts_with("1000 ") { if c.agent_cpu_share < 0.02 { "CPU < 0.02: met" } else { "CPU < 0.02: MISSED" } } else { "" };
-        let rss_target = if c.agent_peak_rss_mib < 40.0 { "RSS < 40 MiB: met" } else { "RSS < 40 MiB: MISSED" };
-        let _ = writeln!(md, "| {} | {:.3} | {:.1} | {cpu_target} {rss_target} |", c.scenario, c.agent_cpu_share, c.agent_peak_rss_mib);
+        let cpu_target = if c.scenario.starts_with("1000 ") {
+            if c.agent_cpu_share < 0.02 {
+                "CPU < 0.02: met;"
+            } else {
+                "CPU < 0.02: MISSED;"
+            }
+        } else {
+            ""
+        };
+        let verdict = |mib: f64| if mib < 40.0 { "met" } else { "MISSED" };
+        let _ = writeln!(
+            md,
+            "| {} | {:.3} | {:.1} | {:.1} | {cpu_target} RSS < 40 MiB: {} at the end, {} at the peak |",
+            c.scenario,
+            c.agent_cpu_share,
+            c.agent_rss_mib,
+            c.agent_peak_rss_mib,
+            verdict(c.agent_rss_mib),
+            verdict(c.agent_peak_rss_mib)
+        );
     }
+    let _ = writeln!(md, "\nThe peak is reached in the first 50 ms, while the eBPF loader (aya's `EbpfLoader::new`) parses the kernel's BTF (/sys/kernel/btf/vmlinux, {:.1} MiB here) into memory; it is freed once the programs are loaded.\n", std::fs::metadata("/sys/kernel/btf/vmlinux").map(|m| m.len() as f64 / 1048576.0).unwrap_or(f64::NAN));
     let _ = writeln!(md, "\n## 6. Attach latency\n\n- A redis-server started after the agent: {:.0} ms from spawn to its blocking probes attached (as the endpoint reports; includes Redis's own start).\n- An agent started beside 50 running redis-servers: {:.2} s until all of them have their probes.\n", extra.attach.0 * 1e3, extra.attach.1);
     std::fs::write(root.join("BENCHMARKS.md"), &md)?;
     std::fs::write(

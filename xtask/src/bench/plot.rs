@@ -12,12 +12,20 @@ pub fn cost_curve(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()>
             .map_err(|e| anyhow!("font DejaVuSans.ttf (Debian package fonts-dejavu-core): {e}"))?
             .into_boxed_slice(),
     );
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font).map_err(|_| anyhow!("invalid font"))?;
-    let max_y = series.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(1.0f64, f64::max) * 1.15;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow!("invalid font"))?;
+    let max_y = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(1.0f64, f64::max)
+        * 1.15;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Redis main-thread cost of a blocking call vs keys listed", ("sans-serif", 22))
+        .caption(
+            "Redis main-thread cost of a blocking call vs keys listed",
+            ("sans-serif", 22),
+        )
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -34,11 +42,18 @@ pub fn cost_curve(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()>
     for (i, (label, points)) in series.iter().enumerate() {
         let colour = colours[i % colours.len()];
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                colour.stroke_width(2),
+            ))
             .map_err(|e| anyhow!("{e}"))?
             .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled()))).map_err(|e| anyhow!("{e}"))?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
     }
     chart
         .configure_series_labels()
