@@ -103,6 +103,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE")]
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
 
+    /// In `auto` mode, follow at most N workers through their libc (17 uprobes each, about
+    /// 25 ms to attach); workers beyond that are followed through the syscall tracepoints.
+    /// Default 64.
+    #[arg(long, value_name = "N")]
+    pub max_libc_workers: Option<usize>,
+
     /// Do not time Redis's blocking bookkeeping (redis.blocking.cpu.time). That measurement
     /// needs return probes on blockForKeys and unblockClient: two more probe hits per blocking
     /// call, each a trap into the kernel on Redis's main thread.

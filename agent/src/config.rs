@@ -29,6 +29,8 @@ pub enum ConfigError {
     BadThreadNameLimit(usize),
     #[error("max_keys_per_group must be between 1 and 10000, got {0}")]
     BadKeyLimit(usize),
+    #[error("max_libc_workers must be between 0 and 4096, got {0}")]
+    BadLibcWorkerLimit(usize),
 }
 
 /// The config file. Unknown keys are errors, so that a typo does not silently do nothing.
@@ -49,6 +51,7 @@ pub struct FileConfig {
     pub redis_bookkeeping_time: Option<bool>,
     pub worker_probes: Option<bool>,
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
+    pub max_libc_workers: Option<usize>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     #[serde(default)]
@@ -84,6 +87,8 @@ pub struct Config {
     /// Follow workers' syscalls (on unless turned off).
     pub worker_probes: bool,
     pub worker_probe_mode: crate::ebpf::worker::WorkerProbeMode,
+    /// In `auto` mode, how many workers at most are followed through their libc.
+    pub max_libc_workers: usize,
 }
 
 impl FileConfig {
@@ -172,6 +177,13 @@ impl Config {
         if !(1..=10000).contains(&max_keys_per_group) {
             return Err(ConfigError::BadKeyLimit(max_keys_per_group));
         }
+        let max_libc_workers = args
+            .max_libc_workers
+            .or(file.max_libc_workers)
+            .unwrap_or(crate::ebpf::worker::DEFAULT_MAX_LIBC_WORKERS);
+        if max_libc_workers > 4096 {
+            return Err(ConfigError::BadLibcWorkerLimit(max_libc_workers));
+        }
         let listeners = crate::worker::ListenerOptions {
             export_key_names: args.export_key_names || file.export_key_names.unwrap_or(false),
             max_keys_per_group,
@@ -186,6 +198,7 @@ impl Config {
                 .worker_probe_mode
                 .or(file.worker_probe_mode)
                 .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Auto),
+            max_libc_workers,
             proc_root: args
                 .proc_root
                 .clone()
@@ -285,6 +298,38 @@ mod tests {
         assert_eq!(otlp.endpoint, "http://collector:4318/v1/metrics");
         assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(otlp.interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn worker_probe_mode_and_libc_worker_limit() {
+        use crate::ebpf::worker::{WorkerProbeMode, DEFAULT_MAX_LIBC_WORKERS};
+        let config = Config::resolve(&RunArgs::default(), FileConfig::default(), &no_env).unwrap();
+        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Auto);
+        assert_eq!(config.max_libc_workers, DEFAULT_MAX_LIBC_WORKERS);
+        let file = parse("worker_probe_mode = \"syscalls\"\nmax_libc_workers = 8").unwrap();
+        let config = Config::resolve(&RunArgs::default(), file, &no_env).unwrap();
+        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Syscalls);
+        assert_eq!(config.max_libc_workers, 8);
+        let args = RunArgs {
+            max_libc_workers: Some(0),
+            ..Default::default()
+        };
+        let file = parse("max_libc_workers = 8").unwrap();
+        assert_eq!(
+            Config::resolve(&args, file, &no_env)
+                .unwrap()
+                .max_libc_workers,
+            0,
+            "the flag wins"
+        );
+        let args = RunArgs {
+            max_libc_workers: Some(5000),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default(), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "max_libc_workers must be between 0 and 4096, got 5000");
     }
 
     #[test]

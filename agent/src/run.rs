@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p.redis.bookkeeping_time = config.redis_bookkeeping_time;
         p.worker.disabled = !config.worker_probes;
         p.worker.mode = config.worker_probe_mode;
+        p.worker.max_libc_workers = config.max_libc_workers;
     }
     let live: Vec<&str> = probe_status
         .iter()

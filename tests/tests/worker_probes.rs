@@ -626,3 +626,54 @@ for _ in range(2):
         },
     );
 }
+
+/// Past `--max-libc-workers`, further workers go through the syscall tracepoints, and each
+/// worker's pops are still counted once.
+#[test]
+fn auto_mode_past_the_libc_worker_limit_uses_the_tracepoints() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--max-libc-workers",
+        "1",
+        "--worker-rule",
+        "first:cmdline=fanout-first-client",
+        "--worker-rule",
+        "second:cmdline=fanout-second-client",
+    ]);
+    let port = redis.port.to_string();
+    // Each client: waits to be tracked, makes 2 BRPOPs that time out, stays tracked a while.
+    let script = r#"
+import socket, sys, time
+time.sleep(float(sys.argv[2]))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for _ in range(2):
+    s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$6\r\nlimit1\r\n$3\r\n0.2\r\n")
+    assert s.recv(64).startswith(b"*-1")
+time.sleep(1.0)
+"#;
+    let mut first = Command::new("/usr/bin/python3")
+        .args(["-c", script, &port, "0.5", "fanout-first-client"])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let second = Command::new("/usr/bin/python3")
+        .args(["-c", script, &port, "0.7", "fanout-second-client"])
+        .status()
+        .unwrap();
+    assert!(second.success());
+    assert!(first.wait().unwrap().success());
+    let s = agent.scrape();
+    for group in ["first", "second"] {
+        assert_eq!(
+            s.sum(&format!("{DURATION}_count"), &[("process_group", group)]),
+            2.0,
+            "{group}: each pop once\n{}",
+            agent.log()
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains("worker libc probes attached"), "{log}");
+    assert!(log.contains("--max-libc-workers"), "{log}");
+    assert!(log.contains("worker syscall probes attached"), "{log}");
+}

@@ -69,6 +69,11 @@ pub enum WorkerProbeMode {
     Libc,
 }
 
+/// In `auto` mode, workers followed through their libc at most: each costs 17 per-process
+/// uprobes and about 25 ms to attach, which does not scale to hundreds of processes (or to a
+/// Resque master forking a child per job). Workers beyond it go through the tracepoints.
+pub const DEFAULT_MAX_LIBC_WORKERS: usize = 64;
+
 /// (program, libc function) pairs attached per worker process in libc mode.
 pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_write", "write"),
@@ -111,6 +116,7 @@ pub struct WorkerMaps {
     /// Turned off by configuration (`--no-worker-probes`).
     pub disabled: bool,
     pub mode: WorkerProbeMode,
+    pub max_libc_workers: usize,
     /// Libc-mode uprobe links per worker pid.
     libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     libc_sites: std::collections::HashMap<
@@ -172,6 +178,7 @@ impl WorkerMaps {
             attach_error: None,
             disabled: false,
             mode: WorkerProbeMode::Auto,
+            max_libc_workers: DEFAULT_MAX_LIBC_WORKERS,
             libc_links: std::collections::HashMap::new(),
             libc_sites: std::collections::HashMap::new(),
         })
@@ -204,6 +211,13 @@ impl WorkerMaps {
                 via::LIBC
             }
             WorkerProbeMode::Syscalls => {
+                self.attach_syscalls(ebpf)?;
+                via::SYSCALLS
+            }
+            WorkerProbeMode::Auto if self.libc_links.len() >= self.max_libc_workers => {
+                if self.libc_links.len() == self.max_libc_workers && !self.attached() {
+                    tracing::info!(limit = self.max_libc_workers, "as many workers as --max-libc-workers are followed through their libc; more go through the syscall tracepoints");
+                }
                 self.attach_syscalls(ebpf)?;
                 via::SYSCALLS
             }
