@@ -103,9 +103,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE")]
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
 
-    /// In `auto` mode, follow at most N workers through their libc (17 uprobes each, about
-    /// 25 ms to attach); workers beyond that are followed through the syscall tracepoints.
-    /// Default 64.
+    /// In `auto` mode, follow at most N workers through their libc (17 uprobes each: about
+    /// 25 ms to attach, about 2 s of kernel time to detach, also when the agent exits); workers
+    /// beyond that are followed through the syscall tracepoints. Default 16.
     #[arg(long, value_name = "N")]
     pub max_libc_workers: Option<usize>,
 

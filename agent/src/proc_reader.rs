@@ -204,7 +204,7 @@ pub enum ExeKind {
 
 /// Classifies an executable from its ELF headers (read lazily: Go binaries can be large).
 pub fn exe_kind(path: &Path) -> std::io::Result<ExeKind> {
-    use object::{Object, ObjectSection};
+    use object::Object;
     let file = std::fs::File::open(path)?;
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache)

@@ -19,9 +19,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{
-    attach_tracepoint, detach_uprobe, load_programs, take_map, ProbeError, TracepointSpec,
-};
+use super::{attach_tracepoint, load_programs, take_map, ProbeError, TracepointSpec};
 use crate::{
     probe_site::{self, ProbeSite},
     proc_reader::SocketPeer,
@@ -69,10 +67,11 @@ pub enum WorkerProbeMode {
     Libc,
 }
 
-/// In `auto` mode, workers followed through their libc at most: each costs 17 per-process
-/// uprobes and about 25 ms to attach, which does not scale to hundreds of processes (or to a
-/// Resque master forking a child per job). Workers beyond it go through the tracepoints.
-pub const DEFAULT_MAX_LIBC_WORKERS: usize = 64;
+/// In `auto` mode, workers followed through their libc at most. Each costs 17 per-process
+/// uprobes: about 25 ms to attach, and about 2 s of kernel time to detach (an RCU grace
+/// period per uprobe), paid again when the agent exits. That does not scale to hundreds of
+/// processes; workers beyond the limit go through the tracepoints.
+pub const DEFAULT_MAX_LIBC_WORKERS: usize = 16;
 
 /// (program, libc function) pairs attached per worker process in libc mode.
 pub const LIBC_UPROBES: [(&str, &str); 17] = [
@@ -419,9 +418,7 @@ impl WorkerMaps {
     /// tracked worker is followed through them.
     fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
         if let Some(links) = self.libc_links.remove(&pid) {
-            for (program, link) in links {
-                detach_uprobe(ebpf, program, link);
-            }
+            super::detach_uprobes_in_background(ebpf, links);
         }
         if !self
             .procs

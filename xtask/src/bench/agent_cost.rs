@@ -139,9 +139,15 @@ pub fn attach_latency(bin: &std::path::Path, many: usize) -> Result<(f64, f64)> 
 }
 
 /// Jobs per second a real Sidekiq fleet (10 threads) drains from a queue of `jobs` no-op jobs.
-pub fn sidekiq_jobs_per_second(bin: &std::path::Path, with_agent: bool, jobs: u64) -> Result<f64> {
+/// Jobs per second of a 10-thread Sidekiq fleet draining `jobs` no-op jobs, without the agent
+/// (`agent_args` None) or with it, started with `agent_args`.
+pub fn sidekiq_jobs_per_second(
+    bin: &std::path::Path,
+    agent_args: Option<&[&str]>,
+    jobs: u64,
+) -> Result<f64> {
     let redis = Redis::start(&[]);
-    let agent = with_agent.then(|| Agent::start_binary(bin, &[], &[]));
+    let agent = agent_args.map(|args| Agent::start_binary(bin, args, &[]));
     let sidekiq = Sidekiq::start(redis.port, &["bench"], 10);
     if let Some(a) = &agent {
         let pid = sidekiq.pid().to_string();
