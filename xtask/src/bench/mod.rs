@@ -135,7 +135,7 @@ pub fn run(quick: bool) -> Result<()> {
     let bin = build_agent(true)?;
     let started = Instant::now();
     let (rounds, requests, seconds) = if quick {
-        (2, 100_000, 3.0)
+        (2, 80_000, 3.0)
     } else {
         (5, 300_000, 6.0)
     };
