@@ -95,11 +95,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_worker_probes: bool,
 
-    /// How workers' traffic is followed: `auto` (the default: each worker through its libc,
-    /// or through the syscall tracepoints when it has no libc to probe, such as Go),
-    /// `syscalls` (tracepoints for every worker; every process on the host then pays a filter
-    /// on each read and write, Redis included) or `libc` (uprobes on each worker's libc only;
-    /// workers that bypass libc are not seen).
+    /// How workers' traffic is followed: `syscalls` (the default: tracepoints for every
+    /// worker; every process on the host then pays a filter on each read and write, Redis
+    /// included), `auto` (each worker through its libc, or through the tracepoints when it has
+    /// no libc to probe, such as Go: Redis pays nothing, but each libc-followed worker takes
+    /// about 2 s of kernel time to detach, so it suits long-lived workers on a Redis host) or
+    /// `libc` (uprobes on each worker's libc only; workers that bypass libc are not seen).
     #[arg(long, value_name = "MODE")]
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
 

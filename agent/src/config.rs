@@ -197,7 +197,7 @@ impl Config {
             worker_probe_mode: args
                 .worker_probe_mode
                 .or(file.worker_probe_mode)
-                .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Auto),
+                .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Syscalls),
             max_libc_workers,
             proc_root: args
                 .proc_root
@@ -304,11 +304,11 @@ mod tests {
     fn worker_probe_mode_and_libc_worker_limit() {
         use crate::ebpf::worker::{WorkerProbeMode, DEFAULT_MAX_LIBC_WORKERS};
         let config = Config::resolve(&RunArgs::default(), FileConfig::default(), &no_env).unwrap();
-        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Auto);
-        assert_eq!(config.max_libc_workers, DEFAULT_MAX_LIBC_WORKERS);
-        let file = parse("worker_probe_mode = \"syscalls\"\nmax_libc_workers = 8").unwrap();
-        let config = Config::resolve(&RunArgs::default(), file, &no_env).unwrap();
         assert_eq!(config.worker_probe_mode, WorkerProbeMode::Syscalls);
+        assert_eq!(config.max_libc_workers, DEFAULT_MAX_LIBC_WORKERS);
+        let file = parse("worker_probe_mode = \"auto\"\nmax_libc_workers = 8").unwrap();
+        let config = Config::resolve(&RunArgs::default(), file, &no_env).unwrap();
+        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Auto);
         assert_eq!(config.max_libc_workers, 8);
         let args = RunArgs {
             max_libc_workers: Some(0),

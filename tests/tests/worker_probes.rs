@@ -560,6 +560,8 @@ fn auto_mode_follows_each_worker_once_through_libc_or_else_syscalls() {
     assert!(built.success(), "static test worker did not build");
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[
+        "--worker-probe-mode",
+        "auto",
         "--worker-rule",
         "static:cmdline=fanout-static-client",
         "--worker-rule",
@@ -634,6 +636,8 @@ fn auto_mode_past_the_libc_worker_limit_uses_the_tracepoints() {
     require_root();
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[
+        "--worker-probe-mode",
+        "auto",
         "--max-libc-workers",
         "1",
         "--worker-rule",

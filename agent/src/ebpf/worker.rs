@@ -57,9 +57,10 @@ pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
 pub enum WorkerProbeMode {
     /// Each worker through its libc when it has one the probes can attach to, through the
     /// syscall tracepoints otherwise (static or Go binaries). Redis and every other process
-    /// pay nothing unless a worker of the second kind is tracked.
+    /// pay nothing unless a worker of the second kind is tracked; each libc-followed worker
+    /// costs the agent about 2 s of kernel time to detach, so it suits long-lived workers.
     Auto,
-    /// Syscall tracepoints: any worker, whatever its language or libc, but every process on
+    /// Syscall tracepoints (the default): any worker, whatever its language or libc, but every process on
     /// the host (Redis included) pays the filter on each read and write.
     Syscalls,
     /// Uprobes on each worker's libc send/receive functions: only workers pay, but a worker
@@ -176,7 +177,7 @@ impl WorkerMaps {
             load_error,
             attach_error: None,
             disabled: false,
-            mode: WorkerProbeMode::Auto,
+            mode: WorkerProbeMode::Syscalls,
             max_libc_workers: DEFAULT_MAX_LIBC_WORKERS,
             libc_links: std::collections::HashMap::new(),
             libc_sites: std::collections::HashMap::new(),
