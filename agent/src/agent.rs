@@ -171,6 +171,9 @@ impl AgentState {
                 }
             }
         }
+        if let Some(probes) = self.probes.as_mut() {
+            probes.worker.detach_idle_syscalls(&mut probes.ebpf);
+        }
     }
 
     /// Attaches the blocking uprobes to a Redis process's binary (once per binary) and logs
@@ -320,6 +323,7 @@ impl AgentState {
         }
 
         if let Some(probes) = self.probes.as_mut() {
+            probes.worker.detach_idle_syscalls(&mut probes.ebpf);
             // Connections that predate tracking: look their peers up in /proc.
             for pid in probes.worker.unknown_peer_pids() {
                 let sockets = self.proc.socket_peers(pid);

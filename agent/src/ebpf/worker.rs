@@ -74,6 +74,12 @@ pub enum WorkerProbeMode {
 /// processes; workers beyond the limit go through the tracepoints.
 pub const DEFAULT_MAX_LIBC_WORKERS: usize = 16;
 
+/// How long the syscall tracepoints stay attached after the last worker that needs them is
+/// gone. Detaching them waits for RCU grace periods (about 1 s here, on the agent's loop), so
+/// workers that come and go (a Resque master forking a child per job) would otherwise have
+/// them attached and detached over and over, and new processes picked up late meanwhile.
+pub const SYSCALLS_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// (program, libc function) pairs attached per worker process in libc mode.
 pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_write", "write"),
@@ -117,6 +123,8 @@ pub struct WorkerMaps {
     pub disabled: bool,
     pub mode: WorkerProbeMode,
     pub max_libc_workers: usize,
+    /// Since when no tracked worker has needed the attached syscall tracepoints.
+    syscalls_idle_since: Option<std::time::Instant>,
     /// Libc-mode uprobe links per worker pid.
     libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     libc_sites: std::collections::HashMap<
@@ -179,6 +187,7 @@ impl WorkerMaps {
             disabled: false,
             mode: WorkerProbeMode::Syscalls,
             max_libc_workers: DEFAULT_MAX_LIBC_WORKERS,
+            syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
             libc_sites: std::collections::HashMap::new(),
         })
@@ -245,6 +254,7 @@ impl WorkerMaps {
 
     /// Attaches the syscall tracepoints unless they are already attached.
     fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        self.syscalls_idle_since = None;
         if !self.links.is_empty() {
             return Ok(());
         }
@@ -421,13 +431,27 @@ impl WorkerMaps {
         if let Some(links) = self.libc_links.remove(&pid) {
             super::detach_uprobes_in_background(ebpf, links);
         }
-        if !self
-            .procs
+        if self.attached() && !self.syscall_workers() {
+            self.syscalls_idle_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    fn syscall_workers(&self) -> bool {
+        self.procs
             .iter()
             .filter_map(Result::ok)
             .any(|(_, way)| way & via::SYSCALLS != 0)
-        {
-            self.detach_syscalls(ebpf);
+    }
+
+    /// Detaches the syscall tracepoints once no worker has needed them for [`SYSCALLS_LINGER`].
+    pub fn detach_idle_syscalls(&mut self, ebpf: &mut Ebpf) {
+        match self.syscalls_idle_since {
+            Some(since) if since.elapsed() >= SYSCALLS_LINGER && !self.syscall_workers() => {
+                self.syscalls_idle_since = None;
+                self.detach_syscalls(ebpf);
+            }
+            _ => {}
         }
     }
 
