@@ -132,7 +132,7 @@ impl AgentState {
                                 match probes.worker.track(
                                     &mut probes.ebpf,
                                     pid,
-                                    proc.libc_path(pid),
+                                    || proc.libc_path(pid),
                                     || proc.socket_peers(pid),
                                 ) {
                                     Ok(()) => {}

@@ -197,13 +197,15 @@ impl WorkerMaps {
         !self.links.is_empty()
     }
 
-    /// Starts following a worker: attaches the syscall probes if this is the first one, seeds
-    /// the peers of its open sockets, and adds it to the kernel filter.
+    /// Starts following a worker, the way the mode says: through its libc (found by `libc`,
+    /// which is only asked when needed) or through the syscall tracepoints (attached with the
+    /// first worker that needs them); seeds the peers of its open sockets, and adds it to the
+    /// kernel filter with the way it is followed.
     pub fn track(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
-        libc: Option<std::path::PathBuf>,
+        libc: impl FnOnce() -> Option<std::path::PathBuf>,
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) -> Result<(), ProbeError> {
         if self.disabled {
@@ -216,7 +218,7 @@ impl WorkerMaps {
         }
         let way = match self.mode {
             WorkerProbeMode::Libc => {
-                self.attach_libc(ebpf, pid, libc)?;
+                self.attach_libc(ebpf, pid, libc())?;
                 via::LIBC
             }
             WorkerProbeMode::Syscalls => {
@@ -230,7 +232,7 @@ impl WorkerMaps {
                 self.attach_syscalls(ebpf)?;
                 via::SYSCALLS
             }
-            WorkerProbeMode::Auto => match self.attach_libc(ebpf, pid, libc) {
+            WorkerProbeMode::Auto => match self.attach_libc(ebpf, pid, libc()) {
                 Ok(()) => via::LIBC,
                 Err(reason) => {
                     tracing::info!(pid, %reason, "following this worker through the syscall tracepoints instead of its libc");
