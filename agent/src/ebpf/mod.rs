@@ -213,6 +213,20 @@ pub fn detach_uprobe(
     }
 }
 
+/// Attaches one (already loaded) uprobe program at `location` in the file `target`.
+pub fn attach_uprobe(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    location: aya::programs::uprobe::UProbeAttachLocation<'_>,
+    target: &std::path::Path,
+    scope: aya::programs::uprobe::UProbeScope,
+) -> Result<aya::programs::uprobe::UProbeLinkId, String> {
+    ebpf.program_mut(program)
+        .ok_or_else(|| format!("program {program} missing"))
+        .and_then(|p| <&mut aya::programs::UProbe>::try_from(p).map_err(|e| e.to_string()))
+        .and_then(|p| p.attach(location, target, scope).map_err(|e| e.to_string()))
+}
+
 /// Detaches uprobes off the agent's own loop. Each uprobe the kernel unregisters waits for an
 /// RCU grace period: about 0.1 s here, so the 17 libc probes of one worker take about 2 s.
 /// Taking the links out of their programs and dropping them on a short-lived thread keeps

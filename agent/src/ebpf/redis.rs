@@ -13,14 +13,11 @@ use agent_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::{
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        UProbe,
-    },
+    programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     Ebpf,
 };
 
-use super::{detach_uprobe, load_programs, log_probe_site, take_map, ProbeError};
+use super::{attach_uprobe, detach_uprobe, load_programs, log_probe_site, take_map, ProbeError};
 use crate::redis::binary::{BinaryId, RedisBinary};
 
 /// One uprobe program and the exported functions it attaches to.
@@ -247,14 +244,13 @@ impl RedisMaps {
                     .chain(body)
                 });
                 for (symbol, site, location) in locations {
-                    let result = ebpf
-                        .program_mut(spec.program)
-                        .ok_or_else(|| format!("program {} missing", spec.program))
-                        .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                        .and_then(|p| {
-                            p.attach(location, &binary.path, UProbeScope::AllProcesses)
-                                .map_err(|e| e.to_string())
-                        });
+                    let result = attach_uprobe(
+                        ebpf,
+                        spec.program,
+                        location,
+                        &binary.path,
+                        UProbeScope::AllProcesses,
+                    );
                     if !points.contains_key(spec.point) {
                         log_probe_site(symbol, site, &binary.path);
                     }

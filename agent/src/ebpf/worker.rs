@@ -14,7 +14,7 @@ use aya::{
     programs::{
         trace_point::TracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        TracePoint, UProbe,
+        TracePoint,
     },
     Ebpf,
 };
@@ -295,18 +295,8 @@ impl WorkerMaps {
         let mut links = Vec::new();
         for (program, symbol) in LIBC_UPROBES {
             let site = sites.get(symbol).map_or(ProbeSite::ENTRY, |s| s.entry);
-            let result = ebpf
-                .program_mut(program)
-                .ok_or_else(|| format!("program {program} missing"))
-                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-                .and_then(|p| {
-                    p.attach(
-                        UProbeAttachLocation::SymbolOffset(symbol, site.offset),
-                        &libc,
-                        scope,
-                    )
-                    .map_err(|e| e.to_string())
-                });
+            let location = UProbeAttachLocation::SymbolOffset(symbol, site.offset);
+            let result = super::attach_uprobe(ebpf, program, location, &libc, scope);
             match result {
                 Ok(link) => links.push((program, link)),
                 Err(e) => tracing::debug!(pid, symbol, error = %e, "libc function not probed"),
