@@ -65,6 +65,7 @@ pub mod programs {
     pub const REDIS_BLOCK_FOR_KEYS_RETURN: &str = "redis_block_for_keys_ret";
     pub const REDIS_UNBLOCK_CLIENT: &str = "redis_unblock_client";
     pub const REDIS_UNBLOCK_CLIENT_RETURN: &str = "redis_unblock_client_ret";
+    pub const REDIS_UNBLOCK_CLIENT_REQUEUE: &str = "redis_unblock_client_requeue";
     pub const REDIS_REPLY_TIMED_OUT: &str = "redis_reply_timed_out";
     pub const REDIS_SERVING: &str = "redis_serving";
     pub const REDIS_SERVING_RETURN: &str = "redis_serving_ret";

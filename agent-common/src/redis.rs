@@ -52,8 +52,30 @@ pub mod point {
     /// Not a probe: `blockForKeys` found the client still blocked from an earlier call, so an
     /// unblock was missed (the LTO case of REDIS-INTERNALS.md).
     pub const MISSED_UNBLOCK: u32 = 4;
-    pub const COUNT: usize = 5;
+    /// Not a probe: a client woken by a key (7.2+) found nothing and blocked again; its
+    /// provisional `served` was taken back and the call goes on (see `RedisProcess`).
+    pub const REBLOCKED: u32 = 5;
+    pub const COUNT: usize = 6;
 }
+
+/// How a Redis build tells that a write to a key woke a blocked client.
+pub mod served_by {
+    /// 6.x and 7.0: `unblockClient` runs inside a serve function (the serving window).
+    pub const SERVING_WINDOW: u32 = 0;
+    /// 7.2+: `unblockClientOnKey` calls `unblockClient(c, 0)`, and it is the only caller that
+    /// passes 0 for `queue_for_reprocessing` (every other path passes 1; the LTO clone has the
+    /// 1 folded in). No probe on the event loop is needed.
+    pub const REPROCESS_ARGUMENT: u32 = 1;
+}
+
+/// `client->flags` is the second field of `struct client` (after `uint64_t id`) in 6.x
+/// through 7.4.
+pub const CLIENT_FLAGS_OFFSET: u64 = 8;
+/// `CLIENT_REPROCESSING_COMMAND` (7.2, 7.4): set while a woken client re-runs its command.
+pub const CLIENT_REPROCESSING_COMMAND: u64 = 1 << 50;
+/// A woken client that blocks again does so while its command is re-run, within microseconds
+/// of the wake; a later block of the same client is a new call.
+pub const REBLOCK_WINDOW_NS: u64 = 100_000_000;
 
 /// Flags of a blocked client.
 pub mod flags {
@@ -69,7 +91,22 @@ pub mod flags {
 pub struct RedisProcess {
     /// Index of `blockForKeys`'s `timeout` argument: 4 in 6.x and 7.2+, 5 in 7.0.
     pub timeout_arg: u32,
-    pub _pad: u32,
+    /// A [`served_by`] value.
+    pub served_by: u32,
+    /// The `client->flags` bit set while a woken client re-runs its command, or 0 for builds
+    /// whose woken clients never block again (6.x, 7.0 serve a client only with data).
+    pub reprocessing_flag: u64,
+}
+
+/// Value of `LAST_WOKEN`, per Redis thread: the client a key woke last (7.2+), kept until the
+/// next block so that a client that finds nothing and blocks again is seen as the same call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WokenClient {
+    pub client: u64,
+    pub woken_ns: u64,
+    /// The blocked call as it was: restored if the client blocks again.
+    pub blocked: BlockedClient,
 }
 
 /// Key of `BLOCKED_CLIENTS`.
@@ -165,7 +202,8 @@ pub struct PhaseTime {
 /// Value of the duration histograms map.
 pub type DurationHistogram = Log2Histogram;
 
-const _: () = assert!(core::mem::size_of::<RedisProcess>() == 8);
+const _: () = assert!(core::mem::size_of::<RedisProcess>() == 16);
+const _: () = assert!(core::mem::size_of::<WokenClient>() == 48);
 const _: () = assert!(core::mem::size_of::<BlockedKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockedClient>() == 32);
 const _: () = assert!(core::mem::size_of::<RedisHistKey>() == 16);
@@ -175,6 +213,7 @@ const _: () = assert!(core::mem::size_of::<KeyHistogram>() == 16 + 8 * KEY_BUCKE
 mod pod {
     use super::*;
     unsafe impl aya::Pod for RedisProcess {}
+    unsafe impl aya::Pod for WokenClient {}
     unsafe impl aya::Pod for BlockedKey {}
     unsafe impl aya::Pod for BlockedClient {}
     unsafe impl aya::Pod for RedisHistKey {}

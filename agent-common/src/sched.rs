@@ -83,12 +83,26 @@ impl Log2Histogram {
         }
     }
 
-    /// Adds another histogram into this one (merging per-CPU values).
+    /// Takes back one [`record`](Self::record) of `value_ns`. The kernel does this on
+    /// whichever CPU it runs, so one CPU's copy can wrap below zero: merged sums (wrapping)
+    /// are exact.
+    #[inline(always)]
+    pub fn unrecord(&mut self, value_ns: u64) {
+        self.count = self.count.wrapping_sub(1);
+        self.sum_ns = self.sum_ns.wrapping_sub(value_ns);
+        let index = Self::bucket_index(value_ns);
+        if index < HIST_BUCKETS {
+            self.buckets[index] = self.buckets[index].wrapping_sub(1);
+        }
+    }
+
+    /// Adds another histogram into this one (merging per-CPU values), wrapping: see
+    /// [`unrecord`](Self::unrecord).
     pub fn merge(&mut self, other: &Self) {
-        self.count += other.count;
-        self.sum_ns += other.sum_ns;
+        self.count = self.count.wrapping_add(other.count);
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
         for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            *mine += *theirs;
+            *mine = mine.wrapping_add(*theirs);
         }
     }
 }

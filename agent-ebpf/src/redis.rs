@@ -10,16 +10,19 @@
 //!   on, or, on builds that do not export them, `handleClientsBlockedOnKeys()` (which 7.0's
 //!   `beforeSleep` calls on every event-loop iteration, so it costs ordinary traffic too).
 //! - `unblockClient(c)`: the block ends; the outcome follows from the above. Its return probe
-//!   times the unregistration.
+//!   times the unregistration. In 7.2+ its second argument says whether a key woke the client
+//!   (`served_by::REPROCESS_ARGUMENT`), so those builds need no serving window. LTO builds of
+//!   7.4 send most unblocks to a compiler-made clone of it, which the agent finds in the
+//!   machine code and probes with `redis_unblock_client_requeue` (its argument is folded in).
 
 use agent_common::redis::{
-    flags, outcome, phase, point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram,
-    PhaseTime, RedisHistKey, RedisProcess, MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS,
-    MAX_REDIS_PROCESSES,
+    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, DurationHistogram,
+    KeyHistogram, PhaseTime, RedisHistKey, RedisProcess, WokenClient, CLIENT_FLAGS_OFFSET,
+    MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS, MAX_REDIS_PROCESSES, REBLOCK_WINDOW_NS,
 };
 use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
@@ -59,6 +62,11 @@ static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
 /// tid -> whether the thread is inside the serving window (1) or not (0).
 #[map]
 static SERVING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
+
+/// tid -> the client a key woke last on that thread (7.2+), see `WokenClient`.
+#[map]
+static LAST_WOKEN: LruHashMap<u32, WokenClient> =
+    LruHashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
 
 /// (tid << 32 | phase) -> entry time, for the return probes.
 #[map]
@@ -123,6 +131,10 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
         _pad: 0,
         client,
     };
+    if process.reprocessing_flag != 0 && reblocked(tid, &key, process.reprocessing_flag, now) {
+        start_phase(tid, phase::REGISTER, now);
+        return 0;
+    }
     let blocked = BlockedClient {
         start_ns: now,
         deadline_ms,
@@ -224,10 +236,26 @@ pub fn redis_serving_ret(_ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
+    // `unblockClient(c)` in 6.x/7.0, `unblockClient(c, queue_for_reprocessing)` in 7.2+.
+    let requeue = ctx.arg::<u64>(1).map_or(1, |v| v as u32);
+    unblock(&ctx, Some(requeue))
+}
+
+/// The LTO clone of `unblockClient` (`unblockClient.constprop.0` in a 7.4 build): the same
+/// code with `queue_for_reprocessing = 1` folded in, so its second register means nothing.
+#[uprobe]
+pub fn redis_unblock_client_requeue(ctx: ProbeContext) -> u32 {
+    unblock(&ctx, None)
+}
+
+/// The block of client `ctx.arg(0)` ends. `requeue` is `unblockClient`'s second argument
+/// where the probed code has it.
+#[inline(always)]
+fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
     let (tgid, tid) = ids();
-    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
+    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else {
         return 0;
-    }
+    };
     hit(tgid, point::UNBLOCK_CLIENT);
     let Some(client) = ctx.arg::<u64>(0) else {
         return 0;
@@ -243,15 +271,21 @@ pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    let woken = if process.served_by == served_by::REPROCESS_ARGUMENT {
+        requeue == Some(0)
+    } else {
+        unsafe { SERVING.get(&tid) }.is_some_and(|depth| *depth != 0)
+    };
     let result = if blocked.flags & flags::TIMED_OUT != 0 {
         outcome::TIMEOUT
     } else if blocked.flags & flags::UNBLOCKED_EARLY != 0 {
         outcome::OTHER
-    } else if unsafe { SERVING.get(&tid) }.is_some_and(|depth| *depth != 0) {
+    } else if woken {
         outcome::SERVED
     } else {
         outcome::OTHER
     };
+    let elapsed = now.saturating_sub(blocked.start_ns);
     record_duration(
         RedisHistKey {
             tgid,
@@ -259,11 +293,72 @@ pub fn redis_unblock_client(ctx: ProbeContext) -> u32 {
             kind: result,
             _pad: 0,
         },
-        now.saturating_sub(blocked.start_ns),
+        elapsed,
     );
     let _ = BLOCKED_CLIENTS.remove(&key);
+    if result == outcome::SERVED && process.reprocessing_flag != 0 {
+        remember_woken(tid, client, now, blocked);
+    }
     start_phase(tid, phase::UNREGISTER, now);
     0
+}
+
+/// Keeps what a woken client's call was, in case it blocks again (see `reblocked`). The entry
+/// of a thread is made once and rewritten in place.
+#[inline(always)]
+fn remember_woken(tid: u32, client: u64, now: u64, blocked: BlockedClient) {
+    let woken = WokenClient {
+        client,
+        woken_ns: now,
+        blocked,
+    };
+    match LAST_WOKEN.get_ptr_mut(&tid) {
+        Some(slot) => unsafe { *slot = woken },
+        None => {
+            let _ = LAST_WOKEN.insert(&tid, &woken, 0);
+        }
+    }
+}
+
+/// 7.2+ wakes every client blocked on a key that became ready and re-runs its command; one
+/// that finds nothing (another client took the element, a stream entry below its ID) blocks
+/// again, with `CLIENT_REPROCESSING_COMMAND` set and its first deadline kept. That is the same
+/// call: its provisional `served` is taken back and its entry restored, and the fan-out is not
+/// counted twice. Returns whether this block was such a re-block.
+#[inline(always)]
+fn reblocked(tid: u32, key: &BlockedKey, reprocessing_flag: u64, now: u64) -> bool {
+    let Some(woken) = LAST_WOKEN.get_ptr_mut(&tid) else {
+        return false;
+    };
+    let woken = unsafe { &mut *woken };
+    if woken.client != key.client || now.saturating_sub(woken.woken_ns) > REBLOCK_WINDOW_NS {
+        return false;
+    }
+    let client_flags: u64 =
+        match unsafe { bpf_probe_read_user((key.client + CLIENT_FLAGS_OFFSET) as *const u64) } {
+            Ok(f) => f,
+            Err(_) => return false,
+        };
+    if client_flags & reprocessing_flag == 0 {
+        return false;
+    }
+    let blocked = woken.blocked;
+    // Used up: a later block of this client is a new call.
+    woken.client = 0;
+    let served = RedisHistKey {
+        tgid: key.tgid,
+        btype: blocked.btype,
+        kind: outcome::SERVED,
+        _pad: 0,
+    };
+    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&served) {
+        unsafe { (*h).unrecord(woken.woken_ns.saturating_sub(blocked.start_ns)) };
+    }
+    if BLOCKED_CLIENTS.insert(key, &blocked, 0).is_err() {
+        bump(ProbeCounter::BlockedClientInsertFailed);
+    }
+    hit(key.tgid, point::REBLOCKED);
+    true
 }
 
 #[uretprobe]

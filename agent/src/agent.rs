@@ -193,6 +193,7 @@ impl AgentState {
                 .probes
                 .as_ref()
                 .is_some_and(|p| p.redis.bookkeeping_time),
+            unblock_bypassed: None,
         };
         let binary = p
             .info
@@ -208,10 +209,16 @@ impl AgentState {
             (Some(probes), Ok(binary)) => {
                 target.binary = Some(binary.id);
                 target.family = binary.family;
-                let process = agent_common::redis::RedisProcess {
-                    timeout_arg: binary.family.map(|f| f.timeout_arg()).unwrap_or(4),
-                    _pad: 0,
-                };
+                // Without blockForKeys nothing fires; the settings then do not matter.
+                let process = binary
+                    .family
+                    .map(|f| f.process_settings())
+                    .unwrap_or_default();
+                if let crate::redis::unblock_paths::UnblockCoverage::Bypassed(why) =
+                    &binary.unblock
+                {
+                    target.unblock_bypassed = Some(why.clone());
+                }
                 target.points = probes.redis.attach(&mut probes.ebpf, pid, &binary, process);
                 let summary: Vec<String> = target
                     .points
@@ -226,6 +233,7 @@ impl AgentState {
                     port = target.port,
                     binary = %binary.path.display(),
                     layout = binary.family.map(|f| f.describe()).unwrap_or("no blockForKeys: not a Redis this agent knows"),
+                    unblock = ?binary.unblock,
                     points = %summary.join(" "),
                     "Redis blocking probes"
                 );
@@ -311,6 +319,15 @@ impl AgentState {
             }
         }
 
+        if let Some(probes) = self.probes.as_mut() {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let swept = probes.redis.sweep_overdue(now_ms);
+            if swept > 0 {
+                tracing::warn!(clients = swept, "blocked clients still recorded after their deadline: their unblock was not seen; removed and counted as missed unblocks");
+            }
+        }
         if let Some(probes) = &self.probes {
             let readings = probes.redis.read();
             for target in self.redis.values_mut() {

@@ -17,8 +17,14 @@ use aya::{
     Ebpf,
 };
 
-use super::{attach_uprobe, detach_uprobe, load_programs, log_probe_site, take_map, ProbeError};
-use crate::redis::binary::{BinaryId, RedisBinary};
+use super::{
+    attach_uprobe, detach_uprobes_in_background, load_programs, log_probe_site, take_map,
+    ProbeError,
+};
+use crate::redis::{
+    binary::{BinaryId, RedisBinary},
+    unblock_paths::UnblockCoverage,
+};
 
 /// One uprobe program and the exported functions it attaches to.
 pub struct UprobeSpec {
@@ -29,6 +35,9 @@ pub struct UprobeSpec {
     pub symbols: &'static [&'static str],
     /// Used when the binary exports none of `symbols`.
     pub fallback: Option<&'static str>,
+    /// The program for the compiler's copy of the function, where the binary has one (see
+    /// `unblock_paths`).
+    pub on_clone: Option<&'static str>,
     /// Only for the bookkeeping-time measurement (return probes, opt-in).
     pub bookkeeping: bool,
 }
@@ -44,6 +53,7 @@ impl UprobeSpec {
             point: symbol[0],
             symbols: symbol,
             fallback: None,
+            on_clone: None,
             bookkeeping,
         }
     }
@@ -72,7 +82,8 @@ impl UprobeSpec {
 /// export them get `handleClientsBlockedOnKeys`, which also works but is called on every
 /// event-loop iteration by 7.0's `beforeSleep`, so there ordinary traffic pays two probe hits
 /// per iteration. (`serveClientsBlockedOnKeyByModule` is left out: module-blocked clients are
-/// unblocked later, outside any window, and count as `other` either way.)
+/// unblocked later, outside any window, and count as `other` either way.) 7.2+ needs no
+/// window: `unblockClient`'s own argument says whether a key woke the client.
 pub const SERVING_POINT: &str = "serveClientsBlockedOnKey";
 pub const SERVE_FUNCTIONS: &[&str] = &[
     "serveClientsBlockedOnListKey",
@@ -80,6 +91,7 @@ pub const SERVE_FUNCTIONS: &[&str] = &[
     "serveClientsBlockedOnStreamKey",
 ];
 pub const SERVING_FALLBACK: &str = "handleClientsBlockedOnKeys";
+pub const UNBLOCK_POINT: &str = "unblockClient";
 
 const fn serving(program: &'static str) -> UprobeSpec {
     UprobeSpec {
@@ -87,7 +99,19 @@ const fn serving(program: &'static str) -> UprobeSpec {
         point: SERVING_POINT,
         symbols: SERVE_FUNCTIONS,
         fallback: Some(SERVING_FALLBACK),
+        on_clone: None,
         bookkeeping: false,
+    }
+}
+
+const fn unblock(program: &'static str, on_clone: &'static str, bookkeeping: bool) -> UprobeSpec {
+    UprobeSpec {
+        program,
+        point: UNBLOCK_POINT,
+        symbols: &[UNBLOCK_POINT],
+        fallback: None,
+        on_clone: Some(on_clone),
+        bookkeeping,
     }
 }
 
@@ -99,10 +123,14 @@ pub const REDIS_UPROBES: [UprobeSpec; 7] = [
         &["blockForKeys"],
         true,
     ),
-    UprobeSpec::one(programs::REDIS_UNBLOCK_CLIENT, &["unblockClient"], false),
-    UprobeSpec::one(
+    unblock(
+        programs::REDIS_UNBLOCK_CLIENT,
+        programs::REDIS_UNBLOCK_CLIENT_REQUEUE,
+        false,
+    ),
+    unblock(
         programs::REDIS_UNBLOCK_CLIENT_RETURN,
-        &["unblockClient"],
+        programs::REDIS_UNBLOCK_CLIENT_RETURN,
         true,
     ),
     UprobeSpec::one(
@@ -114,13 +142,104 @@ pub const REDIS_UPROBES: [UprobeSpec; 7] = [
     serving(programs::REDIS_SERVING_RETURN),
 ];
 
+/// Every program a Redis binary may get (the specs' programs and the clone's).
+pub fn all_programs() -> impl Iterator<Item = &'static str> {
+    REDIS_UPROBES
+        .iter()
+        .flat_map(|spec| std::iter::once(spec.program).chain(spec.on_clone))
+}
+
 /// The probe points in the order the hit counters index them.
 pub const POINT_SYMBOLS: [(&str, u32); 4] = [
     ("blockForKeys", point::BLOCK_FOR_KEYS),
-    ("unblockClient", point::UNBLOCK_CLIENT),
+    (UNBLOCK_POINT, point::UNBLOCK_CLIENT),
     ("replyToBlockedClientTimedOut", point::REPLY_TIMED_OUT),
     (SERVING_POINT, point::SERVING_WINDOW),
 ];
+
+/// Whether `point` is used for `binary`: the serving window only where the layout needs it
+/// (or where the layout is unknown, so that its absence is reported).
+pub fn point_used(point: &str, binary: &RedisBinary) -> bool {
+    point != SERVING_POINT || binary.family.is_none_or(|f| f.uses_serving_window())
+}
+
+/// One uprobe to attach: which program, where, and for which point.
+struct Placement {
+    program: &'static str,
+    point: &'static str,
+    /// What the log calls it.
+    function: String,
+    site: crate::probe_site::ProbeSite,
+    location: Location,
+}
+
+enum Location {
+    Symbol(&'static str, u64),
+    FileOffset(u64),
+}
+
+impl Location {
+    fn for_aya(&self) -> UProbeAttachLocation<'static> {
+        match *self {
+            Location::Symbol(symbol, offset) => UProbeAttachLocation::SymbolOffset(symbol, offset),
+            Location::FileOffset(offset) => UProbeAttachLocation::AbsoluteOffset(offset),
+        }
+    }
+}
+
+/// Where every probe goes in `binary`, and the points that have nowhere to go.
+fn placements(
+    binary: &RedisBinary,
+    bookkeeping_time: bool,
+) -> (Vec<Placement>, BTreeMap<&'static str, PointState>) {
+    let mut out = Vec::new();
+    let mut missing = BTreeMap::new();
+    for spec in REDIS_UPROBES
+        .iter()
+        .filter(|s| bookkeeping_time || !s.bookkeeping)
+        .filter(|s| point_used(s.point, binary))
+    {
+        let targets = spec.targets(binary);
+        if targets.is_empty() {
+            missing.insert(spec.point, PointState::Missing);
+            continue;
+        }
+        for symbol in targets {
+            let site = binary.site(symbol);
+            out.push(Placement {
+                program: spec.program,
+                point: spec.point,
+                function: symbol.to_string(),
+                site,
+                location: Location::Symbol(symbol, site.offset),
+            });
+            // A split function's body is probed as well as its wrapper: callers in the same
+            // file call the body directly (see `probe_site::FunctionSites`).
+            if let Some(body) = binary.split_body(symbol) {
+                out.push(Placement {
+                    program: spec.program,
+                    point: spec.point,
+                    function: format!("{symbol} (split body)"),
+                    site: body.site,
+                    location: Location::FileOffset(body.file_offset + body.site.offset),
+                });
+            }
+        }
+        if let (Some(program), UnblockCoverage::Clone { file_offset, .. }) =
+            (spec.on_clone, &binary.unblock)
+        {
+            out.push(Placement {
+                program,
+                point: spec.point,
+                function: format!("{UNBLOCK_POINT} (compiler's copy)"),
+                // Its first instruction is the same `push %rbp` as the original's.
+                site: crate::probe_site::ProbeSite::ENTRY,
+                location: Location::FileOffset(*file_offset),
+            });
+        }
+    }
+    (out, missing)
+}
 
 /// The state of one probe point in one binary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +283,11 @@ pub struct RedisReadings {
     pub registrations: u64,
 }
 
+/// A blocked client still recorded this long after its deadline was unblocked where no probe
+/// saw it: Redis unblocks a timed-out client in the event-loop iteration after its deadline,
+/// so only a stalled server (a long script, SIGSTOP) comes near this.
+pub const OVERDUE_GRACE_MS: i64 = 2_000;
+
 pub struct RedisMaps {
     procs: HashMap<MapData, u32, RedisProcess>,
     blocked: HashMap<MapData, BlockedKey, BlockedClient>,
@@ -173,6 +297,9 @@ pub struct RedisMaps {
     hits: PerCpuHashMap<MapData, u64, u64>,
     clock: Array<MapData, i64>,
     attachments: StdHashMap<BinaryId, Attachment>,
+    /// Per tgid: blocked clients removed by [`RedisMaps::sweep_overdue`], that is unblocks no
+    /// probe saw. Counted as missed unblocks.
+    unseen_unblocks: StdHashMap<u32, u64>,
     /// Why the uprobe programs could not be loaded, if they could not.
     load_error: Option<String>,
     /// Attach the return probes that time registration and unregistration.
@@ -181,7 +308,7 @@ pub struct RedisMaps {
 
 impl RedisMaps {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let load_error = load_programs(ebpf, REDIS_UPROBES.iter().map(|spec| spec.program));
+        let load_error = load_programs(ebpf, all_programs());
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
             blocked: take_map(ebpf, maps::BLOCKED_CLIENTS)?,
@@ -191,6 +318,7 @@ impl RedisMaps {
             hits: take_map(ebpf, maps::REDIS_PROBE_HITS)?,
             clock: take_map(ebpf, maps::CLOCK_OFFSET)?,
             attachments: StdHashMap::new(),
+            unseen_unblocks: StdHashMap::new(),
             load_error,
             bookkeeping_time: true,
         })
@@ -208,63 +336,36 @@ impl RedisMaps {
         if let Some(error) = &self.load_error {
             return POINT_SYMBOLS
                 .iter()
+                .filter(|(s, _)| point_used(s, binary))
                 .map(|(s, _)| (*s, PointState::AttachFailed(error.clone())))
                 .collect();
         }
         if !self.attachments.contains_key(&binary.id) {
             let mut links = Vec::new();
-            let mut points: BTreeMap<&'static str, PointState> = BTreeMap::new();
-            for spec in REDIS_UPROBES
-                .iter()
-                .filter(|s| self.bookkeeping_time || !s.bookkeeping)
-            {
-                let targets = spec.targets(binary);
-                if targets.is_empty() {
-                    points.insert(spec.point, PointState::Missing);
-                    continue;
+            let (placements, mut points) = placements(binary, self.bookkeeping_time);
+            for placement in placements {
+                let result = attach_uprobe(
+                    ebpf,
+                    placement.program,
+                    placement.location.for_aya(),
+                    &binary.path,
+                    UProbeScope::AllProcesses,
+                );
+                if !points.contains_key(placement.point) {
+                    log_probe_site(&placement.function, placement.site, &binary.path);
                 }
-                // A split function's body is probed as well as its wrapper: callers in the same
-                // file call the body directly (see `probe_site::FunctionSites`).
-                let locations = targets.into_iter().flat_map(|symbol| {
-                    let site = binary.site(symbol);
-                    let body = binary.split_body(symbol).map(|body| {
-                        (
-                            symbol,
-                            body.site,
-                            UProbeAttachLocation::AbsoluteOffset(
-                                body.file_offset + body.site.offset,
-                            ),
-                        )
-                    });
-                    std::iter::once((
-                        symbol,
-                        site,
-                        UProbeAttachLocation::SymbolOffset(symbol, site.offset),
-                    ))
-                    .chain(body)
-                });
-                for (symbol, site, location) in locations {
-                    let result = attach_uprobe(
-                        ebpf,
-                        spec.program,
-                        location,
-                        &binary.path,
-                        UProbeScope::AllProcesses,
-                    );
-                    if !points.contains_key(spec.point) {
-                        log_probe_site(symbol, site, &binary.path);
+                match result {
+                    Ok(link) => {
+                        links.push((placement.program, link));
+                        points
+                            .entry(placement.point)
+                            .or_insert(PointState::Attached);
                     }
-                    match result {
-                        Ok(link) => {
-                            links.push((spec.program, link));
-                            points.entry(spec.point).or_insert(PointState::Attached);
-                        }
-                        Err(e) => {
-                            points.insert(
-                                spec.point,
-                                PointState::AttachFailed(format!("{symbol}: {e}")),
-                            );
-                        }
+                    Err(e) => {
+                        points.insert(
+                            placement.point,
+                            PointState::AttachFailed(format!("{}: {e}", placement.function)),
+                        );
                     }
                 }
             }
@@ -311,16 +412,39 @@ impl RedisMaps {
         for p in 0..point::COUNT as u64 {
             let _ = self.hits.remove(&(((pid as u64) << 32) | p));
         }
+        self.unseen_unblocks.remove(&pid);
         let Some(attachment) = self.attachments.get_mut(&binary) else {
             return;
         };
         attachment.users.remove(&pid);
         if attachment.users.is_empty() {
             let attachment = self.attachments.remove(&binary).expect("present");
-            for (program, link) in attachment.links {
-                detach_uprobe(ebpf, program, link);
+            // Each uprobe waits for an RCU grace period as it goes: off the agent's loop, so
+            // a Redis restarted on the same binary is attached again at once.
+            detach_uprobes_in_background(ebpf, attachment.links);
+        }
+    }
+
+    /// Removes blocked clients whose deadline passed more than [`OVERDUE_GRACE_MS`] ago: their
+    /// unblock was missed, and left in place they would hold the gauges up for ever. Each is
+    /// counted as a missed unblock of its process. Returns how many were removed.
+    pub fn sweep_overdue(&mut self, now_unix_ms: i64) -> u64 {
+        let overdue: Vec<BlockedKey> = self
+            .blocked
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.deadline_ms > 0 && now_unix_ms > c.deadline_ms + OVERDUE_GRACE_MS)
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in overdue {
+            // The kernel may have seen the unblock meanwhile: count only what this removed.
+            if self.blocked.remove(&key).is_ok() {
+                *self.unseen_unblocks.entry(key.tgid).or_default() += 1;
+                removed += 1;
             }
         }
+        removed
     }
 
     /// Keeps the kernel's monotonic-to-Unix-time offset current (timeouts are Unix ms).
@@ -371,6 +495,9 @@ impl RedisMaps {
             let r = out.entry(key.tgid).or_default();
             r.blocked_clients += 1;
             r.registrations += client.numkeys as u64;
+        }
+        for (tgid, unseen) in &self.unseen_unblocks {
+            out.entry(*tgid).or_default().hits[point::MISSED_UNBLOCK as usize] += unseen;
         }
         out
     }

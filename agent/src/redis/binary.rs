@@ -10,6 +10,7 @@ use std::{
 
 use object::{Object, ObjectSymbol};
 
+use super::unblock_paths::{self, UnblockCoverage};
 use crate::probe_site::{self, FunctionSites, ProbeSite};
 
 /// Layouts of the blocking code that matter to the probes.
@@ -45,6 +46,38 @@ impl Family {
         }
     }
 
+    /// How this layout tells that a key woke a client (an `agent_common::redis::served_by`).
+    pub fn served_by(self) -> u32 {
+        use agent_common::redis::served_by;
+        match self {
+            Family::Redis6 | Family::Redis70 => served_by::SERVING_WINDOW,
+            Family::Redis72Plus => served_by::REPROCESS_ARGUMENT,
+        }
+    }
+
+    /// Whether the serving window is probed (the serve functions, or their fallback).
+    pub fn uses_serving_window(self) -> bool {
+        self.served_by() == agent_common::redis::served_by::SERVING_WINDOW
+    }
+
+    /// The `client->flags` bit of a woken client re-running its command, for layouts whose
+    /// woken clients can block again (7.2+ wakes every client of a ready key).
+    pub fn reprocessing_flag(self) -> u64 {
+        match self {
+            Family::Redis6 | Family::Redis70 => 0,
+            Family::Redis72Plus => agent_common::redis::CLIENT_REPROCESSING_COMMAND,
+        }
+    }
+
+    /// The kernel-side settings for a process of this layout.
+    pub fn process_settings(self) -> agent_common::redis::RedisProcess {
+        agent_common::redis::RedisProcess {
+            timeout_arg: self.timeout_arg(),
+            served_by: self.served_by(),
+            reprocessing_flag: self.reprocessing_flag(),
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Family::Redis6 => "redis 6.x layout",
@@ -71,6 +104,8 @@ pub struct RedisBinary {
     pub family: Option<Family>,
     /// Where in each probed function the probe goes (see `probe_site`).
     pub sites: BTreeMap<String, FunctionSites>,
+    /// Whether unblocks bypass the exported `unblockClient` (see `unblock_paths`).
+    pub unblock: UnblockCoverage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +127,7 @@ pub const INTERESTING_SYMBOLS: &[&str] = &[
     "serveClientsBlockedOnStreamKey",
     "blmpopCommand",
     "unblockClientOnTimeout",
+    "unblockClientOnError",
 ];
 
 /// Decides the family from the exported symbols; `None` when `blockForKeys` is absent.
@@ -130,6 +166,7 @@ impl RedisBinary {
             .collect();
         let family = family_of(&symbols);
         let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
+        let unblock = unblock_paths::unblock_coverage(&file);
         Ok(Self {
             path: path.to_path_buf(),
             id: BinaryId {
@@ -139,6 +176,7 @@ impl RedisBinary {
             symbols,
             family,
             sites,
+            unblock,
         })
     }
 
@@ -200,6 +238,10 @@ mod tests {
         assert_eq!(Family::Redis70.timeout_arg(), 5);
         assert_eq!(Family::Redis6.timeout_arg(), 4);
         assert_eq!(Family::Redis72Plus.timeout_arg(), 4);
+        assert!(Family::Redis70.uses_serving_window() && Family::Redis6.uses_serving_window());
+        assert!(!Family::Redis72Plus.uses_serving_window());
+        assert_eq!(Family::Redis70.reprocessing_flag(), 0);
+        assert_eq!(Family::Redis72Plus.reprocessing_flag(), 1 << 50);
         assert_eq!(Family::Redis70.block_type(1), Some("list"));
         assert_eq!(Family::Redis70.block_type(5), Some("zset"));
         assert_eq!(Family::Redis70.block_type(4), Some("stream"));

@@ -2,6 +2,7 @@
 //! can be trusted, and the `redis.*` metrics built from the kernel's aggregates.
 
 pub mod binary;
+pub mod unblock_paths;
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use agent_common::redis::{outcome, phase, point, KEY_BOUNDS};
 
 use crate::{
     collect::log2_to_seconds_between,
-    ebpf::redis::{PointState, RedisReadings, POINT_SYMBOLS, SERVING_POINT},
+    ebpf::redis::{PointState, RedisReadings, POINT_SYMBOLS, SERVING_POINT, UNBLOCK_POINT},
     metrics::{catalog, AttrValue, Attributes, HistogramValue, Point, PointValue, Snapshot},
 };
 use binary::{BinaryId, Family};
@@ -33,6 +34,8 @@ pub struct RedisTarget {
     pub since: std::time::SystemTime,
     /// Whether the bookkeeping return probes were attached (`--no-redis-bookkeeping-time`).
     pub bookkeeping_time: bool,
+    /// Why the binary's machine code shows unblocks bypassing every probe, if it does.
+    pub unblock_bypassed: Option<String>,
 }
 
 /// Which metric families can be trusted for one process, and why others cannot.
@@ -56,10 +59,12 @@ pub fn unblock_bypassed(hits: &[u64; point::COUNT]) -> bool {
     missed >= MISSED_UNBLOCK_MIN && missed * 100 >= blocks * MISSED_UNBLOCK_PERCENT
 }
 
-/// Decides what to export from the attached points and what the probes have seen.
+/// Decides what to export from the attached points, what the binary's code shows
+/// (`static_bypass`) and what the probes have seen.
 pub fn evaluate(
     points: &BTreeMap<&'static str, PointState>,
     hits: &[u64; point::COUNT],
+    static_bypass: Option<&str>,
 ) -> Verdict {
     let attached = |symbol: &str| points.get(symbol) == Some(&PointState::Attached);
     let mut problems = Vec::new();
@@ -75,17 +80,27 @@ pub fn evaluate(
         }
     }
     let block = attached("blockForKeys");
-    let mut unblock = attached("unblockClient");
-    if unblock && unblock_bypassed(hits) {
-        unblock = false;
-        problems.push(format!(
-            "unblockClient is bypassed: {} of {} blocking calls were never seen to unblock (an LTO build?); \
-             durations, outcomes, gauges and bookkeeping time are not exported",
-            hits[point::MISSED_UNBLOCK as usize],
-            hits[point::BLOCK_FOR_KEYS as usize]
-        ));
+    let mut unblock = attached(UNBLOCK_POINT);
+    if unblock {
+        if let Some(why) = static_bypass {
+            unblock = false;
+            problems.push(format!(
+                "unblocks bypass unblockClient in this build ({why}); durations, outcomes, \
+                 gauges and bookkeeping time are not exported"
+            ));
+        } else if unblock_bypassed(hits) {
+            unblock = false;
+            problems.push(format!(
+                "unblockClient is bypassed: {} of {} blocking calls were never seen to unblock (an LTO build?); \
+                 durations, outcomes, gauges and bookkeeping time are not exported",
+                hits[point::MISSED_UNBLOCK as usize],
+                hits[point::BLOCK_FOR_KEYS as usize]
+            ));
+        }
     }
-    let outcomes = attached("replyToBlockedClientTimedOut") && attached(SERVING_POINT);
+    // The serving window is in `points` only for the layouts that use it.
+    let serving = !points.contains_key(SERVING_POINT) || attached(SERVING_POINT);
+    let outcomes = attached("replyToBlockedClientTimedOut") && serving;
     Verdict {
         fanout: block,
         durations: block && unblock && outcomes,
@@ -95,27 +110,27 @@ pub fn evaluate(
     }
 }
 
-/// The state of each point for `fanout.probe.points`: attached points are `live` once hit,
-/// `idle` before; `unreliable` when bypassed.
+/// The state of each point this binary uses, for `fanout.probe.points`: attached points are
+/// `live` once hit, `idle` before; `unreliable` when bypassed.
 pub fn point_states(
     points: &BTreeMap<&'static str, PointState>,
     hits: &[u64; point::COUNT],
+    static_bypass: bool,
 ) -> Vec<(&'static str, &'static str)> {
     POINT_SYMBOLS
         .iter()
-        .map(|(symbol, index)| {
-            let state = match points.get(symbol) {
-                None => "unavailable",
-                Some(PointState::Attached)
-                    if *symbol == "unblockClient" && unblock_bypassed(hits) =>
+        .filter_map(|(symbol, index)| {
+            let state = match points.get(symbol)? {
+                PointState::Attached
+                    if *symbol == UNBLOCK_POINT && (static_bypass || unblock_bypassed(hits)) =>
                 {
                     "unreliable"
                 }
-                Some(PointState::Attached) if hits[*index as usize] > 0 => "live",
-                Some(PointState::Attached) => "idle",
-                Some(other) => other.label(),
+                PointState::Attached if hits[*index as usize] > 0 => "live",
+                PointState::Attached => "idle",
+                other => other.label(),
             };
-            (*symbol, state)
+            Some((*symbol, state))
         })
         .collect()
 }
@@ -164,7 +179,8 @@ impl RedisTarget {
             }
             return;
         }
-        for (symbol, state) in point_states(&self.points, &readings.hits) {
+        let static_bypass = self.unblock_bypassed.as_deref();
+        for (symbol, state) in point_states(&self.points, &readings.hits, static_bypass.is_some()) {
             let mut attrs = base.clone();
             attrs.push(("probe", symbol.into()));
             attrs.push(("state", state.into()));
@@ -177,7 +193,7 @@ impl RedisTarget {
                 },
             );
         }
-        let verdict = evaluate(&self.points, &readings.hits);
+        let verdict = evaluate(&self.points, &readings.hits, static_bypass);
         for problem in &verdict.problems {
             if !self.reported.contains(problem) {
                 tracing::warn!(pid = self.pid, problem = %problem, "Redis blocking probe problem");
@@ -292,7 +308,7 @@ mod tests {
 
     #[test]
     fn everything_exported_when_all_points_are_attached_and_unblocks_are_seen() {
-        let v = evaluate(&all_attached(), &hits(100, 100, 0));
+        let v = evaluate(&all_attached(), &hits(100, 100, 0), None);
         assert_eq!(
             v,
             Verdict {
@@ -308,19 +324,19 @@ mod tests {
     #[test]
     fn a_bypassed_unblock_keeps_fanout_and_drops_the_rest() {
         // LTO build: every client blocks again without its unblock being seen.
-        let v = evaluate(&all_attached(), &hits(100, 2, 60));
+        let v = evaluate(&all_attached(), &hits(100, 2, 60), None);
         assert!(v.fanout);
         assert!(!v.durations && !v.gauges && !v.bookkeeping);
         assert!(v.problems[0].contains("bypassed"), "{:?}", v.problems);
         // One stray miss (a client blocked across an agent restart) is not evidence.
-        assert!(evaluate(&all_attached(), &hits(100, 99, 1)).durations);
+        assert!(evaluate(&all_attached(), &hits(100, 99, 1), None).durations);
     }
 
     #[test]
     fn missing_points_are_named_and_nothing_depending_on_them_is_exported() {
         let mut points = all_attached();
         points.insert(SERVING_POINT, PointState::Missing);
-        let v = evaluate(&points, &hits(10, 10, 0));
+        let v = evaluate(&points, &hits(10, 10, 0), None);
         assert!(v.fanout && v.gauges && !v.durations);
         assert_eq!(
             v.problems,
@@ -328,7 +344,7 @@ mod tests {
         );
         let mut points = all_attached();
         points.insert("blockForKeys", PointState::Missing);
-        let v = evaluate(&points, &hits(0, 0, 0));
+        let v = evaluate(&points, &hits(0, 0, 0), None);
         assert!(!v.fanout && !v.durations && !v.gauges && !v.bookkeeping);
     }
 
@@ -336,11 +352,42 @@ mod tests {
     fn point_states_distinguish_idle_live_missing_and_unreliable() {
         let mut points = all_attached();
         points.insert(SERVING_POINT, PointState::Missing);
-        let states: BTreeMap<_, _> = point_states(&points, &hits(5, 0, 0)).into_iter().collect();
+        let states: BTreeMap<_, _> = point_states(&points, &hits(5, 0, 0), false)
+            .into_iter()
+            .collect();
         assert_eq!(states["blockForKeys"], "live");
         assert_eq!(states["unblockClient"], "idle");
         assert_eq!(states[SERVING_POINT], "missing");
-        let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(100, 0, 50))
+        let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(100, 0, 50), false)
+            .into_iter()
+            .collect();
+        assert_eq!(states["unblockClient"], "unreliable");
+    }
+
+    #[test]
+    fn a_layout_without_a_serving_window_needs_none_for_outcomes() {
+        // 7.2+: the point is not in the map at all.
+        let mut points = all_attached();
+        points.remove(SERVING_POINT);
+        let v = evaluate(&points, &hits(10, 10, 0), None);
+        assert!(v.durations && v.gauges && v.problems.is_empty(), "{v:?}");
+        let states: Vec<_> = point_states(&points, &hits(10, 10, 0), false);
+        assert_eq!(
+            states.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            vec![
+                "blockForKeys",
+                "unblockClient",
+                "replyToBlockedClientTimedOut"
+            ]
+        );
+    }
+
+    #[test]
+    fn unblocks_the_machine_code_shows_bypassed_are_unreliable_from_the_start() {
+        let v = evaluate(&all_attached(), &hits(0, 0, 0), Some("no copy found"));
+        assert!(v.fanout && !v.durations && !v.gauges && !v.bookkeeping);
+        assert!(v.problems[0].contains("no copy found"), "{:?}", v.problems);
+        let states: BTreeMap<_, _> = point_states(&all_attached(), &hits(0, 0, 0), true)
             .into_iter()
             .collect();
         assert_eq!(states["unblockClient"], "unreliable");
