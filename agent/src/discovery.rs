@@ -1,13 +1,24 @@
 //! Which processes are tracked. A full /proc scan at start and every rescan interval, and
-//! single-pid checks driven by the kernel's exec and exit events in between. Every change is
-//! reported as [`Change`] so that the probes and the CPU state follow it exactly.
+//! single-pid checks driven by the kernel's exec, fork and exit events in between. Every
+//! change is reported as [`Change`] so that the probes and the CPU state follow it exactly.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::Path,
+    time::SystemTime,
+};
 
 use crate::{
-    proc_reader::{ProcRoot, ProcessInfo, ReadError},
-    rules::{Classification, RuleSet},
+    proc_reader::{BinaryKey, ProcRoot, ProcessInfo, ReadError},
+    rules::{Classification, RuleSet, ServerBinary, SERVER_SYMBOLS},
 };
+
+/// Reads which of the wanted symbols an executable defines (`None`: no symbol table).
+pub type SymbolReader = fn(&Path, &[&str]) -> std::io::Result<Option<BTreeSet<String>>>;
+
+/// Binaries examined at most: a node runs few distinct Redis-looking executables; past this,
+/// the cache starts over rather than grow.
+const MAX_CACHED_BINARIES: usize = 256;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrackedProcess {
@@ -59,6 +70,11 @@ pub struct Discovery {
     /// The agent itself is never tracked, whatever the rules say.
     own_pid: u32,
     tracked: BTreeMap<u32, TrackedProcess>,
+    /// What each examined executable is, so that each is read once.
+    binaries: HashMap<BinaryKey, ServerBinary>,
+    read_symbols: SymbolReader,
+    /// How many executables were read (for tests and the log).
+    pub binaries_read: u64,
 }
 
 impl Discovery {
@@ -68,7 +84,16 @@ impl Discovery {
             rules,
             own_pid,
             tracked: BTreeMap::new(),
+            binaries: HashMap::new(),
+            read_symbols: crate::proc_reader::defined_symbols,
+            binaries_read: 0,
         }
+    }
+
+    /// Replaces how executables' symbols are read (tests use fixture files).
+    pub fn with_symbol_reader(mut self, read_symbols: SymbolReader) -> Self {
+        self.read_symbols = read_symbols;
+        self
     }
 
     pub fn tracked(&self) -> impl Iterator<Item = &TrackedProcess> {
@@ -79,13 +104,23 @@ impl Discovery {
         self.tracked.get(&pid)
     }
 
-    fn classify(&self, pid: u32, errors: &mut ScanErrors) -> Option<TrackedProcess> {
+    fn classify(&mut self, pid: u32, errors: &mut ScanErrors) -> Option<TrackedProcess> {
         if pid == self.own_pid {
             return None;
         }
         match self.proc.process_info(pid) {
             Ok(info) => {
-                let class = self.rules.classify(&info)?;
+                let Self {
+                    proc,
+                    rules,
+                    binaries,
+                    read_symbols,
+                    binaries_read,
+                    ..
+                } = self;
+                let class = rules.classify(&info, || {
+                    server_binary(proc, pid, binaries, *read_symbols, binaries_read)
+                })?;
                 Some(TrackedProcess {
                     info,
                     class,
@@ -171,10 +206,47 @@ impl Discovery {
         (changes, errors)
     }
 
+    /// Whether a process with this pid is tracked.
+    pub fn is_tracked(&self, pid: u32) -> bool {
+        self.tracked.contains_key(&pid)
+    }
+
     /// The process exited (kernel event): drop it without reading /proc.
     pub fn forget(&mut self, pid: u32) -> Option<Change> {
         self.tracked.remove(&pid).map(Change::Removed)
     }
+}
+
+/// What the executable of `pid` is, read once per binary (by device, inode, size and mtime).
+fn server_binary(
+    proc: &ProcRoot,
+    pid: u32,
+    cache: &mut HashMap<BinaryKey, ServerBinary>,
+    read_symbols: SymbolReader,
+    reads: &mut u64,
+) -> ServerBinary {
+    let Some((path, key)) = proc.exe_identity(pid) else {
+        return ServerBinary::Unknown;
+    };
+    if let Some(known) = cache.get(&key) {
+        return *known;
+    }
+    *reads += 1;
+    let verdict = match read_symbols(&path, &SERVER_SYMBOLS) {
+        Ok(symbols) => ServerBinary::from_symbols(symbols.as_ref()),
+        // Not an ELF file: nothing to learn from it, now or later.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => ServerBinary::Unknown,
+        // The process exited meanwhile, or this one may not be read: remember nothing.
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot read the symbols of an executable");
+            return ServerBinary::Unknown;
+        }
+    };
+    if cache.len() >= MAX_CACHED_BINARIES {
+        cache.clear();
+    }
+    cache.insert(key, verdict);
+    verdict
 }
 
 #[cfg(test)]
@@ -182,9 +254,25 @@ mod tests {
     use super::*;
     use crate::rules::default_rule_specs;
 
-    fn discovery() -> Discovery {
+    /// The fixture executables under tests/fixtures/bin list the symbols they stand for.
+    fn fixture_symbols(path: &Path, wanted: &[&str]) -> std::io::Result<Option<BTreeSet<String>>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(Some(
+            text.split_whitespace()
+                .filter(|s| wanted.contains(s))
+                .map(String::from)
+                .collect(),
+        ))
+    }
+
+    fn with_rules(rules: RuleSet) -> Discovery {
         let proc = ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
-        Discovery::new(proc, RuleSet::new(&default_rule_specs()).unwrap(), 1)
+        Discovery::new(proc, rules, 1).with_symbol_reader(fixture_symbols)
+    }
+
+    fn discovery() -> Discovery {
+        with_rules(RuleSet::new(&default_rule_specs()).unwrap())
     }
 
     #[test]
@@ -196,16 +284,19 @@ mod tests {
             .map(|p| (p.pid(), p.group().to_string()))
             .collect();
         found.sort();
+        // 600 and 610 are children Redis forked, 700 a copy named redis-server-7.4.1, 710 the
+        // Redis binary run as redis-check-rdb, 720 redis-cli.
         assert_eq!(
             found,
             vec![
                 (100, "redis".into()),
                 (200, "sidekiq".into()),
                 (400, "redis".into()),
-                (500, "sidekiq".into())
+                (500, "sidekiq".into()),
+                (700, "redis".into()),
             ]
         );
-        assert_eq!(changes.len(), 4);
+        assert_eq!(changes.len(), 5);
         assert!(changes.iter().all(|c| matches!(c, Change::Added(_))));
         assert_eq!(errors, ScanErrors::default());
         // A second scan of an unchanged tree changes nothing.
@@ -213,9 +304,35 @@ mod tests {
     }
 
     #[test]
+    fn each_binary_is_read_once_and_only_for_redis_looking_processes() {
+        let mut d = discovery();
+        d.rescan().unwrap();
+        // bin/redis-server-7.4.1 (700), bin/redis-check-rdb (710), bin/redis-cli (720). Not
+        // those named redis-server (100, 400, 600, 610): their name suffices. Never ruby or
+        // python.
+        assert_eq!(d.binaries_read, 3);
+        d.rescan().unwrap();
+        assert_eq!(d.binaries_read, 3, "cached");
+    }
+
+    #[test]
+    fn redis_exclusions_apply_to_discovery() {
+        use crate::rules::ExcludeSpec;
+        let rules = RuleSet::new(&default_rule_specs())
+            .unwrap()
+            .with_redis_exclusions(&[ExcludeSpec::parse_flag("comm=redis-server-7.").unwrap()])
+            .unwrap();
+        let mut d = with_rules(rules);
+        d.rescan().unwrap();
+        assert!(d.get(700).is_none());
+        assert!(d.get(100).is_some());
+    }
+
+    #[test]
     fn the_agent_never_tracks_itself() {
         let proc = ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
-        let mut d = Discovery::new(proc, RuleSet::new(&default_rule_specs()).unwrap(), 100);
+        let mut d = Discovery::new(proc, RuleSet::new(&default_rule_specs()).unwrap(), 100)
+            .with_symbol_reader(fixture_symbols);
         d.rescan().unwrap();
         assert!(d.get(100).is_none());
     }

@@ -25,12 +25,37 @@ pub struct ProcessInfo {
     pub exe: Option<PathBuf>,
     /// Arguments; empty for kernel threads and zombies.
     pub cmdline: Vec<String>,
+    /// Session id (`stat` field 6): equal to the pid for a session leader.
+    pub session: i32,
+    /// Kernel task flags (`stat` field 9), e.g. [`PF_FORKNOEXEC`].
+    pub flags: u32,
 }
+
+/// `include/linux/sched.h`: set on fork, cleared by exec. A process with it runs its parent's
+/// image: a Redis's BGSAVE child, a daemonized server, a Resque job child.
+pub const PF_FORKNOEXEC: u32 = 0x0000_0040;
 
 impl ProcessInfo {
     /// Basename of the executable, e.g. `redis-check-rdb` for Debian's redis-server symlink.
     pub fn exe_name(&self) -> Option<&str> {
         self.exe.as_deref()?.file_name()?.to_str()
+    }
+
+    /// The program name the process gives itself: the basename of the first word of argv[0].
+    /// A process title replaces argv[0] (`redis-server 127.0.0.1:6379`), hence the first word.
+    pub fn argv0_name(&self) -> Option<&str> {
+        let first = self.cmdline.first()?.split_whitespace().next()?;
+        Some(first.rsplit('/').next().unwrap_or(first))
+    }
+
+    /// Forked and not (yet) exec'd: it runs its parent's image.
+    pub fn forked_without_exec(&self) -> bool {
+        self.flags & PF_FORKNOEXEC != 0
+    }
+
+    /// Leads its own session (called setsid(), as a daemonizing server does).
+    pub fn session_leader(&self) -> bool {
+        self.session == self.id.pid as i32
     }
 }
 
@@ -139,7 +164,37 @@ impl ProcRoot {
             comm: stat.comm,
             exe,
             cmdline,
+            session: stat.session,
+            flags: stat.flags,
         })
+    }
+
+    /// The current arguments (or process title) of a process; empty when unreadable.
+    pub fn cmdline(&self, pid: u32) -> Vec<String> {
+        self.open(pid)
+            .and_then(|p| {
+                p.cmdline()
+                    .map_err(|e| ReadError::from_proc(pid, "cmdline", e))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The executable a process runs, opened through `/proc/<pid>/exe` (which reaches it in
+    /// any mount namespace, deleted or not), and its identity: a binary is read once, however
+    /// many processes run it.
+    pub fn exe_identity(&self, pid: u32) -> Option<(PathBuf, BinaryKey)> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.root.join(pid.to_string()).join("exe");
+        let meta = std::fs::metadata(&path).ok()?;
+        Some((
+            path,
+            BinaryKey {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime: meta.mtime(),
+            },
+        ))
     }
 
     /// Start time of `pid`, to check that a pid still names the same process.
@@ -189,6 +244,42 @@ impl ProcRoot {
         let relative = path_in_process.strip_prefix("/").unwrap_or(path_in_process);
         self.root.join(pid.to_string()).join("root").join(relative)
     }
+}
+
+/// An executable file as the kernel identifies it, plus size and mtime so that an inode reused
+/// for another file is not taken for the old one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BinaryKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: i64,
+}
+
+/// Which of `wanted` an ELF file defines, from `.dynsym` (kept by stripped builds linked with
+/// `-rdynamic`, as Redis is) and `.symtab` when present. `None` when the file has no symbol
+/// table at all (a stripped static binary): then nothing can be said from its symbols. Only the
+/// headers and the symbol tables are read, not the whole file.
+pub fn defined_symbols(
+    path: &Path,
+    wanted: &[&str],
+) -> std::io::Result<Option<std::collections::BTreeSet<String>>> {
+    use object::{Object, ObjectSymbol};
+    let file = std::fs::File::open(path)?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut any = false;
+    let found = elf
+        .dynamic_symbols()
+        .chain(elf.symbols())
+        .inspect(|_| any = true)
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok())
+        .filter(|name| wanted.contains(name))
+        .map(String::from)
+        .collect();
+    Ok(any.then_some(found))
 }
 
 /// How an executable does its I/O, as far as libc probes are concerned.
@@ -291,7 +382,10 @@ mod tests {
 
     #[test]
     fn lists_numeric_entries_only() {
-        assert_eq!(fixtures().pids().unwrap(), vec![2, 100, 200, 300, 400, 500]);
+        assert_eq!(
+            fixtures().pids().unwrap(),
+            vec![2, 100, 200, 300, 400, 500, 600, 610, 700, 710, 720]
+        );
     }
 
     #[test]
@@ -307,6 +401,94 @@ mod tests {
         assert_eq!(info.comm, "redis-server");
         assert_eq!(info.exe_name(), Some("redis-check-rdb"));
         assert_eq!(info.cmdline, vec!["redis-server 127.0.0.1:6379"]);
+        assert_eq!(info.argv0_name(), Some("redis-server"));
+        assert!(info.session_leader());
+    }
+
+    #[test]
+    fn fork_without_exec_and_session_from_stat() {
+        // A BGSAVE child: forked, not exec'd, in its parent's session.
+        let child = fixtures().process_info(600).unwrap();
+        assert!(child.forked_without_exec());
+        assert!(!child.session_leader());
+        assert_eq!(child.argv0_name(), Some("redis-rdb-bgsave"));
+        // An exec'd copy run by path: argv[0]'s basename.
+        let copy = fixtures().process_info(700).unwrap();
+        assert!(!copy.forked_without_exec());
+        assert_eq!(copy.argv0_name(), Some("redis-server-7.4.1"));
+        assert_eq!(copy.comm, "redis-server-7.");
+    }
+
+    #[test]
+    fn listening_sockets_are_the_processes_own_listeners() {
+        let listeners = fixtures().listening_sockets(100);
+        let expected: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:6379".parse().unwrap(),
+            "127.0.0.1:16379".parse().unwrap(),
+            "[::1]:6379".parse().unwrap(),
+        ];
+        let mut expected = expected;
+        expected.sort();
+        // Not sshd's 0.0.0.0:22 (another process's socket in the same namespace), not the
+        // accepted connection.
+        assert_eq!(listeners, expected);
+        // The title's port, bound to loopback on both families: the IPv4 address.
+        assert_eq!(
+            service_address(&listeners, Some(6379)),
+            Some((6379, Some("127.0.0.1".parse().unwrap())))
+        );
+        // No hint: the lowest port, not the cluster bus.
+        assert_eq!(service_address(&listeners, None).unwrap().0, 6379);
+        // A hint it does not listen on is ignored.
+        assert_eq!(service_address(&listeners, Some(7000)).unwrap().0, 6379);
+        // None yet (not bound, or gone), and processes without net or fd entries.
+        assert!(fixtures().listening_sockets(400).is_empty());
+        assert!(fixtures().listening_sockets(999).is_empty());
+        assert_eq!(service_address(&[], Some(6379)), None);
+    }
+
+    #[test]
+    fn service_address_only_when_bound_to_a_specific_address() {
+        let addrs = |list: &[&str]| -> Vec<std::net::SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        // Redis's default `bind * -::*`.
+        assert_eq!(
+            service_address(&addrs(&["0.0.0.0:6379", "[::]:6379"]), Some(6379)),
+            Some((6379, None))
+        );
+        assert_eq!(
+            service_address(&addrs(&["10.0.0.5:6380", "[::]:6380"]), None),
+            Some((6380, None))
+        );
+        // tls-port below port: the title's port wins.
+        assert_eq!(
+            service_address(&addrs(&["10.0.0.5:6379", "10.0.0.5:6380"]), Some(6380)),
+            Some((6380, Some("10.0.0.5".parse().unwrap())))
+        );
+        assert_eq!(
+            service_address(&addrs(&["[::ffff:10.0.0.5]:6379"]), None),
+            Some((6379, Some("10.0.0.5".parse().unwrap())))
+        );
+    }
+
+    #[test]
+    fn symbols_of_a_real_elf() {
+        let me = std::env::current_exe().unwrap();
+        // This test binary defines main, not Redis's functions.
+        let found = defined_symbols(&me, &["main", "processCommand"])
+            .unwrap()
+            .expect("a symbol table");
+        assert!(!found.contains("processCommand"));
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), b"#!/bin/sh\n").unwrap();
+        assert!(defined_symbols(text.path(), &["main"]).is_err());
+        if let Ok(redis) = std::fs::canonicalize("/usr/bin/redis-server") {
+            let found = defined_symbols(&redis, &crate::rules::SERVER_SYMBOLS)
+                .unwrap()
+                .unwrap();
+            assert_eq!(found.len(), 2, "{}: {found:?}", redis.display());
+        }
     }
 
     #[test]
@@ -409,31 +591,69 @@ pub fn parse_proc_net_address(text: &str) -> Option<SocketPeer> {
     Some(SocketPeer { ip, port })
 }
 
-/// Socket inode -> remote address, from the text of `/proc/<pid>/net/tcp` or `tcp6`.
-pub fn parse_proc_net_tcp(text: &str) -> std::collections::HashMap<u64, SocketPeer> {
+/// One line of `/proc/<pid>/net/tcp{,6}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketPeer,
+    pub remote: SocketPeer,
+    /// `st`: the kernel's TCP state (`include/net/tcp_states.h`), e.g. [`TCP_LISTEN`].
+    pub state: u8,
+}
+
+/// `TCP_LISTEN` in `include/net/tcp_states.h` (`0A` in /proc/net/tcp).
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// Socket inode -> addresses and state, from the text of `/proc/<pid>/net/tcp` or `tcp6`.
+pub fn parse_proc_net_tcp(text: &str) -> std::collections::HashMap<u64, TcpSocket> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let peer = parse_proc_net_address(fields.get(2)?)?;
+            let local = parse_proc_net_address(fields.get(1)?)?;
+            let remote = parse_proc_net_address(fields.get(2)?)?;
+            let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
             let inode: u64 = fields.get(9)?.parse().ok()?;
-            Some((inode, peer))
+            Some((
+                inode,
+                TcpSocket {
+                    local,
+                    remote,
+                    state,
+                },
+            ))
         })
         .collect()
 }
 
+/// Which address a server serves on, from its listening sockets: `preferred_port` (what its
+/// title or arguments say) when it listens there, else its lowest listening port (a Redis
+/// cluster bus listens on port + 10000). The address is given only when every listener on that
+/// port is bound to a specific address, not to 0.0.0.0 or `::`; with several, the lowest
+/// (IPv4 first).
+pub fn service_address(
+    listeners: &[std::net::SocketAddr],
+    preferred_port: Option<u16>,
+) -> Option<(u16, Option<std::net::IpAddr>)> {
+    let port = preferred_port
+        .filter(|p| listeners.iter().any(|l| l.port() == *p))
+        .or_else(|| listeners.iter().map(|l| l.port()).min())?;
+    let on_port: Vec<std::net::IpAddr> = listeners
+        .iter()
+        .filter(|l| l.port() == port)
+        .map(|l| l.ip().to_canonical())
+        .collect();
+    let address = if on_port.iter().any(|ip| ip.is_unspecified()) {
+        None
+    } else {
+        on_port.into_iter().min()
+    };
+    Some((port, address))
+}
+
 impl ProcRoot {
-    /// The TCP peers of a process's open sockets, by fd: for connections it opened before
-    /// the agent started (later ones are seen at connect()).
-    pub fn socket_peers(&self, pid: u32) -> Vec<(u32, SocketPeer)> {
-        let base = self.root.join(pid.to_string());
-        let mut by_inode = std::collections::HashMap::new();
-        for table in ["net/tcp", "net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(base.join(table)) {
-                by_inode.extend(parse_proc_net_tcp(&text));
-            }
-        }
-        let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
+    /// (fd, socket inode) of each socket a process has open.
+    fn socket_inodes(&self, pid: u32) -> Vec<(u32, u64)> {
+        let Ok(fds) = std::fs::read_dir(self.root.join(pid.to_string()).join("fd")) else {
             return Vec::new();
         };
         fds.filter_map(|entry| {
@@ -446,9 +666,54 @@ impl ProcRoot {
                 .strip_suffix(']')?
                 .parse()
                 .ok()?;
-            Some((fd, *by_inode.get(&inode)?))
+            Some((fd, inode))
         })
         .collect()
+    }
+
+    /// The TCP sockets of the network namespace `pid` is in, by inode.
+    fn tcp_sockets(&self, pid: u32) -> std::collections::HashMap<u64, TcpSocket> {
+        let base = self.root.join(pid.to_string());
+        let mut by_inode = std::collections::HashMap::new();
+        for table in ["net/tcp", "net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(base.join(table)) {
+                by_inode.extend(parse_proc_net_tcp(&text));
+            }
+        }
+        by_inode
+    }
+
+    /// The TCP peers of a process's open sockets, by fd: for connections it opened before
+    /// the agent started (later ones are seen at connect()).
+    pub fn socket_peers(&self, pid: u32) -> Vec<(u32, SocketPeer)> {
+        let fds = self.socket_inodes(pid);
+        if fds.is_empty() {
+            return Vec::new();
+        }
+        let by_inode = self.tcp_sockets(pid);
+        fds.into_iter()
+            .filter_map(|(fd, inode)| Some((fd, by_inode.get(&inode)?.remote)))
+            .collect()
+    }
+
+    /// The TCP addresses a process listens on: sockets in LISTEN state among its own fds (a
+    /// forked child that closed its copies, such as a Redis BGSAVE child, has none). Sorted,
+    /// without duplicates.
+    pub fn listening_sockets(&self, pid: u32) -> Vec<std::net::SocketAddr> {
+        let fds = self.socket_inodes(pid);
+        if fds.is_empty() {
+            return Vec::new();
+        }
+        let by_inode = self.tcp_sockets(pid);
+        let mut listeners: Vec<std::net::SocketAddr> = fds
+            .iter()
+            .filter_map(|(_, inode)| by_inode.get(inode))
+            .filter(|s| s.state == TCP_LISTEN)
+            .map(|s| std::net::SocketAddr::new(s.local.ip, s.local.port))
+            .collect();
+        listeners.sort_unstable();
+        listeners.dedup();
+        listeners
     }
 }
 
@@ -461,15 +726,19 @@ mod net_tests {
         let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
                     0: 0100007F:D431 0100007F:18EB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
                     1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
-        let peers = parse_proc_net_tcp(text);
+        let sockets = parse_proc_net_tcp(text);
         assert_eq!(
-            peers[&4242],
+            sockets[&4242].remote,
             SocketPeer {
                 ip: "127.0.0.1".parse().unwrap(),
                 port: 6379
             }
         );
-        assert_eq!(peers[&77].port, 0);
+        assert_eq!(sockets[&4242].local.port, 54321);
+        assert_eq!(sockets[&4242].state, 0x01);
+        assert_eq!(sockets[&77].remote.port, 0);
+        assert_eq!(sockets[&77].local.port, 8080);
+        assert_eq!(sockets[&77].state, TCP_LISTEN);
         let v6 = parse_proc_net_address("00000000000000000000000001000000:18EB").unwrap();
         assert_eq!(
             v6,
