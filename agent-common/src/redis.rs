@@ -2,7 +2,14 @@
 //!
 //! The kernel keeps one entry per blocked client (keyed by process and client pointer) from
 //! `blockForKeys` to `unblockClient`, and aggregates fan-out, blocking time by outcome, and the
-//! time spent registering/unregistering into per-CPU maps. Nothing goes to user space per call.
+//! time spent registering/unregistering in one value per Redis process ([`RedisProcState`]).
+//! Nothing goes to user space per call.
+//!
+//! Every probed function runs on Redis's main thread only (blocking bookkeeping is not done
+//! by I/O threads, and modules may only block clients from the main thread), so the
+//! per-process value is written by one thread at a time and needs neither per-CPU copies nor
+//! atomics. That is what makes each probe cost one hash lookup for the process, not one per
+//! counter: map operations cost 100-300 ns each on the VM this was measured on.
 
 use crate::sched::Log2Histogram;
 
@@ -11,8 +18,11 @@ use crate::sched::Log2Histogram;
 pub const MAX_BLOCKED_CLIENTS: u32 = 65536;
 /// Most Redis processes with blocking probes.
 pub const MAX_REDIS_PROCESSES: u32 = 1024;
-/// Most (process, block type, outcome) histogram keys.
-pub const MAX_REDIS_HISTOGRAMS: u32 = 8192;
+/// Slots for raw `btype` values: 1..6 in every known version; anything else is folded into
+/// slot 0, which no known block type uses and user space ignores.
+pub const BTYPE_SLOTS: usize = 8;
+/// served, timeout, other.
+pub const OUTCOMES: usize = 3;
 
 /// Upper bounds (inclusive) of the fan-out buckets: keys listed by one blocking call. Chosen
 /// for the data: single-queue workers, tens of queues, and fleets listing hundreds to thousands.
@@ -66,13 +76,15 @@ pub mod served_by {
     /// passes 0 for `queue_for_reprocessing` (every other path passes 1; the LTO clone has the
     /// 1 folded in). No probe on the event loop is needed.
     pub const REPROCESS_ARGUMENT: u32 = 1;
+    /// 6.x and 7.0 where the serve functions' calls to `unblockClient` were found in the
+    /// machine code: `unblockClient` returns to one of them exactly when a key woke the
+    /// client, so its return address tells, and the serving window needs no probes.
+    pub const RETURN_ADDRESS: u32 = 2;
 }
 
-/// `client->flags` is the second field of `struct client` (after `uint64_t id`) in 6.x
-/// through 7.4.
-pub const CLIENT_FLAGS_OFFSET: u64 = 8;
-/// `CLIENT_REPROCESSING_COMMAND` (7.2, 7.4): set while a woken client re-runs its command.
-pub const CLIENT_REPROCESSING_COMMAND: u64 = 1 << 50;
+/// Most call sites in the serve functions of one binary (7.0 has one per serve function).
+pub const MAX_SERVING_RETURNS: usize = 8;
+
 /// A woken client that blocks again does so while its command is re-run, within microseconds
 /// of the wake; a later block of the same client is a new call.
 pub const REBLOCK_WINDOW_NS: u64 = 100_000_000;
@@ -93,10 +105,35 @@ pub struct RedisProcess {
     pub timeout_arg: u32,
     /// A [`served_by`] value.
     pub served_by: u32,
-    /// The `client->flags` bit set while a woken client re-runs its command, or 0 for builds
-    /// whose woken clients never block again (6.x, 7.0 serve a client only with data).
-    pub reprocessing_flag: u64,
+    /// Where the "re-processing a command" flag of a client is: the byte at this offset in
+    /// `struct client`, tested with [`Self::reprocessing_mask`]. Read from the machine code
+    /// of `blockForKeys`, which tests it first thing (7.2+: `CLIENT_REPROCESSING_COMMAND`,
+    /// bit 50 of `flags`; Valkey 8: `flag.reprocessing_command`).
+    pub reprocessing_offset: u32,
+    /// 0 for builds whose woken clients never block again (6.x, 7.0 serve a client only with
+    /// data) or where the flag was not found.
+    pub reprocessing_mask: u32,
+    /// With [`served_by::RETURN_ADDRESS`]: where in this process `unblockClient` returns to
+    /// when a serve function called it (0 for unused slots).
+    pub serving_returns: [u64; MAX_SERVING_RETURNS],
+    /// Offset of `client->bstate` (its `btype` field), or of the pointer to it where it is
+    /// allocated apart (Valkey 8.1+), for blocks the compiler inlined `blockForKeys` into
+    /// (see `redis_block_client`); 0 when unknown.
+    pub bstate_offset: u32,
+    /// Bit `1 << btype` for each raw `btype` that blocks on keys (list, zset, stream).
+    pub key_btypes: u32,
+    /// Whether `bstate_offset` is that of a pointer to the blocking state.
+    pub bstate_is_pointer: u32,
+    /// Offset of `keys` (a `dict *`) in the blocking state: 24 in Redis 7.2 to 8.x, 32 in
+    /// Valkey 8+ (a union of list nodes comes before it).
+    pub bstate_keys: u32,
 }
+
+/// `blockingState`: `btype` at 0, `timeout` (Unix ms) at 8.
+pub const BSTATE_TIMEOUT: u64 = 8;
+/// `struct dict` (7.0 to 7.4): `ht_used[0]` at 24 and `ht_used[1]` at 32; their sum is the
+/// number of distinct keys a client is blocked on.
+pub const DICT_USED: u64 = 24;
 
 /// Value of `LAST_WOKEN`, per Redis thread: the client a key woke last (7.2+), kept until the
 /// next block so that a client that finds nothing and blocks again is seen as the same call.
@@ -129,18 +166,6 @@ pub struct BlockedClient {
     pub numkeys: u32,
     pub btype: u32,
     pub flags: u32,
-    pub _pad: u32,
-}
-
-/// Key of the fan-out and duration histograms and of the bookkeeping counters.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RedisHistKey {
-    pub tgid: u32,
-    /// Redis's raw `btype`; its meaning depends on the version (mapped in user space).
-    pub btype: u32,
-    /// An [`outcome`] for durations, [`outcome::NONE`] for fan-out, a [`phase`] for bookkeeping.
-    pub kind: u32,
     pub _pad: u32,
 }
 
@@ -199,14 +224,91 @@ pub struct PhaseTime {
     pub calls: u64,
 }
 
-/// Value of the duration histograms map.
+/// Value of the duration histograms.
 pub type DurationHistogram = Log2Histogram;
 
-const _: () = assert!(core::mem::size_of::<RedisProcess>() == 16);
+/// Value of `REDIS_PROCS`: everything the probes keep for one Redis process. Created by the
+/// agent (settings, all else zero) when it starts tracking the process; updated in place by
+/// the probes, which run on Redis's main thread only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedisProcState {
+    pub settings: RedisProcess,
+    /// Inside the serving window (6.x, 7.0).
+    pub serving: u32,
+    pub _pad: u32,
+    /// Entry time of the bookkeeping phase in progress, per [`phase`]; 0 when none.
+    pub phase_start: [u64; 2],
+    pub bookkeeping: [PhaseTime; 2],
+    /// Per [`point`].
+    pub hits: [u64; point::COUNT],
+    /// The client a key woke last (7.2+), see [`WokenClient`].
+    pub woken: WokenClient,
+    /// The client `blockForKeys` registered last, until its `blockClient` (7.2+).
+    pub registering: u64,
+    /// Fan-out per raw `btype` slot.
+    pub keys: [KeyHistogram; BTYPE_SLOTS],
+    /// Blocking time per raw `btype` slot and [`outcome`].
+    pub durations: [[DurationHistogram; OUTCOMES]; BTYPE_SLOTS],
+}
+
+impl RedisProcState {
+    pub fn new(settings: RedisProcess) -> Self {
+        Self {
+            settings,
+            serving: 0,
+            _pad: 0,
+            phase_start: [0; 2],
+            bookkeeping: [PhaseTime {
+                total_ns: 0,
+                calls: 0,
+            }; 2],
+            hits: [0; point::COUNT],
+            woken: WokenClient {
+                client: 0,
+                woken_ns: 0,
+                blocked: BlockedClient {
+                    start_ns: 0,
+                    deadline_ms: 0,
+                    numkeys: 0,
+                    btype: 0,
+                    flags: 0,
+                    _pad: 0,
+                },
+            },
+            registering: 0,
+            keys: [KeyHistogram::ZERO; BTYPE_SLOTS],
+            durations: [[Log2Histogram::ZERO; OUTCOMES]; BTYPE_SLOTS],
+        }
+    }
+
+    /// The slot of a raw `btype`.
+    #[inline(always)]
+    pub fn btype_slot(btype: u32) -> usize {
+        if (btype as usize) < BTYPE_SLOTS {
+            btype as usize
+        } else {
+            0
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<RedisProcess>() == 16 + 8 * MAX_SERVING_RETURNS + 16);
 const _: () = assert!(core::mem::size_of::<WokenClient>() == 48);
 const _: () = assert!(core::mem::size_of::<BlockedKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockedClient>() == 32);
-const _: () = assert!(core::mem::size_of::<RedisHistKey>() == 16);
+const _: () = assert!(
+    core::mem::size_of::<RedisProcState>()
+        == core::mem::size_of::<RedisProcess>()
+            + 8
+            + 16
+            + 32
+            + 8 * point::COUNT
+            + 48
+            + 8
+            + (16 + 8 * KEY_BUCKETS) * BTYPE_SLOTS
+            + core::mem::size_of::<Log2Histogram>() * OUTCOMES * BTYPE_SLOTS
+);
 const _: () = assert!(core::mem::size_of::<KeyHistogram>() == 16 + 8 * KEY_BUCKETS);
 
 #[cfg(feature = "user")]
@@ -216,7 +318,7 @@ mod pod {
     unsafe impl aya::Pod for WokenClient {}
     unsafe impl aya::Pod for BlockedKey {}
     unsafe impl aya::Pod for BlockedClient {}
-    unsafe impl aya::Pod for RedisHistKey {}
+    unsafe impl aya::Pod for RedisProcState {}
     unsafe impl aya::Pod for KeyHistogram {}
     unsafe impl aya::Pod for PhaseTime {}
 }

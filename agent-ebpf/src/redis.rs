@@ -16,15 +16,15 @@
 //!   machine code and probes with `redis_unblock_client_requeue` (its argument is folded in).
 
 use agent_common::redis::{
-    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, DurationHistogram,
-    KeyHistogram, PhaseTime, RedisHistKey, RedisProcess, WokenClient, CLIENT_FLAGS_OFFSET,
-    MAX_BLOCKED_CLIENTS, MAX_REDIS_HISTOGRAMS, MAX_REDIS_PROCESSES, REBLOCK_WINDOW_NS,
+    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, RedisProcState,
+    RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES,
+    MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
 };
 use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 
@@ -32,60 +32,38 @@ use crate::counters::bump;
 
 /// `BPF_NOEXIST`: create a map entry only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_F_NO_PREALLOC`: entries are allocated as processes are tracked (each is ~10 KiB).
+const BPF_F_NO_PREALLOC: u32 = 1;
 
+/// tgid -> the process's settings and counters. Written by the agent when it starts tracking
+/// a Redis process, then only updated in place here.
 #[map]
-static REDIS_PROCS: HashMap<u32, RedisProcess> = HashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
+static REDIS_PROCS: HashMap<u32, RedisProcState> =
+    HashMap::with_max_entries(MAX_REDIS_PROCESSES, BPF_F_NO_PREALLOC);
 
+/// Clients blocked now. A plain hash (not LRU): entries whose unblock was missed are found
+/// by the agent (past their deadline) or by the next block of the same client.
 #[map]
-static BLOCKED_CLIENTS: LruHashMap<BlockedKey, BlockedClient> =
-    LruHashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
-
-#[map]
-static REDIS_KEYS_HISTS: PerCpuHashMap<RedisHistKey, KeyHistogram> =
-    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
-
-#[map]
-static REDIS_DUR_HISTS: PerCpuHashMap<RedisHistKey, DurationHistogram> =
-    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
-
-#[map]
-static REDIS_BOOKKEEPING: PerCpuHashMap<RedisHistKey, PhaseTime> =
-    PerCpuHashMap::with_max_entries(MAX_REDIS_HISTOGRAMS, 0);
-
-#[map]
-static REDIS_PROBE_HITS: PerCpuHashMap<u64, u64> =
-    PerCpuHashMap::with_max_entries(MAX_REDIS_PROCESSES * point::COUNT as u32, 0);
+static BLOCKED_CLIENTS: HashMap<BlockedKey, BlockedClient> =
+    HashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
 
 #[map]
 static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
 
-/// tid -> whether the thread is inside the serving window (1) or not (0).
-#[map]
-static SERVING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
-
-/// tid -> the client a key woke last on that thread (7.2+), see `WokenClient`.
-#[map]
-static LAST_WOKEN: LruHashMap<u32, WokenClient> =
-    LruHashMap::with_max_entries(MAX_REDIS_PROCESSES, 0);
-
-/// (tid << 32 | phase) -> entry time, for the return probes.
-#[map]
-static PHASE_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_REDIS_PROCESSES * 4, 0);
-
+/// The calling Redis process's state, or `None` for a process that is not tracked (the
+/// uprobes are per binary, and `redis-check-rdb` runs the same file).
 #[inline(always)]
-fn ids() -> (u32, u32) {
-    let id = bpf_get_current_pid_tgid();
-    ((id >> 32) as u32, id as u32)
+fn current() -> Option<(u32, &'static mut RedisProcState)> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let state = REDIS_PROCS.get_ptr_mut(&tgid)?;
+    Some((tgid, unsafe { &mut *state }))
 }
 
 #[inline(always)]
-fn hit(tgid: u32, probe: u32) {
-    let key = ((tgid as u64) << 32) | probe as u64;
-    match REDIS_PROBE_HITS.get_ptr_mut(&key) {
-        Some(n) => unsafe { *n += 1 },
-        None => {
-            let _ = REDIS_PROBE_HITS.insert(&key, &1, 0);
-        }
+fn hit(state: &mut RedisProcState, probe: u32) {
+    let p = probe as usize;
+    if p < point::COUNT {
+        state.hits[p] += 1;
     }
 }
 
@@ -99,11 +77,10 @@ fn now_unix_ms(now_ns: u64) -> i64 {
 
 #[uprobe]
 pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
-    let (tgid, tid) = ids();
-    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else {
+    let Some((tgid, state)) = current() else {
         return 0;
     };
-    hit(tgid, point::BLOCK_FOR_KEYS);
+    hit(state, point::BLOCK_FOR_KEYS);
     let now = unsafe { bpf_ktime_get_ns() };
     let (Some(client), Some(btype), Some(numkeys)) =
         (ctx.arg::<u64>(0), ctx.arg::<u32>(1), ctx.arg::<u32>(3))
@@ -120,20 +97,80 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
             core::ptr::read_volatile(&sixth),
         )
     };
-    let deadline_ms = if process.timeout_arg == 5 {
+    let deadline_ms = if state.settings.timeout_arg == 5 {
         sixth
     } else {
         fifth
     };
 
+    state.phase_start[phase::REGISTER as usize] = now;
+    // blockForKeys ends with blockClient(c): that probe must not count this block again.
+    state.registering = client;
+    record_block(tgid, state, client, btype, numkeys, deadline_ms, now);
+    0
+}
+
+/// `blockClient(c, btype)` (7.2+): where the compiler inlined `blockForKeys` into a command
+/// (LTO builds inline it into `blmoveGenericCommand`, so BLMOVE and BRPOPLPUSH never call
+/// it), this is the only probe that sees the block. The keys and the deadline are read from
+/// `c->bstate`, whose offset the agent found in the machine code. Blocks that went through
+/// `blockForKeys` were counted there, and blocks not on keys (WAIT, CLIENT PAUSE, modules'
+/// own) are none of ours.
+#[uprobe]
+pub fn redis_block_client(ctx: ProbeContext) -> u32 {
+    let Some((tgid, state)) = current() else {
+        return 0;
+    };
+    let (Some(client), Some(btype)) = (ctx.arg::<u64>(0), ctx.arg::<u32>(1)) else {
+        return 0;
+    };
+    if state.registering == client {
+        state.registering = 0;
+        return 0;
+    }
+    let offset = state.settings.bstate_offset as u64;
+    if offset == 0 || btype >= 32 || state.settings.key_btypes & (1 << btype) == 0 {
+        return 0;
+    }
+    let read = |at: u64| unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0);
+    let bstate = if state.settings.bstate_is_pointer != 0 {
+        read(client + offset)
+    } else {
+        client + offset
+    };
+    if bstate == 0 {
+        return 0;
+    }
+    let deadline_ms = read(bstate + BSTATE_TIMEOUT) as i64;
+    let keys = read(bstate + state.settings.bstate_keys as u64);
+    if keys == 0 {
+        return 0;
+    }
+    let numkeys = read(keys + DICT_USED).wrapping_add(read(keys + DICT_USED + 8)) as u32;
+    hit(state, point::BLOCK_FOR_KEYS);
+    let now = unsafe { bpf_ktime_get_ns() };
+    record_block(tgid, state, client, btype, numkeys, deadline_ms, now);
+    0
+}
+
+/// A client blocks on `numkeys` keys until `deadline_ms`.
+#[inline(always)]
+fn record_block(
+    tgid: u32,
+    state: &mut RedisProcState,
+    client: u64,
+    btype: u32,
+    numkeys: u32,
+    deadline_ms: i64,
+    now: u64,
+) {
     let key = BlockedKey {
         tgid,
         _pad: 0,
         client,
     };
-    if process.reprocessing_flag != 0 && reblocked(tid, &key, process.reprocessing_flag, now) {
-        start_phase(tid, phase::REGISTER, now);
-        return 0;
+    if state.settings.reprocessing_mask != 0 && reblocked(state, &key, now) {
+        return;
     }
     let blocked = BlockedClient {
         start_ns: now,
@@ -147,46 +184,29 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
     // means the client blocked twice without being seen to unblock in between.
     if BLOCKED_CLIENTS.insert(&key, &blocked, BPF_NOEXIST).is_err() {
         if unsafe { BLOCKED_CLIENTS.get(&key) }.is_some() {
-            hit(tgid, point::MISSED_UNBLOCK);
+            hit(state, point::MISSED_UNBLOCK);
         }
         if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
             bump(ProbeCounter::BlockedClientInsertFailed);
         }
     }
-
-    let hist_key = RedisHistKey {
-        tgid,
-        btype,
-        kind: outcome::NONE,
-        _pad: 0,
-    };
-    match REDIS_KEYS_HISTS.get_ptr_mut(&hist_key) {
-        Some(h) => unsafe { (*h).record(numkeys) },
-        None => {
-            let mut h = KeyHistogram::ZERO;
-            h.record(numkeys);
-            if REDIS_KEYS_HISTS.insert(&hist_key, &h, 0).is_err() {
-                bump(ProbeCounter::HistogramMapFull);
-            }
-        }
-    }
-    start_phase(tid, phase::REGISTER, now);
-    0
+    state.keys[RedisProcState::btype_slot(btype)].record(numkeys);
 }
 
 #[uretprobe]
 pub fn redis_block_for_keys_ret(_ctx: RetProbeContext) -> u32 {
-    end_phase(phase::REGISTER);
+    if let Some((_, state)) = current() {
+        end_phase(state, phase::REGISTER);
+    }
     0
 }
 
 #[uprobe]
 pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
-    let (tgid, _) = ids();
-    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
+    let Some((tgid, state)) = current() else {
         return 0;
-    }
-    hit(tgid, point::REPLY_TIMED_OUT);
+    };
+    hit(state, point::REPLY_TIMED_OUT);
     let Some(client) = ctx.arg::<u64>(0) else {
         return 0;
     };
@@ -210,26 +230,17 @@ pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn redis_serving(_ctx: ProbeContext) -> u32 {
-    let (tgid, tid) = ids();
-    if unsafe { REDIS_PROCS.get(&tgid) }.is_none() {
-        return 0;
-    }
-    hit(tgid, point::SERVING_WINDOW);
-    // The entry stays once made; later calls flip it in place (cheaper than insert/delete).
-    match SERVING.get_ptr_mut(&tid) {
-        Some(depth) => unsafe { *depth = 1 },
-        None => {
-            let _ = SERVING.insert(&tid, &1, 0);
-        }
+    if let Some((_, state)) = current() {
+        hit(state, point::SERVING_WINDOW);
+        state.serving = 1;
     }
     0
 }
 
 #[uretprobe]
 pub fn redis_serving_ret(_ctx: RetProbeContext) -> u32 {
-    let (_, tid) = ids();
-    if let Some(depth) = SERVING.get_ptr_mut(&tid) {
-        unsafe { *depth = 0 };
+    if let Some((_, state)) = current() {
+        state.serving = 0;
     }
     0
 }
@@ -252,11 +263,10 @@ pub fn redis_unblock_client_requeue(ctx: ProbeContext) -> u32 {
 /// where the probed code has it.
 #[inline(always)]
 fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
-    let (tgid, tid) = ids();
-    let Some(process) = (unsafe { REDIS_PROCS.get(&tgid) }) else {
+    let Some((tgid, state)) = current() else {
         return 0;
     };
-    hit(tgid, point::UNBLOCK_CLIENT);
+    hit(state, point::UNBLOCK_CLIENT);
     let Some(client) = ctx.arg::<u64>(0) else {
         return 0;
     };
@@ -271,10 +281,10 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let woken = if process.served_by == served_by::REPROCESS_ARGUMENT {
-        requeue == Some(0)
-    } else {
-        unsafe { SERVING.get(&tid) }.is_some_and(|depth| *depth != 0)
+    let woken = match state.settings.served_by {
+        served_by::REPROCESS_ARGUMENT => requeue == Some(0),
+        served_by::RETURN_ADDRESS => returns_to_serving(ctx, &state.settings),
+        _ => state.serving != 0,
     };
     let result = if blocked.flags & flags::TIMED_OUT != 0 {
         outcome::TIMEOUT
@@ -285,39 +295,28 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
     } else {
         outcome::OTHER
     };
-    let elapsed = now.saturating_sub(blocked.start_ns);
-    record_duration(
-        RedisHistKey {
-            tgid,
-            btype: blocked.btype,
-            kind: result,
-            _pad: 0,
-        },
-        elapsed,
-    );
-    let _ = BLOCKED_CLIENTS.remove(&key);
-    if result == outcome::SERVED && process.reprocessing_flag != 0 {
-        remember_woken(tid, client, now, blocked);
+    let slot = RedisProcState::btype_slot(blocked.btype);
+    if (result as usize) < OUTCOMES {
+        state.durations[slot][result as usize].record(now.saturating_sub(blocked.start_ns));
     }
-    start_phase(tid, phase::UNREGISTER, now);
+    let _ = BLOCKED_CLIENTS.remove(&key);
+    if result == outcome::SERVED && state.settings.reprocessing_mask != 0 {
+        state.woken = WokenClient {
+            client,
+            woken_ns: now,
+            blocked,
+        };
+    }
+    state.phase_start[phase::UNREGISTER as usize] = now;
     0
 }
 
-/// Keeps what a woken client's call was, in case it blocks again (see `reblocked`). The entry
-/// of a thread is made once and rewritten in place.
-#[inline(always)]
-fn remember_woken(tid: u32, client: u64, now: u64, blocked: BlockedClient) {
-    let woken = WokenClient {
-        client,
-        woken_ns: now,
-        blocked,
-    };
-    match LAST_WOKEN.get_ptr_mut(&tid) {
-        Some(slot) => unsafe { *slot = woken },
-        None => {
-            let _ = LAST_WOKEN.insert(&tid, &woken, 0);
-        }
+#[uretprobe]
+pub fn redis_unblock_client_ret(_ctx: RetProbeContext) -> u32 {
+    if let Some((_, state)) = current() {
+        end_phase(state, phase::UNREGISTER);
     }
+    0
 }
 
 /// 7.2+ wakes every client blocked on a key that became ready and re-runs its command; one
@@ -326,110 +325,59 @@ fn remember_woken(tid: u32, client: u64, now: u64, blocked: BlockedClient) {
 /// call: its provisional `served` is taken back and its entry restored, and the fan-out is not
 /// counted twice. Returns whether this block was such a re-block.
 #[inline(always)]
-fn reblocked(tid: u32, key: &BlockedKey, reprocessing_flag: u64, now: u64) -> bool {
-    let Some(woken) = LAST_WOKEN.get_ptr_mut(&tid) else {
-        return false;
-    };
-    let woken = unsafe { &mut *woken };
+fn reblocked(state: &mut RedisProcState, key: &BlockedKey, now: u64) -> bool {
+    let woken = &mut state.woken;
     if woken.client != key.client || now.saturating_sub(woken.woken_ns) > REBLOCK_WINDOW_NS {
         return false;
     }
-    let client_flags: u64 =
-        match unsafe { bpf_probe_read_user((key.client + CLIENT_FLAGS_OFFSET) as *const u64) } {
-            Ok(f) => f,
-            Err(_) => return false,
-        };
-    if client_flags & reprocessing_flag == 0 {
+    let at = key.client + state.settings.reprocessing_offset as u64;
+    let flag_byte: u8 = match unsafe { bpf_probe_read_user(at as *const u8) } {
+        Ok(b) => b,
+        Err(_) => return false,
+    };
+    if flag_byte as u32 & state.settings.reprocessing_mask == 0 {
         return false;
     }
     let blocked = woken.blocked;
     // Used up: a later block of this client is a new call.
     woken.client = 0;
-    let served = RedisHistKey {
-        tgid: key.tgid,
-        btype: blocked.btype,
-        kind: outcome::SERVED,
-        _pad: 0,
-    };
-    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&served) {
-        unsafe { (*h).unrecord(woken.woken_ns.saturating_sub(blocked.start_ns)) };
-    }
+    let served_ns = woken.woken_ns.saturating_sub(blocked.start_ns);
+    state.durations[RedisProcState::btype_slot(blocked.btype)][outcome::SERVED as usize]
+        .unrecord(served_ns);
     if BLOCKED_CLIENTS.insert(key, &blocked, 0).is_err() {
         bump(ProbeCounter::BlockedClientInsertFailed);
     }
-    hit(key.tgid, point::REBLOCKED);
+    hit(state, point::REBLOCKED);
     true
 }
 
-#[uretprobe]
-pub fn redis_unblock_client_ret(_ctx: RetProbeContext) -> u32 {
-    end_phase(phase::UNREGISTER);
-    0
-}
-
+/// Whether `unblockClient` was called by a serve function: its return address, on top of the
+/// stack at the probe (the probe sits on the function's first instruction), is one of theirs.
 #[inline(always)]
-fn record_duration(key: RedisHistKey, ns: u64) {
-    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&key) {
-        unsafe { (*h).record(ns) };
-        return;
-    }
-    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else {
-        return;
+fn returns_to_serving(ctx: &ProbeContext, settings: &RedisProcess) -> bool {
+    let rsp = unsafe { (*ctx.regs).rsp };
+    let Ok(ret) = (unsafe { bpf_probe_read_user(rsp as *const u64) }) else {
+        return false;
     };
-    if REDIS_DUR_HISTS.insert(&key, zero, 0).is_err() {
-        bump(ProbeCounter::HistogramMapFull);
-        return;
-    }
-    if let Some(h) = REDIS_DUR_HISTS.get_ptr_mut(&key) {
-        unsafe { (*h).record(ns) };
-    }
-}
-
-/// Entries of PHASE_START are made once per (thread, phase) and then rewritten in place: an
-/// LRU insert and delete per call cost more than the rest of the probe.
-#[inline(always)]
-fn start_phase(tid: u32, which: u32, now: u64) {
-    let key = ((tid as u64) << 32) | which as u64;
-    match PHASE_START.get_ptr_mut(&key) {
-        Some(start) => unsafe { *start = now },
-        None => {
-            let _ = PHASE_START.insert(&key, &now, 0);
+    let mut i = 0;
+    while i < MAX_SERVING_RETURNS {
+        if settings.serving_returns[i] == ret && ret != 0 {
+            return true;
         }
+        i += 1;
     }
+    false
 }
 
+/// Adds the time since the phase's entry probe to its total.
 #[inline(always)]
-fn end_phase(which: u32) {
-    let (tgid, tid) = ids();
-    let start_key = ((tid as u64) << 32) | which as u64;
-    let Some(start) = PHASE_START.get_ptr_mut(&start_key) else {
-        return;
-    };
-    let start = unsafe { core::mem::replace(&mut *start, 0) };
+fn end_phase(state: &mut RedisProcState, which: u32) {
+    let w = which as usize & 1;
+    let start = core::mem::replace(&mut state.phase_start[w], 0);
     if start == 0 {
         return;
     }
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    let key = RedisHistKey {
-        tgid,
-        btype: 0,
-        kind: which,
-        _pad: 0,
-    };
-    match REDIS_BOOKKEEPING.get_ptr_mut(&key) {
-        Some(t) => unsafe {
-            (*t).total_ns += elapsed;
-            (*t).calls += 1;
-        },
-        None => {
-            let _ = REDIS_BOOKKEEPING.insert(
-                &key,
-                &PhaseTime {
-                    total_ns: elapsed,
-                    calls: 1,
-                },
-                0,
-            );
-        }
-    }
+    state.bookkeeping[w].total_ns += elapsed;
+    state.bookkeeping[w].calls += 1;
 }

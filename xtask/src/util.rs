@@ -107,7 +107,17 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
         .args(["test", "--package", "integration-tests", "--"])
         .arg("--test-threads=1")
         .env("FANOUT_BIN", &bin)
-        .env("FANOUT_INTEGRATION", "1");
+        .env("FANOUT_INTEGRATION", "1")
+        // Where setup installed Redis 6.2 for the version matrix.
+        .env(
+            integration_tests::REDIS62_VENV_VAR,
+            integration_tests::redis62_venv(),
+        )
+        // And Redis 8.2, Valkey 8.1 and Valkey 9.1 (PyPI's prebuilt servers).
+        .env(
+            integration_tests::PYPI_SERVERS_VENV_VAR,
+            integration_tests::pypi_servers_venv(),
+        );
     if let Some(f) = filter {
         cmd.arg(f);
     }

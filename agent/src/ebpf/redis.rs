@@ -6,13 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use agent_common::{
     maps, programs,
     redis::{
-        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime, RedisHistKey,
-        RedisProcess,
+        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime,
+        RedisProcState, RedisProcess, BTYPE_SLOTS, OUTCOMES,
     },
-    sched::Log2Histogram,
 };
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData},
     programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     Ebpf,
 };
@@ -40,6 +39,8 @@ pub struct UprobeSpec {
     pub on_clone: Option<&'static str>,
     /// Only for the bookkeeping-time measurement (return probes, opt-in).
     pub bookkeeping: bool,
+    /// Whether `binary` needs this program at all.
+    pub needed: fn(&RedisBinary) -> bool,
 }
 
 impl UprobeSpec {
@@ -55,6 +56,7 @@ impl UprobeSpec {
             fallback: None,
             on_clone: None,
             bookkeeping,
+            needed: |_| true,
         }
     }
 
@@ -101,6 +103,7 @@ const fn serving(program: &'static str) -> UprobeSpec {
         fallback: Some(SERVING_FALLBACK),
         on_clone: None,
         bookkeeping: false,
+        needed: RedisBinary::uses_serving_window,
     }
 }
 
@@ -112,12 +115,23 @@ const fn unblock(program: &'static str, on_clone: &'static str, bookkeeping: boo
         fallback: None,
         on_clone: Some(on_clone),
         bookkeeping,
+        needed: |_| true,
     }
 }
 
 /// Probe points as data: each entry program and, where it times a phase, its return program.
-pub const REDIS_UPROBES: [UprobeSpec; 7] = [
+pub const REDIS_UPROBES: [UprobeSpec; 8] = [
     UprobeSpec::one(programs::REDIS_BLOCK_FOR_KEYS, &["blockForKeys"], false),
+    // Part of the same point: blocks whose blockForKeys the compiler inlined (7.2+ LTO).
+    UprobeSpec {
+        program: programs::REDIS_BLOCK_CLIENT,
+        point: "blockForKeys",
+        symbols: &["blockClient"],
+        fallback: None,
+        on_clone: None,
+        bookkeeping: false,
+        needed: RedisBinary::catches_inlined_blocks,
+    },
     UprobeSpec::one(
         programs::REDIS_BLOCK_FOR_KEYS_RETURN,
         &["blockForKeys"],
@@ -157,10 +171,10 @@ pub const POINT_SYMBOLS: [(&str, u32); 4] = [
     (SERVING_POINT, point::SERVING_WINDOW),
 ];
 
-/// Whether `point` is used for `binary`: the serving window only where the layout needs it
-/// (or where the layout is unknown, so that its absence is reported).
+/// Whether `point` is used for `binary`: the serving window only where nothing else tells
+/// served pops (see `RedisBinary::uses_serving_window`).
 pub fn point_used(point: &str, binary: &RedisBinary) -> bool {
-    point != SERVING_POINT || binary.family.is_none_or(|f| f.uses_serving_window())
+    point != SERVING_POINT || binary.uses_serving_window()
 }
 
 /// One uprobe to attach: which program, where, and for which point.
@@ -197,7 +211,7 @@ fn placements(
     for spec in REDIS_UPROBES
         .iter()
         .filter(|s| bookkeeping_time || !s.bookkeeping)
-        .filter(|s| point_used(s.point, binary))
+        .filter(|s| point_used(s.point, binary) && (s.needed)(binary))
     {
         let targets = spec.targets(binary);
         if targets.is_empty() {
@@ -289,13 +303,12 @@ pub struct RedisReadings {
 pub const OVERDUE_GRACE_MS: i64 = 2_000;
 
 pub struct RedisMaps {
-    procs: HashMap<MapData, u32, RedisProcess>,
+    procs: HashMap<MapData, u32, RedisProcState>,
     blocked: HashMap<MapData, BlockedKey, BlockedClient>,
-    keys: PerCpuHashMap<MapData, RedisHistKey, KeyHistogram>,
-    durations: PerCpuHashMap<MapData, RedisHistKey, DurationHistogram>,
-    bookkeeping: PerCpuHashMap<MapData, RedisHistKey, PhaseTime>,
-    hits: PerCpuHashMap<MapData, u64, u64>,
     clock: Array<MapData, i64>,
+    /// Per tgid: the (btype, outcome) duration histograms exported so far. A histogram whose
+    /// only count was taken back (a woken client that blocked again) stays exported, at zero.
+    exported_durations: StdHashMap<u32, BTreeSet<(u32, u32)>>,
     attachments: StdHashMap<BinaryId, Attachment>,
     /// Per tgid: blocked clients removed by [`RedisMaps::sweep_overdue`], that is unblocks no
     /// probe saw. Counted as missed unblocks.
@@ -312,11 +325,8 @@ impl RedisMaps {
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
             blocked: take_map(ebpf, maps::BLOCKED_CLIENTS)?,
-            keys: take_map(ebpf, maps::REDIS_KEYS_HISTS)?,
-            durations: take_map(ebpf, maps::REDIS_DURATION_HISTS)?,
-            bookkeeping: take_map(ebpf, maps::REDIS_BOOKKEEPING)?,
-            hits: take_map(ebpf, maps::REDIS_PROBE_HITS)?,
             clock: take_map(ebpf, maps::CLOCK_OFFSET)?,
+            exported_durations: StdHashMap::new(),
             attachments: StdHashMap::new(),
             unseen_unblocks: StdHashMap::new(),
             load_error,
@@ -383,7 +393,7 @@ impl RedisMaps {
             .get_mut(&binary.id)
             .expect("inserted above");
         attachment.users.insert(pid);
-        if let Err(e) = self.procs.insert(pid, process, 0) {
+        if let Err(e) = self.procs.insert(pid, RedisProcState::new(process), 0) {
             tracing::warn!(pid, error = %e, "cannot register Redis process for blocking probes");
         }
         attachment.points.clone()
@@ -402,16 +412,7 @@ impl RedisMaps {
         for k in stale {
             let _ = self.blocked.remove(&k);
         }
-        for map in [
-            &mut self.keys as &mut dyn RemoveByTgid,
-            &mut self.durations,
-            &mut self.bookkeeping,
-        ] {
-            map.remove_tgid(pid);
-        }
-        for p in 0..point::COUNT as u64 {
-            let _ = self.hits.remove(&(((pid as u64) << 32) | p));
-        }
+        self.exported_durations.remove(&pid);
         self.unseen_unblocks.remove(&pid);
         let Some(attachment) = self.attachments.get_mut(&binary) else {
             return;
@@ -453,43 +454,30 @@ impl RedisMaps {
     }
 
     /// Reads everything the kernel holds, per tgid.
-    pub fn read(&self) -> BTreeMap<u32, RedisReadings> {
+    pub fn read(&mut self) -> BTreeMap<u32, RedisReadings> {
         let mut out: BTreeMap<u32, RedisReadings> = BTreeMap::new();
-        for (key, per_cpu) in self.keys.iter().filter_map(Result::ok) {
-            let entry = out
-                .entry(key.tgid)
-                .or_default()
-                .keys
-                .entry(key.btype)
-                .or_insert(KeyHistogram::ZERO);
-            per_cpu.iter().for_each(|v| entry.merge(v));
-        }
-        for (key, per_cpu) in self.durations.iter().filter_map(Result::ok) {
-            let entry = out
-                .entry(key.tgid)
-                .or_default()
-                .durations
-                .entry((key.btype, key.kind))
-                .or_insert(Log2Histogram::ZERO);
-            per_cpu.iter().for_each(|v| entry.merge(v));
-        }
-        for (key, per_cpu) in self.bookkeeping.iter().filter_map(Result::ok) {
-            let entry = out
-                .entry(key.tgid)
-                .or_default()
-                .bookkeeping
-                .entry(key.kind)
-                .or_default();
-            for v in per_cpu.iter() {
-                entry.total_ns += v.total_ns;
-                entry.calls += v.calls;
+        for (tgid, state) in self.procs.iter().filter_map(Result::ok) {
+            let r = out.entry(tgid).or_default();
+            let exported = self.exported_durations.entry(tgid).or_default();
+            for slot in 0..BTYPE_SLOTS {
+                let btype = slot as u32;
+                if state.keys[slot].count != 0 {
+                    r.keys.insert(btype, state.keys[slot]);
+                }
+                for kind in 0..OUTCOMES {
+                    let h = &state.durations[slot][kind];
+                    let key = (btype, kind as u32);
+                    if h.count != 0 || exported.contains(&key) {
+                        exported.insert(key);
+                        r.durations.insert(key, *h);
+                    }
+                }
             }
-        }
-        for (key, per_cpu) in self.hits.iter().filter_map(Result::ok) {
-            let (tgid, p) = ((key >> 32) as u32, (key & 0xffff_ffff) as usize);
-            if p < point::COUNT {
-                out.entry(tgid).or_default().hits[p] += per_cpu.iter().sum::<u64>();
+            for which in 0..2u32 {
+                r.bookkeeping
+                    .insert(which, state.bookkeeping[which as usize]);
             }
+            r.hits = state.hits;
         }
         for (key, client) in self.blocked.iter().filter_map(Result::ok) {
             let r = out.entry(key.tgid).or_default();
@@ -500,23 +488,6 @@ impl RedisMaps {
             out.entry(*tgid).or_default().hits[point::MISSED_UNBLOCK as usize] += unseen;
         }
         out
-    }
-}
-
-trait RemoveByTgid {
-    fn remove_tgid(&mut self, tgid: u32);
-}
-
-impl<V: aya::Pod> RemoveByTgid for PerCpuHashMap<MapData, RedisHistKey, V> {
-    fn remove_tgid(&mut self, tgid: u32) {
-        let stale: Vec<RedisHistKey> = self
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in stale {
-            let _ = self.remove(&k);
-        }
     }
 }
 

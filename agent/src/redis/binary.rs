@@ -10,7 +10,7 @@ use std::{
 
 use object::{Object, ObjectSymbol};
 
-use super::unblock_paths::{self, UnblockCoverage};
+use super::unblock_paths::{self, BstateAt, UnblockCoverage};
 use crate::probe_site::{self, FunctionSites, ProbeSite};
 
 /// Layouts of the blocking code that matter to the probes.
@@ -20,10 +20,13 @@ pub enum Family {
     Redis6,
     /// 7.0: `blockForKeys(c, btype, keys, numkeys, count, timeout, ...)`; BLMPOP exists.
     Redis70,
-    /// 7.2, 7.4 and Valkey: `blockForKeys(c, btype, keys, numkeys, timeout, unblock_on_nokey)`,
-    /// `unblockClientOnTimeout` exists, WAITAOF shifted the block types. Built with LTO by
-    /// default, so `unblockClient` may be bypassed (detected at run time).
+    /// Redis 7.2 to 8.x and Valkey 7.2: `blockForKeys(c, btype, keys, numkeys, timeout,
+    /// unblock_on_nokey)`, `unblockClientOnTimeout` exists, WAITAOF shifted the block types.
+    /// Built with LTO by default, so `unblockClient` and `blockForKeys` may be bypassed.
     Redis72Plus,
+    /// Valkey 8+: the 7.2 code, but WAIT and WAITAOF are one block type again (the block
+    /// types are numbered as in 7.0), told by `blockClientForReplicaAck`.
+    Valkey8Plus,
 }
 
 impl Family {
@@ -31,17 +34,23 @@ impl Family {
     pub fn timeout_arg(self) -> u32 {
         match self {
             Family::Redis70 => 5,
-            Family::Redis6 | Family::Redis72Plus => 4,
+            Family::Redis6 | Family::Redis72Plus | Family::Valkey8Plus => 4,
         }
+    }
+
+    /// Whether WAITAOF shifted the block types (one more before module, stream and zset).
+    fn waitaof_numbering(self) -> bool {
+        self == Family::Redis72Plus
     }
 
     /// The `redis.block.type` of a raw `btype`, or `None` for blocking that is not on keys.
     pub fn block_type(self, btype: u32) -> Option<&'static str> {
-        match (self, btype) {
-            (_, 1) => Some("list"),
-            (Family::Redis6 | Family::Redis70, 3) | (Family::Redis72Plus, 4) => Some("module"),
-            (Family::Redis6 | Family::Redis70, 4) | (Family::Redis72Plus, 5) => Some("stream"),
-            (Family::Redis6 | Family::Redis70, 5) | (Family::Redis72Plus, 6) => Some("zset"),
+        let shift = self.waitaof_numbering() as u32;
+        match btype {
+            1 => Some("list"),
+            b if b == 3 + shift => Some("module"),
+            b if b == 4 + shift => Some("stream"),
+            b if b == 5 + shift => Some("zset"),
             _ => None,
         }
     }
@@ -51,7 +60,7 @@ impl Family {
         use agent_common::redis::served_by;
         match self {
             Family::Redis6 | Family::Redis70 => served_by::SERVING_WINDOW,
-            Family::Redis72Plus => served_by::REPROCESS_ARGUMENT,
+            Family::Redis72Plus | Family::Valkey8Plus => served_by::REPROCESS_ARGUMENT,
         }
     }
 
@@ -60,21 +69,17 @@ impl Family {
         self.served_by() == agent_common::redis::served_by::SERVING_WINDOW
     }
 
-    /// The `client->flags` bit of a woken client re-running its command, for layouts whose
-    /// woken clients can block again (7.2+ wakes every client of a ready key).
-    pub fn reprocessing_flag(self) -> u64 {
-        match self {
-            Family::Redis6 | Family::Redis70 => 0,
-            Family::Redis72Plus => agent_common::redis::CLIENT_REPROCESSING_COMMAND,
-        }
+    /// Whether a woken client can block again in the same call (7.2+ wakes every client of
+    /// a ready key and re-runs its command).
+    pub fn reblocks(self) -> bool {
+        matches!(self, Family::Redis72Plus | Family::Valkey8Plus)
     }
 
-    /// The kernel-side settings for a process of this layout.
-    pub fn process_settings(self) -> agent_common::redis::RedisProcess {
-        agent_common::redis::RedisProcess {
-            timeout_arg: self.timeout_arg(),
-            served_by: self.served_by(),
-            reprocessing_flag: self.reprocessing_flag(),
+    /// Offset of `keys` in the blocking state.
+    fn bstate_keys(self) -> u32 {
+        match self {
+            Family::Valkey8Plus => 32,
+            _ => 24,
         }
     }
 
@@ -82,7 +87,8 @@ impl Family {
         match self {
             Family::Redis6 => "redis 6.x layout",
             Family::Redis70 => "redis 7.0 layout",
-            Family::Redis72Plus => "redis 7.2+/valkey layout",
+            Family::Redis72Plus => "redis 7.2+ layout",
+            Family::Valkey8Plus => "valkey 8+ layout",
         }
     }
 }
@@ -106,6 +112,15 @@ pub struct RedisBinary {
     pub sites: BTreeMap<String, FunctionSites>,
     /// Whether unblocks bypass the exported `unblockClient` (see `unblock_paths`).
     pub unblock: UnblockCoverage,
+    /// Where `unblockClient` returns to in the serve functions (virtual addresses in the
+    /// file; see `unblock_paths::serving_returns`).
+    pub serving_returns: Vec<u64>,
+    /// The page-aligned virtual address of the segment at file offset 0.
+    pub first_load_address: Option<u64>,
+    /// Where `client->bstate` is (7.2+; see `unblock_paths::bstate_offset`).
+    pub bstate: Option<BstateAt>,
+    /// Where the "re-processing a command" flag is: (byte offset in `struct client`, mask).
+    pub reprocessing: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,12 +143,16 @@ pub const INTERESTING_SYMBOLS: &[&str] = &[
     "blmpopCommand",
     "unblockClientOnTimeout",
     "unblockClientOnError",
+    "blockClient",
+    "blockClientForReplicaAck",
 ];
 
 /// Decides the family from the exported symbols; `None` when `blockForKeys` is absent.
 pub fn family_of(symbols: &BTreeSet<String>) -> Option<Family> {
     if !symbols.contains("blockForKeys") {
         None
+    } else if symbols.contains("blockClientForReplicaAck") {
+        Some(Family::Valkey8Plus)
     } else if symbols.contains("unblockClientOnTimeout") {
         Some(Family::Redis72Plus)
     } else if symbols.contains("blmpopCommand") {
@@ -167,6 +186,10 @@ impl RedisBinary {
         let family = family_of(&symbols);
         let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
         let unblock = unblock_paths::unblock_coverage(&file);
+        let serving_returns = unblock_paths::serving_returns(&file);
+        let first_load_address = unblock_paths::first_load_address(&file);
+        let bstate = unblock_paths::bstate_offset(&file);
+        let reprocessing = unblock_paths::reprocessing_flag(&file);
         Ok(Self {
             path: path.to_path_buf(),
             id: BinaryId {
@@ -177,11 +200,98 @@ impl RedisBinary {
             family,
             sites,
             unblock,
+            serving_returns,
+            first_load_address,
+            bstate,
+            reprocessing,
         })
     }
 
     pub fn has(&self, symbol: &str) -> bool {
         self.symbols.contains(symbol)
+    }
+
+    /// How this binary tells that a key woke a client: the layout's way, except that the
+    /// serve functions' return addresses replace the serving window where they were found
+    /// (and fit the kernel's slots).
+    pub fn served_by(&self) -> Option<u32> {
+        use agent_common::redis::{served_by, MAX_SERVING_RETURNS};
+        let family = self.family?;
+        Some(
+            if family.uses_serving_window()
+                && !self.serving_returns.is_empty()
+                && self.serving_returns.len() <= MAX_SERVING_RETURNS
+                && self.first_load_address.is_some()
+            {
+                served_by::RETURN_ADDRESS
+            } else {
+                family.served_by()
+            },
+        )
+    }
+
+    /// Whether `blockClient` is probed, for the blocks the compiler inlined `blockForKeys`
+    /// into: 7.2+ (whose `blockingState` and `dict` layouts the kernel side reads), where the
+    /// `bstate` offset was found.
+    pub fn catches_inlined_blocks(&self) -> bool {
+        self.family.is_some_and(Family::reblocks) && self.bstate.is_some()
+    }
+
+    /// Whether the serving window is probed: where the layout needs it and the return
+    /// addresses do not replace it, or where the layout is unknown (so that its absence is
+    /// reported).
+    pub fn uses_serving_window(&self) -> bool {
+        self.served_by()
+            .is_none_or(|s| s == agent_common::redis::served_by::SERVING_WINDOW)
+    }
+
+    /// The kernel-side settings for process `pid` running this binary. `load_bias` is where
+    /// the process mapped it (see `load_bias`); needed with `served_by::RETURN_ADDRESS`.
+    pub fn process_settings(
+        &self,
+        load_bias: Option<u64>,
+    ) -> Result<agent_common::redis::RedisProcess, String> {
+        use agent_common::redis::served_by;
+        let Some(family) = self.family else {
+            // Without blockForKeys nothing fires; the settings do not matter.
+            return Ok(Default::default());
+        };
+        let mut settings = agent_common::redis::RedisProcess {
+            timeout_arg: family.timeout_arg(),
+            served_by: self.served_by().unwrap_or(family.served_by()),
+            serving_returns: [0; agent_common::redis::MAX_SERVING_RETURNS],
+            ..Default::default()
+        };
+        if let (true, Some((offset, mask))) = (family.reblocks(), self.reprocessing) {
+            settings.reprocessing_offset = offset;
+            settings.reprocessing_mask = mask;
+        }
+        if let (true, Some(bstate)) = (self.catches_inlined_blocks(), self.bstate) {
+            let (offset, pointer) = match bstate {
+                BstateAt::Embedded(o) => (o, false),
+                BstateAt::Pointer(o) => (o, true),
+            };
+            settings.bstate_offset = offset;
+            settings.bstate_is_pointer = pointer as u32;
+            settings.bstate_keys = family.bstate_keys();
+            settings.key_btypes = (1..8)
+                .filter(|b| family.block_type(*b).is_some_and(|t| t != "module"))
+                .fold(0, |mask, b| mask | 1 << b);
+        }
+        if settings.served_by == served_by::RETURN_ADDRESS {
+            let bias = load_bias.ok_or_else(|| {
+                "where the process mapped its binary is unknown, so served pops cannot be told"
+                    .to_string()
+            })?;
+            for (slot, vaddr) in settings
+                .serving_returns
+                .iter_mut()
+                .zip(&self.serving_returns)
+            {
+                *slot = bias.wrapping_add(*vaddr);
+            }
+        }
+        Ok(settings)
     }
 
     /// Where to probe `symbol`: its entry unless a cheaper site was found.
@@ -195,13 +305,50 @@ impl RedisBinary {
     }
 }
 
-/// The port in a Redis process title such as `redis-server 127.0.0.1:6379` or `redis-server *:6380 [cluster]`.
+/// Where process `pid` mapped the binary `id`: the start of its mapping at file offset 0 in
+/// `maps` (the text of /proc/<pid>/maps) minus that segment's virtual address.
+pub fn load_bias(maps: &str, id: BinaryId, first_load_address: u64) -> Option<u64> {
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next()?;
+        let _perms = fields.next()?;
+        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+        let dev = fields.next()?;
+        let inode: u64 = fields.next()?.parse().ok()?;
+        let (major, minor) = dev.split_once(':')?;
+        let (major, minor) = (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        );
+        if offset != 0 || inode != id.ino || libc::makedev(major, minor) != id.dev {
+            return None;
+        }
+        let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
+        Some(start.wrapping_sub(first_load_address))
+    })
+}
+
+/// The port a Redis says it serves: from its process title (`redis-server 127.0.0.1:6379`,
+/// `redis-server *:6380 [cluster]`) or, before it has set one, from a `--port N` argument.
+/// Only a hint: the title can be anything (`proc-title-template`), and the port in use comes
+/// from the listening sockets (`proc_reader::service_address`).
 pub fn port_from_title(cmdline: &[String]) -> Option<u16> {
     let title = cmdline.join(" ");
-    title.split_whitespace().find_map(|word| {
-        word.rsplit_once(':')
-            .and_then(|(_, port)| port.parse().ok())
-    })
+    let words: Vec<&str> = title.split_whitespace().collect();
+    words
+        .iter()
+        .find_map(|word| {
+            word.rsplit_once(':')
+                // `host:port`, not a bare IPv6 address such as `::1`.
+                .filter(|(host, _)| !host.is_empty() && !host.ends_with(':'))
+                .and_then(|(_, port)| port.parse().ok())
+        })
+        .or_else(|| {
+            words
+                .windows(2)
+                .find(|w| w[0] == "--port")
+                .and_then(|w| w[1].parse().ok())
+        })
 }
 
 #[cfg(test)]
@@ -240,8 +387,10 @@ mod tests {
         assert_eq!(Family::Redis72Plus.timeout_arg(), 4);
         assert!(Family::Redis70.uses_serving_window() && Family::Redis6.uses_serving_window());
         assert!(!Family::Redis72Plus.uses_serving_window());
-        assert_eq!(Family::Redis70.reprocessing_flag(), 0);
-        assert_eq!(Family::Redis72Plus.reprocessing_flag(), 1 << 50);
+        assert!(!Family::Redis70.reblocks() && Family::Redis72Plus.reblocks());
+        assert_eq!(Family::Valkey8Plus.block_type(4), Some("stream"));
+        assert_eq!(Family::Valkey8Plus.block_type(5), Some("zset"));
+        assert_eq!(Family::Valkey8Plus.block_type(3), Some("module"));
         assert_eq!(Family::Redis70.block_type(1), Some("list"));
         assert_eq!(Family::Redis70.block_type(5), Some("zset"));
         assert_eq!(Family::Redis70.block_type(4), Some("stream"));
@@ -271,6 +420,12 @@ mod tests {
             Some(7000)
         );
         assert_eq!(port_from_title(&t("redis-server unixsocket")), None);
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            port_from_title(&args("/usr/bin/redis-server --bind ::1 --port 7001")),
+            Some(7001)
+        );
+        assert_eq!(port_from_title(&args("redis-server /etc/redis.conf")), None);
     }
 
     #[test]
@@ -285,5 +440,28 @@ mod tests {
             RedisBinary::inspect(not_elf.path()),
             Err(BinaryError::Elf { .. })
         ));
+    }
+
+    #[test]
+    fn load_bias_comes_from_the_mapping_at_file_offset_zero_of_that_binary() {
+        let maps = "\
+55d0c0a00000-55d0c0a8f000 r--p 00000000 fe:01 1234 /usr/bin/redis-check-rdb
+55d0c0a8f000-55d0c0c9a000 r-xp 0008f000 fe:01 1234 /usr/bin/redis-check-rdb
+7f0000000000-7f0000028000 r--p 00000000 fe:01 999 /usr/lib/x86_64-linux-gnu/libc.so.6
+";
+        let id = BinaryId {
+            dev: libc::makedev(0xfe, 0x01),
+            ino: 1234,
+        };
+        assert_eq!(load_bias(maps, id, 0), Some(0x55d0c0a00000));
+        // A non-PIE binary mapped where its segment says: no bias.
+        let fixed = "00400000-00452000 r--p 00000000 fe:01 1234 /opt/redis-server\n";
+        assert_eq!(load_bias(fixed, id, 0x400000), Some(0));
+        let other = BinaryId {
+            dev: id.dev,
+            ino: 1,
+        };
+        assert_eq!(load_bias(maps, other, 0), None);
+        assert_eq!(load_bias("garbage\n\n", id, 0), None);
     }
 }

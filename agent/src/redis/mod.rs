@@ -23,7 +23,11 @@ const DURATION_LAST_BUCKET: usize = 38;
 #[derive(Clone, Debug)]
 pub struct RedisTarget {
     pub pid: u32,
+    /// `server.port`: the port it listens on, from its listening sockets (see
+    /// `proc_reader::service_address`); `None` until it has bound one.
     pub port: Option<u16>,
+    /// `server.address`: only when it listens on a specific address (not 0.0.0.0 or `::`).
+    pub address: Option<std::net::IpAddr>,
     pub binary: Option<BinaryId>,
     pub family: Option<Family>,
     pub points: BTreeMap<&'static str, PointState>,
@@ -146,6 +150,9 @@ fn outcome_label(kind: u32) -> &'static str {
 impl RedisTarget {
     fn attributes(&self) -> Attributes {
         let mut attrs: Attributes = vec![("process.pid", AttrValue::from(self.pid))];
+        if let Some(address) = self.address {
+            attrs.push(("server.address", AttrValue::from(address.to_string())));
+        }
         if let Some(port) = self.port {
             attrs.push(("server.port", AttrValue::Int(port as i64)));
         }

@@ -175,6 +175,239 @@ pub fn unblock_coverage(file: &object::File<'_>) -> UnblockCoverage {
     }
 }
 
+/// Where `client->bstate` is, as `blockClient` writes the block type into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BstateAt {
+    /// Embedded in `struct client` at this offset (Redis 7.2 to 8.x, Valkey 8.0).
+    Embedded(u32),
+    /// Allocated apart, its pointer at this offset in `struct client` (Valkey 8.1+).
+    Pointer(u32),
+}
+
+/// Reads `c->bstate.btype = btype` in `blockClient`'s machine code: the first store of its
+/// second argument (`esi`, or a copy of it) to memory reached through the client pointer
+/// (`rdi`, or a copy of it), directly or through a pointer loaded from it.
+pub fn bstate_in_block_client(code: &[u8], address: u64) -> Option<BstateAt> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    let mut client = vec![Register::RDI];
+    let mut btype = vec![Register::ESI, Register::RSI];
+    // Registers loaded from [client + disp]: candidate pointers to the blocking state.
+    let mut loaded: Vec<(Register, u32)> = Vec::new();
+    for _ in 0..40 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        decoder.decode_out(&mut instruction);
+        let code = instruction.code();
+        if code == Code::INVALID {
+            return None;
+        }
+        let two_registers = instruction.op_count() == 2
+            && instruction.op0_kind() == OpKind::Register
+            && instruction.op1_kind() == OpKind::Register;
+        match code {
+            // mov %rdi,%rbx
+            Code::Mov_rm64_r64 | Code::Mov_r64_rm64
+                if two_registers && client.contains(&instruction.op1_register()) =>
+            {
+                client.push(instruction.op0_register());
+            }
+            // mov %esi,%r12d / movslq %esi,%r12
+            Code::Mov_rm32_r32 | Code::Mov_r32_rm32 | Code::Movsxd_r64_rm32
+                if two_registers && btype.contains(&instruction.op1_register()) =>
+            {
+                let to = instruction.op0_register();
+                btype.push(to);
+                btype.push(to.full_register32());
+                btype.push(to.full_register());
+            }
+            // mov 0xb0(%rbx),%rax: maybe the pointer to the blocking state.
+            Code::Mov_r64_rm64
+                if instruction.op1_kind() == OpKind::Memory
+                    && client.contains(&instruction.memory_base())
+                    && instruction.memory_index() == Register::None =>
+            {
+                if let Ok(disp) = u32::try_from(instruction.memory_displacement64()) {
+                    loaded.push((instruction.op0_register(), disp));
+                }
+            }
+            // mov %esi,disp(%rbx) or mov %r12d,(%rax)
+            Code::Mov_rm32_r32
+                if instruction.op0_kind() == OpKind::Memory
+                    && btype.contains(&instruction.op1_register())
+                    && instruction.memory_index() == Register::None =>
+            {
+                let base = instruction.memory_base();
+                let disp = instruction.memory_displacement64();
+                if client.contains(&base) {
+                    return u32::try_from(disp).ok().map(BstateAt::Embedded);
+                }
+                if disp == 0 {
+                    if let Some((_, at)) = loaded.iter().rev().find(|(r, _)| *r == base) {
+                        return Some(BstateAt::Pointer(*at));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Where `client->bstate` is in this binary (7.2+), from `blockClient`'s store of the block
+/// type, confirmed by `unblockClient`'s first read of the client (the block type, or the
+/// pointer to the blocking state). `None` when either is missing or they disagree.
+pub fn bstate_offset(file: &object::File<'_>) -> Option<BstateAt> {
+    let block_client = symbol_range(file, "blockClient")?;
+    let at = bstate_in_block_client(
+        code_at(file, block_client.0, block_client.1.clamp(1, 256))?,
+        block_client.0,
+    )?;
+    let unblock = symbol_range(file, "unblockClient")?;
+    let read = first_client_field(code_at(file, unblock.0, 96)?, unblock.0)?;
+    let offset = match at {
+        BstateAt::Embedded(o) | BstateAt::Pointer(o) => o,
+    };
+    (i64::from(offset) == read && offset > 0).then_some(at)
+}
+
+/// Where the "re-processing a command" flag is: `blockForKeys` tests it before anything else
+/// it reads from the client (`if (!(c->flags & CLIENT_REPROCESSING_COMMAND))`), with a
+/// `test` of one byte through the client pointer. Returns (byte offset, mask).
+pub fn reprocessing_flag(file: &object::File<'_>) -> Option<(u32, u32)> {
+    let (address, size) = symbol_range(file, "blockForKeys")?;
+    let code = code_at(file, address, size.clamp(1, 192))?;
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    let mut client = vec![Register::RDI];
+    for _ in 0..48 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        decoder.decode_out(&mut instruction);
+        match instruction.code() {
+            Code::INVALID => return None,
+            Code::Mov_rm64_r64 | Code::Mov_r64_rm64
+                if instruction.op0_kind() == OpKind::Register
+                    && instruction.op1_kind() == OpKind::Register
+                    && client.contains(&instruction.op1_register()) =>
+            {
+                client.push(instruction.op0_register());
+            }
+            Code::Test_rm8_imm8
+                if instruction.op0_kind() == OpKind::Memory
+                    && client.contains(&instruction.memory_base())
+                    && instruction.memory_index() == Register::None =>
+            {
+                let offset = u32::try_from(instruction.memory_displacement64()).ok()?;
+                let mask = instruction.immediate8() as u32;
+                return (mask != 0).then_some((offset, mask));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A defined function's address and size, by name.
+fn symbol_range(file: &object::File<'_>, name: &str) -> Option<(u64, u64)> {
+    file.dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.is_definition() && s.name() == Ok(name))
+        .map(|s| (s.address(), s.size()))
+}
+
+/// The serve functions of 6.x and 7.0, in which a write serves the clients blocked on its key.
+pub const SERVE_FUNCTIONS: [&str; 3] = [
+    "serveClientsBlockedOnListKey",
+    "serveClientsBlockedOnSortedSetKey",
+    "serveClientsBlockedOnStreamKey",
+];
+
+/// How far a serve function's code is read, at most.
+const MAX_FUNCTION_BYTES: u64 = 16 * 1024;
+
+/// The return addresses (virtual addresses in the file) of the serve functions' calls to the
+/// exported `unblockClient`: where it returns to exactly when a key woke the client. GCC
+/// splits the serve functions into a short exported wrapper and a `.part.0` body that its
+/// callers call directly; the body is what is read, from its start up to the next function.
+/// Empty when the binary has no serve functions or none of them calls `unblockClient`, in
+/// which case the serving window is probed instead.
+pub fn serving_returns(file: &object::File<'_>) -> Vec<u64> {
+    let mut functions: BTreeMap<String, Function> = BTreeMap::new();
+    let mut starts: BTreeSet<u64> = BTreeSet::new();
+    for symbol in file.dynamic_symbols().chain(file.symbols()) {
+        if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
+            continue;
+        }
+        starts.insert(symbol.address());
+        if let Ok(name) = symbol.name() {
+            functions.entry(name.to_string()).or_insert(Function {
+                address: symbol.address(),
+                size: symbol.size(),
+            });
+        }
+    }
+    let Some(unblock) = functions.get("unblockClient").map(|f| f.address) else {
+        return Vec::new();
+    };
+    // Where each serve function's code is: its split body if it is a wrapper.
+    let bodies: Vec<u64> = SERVE_FUNCTIONS
+        .iter()
+        .filter_map(|name| functions.get(*name))
+        .map(|f| {
+            let wrapper = code_at(file, f.address, f.size.min(64));
+            let body = (f.size > 0 && f.size <= 64)
+                .then_some(wrapper)
+                .flatten()
+                .and_then(crate::probe_site::tail_jump)
+                .and_then(|relative| f.address.checked_add_signed(relative));
+            body.unwrap_or(f.address)
+        })
+        .collect();
+    starts.extend(bodies.iter().copied());
+    let mut returns = Vec::new();
+    for body in bodies {
+        // Up to the next function (a symbol or another body).
+        let end = starts
+            .range(body + 1..)
+            .next()
+            .copied()
+            .unwrap_or(body + MAX_FUNCTION_BYTES)
+            .min(body + MAX_FUNCTION_BYTES);
+        let Some(code) = code_at(file, body, end - body) else {
+            continue;
+        };
+        let mut decoder = Decoder::with_ip(64, code, body, DecoderOptions::NONE);
+        let mut instruction = Instruction::default();
+        while decoder.can_decode() {
+            decoder.decode_out(&mut instruction);
+            if instruction.code() == Code::INVALID {
+                break;
+            }
+            if instruction.flow_control() == FlowControl::Call
+                && instruction.op0_kind() == OpKind::NearBranch64
+                && instruction.near_branch_target() == unblock
+            {
+                returns.push(instruction.next_ip());
+            }
+        }
+    }
+    returns.sort_unstable();
+    returns.dedup();
+    returns
+}
+
+/// The virtual address the first loadable segment (file offset 0) starts at, page-aligned:
+/// with the address that segment is mapped at in a process, it gives the load bias.
+pub fn first_load_address(file: &object::File<'_>) -> Option<u64> {
+    use object::ObjectSegment;
+    file.segments()
+        .find(|s| s.file_range().0 == 0)
+        .map(|s| s.address() & !0xfff)
+}
+
 /// `length` bytes of code at virtual `address` (fewer at the end of its section).
 fn code_at<'data>(file: &object::File<'data>, address: u64, length: u64) -> Option<&'data [u8]> {
     let section = file
@@ -235,6 +468,35 @@ mod tests {
     }
 
     #[test]
+    fn the_block_type_store_of_block_client_gives_the_bstate_offset() {
+        // blockClient of the upstream 7.4.1 build, up to `mov %esi,0x1d0(%rbx)` (after
+        // `mov %rdi,%rbx`).
+        let code = [
+            0x55, 0x48, 0x89, 0xe5, 0x41, 0x56, 0x53, 0x48, 0x89, 0xfb, 0x48, 0x83, 0xec, 0x10,
+            0x48, 0x8b, 0x47, 0x08, 0xa8, 0x02, 0x0f, 0x85, 0x16, 0x01, 0x00, 0x00, 0x48, 0x89,
+            0xc2, 0x89, 0xb3, 0xd0, 0x01, 0x00, 0x00,
+        ];
+        assert_eq!(
+            bstate_in_block_client(&code, 0x17c6c0),
+            Some(BstateAt::Embedded(0x1d0))
+        );
+        // A store of esi through another pointer is not it.
+        assert_eq!(
+            bstate_in_block_client(&[0x89, 0x70, 0x10, 0xc3], 0x1000),
+            None
+        );
+        // Valkey 8.1+: mov %rdi,%rbx; movslq %esi,%r12; mov 0xb0(%rbx),%rax; mov %r12d,(%rax)
+        let pointer = [
+            0x48, 0x89, 0xfb, 0x4c, 0x63, 0xe6, 0x48, 0x8b, 0x83, 0xb0, 0x00, 0x00, 0x00, 0x44,
+            0x89, 0x20,
+        ];
+        assert_eq!(
+            bstate_in_block_client(&pointer, 0x1000),
+            Some(BstateAt::Pointer(0xb0))
+        );
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let mut seed = 0x9e3779b97f4a7c15u64;
         for _ in 0..2000 {
@@ -248,6 +510,7 @@ mod tests {
                 .collect();
             let _ = exits(&code, 0x400000);
             let _ = first_client_field(&code, 0x400000);
+            let _ = bstate_in_block_client(&code, 0x400000);
         }
     }
 }
