@@ -20,28 +20,28 @@ pub mod maps {
     pub const TRACKED_PROCESSES: &str = "TRACKED_PROCS";
     /// tid -> [`crate::sched::ThreadState`]: scheduler timestamps of threads of tracked processes.
     pub const THREAD_STATE: &str = "THREAD_STATE";
+    /// [`crate::pidset`] of the tracked processes (tgids): the scheduler tracepoints' filter.
+    pub const TRACKED_TGIDS: &str = "TRACKED_TGIDS";
+    /// [`crate::pidset`] of the threads (tids) that have a [`THREAD_STATE`] entry.
+    pub const TRACKED_TIDS: &str = "TRACKED_TIDS";
     /// [`crate::sched::ThreadGroupKey`] -> [`crate::sched::SchedHistograms`] (per CPU).
     pub const SCHED_HISTOGRAMS: &str = "SCHED_HISTS";
     /// Ring buffer of [`crate::lifecycle::LifecycleEvent`].
     pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
+    /// tgid -> exec time (ns, monotonic) of Redis-looking processes: their forks are
+    /// reported for [`crate::lifecycle::RECENT_EXEC_WINDOW_NS`] after the exec.
+    pub const RECENT_EXECS: &str = "RECENT_EXECS";
     /// Per-CPU counters of the probes' own troubles, indexed by [`crate::sched::ProbeCounter`].
     pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
-    /// tgid -> [`crate::redis::RedisProcess`]: Redis processes with blocking probes.
+    /// tgid -> [`crate::redis::RedisProcState`]: Redis processes with blocking probes, and
+    /// everything their probes count.
     pub const REDIS_PROCS: &str = "REDIS_PROCS";
     /// [`crate::redis::BlockedKey`] -> [`crate::redis::BlockedClient`]: clients blocked now.
     pub const BLOCKED_CLIENTS: &str = "BLOCKED_CLIENTS";
-    /// [`crate::redis::RedisHistKey`] -> [`crate::redis::KeyHistogram`] (per CPU).
-    pub const REDIS_KEYS_HISTS: &str = "REDIS_KEYS_HISTS";
-    /// [`crate::redis::RedisHistKey`] -> [`crate::redis::DurationHistogram`] (per CPU).
-    pub const REDIS_DURATION_HISTS: &str = "REDIS_DUR_HISTS";
-    /// [`crate::redis::RedisHistKey`] (kind = phase) -> [`crate::redis::PhaseTime`] (per CPU).
-    pub const REDIS_BOOKKEEPING: &str = "REDIS_BOOKKEEPING";
-    /// (tgid << 32 | point) -> hits (per CPU).
-    pub const REDIS_PROBE_HITS: &str = "REDIS_PROBE_HITS";
     /// [0] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by the agent.
     pub const CLOCK_OFFSET: &str = "CLOCK_OFFSET";
-    /// tgid -> 1: worker processes whose syscalls are followed.
-    pub const WORKER_PROCS: &str = "WORKER_PROCS";
+    /// [`crate::pidset`] of the workers followed through the syscall tracepoints.
+    pub const SYSCALL_WORKERS: &str = "SYSCALL_WORKERS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::ConnState`].
     pub const CONNS: &str = "CONNS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::Peer`], from connect() or /proc.
@@ -61,12 +61,36 @@ pub mod programs {
     pub const SCHED_WAKEUP_NEW: &str = "sched_wakeup_new";
     pub const PROCESS_EXEC: &str = "sched_process_exec";
     pub const PROCESS_EXIT: &str = "sched_process_exit";
+    pub const TASK_NEWTASK: &str = "task_newtask";
     pub const REDIS_BLOCK_FOR_KEYS: &str = "redis_block_for_keys";
     pub const REDIS_BLOCK_FOR_KEYS_RETURN: &str = "redis_block_for_keys_ret";
     pub const REDIS_UNBLOCK_CLIENT: &str = "redis_unblock_client";
     pub const REDIS_UNBLOCK_CLIENT_RETURN: &str = "redis_unblock_client_ret";
     pub const REDIS_UNBLOCK_CLIENT_REQUEUE: &str = "redis_unblock_client_requeue";
+    pub const REDIS_BLOCK_CLIENT: &str = "redis_block_client";
     pub const REDIS_REPLY_TIMED_OUT: &str = "redis_reply_timed_out";
     pub const REDIS_SERVING: &str = "redis_serving";
     pub const REDIS_SERVING_RETURN: &str = "redis_serving_ret";
+}
+
+/// Sets of pids as bitmaps in an eBPF array map: one `u64` word per 64 pids. A lookup in an
+/// array map is inlined by the verifier into a bounds check and a load, where a hash lookup is
+/// a function call that hashes the key (100-300 ns each on the VM this was measured on); that
+/// matters in programs that run for every process on the host, such as the syscall and
+/// scheduler tracepoints, where nearly every caller is not in the set.
+pub mod pidset {
+    /// Words of a set: pids below 2^22, the kernel's PID_MAX_LIMIT on 64-bit (512 KiB).
+    pub const WORDS: u32 = 1 << 16;
+
+    /// The word holding `pid`'s bit.
+    #[inline(always)]
+    pub fn word(pid: u32) -> u32 {
+        pid >> 6
+    }
+
+    /// `pid`'s bit in its word.
+    #[inline(always)]
+    pub fn bit(pid: u32) -> u64 {
+        1u64 << (pid & 63)
+    }
 }

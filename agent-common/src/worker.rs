@@ -135,6 +135,15 @@ pub struct PendingRead {
     pub iovcnt: u32,
 }
 
+impl PendingRead {
+    /// No read in progress (a buffer is never at address 0).
+    pub const NONE: Self = Self {
+        buf: 0,
+        fd: 0,
+        iovcnt: 0,
+    };
+}
+
 const _: () = assert!(core::mem::size_of::<Peer>() == 20);
 const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
 const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);

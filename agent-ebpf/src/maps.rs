@@ -1,11 +1,14 @@
 //! Maps shared by more than one probe area.
 
+use agent_common::pidset;
 use agent_common::sched::{
     Log2Histogram, ThreadState, TrackedProcess, MAX_TRACKED_PROCESSES, MAX_TRACKED_THREADS,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+    EbpfContext,
 };
 
 /// tgid -> tracked process. Written by the agent only: it is the in-kernel filter that keeps
@@ -25,3 +28,47 @@ pub static THREAD_STATE: LruHashMap<u32, ThreadState> =
 /// inserted from (336 bytes is too much for the 512-byte eBPF stack next to other locals).
 #[map]
 pub static ZERO_LOG2: PerCpuArray<Log2Histogram> = PerCpuArray::with_max_entries(1, 0);
+
+/// The tracked processes as a pid bitmap, written by the agent only: what the scheduler
+/// tracepoints, which run for every context switch on the host, check first.
+#[map]
+pub static TRACKED_TGIDS: Array<u64> = Array::with_max_entries(pidset::WORDS, 0);
+
+/// The threads that have a `THREAD_STATE` entry, as a tid bitmap: lets `sched_switch` and
+/// `sched_wakeup` pass over every other task without a hash lookup. The agent seeds it from
+/// /proc; `sched_switch` adds a thread it meets for the first time and the exit tracepoint
+/// removes it. Those two kernel writers update a word without an atomic operation, so two CPUs
+/// adding threads of the same 64-tid block at the same instant can lose one bit: that thread
+/// is then measured from its next switch out, as a thread the agent had not seen yet.
+#[map]
+pub static TRACKED_TIDS: Array<u64> = Array::with_max_entries(pidset::WORDS, 0);
+
+/// Whether `pid` is in the bitmap `set` (one inlined array load).
+#[inline(always)]
+pub fn pid_in(set: &Array<u64>, pid: u32) -> bool {
+    match set.get(pidset::word(pid)) {
+        Some(word) => *word & pidset::bit(pid) != 0,
+        None => false,
+    }
+}
+
+/// Adds `pid` to or removes it from `set` (not atomic: see `TRACKED_TIDS`).
+#[inline(always)]
+pub fn pid_set(set: &Array<u64>, pid: u32, present: bool) {
+    if let Some(word) = set.get_ptr_mut(pidset::word(pid)) {
+        unsafe {
+            if present {
+                *word |= pidset::bit(pid);
+            } else {
+                *word &= !pidset::bit(pid);
+            }
+        }
+    }
+}
+
+/// A field of a tracepoint record, loaded straight from the context: the verifier allows
+/// aligned reads there, and they cost a load where `read_at` costs a helper call.
+#[inline(always)]
+pub fn tp_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    unsafe { core::ptr::read(ctx.as_ptr().add(offset) as *const T) }
+}

@@ -21,7 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     counters::bump,
-    maps::{THREAD_STATE, TRACKED_PROCS},
+    maps::{pid_in, pid_set, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
 };
 
 #[map]
@@ -58,72 +58,89 @@ fn still_runnable(prev_state: i64) -> bool {
 
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    match try_sched_switch(&ctx) {
-        Ok(()) => 0,
-        Err(_) => 0,
+    // The common case, a switch between two tasks nobody tracks, costs two field loads, one
+    // helper call and two inlined bitmap loads.
+    let prev_pid: i32 = tp_field(&ctx, SWITCH_PREV_PID);
+    let next_pid: i32 = tp_field(&ctx, SWITCH_NEXT_PID);
+    // At this tracepoint `current` is still the task being switched out.
+    let prev_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let prev_tracked = prev_pid > 0 && pid_in(&TRACKED_TGIDS, prev_tgid);
+    let next_tracked = next_pid > 0 && pid_in(&TRACKED_TIDS, next_pid as u32);
+    if !prev_tracked && !next_tracked {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if prev_tracked {
+        switched_out(&ctx, prev_tgid, prev_pid as u32, now);
+    }
+    if next_tracked {
+        switched_in(&ctx, next_pid as u32, now);
+    }
+    0
+}
+
+#[inline(always)]
+fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
+    let prev_state: i64 = tp_field(ctx, SWITCH_PREV_STATE);
+    let runnable_since = if still_runnable(prev_state) { now } else { 0 };
+    match THREAD_STATE.get_ptr_mut(&tid) {
+        Some(state) => {
+            let state = unsafe { &mut *state };
+            if state.on_cpu_since_ns != 0 && now > state.on_cpu_since_ns {
+                // Arrays are copied with a helper: a direct copy may address the context
+                // through a moved pointer, which the verifier refuses.
+                let comm: [u8; COMM_LEN] =
+                    unsafe { ctx.read_at(SWITCH_PREV_COMM) }.unwrap_or([0; COMM_LEN]);
+                if let Some(hists) = histograms_of(tgid, comm) {
+                    unsafe { (*hists).on_cpu.record(now - state.on_cpu_since_ns) };
+                }
+            }
+            state.on_cpu_since_ns = 0;
+            state.runnable_since_ns = runnable_since;
+        }
+        None => {
+            // First sight of this thread: its stretch start is unknown, so nothing is
+            // recorded until it comes back on a CPU.
+            let state = ThreadState {
+                tgid,
+                _pad: 0,
+                runnable_since_ns: runnable_since,
+                on_cpu_since_ns: 0,
+            };
+            if THREAD_STATE.insert(&tid, &state, 0).is_err() {
+                bump(ProbeCounter::ThreadStateInsertFailed);
+                return;
+            }
+            pid_set(&TRACKED_TIDS, tid, true);
+        }
     }
 }
 
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let prev_pid: i32 = unsafe { ctx.read_at(SWITCH_PREV_PID)? };
-    let next_pid: i32 = unsafe { ctx.read_at(SWITCH_NEXT_PID)? };
-
-    // At this tracepoint `current` is still the task being switched out.
-    let prev_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if prev_pid > 0 && unsafe { TRACKED_PROCS.get(&prev_tgid) }.is_some() {
-        let prev_state: i64 = unsafe { ctx.read_at(SWITCH_PREV_STATE)? };
-        let runnable_since = if still_runnable(prev_state) { now } else { 0 };
-        let tid = prev_pid as u32;
-        match THREAD_STATE.get_ptr_mut(&tid) {
-            Some(state) => {
-                let state = unsafe { &mut *state };
-                if state.on_cpu_since_ns != 0 && now > state.on_cpu_since_ns {
-                    let comm: [u8; COMM_LEN] = unsafe { ctx.read_at(SWITCH_PREV_COMM)? };
-                    if let Some(hists) = histograms_of(prev_tgid, comm) {
-                        unsafe { (*hists).on_cpu.record(now - state.on_cpu_since_ns) };
-                    }
-                }
-                state.on_cpu_since_ns = 0;
-                state.runnable_since_ns = runnable_since;
-            }
-            None => {
-                // First sight of this thread: its stretch start is unknown, so nothing is
-                // recorded until it comes back on a CPU.
-                let state = ThreadState {
-                    tgid: prev_tgid,
-                    _pad: 0,
-                    runnable_since_ns: runnable_since,
-                    on_cpu_since_ns: 0,
-                };
-                if THREAD_STATE.insert(&tid, &state, 0).is_err() {
-                    bump(ProbeCounter::ThreadStateInsertFailed);
-                }
-            }
+#[inline(always)]
+fn switched_in(ctx: &TracePointContext, tid: u32, now: u64) {
+    let Some(state) = THREAD_STATE.get_ptr_mut(&tid) else {
+        // Its entry was evicted or removed: the bit is stale.
+        pid_set(&TRACKED_TIDS, tid, false);
+        return;
+    };
+    let state = unsafe { &mut *state };
+    // The tid may have been reused by a task of another process since the bit was set.
+    if !pid_in(&TRACKED_TGIDS, state.tgid) {
+        return;
+    }
+    if state.runnable_since_ns != 0 && now > state.runnable_since_ns {
+        let comm: [u8; COMM_LEN] =
+            unsafe { ctx.read_at(SWITCH_NEXT_COMM) }.unwrap_or([0; COMM_LEN]);
+        if let Some(hists) = histograms_of(state.tgid, comm) {
+            unsafe {
+                (*hists)
+                    .runqueue_delay
+                    .record(now - state.runnable_since_ns)
+            };
         }
     }
-
-    if next_pid > 0 {
-        let tid = next_pid as u32;
-        if let Some(state) = THREAD_STATE.get_ptr_mut(&tid) {
-            let state = unsafe { &mut *state };
-            if unsafe { TRACKED_PROCS.get(&state.tgid) }.is_some() {
-                if state.runnable_since_ns != 0 && now > state.runnable_since_ns {
-                    let comm: [u8; COMM_LEN] = unsafe { ctx.read_at(SWITCH_NEXT_COMM)? };
-                    if let Some(hists) = histograms_of(state.tgid, comm) {
-                        unsafe {
-                            (*hists)
-                                .runqueue_delay
-                                .record(now - state.runnable_since_ns)
-                        };
-                    }
-                }
-                state.runnable_since_ns = 0;
-                state.on_cpu_since_ns = now;
-            }
-        }
-    }
-    Ok(())
+    state.runnable_since_ns = 0;
+    state.on_cpu_since_ns = now;
 }
 
 /// The wakee is identified by tid only; it is measured if its thread is already known.
@@ -131,10 +148,8 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
 /// tracked process would be taken for one of its threads.)
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let Ok(pid) = (unsafe { ctx.read_at::<i32>(WAKEUP_PID) }) else {
-        return 0;
-    };
-    if pid <= 0 {
+    let pid: i32 = tp_field(&ctx, WAKEUP_PID);
+    if pid <= 0 || !pid_in(&TRACKED_TIDS, pid as u32) {
         return 0;
     }
     if let Some(state) = THREAD_STATE.get_ptr_mut(&(pid as u32)) {

@@ -1,14 +1,16 @@
 //! Worker-side probes: the RESP that tracked worker processes write and read, followed per
 //! connection with the shared tokenizer (`agent_common::resp`), on syscall tracepoints.
 //!
-//! Every program first checks the caller's tgid against `WORKER_PROCS`: other processes
-//! (redis-server included) pay one hash lookup. Only bulk headers and a few short arguments
+//! The tracepoint programs first check the caller's tgid against the `SYSCALL_WORKERS`
+//! bitmap: other processes (redis-server included) pay one inlined load. The uprobe programs
+//! run only in the worker they are attached to. Only bulk headers and a few short arguments
 //! are read from worker buffers; bulk bodies (job payloads) are skipped by length. A
 //! connection's full request is sent to user space only when its key list changes.
 
 use core::ffi::c_void;
 
 use agent_common::{
+    pidset,
     redis::KeyHistogram,
     resp::{reply_kind, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
@@ -23,14 +25,16 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
 use crate::counters::bump;
 
+/// The workers followed through the syscall tracepoints, as a pid bitmap (written by the
+/// agent only): the tracepoints run for every process on the host, and almost none is one.
 #[map]
-static WORKER_PROCS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WORKER_PROCESSES, 0);
+static SYSCALL_WORKERS: Array<u64> = Array::with_max_entries(pidset::WORDS, 0);
 #[map]
 static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 #[map]
@@ -108,10 +112,16 @@ const RET: usize = 16;
 fn worker_tgid(via: u32) -> Option<(u32, u64)> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    // Each worker is followed one way only (WORKER_PROCS holds which), or a worker with both
-    // kinds of probe attached would be counted twice.
-    if unsafe { WORKER_PROCS.get(&tgid) }? & via == 0 {
-        return None;
+    // The tracepoints run for every process on the host: they follow the workers in the
+    // SYSCALL_WORKERS bitmap (one inlined load). The uprobes are attached to one worker
+    // process each and run nowhere else, so they ask nothing. A worker is never in the bitmap
+    // while its uprobes are attached (the agent clears the bit first), or it would be
+    // followed twice.
+    if via == via::SYSCALLS {
+        let word = SYSCALL_WORKERS.get(pidset::word(tgid))?;
+        if *word & pidset::bit(tgid) == 0 {
+            return None;
+        }
     }
     Some((tgid, id))
 }
@@ -227,11 +237,11 @@ fn send_keyset(ctx: &LoopCtx, signature: u64, keys: u32, start: u64, end: u64) -
             (ctx.buf + start) as *const c_void,
         ) == 0;
         if !ok {
-            entry.discard(0);
+            entry.discard(crate::lifecycle::BPF_RB_NO_WAKEUP);
             return false;
         }
     }
-    entry.submit(0);
+    entry.submit(crate::lifecycle::BPF_RB_NO_WAKEUP);
     true
 }
 
@@ -242,11 +252,14 @@ fn fill_window(ctx: &mut LoopCtx, carry: &Carry) -> Option<(*mut Scratch, usize,
     let scratch = SCRATCH.get_ptr_mut(0)?;
     let bytes = unsafe { &mut (*scratch).bytes };
     let c = (carry.len as usize) & (WINDOW - 1);
-    // Copy the whole carry buffer: bytes past its length are overwritten or never looked at.
-    let mut i = 0;
-    while i < WINDOW {
-        bytes[i] = carry.bytes[i];
-        i += 1;
+    // Copy the whole carry buffer, when there is one (rarely: a token cut by the end of a
+    // buffer): bytes past its length are overwritten or never looked at.
+    if c > 0 {
+        let mut i = 0;
+        while i < WINDOW {
+            bytes[i] = carry.bytes[i];
+            i += 1;
+        }
     }
     let remaining = ctx.len.saturating_sub(ctx.pos);
     let mut take = (WINDOW - c) as u64;
@@ -349,19 +362,36 @@ fn next_iovec(ctx: &mut LoopCtx) -> bool {
     true
 }
 
+/// What a tokenizer step works on, handed to `bpf_loop`'s callback through its context
+/// argument (a pointer to the caller's stack): the connection's map value, found once per
+/// buffer rather than by a hash lookup in every step.
+#[repr(C)]
+struct LoopArgs {
+    conn: *mut ConnState,
+}
+
+/// The connection of a step.
+#[inline(always)]
+fn loop_conn(args: *mut c_void) -> Option<&'static mut ConnState> {
+    if args.is_null() {
+        return None;
+    }
+    let conn = unsafe { (*(args as *const LoopArgs)).conn };
+    if conn.is_null() {
+        return None;
+    }
+    Some(unsafe { &mut *conn })
+}
+
 /// One request-side step; returns 1 to stop the loop.
-extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
+extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
     let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else {
         return 1;
     };
     let ctx = unsafe { &mut *ctx };
-    let Some(conn) = CONNS.get_ptr_mut(&ConnKey {
-        tgid: ctx.tgid,
-        fd: ctx.fd,
-    }) else {
+    let Some(conn) = loop_conn(args) else {
         return 1;
     };
-    let conn = unsafe { &mut *conn };
     if ctx.pos >= ctx.len {
         if !next_iovec(ctx) {
             return 1;
@@ -406,18 +436,14 @@ extern "C" fn step_request(_index: u32, _unused: *mut c_void) -> i64 {
 }
 
 /// One reply-side step; returns 1 to stop the loop.
-extern "C" fn step_reply(_index: u32, _unused: *mut c_void) -> i64 {
+extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
     let Some(ctx) = LOOP_STATE.get_ptr_mut(0) else {
         return 1;
     };
     let ctx = unsafe { &mut *ctx };
-    let Some(conn) = CONNS.get_ptr_mut(&ConnKey {
-        tgid: ctx.tgid,
-        fd: ctx.fd,
-    }) else {
+    let Some(conn) = loop_conn(args) else {
         return 1;
     };
-    let conn = unsafe { &mut *conn };
     if ctx.pos >= ctx.len && !next_iovec(ctx) {
         return 1;
     }
@@ -523,8 +549,14 @@ fn follow(
     } else {
         step_reply as *mut c_void
     };
+    let mut args = LoopArgs { conn };
     unsafe {
-        bpf_loop(MAX_STEPS, callback, core::ptr::null_mut(), 0);
+        bpf_loop(
+            MAX_STEPS,
+            callback,
+            &mut args as *mut LoopArgs as *mut c_void,
+            0,
+        );
     }
     let (pos, len, failed, left) = unsafe {
         (
@@ -720,15 +752,19 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
         },
         _ => (buf, 0),
     };
-    let _ = PENDING_READS.insert(
-        &id,
-        &PendingRead {
-            buf,
-            fd: fd as u32,
-            iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) },
-        },
-        0,
-    );
+    let pending = PendingRead {
+        buf,
+        fd: fd as u32,
+        iovcnt: if iov_kind == 0 { 0 } else { iovcnt.max(1) },
+    };
+    // One entry per thread, rewritten in place: an LRU insert and delete per read cost more
+    // than the rest of the probe.
+    match PENDING_READS.get_ptr_mut(&id) {
+        Some(slot) => unsafe { *slot = pending },
+        None => {
+            let _ = PENDING_READS.insert(&id, &pending, 0);
+        }
+    }
 }
 
 #[inline(always)]
@@ -736,10 +772,14 @@ fn handle_read_exit(ret: i64, via: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {
         return;
     };
-    let Some(pending) = (unsafe { PENDING_READS.get(&id) }).copied() else {
+    let Some(slot) = PENDING_READS.get_ptr_mut(&id) else {
         return;
     };
-    let _ = PENDING_READS.remove(&id);
+    // A buffer address of 0 marks the slot as used up.
+    let pending = unsafe { core::mem::replace(&mut *slot, PendingRead::NONE) };
+    if pending.buf == 0 {
+        return;
+    }
     let key = ConnKey {
         tgid,
         fd: pending.fd,

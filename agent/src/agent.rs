@@ -94,6 +94,19 @@ impl AgentState {
 
     /// Follows discovery changes: the kernel filter, the CPU state, and a log line each.
     pub fn apply(&mut self, changes: Vec<Change>) {
+        // Before any worker of this batch is followed: whether a Redis runs here decides how.
+        let redis_on_node = self
+            .discovery
+            .tracked()
+            .any(|p| p.class == Classification::RedisServer);
+        if let Some(probes) = self.probes.as_mut() {
+            let proc = &self.proc;
+            probes
+                .worker
+                .set_redis_on_node(&mut probes.ebpf, redis_on_node, |pid| {
+                    crate::ebpf::worker::uprobe_target(proc, pid)
+                });
+        }
         for change in changes {
             match change {
                 Change::Added(p) => {
@@ -132,7 +145,7 @@ impl AgentState {
                                 match probes.worker.track(
                                     &mut probes.ebpf,
                                     pid,
-                                    || proc.libc_path(pid),
+                                    || crate::ebpf::worker::uprobe_target(proc, pid),
                                     || proc.socket_peers(pid),
                                 ) {
                                     Ok(()) => {}
@@ -180,9 +193,11 @@ impl AgentState {
     /// which probe points are there.
     fn start_redis_probes(&mut self, p: &TrackedProcess) {
         let pid = p.pid();
+        let listen = self.redis_listen_address(pid, &p.info.cmdline);
         let mut target = RedisTarget {
             pid,
-            port: port_from_title(&p.info.cmdline),
+            port: listen.map(|(port, _)| port),
+            address: listen.and_then(|(_, address)| address),
             binary: None,
             family: None,
             points: Default::default(),
@@ -209,13 +224,22 @@ impl AgentState {
             (Some(probes), Ok(binary)) => {
                 target.binary = Some(binary.id);
                 target.family = binary.family;
-                // Without blockForKeys nothing fires; the settings then do not matter.
-                let process = binary
-                    .family
-                    .map(|f| f.process_settings())
-                    .unwrap_or_default();
-                if let crate::redis::unblock_paths::UnblockCoverage::Bypassed(why) =
-                    &binary.unblock
+                let load_bias = binary.first_load_address.and_then(|first| {
+                    let maps = std::fs::read_to_string(
+                        self.proc.path().join(pid.to_string()).join("maps"),
+                    )
+                    .ok()?;
+                    crate::redis::binary::load_bias(&maps, binary.id, first)
+                });
+                let process = match binary.process_settings(load_bias) {
+                    Ok(process) => process,
+                    Err(why) => {
+                        target.unavailable = Some(why);
+                        self.redis.insert(pid, target);
+                        return;
+                    }
+                };
+                if let crate::redis::unblock_paths::UnblockCoverage::Bypassed(why) = &binary.unblock
                 {
                     target.unblock_bypassed = Some(why.clone());
                 }
@@ -240,6 +264,42 @@ impl AgentState {
             }
         }
         self.redis.insert(pid, target);
+    }
+
+    /// Where a Redis listens, from its listening sockets: the port its title or arguments name
+    /// when it listens there, else its lowest listening port. `None` before it has bound one
+    /// (a Redis picked up at exec).
+    fn redis_listen_address(
+        &self,
+        pid: u32,
+        cmdline: &[String],
+    ) -> Option<(u16, Option<std::net::IpAddr>)> {
+        crate::proc_reader::service_address(
+            &self.proc.listening_sockets(pid),
+            port_from_title(cmdline),
+        )
+    }
+
+    /// Looks again for the port of each Redis that has none yet (picked up before it bound
+    /// one); the others cost nothing. Called at each snapshot and rescan.
+    pub fn resolve_redis_addresses(&mut self) {
+        let unresolved: Vec<u32> = self
+            .redis
+            .values()
+            .filter(|t| t.port.is_none())
+            .map(|t| t.pid)
+            .collect();
+        for pid in unresolved {
+            let cmdline = self.proc.cmdline(pid);
+            let Some((port, address)) = self.redis_listen_address(pid, &cmdline) else {
+                continue;
+            };
+            if let Some(target) = self.redis.get_mut(&pid) {
+                target.port = Some(port);
+                target.address = address;
+                tracing::info!(pid, port, address = ?address, "Redis listening address found");
+            }
+        }
     }
 
     /// Keeps the kernel's view of Unix time current (blocking timeouts are Unix ms).
@@ -328,7 +388,8 @@ impl AgentState {
                 tracing::warn!(clients = swept, "blocked clients still recorded after their deadline: their unblock was not seen; removed and counted as missed unblocks");
             }
         }
-        if let Some(probes) = &self.probes {
+        self.resolve_redis_addresses();
+        if let Some(probes) = self.probes.as_mut() {
             let readings = probes.redis.read();
             for target in self.redis.values_mut() {
                 target.emit(readings.get(&target.pid), &mut snapshot);
@@ -453,6 +514,14 @@ impl AgentState {
             },
         );
         if let Some(probes) = &self.probes {
+            snapshot.push(
+                catalog::WORKERS_UNFOLLOWED,
+                Point {
+                    attributes: vec![("reason", "redis_on_node".into())],
+                    start_time: epoch,
+                    value: PointValue::Gauge(probes.worker.unfollowed() as f64),
+                },
+            );
             for (reason, counter) in [
                 ("histogram_map_full", ProbeCounter::HistogramMapFull),
                 (

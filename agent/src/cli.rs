@@ -76,6 +76,12 @@ pub struct RunArgs {
     #[arg(long = "worker-rule", value_name = "RULE")]
     pub worker_rules: Vec<String>,
 
+    /// Do not track the Redis or Valkey servers this matches: comm=NAME, exe=NAME (the
+    /// executable's basename) or cmdline=REGEX; repeatable. Added to the config file's
+    /// `[[redis_exclude]]` entries.
+    #[arg(long = "redis-exclude", value_name = "KIND=VALUE")]
+    pub redis_excludes: Vec<String>,
+
     /// Do not use the built-in Sidekiq, Resque, RQ and Celery rules.
     #[arg(long)]
     pub no_default_rules: bool,
@@ -95,18 +101,24 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_worker_probes: bool,
 
-    /// How workers' traffic is followed: `syscalls` (the default: tracepoints for every
+    /// How workers' traffic is followed: `auto` (the default: the syscall tracepoints on a
+    /// node where no Redis is tracked, which cost workers least; uprobes in each worker's own
+    /// code where a Redis runs, so that Redis pays nothing), `syscalls` (tracepoints for every
     /// worker; every process on the host then pays a filter on each read and write, Redis
-    /// included), `auto` (each worker through its libc, or through the tracepoints when it has
-    /// no libc to probe, such as Go: Redis pays nothing, but each libc-followed worker takes
-    /// about 2 s of kernel time to detach, so it suits long-lived workers on a Redis host) or
-    /// `libc` (uprobes on each worker's libc only; workers that bypass libc are not seen).
+    /// included) or `libc` (uprobes in each worker's libc, or in a static executable's own C
+    /// library functions; workers that bypass libc, such as Go, are not seen).
     #[arg(long, value_name = "MODE")]
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
 
-    /// In `auto` mode, follow at most N workers through their libc (17 uprobes each: about
-    /// 25 ms to attach, about 2 s of kernel time to detach, also when the agent exits); workers
-    /// beyond that are followed through the syscall tracepoints. Default 16.
+    /// In `auto` mode on a node with Redis, also follow workers that have no code to put
+    /// uprobes in (Go binaries) through the syscall tracepoints. Redis then pays their filter on
+    /// every read and write it makes.
+    #[arg(long)]
+    pub syscall_probes_beside_redis: bool,
+
+    /// Follow at most N workers through uprobes (each holds 9 uprobe-multi links, or 17
+    /// uprobes on kernels without them). Past it, `auto` follows further workers as if they
+    /// had no uprobe target. Default 512.
     #[arg(long, value_name = "N")]
     pub max_libc_workers: Option<usize>,
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::{
     cli::{LogFormat, OtlpProtocol, RunArgs},
     export::otlp_config::{OtlpConfig, OtlpEnvError, OtlpOverrides},
-    rules::{default_rule_specs, RuleError, RuleSet, RuleSpec, WorkerRule},
+    rules::{default_rule_specs, ExcludeSpec, RuleError, RuleSet, RuleSpec, WorkerRule},
 };
 
 pub const DEFAULT_PROMETHEUS_PORT: u16 = 9464;
@@ -51,9 +51,13 @@ pub struct FileConfig {
     pub redis_bookkeeping_time: Option<bool>,
     pub worker_probes: Option<bool>,
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
+    pub syscall_probes_beside_redis: Option<bool>,
     pub max_libc_workers: Option<usize>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
+    /// Redis servers not to track (`[[redis_exclude]]`).
+    #[serde(default)]
+    pub redis_exclude: Vec<ExcludeSpec>,
     #[serde(default)]
     pub otlp: FileOtlp,
 }
@@ -87,7 +91,10 @@ pub struct Config {
     /// Follow workers' syscalls (on unless turned off).
     pub worker_probes: bool,
     pub worker_probe_mode: crate::ebpf::worker::WorkerProbeMode,
-    /// In `auto` mode, how many workers at most are followed through their libc.
+    /// In `auto` mode beside a Redis, follow workers without a uprobe target through the
+    /// syscall tracepoints anyway.
+    pub syscall_probes_beside_redis: bool,
+    /// How many workers at most are followed through uprobes.
     pub max_libc_workers: usize,
 }
 
@@ -137,7 +144,13 @@ impl Config {
         if use_defaults {
             specs.extend(default_rule_specs());
         }
-        let rules = RuleSet::new(&specs)?;
+        let mut excludes: Vec<ExcludeSpec> = args
+            .redis_excludes
+            .iter()
+            .map(|f| ExcludeSpec::parse_flag(f))
+            .collect::<Result<_, _>>()?;
+        excludes.extend(file.redis_exclude);
+        let rules = RuleSet::new(&specs)?.with_redis_exclusions(&excludes)?;
 
         let prometheus_enabled = !args.no_prometheus && file.prometheus.unwrap_or(true);
         let prometheus_listen = prometheus_enabled.then(|| {
@@ -197,7 +210,9 @@ impl Config {
             worker_probe_mode: args
                 .worker_probe_mode
                 .or(file.worker_probe_mode)
-                .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Syscalls),
+                .unwrap_or(crate::ebpf::worker::WorkerProbeMode::Auto),
+            syscall_probes_beside_redis: args.syscall_probes_beside_redis
+                || file.syscall_probes_beside_redis.unwrap_or(false),
             max_libc_workers,
             proc_root: args
                 .proc_root
@@ -304,11 +319,16 @@ mod tests {
     fn worker_probe_mode_and_libc_worker_limit() {
         use crate::ebpf::worker::{WorkerProbeMode, DEFAULT_MAX_LIBC_WORKERS};
         let config = Config::resolve(&RunArgs::default(), FileConfig::default(), &no_env).unwrap();
-        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Syscalls);
-        assert_eq!(config.max_libc_workers, DEFAULT_MAX_LIBC_WORKERS);
-        let file = parse("worker_probe_mode = \"auto\"\nmax_libc_workers = 8").unwrap();
-        let config = Config::resolve(&RunArgs::default(), file, &no_env).unwrap();
         assert_eq!(config.worker_probe_mode, WorkerProbeMode::Auto);
+        assert!(!config.syscall_probes_beside_redis);
+        assert_eq!(config.max_libc_workers, DEFAULT_MAX_LIBC_WORKERS);
+        let file = parse(
+            "worker_probe_mode = \"syscalls\"\nmax_libc_workers = 8\nsyscall_probes_beside_redis = true",
+        )
+        .unwrap();
+        let config = Config::resolve(&RunArgs::default(), file, &no_env).unwrap();
+        assert_eq!(config.worker_probe_mode, WorkerProbeMode::Syscalls);
+        assert!(config.syscall_probes_beside_redis);
         assert_eq!(config.max_libc_workers, 8);
         let args = RunArgs {
             max_libc_workers: Some(0),
@@ -367,6 +387,49 @@ mod tests {
         );
         let file = parse("max_thread_names_per_process = 0").unwrap();
         assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
+    }
+
+    #[test]
+    fn redis_exclusions_from_file_and_flags() {
+        let file = parse("[[redis_exclude]]\nexe = \"redis-server-7.4.1\"\n").unwrap();
+        assert_eq!(file.redis_exclude.len(), 1);
+        let args = RunArgs {
+            redis_excludes: vec!["cmdline=:6390\\b".into()],
+            ..Default::default()
+        };
+        assert!(Config::resolve(&args, file, &no_env).is_ok());
+        let err = parse("[[redis_exclude]]\ngroup = \"x\"\ncomm = \"y\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `group`"), "{err}");
+        let file = parse("[[redis_exclude]]\ncmdline = \"(\"").unwrap();
+        let err = Config::resolve(&RunArgs::default(), file, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("redis_exclude rule: invalid cmdline regex"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        let file = parse("[[redis_exclude]]\n").unwrap();
+        let err = Config::resolve(&RunArgs::default(), file, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "redis_exclude rule has no matcher: give at least one of comm, exe, cmdline"
+        );
+        let args = RunArgs {
+            redis_excludes: vec!["port=6379".into()],
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default(), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid --redis-exclude \"port=6379\": expected comm=NAME, exe=NAME or cmdline=REGEX"
+        );
     }
 
     #[test]

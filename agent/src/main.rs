@@ -88,8 +88,12 @@ fn check_probes() -> ExitCode {
                     Ok(insns) => println!("ok      {name} ({insns} instructions verified)"),
                     Err(e) => {
                         failed += 1;
-                        let first = e.lines().next().unwrap_or_default();
-                        println!("FAILED  {name}: {first}");
+                        let lines: Vec<&str> = e.lines().collect();
+                        println!("FAILED  {name}: {}", lines.first().unwrap_or(&""));
+                        // The verifier gives its reason at the end of its log.
+                        for line in &lines[lines.len().saturating_sub(16).max(1)..] {
+                            println!("        {line}");
+                        }
                     }
                 }
             }

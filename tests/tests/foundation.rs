@@ -104,8 +104,8 @@ fn per_thread_cpu_of_redis_and_sidekiq_has_their_thread_names() {
             .find("fanout_probes_attached", &[])
             .filter(|s| s.value == 1.0)
             .count(),
-        4,
-        "all four tracepoints attached"
+        5,
+        "all five tracepoints attached (switch, wakeup, exec, exit, newtask)"
     );
 
     // Redis's main thread wakes ten times a second (serverCron) and Sidekiq's threads poll:
@@ -494,7 +494,7 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         "rejected programs:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("29 programs, 0 rejected"), "{text}");
+    assert!(text.contains("31 programs, 0 rejected"), "{text}");
     for program in [
         "sched_switch",
         "redis_block_for_keys",

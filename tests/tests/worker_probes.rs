@@ -541,130 +541,222 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// In the default mode each worker is followed one way: the static one through the syscall
-/// tracepoints, the Python one through its libc. The tracepoints, attached for the first, see
-/// the second's syscalls too, and the kernel filter keeps them from being counted twice.
-#[test]
-fn auto_mode_follows_each_worker_once_through_libc_or_else_syscalls() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("static-client.c");
-    let binary = dir.path().join("fanout-static-client");
+/// Builds the static test worker; `stripped` drops its symbol table, so that it has no C
+/// library functions to probe (as a Go binary has none).
+fn static_worker(dir: &std::path::Path, name: &str, stripped: bool) -> std::path::PathBuf {
+    let source = dir.join("static-client.c");
+    let binary = dir.join(name);
     std::fs::write(&source, STATIC_CLIENT).unwrap();
     let built = Command::new("gcc")
         .args(["-static", "-O2", "-o"])
         .arg(&binary)
         .arg(&source)
+        .args(if stripped { &["-s"][..] } else { &[][..] })
         .status()
         .expect("gcc (installed by cargo xtask setup)");
     assert!(built.success(), "static test worker did not build");
+    binary
+}
+
+/// A Python client doing `pops` BRPOPs that time out, after `delay` seconds.
+fn py_client(port: u16, tag: &str, delay: f64, pops: u32) -> std::process::Child {
+    let script = r#"
+import socket, sys, time
+time.sleep(float(sys.argv[2]))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for _ in range(int(sys.argv[3])):
+    s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$4\r\npy:q\r\n$3\r\n0.2\r\n")
+    assert s.recv(64).startswith(b"*-1")
+time.sleep(1.0)
+"#;
+    Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &port.to_string(),
+            &delay.to_string(),
+            &pops.to_string(),
+            tag,
+        ])
+        .spawn()
+        .unwrap()
+}
+
+fn pops_of(s: &Scrape, group: &str) -> f64 {
+    s.sum(&format!("{DURATION}_count"), &[("process_group", group)])
+}
+
+/// Beside a Redis the agent tracks, the default mode keeps every syscall tracepoint off (Redis
+/// would pay them on each request) and follows each worker through uprobes in its own code:
+/// the Python one through its libc, the static one through the C library functions linked
+/// into it. A stripped static worker has none: it is not followed, and says so, unless
+/// `--syscall-probes-beside-redis` lets the tracepoints follow it.
+#[test]
+fn auto_mode_beside_redis_follows_workers_through_their_own_code_only() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let linked = static_worker(dir.path(), "fanout-static-client", false);
+    let stripped = static_worker(dir.path(), "fanout-stripped-client", true);
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&[
-        "--worker-probe-mode",
-        "auto",
+    let rules = [
         "--worker-rule",
         "static:cmdline=fanout-static-client",
         "--worker-rule",
+        "stripped:cmdline=fanout-stripped-client",
+        "--worker-rule",
+        "py:cmdline=fanout-py-client",
+    ];
+    let port = redis.port.to_string();
+    for beside_redis in [false, true] {
+        let mut args = rules.to_vec();
+        if beside_redis {
+            args.push("--syscall-probes-beside-redis");
+        }
+        let agent = Agent::start(&args);
+        let mut a = Command::new(&linked).arg(&port).spawn().unwrap();
+        let mut b = Command::new(&stripped).arg(&port).spawn().unwrap();
+        let mut py = py_client(redis.port, "fanout-py-client", 0.9, 2);
+        assert!(py.wait().unwrap().success());
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+        let s = agent.scrape();
+        let log = agent.log();
+        assert_eq!(pops_of(&s, "static"), 3.0, "{log}");
+        assert_eq!(pops_of(&s, "py"), 2.0, "{log}");
+        assert!(log.contains("worker libc probes attached"), "{log}");
+        assert!(
+            log.contains("/exe"),
+            "the static worker's own executable is probed: {log}"
+        );
+        if beside_redis {
+            assert_eq!(pops_of(&s, "stripped"), 3.0, "{log}");
+            assert!(log.contains("worker syscall probes attached"), "{log}");
+        } else {
+            assert_eq!(pops_of(&s, "stripped"), 0.0, "{log}");
+            assert!(!log.contains("worker syscall probes attached"), "{log}");
+            assert!(log.contains("this worker is not followed"), "{log}");
+            // Its process is gone by now; while it lived the gauge said 1 (checked in the log
+            // above); the gauge itself is exported.
+            assert_eq!(
+                s.find("fanout_workers_unfollowed", &[("reason", "redis_on_node")])
+                    .count(),
+                1
+            );
+        }
+    }
+}
+
+/// On a node where the agent tracks no Redis (here: every `redis-server` is excluded, the
+/// one the worker uses and any other on the machine), the default mode follows workers
+/// through the syscall tracepoints. When a Redis appears (a copy of the server under another
+/// name, found by its binary), the workers move to uprobes and the tracepoints are detached
+/// at once; the pops before and after are each counted once.
+#[test]
+fn auto_mode_uses_the_tracepoints_without_redis_and_moves_workers_when_one_appears() {
+    require_root();
+    let hidden = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--redis-exclude",
+        "comm=redis-server",
+        "--worker-rule",
         "py:cmdline=fanout-py-client",
     ]);
-    let port = redis.port.to_string();
-    let mut static_worker = Command::new(&binary).arg(&port).spawn().unwrap();
     let script = r#"
 import socket, sys, time
-time.sleep(0.9)
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+time.sleep(0.8)
 for _ in range(2):
     s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$4\r\npy:q\r\n$3\r\n0.2\r\n")
     assert s.recv(64).startswith(b"*-1")
+open(sys.argv[2], "w").close()
+for _ in range(600):  # at most 30 s, so that a failed test leaves nothing behind
+    if __import__("os").path.exists(sys.argv[3]):
+        break
+    time.sleep(0.05)
+for _ in range(3):
+    s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$4\r\npy:q\r\n$3\r\n0.2\r\n")
+    assert s.recv(64).startswith(b"*-1")
 "#;
-    let py = Command::new("/usr/bin/python3")
-        .args(["-c", script, &port, "fanout-py-client"])
-        .status()
+    let dir = tempfile::tempdir().unwrap();
+    let (first_done, go_on) = (dir.path().join("first"), dir.path().join("go"));
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", script, &hidden.port.to_string()])
+        .arg(&first_done)
+        .arg(&go_on)
+        .arg("fanout-py-client")
+        .spawn()
         .unwrap();
-    assert!(py.success());
-    assert!(
-        static_worker.wait().unwrap().success(),
-        "the static worker's pops did not time out as expected"
-    );
-    let s = wait_for("both workers' pops", Duration::from_secs(5), || {
-        let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "static")]) >= 3.0).then_some(s)
+    wait_for("the first pops", Duration::from_secs(10), || {
+        first_done.exists().then_some(())
     });
-    let log = agent.log();
-    assert!(
-        log.contains("following this worker through the syscall tracepoints"),
-        "{log}"
+    let s = agent.scrape();
+    assert_eq!(pops_of(&s, "py"), 2.0, "{}", agent.log());
+    assert!(agent.log().contains("worker syscall probes attached"));
+    assert!(!agent.log().contains("worker libc probes attached"));
+    // A Redis the agent tracks appears on the node.
+    let copy = dir.path().join("appearing-redis-server");
+    std::fs::copy(
+        std::fs::canonicalize("/usr/bin/redis-server").expect("redis-server"),
+        &copy,
+    )
+    .unwrap();
+    let mut appearing = integration_tests::Proc {
+        child: Command::new(&copy)
+            .args(["--port", &integration_tests::free_port().to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "appearing redis".into(),
+    };
+    wait_for(
+        "the worker moved to uprobes and the tracepoints detached",
+        Duration::from_secs(10),
+        || {
+            let log = agent.log();
+            (log.contains("worker moved from the syscall tracepoints to uprobes")
+                && log.contains("through the syscall tracepoints any more"))
+            .then_some(())
+        },
     );
-    assert!(log.contains("worker libc probes attached"), "{log}");
-    for (group, pops) in [("static", 3.0), ("py", 2.0)] {
-        assert_eq!(
-            s.sum(
-                &format!("{DURATION}_count"),
-                &[("process_group", group), ("outcome", "timeout")]
-            ),
-            pops,
-            "{group}"
-        );
-        assert_eq!(
-            s.sum(&format!("{DURATION}_count"), &[("process_group", group)]),
-            pops,
-            "{group}: nothing else, nothing twice"
-        );
-        assert_eq!(
-            s.sum(&format!("{KEYS}_count"), &[("process_group", group)]),
-            pops,
-            "{group}"
-        );
-    }
-    // With the static worker gone no worker needs the tracepoints; they stay attached for
-    // SYSCALLS_LINGER (30 s) in case another comes, and are not detached yet.
-    assert!(!agent
-        .log()
-        .contains("through the syscall tracepoints any more"));
+    std::fs::write(&go_on, "").unwrap();
+    assert!(py.wait().unwrap().success());
+    appearing.stop();
+    let s = agent.scrape();
+    assert_eq!(pops_of(&s, "py"), 5.0, "{}", agent.log());
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "py"), ("outcome", "timeout")]
+        ),
+        5.0
+    );
 }
 
-/// Past `--max-libc-workers`, further workers go through the syscall tracepoints, and each
-/// worker's pops are still counted once.
+/// Past `--max-libc-workers`, workers beside a Redis have no uprobe target left: with
+/// `--syscall-probes-beside-redis` they go through the tracepoints, and each worker's pops
+/// are still counted once.
 #[test]
-fn auto_mode_past_the_libc_worker_limit_uses_the_tracepoints() {
+fn past_the_uprobe_worker_limit_workers_go_through_the_tracepoints_when_allowed() {
     require_root();
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[
-        "--worker-probe-mode",
-        "auto",
         "--max-libc-workers",
         "1",
+        "--syscall-probes-beside-redis",
         "--worker-rule",
         "first:cmdline=fanout-first-client",
         "--worker-rule",
         "second:cmdline=fanout-second-client",
     ]);
-    let port = redis.port.to_string();
-    // Each client: waits to be tracked, makes 2 BRPOPs that time out, stays tracked a while.
-    let script = r#"
-import socket, sys, time
-time.sleep(float(sys.argv[2]))
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-for _ in range(2):
-    s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$6\r\nlimit1\r\n$3\r\n0.2\r\n")
-    assert s.recv(64).startswith(b"*-1")
-time.sleep(1.0)
-"#;
-    let mut first = Command::new("/usr/bin/python3")
-        .args(["-c", script, &port, "0.5", "fanout-first-client"])
-        .spawn()
-        .unwrap();
+    let mut first = py_client(redis.port, "fanout-first-client", 0.5, 2);
     thread::sleep(Duration::from_millis(200));
-    let second = Command::new("/usr/bin/python3")
-        .args(["-c", script, &port, "0.7", "fanout-second-client"])
-        .status()
-        .unwrap();
-    assert!(second.success());
+    let mut second = py_client(redis.port, "fanout-second-client", 0.7, 2);
+    assert!(second.wait().unwrap().success());
     assert!(first.wait().unwrap().success());
     let s = agent.scrape();
     for group in ["first", "second"] {
         assert_eq!(
-            s.sum(&format!("{DURATION}_count"), &[("process_group", group)]),
+            pops_of(&s, group),
             2.0,
             "{group}: each pop once\n{}",
             agent.log()

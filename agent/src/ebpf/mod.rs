@@ -2,6 +2,7 @@
 
 pub mod redis;
 pub mod sched;
+pub mod uprobe_multi;
 pub mod worker;
 
 use aya::{programs::TracePoint, Ebpf};
@@ -97,10 +98,28 @@ fn raise_memlock() {
     }
 }
 
+/// Raises the open-file limit to its hard limit: every uprobe link is an fd, and a node with
+/// hundreds of followed workers holds thousands of them (the default soft limit is 1024).
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Loads the embedded object (programs are loaded into the kernel as they are attached).
 pub fn load_object() -> Result<Ebpf, ProbeError> {
     let object = EBPF_OBJECT.ok_or(ProbeError::NotBuilt)?;
     raise_memlock();
+    raise_nofile();
     Ebpf::load(object).map_err(|e| ProbeError::Load(e.to_string()))
 }
 
@@ -127,6 +146,9 @@ pub struct Rings {
 /// Everything loaded into the kernel. Dropping it detaches every program.
 pub struct Probes {
     pub ebpf: Ebpf,
+    /// Duplicates of every map's fd, taken before any map is taken out of `ebpf`: what
+    /// [`uprobe_multi::MultiPrograms::load`] relocates its copy of the programs against.
+    pub map_fds: std::sync::Arc<uprobe_multi::MapFds>,
     pub sched: sched::SchedMaps,
     pub redis: redis::RedisMaps,
     pub worker: worker::WorkerMaps,
@@ -139,6 +161,7 @@ impl Probes {
     /// Returns the ring buffers separately: each is read by its own task.
     pub fn start() -> Result<(Self, Rings), ProbeError> {
         let mut ebpf = load_object()?;
+        let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
         let status = attach_tracepoints(&mut ebpf, &sched::TRACEPOINTS);
         let ring = Rings {
             lifecycle: take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?,
@@ -146,10 +169,11 @@ impl Probes {
         };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
         let redis = redis::RedisMaps::new(&mut ebpf)?;
-        let worker = worker::WorkerMaps::new(&mut ebpf)?;
+        let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone())?;
         Ok((
             Self {
                 ebpf,
+                map_fds,
                 sched,
                 redis,
                 worker,
@@ -327,5 +351,64 @@ pub(crate) fn log_probe_site(
         tracing::debug!(symbol, offset = site.offset, binary = %binary.display(), "probe on an emulated instruction");
     } else {
         tracing::info!(symbol, binary = %binary.display(), "probe on an instruction the kernel single-steps: each hit costs a second trap");
+    }
+}
+
+/// A [`agent_common::pidset`] in an eBPF array map. A set only the agent writes remembers
+/// the words it wrote, so that changing one bit is one map update and no read; a set the
+/// kernel writes too is read before each change.
+pub struct PidSet {
+    map: aya::maps::Array<aya::maps::MapData, u64>,
+    /// The words as last written, for a set only the agent writes.
+    words: Option<std::collections::HashMap<u32, u64>>,
+}
+
+impl PidSet {
+    /// A set only the agent writes.
+    pub fn new(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, ProbeError> {
+        Ok(Self {
+            map: take_map(ebpf, name)?,
+            words: Some(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A set the kernel writes as well.
+    pub fn shared(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, ProbeError> {
+        Ok(Self {
+            map: take_map(ebpf, name)?,
+            words: None,
+        })
+    }
+
+    /// Adds or removes `pid`; pids past the set's range are refused.
+    pub fn set(&mut self, pid: u32, present: bool) -> Result<(), aya::maps::MapError> {
+        use agent_common::pidset;
+        let index = pidset::word(pid);
+        if index >= pidset::WORDS {
+            return Err(aya::maps::MapError::OutOfBounds {
+                index,
+                max_entries: pidset::WORDS,
+            });
+        }
+        let old = match &self.words {
+            Some(words) => words.get(&index).copied().unwrap_or(0),
+            None => self.map.get(&index, 0)?,
+        };
+        let new = if present {
+            old | pidset::bit(pid)
+        } else {
+            old & !pidset::bit(pid)
+        };
+        if new != old {
+            self.map.set(index, new, 0)?;
+        }
+        if let Some(words) = &mut self.words {
+            if new == 0 {
+                words.remove(&index);
+            } else {
+                words.insert(index, new);
+            }
+        }
+        Ok(())
     }
 }

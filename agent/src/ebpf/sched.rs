@@ -18,7 +18,7 @@ use aya::{
 
 use super::{take_map, ProbeError, TracepointSpec};
 
-pub const TRACEPOINTS: [TracepointSpec; 4] = [
+pub const TRACEPOINTS: [TracepointSpec; 5] = [
     TracepointSpec {
         program: programs::SCHED_SWITCH,
         category: "sched",
@@ -39,6 +39,11 @@ pub const TRACEPOINTS: [TracepointSpec; 4] = [
         category: "sched",
         name: "sched_process_exit",
     },
+    TracepointSpec {
+        program: programs::TASK_NEWTASK,
+        category: "task",
+        name: "task_newtask",
+    },
 ];
 
 /// Per-CPU values merged, keyed by (tgid, thread name).
@@ -47,6 +52,9 @@ pub type MergedHistograms = BTreeMap<(u32, String), SchedHistograms>;
 /// The scheduler maps: the in-kernel process filter, thread states, histograms, counters.
 pub struct SchedMaps {
     tracked: HashMap<MapData, u32, TrackedProcess>,
+    /// The scheduler programs' filters: tracked tgids, and tids with a thread state.
+    tracked_tgids: super::PidSet,
+    tracked_tids: super::PidSet,
     threads: HashMap<MapData, u32, ThreadState>,
     histograms: PerCpuHashMap<MapData, ThreadGroupKey, SchedHistograms>,
     counters: PerCpuArray<MapData, u64>,
@@ -62,6 +70,8 @@ impl SchedMaps {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         Ok(Self {
             tracked: take_map(ebpf, maps::TRACKED_PROCESSES)?,
+            tracked_tgids: super::PidSet::new(ebpf, maps::TRACKED_TGIDS)?,
+            tracked_tids: super::PidSet::shared(ebpf, maps::TRACKED_TIDS)?,
             threads: take_map(ebpf, maps::THREAD_STATE)?,
             histograms: take_map(ebpf, maps::SCHED_HISTOGRAMS)?,
             counters: take_map(ebpf, maps::PROBE_COUNTERS)?,
@@ -87,7 +97,7 @@ impl SchedMaps {
             .map_err(map_err(maps::TRACKED_PROCESSES))?;
         for &tid in tids {
             // BPF_NOEXIST: a thread the kernel already knows keeps its timestamps.
-            let _ = self.threads.insert(
+            let inserted = self.threads.insert(
                 tid,
                 ThreadState {
                     tgid,
@@ -95,12 +105,20 @@ impl SchedMaps {
                 },
                 1, /* BPF_NOEXIST */
             );
+            if inserted.is_ok() || self.threads.get(&tid, 0).is_ok() {
+                let _ = self.tracked_tids.set(tid, true);
+            }
         }
+        // Last: the kernel starts measuring once the threads are seeded.
+        self.tracked_tgids
+            .set(tgid, true)
+            .map_err(map_err(maps::TRACKED_TGIDS))?;
         Ok(())
     }
 
     /// Stops measuring a process and frees everything the kernel holds for it.
     pub fn untrack(&mut self, tgid: u32) {
+        let _ = self.tracked_tgids.set(tgid, false);
         let _ = self.tracked.remove(&tgid);
         let stale_keys: Vec<ThreadGroupKey> = self
             .histograms
@@ -120,6 +138,7 @@ impl SchedMaps {
             .collect();
         for tid in stale_threads {
             let _ = self.threads.remove(&tid);
+            let _ = self.tracked_tids.set(tid, false);
         }
     }
 

@@ -11,19 +11,12 @@ use agent_common::{
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
-    programs::{
-        trace_point::TracePointLinkId,
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        TracePoint,
-    },
+    programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint},
     Ebpf,
 };
 
 use super::{attach_tracepoint, load_programs, take_map, ProbeError, TracepointSpec};
-use crate::{
-    probe_site::{self, ProbeSite},
-    proc_reader::SocketPeer,
-};
+use crate::proc_reader::SocketPeer;
 
 const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
     TracepointSpec {
@@ -55,24 +48,59 @@ pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerProbeMode {
-    /// Each worker through its libc when it has one the probes can attach to, through the
-    /// syscall tracepoints otherwise (static or Go binaries). Redis and every other process
-    /// pay nothing unless a worker of the second kind is tracked; each libc-followed worker
-    /// costs the agent about 2 s of kernel time to detach, so it suits long-lived workers.
+    /// The default. On a node where the agent tracks no Redis: the syscall tracepoints, which
+    /// cost a worker least (no trap per call) and follow any worker whatever its language. On
+    /// a node where it tracks a Redis: uprobes in each worker's own code (its libc, or the C
+    /// library functions of a static executable), so that Redis's own reads and writes pass
+    /// no probe at all; a worker that has no such code (Go) is then not followed, and says
+    /// so, unless `--syscall-probes-beside-redis` lets the tracepoints follow it. Workers
+    /// followed through the tracepoints move to uprobes when a Redis appears.
     Auto,
-    /// Syscall tracepoints (the default): any worker, whatever its language or libc, but every process on
-    /// the host (Redis included) pays the filter on each read and write.
+    /// Syscall tracepoints for every worker: any worker, whatever its language or libc, but
+    /// every process on the host (Redis included) pays the filter on each read and write.
     Syscalls,
-    /// Uprobes on each worker's libc send/receive functions: only workers pay, but a worker
-    /// that bypasses libc (Go) is not seen.
+    /// Uprobes in each worker's own code only: only workers pay, but a worker that bypasses
+    /// libc (Go) is not seen.
     Libc,
 }
 
-/// In `auto` mode, workers followed through their libc at most. Each costs 17 per-process
-/// uprobes: about 25 ms to attach, and about 2 s of kernel time to detach (an RCU grace
-/// period per uprobe), paid again when the agent exits. That does not scale to hundreds of
-/// processes; workers beyond the limit go through the tracepoints.
-pub const DEFAULT_MAX_LIBC_WORKERS: usize = 16;
+/// Where a worker's uprobes go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UprobeTarget {
+    /// The C library the process maps.
+    SharedLibc(std::path::PathBuf),
+    /// A static executable, which carries the C library functions itself.
+    OwnExecutable(std::path::PathBuf),
+}
+
+/// Where `pid`'s uprobes would go: the libc it maps, or, for a static executable, the
+/// executable itself (it carries the C library's `write`, `read`, ... when it was linked
+/// against one; whether it does is found out when attaching). `None` for Go binaries, whose
+/// runtime makes its system calls itself.
+pub fn uprobe_target(proc: &crate::proc_reader::ProcRoot, pid: u32) -> Option<UprobeTarget> {
+    if let Some(libc) = proc.libc_path(pid) {
+        return Some(UprobeTarget::SharedLibc(libc));
+    }
+    let exe = proc.path().join(pid.to_string()).join("exe");
+    match crate::proc_reader::exe_kind(&exe) {
+        Ok(crate::proc_reader::ExeKind::Static) => Some(UprobeTarget::OwnExecutable(exe)),
+        _ => None,
+    }
+}
+
+impl UprobeTarget {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            UprobeTarget::SharedLibc(p) | UprobeTarget::OwnExecutable(p) => p,
+        }
+    }
+}
+
+/// Workers followed through uprobes at most. With uprobe-multi links each costs 9 links (9
+/// fds; about 12 ms to attach, one RCU synchronisation per link to detach, off the agent's
+/// loop and overlapped across threads: 100 workers detach in about 1 s). Without them, 17
+/// uprobes, each waiting for its own grace period (about 2 s of kernel time per worker).
+pub const DEFAULT_MAX_LIBC_WORKERS: usize = 512;
 
 /// How long the syscall tracepoints stay attached after the last worker that needs them is
 /// gone. Detaching them waits for RCU grace periods (about 1 s here, on the agent's loop), so
@@ -101,6 +129,30 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_connect", "connect"),
 ];
 
+/// The uprobes that follow one worker.
+enum WorkerLinks {
+    /// One uprobe-multi link per program.
+    Multi(Vec<super::uprobe_multi::UprobeMultiLink>),
+    /// One aya uprobe per function.
+    PerUprobe(Vec<(&'static str, UProbeLinkId)>),
+}
+
+impl WorkerLinks {
+    fn len(&self) -> usize {
+        match self {
+            WorkerLinks::Multi(l) => l.len(),
+            WorkerLinks::PerUprobe(l) => l.len(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            WorkerLinks::Multi(_) => "uprobe-multi",
+            WorkerLinks::PerUprobe(_) => "uprobe",
+        }
+    }
+}
+
 /// What the kernel holds for one worker process.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerReadings {
@@ -109,7 +161,10 @@ pub struct WorkerReadings {
 }
 
 pub struct WorkerMaps {
-    procs: HashMap<MapData, u32, u32>,
+    /// How each followed worker is followed (a `via` value).
+    ways: std::collections::HashMap<u32, u32>,
+    /// The workers followed through the syscall tracepoints (their fast filter).
+    syscall_workers: super::PidSet,
     conns: HashMap<MapData, ConnKey, ConnState>,
     peers: HashMap<MapData, ConnKey, Peer>,
     durations: PerCpuHashMap<MapData, WorkerHistKey, Log2Histogram>,
@@ -123,14 +178,25 @@ pub struct WorkerMaps {
     pub disabled: bool,
     pub mode: WorkerProbeMode,
     pub max_libc_workers: usize,
+    /// Whether the agent tracks a Redis on this node (`auto` then keeps the tracepoints off).
+    redis_on_node: bool,
+    /// `--syscall-probes-beside-redis`: in `auto`, follow workers that have no uprobe target
+    /// through the tracepoints even where a Redis runs.
+    pub syscalls_beside_redis: bool,
+    /// Workers not followed because a Redis runs on this node.
+    unfollowed: std::collections::BTreeSet<u32>,
     /// Since when no tracked worker has needed the attached syscall tracepoints.
     syscalls_idle_since: Option<std::time::Instant>,
-    /// Libc-mode uprobe links per worker pid.
-    libc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
-    libc_sites: std::collections::HashMap<
-        (u64, u64),
-        std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>>,
-    >,
+    /// Uprobe links per worker pid.
+    libc_links: std::collections::HashMap<u32, WorkerLinks>,
+    /// File offsets of the probe sites in each libc (or static executable), by (dev, inode):
+    /// a fleet of workers shares one or two.
+    libc_offsets: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, u64>>>,
+    /// The map fds a second copy of the libc programs is loaded against (for uprobe-multi).
+    map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
+    /// The libc programs loaded for uprobe-multi links, once the first worker needs them;
+    /// the error when this kernel or the load refused them (then per-uprobe attach is used).
+    multi: Option<Result<super::uprobe_multi::MultiPrograms, String>>,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -166,7 +232,10 @@ pub fn peer_address(peer: &Peer) -> String {
 impl WorkerMaps {
     /// Takes the maps and loads (verifies) the programs now, so that attaching them when the
     /// first worker appears is quick.
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
+    ) -> Result<Self, ProbeError> {
         let programs = WORKER_TRACEPOINTS
             .iter()
             .map(|spec| spec.program)
@@ -176,7 +245,8 @@ impl WorkerMaps {
             tracing::warn!(error = %e, "worker probes cannot be loaded; no worker-side blocking metrics");
         }
         Ok(Self {
-            procs: take_map(ebpf, maps::WORKER_PROCS)?,
+            ways: std::collections::HashMap::new(),
+            syscall_workers: super::PidSet::new(ebpf, maps::SYSCALL_WORKERS)?,
             conns: take_map(ebpf, maps::CONNS)?,
             peers: take_map(ebpf, maps::CONN_PEERS)?,
             durations: take_map(ebpf, maps::WORKER_DURATION_HISTS)?,
@@ -185,11 +255,16 @@ impl WorkerMaps {
             load_error,
             attach_error: None,
             disabled: false,
-            mode: WorkerProbeMode::Syscalls,
+            mode: WorkerProbeMode::Auto,
             max_libc_workers: DEFAULT_MAX_LIBC_WORKERS,
+            redis_on_node: false,
+            syscalls_beside_redis: false,
+            unfollowed: Default::default(),
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
-            libc_sites: std::collections::HashMap::new(),
+            libc_offsets: std::collections::HashMap::new(),
+            map_fds,
+            multi: None,
         })
     }
 
@@ -197,15 +272,15 @@ impl WorkerMaps {
         !self.links.is_empty()
     }
 
-    /// Starts following a worker, the way the mode says: through its libc (found by `libc`,
-    /// which is only asked when needed) or through the syscall tracepoints (attached with the
-    /// first worker that needs them); seeds the peers of its open sockets, and adds it to the
-    /// kernel filter with the way it is followed.
+    /// Starts following a worker, the way the mode says: through uprobes in its own code
+    /// (found by `target`, which is only asked when needed) or through the syscall tracepoints
+    /// (attached with the first worker that needs them); seeds the peers of its open sockets,
+    /// and adds it to the kernel filter with the way it is followed.
     pub fn track(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
-        libc: impl FnOnce() -> Option<std::path::PathBuf>,
+        target: impl FnOnce() -> Option<UprobeTarget>,
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) -> Result<(), ProbeError> {
         if self.disabled {
@@ -216,35 +291,13 @@ impl WorkerMaps {
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        let way = match self.mode {
-            WorkerProbeMode::Libc => {
-                self.attach_libc(ebpf, pid, libc())?;
-                via::LIBC
-            }
-            WorkerProbeMode::Syscalls => {
-                self.attach_syscalls(ebpf)?;
-                via::SYSCALLS
-            }
-            WorkerProbeMode::Auto if self.libc_links.len() >= self.max_libc_workers => {
-                if self.libc_links.len() == self.max_libc_workers && !self.attached() {
-                    tracing::info!(limit = self.max_libc_workers, "as many workers as --max-libc-workers are followed through their libc; more go through the syscall tracepoints");
-                }
-                self.attach_syscalls(ebpf)?;
-                via::SYSCALLS
-            }
-            WorkerProbeMode::Auto => match self.attach_libc(ebpf, pid, libc()) {
-                Ok(()) => via::LIBC,
-                Err(reason) => {
-                    tracing::info!(pid, %reason, "following this worker through the syscall tracepoints instead of its libc");
-                    self.attach_syscalls(ebpf)?;
-                    via::SYSCALLS
-                }
-            },
-        };
-        if let Err(e) = self.procs.insert(pid, way, 0) {
+        let way = self.follow(ebpf, pid, target)?;
+        self.ways.insert(pid, way);
+        if let Err(e) = self.syscall_workers.set(pid, way == via::SYSCALLS) {
+            self.ways.remove(&pid);
             self.forget(ebpf, pid);
             return Err(ProbeError::Map {
-                name: maps::WORKER_PROCS,
+                name: maps::SYSCALL_WORKERS,
                 message: e.to_string(),
             });
         }
@@ -252,6 +305,111 @@ impl WorkerMaps {
         // ones made before are in /proc.
         self.seed_peers(pid, sockets());
         Ok(())
+    }
+
+    /// Attaches what following `pid` takes, and says which way it is followed.
+    fn follow(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        target: impl FnOnce() -> Option<UprobeTarget>,
+    ) -> Result<u32, ProbeError> {
+        let uprobes_full = self.libc_links.len() >= self.max_libc_workers;
+        match self.mode {
+            WorkerProbeMode::Syscalls => {
+                self.attach_syscalls(ebpf)?;
+                Ok(via::SYSCALLS)
+            }
+            WorkerProbeMode::Libc => {
+                if uprobes_full {
+                    return Err(ProbeError::Disabled(
+                        "as many workers as --max-libc-workers are followed through uprobes",
+                    ));
+                }
+                self.attach_libc(ebpf, pid, target())?;
+                Ok(via::LIBC)
+            }
+            WorkerProbeMode::Auto if !self.redis_on_node => {
+                self.attach_syscalls(ebpf)?;
+                Ok(via::SYSCALLS)
+            }
+            WorkerProbeMode::Auto => {
+                let attached = if uprobes_full {
+                    Err(ProbeError::Disabled(
+                        "as many workers as --max-libc-workers are followed through uprobes",
+                    ))
+                } else {
+                    self.attach_libc(ebpf, pid, target())
+                };
+                match attached {
+                    Ok(()) => Ok(via::LIBC),
+                    Err(reason) if self.syscalls_beside_redis => {
+                        tracing::info!(pid, %reason, "following this worker through the syscall tracepoints (--syscall-probes-beside-redis): the Redis on this node pays their filter on every read and write");
+                        self.attach_syscalls(ebpf)?;
+                        Ok(via::SYSCALLS)
+                    }
+                    Err(reason) => {
+                        tracing::warn!(pid, %reason, "this worker is not followed: a Redis runs on this node and the syscall tracepoints would tax every request it serves (--syscall-probes-beside-redis follows it anyway)");
+                        self.unfollowed.insert(pid);
+                        Err(ProbeError::Disabled(
+                            "worker not followed beside Redis: no uprobe target",
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the worker side whether a Redis is tracked on this node. When one appears, `auto`
+    /// moves the workers it follows through the tracepoints to uprobes (or stops following
+    /// those it cannot), and detaches the tracepoints at once: Redis pays for them otherwise.
+    /// Returns the workers no longer followed.
+    pub fn set_redis_on_node(
+        &mut self,
+        ebpf: &mut Ebpf,
+        present: bool,
+        target_of: impl Fn(u32) -> Option<UprobeTarget>,
+    ) -> Vec<u32> {
+        let appeared = present && !self.redis_on_node;
+        self.redis_on_node = present;
+        if !appeared || self.mode != WorkerProbeMode::Auto || self.syscalls_beside_redis {
+            return Vec::new();
+        }
+        let movers: Vec<u32> = self
+            .ways
+            .iter()
+            .filter(|(_, way)| **way == via::SYSCALLS)
+            .map(|(pid, _)| *pid)
+            .collect();
+        let mut dropped = Vec::new();
+        for pid in movers {
+            // Off the tracepoints first, then onto uprobes: never followed both ways at once
+            // (the bytes would be parsed twice). A syscall made in between is not seen; the
+            // connection then resynchronises at its next command.
+            let _ = self.syscall_workers.set(pid, false);
+            let moved = self.libc_links.len() < self.max_libc_workers
+                && self.attach_libc(ebpf, pid, target_of(pid)).is_ok();
+            if moved {
+                self.ways.insert(pid, via::LIBC);
+                tracing::info!(pid, "a Redis is tracked on this node: worker moved from the syscall tracepoints to uprobes");
+            } else {
+                tracing::warn!(pid, "a Redis is tracked on this node: this worker cannot be followed through uprobes and is no longer followed (--syscall-probes-beside-redis follows it anyway)");
+                self.ways.remove(&pid);
+                self.forget(ebpf, pid);
+                self.unfollowed.insert(pid);
+                dropped.push(pid);
+            }
+        }
+        if self.attached() && !self.syscall_workers() {
+            self.syscalls_idle_since = None;
+            self.detach_syscalls(ebpf);
+        }
+        dropped
+    }
+
+    /// Tracked workers not followed because a Redis runs on this node.
+    pub fn unfollowed(&self) -> usize {
+        self.unfollowed.len()
     }
 
     /// Attaches the syscall tracepoints unless they are already attached.
@@ -278,78 +436,134 @@ impl WorkerMaps {
         Ok(())
     }
 
-    /// Attaches the libc uprobes to one worker process.
+    /// Attaches the libc uprobes to one worker process: one uprobe-multi link per program
+    /// where the kernel has them (one attach and one detach synchronisation for all of a
+    /// program's functions), one uprobe per function otherwise.
     fn attach_libc(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
-        libc: Option<std::path::PathBuf>,
+        target: Option<UprobeTarget>,
     ) -> Result<(), ProbeError> {
-        let libc = libc.ok_or(ProbeError::Disabled(
-            "the worker maps no libc (a static or Go binary?); its traffic is not followed",
+        let target = target.ok_or(ProbeError::Disabled(
+            "the worker maps no libc and its executable has no C library functions (a Go binary?)",
         ))?;
-        let scope = UProbeScope::OneProcess(
-            std::num::NonZeroU32::new(pid).ok_or(ProbeError::Disabled("pid 0"))?,
-        );
-        let sites = self.libc_sites(&libc);
-        let mut links = Vec::new();
+        let libc = target.path().to_path_buf();
+        let offsets = self.libc_offsets(&libc);
+        // Offsets per program, in LIBC_UPROBES order.
+        let mut per_program: Vec<(&'static str, Vec<u64>)> = Vec::new();
         for (program, symbol) in LIBC_UPROBES {
-            let site = sites.get(symbol).map_or(ProbeSite::ENTRY, |s| s.entry);
-            let location = UProbeAttachLocation::SymbolOffset(symbol, site.offset);
-            let result = super::attach_uprobe(ebpf, program, location, &libc, scope);
-            match result {
-                Ok(link) => links.push((program, link)),
-                Err(e) => tracing::debug!(pid, symbol, error = %e, "libc function not probed"),
+            let Some(offset) = offsets.get(symbol) else {
+                continue;
+            };
+            match per_program.iter_mut().find(|(p, _)| *p == program) {
+                Some((_, list)) => list.push(*offset),
+                None => per_program.push((program, vec![*offset])),
             }
         }
-        if links.is_empty() {
+        // Both sides of a read are needed, and a write: without them nothing is followed.
+        let has = |p: &str| per_program.iter().any(|(name, _)| *name == p);
+        if !(has("worker_libc_write") && has("worker_libc_read") && has("worker_libc_read_ret")) {
             return Err(ProbeError::Attach {
                 program: "worker_libc_*",
                 category: "uprobe",
                 name: "libc",
-                message: format!("nothing could be attached in {}", libc.display()),
+                message: format!(
+                    "{} has no write/read functions to probe (a stripped static binary?)",
+                    libc.display()
+                ),
             });
         }
-        tracing::info!(pid, libc = %libc.display(), uprobes = links.len(), "worker libc probes attached");
+        let links = match self.multi_programs() {
+            Some(multi) => {
+                let mut links = Vec::new();
+                for (program, offsets) in &per_program {
+                    let retprobe = multi.retprobe(program).unwrap_or(false);
+                    match multi.attach(program, &libc, offsets, Some(pid), retprobe) {
+                        Ok(link) => links.push(link),
+                        Err(e) => {
+                            super::uprobe_multi::detach_in_background(links);
+                            return Err(ProbeError::Attach {
+                                program,
+                                category: "uprobe-multi",
+                                name: "libc",
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                WorkerLinks::Multi(links)
+            }
+            None => {
+                let mut links = Vec::new();
+                for (program, offsets) in &per_program {
+                    match super::uprobe_multi::attach_per_uprobe(
+                        ebpf,
+                        program,
+                        &libc,
+                        offsets,
+                        Some(pid),
+                    ) {
+                        Ok(more) => links.extend(more),
+                        Err(e) => {
+                            super::detach_uprobes_in_background(ebpf, links);
+                            return Err(ProbeError::Attach {
+                                program,
+                                category: "uprobe",
+                                name: "libc",
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                WorkerLinks::PerUprobe(links)
+            }
+        };
+        tracing::info!(pid, libc = %libc.display(), links = links.len(), kind = links.kind(), "worker libc probes attached");
         self.libc_links.insert(pid, links);
         Ok(())
     }
 
-    /// The probe sites in a libc, computed once per file (dev, inode): a fleet of workers
-    /// shares one or two libcs.
-    fn libc_sites(
-        &mut self,
-        libc: &std::path::Path,
-    ) -> std::sync::Arc<BTreeMap<String, probe_site::FunctionSites>> {
+    /// The libc programs loaded for uprobe-multi links, loading them the first time; `None`
+    /// where this kernel has no uprobe-multi links or the load failed (said once).
+    fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
+        if self.multi.is_none() {
+            let loaded = if super::uprobe_multi::supported() {
+                let mut names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
+                names.dedup();
+                super::uprobe_multi::MultiPrograms::load(&self.map_fds, &names)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("this kernel has no uprobe-multi links".to_string())
+            };
+            if let Err(e) = &loaded {
+                tracing::info!(reason = %e, "workers' libc probes are attached one uprobe at a time (each takes an RCU grace period to detach)");
+            }
+            self.multi = Some(loaded);
+        }
+        self.multi.as_ref()?.as_ref().ok()
+    }
+
+    /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
+    fn libc_offsets(&mut self, libc: &std::path::Path) -> std::sync::Arc<BTreeMap<String, u64>> {
         use std::os::unix::fs::MetadataExt;
         let id = std::fs::metadata(libc)
             .map(|m| (m.dev(), m.ino()))
             .unwrap_or_default();
-        if let Some(sites) = self.libc_sites.get(&id) {
-            return sites.clone();
+        if let Some(offsets) = self.libc_offsets.get(&id) {
+            return offsets.clone();
         }
         let names: Vec<&str> = LIBC_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
-        let sites = match std::fs::read(libc)
-            .map_err(|e| e.to_string())
-            .and_then(|data| {
-                object::File::parse(&*data)
-                    .map(|file| probe_site::sites_in(&file, &names))
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(sites) => sites,
-            Err(error) => {
-                tracing::info!(libc = %libc.display(), %error, "cannot read libc's code; probing function entries");
+        let offsets = super::uprobe_multi::resolve_probe_site_offsets(libc, &names)
+            .unwrap_or_else(|e| {
+                tracing::info!(libc = %libc.display(), error = %e, "cannot read the C library's code; its workers are not followed through uprobes");
                 BTreeMap::new()
-            }
-        };
-        for (symbol, site) in &sites {
-            super::log_probe_site(symbol, site.entry, libc);
-        }
-        let sites = std::sync::Arc::new(sites);
+            });
+        let offsets = std::sync::Arc::new(offsets);
         if id != (0, 0) {
-            self.libc_sites.insert(id, sites.clone());
+            self.libc_offsets.insert(id, offsets.clone());
         }
-        sites
+        offsets
     }
 
     /// Records peers found in /proc for connections the kernel did not see being made.
@@ -375,8 +589,9 @@ impl WorkerMaps {
     /// Stops following a worker and returns what the kernel had counted for it, so that
     /// group totals can keep it. Detaches the probes after the last worker.
     pub fn untrack(&mut self, ebpf: &mut Ebpf, pid: u32) -> WorkerReadings {
+        self.unfollowed.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
-        let _ = self.procs.remove(&pid);
+        self.ways.remove(&pid);
         let conns: Vec<ConnKey> = self
             .conns
             .keys()
@@ -420,8 +635,11 @@ impl WorkerMaps {
     /// Detaches what only `pid` used: its libc uprobes, and the syscall tracepoints once no
     /// tracked worker is followed through them.
     fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        if let Some(links) = self.libc_links.remove(&pid) {
-            super::detach_uprobes_in_background(ebpf, links);
+        let _ = self.syscall_workers.set(pid, false);
+        match self.libc_links.remove(&pid) {
+            Some(WorkerLinks::Multi(links)) => super::uprobe_multi::detach_in_background(links),
+            Some(WorkerLinks::PerUprobe(links)) => super::detach_uprobes_in_background(ebpf, links),
+            None => {}
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since
@@ -430,10 +648,7 @@ impl WorkerMaps {
     }
 
     fn syscall_workers(&self) -> bool {
-        self.procs
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, way)| way & via::SYSCALLS != 0)
+        self.ways.values().any(|way| way & via::SYSCALLS != 0)
     }
 
     /// Detaches the syscall tracepoints once no worker has needed them for [`SYSCALLS_LINGER`].

@@ -163,6 +163,12 @@ pub mod catalog {
         unit: "{error}",
         kind: Kind::Counter,
     };
+    pub const WORKERS_UNFOLLOWED: Descriptor = Descriptor {
+        name: "fanout.workers.unfollowed",
+        description: "Tracked workers whose Redis traffic is not followed, by reason (redis_on_node: no uprobe target, and the syscall tracepoints would tax the Redis on this node)",
+        unit: "{process}",
+        kind: Kind::Gauge,
+    };
     pub const EVENTS_LOST: Descriptor = Descriptor {
         name: "fanout.events.lost",
         description: "Events the kernel side could not record or deliver, by reason",
@@ -271,6 +277,7 @@ pub mod catalog {
         PROBES_ATTACHED,
         PROC_READ_ERRORS,
         EVENTS_LOST,
+        WORKERS_UNFOLLOWED,
         EXPORT_FAILURES,
         THREAD_NAMES_OVERFLOW,
     ];
