@@ -908,3 +908,65 @@ fn a_redis_in_its_own_mount_and_pid_namespace_is_found_and_probed_through_proc_r
     assert_eq!(sum(&s, KEYS, &pid, &[]), 2.0);
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 1.0);
 }
+
+/// A gauge never drifts silently. A Redis stopped with SIGSTOP cannot time its blocked
+/// client out, so no probe sees the unblock: 2 s past the deadline the agent stops counting
+/// the client as blocked and counts a missed unblock. (The mechanism is the agent's, the same
+/// for every build.) When the server resumes and times the client out, nothing is counted
+/// twice.
+#[test]
+fn a_client_recorded_past_its_deadline_is_dropped_not_left_in_the_gauges() {
+    require_root();
+    let (redis, agent, pid) = start(RedisBuild::V7_0);
+    let mut c = Conn::connect(redis.port).unwrap();
+    c.send(&["BRPOP", "never", "x", "0.5"]).unwrap();
+    wait_for("the client to block", Duration::from_secs(5), || {
+        (agent
+            .scrape()
+            .sum("redis_clients_blocked", &[("process_pid", &pid)])
+            == 1.0)
+            .then_some(())
+    });
+    assert_eq!(
+        agent
+            .scrape()
+            .sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        2.0
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    thread::sleep(Duration::from_millis(3000));
+    let s = wait_for("the overdue client dropped", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum("redis_clients_blocked", &[("process_pid", &pid)]) == 0.0).then_some(s)
+    });
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        0.0
+    );
+    assert!(
+        agent.log().contains("their unblock was not seen"),
+        "the log says why"
+    );
+    // One miss is not evidence of a bypassed unblock: the numbers stay exported.
+    assert_eq!(
+        s.sum(
+            "fanout_probe_points",
+            &[
+                ("process_pid", &pid),
+                ("probe", "unblockClient"),
+                ("state", "unreliable")
+            ]
+        ),
+        0.0
+    );
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    assert!(c.read().unwrap().is_nil());
+    let s = agent.scrape();
+    assert_eq!(
+        s.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+        0.0
+    );
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 0.0);
+    assert_eq!(count(&s, KEYS, &pid, &[]), 1.0);
+}
