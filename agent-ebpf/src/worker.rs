@@ -580,11 +580,49 @@ fn follow(
     }
 }
 
+/// Slots of `NOT_RESP`.
+const NOT_RESP_SLOTS: u32 = 4096;
+
+/// (tgid, fd) of descriptors a worker writes to that are not followed connections (pipes,
+/// eventfds, files), by a hash of the pair: a worker's writes that do not start a command
+/// then cost one inlined array load instead of a hash lookup in `CONNS` (a Ruby worker writes
+/// to its thread-wakeup pipes several times per job). Only writes that do not start a command
+/// (`*`) consult it, and creating a connection or closing the descriptor clears the slot, so
+/// a slot overwritten by another pair, or raced, costs a lookup, never a missed connection.
+#[map]
+static NOT_RESP: Array<u64> = Array::with_max_entries(NOT_RESP_SLOTS, 0);
+
+#[inline(always)]
+fn not_resp_slot(key: &ConnKey) -> (u32, u64) {
+    let mixed = key.tgid.wrapping_mul(2_654_435_761) ^ key.fd;
+    (
+        mixed & (NOT_RESP_SLOTS - 1),
+        ((key.tgid as u64) << 32 | key.fd as u64) + 1,
+    )
+}
+
+/// Forgets that (tgid, fd) is not a connection (it is one now, or it was closed).
+#[inline(always)]
+fn clear_not_resp(key: &ConnKey) {
+    let (slot, tag) = not_resp_slot(key);
+    if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
+        unsafe {
+            if *cached == tag {
+                *cached = 0;
+            }
+        }
+    }
+}
+
 /// The connection state for a write, created (and classified) on the first one.
 #[inline(always)]
 fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     let key = ConnKey { tgid, fd };
     let first: u8 = unsafe { bpf_probe_read_user(buf as *const u8) }.unwrap_or(0);
+    let (slot, tag) = not_resp_slot(&key);
+    if first != b'*' && NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
+        return None;
+    }
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         let state = unsafe { &mut *conn };
         if state.kind == KIND_DESYNCED {
@@ -608,8 +646,12 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     // mid-command (it was tracked while writing) is picked up at its next command, and
     // files and pipes (logs) cost one byte read per write.
     if first != b'*' {
+        if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
+            unsafe { *cached = tag };
+        }
         return None;
     }
+    clear_not_resp(&key);
     let zero = ZERO_CONN.get(0)?;
     if CONNS.insert(&key, zero, 0).is_err() {
         bump(ProbeCounter::ConnInsertFailed);
@@ -848,6 +890,7 @@ fn handle_close(fd: u64, via: u32) {
         let _ = CONNS.remove(&key);
     }
     let _ = CONN_PEERS.remove(&key);
+    clear_not_resp(&key);
 }
 
 #[inline(always)]
@@ -861,6 +904,7 @@ fn handle_connect(fd: u64, addr: u64, via: u32) {
     };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
+    clear_not_resp(&key);
     let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
         return;
     };

@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p.worker.disabled = !config.worker_probes;
         p.worker.mode = config.worker_probe_mode;
         p.worker.syscalls_beside_redis = config.syscall_probes_beside_redis;
+        p.worker.preload_uprobe_programs();
         p.worker.max_libc_workers = config.max_libc_workers;
     }
     let live: Vec<&str> = probe_status

@@ -524,6 +524,15 @@ impl WorkerMaps {
         Ok(())
     }
 
+    /// Loads the libc programs for uprobe-multi links now (about 200 ms, and the first
+    /// attach after it waits for a grace period): at start, rather than on the agent's loop
+    /// when the first worker beside a Redis appears.
+    pub fn preload_uprobe_programs(&mut self) {
+        if !self.disabled && self.mode != WorkerProbeMode::Syscalls {
+            let _ = self.multi_programs();
+        }
+    }
+
     /// The libc programs loaded for uprobe-multi links, loading them the first time; `None`
     /// where this kernel has no uprobe-multi links or the load failed (said once).
     fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
@@ -666,10 +675,21 @@ impl WorkerMaps {
         if self.links.is_empty() {
             return;
         }
-        for (program, link) in self.links.drain(..) {
-            if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut TracePoint>::try_from) {
-                let _ = p.detach(link);
-            }
+        // Detaching a tracepoint waits for RCU grace periods (about 1 s for all 14 here): the
+        // links are taken out and dropped on a thread of their own, off the agent's loop.
+        let owned: Vec<_> = self
+            .links
+            .drain(..)
+            .filter_map(|(program, link)| {
+                let p = ebpf.program_mut(program)?;
+                <&mut TracePoint>::try_from(p).ok()?.take_link(link).ok()
+            })
+            .collect();
+        let spawned = std::thread::Builder::new()
+            .name("tracepoint-detach".into())
+            .spawn(move || drop(owned));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to detach the syscall tracepoints; they stay until the agent exits");
         }
         tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
     }
