@@ -7,10 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use integration_tests::{resp::Conn, sidekiq_job, wait_for, Agent, Proc, Redis, Sidekiq};
 
-use super::blocking::{process_cpu, run_once};
+use super::{
+    agent_log,
+    blocking::{process_cpu, run_once},
+    bpf_stats::{StatsSample, Window},
+};
 
 /// A memory figure of a process from /proc/<pid>/status, in MiB.
 fn status_mib(pid: u32, field: &str) -> f64 {
@@ -49,7 +53,7 @@ pub struct CostSample {
 pub fn under_pops(bin: &std::path::Path, rate: u32, seconds: f64) -> Result<CostSample> {
     let redis = Redis::start(&[]);
     let agent = Agent::start_binary(bin, &[], &[]);
-    let sample = run_once(&redis, Some(&agent), 10, 50, rate, seconds)?;
+    let (sample, _) = run_once(&redis, Some(&agent), 10, 50, rate, seconds, false)?;
     Ok(CostSample {
         scenario: format!("{rate} blocking pops/s (50 clients, 10 keys)"),
         agent_cpu_share: sample.agent_cpu_share.unwrap_or(f64::NAN),
@@ -138,34 +142,53 @@ pub fn attach_latency(bin: &std::path::Path, many: usize) -> Result<(f64, f64)> 
     Ok((one, all))
 }
 
-/// Jobs per second a real Sidekiq fleet (10 threads) drains from a queue of `jobs` no-op jobs.
-/// Jobs per second of a 10-thread Sidekiq fleet draining `jobs` no-op jobs, without the agent
-/// (`agent_args` None) or with it, started with `agent_args`.
-pub fn sidekiq_jobs_per_second(
+/// One drain of a Sidekiq fleet.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SidekiqRun {
+    pub jobs_per_second: f64,
+    /// Redis commands per job during the drain (all from the fleet but for the bench's own
+    /// few, which are subtracted).
+    pub commands_per_job: f64,
+    /// How the agent followed the fleet, from its log ("uprobes", "tracepoints", ...).
+    pub followed_via: Option<String>,
+    /// Per job, when the run is a bpf_stats window.
+    pub stats: Option<StatsSample>,
+}
+
+/// `total_commands_processed` from INFO stats.
+fn commands_processed(conn: &mut Conn) -> Result<f64> {
+    let info = match conn.call(&["INFO", "stats"])? {
+        integration_tests::resp::Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        other => anyhow::bail!("INFO stats: unexpected reply {other:?}"),
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no total_commands_processed in INFO stats")
+}
+
+/// A 10-thread Sidekiq fleet draining `jobs` no-op jobs, without the agent (`agent_args` None)
+/// or with it, started with `agent_args`; with `with_stats`, the drain is a bpf_stats window.
+pub fn sidekiq_run(
     bin: &std::path::Path,
     agent_args: Option<&[&str]>,
     jobs: u64,
-) -> Result<f64> {
+    with_stats: bool,
+) -> Result<SidekiqRun> {
     let redis = Redis::start(&[]);
     let agent = agent_args.map(|args| Agent::start_binary(bin, args, &[]));
     let sidekiq = Sidekiq::start(redis.port, &["bench"], 10);
-    if let Some(a) = &agent {
-        let pid = sidekiq.pid().to_string();
-        wait_for("the fleet tracked", Duration::from_secs(20), || {
-            (a.scrape()
-                .find("worker_blocking_pop_keys_count", &[])
-                .count()
-                > 0
-                || a.scrape()
-                    .find(
-                        "process_thread_cpu_time_seconds_total",
-                        &[("process_pid", &pid)],
-                    )
-                    .count()
-                    > 0)
-            .then_some(())
-        });
-    }
+    let followed_via = agent.as_ref().map(|a| {
+        let pid = sidekiq.pid();
+        let limit = Instant::now() + Duration::from_secs(20);
+        loop {
+            let via = agent_log::followed_via(&a.log(), pid);
+            if via != "unknown" || Instant::now() > limit {
+                break via.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
     // Fill a queue the fleet does not listen to (pipelined), then rename it in at once.
     let mut conn = Conn::connect(redis.port)?;
     for chunk in (0..jobs).collect::<Vec<_>>().chunks(500) {
@@ -176,10 +199,34 @@ pub fn sidekiq_jobs_per_second(
             conn.read()?;
         }
     }
+    let commands0 = commands_processed(&mut conn)?;
+    let window = match (&agent, with_stats) {
+        (Some(a), true) => Some(Window::start(a.proc.pid())?),
+        _ => None,
+    };
     let started = Instant::now();
-    redis.command(&["RENAME", "queue:staging", "queue:bench"]);
-    wait_for("the queue to drain", Duration::from_secs(120), || {
-        (redis.command(&["LLEN", "queue:bench"]) == ":0\r\n").then_some(())
-    });
-    Ok(jobs as f64 / started.elapsed().as_secs_f64())
+    conn.call(&["RENAME", "queue:staging", "queue:bench"])?;
+    // The bench's own commands in the count: the first INFO, the RENAME, each LLEN.
+    let mut own = 2.0;
+    loop {
+        own += 1.0;
+        if let integration_tests::resp::Reply::Integer(0) = conn.call(&["LLEN", "queue:bench"])? {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("the Sidekiq queue did not drain in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = window.map(|w| w.finish(jobs as f64, "job")).transpose()?;
+    let commands = commands_processed(&mut conn)? - commands0 - own;
+    drop(sidekiq);
+    drop(agent);
+    Ok(SidekiqRun {
+        jobs_per_second: jobs as f64 / seconds,
+        commands_per_job: commands / jobs as f64,
+        followed_via,
+        stats,
+    })
 }

@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context, Result};
 use integration_tests::{resp::Conn, Agent, Redis};
 
+use super::bpf_stats::{StatsSample, Window};
+
 /// One measurement.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct BlockingSample {
@@ -94,7 +96,8 @@ fn agent_bookkeeping(agent: &Agent, pid: u32) -> (f64, f64) {
 }
 
 /// Runs `clients` BRPOP loops over `keys` keys and a producer at `rate` pushes/s for
-/// `seconds`, bounded in time and requests. Returns the sample.
+/// `seconds`, bounded in time and requests. Returns the sample and, with `with_stats` (and an
+/// agent), the agent's programs over the measured window, per served pop.
 pub fn run_once(
     redis: &Redis,
     agent: Option<&Agent>,
@@ -102,7 +105,8 @@ pub fn run_once(
     clients: usize,
     rate: u32,
     seconds: f64,
-) -> Result<BlockingSample> {
+    with_stats: bool,
+) -> Result<(BlockingSample, Option<StatsSample>)> {
     let names: Arc<Vec<String>> = Arc::new((0..keys).map(|i| format!("bench:q{i}")).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -130,6 +134,10 @@ pub fn run_once(
     let (cpu0, (calls0, usec0)) = (main_thread_cpu(pid), brpop_stats(redis));
     let agent0 = agent.map(|a| (agent_bookkeeping(a, pid), process_cpu(a.proc.pid())));
     let served0 = served.load(Ordering::Relaxed);
+    let window = match agent {
+        Some(a) if with_stats => Some(Window::start(a.proc.pid())?),
+        _ => None,
+    };
     let started = Instant::now();
     let mut producer = Conn::connect(port)?;
     let target = names.last().context("no keys")?.clone();
@@ -145,6 +153,7 @@ pub fn run_once(
     }
     let wall = started.elapsed().as_secs_f64();
     let jobs = (served.load(Ordering::Relaxed) - served0).max(1) as f64;
+    let stats = window.map(|w| w.finish(jobs, "served pop")).transpose()?;
     let (cpu1, (calls1, usec1)) = (main_thread_cpu(pid), brpop_stats(redis));
     let agent1 = agent.map(|a| (agent_bookkeeping(a, pid), process_cpu(a.proc.pid())));
     stop.store(true, Ordering::Relaxed);
@@ -164,7 +173,7 @@ pub fn run_once(
         ),
         _ => (None, None),
     };
-    Ok(BlockingSample {
+    let sample = BlockingSample {
         keys,
         with_agent: agent.is_some(),
         served_per_second: jobs / wall,
@@ -176,5 +185,6 @@ pub fn run_once(
         },
         agent_bookkeeping_us_per_call: bookkeeping,
         agent_cpu_share: agent_cpu,
-    })
+    };
+    Ok((sample, stats))
 }

@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: what the agent costs Redis, and what fan-out costs Redis, measured A/B
-//! in one invocation.
+//! `cargo xtask bench`: what the agent costs Redis and workers, and what fan-out costs Redis,
+//! measured A/B in one invocation, with the targets of issue 10 marked met or MISSED.
 //!
 //! Every "with agent" figure is paired with a "without agent" run of the same load in the
 //! same invocation, alternating the order between rounds so that drift of a shared machine
@@ -7,35 +7,49 @@
 //! bench-results.json with the machine's description, and the fan-out cost curve to
 //! bench-fanout-cost.png. Loads are bounded in time and requests, on loopback only, and every
 //! process started is stopped.
+//!
+//! Where the time goes comes from the kernel's per-program accounting (`bpf_stats`), in
+//! separate runs of the same loads (the accounting itself costs every program run two clock
+//! reads, which must not touch the ratios): runs per request, per served pop, per job and per
+//! context switch, and ns per run, for every program of the bench's agent.
 
 mod agent_cost;
+mod agent_log;
 mod blocking;
+mod bpf_stats;
+mod churn;
 mod plot;
+mod report;
+mod untracked;
 
-use std::{fmt::Write as _, process::Command, time::Instant};
+use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{Agent, Proc, Redis};
+use integration_tests::{wait_for, Agent, Proc, Redis};
 
-use crate::util::{build_agent, command_output, is_root, workspace_root};
+use crate::util::{build_agent, command_output, is_root};
+use agent_cost::SidekiqRun;
 use blocking::{process_cpu, BlockingSample};
+use bpf_stats::{StatsSample, Window};
 
-struct Load {
+pub struct Load {
     name: &'static str,
     args: Vec<String>,
+    /// Requests one run sends (redis-benchmark's -n per test, times the tests).
+    requests: f64,
 }
 
 /// Which agent a plain-traffic run has attached.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Variant {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Variant {
     Without,
     /// The agent tracking this Redis (scheduler, lifecycle and Redis uprobes).
     Agent,
-    /// The same, plus a tracked worker on the same host, followed with `--worker-probe-mode
-    /// auto` (through its own libc, so Redis should pay nothing for it).
+    /// The same, plus a tracked worker on the same host, in the default worker probe mode
+    /// (auto: beside a tracked Redis, through the worker's own libc, so Redis pays nothing).
     AgentWithWorker,
     /// A tracked worker followed through the syscall tracepoints (`--worker-probe-mode
-    /// syscalls`, the default), so every read/write of Redis pays their filter.
+    /// syscalls`), so every read/write of Redis pays their filter.
     AgentWithSyscallWorkerProbes,
 }
 
@@ -46,8 +60,44 @@ const VARIANTS: [Variant; 4] = [
     Variant::AgentWithSyscallWorkerProbes,
 ];
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
+/// What makes this machine "a node without Redis" for the agent: every Redis and Valkey server
+/// excluded, the bench's own and any other on this shared machine (one that some test starts
+/// would otherwise make it a node with Redis midway).
+pub const NO_REDIS_EXCLUDE: &str = "cmdline=.";
+
+/// The Sidekiq runs: without the agent, and the agent three ways.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SidekiqVariant {
+    Without,
+    /// Default mode on a node with Redis: the fleet followed through uprobes in its libc.
+    DefaultBesideRedis,
+    /// Default mode on a node "without Redis": every server excluded, so the agent
+    /// tracks none and follows the fleet through the syscall tracepoints.
+    DefaultNoRedis,
+    /// `--worker-probe-mode syscalls` beside a tracked Redis (the old default).
+    SyscallsBesideRedis,
+}
+
+pub const SIDEKIQ_VARIANTS: [SidekiqVariant; 4] = [
+    SidekiqVariant::Without,
+    SidekiqVariant::DefaultBesideRedis,
+    SidekiqVariant::DefaultNoRedis,
+    SidekiqVariant::SyscallsBesideRedis,
+];
+
+impl SidekiqVariant {
+    fn agent_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::Without => None,
+            Self::DefaultBesideRedis => Some(&[]),
+            Self::DefaultNoRedis => Some(&["--redis-exclude", NO_REDIS_EXCLUDE]),
+            Self::SyscallsBesideRedis => Some(&["--worker-probe-mode", "syscalls"]),
+        }
+    }
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     s.sort_by(|a, b| a.total_cmp(b));
     match s.len() {
         0 => f64::NAN,
@@ -57,7 +107,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Median of the per-pair ratios `numerator[i] / denominator[i]` (pairs ran in the same round).
-fn paired_ratio(numerator: &[f64], denominator: &[f64]) -> f64 {
+pub fn paired_ratio(numerator: &[f64], denominator: &[f64]) -> f64 {
     let ratios: Vec<f64> = numerator
         .iter()
         .zip(denominator)
@@ -66,14 +116,14 @@ fn paired_ratio(numerator: &[f64], denominator: &[f64]) -> f64 {
     median(&ratios)
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
+pub fn min_max(v: &[f64]) -> (f64, f64) {
     (
         v.iter().copied().fold(f64::INFINITY, f64::min),
         v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     )
 }
 
-/// Requests per second of one redis-benchmark run (its CSV output, one test).
+/// Requests per second of one redis-benchmark run (its CSV output: the mean over its tests).
 fn redis_benchmark(port: u16, load: &Load) -> Result<f64> {
     let out = command_output(
         Command::new("redis-benchmark")
@@ -92,7 +142,8 @@ fn redis_benchmark(port: u16, load: &Load) -> Result<f64> {
         .parse()?)
 }
 
-fn start_agent(bin: &std::path::Path, variant: Variant) -> Option<(Agent, Option<Proc>)> {
+/// The agent for a plain-traffic variant, and the idle worker it tracks (if any).
+fn start_agent(bin: &Path, variant: Variant) -> Option<(Agent, Option<Proc>)> {
     match variant {
         Variant::Without => None,
         Variant::Agent => Some((Agent::start_binary(bin, &[], &[]), None)),
@@ -102,16 +153,11 @@ fn start_agent(bin: &std::path::Path, variant: Variant) -> Option<(Agent, Option
                 .spawn()
                 .expect("sleep");
             let mut args = vec!["--worker-rule", "benchidle:cmdline=^sleep 3599$"];
-            args.extend([
-                "--worker-probe-mode",
-                if variant == Variant::AgentWithSyscallWorkerProbes {
-                    "syscalls"
-                } else {
-                    "auto"
-                },
-            ]);
+            if variant == Variant::AgentWithSyscallWorkerProbes {
+                args.extend(["--worker-probe-mode", "syscalls"]);
+            }
             let agent = Agent::start_binary(bin, &args, &[]);
-            integration_tests::wait_for(
+            wait_for(
                 "the idle worker tracked",
                 std::time::Duration::from_secs(10),
                 || {
@@ -133,24 +179,128 @@ fn start_agent(bin: &std::path::Path, variant: Variant) -> Option<(Agent, Option
     }
 }
 
+/// Waits until the agent has its probes on `redis`.
+fn wait_for_redis_probes(agent: &Agent, redis: &Redis) {
+    let pid = redis.pid().to_string();
+    wait_for(
+        "probes on the bench Redis",
+        std::time::Duration::from_secs(10),
+        || {
+            (agent
+                .scrape()
+                .find("fanout_probe_points", &[("process_pid", &pid)])
+                .count()
+                > 0)
+            .then_some(())
+        },
+    );
+}
+
+/// bpf_stats of the plain loads under one agent variant, per request.
+pub struct PlainStats {
+    pub variant: Variant,
+    /// How the agent followed the idle worker (from its log).
+    pub worker_followed_via: String,
+    /// One per load, in the order of the loads.
+    pub per_load: Vec<StatsSample>,
+}
+
+/// Everything one invocation measured.
+pub struct Results {
+    pub quick: bool,
+    pub rounds: usize,
+    pub loads: Vec<Load>,
+    /// [load][variant][round] requests per second.
+    pub plain: Vec<Vec<Vec<f64>>>,
+    pub plain_agent_cpu: Vec<f64>,
+    pub plain_stats: Vec<PlainStats>,
+    pub fanouts: Vec<usize>,
+    pub clients: usize,
+    pub rate: u32,
+    pub seconds: f64,
+    pub blocking: Vec<BlockingSample>,
+    /// Per fan-out, one bpf_stats run, per served pop.
+    pub blocking_stats: Vec<(usize, StatsSample)>,
+    pub jobs: u64,
+    /// [variant][round].
+    pub sidekiq: Vec<Vec<SidekiqRun>>,
+    /// One bpf_stats run per variant with an agent.
+    pub sidekiq_stats: Vec<(SidekiqVariant, SidekiqRun)>,
+    pub costs: Vec<agent_cost::CostSample>,
+    pub attach: (f64, f64),
+    pub untracked: Vec<untracked::UntrackedSample>,
+    pub churn: Vec<churn::ChurnSample>,
+    /// kernel.bpf_stats_enabled when the bench started (1 means someone else had it on: the
+    /// A/B runs then paid the accounting too).
+    pub stats_sysctl_at_start: String,
+    /// Other `fanout` processes seen at a checkpoint between sections.
+    pub other_agents_seen: Vec<u32>,
+    pub duration_seconds: f64,
+}
+
+/// Saves an agent's log under target/bench-logs/ for a look after the run; returns the path.
+pub fn save_agent_log(name: &str, log: &str) -> String {
+    let dir = crate::util::workspace_root().join("target/bench-logs");
+    let path = dir.join(format!("{name}.log"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, log)) {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("not saved: {e}"),
+    }
+}
+
+fn refuse_beside_another_agent() -> Result<()> {
+    let others = bpf_stats::other_agents(None);
+    if !others.is_empty() {
+        bail!(
+            "another fanout agent is running (pid {}): its eBPF programs would run beside the \
+             bench's own agent and double every cost measured. Stop it (or wait for the tests \
+             that started it) and run the bench again",
+            others
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
     }
+    refuse_beside_another_agent()?;
     let bin = build_agent(true)?;
+    // The build can take minutes: look again.
+    refuse_beside_another_agent()?;
+    let stats_sysctl_at_start = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let started = Instant::now();
+    // At each checkpoint: progress, and whether another agent has started meanwhile.
+    let other_agents_seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let log = |what: &str| {
+        let others = bpf_stats::other_agents(None);
+        if !others.is_empty() {
+            eprintln!("[bench] WARNING: another fanout agent is running (pid {others:?}): the figures of this section are off by its cost");
+        }
+        other_agents_seen.borrow_mut().extend(others);
+        eprintln!("[bench] {what} ({:.0} s)", started.elapsed().as_secs_f64());
+    };
     let (rounds, requests, seconds) = if quick {
-        (2, 80_000, 3.0)
+        (2, 80_000u64, 3.0)
     } else {
         (5, 300_000, 6.0)
     };
-    let loads = [
+    let loads = vec![
         Load {
             name: "GET/SET, 50 clients",
             args: ["-t", "get,set", "-c", "50", "-n", &requests.to_string()]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            requests: 2.0 * requests as f64,
         },
         Load {
             name: "GET, 50 clients, pipelined x16",
@@ -167,6 +317,7 @@ pub fn run(quick: bool) -> Result<()> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            requests: 4.0 * requests as f64,
         },
     ];
 
@@ -181,6 +332,9 @@ pub fn run(quick: bool) -> Result<()> {
         }
         for variant in order {
             let agent = start_agent(&bin, variant);
+            if let Some((a, _)) = &agent {
+                wait_for_redis_probes(a, &redis);
+            }
             let index = VARIANTS.iter().position(|v| *v == variant).unwrap();
             for (i, load) in loads.iter().enumerate() {
                 let cpu0 = agent.as_ref().map(|(a, _)| process_cpu(a.proc.pid()));
@@ -192,16 +346,37 @@ pub fn run(quick: bool) -> Result<()> {
                 }
             }
         }
-        eprintln!(
-            "[bench] plain traffic round {}/{rounds} ({:.0} s)",
-            round + 1,
-            started.elapsed().as_secs_f64()
-        );
+        log(&format!("plain traffic round {}/{rounds}", round + 1));
     }
+    // Where the time goes, per request, with a tracked worker both ways.
+    let mut plain_stats = Vec::new();
+    for variant in [
+        Variant::AgentWithWorker,
+        Variant::AgentWithSyscallWorkerProbes,
+    ] {
+        let (agent, idle) = start_agent(&bin, variant).expect("an agent variant");
+        wait_for_redis_probes(&agent, &redis);
+        let mut per_load = Vec::new();
+        for load in &loads {
+            let window = Window::start(agent.proc.pid())?;
+            redis_benchmark(redis.port, load)?;
+            per_load.push(window.finish(load.requests, "request")?);
+        }
+        let worker_followed_via = idle
+            .as_ref()
+            .map(|w| agent_log::followed_via(&agent.log(), w.pid()).to_string())
+            .unwrap_or_default();
+        plain_stats.push(PlainStats {
+            variant,
+            worker_followed_via,
+            per_load,
+        });
+    }
+    log("plain traffic, bpf_stats");
     drop(redis);
 
     // 2. Blocking-heavy traffic and the fan-out cost curve.
-    let fanouts = [1usize, 10, 100, 440, 1000];
+    let fanouts = vec![1usize, 10, 100, 440, 1000];
     let (clients, rate) = (50, 1000);
     let mut blocking: Vec<BlockingSample> = Vec::new();
     for (round, keys) in (0..rounds).flat_map(|r| fanouts.iter().map(move |k| (r, *k))) {
@@ -214,63 +389,54 @@ pub fn run(quick: bool) -> Result<()> {
             let redis = Redis::start(&[]);
             let agent = with_agent.then(|| Agent::start_binary(&bin, &[], &[]));
             if let Some(a) = &agent {
-                let pid = redis.pid().to_string();
-                integration_tests::wait_for(
-                    "probes on the bench Redis",
-                    std::time::Duration::from_secs(10),
-                    || {
-                        (a.scrape()
-                            .find("fanout_probe_points", &[("process_pid", &pid)])
-                            .count()
-                            > 0)
-                        .then_some(())
-                    },
-                );
+                wait_for_redis_probes(a, &redis);
             }
-            blocking.push(blocking::run_once(
-                &redis,
-                agent.as_ref(),
-                keys,
-                clients,
-                rate,
-                seconds,
-            )?);
+            let (sample, _) =
+                blocking::run_once(&redis, agent.as_ref(), keys, clients, rate, seconds, false)?;
+            blocking.push(sample);
         }
-        eprintln!(
-            "[bench] blocking round {}/{rounds}, {keys} keys ({:.0} s)",
-            round + 1,
-            started.elapsed().as_secs_f64()
-        );
+        log(&format!(
+            "blocking round {}/{rounds}, {keys} keys",
+            round + 1
+        ));
     }
+    let mut blocking_stats = Vec::new();
+    for &keys in &fanouts {
+        let redis = Redis::start(&[]);
+        let agent = Agent::start_binary(&bin, &[], &[]);
+        wait_for_redis_probes(&agent, &redis);
+        let (_, stats) =
+            blocking::run_once(&redis, Some(&agent), keys, clients, rate, seconds, true)?;
+        blocking_stats.push((keys, stats.context("no bpf_stats window")?));
+    }
+    log("blocking, bpf_stats");
 
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { 10000 };
-    // Without the agent, with it in auto mode (the fleet followed through its libc), and with
-    // the worker side on the syscall tracepoints (the default).
-    let sidekiq_agents: [Option<&[&str]>; 3] = [
-        None,
-        Some(&["--worker-probe-mode", "auto"]),
-        Some(&["--worker-probe-mode", "syscalls"]),
-    ];
-    let mut sidekiq: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut sidekiq: Vec<Vec<SidekiqRun>> = vec![Vec::new(); SIDEKIQ_VARIANTS.len()];
     for round in 0..rounds {
-        let mut order = vec![0, 1, 2];
+        let mut order: Vec<usize> = (0..SIDEKIQ_VARIANTS.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
-        for variant in order {
-            sidekiq[variant].push(agent_cost::sidekiq_jobs_per_second(
+        for i in order {
+            sidekiq[i].push(agent_cost::sidekiq_run(
                 &bin,
-                sidekiq_agents[variant],
+                SIDEKIQ_VARIANTS[i].agent_args(),
                 jobs,
+                false,
             )?);
         }
-        eprintln!(
-            "[bench] sidekiq round {}/{rounds} ({:.0} s)",
-            round + 1,
-            started.elapsed().as_secs_f64()
-        );
+        log(&format!("sidekiq round {}/{rounds}", round + 1));
     }
+    let mut sidekiq_stats = Vec::new();
+    for variant in &SIDEKIQ_VARIANTS[1..] {
+        sidekiq_stats.push((
+            *variant,
+            agent_cost::sidekiq_run(&bin, variant.agent_args(), jobs, true)?,
+        ));
+    }
+    log("sidekiq, bpf_stats");
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![
@@ -278,250 +444,48 @@ pub fn run(quick: bool) -> Result<()> {
         agent_cost::under_pops(&bin, 10000, seconds)?,
         agent_cost::with_processes(&bin, 500, seconds * 2.0)?,
     ];
-    eprintln!(
-        "[bench] agent cost ({:.0} s)",
-        started.elapsed().as_secs_f64()
-    );
+    log("agent cost");
     let attach = agent_cost::attach_latency(&bin, 50)?;
-    eprintln!(
-        "[bench] attach latency ({:.0} s)",
-        started.elapsed().as_secs_f64()
-    );
-    let extra = Extra {
-        sidekiq,
+    log("attach latency");
+
+    // 6. Short-lived workers, followed both ways.
+    let churn_workers = 100;
+    let churn = vec![
+        churn::measure(&bin, true, churn_workers, 8.0)?,
+        churn::measure(&bin, false, churn_workers, 8.0)?,
+    ];
+    log("worker churn");
+
+    // 7. The scheduler programs on untracked tasks.
+    let switch_seconds = if quick { 2.0 } else { 4.0 };
+    let untracked = vec![
+        untracked::measure(&bin, false, switch_seconds)?,
+        untracked::measure(&bin, true, switch_seconds)?,
+    ];
+    log("untracked context switches");
+
+    report::write(&Results {
+        quick,
+        rounds,
+        loads,
+        plain,
+        plain_agent_cpu,
+        plain_stats,
+        fanouts,
+        clients,
+        rate,
+        seconds,
+        blocking,
+        blocking_stats,
         jobs,
+        sidekiq,
+        sidekiq_stats,
         costs,
         attach,
-    };
-    write_report(
-        &loads,
-        &plain,
-        &plain_agent_cpu,
-        &blocking,
-        &fanouts,
-        rounds,
-        quick,
-        (clients, rate, seconds),
-        &extra,
-    )
-}
-
-struct Extra {
-    sidekiq: [Vec<f64>; 3],
-    jobs: u64,
-    costs: Vec<agent_cost::CostSample>,
-    attach: (f64, f64),
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = command_output(Command::new("uname").arg("-r")).unwrap_or_default();
-    let redis = command_output(Command::new("redis-server").arg("--version")).unwrap_or_default();
-    let redis = redis
-        .split_whitespace()
-        .find(|w| w.starts_with("v="))
-        .unwrap_or("")
-        .trim_start_matches("v=")
-        .to_string();
-    format!(
-        "{} x {cpu}, Linux {}, Redis {redis}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        kernel.trim()
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_report(
-    loads: &[Load],
-    plain: &[Vec<Vec<f64>>],
-    plain_agent_cpu: &[f64],
-    blocking: &[BlockingSample],
-    fanouts: &[usize],
-    rounds: usize,
-    quick: bool,
-    (clients, rate, seconds): (usize, u32, f64),
-    extra: &Extra,
-) -> Result<()> {
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# Benchmarks\n\nGenerated by `cargo xtask bench{}` on {}.\n",
-        if quick { " --quick" } else { "" },
-        machine()
-    );
-    let _ = writeln!(md, "Each figure is the median over {rounds} rounds, with min-max in brackets; every with-agent run is paired with a without-agent run in the same invocation, in alternating order. Ratios are the median of the per-round ratios of those pairs, which cancels the machine's slow drifts better than a ratio of medians. This machine is shared and noisy: read ratios, not absolute numbers, and read a ratio within the min-max spread of its runs as noise.\n");
-
-    let _ = writeln!(
-        md,
-        "## 1. Plain Redis traffic (redis-benchmark, no blocking calls)\n"
-    );
-    let _ = writeln!(md, "| load | without agent (req/s) | with agent | ratio | + a tracked worker, `--worker-probe-mode auto` | ratio | + a tracked worker, `--worker-probe-mode syscalls` (default) | ratio | target (each ratio) |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-    let mut json_plain = Vec::new();
-    for (load, runs) in loads.iter().zip(plain) {
-        let cell = |r: &Vec<f64>| {
-            let (a, b) = min_max(r);
-            format!("{:.0} [{a:.0}-{b:.0}]", median(r))
-        };
-        let verdict = |ratio: f64| if ratio >= 0.99 { "met" } else { "MISSED" };
-        let (r1, r2, r3) = (
-            paired_ratio(&runs[1], &runs[0]),
-            paired_ratio(&runs[2], &runs[0]),
-            paired_ratio(&runs[3], &runs[0]),
-        );
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {r1:.3} | {} | {r2:.3} | {} | {r3:.3} | >= 0.99: {} / {} / {} |",
-            load.name,
-            cell(&runs[0]),
-            cell(&runs[1]),
-            cell(&runs[2]),
-            cell(&runs[3]),
-            verdict(r1),
-            verdict(r2),
-            verdict(r3)
-        );
-        json_plain.push(serde_json::json!({"load": load.name, "without": runs[0], "with_agent": runs[1], "with_agent_and_tracked_worker": runs[2], "with_agent_and_worker_syscall_probes": runs[3]}));
-    }
-    let _ = writeln!(md, "\nAgent CPU during these runs: median {:.3} of a core. Its eBPF programs run in the context of the tasks they observe, so their cost shows up in the ratios above, not here.\n", median(plain_agent_cpu));
-
-    let _ = writeln!(md, "## 2. Blocking-heavy traffic ({clients} clients in BRPOP over F keys, a producer pushing {rate} jobs/s, {seconds} s per run)\n");
-    let _ = writeln!(md, "| keys (F) | served/s without | served/s with | main-thread us per job without | with | added us per job (paired) | ratio (without/with, paired) | target |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
-    let pick = |keys: usize, with: bool, f: &dyn Fn(&BlockingSample) -> f64| -> Vec<f64> {
-        blocking
-            .iter()
-            .filter(|s| s.keys == keys && s.with_agent == with)
-            .map(f)
-            .collect()
-    };
-    for &keys in fanouts {
-        let served0 = median(&pick(keys, false, &|s| s.served_per_second));
-        let served1 = median(&pick(keys, true, &|s| s.served_per_second));
-        let cpu0 = pick(keys, false, &|s| s.main_cpu_us_per_job);
-        let cpu1 = pick(keys, true, &|s| s.main_cpu_us_per_job);
-        let ratio = paired_ratio(&cpu0, &cpu1);
-        let added: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(w, wo)| w - wo).collect();
-        let (added_min, added_max) = min_max(&added);
-        let target = if keys == 440 {
-            if ratio >= 0.97 {
-                ">= 0.97: met"
-            } else {
-                ">= 0.97: MISSED"
-            }
-        } else {
-            ""
-        };
-        let (a0, b0) = min_max(&cpu0);
-        let (a1, b1) = min_max(&cpu1);
-        let _ = writeln!(md, "| {keys} | {served0:.0} | {served1:.0} | {:.1} [{a0:.1}-{b0:.1}] | {:.1} [{a1:.1}-{b1:.1}] | {:.1} [{added_min:.1}-{added_max:.1}] | {ratio:.3} | {target} |", median(&cpu0), median(&cpu1), median(&added));
-    }
-    let _ = writeln!(md, "\nThe added time per job does not depend on the keys listed (the probes do the same work whatever the fan-out), so it is best read where Redis's own time per job is smallest and least noisy (1 key); the ratio at F keys then follows from it and from Redis's own time at F.");
-
-    let _ = writeln!(md, "\n## 3. The fan-out cost curve\n");
-    let _ = writeln!(md, "What one blocking call costs Redis's main thread as a function of the keys it lists, three ways: main-thread CPU per served job from /proc (it includes the LPUSH that served it and every timed-out call); BRPOP usec_per_call from INFO commandstats; and the registration + unregistration time the agent measures inside blockForKeys and unblockClient.\n");
-    let _ = writeln!(md, "| keys | main thread per served job (us, /proc) | BRPOP usec_per_call (INFO) | bookkeeping per call (us, agent) | agent CPU (share of a core) |");
-    let _ = writeln!(md, "|---|---|---|---|---|");
-    let mut curve_proc = Vec::new();
-    let mut curve_info = Vec::new();
-    let mut curve_agent = Vec::new();
-    for &keys in fanouts {
-        let p = median(&pick(keys, false, &|s| s.main_cpu_us_per_job));
-        let i = median(&pick(keys, false, &|s| s.info_us_per_call));
-        let a = median(&pick(keys, true, &|s| {
-            s.agent_bookkeeping_us_per_call.unwrap_or(f64::NAN)
-        }));
-        let c = median(&pick(keys, true, &|s| {
-            s.agent_cpu_share.unwrap_or(f64::NAN)
-        }));
-        let _ = writeln!(md, "| {keys} | {p:.1} | {i:.1} | {a:.1} | {c:.3} |");
-        curve_proc.push((keys as f64, p));
-        curve_info.push((keys as f64, i));
-        curve_agent.push((keys as f64, a));
-    }
-    let root = workspace_root();
-    let png = root.join("bench-fanout-cost.png");
-    plot::cost_curve(
-        &png,
-        &[
-            ("main thread per served job (/proc)", curve_proc),
-            ("BRPOP usec_per_call (INFO commandstats)", curve_info),
-            ("register + unregister per call (agent)", curve_agent),
-        ],
-    )?;
-    let _ = writeln!(md, "\n![fan-out cost curve](bench-fanout-cost.png)\n");
-    let _ = writeln!(
-        md,
-        "## 4. Workers: a real Sidekiq fleet (10 threads) draining {} no-op jobs\n",
-        extra.jobs
-    );
-    let cell = |runs: &Vec<f64>| {
-        let (a, b) = min_max(runs);
-        format!("{:.0} [{a:.0}-{b:.0}]", median(runs))
-    };
-    let w0 = median(&extra.sidekiq[0]);
-    let (r1, r2) = (
-        median(&extra.sidekiq[1]) / w0,
-        median(&extra.sidekiq[2]) / w0,
-    );
-    let verdict = |r: f64| if r >= 0.97 { "met" } else { "MISSED" };
-    let _ = writeln!(
-        md,
-        "| without agent (jobs/s) | with agent, `--worker-probe-mode auto` (jobs/s) | ratio | with agent, `--worker-probe-mode syscalls` (default) | ratio | target (each ratio) |\n|---|---|---|---|---|---|"
-    );
-    let _ = writeln!(
-        md,
-        "| {} | {} | {r1:.3} | {} | {r2:.3} | >= 0.97: {} / {} |\n",
-        cell(&extra.sidekiq[0]),
-        cell(&extra.sidekiq[1]),
-        cell(&extra.sidekiq[2]),
-        verdict(r1),
-        verdict(r2)
-    );
-    let _ = writeln!(md, "Redis runs on the same host, so in syscalls mode it pays the tracepoint filter on its own reads and writes as well.\n");
-    let _ = writeln!(md, "## 5. The agent's own cost\n\n| scenario | agent CPU (share of a core) | agent RSS at the end (MiB) | agent peak RSS (MiB) | targets |\n|---|---|---|---|---|");
-    for c in &extra.costs {
-        let cpu_target = if c.scenario.starts_with("1000 ") {
-            if c.agent_cpu_share < 0.02 {
-                "CPU < 0.02: met;"
-            } else {
-                "CPU < 0.02: MISSED;"
-            }
-        } else {
-            ""
-        };
-        let verdict = |mib: f64| if mib < 40.0 { "met" } else { "MISSED" };
-        let _ = writeln!(
-            md,
-            "| {} | {:.3} | {:.1} | {:.1} | {cpu_target} RSS < 40 MiB: {} at the end, {} at the peak |",
-            c.scenario,
-            c.agent_cpu_share,
-            c.agent_rss_mib,
-            c.agent_peak_rss_mib,
-            verdict(c.agent_rss_mib),
-            verdict(c.agent_peak_rss_mib)
-        );
-    }
-    let _ = writeln!(md, "\nThe peak is reached in the first 50 ms, while the eBPF loader (aya's `EbpfLoader::new`) parses the kernel's BTF (/sys/kernel/btf/vmlinux, {:.1} MiB here) into memory; it is freed once the programs are loaded.\n", std::fs::metadata("/sys/kernel/btf/vmlinux").map(|m| m.len() as f64 / 1048576.0).unwrap_or(f64::NAN));
-    let _ = writeln!(md, "\n## 6. Attach latency\n\n- A redis-server started after the agent: {:.0} ms from spawn to its blocking probes attached (as the endpoint reports; includes Redis's own start).\n- An agent started beside 50 running redis-servers: {:.2} s until all of them have their probes.\n", extra.attach.0 * 1e3, extra.attach.1);
-    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
-    std::fs::write(
-        root.join("bench-results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "machine": machine(), "rounds": rounds, "quick": quick, "plain": json_plain, "blocking": blocking,
-            "sidekiq_jobs_per_second": { "without": extra.sidekiq[0], "with": extra.sidekiq[1], "with_syscall_worker_probes": extra.sidekiq[2] },
-            "agent_cost": extra.costs, "attach_latency_seconds": { "one_new_redis": extra.attach.0, "fifty_running": extra.attach.1 },
-        }))?,
-    )?;
-    print!("{md}");
-    Ok(())
+        untracked,
+        churn,
+        stats_sysctl_at_start,
+        other_agents_seen: other_agents_seen.into_inner().into_iter().collect(),
+        duration_seconds: started.elapsed().as_secs_f64(),
+    })
 }

@@ -1,0 +1,125 @@
+//! What the agent's text log says about a process, with the log's own timestamps (RFC 3339,
+//! UTC): when it was tracked, how it is followed, when it was dropped.
+
+use std::collections::BTreeMap;
+
+/// Seconds since the Unix epoch of a timestamp such as `2026-11-29T21:03:57.581448Z`.
+pub fn parse_utc(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let s: f64 = t.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some((days * 86400 + h * 3600 + min * 60) as f64 + s)
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_utc() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// What the log says about one pid (first occurrence of each).
+#[derive(Clone, Debug, Default)]
+pub struct PidEvents {
+    pub tracked: Option<f64>,
+    pub libc_probes: Option<f64>,
+    pub not_followed: Option<f64>,
+    pub gone: Option<f64>,
+}
+
+/// Per pid, and when the worker syscall tracepoints were attached (first time).
+#[derive(Clone, Debug, Default)]
+pub struct LogEvents {
+    pub pids: BTreeMap<u32, PidEvents>,
+    pub syscalls_attached: Option<f64>,
+}
+
+fn pid_field(line: &str) -> Option<u32> {
+    let rest = &line[line.find(" pid=")? + 5..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+pub fn parse(log: &str) -> LogEvents {
+    let mut events = LogEvents::default();
+    for line in log.lines() {
+        let Some(ts) = line.split_whitespace().next().and_then(parse_utc) else {
+            continue;
+        };
+        if line.contains("worker syscall probes attached") {
+            events.syscalls_attached.get_or_insert(ts);
+            continue;
+        }
+        let kind = if line.contains(" tracking process pid=") {
+            0
+        } else if line.contains(" worker libc probes attached pid=") {
+            1
+        } else if line.contains("this worker is not followed")
+            || line.contains("is no longer followed")
+        {
+            2
+        } else if line.contains(" process gone;") {
+            3
+        } else {
+            continue;
+        };
+        let Some(pid) = pid_field(line) else {
+            continue;
+        };
+        let e = events.pids.entry(pid).or_default();
+        let field = match kind {
+            0 => &mut e.tracked,
+            1 => &mut e.libc_probes,
+            2 => &mut e.not_followed,
+            _ => &mut e.gone,
+        };
+        field.get_or_insert(ts);
+    }
+    events
+}
+
+/// How the agent follows worker `pid`, from its log: "uprobes", "tracepoints", "not followed"
+/// or "unknown".
+pub fn followed_via(log: &str, pid: u32) -> &'static str {
+    let events = parse(log);
+    match events.pids.get(&pid) {
+        Some(e) if e.libc_probes.is_some() => "uprobes",
+        Some(e) if e.not_followed.is_some() => "not followed",
+        Some(e) if e.tracked.is_some() && events.syscalls_attached.is_some() => "tracepoints",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_lines() {
+        assert_eq!(parse_utc("1970-01-02T00:00:01.5Z"), Some(86401.5));
+        assert_eq!(parse_utc("2000-03-01T00:00:00Z"), Some(951868800.0));
+        let log = "2026-11-29T21:03:57.581448Z  INFO fanout::agent: tracking process pid=2326 group=\"b\"\n\
+                   2026-11-29T21:03:57.678217Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=14\n\
+                   2026-11-29T21:03:58.710047Z  INFO fanout::agent: process gone; its series are dropped pid=2326 group=\"b\"\n";
+        let e = parse(log);
+        let p = &e.pids[&2326];
+        assert!(p.tracked.is_some() && p.gone.is_some() && p.libc_probes.is_none());
+        assert_eq!(followed_via(log, 2326), "tracepoints");
+    }
+}
