@@ -494,12 +494,16 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         "rejected programs:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("31 programs, 0 rejected"), "{text}");
+    assert!(text.contains("32 programs, 0 rejected"), "{text}");
     for program in [
         "sched_switch",
+        "task_newtask",
         "redis_block_for_keys",
+        "redis_block_client",
+        "redis_unblock_client_requeue",
         "worker_enter_write",
         "worker_exit_read",
+        "worker_libc_read_ret",
     ] {
         assert!(
             text.contains(&format!("ok      {program} (")),
