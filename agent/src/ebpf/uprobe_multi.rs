@@ -73,10 +73,10 @@
 //!   program would make it 2.
 //!
 //! # Measured
-//! Linux 6.18, 2-core Firecracker VM, debug build, other builds and tests running beside;
-//! `sudo cargo xtask test uprobe_multi_measure -- --ignored --nocapture`
-//! (`FANOUT_MEASURE_PROCS`, `FANOUT_MEASURE_REPS`, `FANOUT_MEASURE_CLOSERS`,
-//! `FANOUT_MEASURE_AYA=0` tune it). The 17 libc probe points of `LIBC_UPROBES` per `sleep`
+//! Linux 6.18, 2-core Firecracker VM, debug build, other builds and tests running beside,
+//! with a harness used while this module was written (`cargo xtask bench` measures the
+//! effect that matters, pick-up and scrape latency while 100 workers churn). The 17 libc
+//! probe points of `LIBC_UPROBES` per `sleep`
 //! process: 9 multi links (8 entry programs, 1 return program) against 17 aya uprobes. Median
 //! (range) of 7 rounds for 1 process, 2-5 rounds for 100:
 //!
@@ -95,8 +95,7 @@
 //! Loading the 9 programs a second time costs about 190 ms, once.
 //!
 //! # Sessions (`BPF_TRACE_UPROBE_SESSION`, [`MultiKind::Session`])
-//! Checked with a hand-assembled program (`uprobe_multi_session_prototype` in the integration
-//! tests): a session program loads and attaches here, runs at entry and at return, and an
+//! Checked with a hand-assembled program while this module was written: a session program loads and attaches here, runs at entry and at return, and an
 //! entry that returns non-zero skips the return. Without kfuncs a program tells entry from
 //! return by comparing `bpf_get_func_ip(ctx)` (the probed address; helper 173, which
 //! aya-ebpf 0.2.1 has) with `pt_regs->ip`: the kernel sets ip back to the breakpoint for
