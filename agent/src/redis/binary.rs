@@ -185,11 +185,12 @@ impl RedisBinary {
             .collect();
         let family = family_of(&symbols);
         let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
-        let unblock = unblock_paths::unblock_coverage(&file);
-        let serving_returns = unblock_paths::serving_returns(&file);
+        let functions = unblock_paths::Functions::read(&file);
+        let unblock = unblock_paths::unblock_coverage(&file, &functions);
+        let serving_returns = unblock_paths::serving_returns(&file, &functions);
         let first_load_address = unblock_paths::first_load_address(&file);
-        let bstate = unblock_paths::bstate_offset(&file);
-        let reprocessing = unblock_paths::reprocessing_flag(&file);
+        let bstate = unblock_paths::bstate_offset(&file, &functions);
+        let reprocessing = unblock_paths::reprocessing_flag(&file, &functions);
         Ok(Self {
             path: path.to_path_buf(),
             id: BinaryId {

@@ -39,6 +39,38 @@ struct Function {
     size: u64,
 }
 
+/// The functions of a binary's symbol tables (`.dynsym`, and `.symtab` where it was kept),
+/// read once for every question below.
+pub struct Functions {
+    by_name: BTreeMap<String, Function>,
+    /// Every function start, named or not: where another function begins.
+    starts: BTreeSet<u64>,
+}
+
+impl Functions {
+    pub fn read(file: &object::File<'_>) -> Self {
+        let mut by_name = BTreeMap::new();
+        let mut starts = BTreeSet::new();
+        for symbol in file.dynamic_symbols().chain(file.symbols()) {
+            if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
+                continue;
+            }
+            starts.insert(symbol.address());
+            if let Ok(name) = symbol.name() {
+                by_name.entry(name.to_string()).or_insert(Function {
+                    address: symbol.address(),
+                    size: symbol.size(),
+                });
+            }
+        }
+        Self { by_name, starts }
+    }
+
+    fn get(&self, name: &str) -> Option<Function> {
+        self.by_name.get(name).copied()
+    }
+}
+
 /// Branches out of one function: direct calls and jumps whose target lies outside it.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Exits {
@@ -100,27 +132,14 @@ pub fn first_client_field(code: &[u8], address: u64) -> Option<i64> {
 }
 
 /// Reads the symbol tables and decides how unblocks can be seen in `file`.
-pub fn unblock_coverage(file: &object::File<'_>) -> UnblockCoverage {
-    let mut functions: BTreeMap<String, Function> = BTreeMap::new();
-    let mut starts: BTreeSet<u64> = BTreeSet::new();
-    for symbol in file.dynamic_symbols().chain(file.symbols()) {
-        if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
-            continue;
-        }
-        starts.insert(symbol.address());
-        if let Ok(name) = symbol.name() {
-            functions.entry(name.to_string()).or_insert(Function {
-                address: symbol.address(),
-                size: symbol.size(),
-            });
-        }
-    }
-    let Some(exported) = functions.get("unblockClient").copied() else {
+pub fn unblock_coverage(file: &object::File<'_>, functions: &Functions) -> UnblockCoverage {
+    let starts = &functions.starts;
+    let Some(exported) = functions.get("unblockClient") else {
         return UnblockCoverage::Exported;
     };
     let wrappers: Vec<(&str, Function)> = UNBLOCK_WRAPPERS
         .iter()
-        .filter_map(|name| Some((*name, *functions.get(*name)?)))
+        .filter_map(|name| Some((*name, functions.get(name)?)))
         .collect();
     if wrappers.is_empty() {
         return UnblockCoverage::Exported;
@@ -258,14 +277,14 @@ pub fn bstate_in_block_client(code: &[u8], address: u64) -> Option<BstateAt> {
 /// Where `client->bstate` is in this binary (7.2+), from `blockClient`'s store of the block
 /// type, confirmed by `unblockClient`'s first read of the client (the block type, or the
 /// pointer to the blocking state). `None` when either is missing or they disagree.
-pub fn bstate_offset(file: &object::File<'_>) -> Option<BstateAt> {
-    let block_client = symbol_range(file, "blockClient")?;
+pub fn bstate_offset(file: &object::File<'_>, functions: &Functions) -> Option<BstateAt> {
+    let block_client = functions.get("blockClient")?;
     let at = bstate_in_block_client(
-        code_at(file, block_client.0, block_client.1.clamp(1, 256))?,
-        block_client.0,
+        code_at(file, block_client.address, block_client.size.clamp(1, 256))?,
+        block_client.address,
     )?;
-    let unblock = symbol_range(file, "unblockClient")?;
-    let read = first_client_field(code_at(file, unblock.0, 96)?, unblock.0)?;
+    let unblock = functions.get("unblockClient")?;
+    let read = first_client_field(code_at(file, unblock.address, 96)?, unblock.address)?;
     let offset = match at {
         BstateAt::Embedded(o) | BstateAt::Pointer(o) => o,
     };
@@ -275,8 +294,8 @@ pub fn bstate_offset(file: &object::File<'_>) -> Option<BstateAt> {
 /// Where the "re-processing a command" flag is: `blockForKeys` tests it before anything else
 /// it reads from the client (`if (!(c->flags & CLIENT_REPROCESSING_COMMAND))`), with a
 /// `test` of one byte through the client pointer. Returns (byte offset, mask).
-pub fn reprocessing_flag(file: &object::File<'_>) -> Option<(u32, u32)> {
-    let (address, size) = symbol_range(file, "blockForKeys")?;
+pub fn reprocessing_flag(file: &object::File<'_>, functions: &Functions) -> Option<(u32, u32)> {
+    let Function { address, size } = functions.get("blockForKeys")?;
     let code = code_at(file, address, size.clamp(1, 192))?;
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
@@ -310,14 +329,6 @@ pub fn reprocessing_flag(file: &object::File<'_>) -> Option<(u32, u32)> {
     None
 }
 
-/// A defined function's address and size, by name.
-fn symbol_range(file: &object::File<'_>, name: &str) -> Option<(u64, u64)> {
-    file.dynamic_symbols()
-        .chain(file.symbols())
-        .find(|s| s.is_definition() && s.name() == Ok(name))
-        .map(|s| (s.address(), s.size()))
-}
-
 /// The serve functions of 6.x and 7.0, in which a write serves the clients blocked on its key.
 pub const SERVE_FUNCTIONS: [&str; 3] = [
     "serveClientsBlockedOnListKey",
@@ -334,28 +345,15 @@ const MAX_FUNCTION_BYTES: u64 = 16 * 1024;
 /// callers call directly; the body is what is read, from its start up to the next function.
 /// Empty when the binary has no serve functions or none of them calls `unblockClient`, in
 /// which case the serving window is probed instead.
-pub fn serving_returns(file: &object::File<'_>) -> Vec<u64> {
-    let mut functions: BTreeMap<String, Function> = BTreeMap::new();
-    let mut starts: BTreeSet<u64> = BTreeSet::new();
-    for symbol in file.dynamic_symbols().chain(file.symbols()) {
-        if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
-            continue;
-        }
-        starts.insert(symbol.address());
-        if let Ok(name) = symbol.name() {
-            functions.entry(name.to_string()).or_insert(Function {
-                address: symbol.address(),
-                size: symbol.size(),
-            });
-        }
-    }
+pub fn serving_returns(file: &object::File<'_>, functions: &Functions) -> Vec<u64> {
+    let mut starts = functions.starts.clone();
     let Some(unblock) = functions.get("unblockClient").map(|f| f.address) else {
         return Vec::new();
     };
     // Where each serve function's code is: its split body if it is a wrapper.
     let bodies: Vec<u64> = SERVE_FUNCTIONS
         .iter()
-        .filter_map(|name| functions.get(*name))
+        .filter_map(|name| functions.get(name))
         .map(|f| {
             let wrapper = code_at(file, f.address, f.size.min(64));
             let body = (f.size > 0 && f.size <= 64)
