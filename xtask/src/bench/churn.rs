@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use integration_tests::{http_get, wait_for, Agent, Redis};
+use integration_tests::{http_get, Agent, Redis};
 
 use super::{agent_log, median, NO_REDIS_EXCLUDE};
 
@@ -76,15 +76,7 @@ pub fn measure(
     }
     let agent = Agent::start_binary(bin, &args, &[]);
     if beside_redis {
-        let pid = redis.pid().to_string();
-        wait_for("probes on the churn Redis", Duration::from_secs(10), || {
-            (agent
-                .scrape()
-                .find("fanout_probe_points", &[("process_pid", &pid)])
-                .count()
-                > 0)
-            .then_some(())
-        });
+        super::wait_for_redis_probes(&agent, &redis);
     }
 
     let stop = Arc::new(AtomicBool::new(false));

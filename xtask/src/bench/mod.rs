@@ -180,7 +180,7 @@ fn start_agent(bin: &Path, variant: Variant) -> Option<(Agent, Option<Proc>)> {
 }
 
 /// Waits until the agent has its probes on `redis`.
-fn wait_for_redis_probes(agent: &Agent, redis: &Redis) {
+pub(crate) fn wait_for_redis_probes(agent: &Agent, redis: &Redis) {
     let pid = redis.pid().to_string();
     wait_for(
         "probes on the bench Redis",

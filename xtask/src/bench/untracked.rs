@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Result;
-use integration_tests::{wait_for, Agent, Redis};
+use integration_tests::{Agent, Redis};
 
 use super::bpf_stats::{StatsSample, Window};
 
@@ -88,15 +88,7 @@ pub fn measure(
     let redis = beside_idle_redis.then(|| Redis::start(&[]));
     let agent = Agent::start_binary(bin, &[], &[]);
     if let Some(r) = &redis {
-        let pid = r.pid().to_string();
-        wait_for("probes on the idle Redis", Duration::from_secs(10), || {
-            (agent
-                .scrape()
-                .find("fanout_probe_points", &[("process_pid", &pid)])
-                .count()
-                > 0)
-            .then_some(())
-        });
+        super::wait_for_redis_probes(&agent, r);
     }
     // Let the agent's start settle.
     thread::sleep(Duration::from_millis(300));
