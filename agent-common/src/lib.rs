@@ -5,6 +5,7 @@
 //! change on one side cannot silently misread the other.
 #![no_std]
 
+pub mod fastpath;
 pub mod lifecycle;
 pub mod redis;
 pub mod resp;
@@ -46,6 +47,9 @@ pub mod maps {
     pub const CONNS: &str = "CONNS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::Peer`], from connect() or /proc.
     pub const CONN_PEERS: &str = "CONN_PEERS";
+    /// Slot ([`crate::worker::not_resp_slot`]) -> tag of a (tgid, fd) a worker writes to
+    /// that is not a connection.
+    pub const NOT_RESP: &str = "NOT_RESP";
     /// [`crate::worker::WorkerHistKey`] -> duration histogram (per CPU).
     pub const WORKER_DURATION_HISTS: &str = "WORKER_DUR_HISTS";
     /// [`crate::worker::WorkerKeysKey`] -> fan-out histogram (per CPU).

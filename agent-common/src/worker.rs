@@ -1,7 +1,10 @@
 //! Worker-side probes: the RESP a worker writes and reads, followed per connection in the
 //! kernel (syscall tracepoints, filtered to tracked worker processes).
 
-use crate::resp::{Carry, ReplyState, RequestState};
+use crate::{
+    fastpath::RepeatTemplate,
+    resp::{Carry, ReplyState, RequestState},
+};
 
 /// Most connections followed at once (an LRU map).
 pub const MAX_CONNECTIONS: u32 = 65536;
@@ -53,6 +56,20 @@ pub struct Peer {
     pub addr: [u8; 16],
 }
 
+/// Slots of the `NOT_RESP` cache.
+pub const NOT_RESP_SLOTS: u32 = 4096;
+
+/// The `NOT_RESP` slot of (tgid, fd), and the tag that marks it as holding that pair (never 0,
+/// which marks an empty slot).
+#[inline(always)]
+pub fn not_resp_slot(key: &ConnKey) -> (u32, u64) {
+    let mixed = key.tgid.wrapping_mul(2_654_435_761) ^ key.fd;
+    (
+        mixed & (NOT_RESP_SLOTS - 1),
+        ((key.tgid as u64) << 32 | key.fd as u64) + 1,
+    )
+}
+
 /// Key of `CONNS` and `CONN_PEERS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,6 +109,8 @@ pub struct ConnState {
     /// Position in the current buffer where the command being parsed started, or u64::MAX
     /// when it started in an earlier buffer.
     pub command_start: u64,
+    /// The last blocking command sent alone in one buffer: its repeats skip the tokenizer.
+    pub repeat: RepeatTemplate,
     pub _pad: u32,
 }
 

@@ -10,14 +10,17 @@
 use core::ffi::c_void;
 
 use agent_common::{
+    fastpath::{
+        self, RepeatTemplate, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES, QUICK_REPLY_WINDOW,
+    },
     pidset,
     redis::KeyHistogram,
-    resp::{reply_kind, Carry, Opaque, Step, WINDOW},
+    resp::{reply_kind, BlockingCall, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
     worker::{
-        conn_kind, outcome, via, ConnKey, ConnState, KeysetHeader, Peer, PendingRead,
-        WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES, MAX_CONNECTIONS,
-        MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES,
+        conn_kind, not_resp_slot, outcome, via, ConnKey, ConnState, KeysetHeader, Peer,
+        PendingRead, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES,
+        MAX_CONNECTIONS, MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
     },
 };
 use aya_ebpf::{
@@ -61,6 +64,13 @@ pub struct Scratch {
 static LOOP_STATE: PerCpuArray<LoopCtx> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// The chunk of a request being hashed (see `agent_common::fastpath`).
+#[map]
+static HASH_SCRATCH: PerCpuArray<[u64; HASH_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+/// The first bytes of a reply, for `fastpath::quick_reply`.
+#[map]
+static QUICK_SCRATCH: PerCpuArray<[u64; QUICK_REPLY_WINDOW / 8]> =
+    PerCpuArray::with_max_entries(1, 0);
 /// A slot values pass through to become unknown to the verifier (see `resp::Opaque`).
 #[map]
 static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -146,6 +156,9 @@ pub struct LoopCtx {
     fd: u32,
     dir: u32,
     failed: u32,
+    /// The blocking call that filled the whole (plain) buffer, if one did: the connection's
+    /// next repeat template. `template_call.command == 0` when none.
+    template_call: BlockingCall,
 }
 
 #[inline(always)]
@@ -483,32 +496,164 @@ extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
     advance(ctx, &mut conn.reply_carry, scratch, step, c, take)
 }
 
-/// A blocking call was fully written: start its clock, count its keys, and send its key list
-/// if it changed.
+/// A blocking call was fully written: start its clock and count its keys.
 #[inline(always)]
-fn on_call(ctx: &LoopCtx, conn: &mut ConnState, call: agent_common::resp::BlockingCall) {
-    record_keys(ctx.tgid, call.command, call.keys);
+fn start_pop(conn: &mut ConnState, tgid: u32, now: u64, call: &BlockingCall) {
+    record_keys(tgid, call.command, call.keys);
     if conn.pop.active != 0 {
         bump(ProbeCounter::OverlappingPop);
     } else {
         conn.pop.active = 1;
-        conn.pop.sent_ns = ctx.now;
+        conn.pop.sent_ns = now;
         conn.pop.reply_index = call.index;
         conn.pop.signature = call.signature;
         conn.pop.command = call.command;
         conn.pop.keys = call.keys;
     }
+}
+
+/// A blocking call the tokenizer found: start its clock, count its keys, send its key list
+/// if it changed, and note whether it filled its buffer alone (a template for its repeats).
+#[inline(always)]
+fn on_call(ctx: &mut LoopCtx, conn: &mut ConnState, call: BlockingCall) {
+    start_pop(conn, ctx.tgid, ctx.now, &call);
     if call.signature != conn.keyset_sent && conn.command_start != u64::MAX {
         if send_keyset(ctx, call.signature, call.keys, conn.command_start, ctx.pos) {
             conn.keyset_sent = call.signature;
         }
     }
+    if conn.command_start == 0 && ctx.iov == 0 && ctx.pos == ctx.len && ctx.left_after == 0 {
+        ctx.template_call = call;
+    }
 }
 
-/// Runs the tokenizer over one buffer of one direction.
+/// Hashing state of a request buffer. It lives in a per-CPU map, as the tokenizer's does,
+/// so that the verifier checks the loop body once rather than once per position.
+#[repr(C)]
+pub struct HashState {
+    buf: u64,
+    len: u64,
+    pos: u64,
+    hash: u64,
+    failed: u64,
+}
+#[map]
+static HASH_STATE: PerCpuArray<HashState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Folds the next chunk of the buffer into the hash; returns 1 at the end (or on a failed
+/// read).
 #[inline(always)]
+fn hash_next_chunk() -> i64 {
+    let (Some(state), Some(words)) = (HASH_STATE.get_ptr_mut(0), HASH_SCRATCH.get_ptr_mut(0))
+    else {
+        return 1;
+    };
+    let (state, words) = unsafe { (&mut *state, &mut *words) };
+    let left = state.len.saturating_sub(state.pos);
+    if left == 0 {
+        return 1;
+    }
+    let n = if left < HASH_CHUNK as u64 {
+        left
+    } else {
+        HASH_CHUNK as u64
+    };
+    let n = MapOpaque.hide(n) & (2 * HASH_CHUNK as u64 - 1);
+    if n == 0 || n > HASH_CHUNK as u64 {
+        state.failed = 1;
+        return 1;
+    }
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            words.as_mut_ptr().cast(),
+            n as u32,
+            (state.buf + state.pos) as *const c_void,
+        )
+    };
+    if rc != 0 {
+        state.failed = 1;
+        return 1;
+    }
+    state.hash = fastpath::hash_chunk(state.hash, words, n);
+    state.pos += n;
+    (state.pos >= state.len) as i64
+}
+
+extern "C" fn hash_step(_index: u32, _args: *mut c_void) -> i64 {
+    hash_next_chunk()
+}
+
+/// `fastpath`'s hash of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`).
+#[inline(never)]
+fn request_hash(buf: u64, len: u64) -> Option<u64> {
+    if len == 0 || len > MAX_TEMPLATE_BYTES {
+        return None;
+    }
+    let state = HASH_STATE.get_ptr_mut(0)?;
+    unsafe {
+        *state = HashState {
+            buf,
+            len,
+            pos: 0,
+            hash: fastpath::hash_start(len),
+            failed: 0,
+        }
+    };
+    // The common case (a short command) in one chunk, without a loop.
+    if hash_next_chunk() == 0 {
+        unsafe {
+            bpf_loop(
+                (MAX_TEMPLATE_BYTES / HASH_CHUNK as u64) as u32,
+                hash_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            );
+        }
+    }
+    let state = unsafe { &*state };
+    (state.failed == 0 && state.pos == len).then_some(state.hash)
+}
+
+/// A write that repeats the connection's template byte for byte: the same blocking call
+/// again, counted without the tokenizer. Returns false when the write is anything else; then
+/// `hash` holds the buffer's hash if it was computed.
+#[inline(always)]
+fn repeat_call(
+    conn: &mut ConnState,
+    tgid: u32,
+    buf: u64,
+    len: u64,
+    now: u64,
+    hash: &mut Option<u64>,
+) -> bool {
+    let template = conn.repeat;
+    if template.len != len
+        || template.signature != conn.keyset_sent
+        || !conn.request.at_command_boundary()
+        || conn.request_carry.len != 0
+    {
+        return false;
+    }
+    *hash = request_hash(buf, len);
+    if *hash != Some(template.hash) {
+        return false;
+    }
+    let call = BlockingCall {
+        command: template.command,
+        keys: template.keys,
+        signature: template.signature,
+        index: conn.request.commands,
+    };
+    conn.request.commands += 1;
+    start_pop(conn, tgid, now, &call);
+    true
+}
+
+/// Runs the tokenizer over one buffer of one direction; returns the blocking call that filled
+/// a plain buffer alone, if one did.
 /// `iov`/`iov_count` describe an iovec array (then `buf`/`len` are its first element and
 /// `total` bounds the bytes over all of them); 0 for a plain buffer.
+#[inline(always)]
 fn follow(
     conn: *mut ConnState,
     tgid: u32,
@@ -520,13 +665,11 @@ fn follow(
     iov_count: u64,
     total: u64,
     now: u64,
-) {
+) -> Option<BlockingCall> {
     if total == 0 {
-        return;
+        return None;
     }
-    let Some(state) = LOOP_STATE.get_ptr_mut(0) else {
-        return;
-    };
+    let state = LOOP_STATE.get_ptr_mut(0)?;
     let first = if len < total { len } else { total };
     unsafe {
         *state = LoopCtx {
@@ -542,6 +685,7 @@ fn follow(
             fd,
             dir,
             failed: 0,
+            template_call: BlockingCall::default(),
         }
     };
     let callback = if dir == DIR_REQUEST {
@@ -577,29 +721,24 @@ fn follow(
         conn.kind = KIND_DESYNCED;
         conn.pop.active = 0;
         bump(ProbeCounter::RespDesync);
+        return None;
     }
+    let template = unsafe { (*state).template_call };
+    (template.command != 0).then_some(template)
 }
 
-/// Slots of `NOT_RESP`.
-const NOT_RESP_SLOTS: u32 = 4096;
-
-/// (tgid, fd) of descriptors a worker writes to that are not followed connections (pipes,
-/// eventfds, files), by a hash of the pair: a worker's writes that do not start a command
-/// then cost one inlined array load instead of a hash lookup in `CONNS` (a Ruby worker writes
-/// to its thread-wakeup pipes several times per job). Only writes that do not start a command
-/// (`*`) consult it, and creating a connection or closing the descriptor clears the slot, so
-/// a slot overwritten by another pair, or raced, costs a lookup, never a missed connection.
+/// (tgid, fd) of descriptors a worker writes to that are not connections (pipes, eventfds,
+/// files), by a hash of the pair (`agent_common::worker::not_resp_slot`): a write to one of
+/// them costs one inlined array load, without reading the worker's buffer (a Ruby worker
+/// writes two log lines and a warning per job; reading a byte of each cost more than the rest
+/// of the probe). Only descriptors without a peer enter it, so no socket ever does: sockets
+/// connected while the worker is followed get a peer at connect(), and those it had before are
+/// seeded with their peers from /proc, their slots cleared, when it starts being followed.
+/// Closing a descriptor, or connecting it, clears its slot. What it cannot see: a socket
+/// moved onto a cached descriptor number with dup2() and no close() (no Redis client does
+/// that); the slot of a pair overwritten by another pair only costs a lookup.
 #[map]
 static NOT_RESP: Array<u64> = Array::with_max_entries(NOT_RESP_SLOTS, 0);
-
-#[inline(always)]
-fn not_resp_slot(key: &ConnKey) -> (u32, u64) {
-    let mixed = key.tgid.wrapping_mul(2_654_435_761) ^ key.fd;
-    (
-        mixed & (NOT_RESP_SLOTS - 1),
-        ((key.tgid as u64) << 32 | key.fd as u64) + 1,
-    )
-}
 
 /// Forgets that (tgid, fd) is not a connection (it is one now, or it was closed).
 #[inline(always)]
@@ -618,11 +757,13 @@ fn clear_not_resp(key: &ConnKey) {
 #[inline(always)]
 fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     let key = ConnKey { tgid, fd };
-    let first: u8 = unsafe { bpf_probe_read_user(buf as *const u8) }.unwrap_or(0);
     let (slot, tag) = not_resp_slot(&key);
-    if first != b'*' && NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
+    if NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
         return None;
     }
+    // A buffer the worker has not touched may not be paged in: then the byte cannot be read
+    // here, and the write is left alone rather than taken for a non-connection.
+    let first: u8 = unsafe { bpf_probe_read_user(buf as *const u8) }.ok()?;
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         let state = unsafe { &mut *conn };
         if state.kind == KIND_DESYNCED {
@@ -646,8 +787,11 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     // mid-command (it was tracked while writing) is picked up at its next command, and
     // files and pipes (logs) cost one byte read per write.
     if first != b'*' {
-        if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
-            unsafe { *cached = tag };
+        // A socket may be a connection met mid-command: it is picked up at its next command.
+        if unsafe { CONN_PEERS.get(&key) }.is_none() {
+            if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
+                unsafe { *cached = tag };
+            }
         }
         return None;
     }
@@ -697,10 +841,15 @@ fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, to
         return;
     };
     let state = unsafe { &mut *conn };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut hash = None;
+    if iov == 0 && repeat_call(state, tgid, buf, len, now, &mut hash) {
+        return;
+    }
     if !state.request.at_command_boundary() || state.request_carry.len != 0 {
         state.command_start = u64::MAX;
     }
-    follow(
+    let Some(call) = follow(
         conn,
         tgid,
         fd,
@@ -710,8 +859,29 @@ fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, to
         iov,
         iov_count,
         total,
-        unsafe { bpf_ktime_get_ns() },
-    );
+        now,
+    ) else {
+        return;
+    };
+    // The buffer held this one blocking call: remember it, so that its repeats skip the
+    // tokenizer. Only once its key list reached user space, which a repeat never sends.
+    let state = unsafe { &mut *conn };
+    if call.signature != state.keyset_sent {
+        return;
+    }
+    let hash = match hash {
+        Some(h) => Some(h),
+        None => request_hash(buf, len),
+    };
+    if let Some(hash) = hash {
+        state.repeat = RepeatTemplate {
+            len,
+            hash,
+            signature: call.signature,
+            command: call.command,
+            keys: call.keys,
+        };
+    }
 }
 
 /// Total bytes of an iovec array (bounded by MAX_IOVECS elements).
@@ -809,6 +979,63 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
     }
 }
 
+/// A read that is exactly the whole reply of the connection's waiting pop, in a simple shape
+/// (`fastpath::quick_reply`): the pop ends and the reply is counted without the tokenizer.
+/// Returns false when the read is anything else.
+#[inline(always)]
+fn quick_pop_reply(
+    conn: &mut ConnState,
+    tgid: u32,
+    fd: u32,
+    buf: u64,
+    total: u64,
+    now: u64,
+) -> bool {
+    let reply = &conn.reply;
+    if conn.pop.active == 0
+        || conn.pop.reply_index != reply.replies
+        || reply.depth != 0
+        || reply.skip != 0
+        || reply.in_line != 0
+        || reply.out_of_band != 0
+        || conn.reply_carry.len != 0
+    {
+        return false;
+    }
+    let Some(words) = QUICK_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let words = unsafe { &mut *words };
+    let n = if total < QUICK_REPLY_WINDOW as u64 {
+        total
+    } else {
+        QUICK_REPLY_WINDOW as u64
+    };
+    let n = MapOpaque.hide(n) & (2 * QUICK_REPLY_WINDOW as u64 - 1);
+    if n == 0 || n > QUICK_REPLY_WINDOW as u64 {
+        return false;
+    }
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            words.as_mut_ptr().cast(),
+            n as u32,
+            buf as *const c_void,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    let bytes = unsafe { &*(words.as_ptr() as *const [u8; QUICK_REPLY_WINDOW]) };
+    let result = match fastpath::quick_reply(bytes, n, total, &MapOpaque) {
+        Some(reply_kind::DATA) => outcome::SERVED,
+        Some(reply_kind::NIL) => outcome::TIMEOUT,
+        _ => return false,
+    };
+    conn.reply.replies += 1;
+    finish_pop(conn, tgid, fd, result, now);
+    true
+}
+
 #[inline(always)]
 fn handle_read_exit(ret: i64, via: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {
@@ -820,6 +1047,10 @@ fn handle_read_exit(ret: i64, via: u32) {
     // A buffer address of 0 marks the slot as used up.
     let pending = unsafe { core::mem::replace(&mut *slot, PendingRead::NONE) };
     if pending.buf == 0 {
+        return;
+    }
+    if ret < 0 {
+        // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
         return;
     }
     let key = ConnKey {
@@ -835,12 +1066,18 @@ fn handle_read_exit(ret: i64, via: u32) {
         finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, now);
         return;
     }
-    if ret < 0 {
-        // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
-        return;
-    }
     let total = ret as u64;
     if pending.iovcnt == 0 {
+        if quick_pop_reply(
+            unsafe { &mut *conn },
+            tgid,
+            pending.fd,
+            pending.buf,
+            total,
+            now,
+        ) {
+            return;
+        }
         follow(
             conn,
             tgid,

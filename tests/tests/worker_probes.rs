@@ -225,10 +225,17 @@ fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
         "the three fleets' key lists",
         Duration::from_secs(15),
         || {
-            let s = agent.scrape();
-            (s.sum("worker_queues_listened", &[]) == 6.0).then_some(s)
+            let text = agent.metrics_text();
+            let s = integration_tests::prom::Scrape::parse(&text);
+            (s.sum("worker_queues_listened", &[]) == 6.0).then_some((s, text))
         },
     );
+    let (s, text) = s;
+    // What the assertions below look at, for their messages.
+    let listening: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("listen") || l.contains("shared")))
+        .collect();
     let shared = |a: &str, b: &str| {
         s.sum(
             "worker_queues_shared",
@@ -250,14 +257,16 @@ fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
         "redis_key",
     );
     assert_eq!(keys.len(), 3, "{keys:?}");
-    assert!(keys.contains("other"));
-    assert!(s
-        .label_values(
+    assert!(keys.contains("other"), "{listening:#?}");
+    assert!(
+        s.label_values(
             "redis_queue_listeners",
             &[("process_group", "search")],
             "redis_key"
         )
-        .contains("queue:search"));
+        .contains("queue:search"),
+        "{listening:#?}"
+    );
 }
 
 /// A raw-socket RESP client in Python (socket.sendall and recv: the sendto/recvfrom syscalls).
@@ -308,6 +317,21 @@ c = socket.create_connection(("127.0.0.1", port))
 c.sendall(enc("BRPOP", "never:q", "0"))
 time.sleep(0.3)
 c.close()
+# 5. The same BZPOPMIN five times, served at once (each write repeats the last byte for byte),
+#    one of the same length on another key (its key list changes), and that one again, which
+#    times out.
+r = socket.create_connection(("127.0.0.1", port))
+r.sendall(enc("ZADD", "rep:a", "1", "m1", "2", "m2", "3", "m3", "4", "m4", "5", "m5")
+          + enc("ZADD", "rep:b", "1", "m1"))
+read_until(r, 2)
+for _ in range(5):
+    r.sendall(enc("BZPOPMIN", "rep:a", "1"))
+    assert read_until(r, 7).startswith(b"*3\r\n$5\r\nrep:a")
+r.sendall(enc("BZPOPMIN", "rep:b", "1"))
+assert read_until(r, 7).startswith(b"*3\r\n$5\r\nrep:b")
+r.sendall(enc("BZPOPMIN", "rep:b", "1"))
+assert read_until(r, 1).startswith(b"*-1")
+r.close()
 print("done", flush=True)
 "#;
 
@@ -358,9 +382,9 @@ fn raw_client_checks(mode: &[&str]) {
     redis.command(&["LPUSH", "nb:q", "job"]);
     next_line("done");
     let started = Instant::now();
-    let s = wait_for("four pops counted", Duration::from_secs(5), || {
+    let s = wait_for("eleven pops counted", Duration::from_secs(5), || {
         let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 4.0).then_some(s)
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 11.0).then_some(s)
     });
     let _ = started;
     let by = |cmd: &str, outcome: &str| -> (f64, f64) {
@@ -386,10 +410,19 @@ fn raw_client_checks(mode: &[&str]) {
     assert!((0.2..0.4).contains(&t), "non-blocking BLPOP waited {t} s");
     let (n, _) = by("BRPOP", "error");
     assert_eq!(n, 1.0, "the pop whose connection closed ends as an error");
+    let (n, t) = by("BZPOPMIN", "served");
+    assert_eq!(n, 6.0, "five repeats and one on another key, all served");
+    assert!(t < 0.5, "served BZPOPMINs waited {t} s in all");
+    let (n, t) = by("BZPOPMIN", "timeout");
+    assert_eq!(n, 1.0, "the repeat of the other key timed out");
+    assert!(
+        (1.0..1.2).contains(&t),
+        "the timed-out BZPOPMIN waited {t} s"
+    );
     // Every one listed one key; nothing was lost to parsing.
     assert_eq!(
         s.sum(&format!("{KEYS}_sum"), &[("process_group", "raw")]),
-        4.0
+        11.0
     );
     assert_eq!(
         s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),

@@ -7,10 +7,10 @@ use agent_common::{
     maps,
     redis::KeyHistogram,
     sched::Log2Histogram,
-    worker::{via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
+    worker::{not_resp_slot, via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint},
     Ebpf,
 };
@@ -167,6 +167,9 @@ pub struct WorkerMaps {
     syscall_workers: super::PidSet,
     conns: HashMap<MapData, ConnKey, ConnState>,
     peers: HashMap<MapData, ConnKey, Peer>,
+    /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
+    /// probes): a socket's slot is cleared when its peer is seeded.
+    not_resp: Array<MapData, u64>,
     durations: PerCpuHashMap<MapData, WorkerHistKey, Log2Histogram>,
     keys: PerCpuHashMap<MapData, WorkerKeysKey, KeyHistogram>,
     links: Vec<(&'static str, TracePointLinkId)>,
@@ -249,6 +252,7 @@ impl WorkerMaps {
             syscall_workers: super::PidSet::new(ebpf, maps::SYSCALL_WORKERS)?,
             conns: take_map(ebpf, maps::CONNS)?,
             peers: take_map(ebpf, maps::CONN_PEERS)?,
+            not_resp: take_map(ebpf, maps::NOT_RESP)?,
             durations: take_map(ebpf, maps::WORKER_DURATION_HISTS)?,
             keys: take_map(ebpf, maps::WORKER_KEYS_HISTS)?,
             links: Vec::new(),
@@ -576,12 +580,18 @@ impl WorkerMaps {
     }
 
     /// Records peers found in /proc for connections the kernel did not see being made.
+    /// Their descriptors' slots in the kernel's cache of non-connections are cleared: one
+    /// may be left by an earlier process with the same pid, or written between the worker's
+    /// first followed write and this seeding.
     pub fn seed_peers(&mut self, pid: u32, sockets: Vec<(u32, SocketPeer)>) {
         for (fd, peer) in sockets {
+            let key = ConnKey { tgid: pid, fd };
             // BPF_NOEXIST: what connect() recorded wins.
-            let _ = self
-                .peers
-                .insert(ConnKey { tgid: pid, fd }, peer_from(peer), 1);
+            let _ = self.peers.insert(key, peer_from(peer), 1);
+            let (slot, tag) = not_resp_slot(&key);
+            if self.not_resp.get(&slot, 0).ok() == Some(tag) {
+                let _ = self.not_resp.set(slot, 0, 0);
+            }
         }
     }
 

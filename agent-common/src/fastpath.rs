@@ -1,0 +1,350 @@
+//! Shortcuts that spare the worker-side probes the tokenizer on a connection's common case,
+//! without changing what it would have found.
+//!
+//! A worker sends the same blocking command over and over (Sidekiq: the same `BRPOP` of the
+//! same queues, once per job), and most replies to it have one of a few shapes (`*2` of two
+//! bulks, or a nil). The tokenizer follows both one token per `bpf_loop` step, which costs
+//! about 140 ns a token. So:
+//!
+//! - Requests: when the tokenizer has seen one whole buffer hold exactly one blocking command,
+//!   the connection keeps that buffer's length and a 64-bit hash of its bytes
+//!   ([`RepeatTemplate`]). A later write at a command boundary of the same length whose bytes
+//!   hash the same is the same command: same keys, same signature, one more command on the
+//!   connection. A mismatch, or any other write, goes to the tokenizer as before.
+//! - Replies: a read at a reply boundary whose bytes are exactly one whole reply of a simple
+//!   shape ([`quick_reply`]) is classified from its first bytes, and counted as one reply.
+//!   Anything else goes to the tokenizer.
+//!
+//! Both are written for the eBPF verifier as the tokenizer is: indexes masked to the window,
+//! no data-dependent branch per byte.
+
+use crate::resp::{reply_kind, Opaque};
+
+/// Bytes hashed per read of a request (one `bpf_probe_read_user`).
+pub const HASH_CHUNK: usize = 256;
+/// Words of a hashing chunk.
+pub const HASH_WORDS: usize = HASH_CHUNK / 8;
+/// Largest request remembered as a template (a BRPOP of 1000 Sidekiq queues is about 23 KiB).
+pub const MAX_TEMPLATE_BYTES: u64 = 64 * 1024;
+
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+const MULTIPLIER: u64 = 0xff51_afd7_ed55_8ccd;
+
+/// The hash of an empty buffer of `len` bytes: the seed every hash of `len` bytes starts from.
+#[inline(always)]
+pub fn hash_start(len: u64) -> u64 {
+    mix(SEED, len)
+}
+
+#[inline(always)]
+fn mix(h: u64, word: u64) -> u64 {
+    let h = (h ^ word).wrapping_mul(MULTIPLIER);
+    h ^ (h >> 31)
+}
+
+/// Folds the first `n` bytes of one chunk into `h` (`n <= HASH_CHUNK`; only the last chunk of
+/// a buffer is shorter than a whole chunk). Bytes of the chunk past `n` are ignored, so the
+/// chunk need not be cleared before a short read into it.
+#[inline(always)]
+pub fn hash_chunk(mut h: u64, words: &[u64; HASH_WORDS], n: u64) -> u64 {
+    let full = n / 8;
+    let mut i = 0;
+    while i < HASH_WORDS {
+        if i as u64 >= full {
+            break;
+        }
+        h = mix(h, words[i]);
+        i += 1;
+    }
+    let tail = n % 8;
+    if tail > 0 {
+        // Little-endian: the tail's bytes are the word's low bytes.
+        let word = words[(full as usize) & (HASH_WORDS - 1)] & (u64::MAX >> (64 - 8 * tail));
+        h = mix(h, word);
+    }
+    h
+}
+
+/// The hash of a whole buffer, as the probes compute it chunk by chunk (for tests).
+#[cfg(test)]
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h = hash_start(bytes.len() as u64);
+    for chunk in bytes.chunks(HASH_CHUNK) {
+        // Garbage past the chunk's data, as a short read leaves it.
+        let mut words = [0x5a5a_5a5a_5a5a_5a5a_u64; HASH_WORDS];
+        for (i, b) in chunk.iter().enumerate() {
+            let shift = 8 * (i % 8);
+            words[i / 8] = (words[i / 8] & !(0xff << shift)) | ((*b as u64) << shift);
+        }
+        h = hash_chunk(h, &words, chunk.len() as u64);
+    }
+    h
+}
+
+/// The last blocking command a connection sent alone in one buffer, to recognise its repeats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepeatTemplate {
+    /// Bytes of the buffer; 0 when there is no template.
+    pub len: u64,
+    /// [`hash_bytes`] of the buffer.
+    pub hash: u64,
+    /// The call's key-list signature, as the tokenizer computed it.
+    pub signature: u64,
+    pub command: u32,
+    pub keys: u32,
+}
+
+/// Bytes of a read looked at by [`quick_reply`].
+pub const QUICK_REPLY_WINDOW: usize = 128;
+/// Most elements of an array reply taken by [`quick_reply`] (BZPOPMIN's key, member, score).
+const QUICK_MAX_ELEMENTS: u64 = 3;
+/// Most digits of a length (1 GB has 10).
+const LEN_DIGITS: usize = 10;
+
+const MASK: usize = QUICK_REPLY_WINDOW - 1;
+
+#[inline(always)]
+fn byte(w: &[u8; QUICK_REPLY_WINDOW], i: u64) -> u8 {
+    w[(i as usize) & MASK]
+}
+
+/// A length line `<digits>\r\n` at `start`: its value and the position after it. The line
+/// may run past the data read (into whatever the window held before): callers reject a line
+/// that ends past it.
+#[inline(always)]
+fn length_line<O: Opaque>(w: &[u8; QUICK_REPLY_WINDOW], start: u64, o: &O) -> Option<(u64, u64)> {
+    let mut value = 0u64;
+    let mut active = 1u64;
+    let mut digits = 0u64;
+    let mut i = 0;
+    while i < LEN_DIGITS {
+        let b = byte(w, start + i as u64) as u64;
+        let is_digit = ((b.wrapping_sub(b'0' as u64)) < 10) as u64;
+        active &= is_digit;
+        value = value * (1 + 9 * active) + (b & 0xf) * active;
+        digits += active;
+        i += 1;
+    }
+    // One path from here on, whatever the number of digits.
+    let digits = o.hide(digits) & 15;
+    let value = o.hide(value);
+    let cr = start + digits;
+    if digits == 0 || digits as usize >= LEN_DIGITS {
+        return None;
+    }
+    if byte(w, cr) != b'\r' || byte(w, cr + 1) != b'\n' {
+        return None;
+    }
+    Some((value, cr + 2))
+}
+
+/// If `w[..avail]` is the start of a buffer of `total` bytes that holds exactly one whole
+/// top-level reply of a simple shape, the reply's [`reply_kind`]; otherwise `None` (the
+/// tokenizer decides). The shapes: a nil (`*-1`, `$-1`, RESP3 `_`), a bulk string, and an
+/// array of one to three bulk strings whose headers all lie in the window (BRPOP/BLPOP's key
+/// and element, BZPOPMIN's key, member and score). `w[avail..]` may hold anything (the
+/// window is not cleared between reads): no byte past `avail` decides an answer.
+#[inline(always)]
+pub fn quick_reply<O: Opaque>(
+    w: &[u8; QUICK_REPLY_WINDOW],
+    avail: u64,
+    total: u64,
+    o: &O,
+) -> Option<u32> {
+    if avail < 3 || avail > total || avail as usize > QUICK_REPLY_WINDOW {
+        return None;
+    }
+    let first = w[0];
+    if first == b'_' {
+        return (total == 3 && w[1] == b'\r' && w[2] == b'\n').then_some(reply_kind::NIL);
+    }
+    if (first == b'*' || first == b'$') && w[1] == b'-' {
+        return (total == 5 && w[2] == b'1' && w[3] == b'\r' && w[4] == b'\n')
+            .then_some(reply_kind::NIL);
+    }
+    let (elements, mut pos) = match first {
+        b'$' => (1, 0),
+        b'*' => {
+            let (n, end) = length_line(w, 1, o)?;
+            if n == 0 || n > QUICK_MAX_ELEMENTS {
+                return None;
+            }
+            (n, end)
+        }
+        _ => return None,
+    };
+    let mut i = 0;
+    while i < QUICK_MAX_ELEMENTS {
+        if i >= elements {
+            break;
+        }
+        // The header must be whole in the data read.
+        if pos + 3 > avail || byte(w, pos) != b'$' {
+            return None;
+        }
+        let (len, body) = length_line(w, pos + 1, o)?;
+        if body > avail {
+            return None;
+        }
+        pos = o.hide(body + len + 2);
+        if pos > total {
+            return None;
+        }
+        i += 1;
+    }
+    (pos == total).then_some(reply_kind::DATA)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{format, vec, vec::Vec};
+
+    use super::*;
+    use crate::resp::Transparent;
+
+    fn quick(bytes: &[u8]) -> Option<u32> {
+        // Digits and line ends past the data, as a previous read may leave them.
+        let mut w = [0u8; QUICK_REPLY_WINDOW];
+        for (i, b) in w.iter_mut().enumerate() {
+            *b = b"12\r\n"[i % 4];
+        }
+        let n = bytes.len().min(QUICK_REPLY_WINDOW);
+        w[..n].copy_from_slice(&bytes[..n]);
+        quick_reply(&w, n as u64, bytes.len() as u64, &Transparent)
+    }
+
+    #[test]
+    fn nil_replies() {
+        assert_eq!(quick(b"*-1\r\n"), Some(reply_kind::NIL));
+        assert_eq!(quick(b"$-1\r\n"), Some(reply_kind::NIL));
+        assert_eq!(quick(b"_\r\n"), Some(reply_kind::NIL));
+        // Two nils in one read: the tokenizer's business.
+        assert_eq!(quick(b"*-1\r\n*-1\r\n"), None);
+        assert_eq!(quick(b"*-2\r\n"), None);
+    }
+
+    #[test]
+    fn brpop_reply_with_a_payload_past_the_window() {
+        let payload = vec![b'x'; 5000];
+        let mut reply = b"*2\r\n$13\r\nqueue:default\r\n$5000\r\n".to_vec();
+        reply.extend_from_slice(&payload);
+        reply.extend_from_slice(b"\r\n");
+        assert_eq!(quick(&reply), Some(reply_kind::DATA));
+        // Cut short (the rest comes in the next read), or followed by another reply.
+        assert_eq!(quick(&reply[..reply.len() - 1]), None);
+        let mut two = reply.clone();
+        two.extend_from_slice(b"+OK\r\n");
+        assert_eq!(quick(&two), None);
+    }
+
+    #[test]
+    fn other_simple_shapes() {
+        assert_eq!(quick(b"$3\r\nabc\r\n"), Some(reply_kind::DATA));
+        assert_eq!(quick(b"$0\r\n\r\n"), Some(reply_kind::DATA));
+        assert_eq!(
+            quick(b"*3\r\n$1\r\nz\r\n$1\r\nm\r\n$3\r\n1.5\r\n"),
+            Some(reply_kind::DATA)
+        );
+        // Errors, integers, statuses, nested and long arrays: not quick.
+        assert_eq!(quick(b"-ERR wrong\r\n"), None);
+        assert_eq!(quick(b":1\r\n"), None);
+        assert_eq!(quick(b"+OK\r\n"), None);
+        assert_eq!(quick(b"*1\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n"), None);
+        assert_eq!(
+            quick(b"*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n"),
+            None
+        );
+        // Malformed lengths.
+        assert_eq!(quick(b"*2\r\n$x\r\nab\r\n"), None);
+        assert_eq!(quick(b"*2\n$1\r\na\r\n$1\r\nb\r\n"), None);
+    }
+
+    #[test]
+    fn second_header_outside_the_window_is_not_quick() {
+        let key = vec![b'k'; 200];
+        let mut reply = format!("*2\r\n${}\r\n", key.len()).into_bytes();
+        reply.extend_from_slice(&key);
+        reply.extend_from_slice(b"\r\n$1\r\nv\r\n");
+        assert_eq!(quick(&reply), None);
+    }
+
+    /// Wherever the shortcut answers, the tokenizer over the same bytes finds exactly one
+    /// reply, of the same kind, ending at the buffer's end.
+    #[test]
+    fn agrees_with_the_tokenizer() {
+        use crate::resp::{drive, Carry, ReplyState};
+        let mut candidates: Vec<Vec<u8>> = Vec::new();
+        let bulks = ["", "a", "queue:default", &"k".repeat(60), &"v".repeat(300)];
+        for a in bulks {
+            candidates.push(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+            for b in bulks {
+                candidates.push(
+                    format!("*2\r\n${}\r\n{a}\r\n${}\r\n{b}\r\n", a.len(), b.len()).into_bytes(),
+                );
+                candidates.push(
+                    format!(
+                        "*3\r\n${}\r\n{a}\r\n$1\r\nm\r\n${}\r\n{b}\r\n",
+                        a.len(),
+                        b.len()
+                    )
+                    .into_bytes(),
+                );
+            }
+        }
+        for fixed in [
+            &b"*-1\r\n"[..],
+            b"$-1\r\n",
+            b"_\r\n",
+            b"-ERR x\r\n",
+            b"*0\r\n",
+            b":3\r\n",
+        ] {
+            candidates.push(fixed.to_vec());
+        }
+        let mut answered = 0;
+        for whole in &candidates {
+            // The whole reply, cut short, and followed by a second reply.
+            let mut variants = vec![whole.clone(), whole[..whole.len() - 1].to_vec()];
+            let mut two = whole.clone();
+            two.extend_from_slice(b"+OK\r\n");
+            variants.push(two);
+            for bytes in variants {
+                let Some(kind) = quick(&bytes) else { continue };
+                answered += 1;
+                let (mut state, mut carry, mut starts) =
+                    (ReplyState::default(), Carry::default(), Vec::new());
+                drive(&mut state, &mut carry, &bytes, |e, _| starts.push(e)).unwrap();
+                assert_eq!(
+                    state.replies,
+                    1,
+                    "{:?}",
+                    std::string::String::from_utf8_lossy(&bytes)
+                );
+                assert_eq!(starts.len(), 1);
+                assert_eq!(starts[0].kind, kind);
+                assert_eq!((state.depth, state.skip, carry.len), (0, 0, 0));
+            }
+        }
+        assert!(answered > 40, "the shortcut answered only {answered} cases");
+    }
+
+    #[test]
+    fn hash_depends_on_every_byte_and_the_length() {
+        let a = b"*3\r\n$5\r\nbrpop\r\n$13\r\nqueue:default\r\n$1\r\n2\r\n".to_vec();
+        let mut b = a.clone();
+        b[20] ^= 1;
+        assert_ne!(hash_bytes(&a), hash_bytes(&b));
+        assert_eq!(hash_bytes(&a), hash_bytes(&a.clone()));
+        // Trailing zero bytes are not the same buffer.
+        let mut c = a.clone();
+        c.push(0);
+        assert_ne!(hash_bytes(&a), hash_bytes(&c));
+        // Across chunks.
+        let long: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let mut long2 = long.clone();
+        long2[700] ^= 0x80;
+        assert_ne!(hash_bytes(&long), hash_bytes(&long2));
+    }
+}
