@@ -25,8 +25,12 @@ pub mod maps {
     pub const TRACKED_TGIDS: &str = "TRACKED_TGIDS";
     /// [`crate::pidset`] of the threads (tids) that have a [`THREAD_STATE`] entry.
     pub const TRACKED_TIDS: &str = "TRACKED_TIDS";
-    /// [`crate::sched::ThreadGroupKey`] -> [`crate::sched::SchedHistograms`] (per CPU).
+    /// Slot -> [`crate::sched::SchedHistograms`] (a per-CPU array).
     pub const SCHED_HISTOGRAMS: &str = "SCHED_HISTS";
+    /// [`crate::sched::ThreadGroupKey`] -> its slot in [`SCHED_HISTOGRAMS`].
+    pub const SCHED_GROUP_SLOTS: &str = "SCHED_SLOTS";
+    /// Queue of free slots of [`SCHED_HISTOGRAMS`], each all zero.
+    pub const SCHED_FREE_SLOTS: &str = "SCHED_FREE";
     /// Ring buffer of [`crate::lifecycle::LifecycleEvent`].
     pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
     /// tgid -> exec time (ns, monotonic) of Redis-looking processes: their forks are

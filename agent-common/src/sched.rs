@@ -107,7 +107,10 @@ impl Log2Histogram {
     }
 }
 
-/// Value of `SCHED_HISTS`.
+/// Value of `SCHED_HISTS`, a per-CPU array indexed by slot. `SCHED_SLOTS` maps each
+/// [`ThreadGroupKey`] to its slot; the kernel takes free slots from `SCHED_FREE`, which
+/// the agent fills at start and refills (after zeroing them) when a process goes. A thread
+/// remembers its slot, so a context switch costs an array index, not a hash of its key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedHistograms {
@@ -130,9 +133,13 @@ impl SchedHistograms {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadState {
     pub tgid: u32,
-    pub _pad: u32,
+    /// 1 + the `SCHED_HISTS` slot of the thread's group, as last found; 0 when not found yet.
+    pub slot_plus_one: u32,
     pub runnable_since_ns: u64,
     pub on_cpu_since_ns: u64,
+    /// The thread name the slot was found for, as two words: a renamed thread looks its
+    /// group up again.
+    pub comm_words: [u64; 2],
 }
 
 /// Indexes into the `PROBE_COUNTERS` per-CPU array.
@@ -162,7 +169,7 @@ pub const PROBE_COUNTER_SLOTS: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<ThreadGroupKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Log2Histogram>() == 16 + 8 * HIST_BUCKETS);
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 24);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 40);
 const _: () = assert!(core::mem::size_of::<TrackedProcess>() == 8);
 
 #[cfg(feature = "user")]

@@ -15,7 +15,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, Queue},
     programs::TracePointContext,
 };
 
@@ -24,14 +24,17 @@ use crate::{
     maps::{pid_in, pid_set, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
 };
 
+/// The histograms of each thread group, by slot (see `SchedHistograms`).
 #[map]
-static SCHED_HISTS: PerCpuHashMap<ThreadGroupKey, SchedHistograms> =
-    PerCpuHashMap::with_max_entries(MAX_THREAD_GROUPS, 0);
+static SCHED_HISTS: PerCpuArray<SchedHistograms> =
+    PerCpuArray::with_max_entries(MAX_THREAD_GROUPS, 0);
+#[map]
+static SCHED_SLOTS: HashMap<ThreadGroupKey, u32> = HashMap::with_max_entries(MAX_THREAD_GROUPS, 0);
+/// Free slots of `SCHED_HISTS` (all zero), filled by the agent.
+#[map]
+static SCHED_FREE: Queue<u32> = Queue::with_max_entries(MAX_THREAD_GROUPS, 0);
 
-/// One all-zero value, never written: the template a new histogram entry is inserted from
-/// (a `SchedHistograms` is larger than the 512-byte eBPF stack).
-#[map]
-static ZERO_HISTOGRAMS: PerCpuArray<SchedHistograms> = PerCpuArray::with_max_entries(1, 0);
+const BPF_NOEXIST: u64 = 1;
 
 // /sys/kernel/tracing/events/sched/sched_switch/format (Linux 6.18):
 //   field:char prev_comm[16];  offset:8;  size:16
@@ -87,11 +90,7 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
         Some(state) => {
             let state = unsafe { &mut *state };
             if state.on_cpu_since_ns != 0 && now > state.on_cpu_since_ns {
-                // Arrays are copied with a helper: a direct copy may address the context
-                // through a moved pointer, which the verifier refuses.
-                let comm: [u8; COMM_LEN] =
-                    unsafe { ctx.read_at(SWITCH_PREV_COMM) }.unwrap_or([0; COMM_LEN]);
-                if let Some(hists) = histograms_of(tgid, comm) {
+                if let Some(hists) = histograms_of(state, tgid, comm_words(ctx, SWITCH_PREV_COMM)) {
                     unsafe { (*hists).on_cpu.record(now - state.on_cpu_since_ns) };
                 }
             }
@@ -103,9 +102,10 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             // recorded until it comes back on a CPU.
             let state = ThreadState {
                 tgid,
-                _pad: 0,
+                slot_plus_one: 0,
                 runnable_since_ns: runnable_since,
                 on_cpu_since_ns: 0,
+                comm_words: [0; 2],
             };
             if THREAD_STATE.insert(&tid, &state, 0).is_err() {
                 bump(ProbeCounter::ThreadStateInsertFailed);
@@ -129,9 +129,8 @@ fn switched_in(ctx: &TracePointContext, tid: u32, now: u64) {
         return;
     }
     if state.runnable_since_ns != 0 && now > state.runnable_since_ns {
-        let comm: [u8; COMM_LEN] =
-            unsafe { ctx.read_at(SWITCH_NEXT_COMM) }.unwrap_or([0; COMM_LEN]);
-        if let Some(hists) = histograms_of(state.tgid, comm) {
+        let tgid = state.tgid;
+        if let Some(hists) = histograms_of(state, tgid, comm_words(ctx, SWITCH_NEXT_COMM)) {
             unsafe {
                 (*hists)
                     .runqueue_delay
@@ -161,22 +160,56 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A thread name in the tracepoint's record, as two words (two loads, no helper call).
 #[inline(always)]
-fn histograms_of(tgid: u32, comm: [u8; COMM_LEN]) -> Option<*mut SchedHistograms> {
+fn comm_words(ctx: &TracePointContext, offset: usize) -> [u64; 2] {
+    [tp_field(ctx, offset), tp_field(ctx, offset + 8)]
+}
+
+/// The histograms of the thread's group: through the slot the thread remembers, or, the
+/// first time and after a rename, through the group's key (taking a free slot for a new
+/// group).
+#[inline(always)]
+fn histograms_of(
+    state: &mut ThreadState,
+    tgid: u32,
+    comm: [u64; 2],
+) -> Option<*mut SchedHistograms> {
+    if state.slot_plus_one != 0 && state.comm_words == comm {
+        return SCHED_HISTS.get_ptr_mut(state.slot_plus_one - 1);
+    }
+    let slot = group_slot(tgid, comm)?;
+    state.slot_plus_one = slot + 1;
+    state.comm_words = comm;
+    SCHED_HISTS.get_ptr_mut(slot)
+}
+
+#[inline(never)]
+fn group_slot(tgid: u32, comm: [u64; 2]) -> Option<u32> {
     let key = ThreadGroupKey {
         tgid,
-        comm,
+        comm: unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>(comm) },
         _pad: 0,
     };
-    if let Some(hists) = SCHED_HISTS.get_ptr_mut(&key) {
-        return Some(hists);
+    if let Some(slot) = unsafe { SCHED_SLOTS.get(&key) } {
+        return Some(*slot);
     }
-    let zero = ZERO_HISTOGRAMS.get(0)?;
-    if SCHED_HISTS.insert(&key, zero, 0).is_err() {
+    let Ok(Some(slot)) = SCHED_FREE.pop() else {
         bump(ProbeCounter::HistogramMapFull);
         return None;
+    };
+    if SCHED_SLOTS.insert(&key, &slot, BPF_NOEXIST).is_ok() {
+        return Some(slot);
     }
-    SCHED_HISTS.get_ptr_mut(&key)
+    // Another CPU created the group meanwhile (or the map is full): give the slot back.
+    let _ = SCHED_FREE.push(slot, 0);
+    match unsafe { SCHED_SLOTS.get(&key) } {
+        Some(slot) => Some(*slot),
+        None => {
+            bump(ProbeCounter::HistogramMapFull);
+            None
+        }
+    }
 }
 
 // Keeps the helper in use so that the type is checked against the shared definition.

@@ -761,13 +761,15 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
     if NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
         return None;
     }
-    // A buffer the worker has not touched may not be paged in: then the byte cannot be read
-    // here, and the write is left alone rather than taken for a non-connection.
-    let first: u8 = unsafe { bpf_probe_read_user(buf as *const u8) }.ok()?;
+    // The first byte of the buffer, read only when it decides something (a followed
+    // connection's writes are its commands). A buffer the worker has not touched may not be
+    // paged in: then the byte cannot be read here, and the write is left alone rather than
+    // taken for a non-connection.
+    let first = || unsafe { bpf_probe_read_user(buf as *const u8) }.ok();
     if let Some(conn) = CONNS.get_ptr_mut(&key) {
         let state = unsafe { &mut *conn };
         if state.kind == KIND_DESYNCED {
-            if first != b'*' {
+            if first()? != b'*' {
                 return None;
             }
             // Re-synchronise: a write that starts a command starts a fresh stream.
@@ -783,6 +785,7 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
             None
         };
     }
+    let first = first()?;
     // Only a write that starts a command starts following a connection: a process seen
     // mid-command (it was tracked while writing) is picked up at its next command, and
     // files and pipes (logs) cost one byte read per write.

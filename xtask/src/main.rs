@@ -45,6 +45,10 @@ enum Task {
         /// A shorter run (fewer rounds, fewer requests).
         #[arg(long)]
         quick: bool,
+        /// Only the Sidekiq section, printed rather than written to BENCHMARKS.md (for
+        /// iterating on the worker-side probes).
+        #[arg(long, value_parser = ["sidekiq"])]
+        only: Option<String>,
     },
     /// Fuzz the RESP tokenizer shared by the eBPF programs and the agent (cargo fuzz, nightly).
     Fuzz {
@@ -73,9 +77,12 @@ fn main() -> Result<()> {
             setup::setup()?;
             util::run_tests(unit_only, filter.as_deref())
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             setup::setup()?;
-            bench::run(quick)
+            match only.as_deref() {
+                Some("sidekiq") => bench::run_sidekiq_only(quick),
+                _ => bench::run(quick),
+            }
         }
         Task::Fuzz { runs } => {
             setup::setup()?;

@@ -8,11 +8,11 @@ use agent_common::{
     maps, programs,
     sched::{
         ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess,
-        PROBE_COUNTER_SLOTS,
+        MAX_THREAD_GROUPS, PROBE_COUNTER_SLOTS,
     },
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, Queue},
     Ebpf,
 };
 
@@ -56,8 +56,12 @@ pub struct SchedMaps {
     tracked_tgids: super::PidSet,
     tracked_tids: super::PidSet,
     threads: HashMap<MapData, u32, ThreadState>,
-    histograms: PerCpuHashMap<MapData, ThreadGroupKey, SchedHistograms>,
+    /// Histograms by slot, the slot of each (tgid, thread name), and the free slots.
+    histograms: PerCpuArray<MapData, SchedHistograms>,
+    group_slots: HashMap<MapData, ThreadGroupKey, u32>,
+    free_slots: Queue<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
+    cpus: usize,
 }
 
 /// Name bytes up to the first NUL, lossily decoded.
@@ -68,13 +72,28 @@ pub fn comm_to_string(comm: &[u8]) -> String {
 
 impl SchedMaps {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        let mut free_slots: Queue<MapData, u32> = take_map(ebpf, maps::SCHED_FREE_SLOTS)?;
+        // Every slot starts free (and all zero, as a new map is).
+        for slot in 0..MAX_THREAD_GROUPS {
+            free_slots.push(slot, 0).map_err(|e| ProbeError::Map {
+                name: maps::SCHED_FREE_SLOTS,
+                message: e.to_string(),
+            })?;
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Map {
+            name: maps::SCHED_HISTOGRAMS,
+            message: format!("{what}: {e}"),
+        })?;
         Ok(Self {
             tracked: take_map(ebpf, maps::TRACKED_PROCESSES)?,
             tracked_tgids: super::PidSet::new(ebpf, maps::TRACKED_TGIDS)?,
             tracked_tids: super::PidSet::shared(ebpf, maps::TRACKED_TIDS)?,
             threads: take_map(ebpf, maps::THREAD_STATE)?,
             histograms: take_map(ebpf, maps::SCHED_HISTOGRAMS)?,
+            group_slots: take_map(ebpf, maps::SCHED_GROUP_SLOTS)?,
+            free_slots,
             counters: take_map(ebpf, maps::PROBE_COUNTERS)?,
+            cpus,
         })
     }
 
@@ -120,15 +139,7 @@ impl SchedMaps {
     pub fn untrack(&mut self, tgid: u32) {
         let _ = self.tracked_tgids.set(tgid, false);
         let _ = self.tracked.remove(&tgid);
-        let stale_keys: Vec<ThreadGroupKey> = self
-            .histograms
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for key in stale_keys {
-            let _ = self.histograms.remove(&key);
-        }
+        // The threads first: they remember their groups' slots.
         let stale_threads: Vec<u32> = self
             .threads
             .iter()
@@ -140,12 +151,31 @@ impl SchedMaps {
             let _ = self.threads.remove(&tid);
             let _ = self.tracked_tids.set(tid, false);
         }
+        let stale_groups: Vec<(ThreadGroupKey, u32)> = self
+            .group_slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.tgid == tgid)
+            .collect();
+        for (key, slot) in stale_groups {
+            let _ = self.group_slots.remove(&key);
+            // Back to the free list all zero, or not at all (a slot lost, not a number wrong).
+            let zero = PerCpuValues::try_from(vec![SchedHistograms::ZERO; self.cpus]);
+            if let Ok(zero) = zero {
+                if self.histograms.set(slot, zero, 0).is_ok() {
+                    let _ = self.free_slots.push(slot, 0);
+                }
+            }
+        }
     }
 
     /// Histograms of all tracked thread groups, merged over CPUs.
     pub fn histograms(&self) -> MergedHistograms {
         let mut merged = MergedHistograms::new();
-        for (key, per_cpu) in self.histograms.iter().filter_map(Result::ok) {
+        for (key, slot) in self.group_slots.iter().filter_map(Result::ok) {
+            let Ok(per_cpu) = self.histograms.get(&slot, 0) else {
+                continue;
+            };
             let entry = merged
                 .entry((key.tgid, comm_to_string(&key.comm)))
                 .or_insert(SchedHistograms::ZERO);

@@ -265,6 +265,83 @@ fn refuse_beside_another_agent() -> Result<()> {
     Ok(())
 }
 
+/// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
+pub fn run_sidekiq_only(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
+    }
+    refuse_beside_another_agent()?;
+    let bin = build_agent(true)?;
+    refuse_beside_another_agent()?;
+    let (rounds, jobs) = if quick { (2, 3000) } else { (5, 10000) };
+    let (runs, stats) = sidekiq_section(&bin, rounds, jobs, &|what: &str| {
+        eprintln!("[bench] {what}")
+    })?;
+    let jobs_per_second =
+        |i: usize| -> Vec<f64> { runs[i].iter().map(|s| s.jobs_per_second).collect() };
+    let without = jobs_per_second(0);
+    for (i, variant) in SIDEKIQ_VARIANTS.iter().enumerate() {
+        let v = jobs_per_second(i);
+        println!(
+            "{variant:?}: {:.0} jobs/s (median of {v:?}), ratio {:.3}",
+            median(&v),
+            paired_ratio(&v, &without)
+        );
+    }
+    for (variant, run) in &stats {
+        let Some(s) = &run.stats else { continue };
+        println!(
+            "{variant:?}: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
+            s.ns_per_op_of("worker_") / 1e3,
+            s.total_ns_per_op / 1e3,
+            run.commands_per_job
+        );
+        for p in &s.programs {
+            println!(
+                "    {:28} {:6.3} runs x {:6.0} ns = {:7.1} ns",
+                p.name, p.runs_per_op, p.ns_per_run, p.ns_per_op
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Rounds of the Sidekiq drain (variants alternating in order), then one bpf_stats run per
+/// agent variant.
+#[allow(clippy::type_complexity)]
+fn sidekiq_section(
+    bin: &Path,
+    rounds: usize,
+    jobs: u64,
+    log: &dyn Fn(&str),
+) -> Result<(Vec<Vec<SidekiqRun>>, Vec<(SidekiqVariant, SidekiqRun)>)> {
+    let mut sidekiq: Vec<Vec<SidekiqRun>> = vec![Vec::new(); SIDEKIQ_VARIANTS.len()];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..SIDEKIQ_VARIANTS.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            sidekiq[i].push(agent_cost::sidekiq_run(
+                bin,
+                SIDEKIQ_VARIANTS[i].agent_args(),
+                jobs,
+                false,
+            )?);
+        }
+        log(&format!("sidekiq round {}/{rounds}", round + 1));
+    }
+    let mut sidekiq_stats = Vec::new();
+    for variant in &SIDEKIQ_VARIANTS[1..] {
+        sidekiq_stats.push((
+            *variant,
+            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, true)?,
+        ));
+    }
+    log("sidekiq, bpf_stats");
+    Ok((sidekiq, sidekiq_stats))
+}
+
 pub fn run(quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
@@ -413,30 +490,7 @@ pub fn run(quick: bool) -> Result<()> {
 
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { 10000 };
-    let mut sidekiq: Vec<Vec<SidekiqRun>> = vec![Vec::new(); SIDEKIQ_VARIANTS.len()];
-    for round in 0..rounds {
-        let mut order: Vec<usize> = (0..SIDEKIQ_VARIANTS.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
-            sidekiq[i].push(agent_cost::sidekiq_run(
-                &bin,
-                SIDEKIQ_VARIANTS[i].agent_args(),
-                jobs,
-                false,
-            )?);
-        }
-        log(&format!("sidekiq round {}/{rounds}", round + 1));
-    }
-    let mut sidekiq_stats = Vec::new();
-    for variant in &SIDEKIQ_VARIANTS[1..] {
-        sidekiq_stats.push((
-            *variant,
-            agent_cost::sidekiq_run(&bin, variant.agent_args(), jobs, true)?,
-        ));
-    }
-    log("sidekiq, bpf_stats");
+    let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![
