@@ -23,8 +23,13 @@ pub enum ConfigError {
     Rule(#[from] RuleError),
     #[error(transparent)]
     Otlp(#[from] OtlpEnvError),
-    #[error("{name} must be a positive number of seconds, got {value}")]
-    BadInterval { name: &'static str, value: f64 },
+    #[error("{name} must be between {min} and {max} seconds, got {value}")]
+    BadInterval {
+        name: &'static str,
+        value: f64,
+        min: f64,
+        max: f64,
+    },
     #[error("max_thread_names_per_process must be between 1 and 1024, got {0}")]
     BadThreadNameLimit(usize),
     #[error("max_keys_per_group must be between 1 and 10000, got {0}")]
@@ -119,11 +124,22 @@ impl FileConfig {
     }
 }
 
-fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    if value.is_finite() && value > 0.0 && value < 1e9 {
+/// Longest interval or timeout accepted (about 31 years): timers past it overflow.
+const MAX_SECONDS: f64 = 1e9;
+
+/// A number of seconds in `[min, MAX_SECONDS]`. The minimum keeps a timer from firing
+/// continuously: a value that rounds to zero would stop the agent's loop (tokio refuses a
+/// zero period) and a tiny one would busy-loop it.
+fn seconds(name: &'static str, value: f64, min: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value >= min && value <= MAX_SECONDS {
         Ok(Duration::from_secs_f64(value))
     } else {
-        Err(ConfigError::BadInterval { name, value })
+        Err(ConfigError::BadInterval {
+            name,
+            value,
+            min,
+            max: MAX_SECONDS,
+        })
     }
 }
 
@@ -165,12 +181,12 @@ impl Config {
             interval: args
                 .otlp_interval
                 .or(file.otlp.interval_secs)
-                .map(|s| seconds("otlp interval", s))
+                .map(|s| seconds("otlp interval", s, 0.1))
                 .transpose()?,
             timeout: file
                 .otlp
                 .timeout_secs
-                .map(|s| seconds("otlp timeout", s))
+                .map(|s| seconds("otlp timeout", s, 0.001))
                 .transpose()?,
             headers: file.otlp.headers,
         };
@@ -227,6 +243,7 @@ impl Config {
                 args.rescan_interval
                     .or(file.rescan_interval_secs)
                     .unwrap_or(10.0),
+                0.1,
             )?,
             require_ebpf: args.require_ebpf || file.require_ebpf.unwrap_or(false),
             log_format: args
@@ -383,8 +400,32 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "rescan interval must be a positive number of seconds, got 0"
+            "rescan interval must be between 0.1 and 1000000000 seconds, got 0"
         );
+        // Edges that once became a zero period (a panic in the agent's loop or its export
+        // task), and ones that overflow a timer.
+        for (rescan, otlp) in [
+            (Some(1e-10), None),
+            (None, Some(1e-10)),
+            (Some(-1.0), None),
+            (None, Some(f64::NAN)),
+            (Some(1e300), None),
+            (None, Some(f64::INFINITY)),
+        ] {
+            let args = RunArgs {
+                rescan_interval: rescan,
+                otlp_interval: otlp,
+                otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+                ..Default::default()
+            };
+            let err = Config::resolve(&args, FileConfig::default(), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("must be between"),
+                "{rescan:?} {otlp:?}: {err}"
+            );
+        }
         let file = parse("max_thread_names_per_process = 0").unwrap();
         assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
     }

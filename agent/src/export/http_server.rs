@@ -12,18 +12,27 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
 }
 
-async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
+async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
     // Rendering reads /proc: keep it off the async workers.
-    let body = tokio::task::spawn_blocking(move || source.render_prometheus())
-        .await
-        .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
+    match tokio::task::spawn_blocking(move || source.render_prometheus()).await {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        // A failed scrape, not an empty one: an empty 200 would read as "every series gone".
+        Err(e) => {
+            tracing::error!(error = %e, "rendering /metrics failed");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering the metrics failed; see the agent's log\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
@@ -52,4 +61,41 @@ pub async fn serve<S: MetricsSource>(
         }
     });
     Ok((local, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Panics;
+
+    impl MetricsSource for Panics {
+        fn render_prometheus(&self) -> String {
+            panic!("a bug while rendering");
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_rendering_is_a_failed_scrape() {
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), Arc::new(Panics))
+            .await
+            .unwrap();
+        let response = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        })
+        .await
+        .unwrap();
+        assert!(response.starts_with("HTTP/1.1 500"), "{response}");
+        server.abort();
+    }
 }

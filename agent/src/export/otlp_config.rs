@@ -13,7 +13,7 @@ use crate::cli::OtlpProtocol;
 pub enum OtlpEnvError {
     #[error("{var}: unsupported OTLP protocol {value:?} (use grpc or http/protobuf)")]
     Protocol { var: &'static str, value: String },
-    #[error("{var}: expected milliseconds as a positive integer, got {value:?}")]
+    #[error("{var}: expected milliseconds as an integer from 1 to 1000000000000, got {value:?}")]
     Millis { var: &'static str, value: String },
     #[error("{var}: malformed header list {value:?} (expected key=value,key2=value2)")]
     Headers { var: &'static str, value: String },
@@ -54,7 +54,8 @@ fn millis(
     match env(var) {
         None => Ok(None),
         Some(value) => match value.trim().parse::<u64>() {
-            Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
+            // Up to about 31 years: a longer timer overflows.
+            Ok(ms) if ms > 0 && ms <= 1_000_000_000_000 => Ok(Some(Duration::from_millis(ms))),
             _ => Err(OtlpEnvError::Millis { var, value }),
         },
     }
@@ -321,10 +322,15 @@ mod tests {
             resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
             Err(OtlpEnvError::Protocol { .. })
         ));
-        assert!(matches!(
-            resolve(&[endpoint, ("OTEL_METRIC_EXPORT_INTERVAL", "soon")]),
-            Err(OtlpEnvError::Millis { .. })
-        ));
+        for bad in ["soon", "0", "-5", "18446744073709551615"] {
+            assert!(
+                matches!(
+                    resolve(&[endpoint, ("OTEL_METRIC_EXPORT_INTERVAL", bad)]),
+                    Err(OtlpEnvError::Millis { .. })
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]),
             Err(OtlpEnvError::Headers { .. })
