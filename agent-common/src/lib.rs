@@ -54,10 +54,18 @@ pub mod maps {
     /// Slot ([`crate::worker::not_resp_slot`]) -> tag of a (tgid, fd) a worker writes to
     /// that is not a connection.
     pub const NOT_RESP: &str = "NOT_RESP";
-    /// [`crate::worker::WorkerHistKey`] -> duration histogram (per CPU).
+    /// Slot -> duration histogram (a per-CPU array).
     pub const WORKER_DURATION_HISTS: &str = "WORKER_DUR_HISTS";
-    /// [`crate::worker::WorkerKeysKey`] -> fan-out histogram (per CPU).
+    /// [`crate::worker::WorkerHistKey`] -> its slot in [`WORKER_DURATION_HISTS`].
+    pub const WORKER_DURATION_SLOTS: &str = "WK_DUR_SLOTS";
+    /// Queue of free slots of [`WORKER_DURATION_HISTS`].
+    pub const WORKER_DURATION_FREE: &str = "WK_DUR_FREE";
+    /// Slot -> fan-out histogram (a per-CPU array).
     pub const WORKER_KEYS_HISTS: &str = "WORKER_KEYS_HISTS";
+    /// [`crate::worker::WorkerKeysKey`] -> its slot in [`WORKER_KEYS_HISTS`].
+    pub const WORKER_KEYS_SLOTS: &str = "WK_KEY_SLOTS";
+    /// Queue of free slots of [`WORKER_KEYS_HISTS`].
+    pub const WORKER_KEYS_FREE: &str = "WK_KEY_FREE";
     /// Ring buffer of key lists ([`crate::worker::KeysetHeader`] + request bytes).
     pub const KEYSET_EVENTS: &str = "KEYSET_EVENTS";
 }

@@ -93,6 +93,20 @@ pub struct PendingPop {
     pub _pad: u32,
 }
 
+/// The histogram slots a connection found for its blocking command (each 1 + the slot; 0
+/// when not found yet), so that recording a pop indexes arrays instead of hashing keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistogramSlots {
+    /// The command the slots are for (they are per command).
+    pub command: u32,
+    /// `WORKER_KEYS_HISTS` slot of (tgid, command).
+    pub keys: u32,
+    /// `WORKER_DUR_HISTS` slots of (tgid, command, outcome, peer), by outcome.
+    pub durations: [u32; 3],
+    pub _pad: u32,
+}
+
 /// Value of `CONNS`: both directions of one connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,6 +125,7 @@ pub struct ConnState {
     pub command_start: u64,
     /// The last blocking command sent alone in one buffer: its repeats skip the tokenizer.
     pub repeat: RepeatTemplate,
+    pub slots: HistogramSlots,
     pub _pad: u32,
 }
 

@@ -2,11 +2,11 @@
 
 use agent_common::pidset;
 use agent_common::sched::{
-    Log2Histogram, ThreadState, TrackedProcess, MAX_TRACKED_PROCESSES, MAX_TRACKED_THREADS,
+    ThreadState, TrackedProcess, MAX_TRACKED_PROCESSES, MAX_TRACKED_THREADS,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
     programs::TracePointContext,
     EbpfContext,
 };
@@ -23,11 +23,6 @@ pub static TRACKED_PROCS: HashMap<u32, TrackedProcess> =
 #[map]
 pub static THREAD_STATE: LruHashMap<u32, ThreadState> =
     LruHashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
-
-/// One all-zero log2 histogram, never written: the template new histogram entries are
-/// inserted from (336 bytes is too much for the 512-byte eBPF stack next to other locals).
-#[map]
-pub static ZERO_LOG2: PerCpuArray<Log2Histogram> = PerCpuArray::with_max_entries(1, 0);
 
 /// The tracked processes as a pid bitmap, written by the agent only: what the scheduler
 /// tracepoints, which run for every context switch on the host, check first.
@@ -71,4 +66,31 @@ pub fn pid_set(set: &Array<u64>, pid: u32, present: bool) {
 #[inline(always)]
 pub fn tp_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { core::ptr::read(ctx.as_ptr().add(offset) as *const T) }
+}
+
+/// The slot of `key` in a slotted per-CPU histogram array (see
+/// `agent_common::sched::SchedHistograms`): found in `slots`, or taken from `free` (all zero)
+/// and recorded there. `None` when no slot is free (counted as a full histogram map).
+#[inline(never)]
+pub fn take_slot<K>(slots: &HashMap<K, u32>, free: &Queue<u32>, key: &K) -> Option<u32> {
+    if let Some(slot) = unsafe { slots.get(key) } {
+        return Some(*slot);
+    }
+    let Ok(Some(slot)) = free.pop() else {
+        crate::counters::bump(agent_common::sched::ProbeCounter::HistogramMapFull);
+        return None;
+    };
+    const BPF_NOEXIST: u64 = 1;
+    if slots.insert(key, &slot, BPF_NOEXIST).is_ok() {
+        return Some(slot);
+    }
+    // Another CPU created the key meanwhile (or the map is full): give the slot back.
+    let _ = free.push(slot, 0);
+    match unsafe { slots.get(key) } {
+        Some(slot) => Some(*slot),
+        None => {
+            crate::counters::bump(agent_common::sched::ProbeCounter::HistogramMapFull);
+            None
+        }
+    }
 }

@@ -21,7 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     counters::bump,
-    maps::{pid_in, pid_set, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
+    maps::{pid_in, pid_set, take_slot, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
 };
 
 /// The histograms of each thread group, by slot (see `SchedHistograms`).
@@ -33,8 +33,6 @@ static SCHED_SLOTS: HashMap<ThreadGroupKey, u32> = HashMap::with_max_entries(MAX
 /// Free slots of `SCHED_HISTS` (all zero), filled by the agent.
 #[map]
 static SCHED_FREE: Queue<u32> = Queue::with_max_entries(MAX_THREAD_GROUPS, 0);
-
-const BPF_NOEXIST: u64 = 1;
 
 // /sys/kernel/tracing/events/sched/sched_switch/format (Linux 6.18):
 //   field:char prev_comm[16];  offset:8;  size:16
@@ -184,32 +182,14 @@ fn histograms_of(
     SCHED_HISTS.get_ptr_mut(slot)
 }
 
-#[inline(never)]
+#[inline(always)]
 fn group_slot(tgid: u32, comm: [u64; 2]) -> Option<u32> {
     let key = ThreadGroupKey {
         tgid,
         comm: unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>(comm) },
         _pad: 0,
     };
-    if let Some(slot) = unsafe { SCHED_SLOTS.get(&key) } {
-        return Some(*slot);
-    }
-    let Ok(Some(slot)) = SCHED_FREE.pop() else {
-        bump(ProbeCounter::HistogramMapFull);
-        return None;
-    };
-    if SCHED_SLOTS.insert(&key, &slot, BPF_NOEXIST).is_ok() {
-        return Some(slot);
-    }
-    // Another CPU created the group meanwhile (or the map is full): give the slot back.
-    let _ = SCHED_FREE.push(slot, 0);
-    match unsafe { SCHED_SLOTS.get(&key) } {
-        Some(slot) => Some(*slot),
-        None => {
-            bump(ProbeCounter::HistogramMapFull);
-            None
-        }
-    }
+    take_slot(&SCHED_SLOTS, &SCHED_FREE, &key)
 }
 
 // Keeps the helper in use so that the type is checked against the shared definition.

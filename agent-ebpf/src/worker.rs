@@ -18,8 +18,8 @@ use agent_common::{
     resp::{reply_kind, BlockingCall, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
     worker::{
-        conn_kind, not_resp_slot, outcome, via, ConnKey, ConnState, KeysetHeader, Peer,
-        PendingRead, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES,
+        conn_kind, not_resp_slot, outcome, via, ConnKey, ConnState, HistogramSlots, KeysetHeader,
+        Peer, PendingRead, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES,
         MAX_CONNECTIONS, MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
     },
 };
@@ -28,11 +28,11 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
-use crate::counters::bump;
+use crate::{counters::bump, maps::take_slot};
 
 /// The workers followed through the syscall tracepoints, as a pid bitmap (written by the
 /// agent only): the tracepoints run for every process on the host, and almost none is one.
@@ -46,12 +46,25 @@ static CONN_PEERS: LruHashMap<ConnKey, Peer> = LruHashMap::with_max_entries(MAX_
 #[map]
 static PENDING_READS: LruHashMap<u64, PendingRead> =
     LruHashMap::with_max_entries(MAX_WORKER_PROCESSES * 4, 0);
+/// Duration and fan-out histograms in per-CPU array slots, found through their keys' slot
+/// maps and taken from queues of free slots (see `agent_common::sched::SchedHistograms`);
+/// each connection remembers its slots, so a pop costs array indexes, not hashes.
 #[map]
-static WORKER_DUR_HISTS: PerCpuHashMap<WorkerHistKey, Log2Histogram> =
-    PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+static WORKER_DUR_HISTS: PerCpuArray<Log2Histogram> =
+    PerCpuArray::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
 #[map]
-static WORKER_KEYS_HISTS: PerCpuHashMap<WorkerKeysKey, KeyHistogram> =
-    PerCpuHashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+static WK_DUR_SLOTS: HashMap<WorkerHistKey, u32> =
+    HashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static WK_DUR_FREE: Queue<u32> = Queue::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static WORKER_KEYS_HISTS: PerCpuArray<KeyHistogram> =
+    PerCpuArray::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static WK_KEY_SLOTS: HashMap<WorkerKeysKey, u32> =
+    HashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+#[map]
+static WK_KEY_FREE: Queue<u32> = Queue::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
 #[map]
 static KEYSET_EVENTS: RingBuf = RingBuf::with_byte_size(KEYSET_RING_BYTES, 0);
 
@@ -161,36 +174,66 @@ pub struct LoopCtx {
     template_call: BlockingCall,
 }
 
+/// Forgets the connection's histogram slots when what they were found for changes: the
+/// command it blocks with, or its peer.
 #[inline(always)]
-fn record_duration(key: &WorkerHistKey, ns: u64) {
-    if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(key) {
-        unsafe { (*h).record(ns) };
+fn slots_for(conn: &mut ConnState, command: u32) {
+    if conn.slots.command != command {
+        conn.slots = HistogramSlots {
+            command,
+            ..HistogramSlots::default()
+        };
+    }
+}
+
+/// Records how long a pop waited, through the connection's cached slot for its outcome.
+#[inline(always)]
+fn record_duration(conn: &mut ConnState, tgid: u32, result: u32, ns: u64) {
+    let command = conn.pop.command;
+    slots_for(conn, command);
+    let index = (result as usize) & 3;
+    if index >= 3 {
         return;
     }
-    let Some(zero) = crate::maps::ZERO_LOG2.get(0) else {
-        return;
+    let slot = match conn.slots.durations[index] {
+        0 => {
+            let key = WorkerHistKey {
+                tgid,
+                command,
+                outcome: result,
+                _pad: 0,
+                peer: conn.peer,
+            };
+            let Some(slot) = take_slot(&WK_DUR_SLOTS, &WK_DUR_FREE, &key) else {
+                return;
+            };
+            conn.slots.durations[index] = slot + 1;
+            slot
+        }
+        cached => cached - 1,
     };
-    if WORKER_DUR_HISTS.insert(key, zero, 0).is_err() {
-        bump(ProbeCounter::HistogramMapFull);
-        return;
-    }
-    if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(key) {
+    if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(slot) {
         unsafe { (*h).record(ns) };
     }
 }
 
+/// Records the keys a blocking call listed, through the connection's cached slot.
 #[inline(always)]
-fn record_keys(tgid: u32, command: u32, keys: u32) {
-    let key = WorkerKeysKey { tgid, command };
-    match WORKER_KEYS_HISTS.get_ptr_mut(&key) {
-        Some(h) => unsafe { (*h).record(keys) },
-        None => {
-            let mut h = KeyHistogram::ZERO;
-            h.record(keys);
-            if WORKER_KEYS_HISTS.insert(&key, &h, 0).is_err() {
-                bump(ProbeCounter::HistogramMapFull);
-            }
+fn record_keys(conn: &mut ConnState, tgid: u32, command: u32, keys: u32) {
+    slots_for(conn, command);
+    let slot = match conn.slots.keys {
+        0 => {
+            let key = WorkerKeysKey { tgid, command };
+            let Some(slot) = take_slot(&WK_KEY_SLOTS, &WK_KEY_FREE, &key) else {
+                return;
+            };
+            conn.slots.keys = slot + 1;
+            slot
         }
+        cached => cached - 1,
+    };
+    if let Some(h) = WORKER_KEYS_HISTS.get_ptr_mut(slot) {
+        unsafe { (*h).record(keys) };
     }
 }
 
@@ -205,16 +248,11 @@ fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, now: u64) {
         // Connected before the process was followed: the agent finds the peer in /proc.
         if let Some(peer) = unsafe { CONN_PEERS.get(&ConnKey { tgid, fd }) } {
             conn.peer = *peer;
+            // The duration histograms are per peer.
+            conn.slots.durations = [0; 3];
         }
     }
-    let key = WorkerHistKey {
-        tgid,
-        command: conn.pop.command,
-        outcome: result,
-        _pad: 0,
-        peer: conn.peer,
-    };
-    record_duration(&key, now.saturating_sub(conn.pop.sent_ns));
+    record_duration(conn, tgid, result, now.saturating_sub(conn.pop.sent_ns));
 }
 
 /// Sends the request bytes `[start, end)` of the current buffer to user space.
@@ -499,7 +537,7 @@ extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
 /// A blocking call was fully written: start its clock and count its keys.
 #[inline(always)]
 fn start_pop(conn: &mut ConnState, tgid: u32, now: u64, call: &BlockingCall) {
-    record_keys(tgid, call.command, call.keys);
+    record_keys(conn, tgid, call.command, call.keys);
     if conn.pop.active != 0 {
         bump(ProbeCounter::OverlappingPop);
     } else {

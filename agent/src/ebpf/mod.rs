@@ -2,6 +2,7 @@
 
 pub mod redis;
 pub mod sched;
+pub mod slots;
 pub mod uprobe_multi;
 pub mod worker;
 

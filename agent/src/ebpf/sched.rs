@@ -12,7 +12,7 @@ use agent_common::{
     },
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, Queue},
+    maps::{HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 
@@ -56,12 +56,9 @@ pub struct SchedMaps {
     tracked_tgids: super::PidSet,
     tracked_tids: super::PidSet,
     threads: HashMap<MapData, u32, ThreadState>,
-    /// Histograms by slot, the slot of each (tgid, thread name), and the free slots.
-    histograms: PerCpuArray<MapData, SchedHistograms>,
-    group_slots: HashMap<MapData, ThreadGroupKey, u32>,
-    free_slots: Queue<MapData, u32>,
+    /// Histograms per (tgid, thread name), in slots.
+    histograms: super::slots::SlotTable<ThreadGroupKey, SchedHistograms>,
     counters: PerCpuArray<MapData, u64>,
-    cpus: usize,
 }
 
 /// Name bytes up to the first NUL, lossily decoded.
@@ -72,28 +69,22 @@ pub fn comm_to_string(comm: &[u8]) -> String {
 
 impl SchedMaps {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
-        let mut free_slots: Queue<MapData, u32> = take_map(ebpf, maps::SCHED_FREE_SLOTS)?;
-        // Every slot starts free (and all zero, as a new map is).
-        for slot in 0..MAX_THREAD_GROUPS {
-            free_slots.push(slot, 0).map_err(|e| ProbeError::Map {
-                name: maps::SCHED_FREE_SLOTS,
-                message: e.to_string(),
-            })?;
-        }
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Map {
-            name: maps::SCHED_HISTOGRAMS,
-            message: format!("{what}: {e}"),
-        })?;
         Ok(Self {
             tracked: take_map(ebpf, maps::TRACKED_PROCESSES)?,
             tracked_tgids: super::PidSet::new(ebpf, maps::TRACKED_TGIDS)?,
             tracked_tids: super::PidSet::shared(ebpf, maps::TRACKED_TIDS)?,
             threads: take_map(ebpf, maps::THREAD_STATE)?,
-            histograms: take_map(ebpf, maps::SCHED_HISTOGRAMS)?,
-            group_slots: take_map(ebpf, maps::SCHED_GROUP_SLOTS)?,
-            free_slots,
+            histograms: super::slots::SlotTable::new(
+                ebpf,
+                (
+                    maps::SCHED_GROUP_SLOTS,
+                    maps::SCHED_HISTOGRAMS,
+                    maps::SCHED_FREE_SLOTS,
+                ),
+                MAX_THREAD_GROUPS,
+                SchedHistograms::ZERO,
+            )?,
             counters: take_map(ebpf, maps::PROBE_COUNTERS)?,
-            cpus,
         })
     }
 
@@ -151,31 +142,13 @@ impl SchedMaps {
             let _ = self.threads.remove(&tid);
             let _ = self.tracked_tids.set(tid, false);
         }
-        let stale_groups: Vec<(ThreadGroupKey, u32)> = self
-            .group_slots
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.tgid == tgid)
-            .collect();
-        for (key, slot) in stale_groups {
-            let _ = self.group_slots.remove(&key);
-            // Back to the free list all zero, or not at all (a slot lost, not a number wrong).
-            let zero = PerCpuValues::try_from(vec![SchedHistograms::ZERO; self.cpus]);
-            if let Ok(zero) = zero {
-                if self.histograms.set(slot, zero, 0).is_ok() {
-                    let _ = self.free_slots.push(slot, 0);
-                }
-            }
-        }
+        self.histograms.release(|k| k.tgid == tgid);
     }
 
     /// Histograms of all tracked thread groups, merged over CPUs.
     pub fn histograms(&self) -> MergedHistograms {
         let mut merged = MergedHistograms::new();
-        for (key, slot) in self.group_slots.iter().filter_map(Result::ok) {
-            let Ok(per_cpu) = self.histograms.get(&slot, 0) else {
-                continue;
-            };
+        for (key, per_cpu) in self.histograms.entries() {
             let entry = merged
                 .entry((key.tgid, comm_to_string(&key.comm)))
                 .or_insert(SchedHistograms::ZERO);

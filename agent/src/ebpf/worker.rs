@@ -7,10 +7,13 @@ use agent_common::{
     maps,
     redis::KeyHistogram,
     sched::Log2Histogram,
-    worker::{not_resp_slot, via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey},
+    worker::{
+        not_resp_slot, via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey,
+        MAX_WORKER_HISTOGRAMS,
+    },
 };
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData},
     programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint},
     Ebpf,
 };
@@ -170,8 +173,8 @@ pub struct WorkerMaps {
     /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
     /// probes): a socket's slot is cleared when its peer is seeded.
     not_resp: Array<MapData, u64>,
-    durations: PerCpuHashMap<MapData, WorkerHistKey, Log2Histogram>,
-    keys: PerCpuHashMap<MapData, WorkerKeysKey, KeyHistogram>,
+    durations: super::slots::SlotTable<WorkerHistKey, Log2Histogram>,
+    keys: super::slots::SlotTable<WorkerKeysKey, KeyHistogram>,
     links: Vec<(&'static str, TracePointLinkId)>,
     /// Why the programs could not be loaded, if so: then no worker is followed.
     load_error: Option<String>,
@@ -253,8 +256,26 @@ impl WorkerMaps {
             conns: take_map(ebpf, maps::CONNS)?,
             peers: take_map(ebpf, maps::CONN_PEERS)?,
             not_resp: take_map(ebpf, maps::NOT_RESP)?,
-            durations: take_map(ebpf, maps::WORKER_DURATION_HISTS)?,
-            keys: take_map(ebpf, maps::WORKER_KEYS_HISTS)?,
+            durations: super::slots::SlotTable::new(
+                ebpf,
+                (
+                    maps::WORKER_DURATION_SLOTS,
+                    maps::WORKER_DURATION_HISTS,
+                    maps::WORKER_DURATION_FREE,
+                ),
+                MAX_WORKER_HISTOGRAMS,
+                Log2Histogram::ZERO,
+            )?,
+            keys: super::slots::SlotTable::new(
+                ebpf,
+                (
+                    maps::WORKER_KEYS_SLOTS,
+                    maps::WORKER_KEYS_HISTS,
+                    maps::WORKER_KEYS_FREE,
+                ),
+                MAX_WORKER_HISTOGRAMS,
+                KeyHistogram::ZERO,
+            )?,
             links: Vec::new(),
             load_error,
             attach_error: None,
@@ -629,24 +650,8 @@ impl WorkerMaps {
         for k in peers {
             let _ = self.peers.remove(&k);
         }
-        let durations: Vec<WorkerHistKey> = self
-            .durations
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in durations {
-            let _ = self.durations.remove(&k);
-        }
-        let keys: Vec<WorkerKeysKey> = self
-            .keys
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in keys {
-            let _ = self.keys.remove(&k);
-        }
+        self.durations.release(|k| k.tgid == pid);
+        self.keys.release(|k| k.tgid == pid);
         self.forget(ebpf, pid);
         readings
     }
@@ -707,7 +712,7 @@ impl WorkerMaps {
     /// Histograms per tgid, merged over CPUs.
     pub fn read(&self) -> BTreeMap<u32, WorkerReadings> {
         let mut out: BTreeMap<u32, WorkerReadings> = BTreeMap::new();
-        for (key, per_cpu) in self.durations.iter().filter_map(Result::ok) {
+        for (key, per_cpu) in self.durations.entries() {
             let entry = out
                 .entry(key.tgid)
                 .or_default()
@@ -716,7 +721,7 @@ impl WorkerMaps {
                 .or_insert(Log2Histogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
         }
-        for (key, per_cpu) in self.keys.iter().filter_map(Result::ok) {
+        for (key, per_cpu) in self.keys.entries() {
             let entry = out
                 .entry(key.tgid)
                 .or_default()
