@@ -169,7 +169,7 @@ impl Probes {
             keysets: take_map(&mut ebpf, agent_common::maps::KEYSET_EVENTS)?,
         };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
-        let redis = redis::RedisMaps::new(&mut ebpf)?;
+        let redis = redis::RedisMaps::new(&mut ebpf, map_fds.clone())?;
         let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone())?;
         Ok((
             Self {

@@ -278,6 +278,8 @@ impl PointState {
 
 struct Attachment {
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// The same probes as uprobe-multi links, one per program, where the kernel has them.
+    multi_links: Vec<super::uprobe_multi::UprobeMultiLink>,
     points: BTreeMap<&'static str, PointState>,
     users: BTreeSet<u32>,
 }
@@ -317,10 +319,18 @@ pub struct RedisMaps {
     load_error: Option<String>,
     /// Attach the return probes that time registration and unregistration.
     pub bookkeeping_time: bool,
+    /// The map fds a second copy of the programs is loaded against, for uprobe-multi links.
+    map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
+    /// The programs loaded for uprobe-multi links, once the first Redis needs them; the error
+    /// where this kernel or the load refused them (then one perf-event uprobe per site).
+    multi: Option<Result<super::uprobe_multi::MultiPrograms, String>>,
 }
 
 impl RedisMaps {
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
+    ) -> Result<Self, ProbeError> {
         let load_error = load_programs(ebpf, all_programs());
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
@@ -331,7 +341,84 @@ impl RedisMaps {
             unseen_unblocks: StdHashMap::new(),
             load_error,
             bookkeeping_time: true,
+            map_fds,
+            multi: None,
         })
+    }
+
+    /// The programs loaded for uprobe-multi links, loading them the first time; `None` where
+    /// this kernel has no uprobe-multi links or the load failed (said once).
+    fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
+        if self.multi.is_none() {
+            let loaded = if super::uprobe_multi::supported() {
+                let names: BTreeSet<&str> = all_programs().collect();
+                let names: Vec<&str> = names.into_iter().collect();
+                super::uprobe_multi::MultiPrograms::load(&self.map_fds, &names)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("this kernel has no uprobe-multi links".to_string())
+            };
+            if let Err(e) = &loaded {
+                tracing::info!(reason = %e, "Redis probes are attached one perf-event uprobe at a time (that needs CAP_SYS_ADMIN under a capability set)");
+            }
+            self.multi = Some(loaded);
+        }
+        self.multi.as_ref()?.as_ref().ok()
+    }
+
+    /// Attaches `placements` to `binary` as one uprobe-multi link per program: a link needs
+    /// no more than CAP_BPF and CAP_PERFMON (a perf-event uprobe needs CAP_SYS_ADMIN too),
+    /// and detaches with one RCU grace period for all its sites. All or nothing: any failure
+    /// leaves the caller to attach one uprobe at a time.
+    fn attach_multi(
+        &mut self,
+        binary: &RedisBinary,
+        placements: &[Placement],
+    ) -> Result<Vec<super::uprobe_multi::UprobeMultiLink>, String> {
+        let symbols: Vec<&str> = placements
+            .iter()
+            .filter_map(|p| match p.location {
+                Location::Symbol(symbol, _) => Some(symbol),
+                Location::FileOffset(_) => None,
+            })
+            .collect();
+        let symbol_offsets = super::uprobe_multi::resolve_file_offsets(&binary.path, &symbols)
+            .map_err(|e| e.to_string())?;
+        let mut by_program: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+        for placement in placements {
+            let offset = match placement.location {
+                Location::FileOffset(offset) => offset,
+                Location::Symbol(symbol, within) => {
+                    symbol_offsets
+                        .get(symbol)
+                        .ok_or_else(|| format!("{symbol}: not in the symbol table"))?
+                        + within
+                }
+            };
+            by_program
+                .entry(placement.program)
+                .or_default()
+                .push(offset);
+        }
+        let multi = self
+            .multi_programs()
+            .ok_or_else(|| "no uprobe-multi programs".to_string())?;
+        let mut links = Vec::new();
+        for (program, mut offsets) in by_program {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let retprobe = multi
+                .retprobe(program)
+                .ok_or_else(|| format!("{program}: not loaded for uprobe-multi"))?;
+            match multi.attach(program, &binary.path, &offsets, None, retprobe) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    super::uprobe_multi::close_links(links);
+                    return Err(format!("{program}: {e}"));
+                }
+            }
+        }
+        Ok(links)
     }
 
     /// Attaches the uprobes to `binary` unless another process already brought them, and
@@ -353,6 +440,31 @@ impl RedisMaps {
         if !self.attachments.contains_key(&binary.id) {
             let mut links = Vec::new();
             let (placements, mut points) = placements(binary, self.bookkeeping_time);
+            let multi_links = match self.attach_multi(binary, &placements) {
+                Ok(multi_links) => {
+                    for placement in &placements {
+                        if !points.contains_key(placement.point) {
+                            log_probe_site(&placement.function, placement.site, &binary.path);
+                        }
+                        points
+                            .entry(placement.point)
+                            .or_insert(PointState::Attached);
+                    }
+                    tracing::debug!(path = %binary.path.display(), links = multi_links.len(), "Redis probes attached as uprobe-multi links");
+                    multi_links
+                }
+                Err(reason) => {
+                    if self.multi.as_ref().is_some_and(|m| m.is_ok()) {
+                        tracing::info!(path = %binary.path.display(), %reason, "Redis probes: uprobe-multi links refused; attaching one uprobe at a time");
+                    }
+                    Vec::new()
+                }
+            };
+            let placements = if multi_links.is_empty() {
+                placements
+            } else {
+                Vec::new()
+            };
             for placement in placements {
                 let result = attach_uprobe(
                     ebpf,
@@ -383,6 +495,7 @@ impl RedisMaps {
                 binary.id,
                 Attachment {
                     links,
+                    multi_links,
                     points,
                     users: BTreeSet::new(),
                 },
@@ -423,6 +536,7 @@ impl RedisMaps {
             // Each uprobe waits for an RCU grace period as it goes: off the agent's loop, so
             // a Redis restarted on the same binary is attached again at once.
             detach_uprobes_in_background(ebpf, attachment.links);
+            super::uprobe_multi::detach_in_background(attachment.multi_links);
         }
     }
 
