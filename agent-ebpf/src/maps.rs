@@ -94,3 +94,20 @@ pub fn take_slot<K>(slots: &HashMap<K, u32>, free: &Queue<u32>, key: &K) -> Opti
         }
     }
 }
+
+/// `key`'s slot through a cache (1 + the slot; 0 when empty): the cached slot, or the one
+/// [`take_slot`] finds or takes, then cached. `key` is only built on a miss.
+#[inline(always)]
+pub fn cached_slot<K>(
+    cache: &mut u32,
+    slots: &HashMap<K, u32>,
+    free: &Queue<u32>,
+    key: impl FnOnce() -> K,
+) -> Option<u32> {
+    if *cache != 0 {
+        return Some(*cache - 1);
+    }
+    let slot = take_slot(slots, free, &key())?;
+    *cache = slot + 1;
+    Some(slot)
+}

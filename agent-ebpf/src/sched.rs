@@ -21,7 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     counters::bump,
-    maps::{pid_in, pid_set, take_slot, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
+    maps::{cached_slot, pid_in, pid_set, tp_field, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
 };
 
 /// The histograms of each thread group, by slot (see `SchedHistograms`).
@@ -173,23 +173,18 @@ fn histograms_of(
     tgid: u32,
     comm: [u64; 2],
 ) -> Option<*mut SchedHistograms> {
-    if state.slot_plus_one != 0 && state.comm_words == comm {
-        return SCHED_HISTS.get_ptr_mut(state.slot_plus_one - 1);
+    if state.comm_words != comm {
+        state.slot_plus_one = 0;
+        state.comm_words = comm;
     }
-    let slot = group_slot(tgid, comm)?;
-    state.slot_plus_one = slot + 1;
-    state.comm_words = comm;
+    let slot = cached_slot(&mut state.slot_plus_one, &SCHED_SLOTS, &SCHED_FREE, || {
+        ThreadGroupKey {
+            tgid,
+            comm: unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>(comm) },
+            _pad: 0,
+        }
+    })?;
     SCHED_HISTS.get_ptr_mut(slot)
-}
-
-#[inline(always)]
-fn group_slot(tgid: u32, comm: [u64; 2]) -> Option<u32> {
-    let key = ThreadGroupKey {
-        tgid,
-        comm: unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>(comm) },
-        _pad: 0,
-    };
-    take_slot(&SCHED_SLOTS, &SCHED_FREE, &key)
 }
 
 // Keeps the helper in use so that the type is checked against the shared definition.

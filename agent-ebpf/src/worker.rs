@@ -32,7 +32,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
-use crate::{counters::bump, maps::take_slot};
+use crate::{counters::bump, maps::cached_slot};
 
 /// The workers followed through the syscall tracepoints, as a pid bitmap (written by the
 /// agent only): the tracepoints run for every process on the host, and almost none is one.
@@ -195,22 +195,20 @@ fn record_duration(conn: &mut ConnState, tgid: u32, result: u32, ns: u64) {
     if index >= 3 {
         return;
     }
-    let slot = match conn.slots.durations[index] {
-        0 => {
-            let key = WorkerHistKey {
-                tgid,
-                command,
-                outcome: result,
-                _pad: 0,
-                peer: conn.peer,
-            };
-            let Some(slot) = take_slot(&WK_DUR_SLOTS, &WK_DUR_FREE, &key) else {
-                return;
-            };
-            conn.slots.durations[index] = slot + 1;
-            slot
-        }
-        cached => cached - 1,
+    let peer = conn.peer;
+    let Some(slot) = cached_slot(
+        &mut conn.slots.durations[index],
+        &WK_DUR_SLOTS,
+        &WK_DUR_FREE,
+        || WorkerHistKey {
+            tgid,
+            command,
+            outcome: result,
+            _pad: 0,
+            peer,
+        },
+    ) else {
+        return;
     };
     if let Some(h) = WORKER_DUR_HISTS.get_ptr_mut(slot) {
         unsafe { (*h).record(ns) };
@@ -221,16 +219,10 @@ fn record_duration(conn: &mut ConnState, tgid: u32, result: u32, ns: u64) {
 #[inline(always)]
 fn record_keys(conn: &mut ConnState, tgid: u32, command: u32, keys: u32) {
     slots_for(conn, command);
-    let slot = match conn.slots.keys {
-        0 => {
-            let key = WorkerKeysKey { tgid, command };
-            let Some(slot) = take_slot(&WK_KEY_SLOTS, &WK_KEY_FREE, &key) else {
-                return;
-            };
-            conn.slots.keys = slot + 1;
-            slot
-        }
-        cached => cached - 1,
+    let Some(slot) = cached_slot(&mut conn.slots.keys, &WK_KEY_SLOTS, &WK_KEY_FREE, || {
+        WorkerKeysKey { tgid, command }
+    }) else {
+        return;
     };
     if let Some(h) = WORKER_KEYS_HISTS.get_ptr_mut(slot) {
         unsafe { (*h).record(keys) };

@@ -321,9 +321,9 @@ pub struct RedisMaps {
     pub bookkeeping_time: bool,
     /// The map fds a second copy of the programs is loaded against, for uprobe-multi links.
     map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    /// The programs loaded for uprobe-multi links, once the first Redis needs them; the error
-    /// where this kernel or the load refused them (then one perf-event uprobe per site).
-    multi: Option<Result<super::uprobe_multi::MultiPrograms, String>>,
+    /// The programs loaded for uprobe-multi links, once the first Redis needs them (where
+    /// this kernel or the load refuses them: one perf-event uprobe per site).
+    multi: super::uprobe_multi::LazyPrograms,
 }
 
 impl RedisMaps {
@@ -342,28 +342,18 @@ impl RedisMaps {
             load_error,
             bookkeeping_time: true,
             map_fds,
-            multi: None,
+            multi: Default::default(),
         })
     }
 
-    /// The programs loaded for uprobe-multi links, loading them the first time; `None` where
-    /// this kernel has no uprobe-multi links or the load failed (said once).
+    /// The programs loaded for uprobe-multi links, loading them the first time.
     fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        if self.multi.is_none() {
-            let loaded = if super::uprobe_multi::supported() {
-                let names: BTreeSet<&str> = all_programs().collect();
-                let names: Vec<&str> = names.into_iter().collect();
-                super::uprobe_multi::MultiPrograms::load(&self.map_fds, &names)
-                    .map_err(|e| e.to_string())
-            } else {
-                Err("this kernel has no uprobe-multi links".to_string())
-            };
-            if let Err(e) = &loaded {
-                tracing::info!(reason = %e, "Redis probes are attached one perf-event uprobe at a time (that needs CAP_SYS_ADMIN under a capability set)");
-            }
-            self.multi = Some(loaded);
-        }
-        self.multi.as_ref()?.as_ref().ok()
+        let names: Vec<&str> = all_programs().collect();
+        self.multi.get(
+            &self.map_fds,
+            &names,
+            "Redis probes are attached one perf-event uprobe at a time (that needs CAP_SYS_ADMIN under a capability set)",
+        )
     }
 
     /// Attaches `placements` to `binary` as one uprobe-multi link per program: a link needs
@@ -454,7 +444,7 @@ impl RedisMaps {
                     multi_links
                 }
                 Err(reason) => {
-                    if self.multi.as_ref().is_some_and(|m| m.is_ok()) {
+                    if self.multi.loaded() {
                         tracing::info!(path = %binary.path.display(), %reason, "Redis probes: uprobe-multi links refused; attaching one uprobe at a time");
                     }
                     Vec::new()

@@ -613,6 +613,35 @@ pub struct MultiPrograms {
     _btf: Option<OwnedFd>,
 }
 
+/// Programs loaded for uprobe-multi links the first time a caller needs them, or why they
+/// could not be (said once in the log, with what the caller does instead).
+#[derive(Debug, Default)]
+pub struct LazyPrograms(Option<Result<MultiPrograms, String>>);
+
+impl LazyPrograms {
+    /// The programs `names` (loaded on the first call), or `None` where this kernel has no
+    /// uprobe-multi links or the load failed; `fallback` says what is done instead.
+    pub fn get(&mut self, maps: &MapFds, names: &[&str], fallback: &str) -> Option<&MultiPrograms> {
+        if self.0.is_none() {
+            let loaded = if supported() {
+                MultiPrograms::load(maps, names).map_err(|e| e.to_string())
+            } else {
+                Err("this kernel has no uprobe-multi links".to_string())
+            };
+            if let Err(e) = &loaded {
+                tracing::info!(reason = %e, "{fallback}");
+            }
+            self.0 = Some(loaded);
+        }
+        self.0.as_ref()?.as_ref().ok()
+    }
+
+    /// Whether the programs were loaded (without trying).
+    pub fn loaded(&self) -> bool {
+        matches!(self.0, Some(Ok(_)))
+    }
+}
+
 /// `prog_name`: at most 15 bytes, of the characters the kernel takes.
 fn prog_name(name: &str) -> [u8; 16] {
     let mut out = [0u8; 16];

@@ -200,9 +200,9 @@ pub struct WorkerMaps {
     libc_offsets: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, u64>>>,
     /// The map fds a second copy of the libc programs is loaded against (for uprobe-multi).
     map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    /// The libc programs loaded for uprobe-multi links, once the first worker needs them;
-    /// the error when this kernel or the load refused them (then per-uprobe attach is used).
-    multi: Option<Result<super::uprobe_multi::MultiPrograms, String>>,
+    /// The libc programs loaded for uprobe-multi links, once the first worker needs them
+    /// (where this kernel or the load refuses them: one uprobe per function).
+    multi: super::uprobe_multi::LazyPrograms,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -289,7 +289,7 @@ impl WorkerMaps {
             libc_links: std::collections::HashMap::new(),
             libc_offsets: std::collections::HashMap::new(),
             map_fds,
-            multi: None,
+            multi: Default::default(),
         })
     }
 
@@ -558,24 +558,14 @@ impl WorkerMaps {
         }
     }
 
-    /// The libc programs loaded for uprobe-multi links, loading them the first time; `None`
-    /// where this kernel has no uprobe-multi links or the load failed (said once).
+    /// The libc programs loaded for uprobe-multi links, loading them the first time.
     fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        if self.multi.is_none() {
-            let loaded = if super::uprobe_multi::supported() {
-                let mut names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
-                names.dedup();
-                super::uprobe_multi::MultiPrograms::load(&self.map_fds, &names)
-                    .map_err(|e| e.to_string())
-            } else {
-                Err("this kernel has no uprobe-multi links".to_string())
-            };
-            if let Err(e) = &loaded {
-                tracing::info!(reason = %e, "workers' libc probes are attached one uprobe at a time (each takes an RCU grace period to detach)");
-            }
-            self.multi = Some(loaded);
-        }
-        self.multi.as_ref()?.as_ref().ok()
+        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
+        self.multi.get(
+            &self.map_fds,
+            &names,
+            "workers' libc probes are attached one uprobe at a time (each takes an RCU grace period to detach)",
+        )
     }
 
     /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
