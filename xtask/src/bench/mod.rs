@@ -265,14 +265,21 @@ fn refuse_beside_another_agent() -> Result<()> {
     Ok(())
 }
 
-/// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
-pub fn run_sidekiq_only(quick: bool) -> Result<()> {
+/// Checks that the bench can run here and builds the agent it measures.
+fn prepare() -> Result<std::path::PathBuf> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
     }
     refuse_beside_another_agent()?;
     let bin = build_agent(true)?;
+    // The build can take minutes: look again.
     refuse_beside_another_agent()?;
+    Ok(bin)
+}
+
+/// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
+pub fn run_sidekiq_only(quick: bool) -> Result<()> {
+    let bin = prepare()?;
     let (rounds, jobs) = if quick { (2, 3000) } else { (5, 10000) };
     let (runs, stats) = sidekiq_section(&bin, rounds, jobs, &|what: &str| {
         eprintln!("[bench] {what}")
@@ -343,13 +350,7 @@ fn sidekiq_section(
 }
 
 pub fn run(quick: bool) -> Result<()> {
-    if !is_root() {
-        bail!("the benchmark attaches eBPF programs: run `sudo cargo xtask bench`");
-    }
-    refuse_beside_another_agent()?;
-    let bin = build_agent(true)?;
-    // The build can take minutes: look again.
-    refuse_beside_another_agent()?;
+    let bin = prepare()?;
     let stats_sysctl_at_start = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
         .unwrap_or_default()
         .trim()
