@@ -430,6 +430,220 @@ mod tests {
         assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
     }
 
+    /// How a numeric setting is given.
+    enum Via {
+        Flag(fn(&mut RunArgs, f64)),
+        /// A config file; `{}` is replaced by the value.
+        File(&'static str),
+        /// An environment variable in milliseconds.
+        Env(&'static str),
+    }
+
+    /// Every numeric setting, its valid range, and whether it takes whole numbers only. The
+    /// walk below gives each its edges; a setting added without a row here is a setting whose
+    /// edges nobody checked.
+    fn numeric_settings() -> Vec<(&'static str, Via, f64, f64, bool)> {
+        vec![
+            (
+                "--rescan-interval",
+                Via::Flag(|a, v| a.rescan_interval = Some(v)),
+                0.1,
+                1e9,
+                false,
+            ),
+            (
+                "rescan_interval_secs",
+                Via::File("rescan_interval_secs = {}"),
+                0.1,
+                1e9,
+                false,
+            ),
+            (
+                "--otlp-interval",
+                Via::Flag(|a, v| a.otlp_interval = Some(v)),
+                0.1,
+                1e9,
+                false,
+            ),
+            (
+                "[otlp] interval_secs",
+                Via::File("[otlp]\ninterval_secs = {}"),
+                0.1,
+                1e9,
+                false,
+            ),
+            (
+                "[otlp] timeout_secs",
+                Via::File("[otlp]\ntimeout_secs = {}"),
+                0.001,
+                1e9,
+                false,
+            ),
+            (
+                "OTEL_METRIC_EXPORT_INTERVAL",
+                Via::Env("OTEL_METRIC_EXPORT_INTERVAL"),
+                1.0,
+                1e12,
+                true,
+            ),
+            (
+                "OTEL_METRIC_EXPORT_TIMEOUT",
+                Via::Env("OTEL_METRIC_EXPORT_TIMEOUT"),
+                1.0,
+                1e12,
+                true,
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                Via::Env("OTEL_EXPORTER_OTLP_TIMEOUT"),
+                1.0,
+                1e12,
+                true,
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+                Via::Env("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"),
+                1.0,
+                1e12,
+                true,
+            ),
+            (
+                "max_thread_names_per_process",
+                Via::File("max_thread_names_per_process = {}"),
+                1.0,
+                1024.0,
+                true,
+            ),
+            (
+                "--max-keys-per-group",
+                Via::Flag(|a, v| a.max_keys_per_group = Some(v as usize)),
+                1.0,
+                10000.0,
+                true,
+            ),
+            (
+                "max_keys_per_group",
+                Via::File("max_keys_per_group = {}"),
+                1.0,
+                10000.0,
+                true,
+            ),
+            (
+                "--max-libc-workers",
+                Via::Flag(|a, v| a.max_libc_workers = Some(v as usize)),
+                0.0,
+                4096.0,
+                true,
+            ),
+            (
+                "max_libc_workers",
+                Via::File("max_libc_workers = {}"),
+                0.0,
+                4096.0,
+                true,
+            ),
+        ]
+    }
+
+    /// Resolves a config with `value` given `via`, OTLP on (so that its settings are read).
+    fn resolve_with(via: &Via, value: &str) -> Result<Config, String> {
+        let mut args = RunArgs {
+            otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+            ..Default::default()
+        };
+        let mut file_text = String::new();
+        let mut env_pair: Option<(&str, String)> = None;
+        match via {
+            Via::Flag(set) => set(&mut args, value.parse::<f64>().map_err(|e| e.to_string())?),
+            Via::File(template) => file_text = template.replace("{}", value),
+            Via::Env(name) => env_pair = Some((name, value.to_string())),
+        }
+        let file = parse(&file_text).map_err(|e| e.to_string())?;
+        let env = move |k: &str| {
+            env_pair
+                .as_ref()
+                .filter(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+        };
+        Config::resolve(&args, file, &env).map_err(|e| e.to_string())
+    }
+
+    fn format_value(v: f64, integer: bool) -> String {
+        if integer && v.is_finite() {
+            format!("{}", v as i64)
+        } else if v.is_nan() {
+            "nan".into()
+        } else if v.is_infinite() {
+            if v > 0.0 {
+                "inf".into()
+            } else {
+                "-inf".into()
+            }
+        } else {
+            format!("{v:?}")
+        }
+    }
+
+    #[test]
+    fn every_numeric_setting_takes_its_range_and_refuses_its_edges_in_one_line() {
+        for (name, via, min, max, integer) in numeric_settings() {
+            // Flags of whole numbers are usize: clap refuses what does not fit before this
+            // layer (tests/cli.rs walks those).
+            let flag_of_usize = integer && matches!(via, Via::Flag(_));
+            let mut valid = vec![min, max];
+            if !integer {
+                valid.push((min * max).sqrt());
+            }
+            for v in valid {
+                let text = format_value(v, integer);
+                assert!(
+                    resolve_with(&via, &text).is_ok(),
+                    "{name} = {text} is in range and must be taken: {:?}",
+                    resolve_with(&via, &text).err()
+                );
+            }
+            let mut invalid = vec![max + if integer { 1.0 } else { max * 1e-6 }];
+            if !(flag_of_usize && min == 0.0) {
+                invalid.push(min - if integer { 1.0 } else { min * 1e-3 });
+            }
+            if !flag_of_usize {
+                invalid.extend([-1.0, f64::INFINITY, 1e300]);
+                if !matches!(via, Via::Env(_)) || integer {
+                    invalid.push(f64::NAN);
+                }
+                if !integer {
+                    invalid.extend([0.0, 1e-10, -0.0]);
+                }
+            }
+            for v in invalid {
+                let text = format_value(v, integer);
+                match resolve_with(&via, &text) {
+                    Ok(_) => panic!("{name} = {text} is out of range and must be refused"),
+                    Err(e) => assert!(
+                        !e.contains('\n') && !e.is_empty(),
+                        "{name} = {text}: a one-line error, got {e:?}"
+                    ),
+                }
+            }
+            // Not numbers at all.
+            if !matches!(via, Via::Flag(_)) {
+                for text in ["1.5x", "\"ten\""] {
+                    let text = if matches!(via, Via::Env(_)) {
+                        text.trim_matches('"')
+                    } else {
+                        text
+                    };
+                    let e = resolve_with(&via, text).expect_err(text);
+                    assert!(!e.contains('\n'), "{name} = {text}: {e:?}");
+                }
+                if integer {
+                    let e = resolve_with(&via, "1.5").expect_err("a fraction");
+                    assert!(!e.contains('\n'), "{name} = 1.5: {e:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn redis_exclusions_from_file_and_flags() {
         let file = parse("[[redis_exclude]]\nexe = \"redis-server-7.4.1\"\n").unwrap();

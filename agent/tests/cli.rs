@@ -118,3 +118,55 @@ fn invalid_otel_environment_exits_2() {
         .unwrap();
     assert_one_line_usage_error(&out, "OTEL_EXPORTER_OTLP_PROTOCOL");
 }
+
+/// Every numeric flag at its edges: out of range is the usual one-line error, not a number
+/// (or a negative count) is clap's usage error; both exit 2 before anything is attached.
+/// The unit test `every_numeric_setting_takes_its_range_and_refuses_its_edges_in_one_line`
+/// walks the same settings from the config file and the environment.
+#[test]
+fn numeric_flags_at_their_edges_exit_2_before_anything_starts() {
+    let out_of_range = [
+        (
+            "--rescan-interval",
+            "0",
+            "rescan interval must be between 0.1 and 1000000000 seconds, got 0",
+        ),
+        ("--rescan-interval", "0.09", "got 0.09"),
+        ("--rescan-interval", "1e-10", "got 0.0000000001"),
+        ("--rescan-interval", "-1", "got -1"),
+        ("--rescan-interval", "1000000001", "got 1000000001"),
+        ("--rescan-interval", "inf", "got inf"),
+        ("--rescan-interval", "NaN", "got NaN"),
+        (
+            "--otlp-interval",
+            "0.01",
+            "otlp interval must be between 0.1 and",
+        ),
+        ("--otlp-interval", "1e300", "otlp interval must be between"),
+        (
+            "--max-keys-per-group",
+            "0",
+            "max_keys_per_group must be between 1 and 10000, got 0",
+        ),
+        ("--max-keys-per-group", "10001", "got 10001"),
+        (
+            "--max-libc-workers",
+            "4097",
+            "max_libc_workers must be between 0 and 4096, got 4097",
+        ),
+    ];
+    for (flag, value, expected) in out_of_range {
+        let out = fanout(&["run", &format!("{flag}={value}")]);
+        assert_one_line_usage_error(&out, expected);
+    }
+    for (flag, value) in [
+        ("--max-keys-per-group", "-1"),
+        ("--max-keys-per-group", "1.5"),
+        ("--max-libc-workers", "-1"),
+        ("--max-libc-workers", "99999999999999999999999"),
+        ("--rescan-interval", "ten"),
+    ] {
+        let out = fanout(&["run", &format!("{flag}={value}")]);
+        assert_usage_error(&out, &format!("invalid value '{value}'"));
+    }
+}
