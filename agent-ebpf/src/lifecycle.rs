@@ -104,6 +104,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     let _ = THREAD_STATE.remove(&(tid as u32));
     pid_set(&TRACKED_TIDS, tid as u32, false);
+    // The exiting task is the current one: its worker-side read slot goes with it.
+    crate::worker::forget_thread(bpf_get_current_pid_tgid());
     let group_dead: u8 = unsafe { ctx.read_at(EXIT_GROUP_DEAD) }.unwrap_or(0);
     if group_dead != 0 {
         send(LifecycleKind::Exit, tgid);

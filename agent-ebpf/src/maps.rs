@@ -6,7 +6,7 @@ use agent_common::sched::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
+    maps::{Array, HashMap, LruHashMap, Queue},
     programs::TracePointContext,
     EbpfContext,
 };

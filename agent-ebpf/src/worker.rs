@@ -1069,6 +1069,13 @@ fn quick_pop_reply(
     true
 }
 
+/// Drops the read slot of an exiting thread (`id` = its pid_tgid): one entry per thread that
+/// ever read, rewritten in place while it lives, so it must go when the thread does.
+#[inline(always)]
+pub(crate) fn forget_thread(id: u64) {
+    let _ = PENDING_READS.remove(&id);
+}
+
 #[inline(always)]
 fn handle_read_exit(ret: i64, via: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {

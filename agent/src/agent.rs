@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -22,11 +22,10 @@ use crate::{
     export::http_server::MetricsSource,
     metrics::{catalog, prometheus, AttrValue, Attributes, Point, PointValue, Snapshot},
     proc_reader::{ProcRoot, ReadError},
-    redis::{
-        binary::{port_from_title, RedisBinary},
-        RedisTarget,
-    },
+    proc_walk::{ProcWalk, ProcWalked},
+    redis::{binary::port_from_title, RedisTarget},
     rules::Classification,
+    state_lock::{LockWaits, StateGuard},
     thread_cpu::ProcessCpu,
     worker::{ListenerOptions, WorkerSide},
 };
@@ -164,8 +163,11 @@ impl AgentState {
                     let pid = p.pid();
                     if let Some(probes) = self.probes.as_mut() {
                         probes.sched.untrack(pid);
-                        if let Some(binary) = self.redis.get(&pid).and_then(|r| r.binary) {
-                            probes.redis.release(&mut probes.ebpf, pid, binary);
+                        if let Some(target) = self.redis.get(&pid) {
+                            if target.attach_requested {
+                                probes.redis_attacher.release(pid);
+                            }
+                            probes.redis.release(&mut probes.ebpf, pid, target.binary);
                         }
                         if let Classification::Worker { group } = &p.class {
                             let readings = probes.worker.untrack(&mut probes.ebpf, pid);
@@ -189,18 +191,21 @@ impl AgentState {
         }
     }
 
-    /// Attaches the blocking uprobes to a Redis process's binary (once per binary) and logs
-    /// which probe points are there.
+    /// Starts tracking a Redis process: its target is recorded at once (its port from its
+    /// sockets) and its binary is handed to the attaching thread, whose answer
+    /// [`AgentState::install_redis_probes`] installs.
     fn start_redis_probes(&mut self, p: &TrackedProcess) {
         let pid = p.pid();
         let listen = self.redis_listen_address(pid, &p.info.cmdline);
         let mut target = RedisTarget {
             pid,
+            start_ticks: p.info.id.start_time_ticks,
             port: listen.map(|(port, _)| port),
             address: listen.and_then(|(_, address)| address),
             binary: None,
             family: None,
             points: Default::default(),
+            attach_requested: false,
             unavailable: None,
             reported: Vec::new(),
             since: p.since,
@@ -210,60 +215,86 @@ impl AgentState {
                 .is_some_and(|p| p.redis.bookkeeping_time),
             unblock_bypassed: None,
         };
-        let binary = p
-            .info
-            .exe
-            .as_deref()
-            .ok_or_else(|| "its executable link cannot be read".to_string())
-            .and_then(|exe| {
-                RedisBinary::inspect(&self.proc.host_path_of(pid, exe)).map_err(|e| e.to_string())
-            });
-        match (self.probes.as_mut(), binary) {
+        match (self.probes.as_ref(), p.info.exe.as_deref()) {
             (None, _) => target.unavailable = Some("eBPF is not available".into()),
-            (Some(_), Err(e)) => target.unavailable = Some(e),
-            (Some(probes), Ok(binary)) => {
-                target.binary = Some(binary.id);
-                target.family = binary.family;
-                let load_bias = binary.first_load_address.and_then(|first| {
-                    let maps = std::fs::read_to_string(
-                        self.proc.path().join(pid.to_string()).join("maps"),
-                    )
-                    .ok()?;
-                    crate::redis::binary::load_bias(&maps, binary.id, first)
-                });
-                let process = match binary.process_settings(load_bias) {
-                    Ok(process) => process,
-                    Err(why) => {
-                        target.unavailable = Some(why);
-                        self.redis.insert(pid, target);
-                        return;
-                    }
-                };
-                if let crate::redis::unblock_paths::UnblockCoverage::Bypassed(why) = &binary.unblock
-                {
-                    target.unblock_bypassed = Some(why.clone());
-                }
-                target.points = probes.redis.attach(&mut probes.ebpf, pid, &binary, process);
-                let summary: Vec<String> = target
-                    .points
-                    .iter()
-                    .map(|(s, st)| match st {
-                        PointState::AttachFailed(e) => format!("{s}=attach_failed ({e})"),
-                        other => format!("{s}={}", other.label()),
-                    })
-                    .collect();
-                tracing::info!(
-                    pid,
-                    port = target.port,
-                    binary = %binary.path.display(),
-                    layout = binary.family.map(|f| f.describe()).unwrap_or("no blockForKeys: not a Redis this agent knows"),
-                    unblock = ?binary.unblock,
-                    points = %summary.join(" "),
-                    "Redis blocking probes"
-                );
+            (Some(_), None) => {
+                target.unavailable = Some("its executable link cannot be read".into())
+            }
+            (Some(probes), Some(exe)) => {
+                probes
+                    .redis_attacher
+                    .attach(crate::ebpf::redis_attach::AttachRequest {
+                        pid,
+                        start_ticks: target.start_ticks,
+                        exe: self.proc.host_path_of(pid, exe),
+                        maps: self.proc.path().join(pid.to_string()).join("maps"),
+                        bookkeeping_time: target.bookkeeping_time,
+                    });
+                target.attach_requested = true;
             }
         }
         self.redis.insert(pid, target);
+    }
+
+    /// Installs what the attaching thread prepared for a Redis process, unless the process
+    /// is gone meanwhile (its release is already on its way to the thread).
+    pub fn install_redis_probes(&mut self, attached: crate::ebpf::redis_attach::Attached) {
+        let Some(target) = self.redis.get_mut(&attached.pid) else {
+            return;
+        };
+        if target.start_ticks != attached.start_ticks
+            || !target.attach_requested
+            || target.binary.is_some()
+        {
+            return;
+        }
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        let probed = match attached.outcome {
+            Ok(probed) => probed,
+            Err(e) => {
+                target.unavailable = Some(e);
+                return;
+            }
+        };
+        let binary = &probed.binary;
+        target.binary = Some(binary.id);
+        target.family = binary.family;
+        let process = match probed.process {
+            Ok(process) => process,
+            Err(why) => {
+                target.unavailable = Some(why);
+                return;
+            }
+        };
+        if let crate::redis::unblock_paths::UnblockCoverage::Bypassed(why) = &binary.unblock {
+            target.unblock_bypassed = Some(why.clone());
+        }
+        target.points = match probed.points {
+            Some(points) => points,
+            None => probes
+                .redis
+                .attach_per_uprobe(&mut probes.ebpf, target.pid, binary),
+        };
+        probes.redis.register(target.pid, process);
+        let summary: Vec<String> = target
+            .points
+            .iter()
+            .map(|(s, st)| match st {
+                PointState::AttachFailed(e) => format!("{s}=attach_failed ({e})"),
+                other => format!("{s}={}", other.label()),
+            })
+            .collect();
+        tracing::info!(
+            pid = target.pid,
+            port = target.port,
+            binary = %binary.path.display(),
+            layout = binary.family.map(|f| f.describe()).unwrap_or("no blockForKeys: not a Redis this agent knows"),
+            unblock = ?binary.unblock,
+            points = %summary.join(" "),
+            "Redis blocking probes"
+        );
     }
 
     /// Where a Redis listens, from its listening sockets: the port its title or arguments name
@@ -280,21 +311,19 @@ impl AgentState {
         )
     }
 
-    /// Looks again for the port of each Redis that has none yet (picked up before it bound
-    /// one); the others cost nothing. Called at each snapshot and rescan.
-    pub fn resolve_redis_addresses(&mut self) {
-        let unresolved: Vec<u32> = self
-            .redis
+    /// The Redis processes with no known port yet (picked up before they bound one).
+    fn unresolved_redis(&self) -> Vec<u32> {
+        self.redis
             .values()
             .filter(|t| t.port.is_none())
             .map(|t| t.pid)
-            .collect();
-        for pid in unresolved {
-            let cmdline = self.proc.cmdline(pid);
-            let Some((port, address)) = self.redis_listen_address(pid, &cmdline) else {
-                continue;
-            };
-            if let Some(target) = self.redis.get_mut(&pid) {
+            .collect()
+    }
+
+    /// Records the ports found for Redis processes that had none.
+    pub fn set_redis_addresses(&mut self, found: Vec<(u32, crate::proc_walk::ListenAddress)>) {
+        for (pid, (port, address)) in found {
+            if let Some(target) = self.redis.get_mut(&pid).filter(|t| t.port.is_none()) {
                 target.port = Some(port);
                 target.address = address;
                 tracing::info!(pid, port, address = ?address, "Redis listening address found");
@@ -302,10 +331,33 @@ impl AgentState {
         }
     }
 
+    /// What to read from /proc for the Redis processes with no port yet (off the lock).
+    pub fn address_walk(&self) -> ProcWalk {
+        ProcWalk {
+            proc: self.proc.clone(),
+            processes: Vec::new(),
+            unresolved_redis: self.unresolved_redis(),
+            maps: None,
+        }
+    }
+
+    /// What a snapshot reads from /proc (off the lock): every tracked process's threads and
+    /// the Redis processes with no port yet.
+    pub fn snapshot_walk(&self) -> ProcWalk {
+        ProcWalk {
+            proc: self.proc.clone(),
+            processes: self.discovery.tracked().cloned().collect(),
+            unresolved_redis: self.unresolved_redis(),
+            maps: self.probes.as_ref().map(|p| p.map_fds.clone()),
+        }
+    }
+
     /// Keeps the kernel's view of Unix time current (blocking timeouts are Unix ms).
+    /// Also prunes kernel entries that only age (done at each rescan).
     pub fn refresh_clock(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
             probes.redis.set_clock_offset(clock_offset_ns());
+            probes.sched.prune_recent_execs();
         }
     }
 
@@ -332,13 +384,28 @@ impl AgentState {
 
     /// Reads everything and returns the metrics. Processes found gone are dropped.
     pub fn snapshot(&mut self) -> Snapshot {
+        let walked = self.snapshot_walk().read();
+        self.snapshot_from(walked)
+    }
+
+    /// The metrics, from what [`AgentState::snapshot_walk`] read and the kernel's maps.
+    /// Processes found gone are dropped; processes no longer tracked since the walk are
+    /// skipped.
+    pub fn snapshot_from(&mut self, walked: ProcWalked) -> Snapshot {
         let mut snapshot = Snapshot::default();
         let mut gone = Vec::new();
-        let tracked: Vec<TrackedProcess> = self.discovery.tracked().cloned().collect();
 
-        for p in &tracked {
+        for (p, samples) in walked.threads {
             let pid = p.pid();
-            let samples = match self.proc.thread_samples(pid) {
+            let still_tracked = self
+                .discovery
+                .get(pid)
+                .is_some_and(|now| now.info.id.start_time_ticks == p.info.id.start_time_ticks);
+            if !still_tracked {
+                continue;
+            }
+            let p = &p;
+            let samples = match samples {
                 Ok((samples, vanished_threads)) => {
                     *self.stats.read_errors.entry("vanished").or_default() += vanished_threads;
                     samples
@@ -388,7 +455,7 @@ impl AgentState {
                 tracing::warn!(clients = swept, "blocked clients still recorded after their deadline: their unblock was not seen; removed and counted as missed unblocks");
             }
         }
-        self.resolve_redis_addresses();
+        self.set_redis_addresses(walked.addresses);
         if let Some(probes) = self.probes.as_mut() {
             let readings = probes.redis.read();
             for target in self.redis.values_mut() {
@@ -456,6 +523,21 @@ impl AgentState {
             self.apply(changes);
         }
         self.self_metrics(&mut snapshot);
+        for usage in walked.map_usage {
+            for (descriptor, value) in [
+                (catalog::EBPF_MAP_ENTRIES, usage.entries),
+                (catalog::EBPF_MAP_CAPACITY, usage.capacity),
+            ] {
+                snapshot.push(
+                    descriptor,
+                    Point {
+                        attributes: vec![("map", usage.name.clone().into())],
+                        start_time: UNIX_EPOCH,
+                        value: PointValue::Gauge(value as f64),
+                    },
+                );
+            }
+        }
         snapshot
     }
 
@@ -591,27 +673,64 @@ fn push_histogram(
 
 /// The agent as shared between the HTTP server, the exporter and the event loop.
 pub struct SharedAgent {
-    pub state: Mutex<AgentState>,
+    /// A fair lock: a scrape waiting for it gets it at the holder's next release, where a
+    /// std Mutex let the event loop take it back at once for each of 50 new processes.
+    /// Take it with [`SharedAgent::lock`].
+    state: parking_lot::Mutex<AgentState>,
     pub resource: Attributes,
     pub ready: AtomicBool,
+    /// Failed OTLP pushes.
     pub export_failures: Arc<AtomicU64>,
+    /// Scrapes of /metrics that failed to render.
+    render_failures: AtomicU64,
+    /// How long each site waited for the state lock.
+    lock_waits: LockWaits,
 }
 
 impl SharedAgent {
+    pub fn new(state: AgentState, resource: Attributes) -> Self {
+        Self {
+            state: parking_lot::Mutex::new(state),
+            resource,
+            ready: Default::default(),
+            export_failures: Default::default(),
+            render_failures: Default::default(),
+            lock_waits: Default::default(),
+        }
+    }
+
+    /// Takes the state lock for `site`, timing the wait.
+    pub fn lock(&self, site: &'static str) -> StateGuard<'_> {
+        StateGuard::take(&self.state, site, &self.lock_waits)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot();
-        snapshot.push(
-            catalog::EXPORT_FAILURES,
-            Point {
-                attributes: vec![],
-                start_time: UNIX_EPOCH,
-                value: PointValue::Counter(self.export_failures.load(Ordering::Relaxed) as f64),
-            },
-        );
+        let walk = self.lock("snapshot_walk").snapshot_walk();
+        let walked = walk.read();
+        let mut snapshot = self.lock("snapshot").snapshot_from(walked);
+        for (exporter, failures) in [
+            ("otlp", &*self.export_failures),
+            ("prometheus", &self.render_failures),
+        ] {
+            snapshot.push(
+                catalog::EXPORT_FAILURES,
+                Point {
+                    attributes: vec![("exporter", exporter.into())],
+                    start_time: UNIX_EPOCH,
+                    value: PointValue::Counter(failures.load(Ordering::Relaxed) as f64),
+                },
+            );
+        }
+        for (site, value) in self.lock_waits.histograms() {
+            snapshot.push(
+                catalog::STATE_LOCK_WAIT,
+                Point {
+                    attributes: vec![("site", site.into())],
+                    start_time: UNIX_EPOCH,
+                    value: PointValue::Histogram(value),
+                },
+            );
+        }
         snapshot
     }
 }
@@ -622,5 +741,8 @@ impl MetricsSource for SharedAgent {
     }
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+    fn count_render_failure(&self) {
+        self.render_failures.fetch_add(1, Ordering::Relaxed);
     }
 }

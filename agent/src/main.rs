@@ -57,8 +57,14 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
 
+    // Two workers, and a bounded pool for blocking work (a scrape's render, an OTLP push's
+    // snapshot): more concurrent scrapes wait rather than add threads.
+    const RUNTIME_THREAD_NAME: &str = "fanout-rt";
+    const RUNTIME_BLOCKING_THREADS: usize = 4;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(RUNTIME_BLOCKING_THREADS)
+        .thread_name(RUNTIME_THREAD_NAME)
         .enable_all()
         .build()
     {

@@ -2,7 +2,7 @@
 
 use std::{
     os::fd::AsRawFd,
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
 };
 
 use anyhow::Context as _;
@@ -116,12 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let count = state.discovery.tracked().count();
     tracing::info!(processes = count, "initial scan done");
 
-    let shared = Arc::new(SharedAgent {
-        state: Mutex::new(state),
-        resource: crate::resource::detect(&|k| std::env::var(k).ok(), crate::resource::hostname()),
-        ready: Default::default(),
-        export_failures: Default::default(),
-    });
+    let shared = Arc::new(SharedAgent::new(
+        state,
+        crate::resource::detect(&|k| std::env::var(k).ok(), crate::resource::hostname()),
+    ));
 
     if let Some(addr) = config.prometheus_listen {
         let (local, _server) = http_server::serve(addr, shared.clone())
@@ -148,6 +146,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     if let Some(rings) = ring {
         let agent = shared.clone();
+        let mut attached = rings.redis_attached;
+        tokio::spawn(async move {
+            while let Some(one) = attached.recv().await {
+                agent.lock("install_redis_probes").install_redis_probes(one);
+            }
+        });
+        let agent = shared.clone();
         tokio::spawn(follow_ring(rings.lifecycle, "lifecycle", move |records| {
             on_lifecycle(&agent, records)
         }));
@@ -164,16 +169,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = rescan.tick() => {
-                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.refresh_clock();
-                match state.discovery.rescan() {
-                    Ok((changes, errors)) => {
-                        state.stats.count_scan(&errors);
-                        state.apply(changes);
+                let walk = shared.lock("address_walk").address_walk();
+                let addresses = walk.read().addresses;
+                let changes = {
+                    let mut state = shared.lock("rescan");
+                    state.refresh_clock();
+                    state.set_redis_addresses(addresses);
+                    match state.discovery.rescan() {
+                        Ok((changes, errors)) => {
+                            state.stats.count_scan(&errors);
+                            changes
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "rescan of /proc failed");
+                            Vec::new()
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, "rescan of /proc failed"),
+                };
+                // One change at a time: a scrape waits for at most one process's set-up.
+                for change in changes {
+                    shared.lock("rescan_apply").apply(vec![change]);
                 }
-                state.resolve_redis_addresses();
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -224,11 +240,13 @@ const FORK_LOOKS: [std::time::Duration; 2] = [
 /// Exec, fork and exit events: check, check a little later, or drop the pids they name.
 fn on_lifecycle(shared: &Arc<SharedAgent>, records: Vec<Vec<u8>>) {
     let mut forked = Vec::new();
-    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     for event in records
         .iter()
         .filter_map(|r| ebpf::sched::decode_lifecycle(r))
     {
+        // The lock is taken per event: 50 processes started at once are set up one after
+        // the other, with scrapes answered in between.
+        let mut state = shared.lock("lifecycle");
         match event.kind() {
             Some(LifecycleKind::Exec) => check_pid(&mut state, event.pid),
             Some(LifecycleKind::Fork) => forked.push(event.pid),
@@ -240,7 +258,6 @@ fn on_lifecycle(shared: &Arc<SharedAgent>, records: Vec<Vec<u8>>) {
             None => {}
         }
     }
-    drop(state);
     if !forked.is_empty() {
         tracing::debug!(pids = ?forked, "forked processes to look at");
         tokio::spawn(look_at_forked(shared.clone(), forked));
@@ -258,7 +275,7 @@ fn check_pid(state: &mut crate::agent::AgentState, pid: u32) {
 async fn look_at_forked(shared: Arc<SharedAgent>, mut pids: Vec<u32>) {
     for delay in FORK_LOOKS {
         tokio::time::sleep(delay).await;
-        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = shared.lock("forked");
         for &pid in &pids {
             check_pid(&mut state, pid);
         }
@@ -275,7 +292,7 @@ async fn look_at_forked(shared: Arc<SharedAgent>, mut pids: Vec<u32>) {
 
 /// Key lists of worker connections.
 fn on_keysets(shared: &SharedAgent, records: Vec<Vec<u8>>) {
-    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut state = shared.lock("keysets");
     for record in records {
         let size = std::mem::size_of::<agent_common::worker::KeysetHeader>();
         if record.len() < size {

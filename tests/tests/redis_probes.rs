@@ -699,15 +699,20 @@ fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
     let real = Redis::start(&[]);
     let agent = Agent::start(&[]);
     let pid = child.pid().to_string();
+    let rpid = real.pid().to_string();
+    // Both servers' probes are prepared off the agent's loop, one after the other.
     let s = wait_for(
-        "the fake server's probe points",
+        "the fake and the real server's probe points",
         Duration::from_secs(10),
         || {
             let s = agent.scrape();
             (s.find("fanout_probe_points", &[("process_pid", &pid)])
                 .count()
-                == 4)
-                .then_some(s)
+                == 4
+                && s.find("fanout_probe_points", &[("process_pid", &rpid)])
+                    .count()
+                    > 0)
+            .then_some(s)
         },
     );
     for probe in [
@@ -747,7 +752,6 @@ fn a_redis_binary_without_the_probe_points_is_reported_not_hidden() {
         );
     }
     // The real Redis beside it is measured as usual.
-    let rpid = real.pid().to_string();
     assert_eq!(
         s.sum("redis_clients_blocked", &[("process_pid", &rpid)]),
         0.0

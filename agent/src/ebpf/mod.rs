@@ -1,6 +1,8 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
+pub mod map_usage;
 pub mod redis;
+pub mod redis_attach;
 pub mod sched;
 pub mod slots;
 pub mod uprobe_multi;
@@ -142,6 +144,8 @@ pub struct Rings {
     pub lifecycle: aya::maps::RingBuf<aya::maps::MapData>,
     /// Key lists of worker connections, when they change.
     pub keysets: aya::maps::RingBuf<aya::maps::MapData>,
+    /// Redis processes whose probes the attaching thread prepared, to install.
+    pub redis_attached: tokio::sync::mpsc::UnboundedReceiver<redis_attach::Attached>,
 }
 
 /// Everything loaded into the kernel. Dropping it detaches every program.
@@ -152,6 +156,8 @@ pub struct Probes {
     pub map_fds: std::sync::Arc<uprobe_multi::MapFds>,
     pub sched: sched::SchedMaps,
     pub redis: redis::RedisMaps,
+    /// Inspects Redis binaries and attaches their probes off the state lock.
+    pub redis_attacher: redis_attach::RedisAttacher,
     pub worker: worker::WorkerMaps,
     /// The tracepoints' state, for the log and `fanout.probes.attached`.
     pub status: Vec<ProbeStatus>,
@@ -164,12 +170,18 @@ impl Probes {
         let mut ebpf = load_object()?;
         let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
         let status = attach_tracepoints(&mut ebpf, &sched::TRACEPOINTS);
+        uprobe_multi::start_detacher();
+        let (redis_attacher, redis_attached) = redis_attach::RedisAttacher::start(map_fds.clone())
+            .map_err(|e| {
+                ProbeError::Load(format!("cannot start the Redis attaching thread: {e}"))
+            })?;
         let ring = Rings {
             lifecycle: take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?,
             keysets: take_map(&mut ebpf, agent_common::maps::KEYSET_EVENTS)?,
+            redis_attached,
         };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
-        let redis = redis::RedisMaps::new(&mut ebpf, map_fds.clone())?;
+        let redis = redis::RedisMaps::new(&mut ebpf)?;
         let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone())?;
         Ok((
             Self {
@@ -177,6 +189,7 @@ impl Probes {
                 map_fds,
                 sched,
                 redis,
+                redis_attacher,
                 worker,
                 status,
             },

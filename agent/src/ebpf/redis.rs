@@ -178,16 +178,16 @@ pub fn point_used(point: &str, binary: &RedisBinary) -> bool {
 }
 
 /// One uprobe to attach: which program, where, and for which point.
-struct Placement {
-    program: &'static str,
-    point: &'static str,
+pub(super) struct Placement {
+    pub program: &'static str,
+    pub point: &'static str,
     /// What the log calls it.
-    function: String,
-    site: crate::probe_site::ProbeSite,
-    location: Location,
+    pub function: String,
+    pub site: crate::probe_site::ProbeSite,
+    pub location: Location,
 }
 
-enum Location {
+pub(super) enum Location {
     Symbol(&'static str, u64),
     FileOffset(u64),
 }
@@ -202,7 +202,7 @@ impl Location {
 }
 
 /// Where every probe goes in `binary`, and the points that have nowhere to go.
-fn placements(
+pub(super) fn placements(
     binary: &RedisBinary,
     bookkeeping_time: bool,
 ) -> (Vec<Placement>, BTreeMap<&'static str, PointState>) {
@@ -276,10 +276,10 @@ impl PointState {
     }
 }
 
+/// A binary's probes attached one perf-event uprobe at a time (where uprobe-multi links are
+/// refused; the links are otherwise the attaching thread's, see `redis_attach`).
 struct Attachment {
     links: Vec<(&'static str, UProbeLinkId)>,
-    /// The same probes as uprobe-multi links, one per program, where the kernel has them.
-    multi_links: Vec<super::uprobe_multi::UprobeMultiLink>,
     points: BTreeMap<&'static str, PointState>,
     users: BTreeSet<u32>,
 }
@@ -319,18 +319,10 @@ pub struct RedisMaps {
     load_error: Option<String>,
     /// Attach the return probes that time registration and unregistration.
     pub bookkeeping_time: bool,
-    /// The map fds a second copy of the programs is loaded against, for uprobe-multi links.
-    map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    /// The programs loaded for uprobe-multi links, once the first Redis needs them (where
-    /// this kernel or the load refuses them: one perf-event uprobe per site).
-    multi: super::uprobe_multi::LazyPrograms,
 }
 
 impl RedisMaps {
-    pub fn new(
-        ebpf: &mut Ebpf,
-        map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    ) -> Result<Self, ProbeError> {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         let load_error = load_programs(ebpf, all_programs());
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
@@ -341,84 +333,17 @@ impl RedisMaps {
             unseen_unblocks: StdHashMap::new(),
             load_error,
             bookkeeping_time: true,
-            map_fds,
-            multi: Default::default(),
         })
     }
 
-    /// The programs loaded for uprobe-multi links, loading them the first time.
-    fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        let names: Vec<&str> = all_programs().collect();
-        self.multi.get(
-            &self.map_fds,
-            &names,
-            "Redis probes are attached one perf-event uprobe at a time (that needs CAP_SYS_ADMIN under a capability set)",
-        )
-    }
-
-    /// Attaches `placements` to `binary` as one uprobe-multi link per program: a link needs
-    /// no more than CAP_BPF and CAP_PERFMON (a perf-event uprobe needs CAP_SYS_ADMIN too),
-    /// and detaches with one RCU grace period for all its sites. All or nothing: any failure
-    /// leaves the caller to attach one uprobe at a time.
-    fn attach_multi(
-        &mut self,
-        binary: &RedisBinary,
-        placements: &[Placement],
-    ) -> Result<Vec<super::uprobe_multi::UprobeMultiLink>, String> {
-        let symbols: Vec<&str> = placements
-            .iter()
-            .filter_map(|p| match p.location {
-                Location::Symbol(symbol, _) => Some(symbol),
-                Location::FileOffset(_) => None,
-            })
-            .collect();
-        let symbol_offsets = super::uprobe_multi::resolve_file_offsets(&binary.path, &symbols)
-            .map_err(|e| e.to_string())?;
-        let mut by_program: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
-        for placement in placements {
-            let offset = match placement.location {
-                Location::FileOffset(offset) => offset,
-                Location::Symbol(symbol, within) => {
-                    symbol_offsets
-                        .get(symbol)
-                        .ok_or_else(|| format!("{symbol}: not in the symbol table"))?
-                        + within
-                }
-            };
-            by_program
-                .entry(placement.program)
-                .or_default()
-                .push(offset);
-        }
-        let multi = self
-            .multi_programs()
-            .ok_or_else(|| "no uprobe-multi programs".to_string())?;
-        let mut links = Vec::new();
-        for (program, mut offsets) in by_program {
-            offsets.sort_unstable();
-            offsets.dedup();
-            let retprobe = multi
-                .retprobe(program)
-                .ok_or_else(|| format!("{program}: not loaded for uprobe-multi"))?;
-            match multi.attach(program, &binary.path, &offsets, None, retprobe) {
-                Ok(link) => links.push(link),
-                Err(e) => {
-                    super::uprobe_multi::close_links(links);
-                    return Err(format!("{program}: {e}"));
-                }
-            }
-        }
-        Ok(links)
-    }
-
-    /// Attaches the uprobes to `binary` unless another process already brought them, and
-    /// starts attributing hits in process `pid`. Returns the state of each probe point.
-    pub fn attach(
+    /// Attaches the uprobes to `binary` one perf-event uprobe per site, unless another
+    /// process already brought them, for process `pid`: the fallback where uprobe-multi links
+    /// are refused. Returns the state of each probe point.
+    pub fn attach_per_uprobe(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         binary: &RedisBinary,
-        process: RedisProcess,
     ) -> BTreeMap<&'static str, PointState> {
         if let Some(error) = &self.load_error {
             return POINT_SYMBOLS
@@ -430,31 +355,6 @@ impl RedisMaps {
         if !self.attachments.contains_key(&binary.id) {
             let mut links = Vec::new();
             let (placements, mut points) = placements(binary, self.bookkeeping_time);
-            let multi_links = match self.attach_multi(binary, &placements) {
-                Ok(multi_links) => {
-                    for placement in &placements {
-                        if !points.contains_key(placement.point) {
-                            log_probe_site(&placement.function, placement.site, &binary.path);
-                        }
-                        points
-                            .entry(placement.point)
-                            .or_insert(PointState::Attached);
-                    }
-                    tracing::debug!(path = %binary.path.display(), links = multi_links.len(), "Redis probes attached as uprobe-multi links");
-                    multi_links
-                }
-                Err(reason) => {
-                    if self.multi.loaded() {
-                        tracing::info!(path = %binary.path.display(), %reason, "Redis probes: uprobe-multi links refused; attaching one uprobe at a time");
-                    }
-                    Vec::new()
-                }
-            };
-            let placements = if multi_links.is_empty() {
-                placements
-            } else {
-                Vec::new()
-            };
             for placement in placements {
                 let result = attach_uprobe(
                     ebpf,
@@ -485,7 +385,6 @@ impl RedisMaps {
                 binary.id,
                 Attachment {
                     links,
-                    multi_links,
                     points,
                     users: BTreeSet::new(),
                 },
@@ -496,15 +395,19 @@ impl RedisMaps {
             .get_mut(&binary.id)
             .expect("inserted above");
         attachment.users.insert(pid);
-        if let Err(e) = self.procs.insert(pid, RedisProcState::new(process), 0) {
-            tracing::warn!(pid, error = %e, "cannot register Redis process for blocking probes");
-        }
         attachment.points.clone()
     }
 
-    /// Stops attributing to `pid`, frees its kernel state, and detaches from the binary when
-    /// no tracked process runs it any more.
-    pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32, binary: BinaryId) {
+    /// Starts attributing hits in process `pid` to it, with its settings.
+    pub fn register(&mut self, pid: u32, process: RedisProcess) {
+        if let Err(e) = self.procs.insert(pid, RedisProcState::new(process), 0) {
+            tracing::warn!(pid, error = %e, "cannot register Redis process for blocking probes");
+        }
+    }
+
+    /// Stops attributing to `pid`, frees its kernel state, and detaches per-uprobe probes
+    /// from the binary when no tracked process runs it any more.
+    pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32, binary: Option<BinaryId>) {
         let _ = self.procs.remove(&pid);
         let stale: Vec<BlockedKey> = self
             .blocked
@@ -517,16 +420,15 @@ impl RedisMaps {
         }
         self.exported_durations.remove(&pid);
         self.unseen_unblocks.remove(&pid);
-        let Some(attachment) = self.attachments.get_mut(&binary) else {
+        let Some(attachment) = binary.and_then(|b| self.attachments.get_mut(&b)) else {
             return;
         };
         attachment.users.remove(&pid);
         if attachment.users.is_empty() {
+            let binary = binary.expect("found above");
             let attachment = self.attachments.remove(&binary).expect("present");
-            // Each uprobe waits for an RCU grace period as it goes: off the agent's loop, so
-            // a Redis restarted on the same binary is attached again at once.
+            // Each uprobe waits for an RCU grace period as it goes: off the agent's loop.
             detach_uprobes_in_background(ebpf, attachment.links);
-            super::uprobe_multi::detach_in_background(attachment.multi_links);
         }
     }
 

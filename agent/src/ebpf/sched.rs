@@ -59,6 +59,9 @@ pub struct SchedMaps {
     /// Histograms per (tgid, thread name), in slots.
     histograms: super::slots::SlotTable<ThreadGroupKey, SchedHistograms>,
     counters: PerCpuArray<MapData, u64>,
+    /// Redis-looking processes by exec time (for their forks, see the kernel side); entries
+    /// past their window are pruned here, at no cost to the kernel.
+    recent_execs: HashMap<MapData, u32, u64>,
 }
 
 /// Name bytes up to the first NUL, lossily decoded.
@@ -68,12 +71,31 @@ pub fn comm_to_string(comm: &[u8]) -> String {
 }
 
 impl SchedMaps {
+    /// Removes the recently-exec'd entries whose window has passed (they are ignored by the
+    /// kernel anyway, and would otherwise stay until the LRU evicts them). Returns how many.
+    pub fn prune_recent_execs(&mut self) -> usize {
+        let now = monotonic_ns();
+        let window = agent_common::lifecycle::RECENT_EXEC_WINDOW_NS;
+        let stale: Vec<u32> = self
+            .recent_execs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, exec_ns)| now.saturating_sub(*exec_ns) > window)
+            .map(|(pid, _)| pid)
+            .collect();
+        stale
+            .into_iter()
+            .filter(|pid| self.recent_execs.remove(pid).is_ok())
+            .count()
+    }
+
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         Ok(Self {
             tracked: take_map(ebpf, maps::TRACKED_PROCESSES)?,
             tracked_tgids: super::PidSet::new(ebpf, maps::TRACKED_TGIDS)?,
             tracked_tids: super::PidSet::shared(ebpf, maps::TRACKED_TIDS)?,
             threads: take_map(ebpf, maps::THREAD_STATE)?,
+            recent_execs: take_map(ebpf, maps::RECENT_EXECS)?,
             histograms: super::slots::SlotTable::new(
                 ebpf,
                 (
@@ -177,4 +199,15 @@ pub fn decode_lifecycle(bytes: &[u8]) -> Option<LifecycleEvent> {
     }
     // SAFETY: length checked; LifecycleEvent is plain old data, read unaligned.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<LifecycleEvent>()) })
+}
+
+/// CLOCK_MONOTONIC in ns: the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -127,7 +127,7 @@ const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_BTF_LOAD: u32 = 18;
 const BPF_LINK_CREATE: u32 = 28;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+pub(crate) const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 /// The kernel-internal "not supported" errno, which some paths return to user space.
 const ENOTSUPP: i32 = 524;
 /// The kernel's limit on offsets per link (`MAX_UPROBE_MULTI_CNT`).
@@ -289,7 +289,7 @@ struct MapElemAttr {
     flags: u64,
 }
 
-fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
+pub(crate) fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
     // SAFETY: `attr` is a live, initialised #[repr(C)] bpf_attr prefix of the given size; the
     // pointers inside it are the caller's to keep valid for the call.
     let ret = unsafe {
@@ -1040,18 +1040,12 @@ impl UprobeMultiLink {
     }
 }
 
-/// Closes links off the caller's thread and returns at once. Each close waits for the kernel
-/// to synchronise (about 50 ms here), so a loop that dropped many links would stall. One
-/// background thread (started on first use) takes every batch handed to it, gathers what
-/// arrived meanwhile, and closes it with [`close_links`], whose waits overlap. If that thread
-/// cannot be started, the links are closed here.
-pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
+/// The closing thread's queue, the thread started on first use (or `None` if it could not be
+/// started).
+fn detacher() -> &'static Option<std::sync::Mutex<std::sync::mpsc::Sender<Vec<UprobeMultiLink>>>> {
     use std::sync::{mpsc, Mutex};
     static CLOSER: OnceLock<Option<Mutex<mpsc::Sender<Vec<UprobeMultiLink>>>>> = OnceLock::new();
-    if links.is_empty() {
-        return;
-    }
-    let closer = CLOSER.get_or_init(|| {
+    CLOSER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Vec<UprobeMultiLink>>();
         let spawned = std::thread::Builder::new()
             .name("uprobe-multi-detach".into())
@@ -1070,14 +1064,32 @@ pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
                 None
             }
         }
-    });
+    })
+}
+
+/// Starts the closing thread now, so that the agent's thread count is the same from start
+/// to end (an idle thread costs nothing; a thread appearing mid-run looks like a leak).
+pub fn start_detacher() {
+    let _ = detacher();
+}
+
+/// Closes links off the caller's thread and returns at once. Each close waits for the kernel
+/// to synchronise (about 50 ms here), so a loop that dropped many links would stall. One
+/// background thread (started on first use) takes every batch handed to it, gathers what
+/// arrived meanwhile, and closes it with [`close_links`], whose waits overlap. If that thread
+/// cannot be started, the links are closed here.
+pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
+    if links.is_empty() {
+        return;
+    }
+    let closer = detacher();
     let links = match closer {
         Some(tx) => {
             let tx = tx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match tx.send(links) {
                 Ok(()) => return,
                 // The thread is gone (it never panics, but if it did): close them here.
-                Err(mpsc::SendError(links)) => links,
+                Err(std::sync::mpsc::SendError(links)) => links,
             }
         }
         None => links,

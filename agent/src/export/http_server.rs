@@ -10,11 +10,23 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn render_prometheus(&self) -> String;
     /// Whether the agent finished its start-up (first scan done, probes attached or given up).
     fn is_ready(&self) -> bool;
+    /// Counts a scrape that failed to render (a self-metric).
+    fn count_render_failure(&self);
+}
+
+/// What a panic carried, when it was a message.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
     // Rendering reads /proc: keep it off the async workers.
-    match tokio::task::spawn_blocking(move || source.render_prometheus()).await {
+    let rendering = source.clone();
+    match tokio::task::spawn_blocking(move || rendering.render_prometheus()).await {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -25,10 +37,16 @@ async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::respon
             .into_response(),
         // A failed scrape, not an empty one: an empty 200 would read as "every series gone".
         Err(e) => {
-            tracing::error!(error = %e, "rendering /metrics failed");
+            source.count_render_failure();
+            let reason = if e.is_panic() {
+                panic_message(e.into_panic().as_ref()).to_string()
+            } else {
+                e.to_string()
+            };
+            tracing::error!(%reason, "rendering /metrics failed");
             (
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "rendering the metrics failed; see the agent's log\n",
+                format!("rendering the metrics failed: {reason}\n"),
             )
                 .into_response()
         }
@@ -67,7 +85,10 @@ pub async fn serve<S: MetricsSource>(
 mod tests {
     use super::*;
 
-    struct Panics;
+    #[derive(Default)]
+    struct Panics {
+        failures: std::sync::atomic::AtomicU64,
+    }
 
     impl MetricsSource for Panics {
         fn render_prometheus(&self) -> String {
@@ -76,11 +97,16 @@ mod tests {
         fn is_ready(&self) -> bool {
             true
         }
+        fn count_render_failure(&self) {
+            self.failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     #[tokio::test]
     async fn a_panic_while_rendering_is_a_failed_scrape() {
-        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), Arc::new(Panics))
+        let source = Arc::new(Panics::default());
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), source.clone())
             .await
             .unwrap();
         let response = tokio::task::spawn_blocking(move || {
@@ -96,6 +122,14 @@ mod tests {
         .await
         .unwrap();
         assert!(response.starts_with("HTTP/1.1 500"), "{response}");
+        assert!(
+            response.ends_with("rendering the metrics failed: a bug while rendering\n"),
+            "{response}"
+        );
+        assert_eq!(
+            source.failures.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         server.abort();
     }
 }

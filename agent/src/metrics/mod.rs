@@ -177,9 +177,28 @@ pub mod catalog {
     };
     pub const EXPORT_FAILURES: Descriptor = Descriptor {
         name: "fanout.export.failures",
-        description: "OTLP pushes that failed or timed out",
+        description: "OTLP pushes that failed or timed out (exporter=otlp), scrapes that failed to render (exporter=prometheus)",
         unit: "{request}",
         kind: Kind::Counter,
+    };
+    pub const EBPF_MAP_ENTRIES: Descriptor = Descriptor {
+        name: "fanout.ebpf.map.entries",
+        description: "Entries in each of the agent's eBPF hash maps",
+        unit: "{entry}",
+        kind: Kind::Gauge,
+    };
+    pub const EBPF_MAP_CAPACITY: Descriptor = Descriptor {
+        name: "fanout.ebpf.map.capacity",
+        description: "Capacity (max_entries) of each of the agent's eBPF hash maps",
+        unit: "{entry}",
+        kind: Kind::Gauge,
+    };
+    pub const STATE_LOCK_WAIT: Descriptor = Descriptor {
+        name: "fanout.state_lock.wait",
+        description:
+            "How long each user of the agent's state (scrape, rescan, event handlers) waited for it",
+        unit: "s",
+        kind: Kind::Histogram,
     };
     pub const THREAD_NAMES_OVERFLOW: Descriptor = Descriptor {
         name: "fanout.thread_names.overflow",
@@ -279,6 +298,9 @@ pub mod catalog {
         EVENTS_LOST,
         WORKERS_UNFOLLOWED,
         EXPORT_FAILURES,
+        STATE_LOCK_WAIT,
+        EBPF_MAP_ENTRIES,
+        EBPF_MAP_CAPACITY,
         THREAD_NAMES_OVERFLOW,
     ];
 }

@@ -23,6 +23,8 @@ const DURATION_LAST_BUCKET: usize = 38;
 #[derive(Clone, Debug)]
 pub struct RedisTarget {
     pub pid: u32,
+    /// Its start time (what tells it from a later process with the same pid).
+    pub start_ticks: u64,
     /// `server.port`: the port it listens on, from its listening sockets (see
     /// `proc_reader::service_address`); `None` until it has bound one.
     pub port: Option<u16>,
@@ -31,6 +33,8 @@ pub struct RedisTarget {
     pub binary: Option<BinaryId>,
     pub family: Option<Family>,
     pub points: BTreeMap<&'static str, PointState>,
+    /// Its binary was handed to the attaching thread (`points` stay empty until installed).
+    pub attach_requested: bool,
     /// Why nothing could be attached (binary unreadable, no eBPF), if so.
     pub unavailable: Option<String>,
     /// Problems already logged, so each is logged once.
@@ -184,6 +188,11 @@ impl RedisTarget {
                 tracing::warn!(pid = self.pid, reason = %reason, "no blocking probes for this Redis; exporting no redis.* metrics for it");
                 self.reported.push(reason.clone());
             }
+            return;
+        }
+        if self.attach_requested && self.binary.is_none() {
+            // Its binary is being inspected and probed (a few ms; longer for a binary not
+            // seen before): its points appear once their state is known.
             return;
         }
         let static_bypass = self.unblock_bypassed.as_deref();
