@@ -3,10 +3,12 @@
 //! Every task that builds or runs the agent first runs `setup`, which brings a fresh machine
 //! to a buildable, testable state and says what it did at each step.
 
+mod agent_log;
 mod bench;
 mod checks;
 mod demo;
 mod setup;
+mod soak;
 mod util;
 
 use anyhow::Result;
@@ -50,7 +52,18 @@ enum Task {
         #[arg(long, value_parser = ["sidekiq"])]
         only: Option<String>,
     },
-    /// Fuzz the RESP tokenizer shared by the eBPF programs and the agent (cargo fuzz, nightly).
+    /// Run the agent on real parts for a while under injected faults (Redis restarts, worker
+    /// churn, collector outages, SIGKILL) and write RELIABILITY.md with the figures.
+    Soak {
+        /// How long, in minutes (default 30; 3 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=1440))]
+        minutes: Option<u32>,
+        /// The short run the test command includes (written under target/soak-quick/).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Fuzz the RESP tokenizer shared by the eBPF programs and the agent, and the /proc readers
+    /// (cargo fuzz, nightly).
     Fuzz {
         /// Inputs to run.
         #[arg(long, default_value_t = 1_000_000)]
@@ -83,6 +96,11 @@ fn main() -> Result<()> {
                 Some("sidekiq") => bench::run_sidekiq_only(quick),
                 _ => bench::run(quick),
             }
+        }
+        Task::Soak { minutes, quick } => {
+            setup::setup()?;
+            let bin = util::build_agent(false)?;
+            soak::run(&bin, soak::Plan::new(minutes.map(f64::from), quick))
         }
         Task::Fuzz { runs } => {
             setup::setup()?;

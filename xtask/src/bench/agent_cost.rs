@@ -10,8 +10,9 @@ use std::{
 use anyhow::{Context, Result};
 use integration_tests::{resp::Conn, sidekiq_job, wait_for, Agent, Proc, Redis, Sidekiq};
 
+use crate::agent_log;
+
 use super::{
-    agent_log,
     blocking::{process_cpu, run_once},
     bpf_stats::{StatsSample, Window},
 };

@@ -21,7 +21,8 @@ use std::{
 use anyhow::{Context, Result};
 use integration_tests::{http_get, Agent, Redis};
 
-use super::{agent_log, median, NO_REDIS_EXCLUDE};
+use super::{median, NO_REDIS_EXCLUDE};
+use crate::agent_log;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ChurnSample {

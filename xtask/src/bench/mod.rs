@@ -14,11 +14,10 @@
 //! context switch, and ns per run, for every program of the bench's agent.
 
 mod agent_cost;
-mod agent_log;
 mod blocking;
 mod bpf_stats;
 mod churn;
-mod plot;
+pub(crate) mod plot;
 mod report;
 mod untracked;
 
@@ -442,7 +441,7 @@ pub fn run(quick: bool) -> Result<()> {
         }
         let worker_followed_via = idle
             .as_ref()
-            .map(|w| agent_log::followed_via(&agent.log(), w.pid()).to_string())
+            .map(|w| crate::agent_log::followed_via(&agent.log(), w.pid()).to_string())
             .unwrap_or_default();
         plain_stats.push(PlainStats {
             variant,

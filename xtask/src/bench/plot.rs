@@ -5,15 +5,20 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-/// Each series: (label, points of (keys, microseconds)).
-pub fn cost_curve(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+/// Registers Debian's DejaVu Sans as plotters' "sans-serif" (plotters draws text with it).
+pub fn register_font() -> Result<()> {
     let font: &'static [u8] = Box::leak(
         std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
             .map_err(|e| anyhow!("font DejaVuSans.ttf (Debian package fonts-dejavu-core): {e}"))?
             .into_boxed_slice(),
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow!("invalid font"))?;
+        .map_err(|_| anyhow!("invalid font"))
+}
+
+/// Each series: (label, points of (keys, microseconds)).
+pub fn cost_curve(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+    register_font()?;
     let max_y = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
