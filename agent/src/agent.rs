@@ -739,6 +739,9 @@ impl MetricsSource for SharedAgent {
     fn render_prometheus(&self) -> String {
         prometheus::render(&self.snapshot(), &self.resource)
     }
+    fn render_json(&self) -> String {
+        crate::metrics::json::render(&self.snapshot(), &self.resource, SystemTime::now())
+    }
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }

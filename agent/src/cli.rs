@@ -22,6 +22,9 @@ pub enum Command {
     /// Load every eBPF program into this kernel's verifier without attaching anything, and
     /// report each one: a quick check that this kernel accepts the agent's probes.
     CheckProbes,
+    /// A live view of Redis saturation and who causes it, from the agent on this host
+    /// (`--once` prints it as text).
+    Top(crate::top::TopArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -23,4 +23,5 @@ pub mod rules;
 pub mod run;
 pub mod state_lock;
 pub mod thread_cpu;
+pub mod top;
 pub mod worker;

@@ -10,11 +10,23 @@ use tracing_subscriber::EnvFilter;
 /// Exit code for invalid flags, config or rules (the same code clap uses for bad flags).
 const EXIT_USAGE: u8 = 2;
 
+/// `fanout top`: a one-line error and exit 1 when the agent cannot be read.
+fn top(args: &fanout::top::TopArgs) -> ExitCode {
+    match fanout::top::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckProbes => return check_probes(),
+        Command::Top(args) => return top(&args),
     };
 
     let file = match &args.config {

@@ -170,3 +170,26 @@ fn numeric_flags_at_their_edges_exit_2_before_anything_starts() {
         assert_usage_error(&out, &format!("invalid value '{value}'"));
     }
 }
+
+#[test]
+fn top_without_an_agent_is_a_one_line_error_saying_how_to_start_one() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = fanout(&["top", "--once", "--address", &address]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    assert!(
+        err.starts_with(&format!(
+            "fanout: error: no Fanout agent answers at {address}"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("fanout run"), "{err}");
+    // Its interval has a range like every numeric flag.
+    assert_usage_error(
+        &fanout(&["top", "--interval", "0"]),
+        "must be between 0.2 and 3600 seconds",
+    );
+}

@@ -24,6 +24,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "util-linux",
+    "tmux",
     "systemd",
     "fonts-dejavu-core",
     "gcc",

@@ -8,6 +8,8 @@ use axum::{extract::State, http::header, response::IntoResponse, routing::get, R
 pub trait MetricsSource: Send + Sync + 'static {
     /// The Prometheus text of a fresh snapshot.
     fn render_prometheus(&self) -> String;
+    /// The same snapshot as versioned JSON (`metrics::json`), for `fanout top`.
+    fn render_json(&self) -> String;
     /// Whether the agent finished its start-up (first scan done, probes attached or given up).
     fn is_ready(&self) -> bool;
     /// Counts a scrape that failed to render (a self-metric).
@@ -53,6 +55,29 @@ async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::respon
     }
 }
 
+/// `/api/v1/snapshot`: the snapshot as JSON. A failed render is a 500 with the reason, as
+/// for /metrics.
+async fn snapshot_json<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
+    let rendering = source.clone();
+    match tokio::task::spawn_blocking(move || rendering.render_json()).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => {
+            source.count_render_failure();
+            let reason = if e.is_panic() {
+                panic_message(e.into_panic().as_ref()).to_string()
+            } else {
+                e.to_string()
+            };
+            tracing::error!(%reason, "rendering /api/v1/snapshot failed");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("rendering the snapshot failed: {reason}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
 async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
     if source.is_ready() {
         (axum::http::StatusCode::OK, "ready\n")
@@ -70,6 +95,7 @@ pub async fn serve<S: MetricsSource>(
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics::<S>))
+        .route("/api/v1/snapshot", get(snapshot_json::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
         .with_state(source);
@@ -92,6 +118,9 @@ mod tests {
 
     impl MetricsSource for Panics {
         fn render_prometheus(&self) -> String {
+            panic!("a bug while rendering");
+        }
+        fn render_json(&self) -> String {
             panic!("a bug while rendering");
         }
         fn is_ready(&self) -> bool {

@@ -8,6 +8,7 @@
 //! format the SDK's exporter sends) and follows the OpenTelemetry data model: cumulative
 //! temporality, explicit bucket bounds, resource attributes.
 
+pub mod json;
 pub mod prometheus;
 
 use std::time::SystemTime;

@@ -88,6 +88,20 @@ pub struct FleetStart {
     pub followed_after_ms: Option<f64>,
 }
 
+/// 50 Redis servers started together and killed together while /metrics is scraped every
+/// 20 ms from another thread.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Burst {
+    pub servers: usize,
+    /// From the first spawn until the agent reported every server's probes attached.
+    pub all_probed_after_ms: Option<f64>,
+    /// From the kill until every server's series were gone.
+    pub all_released_after_ms: Option<f64>,
+    pub scrapes: usize,
+    pub slowest_scrape_ms: f64,
+    pub failed_scrapes: usize,
+}
+
 /// Everything the report states.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Outcome {
@@ -117,6 +131,8 @@ pub struct Outcome {
     pub lock_waits_over_200ms: u64,
     pub forked_jobs: u64,
     pub mid_pop_closes: u64,
+    /// The burst: 50 Redis servers started at once, probed, then killed at once.
+    pub burst: Option<Burst>,
     pub checks: Vec<Check>,
 }
 
@@ -461,6 +477,9 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
             }
         }
         steps += 1;
+        if steps == 4 {
+            outcome.burst = Some(burst(&agent, &debian, dir.path(), BURST_SERVERS)?);
+        }
     }
 
     // 4. Quiet: the churn stops, the load goes on.
@@ -586,4 +605,104 @@ impl Drop for Loads {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+const BURST_SERVERS: usize = 50;
+
+/// Starts `n` Redis servers at once, waits until the agent has probes on all of them, kills
+/// them all, and waits until they are all dropped, with /metrics scraped every 20 ms from
+/// another thread throughout.
+fn burst(
+    agent: &Agent,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    n: usize,
+) -> Result<Burst> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (stop, port) = (stop.clone(), agent.port);
+        std::thread::spawn(move || {
+            let (mut latencies, mut failed) = (Vec::new(), 0);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match http_get(port, "/metrics") {
+                    Ok((200, _)) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (latencies, failed)
+        })
+    };
+    let started = Instant::now();
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        let port = free_port();
+        let child = std::process::Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start a burst Redis")?;
+        servers.push(child);
+    }
+    let pids: Vec<String> = servers.iter().map(|c| c.id().to_string()).collect();
+    let attached = |scrape: &integration_tests::prom::Scrape, pid: &str| {
+        scrape
+            .find(
+                "fanout_probe_points",
+                &[("process_pid", pid), ("probe", "blockForKeys")],
+            )
+            .any(|s| s.value == 1.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut all_probed_after_ms = None;
+    while Instant::now() < deadline {
+        let scrape = agent.scrape();
+        if pids.iter().all(|pid| attached(&scrape, pid)) {
+            all_probed_after_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Instant::now();
+    for child in &mut servers {
+        let _ = child.kill();
+    }
+    for child in &mut servers {
+        let _ = child.wait();
+    }
+    let mut all_released_after_ms = None;
+    while Instant::now() < killed + Duration::from_secs(30) {
+        let scrape = agent.scrape();
+        if pids.iter().all(|pid| !attached(&scrape, pid)) {
+            all_released_after_ms = Some(killed.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (latencies, failed_scrapes) = scraper.join().unwrap_or_default();
+    let burst = Burst {
+        servers: n,
+        all_probed_after_ms,
+        all_released_after_ms,
+        scrapes: latencies.len(),
+        slowest_scrape_ms: latencies.iter().copied().fold(0.0, f64::max),
+        failed_scrapes,
+    };
+    eprintln!("[soak] burst of {n} Redis servers: {burst:?}");
+    Ok(burst)
 }

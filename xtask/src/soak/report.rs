@@ -160,6 +160,21 @@ pub fn checks(o: &Outcome, baseline: &Sample, last: &Sample) -> Vec<Check> {
             "client: {served} served, {timeout} timed out, {closed} closed mid-pop ({errors} errors); agent: {c_served} served, {c_timeout} timeout, {c_other} other, {c_calls} blocking calls"
         ),
     ));
+    match &o.burst {
+        Some(b) => out.push(check(
+            format!("a burst of {} Redis servers probed and released, scrapes answered throughout", b.servers),
+            b.all_probed_after_ms.is_some() && b.all_released_after_ms.is_some() && b.failed_scrapes == 0,
+            format!(
+                "all probed after {}, all released after {}; {} scrapes, slowest {:.0} ms (client side: includes the CPU the starting servers take), {} failed",
+                b.all_probed_after_ms.map_or("never".into(), |ms| format!("{ms:.0} ms")),
+                b.all_released_after_ms.map_or("never".into(), |ms| format!("{ms:.0} ms")),
+                b.scrapes,
+                b.slowest_scrape_ms,
+                b.failed_scrapes
+            ),
+        )),
+        None => out.push(check("a burst of Redis servers", false, "the churn ended before the burst")),
+    }
     out.push(check(
         "no wait for the agent's state lock above 200 ms",
         o.lock_waits_over_200ms == 0,
@@ -221,7 +236,8 @@ fn markdown(plan: &Plan, o: &Outcome) -> String {
     );
     let _ = writeln!(
         md,
-        "- The agent was killed with SIGKILL once after the first warm-up and started again; the baseline was taken after its second warm-up; the churn then ran for {:.0} s, followed by {:.0} s of quiet (load only).\n",
+        "- Once during the churn, 50 Redis servers were started at once, probed, and killed at once, with /metrics scraped every 20 ms meanwhile.
+- The agent was killed with SIGKILL once after the first warm-up and started again; the baseline was taken after its second warm-up; the churn then ran for {:.0} s, followed by {:.0} s of quiet (load only).\n",
         plan.churn_s(),
         plan.quiet_s
     );

@@ -1,0 +1,238 @@
+//! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over plain
+//! HTTP/1.0 on loopback or the address given, and kept as series by metric name.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{TcpStream, ToSocketAddrs},
+    time::Duration,
+};
+
+/// What a reading could not be.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadingError {
+    #[error("no Fanout agent answers at {address} ({reason}); start one with `sudo fanout run` (or `sudo cargo xtask run`), or give its --address")]
+    NoAgent { address: String, reason: String },
+    #[error("the agent at {address} answered HTTP {status} for /api/v1/snapshot{hint}")]
+    Http {
+        address: String,
+        status: u16,
+        hint: &'static str,
+    },
+    #[error("the agent at {address} sent a snapshot this fanout cannot read: {reason}")]
+    Malformed { address: String, reason: String },
+    #[error("the agent at {address} writes snapshot version {found}; this fanout reads version {expected}: use a fanout of the same release as the agent")]
+    Version {
+        address: String,
+        found: u64,
+        expected: u64,
+    },
+}
+
+/// A histogram point: explicit bounds, per-bucket counts (one more than bounds).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Histogram(Histogram),
+}
+
+/// One series: its attributes (as strings) and value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub attributes: BTreeMap<String, String>,
+    pub value: Value,
+}
+
+impl Series {
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+    pub fn number(&self) -> Option<f64> {
+        match self.value {
+            Value::Number(v) => Some(v),
+            Value::Histogram(_) => None,
+        }
+    }
+    pub fn histogram(&self) -> Option<&Histogram> {
+        match &self.value {
+            Value::Histogram(h) => Some(h),
+            Value::Number(_) => None,
+        }
+    }
+}
+
+/// Everything one snapshot held.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reading {
+    /// The agent's clock when it took the snapshot, in ms since the epoch.
+    pub time_ms: u64,
+    pub agent_version: String,
+    pub metrics: BTreeMap<String, Vec<Series>>,
+}
+
+impl Reading {
+    /// The series of `name` (empty when the agent does not export it: older agents, or
+    /// nothing to report).
+    pub fn series(&self, name: &str) -> &[Series] {
+        self.metrics.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Parses the JSON snapshot (`metrics::json`).
+    pub fn parse(text: &str, address: &str) -> Result<Self, ReadingError> {
+        let malformed = |reason: String| ReadingError::Malformed {
+            address: address.to_string(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        let version = v["version"]
+            .as_u64()
+            .ok_or_else(|| malformed("no \"version\"".into()))?;
+        if version != crate::metrics::json::VERSION {
+            return Err(ReadingError::Version {
+                address: address.to_string(),
+                found: version,
+                expected: crate::metrics::json::VERSION,
+            });
+        }
+        let mut reading = Reading {
+            time_ms: v["time_unix_ms"].as_u64().unwrap_or(0),
+            agent_version: v["agent_version"].as_str().unwrap_or("").to_string(),
+            metrics: BTreeMap::new(),
+        };
+        for metric in v["metrics"].as_array().into_iter().flatten() {
+            let Some(name) = metric["name"].as_str() else {
+                continue;
+            };
+            let mut all = Vec::new();
+            for point in metric["points"].as_array().into_iter().flatten() {
+                let attributes = point["attributes"]
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| {
+                                let s = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                                (k.clone(), s)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let value = if let Some(counts) = point["counts"].as_array() {
+                    Value::Histogram(Histogram {
+                        bounds: point["bounds"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|b| b.as_f64().unwrap_or(f64::INFINITY))
+                            .collect(),
+                        counts: counts.iter().map(|c| c.as_u64().unwrap_or(0)).collect(),
+                        sum: point["sum"].as_f64().unwrap_or(0.0),
+                        count: point["count"].as_u64().unwrap_or(0),
+                    })
+                } else {
+                    Value::Number(point["value"].as_f64().unwrap_or(f64::NAN))
+                };
+                all.push(Series { attributes, value });
+            }
+            reading.metrics.insert(name.to_string(), all);
+        }
+        Ok(reading)
+    }
+
+    /// Fetches a reading from the agent at `address` (HOST:PORT).
+    pub fn fetch(address: &str, timeout: Duration) -> Result<Self, ReadingError> {
+        let no_agent = |reason: String| ReadingError::NoAgent {
+            address: address.to_string(),
+            reason,
+        };
+        let socket = address
+            .to_socket_addrs()
+            .map_err(|e| no_agent(e.to_string()))?
+            .next()
+            .ok_or_else(|| no_agent("the address resolves to nothing".into()))?;
+        let mut stream =
+            TcpStream::connect_timeout(&socket, timeout).map_err(|e| no_agent(e.to_string()))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
+            .map_err(|e| no_agent(e.to_string()))?;
+        write!(
+            stream,
+            "GET /api/v1/snapshot HTTP/1.0\r\nHost: {address}\r\nAccept: application/json\r\n\r\n"
+        )
+        .map_err(|e| no_agent(e.to_string()))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .map_err(|e| no_agent(e.to_string()))?;
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if status != 200 {
+            return Err(ReadingError::Http {
+                address: address.to_string(),
+                status,
+                hint: if status == 404 {
+                    " (an agent older than this fanout: it has no snapshot endpoint)"
+                } else {
+                    ""
+                },
+            });
+        }
+        Self::parse(body, address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_read_back_and_other_versions_are_refused() {
+        let text = r#"{"version":1,"agent_version":"0.1.0","time_unix_ms":42,"resource":{},
+            "metrics":[{"name":"redis.clients.blocked","kind":"gauge","unit":"{client}",
+              "points":[{"attributes":{"process.pid":7,"server.port":6379},"value":3.0}]},
+              {"name":"redis.blocking.keys","kind":"histogram","unit":"{key}",
+              "points":[{"attributes":{},"bounds":[1.0,2.0],"counts":[1,0,4],"sum":41.0,"count":5}]}]}"#;
+        let r = Reading::parse(text, "a:1").unwrap();
+        assert_eq!(r.time_ms, 42);
+        let g = &r.series("redis.clients.blocked")[0];
+        assert_eq!(g.attr("server.port"), Some("6379"));
+        assert_eq!(g.number(), Some(3.0));
+        let h = r.series("redis.blocking.keys")[0].histogram().unwrap();
+        assert_eq!(h.counts, vec![1, 0, 4]);
+        assert!(r.series("no.such.metric").is_empty());
+        let err = Reading::parse(&text.replace("\"version\":1", "\"version\":2"), "a:1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshot version 2"), "{err}");
+        assert!(Reading::parse("not json", "a:1").is_err());
+    }
+
+    #[test]
+    fn nothing_listening_is_a_no_agent_error_that_says_how_to_start_one() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = free.local_addr().unwrap().to_string();
+        drop(free);
+        let err = Reading::fetch(&address, Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("no Fanout agent answers at {address}")),
+            "{err}"
+        );
+        assert!(err.contains("fanout run"), "{err}");
+    }
+}
