@@ -111,6 +111,41 @@ impl ReadError {
     }
 }
 
+/// Reads and parses a `stat` file (of a process or of one of its threads). procfs's parser
+/// slices the text between its first '(' and last ')' and panics when they are missing, out
+/// of order or at the very ends (found by the `proc` fuzz target); such a text is refused
+/// here as malformed before it gets there. A real kernel never writes one, but the agent
+/// reads what it cannot vouch for (a `--proc-root` of another machine, a future kernel).
+fn read_stat(pid: u32, path: &Path) -> Result<procfs::process::Stat, ReadError> {
+    use procfs::FromRead as _;
+    let bytes = std::fs::read(path).map_err(|e| {
+        ReadError::from_proc(pid, "stat", ProcError::Io(e, Some(path.to_path_buf())))
+    })?;
+    if !stat_shape_ok(&bytes) {
+        return Err(ReadError::Failed {
+            pid,
+            what: "stat",
+            message: "malformed: no \"PID (COMM) STATE ...\" line".to_string(),
+        });
+    }
+    procfs::process::Stat::from_read(&bytes[..]).map_err(|e| ReadError::from_proc(pid, "stat", e))
+}
+
+/// Whether a stat text has the shape procfs's parser slices without panicking: a pid, then
+/// " (", the name, and a last ')' followed by a space and more.
+pub fn stat_shape_ok(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+        return false;
+    };
+    open >= 2
+        && close > open
+        && close + 2 <= text.len()
+        && text.is_char_boundary(open - 1)
+        && text.is_char_boundary(close + 2)
+}
+
 /// A /proc tree. `/proc` on a host, `/host/proc` in a container with the host's /proc mounted,
 /// or a fixture directory in tests.
 #[derive(Clone, Debug)]
@@ -145,9 +180,7 @@ impl ProcRoot {
     /// process of another user without CAP_SYS_PTRACE) is not an error: `exe` is `None`.
     pub fn process_info(&self, pid: u32) -> Result<ProcessInfo, ReadError> {
         let process = self.open(pid)?;
-        let stat = process
-            .stat()
-            .map_err(|e| ReadError::from_proc(pid, "stat", e))?;
+        let stat = read_stat(pid, &self.root.join(pid.to_string()).join("stat"))?;
         let cmdline = match process.cmdline() {
             Ok(args) => args,
             Err(e) => match ReadError::from_proc(pid, "cmdline", e) {
@@ -199,11 +232,7 @@ impl ProcRoot {
 
     /// Start time of `pid`, to check that a pid still names the same process.
     pub fn start_time(&self, pid: u32) -> Result<u64, ReadError> {
-        let process = self.open(pid)?;
-        Ok(process
-            .stat()
-            .map_err(|e| ReadError::from_proc(pid, "stat", e))?
-            .starttime)
+        Ok(read_stat(pid, &self.root.join(pid.to_string()).join("stat"))?.starttime)
     }
 
     /// CPU counters of every thread of a process. Threads that exit during the walk are skipped
@@ -215,8 +244,13 @@ impl ProcRoot {
             .map_err(|e| ReadError::from_proc(pid, "task list", e))?;
         let mut samples = Vec::new();
         let mut vanished = 0;
+        let task_dir = self.root.join(pid.to_string()).join("task");
         for task in tasks {
-            let stat = match task.and_then(|t| t.stat()) {
+            let Ok(task) = task else {
+                vanished += 1;
+                continue;
+            };
+            let stat = match read_stat(pid, &task_dir.join(task.tid.to_string()).join("stat")) {
                 Ok(stat) => stat,
                 Err(_) => {
                     vanished += 1;
@@ -748,5 +782,50 @@ mod net_tests {
             }
         );
         assert!(parse_proc_net_address("zz:1").is_none());
+    }
+}
+
+#[cfg(test)]
+mod stat_shape_tests {
+    use super::*;
+
+    /// The shapes procfs's stat parser would panic on (the first from the `proc` fuzz target:
+    /// a last ')' before the first '(').
+    #[test]
+    fn stat_texts_procfs_cannot_slice_are_refused_and_real_ones_pass() {
+        assert!(stat_shape_ok(b"100 (redis-server) S 1 100 100 0 -1"));
+        assert!(
+            stat_shape_ok(b"100 (a) (b)) R 1"),
+            "a name with parens, as prctl allows"
+        );
+        for bad in [
+            &b"\x94\x0b\x00\x00\x00-aper) S 100 1 1 (0 -1 4194368"[..],
+            b"(redis) S 1",
+            b"100 (redis)",
+            b"100 (redis",
+            b"100 redis) S",
+            b"",
+            b"\xff(\xff)",
+            // The second: a multi-byte character right after the last ')'.
+            &b"\x012 (kthreadd)\x943\x91-ap \xa8 1 2 2 0 -1"[..],
+        ] {
+            assert!(!stat_shape_ok(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_malformed_stat_is_a_read_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = dir.path().join("100");
+        std::fs::create_dir_all(process.join("task/100")).unwrap();
+        std::fs::write(process.join("stat"), "100 x) S (1").unwrap();
+        std::fs::write(process.join("task/100/stat"), "100 x) S (1").unwrap();
+        let proc = ProcRoot::new(dir.path());
+        assert!(matches!(
+            proc.process_info(100),
+            Err(ReadError::Failed { what: "stat", .. })
+        ));
+        assert!(proc.start_time(100).is_err());
+        assert!(proc.thread_samples(100).is_err());
     }
 }
