@@ -685,6 +685,9 @@ pub struct SharedAgent {
     render_failures: AtomicU64,
     /// How long each site waited for the state lock.
     lock_waits: LockWaits,
+    /// The latest snapshot and when it was finished: requests that arrive while one is being
+    /// taken share it (several scrapers and the OTLP push cost one walk of /proc and the maps).
+    latest: parking_lot::Mutex<Option<(std::time::Instant, Arc<Snapshot>)>>,
 }
 
 impl SharedAgent {
@@ -696,6 +699,7 @@ impl SharedAgent {
             export_failures: Default::default(),
             render_failures: Default::default(),
             lock_waits: Default::default(),
+            latest: Default::default(),
         }
     }
 
@@ -704,7 +708,23 @@ impl SharedAgent {
         StateGuard::take(&self.state, site, &self.lock_waits)
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// A snapshot at most one snapshot's time older than this call: the one being taken when
+    /// it arrived (single flight: concurrent scrapes and pushes share it), else a new one.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let asked = std::time::Instant::now();
+        let mut latest = self.latest.lock();
+        if let Some((finished, snapshot)) = latest.as_ref() {
+            // Finished after this call arrived: it was being taken meanwhile.
+            if *finished >= asked {
+                return snapshot.clone();
+            }
+        }
+        let snapshot = Arc::new(self.take_snapshot());
+        *latest = Some((std::time::Instant::now(), snapshot.clone()));
+        snapshot
+    }
+
+    fn take_snapshot(&self) -> Snapshot {
         let walk = self.lock("snapshot_walk").snapshot_walk();
         let walked = walk.read();
         let mut snapshot = self.lock("snapshot").snapshot_from(walked);

@@ -99,7 +99,9 @@ fn main() -> Result<()> {
         }
         Task::Soak { minutes, quick } => {
             setup::setup()?;
-            let bin = util::build_agent(false)?;
+            // The full run measures what users run (release); the quick one, part of the
+            // test command, the debug build the tests use.
+            let bin = util::build_agent(!quick)?;
             soak::run(&bin, soak::Plan::new(minutes.map(f64::from), quick))
         }
         Task::Fuzz { runs } => {

@@ -249,7 +249,7 @@ pub async fn run_exporter<F>(
     failures: Arc<AtomicU64>,
     mut snapshot: F,
 ) where
-    F: FnMut() -> (Snapshot, Attributes) + Send,
+    F: FnMut() -> (Arc<Snapshot>, Attributes) + Send,
 {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

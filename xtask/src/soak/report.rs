@@ -207,11 +207,12 @@ fn markdown(plan: &Plan, o: &Outcome) -> String {
     let _ = writeln!(
         md,
         "Written by `cargo xtask soak{}` ({} minutes, {} mode) on this project's test machine \
-         (2 vCPUs, Linux 6.18). The agent is the debug build the tests use unless noted. Every \
-         figure below comes from this run; the data is in `{JSON}`, the chart in `{PNG}`.\n",
+         (2 vCPUs, Linux 6.18), with the agent's {} build. Every figure below comes from this \
+         run; the data is in `{JSON}`, the chart in `{PNG}`.\n",
         if plan.quick { " --quick" } else { "" },
         plan.minutes,
-        if plan.quick { "quick" } else { "full" }
+        if plan.quick { "quick" } else { "full" },
+        if plan.quick { "debug" } else { "release" }
     );
     let _ = writeln!(md, "## What was done to it\n");
     let _ = writeln!(
