@@ -41,6 +41,18 @@ pub fn checks(o: &Outcome, baseline: &Sample, last: &Sample) -> Vec<Check> {
             baseline.rss_kib, last.rss_kib
         ),
     ));
+    // A leak grows with time: the churn's last third may not hold more than its first.
+    let churn: Vec<&Sample> = o.samples.iter().filter(|s| s.phase == "churn").collect();
+    let third = churn.len() / 3;
+    if third > 0 {
+        let peak = |part: &[&Sample]| part.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        let (early, late) = (peak(&churn[..third]), peak(&churn[churn.len() - third..]));
+        out.push(check(
+            "RSS does not grow during the churn (peak of its last third within 5% of its first)",
+            late as f64 <= early as f64 * 1.05,
+            format!("first third {early} KiB, last third {late} KiB"),
+        ));
+    }
     out.push(check(
         "open file descriptors back to their baseline",
         last.fds <= baseline.fds + FD_SLACK,
@@ -237,10 +249,21 @@ fn markdown(plan: &Plan, o: &Outcome) -> String {
     );
     let _ = writeln!(
         md,
-        "- Once during the churn, 50 Redis servers were started at once, probed, and killed at once, with /metrics scraped every 20 ms meanwhile.
-- The agent was killed with SIGKILL once after the first warm-up and started again; the baseline was taken after its second warm-up; the churn then ran for {:.0} s, followed by {:.0} s of quiet (load only).\n",
+        "- The agent was killed with SIGKILL once after the first warm-up and started again. Right after, 50 Redis servers were started at once, probed, and killed at once (the burst: the agent's peak), with /metrics scraped every 20 ms meanwhile. The baseline was taken after a second warm-up; the churn then ran for {:.0} s, followed by {:.0} s of quiet (load only).\n",
         plan.churn_s(),
         plan.quiet_s
+    );
+    let rss_at = |phase: &str| {
+        o.samples
+            .iter()
+            .find(|s| s.phase == phase)
+            .map_or(0, |s| s.rss_kib)
+    };
+    let _ = writeln!(
+        md,
+        "Memory the allocator keeps after the burst (not a leak, and not counted against the baseline): RSS {} KiB before it, {} KiB at the baseline.\n",
+        rss_at("pre-burst"),
+        rss_at("baseline")
     );
     let _ = writeln!(md, "## Checks\n");
     let _ = writeln!(md, "| check | result | figure |\n|---|---|---|");
