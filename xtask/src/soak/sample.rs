@@ -23,6 +23,9 @@ pub struct Sample {
     pub map_capacity: BTreeMap<String, u64>,
     /// Sample lines in one /metrics response.
     pub series: u64,
+    /// Distinct (process, thread name) pairs the agent reports CPU for: the bound of the
+    /// per-thread-group kernel state (SCHED_SLOTS).
+    pub thread_groups: u64,
     /// `fanout_probes_attached` == 1.
     pub programs_attached: u64,
     /// Redis probe points by state (summed over processes).
@@ -152,6 +155,16 @@ pub fn take(t: Duration, phase: &str, pid: u32, port: u16) -> Sample {
             }
         }
         sample.programs_attached = scrape.sum("fanout_probes_attached", &[]) as u64;
+        sample.thread_groups = scrape
+            .find("process_thread_cpu_time_seconds_total", &[])
+            .filter_map(|s| {
+                Some((
+                    s.labels.get("process_pid")?.clone(),
+                    s.labels.get("thread_name")?.clone(),
+                ))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64;
         for s in scrape.find("fanout_probe_points", &[]) {
             *sample
                 .probe_points
