@@ -23,7 +23,7 @@ use crate::{
     metrics::{catalog, prometheus, AttrValue, Attributes, Point, PointValue, Snapshot},
     proc_reader::{ProcRoot, ReadError},
     proc_walk::{ProcWalk, ProcWalked},
-    redis::{binary::port_from_title, RedisTarget},
+    redis::RedisTarget,
     rules::Classification,
     state_lock::{LockWaits, StateGuard},
     thread_cpu::ProcessCpu,
@@ -196,7 +196,7 @@ impl AgentState {
     /// [`AgentState::install_redis_probes`] installs.
     fn start_redis_probes(&mut self, p: &TrackedProcess) {
         let pid = p.pid();
-        let listen = self.redis_listen_address(pid, &p.info.cmdline);
+        let listen = crate::proc_walk::listen_address_given(&self.proc, pid, &p.info.cmdline);
         let mut target = RedisTarget {
             pid,
             start_ticks: p.info.id.start_time_ticks,
@@ -295,20 +295,6 @@ impl AgentState {
             points = %summary.join(" "),
             "Redis blocking probes"
         );
-    }
-
-    /// Where a Redis listens, from its listening sockets: the port its title or arguments name
-    /// when it listens there, else its lowest listening port. `None` before it has bound one
-    /// (a Redis picked up at exec).
-    fn redis_listen_address(
-        &self,
-        pid: u32,
-        cmdline: &[String],
-    ) -> Option<(u16, Option<std::net::IpAddr>)> {
-        crate::proc_reader::service_address(
-            &self.proc.listening_sockets(pid),
-            port_from_title(cmdline),
-        )
     }
 
     /// The Redis processes with no known port yet (picked up before they bound one).

@@ -74,8 +74,14 @@ impl ProcWalk {
 /// when it listens there, else its lowest listening port. `None` before it has bound one
 /// (a Redis picked up at exec).
 pub fn listen_address(proc: &ProcRoot, pid: u32) -> Option<ListenAddress> {
-    service_address(
-        &proc.listening_sockets(pid),
-        port_from_title(&proc.cmdline(pid)),
-    )
+    listen_address_given(proc, pid, &proc.cmdline(pid))
+}
+
+/// [`listen_address`] with the process's arguments already read.
+pub fn listen_address_given(
+    proc: &ProcRoot,
+    pid: u32,
+    cmdline: &[String],
+) -> Option<ListenAddress> {
+    service_address(&proc.listening_sockets(pid), port_from_title(cmdline))
 }

@@ -25,19 +25,18 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic without a message")
 }
 
-async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
-    // Rendering reads /proc: keep it off the async workers.
+/// Renders on the blocking pool (rendering reads /proc) and answers 200 with `content_type`,
+/// or, when the render panicked, a 500 with the reason, counted as a render failure: a
+/// failed scrape, not an empty one (an empty 200 would read as "every series gone").
+async fn render_off_the_runtime<S: MetricsSource>(
+    source: Arc<S>,
+    render: fn(&S) -> String,
+    content_type: &'static str,
+    what: &'static str,
+) -> axum::response::Response {
     let rendering = source.clone();
-    match tokio::task::spawn_blocking(move || rendering.render_prometheus()).await {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        // A failed scrape, not an empty one: an empty 200 would read as "every series gone".
+    match tokio::task::spawn_blocking(move || render(&rendering)).await {
+        Ok(body) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
         Err(e) => {
             source.count_render_failure();
             let reason = if e.is_panic() {
@@ -45,37 +44,29 @@ async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::respon
             } else {
                 e.to_string()
             };
-            tracing::error!(%reason, "rendering /metrics failed");
+            tracing::error!(%reason, "rendering {what} failed");
             (
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("rendering the metrics failed: {reason}\n"),
+                format!("rendering the {what} failed: {reason}\n"),
             )
                 .into_response()
         }
     }
 }
 
-/// `/api/v1/snapshot`: the snapshot as JSON. A failed render is a 500 with the reason, as
-/// for /metrics.
+async fn metrics<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
+    render_off_the_runtime(
+        source,
+        S::render_prometheus,
+        "text/plain; version=0.0.4; charset=utf-8",
+        "metrics",
+    )
+    .await
+}
+
+/// `/api/v1/snapshot`: the snapshot as JSON (see `metrics::json`).
 async fn snapshot_json<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::response::Response {
-    let rendering = source.clone();
-    match tokio::task::spawn_blocking(move || rendering.render_json()).await {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => {
-            source.count_render_failure();
-            let reason = if e.is_panic() {
-                panic_message(e.into_panic().as_ref()).to_string()
-            } else {
-                e.to_string()
-            };
-            tracing::error!(%reason, "rendering /api/v1/snapshot failed");
-            (
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("rendering the snapshot failed: {reason}\n"),
-            )
-                .into_response()
-        }
-    }
+    render_off_the_runtime(source, S::render_json, "application/json", "snapshot").await
 }
 
 async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {

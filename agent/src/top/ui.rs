@@ -82,48 +82,6 @@ fn bar(cores: Option<f64>) -> String {
 
 const MAIN_BAR_WIDTH: u16 = 6;
 
-fn table<'a, R>(
-    rows: &'a [R],
-    columns: &[Column<R>],
-    sorted_header: &str,
-    ascending: bool,
-    style_of: impl Fn(&R, &Column<R>) -> Style,
-    cell_text: impl Fn(&R, &Column<R>) -> String,
-) -> (Table<'a>, Vec<Constraint>) {
-    let header = Row::new(columns.iter().map(|c| {
-        let mut text = c.header.to_string();
-        if c.header == sorted_header {
-            text.push(if ascending { '▲' } else { '▼' });
-        }
-        Cell::from(text)
-    }))
-    .style(Style::new().add_modifier(Modifier::BOLD));
-    let body: Vec<Row> = rows
-        .iter()
-        .map(|r| {
-            Row::new(
-                columns
-                    .iter()
-                    .map(|c| Cell::from(cell_text(r, c)).style(style_of(r, c))),
-            )
-        })
-        .collect();
-    let widths: Vec<Constraint> = columns
-        .iter()
-        .map(|c| {
-            Constraint::Length(
-                c.width
-                    + if c.header == "MAIN" {
-                        MAIN_BAR_WIDTH
-                    } else {
-                        0
-                    },
-            )
-        })
-        .collect();
-    (Table::new(body, widths.clone()).header(header), widths)
-}
-
 pub fn draw(frame: &mut Frame, view: &View, state: &UiState, address: &str) {
     let area = frame.area();
     let redis_height =
@@ -217,33 +175,78 @@ fn pane_block(title: String, focused: bool) -> Block<'static> {
         })
 }
 
-fn draw_redis(frame: &mut Frame, area: Rect, view: &View, state: &UiState) {
-    let all = columns::redis();
-    let sort = &all[state.redis_sort.min(all.len() - 1)];
+/// One pane: a table of `rows` sorted by column `sort` of `all`, with the columns that fit.
+struct PaneSpec<'a, R> {
+    rows: &'a [R],
+    all: Vec<Column<R>>,
+    sort: usize,
+    /// Columns drawn wider than their text (the MAIN bar) take this much more room.
+    reserved: u16,
+    title: String,
+    focused: bool,
+    empty: &'static str,
+    style_of: fn(&R, &Column<R>) -> Style,
+    cell_text: fn(&R, &Column<R>) -> String,
+}
+
+fn draw_pane<R: Clone>(frame: &mut Frame, area: Rect, spec: PaneSpec<R>, ascending: bool) {
+    let sort = &spec.all[spec.sort.min(spec.all.len() - 1)];
     let (sorted_header, key) = (sort.header, sort.key);
-    let mut rows = view.redis.clone();
-    columns::sort(&mut rows, key, state.ascending);
-    let columns = columns::fitting(all, area.width.saturating_sub(MAIN_BAR_WIDTH));
-    let block = pane_block(
-        format!(
-            " Redis ({}) — main thread in cores, BOOK = blocking bookkeeping share ",
-            rows.len()
-        ),
-        state.pane == Pane::Redis,
-    );
+    let mut rows = spec.rows.to_vec();
+    columns::sort(&mut rows, key, ascending);
+    let columns = columns::fitting(spec.all, area.width.saturating_sub(spec.reserved));
+    let block = pane_block(spec.title, spec.focused);
     if rows.is_empty() {
-        frame.render_widget(
-            Paragraph::new("no Redis tracked on this host").block(block),
-            area,
-        );
+        frame.render_widget(Paragraph::new(spec.empty).block(block), area);
         return;
     }
-    let (table, _) = table(
-        &rows,
-        &columns,
-        sorted_header,
-        state.ascending,
-        |r, c| match c.header {
+    let header = Row::new(columns.iter().map(|c| {
+        let mut text = c.header.to_string();
+        if c.header == sorted_header {
+            text.push(if ascending { '▲' } else { '▼' });
+        }
+        Cell::from(text)
+    }))
+    .style(Style::new().add_modifier(Modifier::BOLD));
+    let body: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            Row::new(
+                columns
+                    .iter()
+                    .map(|c| Cell::from((spec.cell_text)(r, c)).style((spec.style_of)(r, c))),
+            )
+        })
+        .collect();
+    let widths: Vec<Constraint> = columns
+        .iter()
+        .map(|c| {
+            Constraint::Length(
+                c.width
+                    + if c.header == "MAIN" {
+                        MAIN_BAR_WIDTH
+                    } else {
+                        0
+                    },
+            )
+        })
+        .collect();
+    frame.render_widget(Table::new(body, widths).header(header).block(block), area);
+}
+
+fn draw_redis(frame: &mut Frame, area: Rect, view: &View, state: &UiState) {
+    let spec = PaneSpec {
+        rows: &view.redis,
+        all: columns::redis(),
+        sort: state.redis_sort,
+        reserved: MAIN_BAR_WIDTH,
+        title: format!(
+            " Redis ({}) — main thread in cores, BOOK = blocking bookkeeping share ",
+            view.redis.len()
+        ),
+        focused: state.pane == Pane::Redis,
+        empty: "no Redis tracked on this host",
+        style_of: |r, c| match c.header {
             "MAIN" => main_thread_style(r.main_cpu),
             "BOOK" if r.bookkeeping.is_some_and(|b| b >= BOOKKEEPING_WARNING) => {
                 Style::new().fg(Color::Yellow)
@@ -251,51 +254,37 @@ fn draw_redis(frame: &mut Frame, area: Rect, view: &View, state: &UiState) {
             "PID" if !r.points_not_live.is_empty() => Style::new().fg(Color::Magenta),
             _ => Style::new(),
         },
-        |r, c| {
+        cell_text: |r, c| {
             if c.header == "MAIN" {
                 format!("{} {}", bar(r.main_cpu), (c.show)(r))
             } else {
                 (c.show)(r)
             }
         },
-    );
-    frame.render_widget(table.block(block), area);
+    };
+    draw_pane(frame, area, spec, state.ascending);
 }
 
 fn draw_workers(frame: &mut Frame, area: Rect, view: &View, state: &UiState) {
-    let all = columns::workers();
-    let sort = &all[state.worker_sort.min(all.len() - 1)];
-    let (sorted_header, key) = (sort.header, sort.key);
-    let mut rows = view.workers.clone();
-    columns::sort(&mut rows, key, state.ascending);
-    let columns = columns::fitting(all, area.width);
-    let block = pane_block(
-        format!(
+    let spec = PaneSpec {
+        rows: &view.workers,
+        all: columns::workers(),
+        sort: state.worker_sort,
+        reserved: 0,
+        title: format!(
             " Worker groups ({}) — latency p50/p99 of served pops, TMO99 of timed-out ones ",
-            rows.len()
+            view.workers.len()
         ),
-        state.pane == Pane::Workers,
-    );
-    if rows.is_empty() {
-        frame.render_widget(
-            Paragraph::new("no worker group tracked on this host").block(block),
-            area,
-        );
-        return;
-    }
-    let (table, _) = table(
-        &rows,
-        &columns,
-        sorted_header,
-        state.ascending,
-        |w, c| match c.header {
+        focused: state.pane == Pane::Workers,
+        empty: "no worker group tracked on this host",
+        style_of: |w, c| match c.header {
             "ERR" if w.errors.unwrap_or(0.0) > 0.0 => Style::new().fg(Color::Red),
             "SHARED" if w.shared.unwrap_or(0.0) > 0.0 => Style::new().fg(Color::Yellow),
             _ => Style::new(),
         },
-        |w, c| (c.show)(w),
-    );
-    frame.render_widget(table.block(block), area);
+        cell_text: |w, c| (c.show)(w),
+    };
+    draw_pane(frame, area, spec, state.ascending);
 }
 
 fn draw_help(frame: &mut Frame, area: Rect) {
