@@ -196,23 +196,38 @@ fn the_interactive_view_sorts_pauses_and_quits_restoring_the_terminal() {
     t.run(&["send-keys", "-t", "top", "?", "q"]);
 
     // Quit: the program exits 0 and the terminal is back from the alternate screen.
+    // tmux marks the pane dead when its pty closes and learns the exit status only when it
+    // reaps the child, a moment later on a loaded machine: wait for the status itself.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while t
-        .run(&["display", "-p", "-t", "top", "#{pane_dead}"])
-        .trim()
-        != "1"
-    {
+    let (status, signal) = loop {
+        let fields = t.run(&[
+            "display",
+            "-p",
+            "-t",
+            "top",
+            "#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}",
+        ]);
+        let mut parts = fields.trim().splitn(3, '|');
+        let (dead, status, signal) = (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        );
+        if dead == "1" && (!status.is_empty() || !signal.is_empty()) {
+            break (status, signal);
+        }
         assert!(
             Instant::now() < deadline,
-            "fanout top did not quit:\n{}",
+            "fanout top did not quit (pane: {fields:?}):\n{}",
             t.capture()
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     assert_eq!(
-        t.run(&["display", "-p", "-t", "top", "#{pane_dead_status}"])
-            .trim(),
-        "0"
+        (status.as_str(), signal.as_str()),
+        ("0", ""),
+        "fanout top's exit (status, signal):\n{}",
+        t.capture()
     );
     assert_eq!(
         t.run(&["display", "-p", "-t", "top", "#{alternate_on}"])
