@@ -139,8 +139,75 @@ fn length_line<O: Opaque>(w: &[u8; QUICK_REPLY_WINDOW], start: u64, o: &O) -> Op
     Some((value, cr + 2))
 }
 
+/// A reply [`quick_reply`] recognised: its kind and, for data, where the key that served it
+/// is named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuickReply {
+    pub kind: u32,
+    /// Position and length of the first bulk's body: for an array reply (BRPOP, BLPOP,
+    /// BZPOPMIN) the key that served the pop; for a bare bulk (BLMOVE, BRPOPLPUSH) the
+    /// element, and the key is the call's only source key. Meaningless for a nil.
+    pub first_start: u64,
+    pub first_len: u64,
+    /// Whether the reply is an array (the first bulk is the key).
+    pub array: bool,
+}
+
+/// The served key of a pop that cannot be told (a reply the quick path did not take).
+pub const SERVED_KEY_UNKNOWN: u64 = 0;
+/// The served key of a pop whose reply is a bare element (BLMOVE, BRPOPLPUSH): the call's
+/// only source key, which user space knows from the key list.
+pub const SERVED_KEY_ONLY_SOURCE: u64 = 1;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Keeps a key hash clear of the two reserved values above.
+#[inline(always)]
+fn reserve(h: u64) -> u64 {
+    if h <= SERVED_KEY_ONLY_SOURCE {
+        h + 2
+    } else {
+        h
+    }
+}
+
+/// The hash that names a served key to user space (FNV-1a, kept clear of the reserved
+/// values): user space hashes the names of the keys a connection lists the same way.
+pub fn served_key_hash(key: &[u8]) -> u64 {
+    let mut h = FNV_OFFSET;
+    for b in key {
+        h = (h ^ *b as u64).wrapping_mul(FNV_PRIME);
+    }
+    reserve(h)
+}
+
+/// [`served_key_hash`] of the `len` bytes at `start` of the window, when they all lie in the
+/// data read (`avail`); otherwise [`SERVED_KEY_UNKNOWN`].
+#[inline(always)]
+pub fn served_key_hash_in_window(
+    w: &[u8; QUICK_REPLY_WINDOW],
+    start: u64,
+    len: u64,
+    avail: u64,
+) -> u64 {
+    if len == 0 || start.saturating_add(len) > avail || avail as usize > QUICK_REPLY_WINDOW {
+        return SERVED_KEY_UNKNOWN;
+    }
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < QUICK_REPLY_WINDOW {
+        if i as u64 >= len {
+            break;
+        }
+        h = (h ^ byte(w, start + i as u64) as u64).wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    reserve(h)
+}
+
 /// If `w[..avail]` is the start of a buffer of `total` bytes that holds exactly one whole
-/// top-level reply of a simple shape, the reply's [`reply_kind`]; otherwise `None` (the
+/// top-level reply of a simple shape, the reply ([`QuickReply`]); otherwise `None` (the
 /// tokenizer decides). The shapes: a nil (`*-1`, `$-1`, RESP3 `_`), a bulk string, and an
 /// array of one to three bulk strings whose headers all lie in the window (BRPOP/BLPOP's key
 /// and element, BZPOPMIN's key, member and score). `w[avail..]` may hold anything (the
@@ -151,17 +218,22 @@ pub fn quick_reply<O: Opaque>(
     avail: u64,
     total: u64,
     o: &O,
-) -> Option<u32> {
+) -> Option<QuickReply> {
+    let nil = QuickReply {
+        kind: reply_kind::NIL,
+        first_start: 0,
+        first_len: 0,
+        array: false,
+    };
     if avail < 3 || avail > total || avail as usize > QUICK_REPLY_WINDOW {
         return None;
     }
     let first = w[0];
     if first == b'_' {
-        return (total == 3 && w[1] == b'\r' && w[2] == b'\n').then_some(reply_kind::NIL);
+        return (total == 3 && w[1] == b'\r' && w[2] == b'\n').then_some(nil);
     }
     if (first == b'*' || first == b'$') && w[1] == b'-' {
-        return (total == 5 && w[2] == b'1' && w[3] == b'\r' && w[4] == b'\n')
-            .then_some(reply_kind::NIL);
+        return (total == 5 && w[2] == b'1' && w[3] == b'\r' && w[4] == b'\n').then_some(nil);
     }
     let (elements, mut pos) = match first {
         b'$' => (1, 0),
@@ -174,6 +246,8 @@ pub fn quick_reply<O: Opaque>(
         }
         _ => return None,
     };
+    let mut first_start = 0;
+    let mut first_len = 0;
     let mut i = 0;
     while i < QUICK_MAX_ELEMENTS {
         if i >= elements {
@@ -187,13 +261,22 @@ pub fn quick_reply<O: Opaque>(
         if body > avail {
             return None;
         }
+        if i == 0 {
+            first_start = body;
+            first_len = len;
+        }
         pos = o.hide(body + len + 2);
         if pos > total {
             return None;
         }
         i += 1;
     }
-    (pos == total).then_some(reply_kind::DATA)
+    (pos == total).then_some(QuickReply {
+        kind: reply_kind::DATA,
+        first_start,
+        first_len,
+        array: first == b'*',
+    })
 }
 
 #[cfg(test)]
@@ -205,6 +288,10 @@ mod tests {
     use crate::resp::Transparent;
 
     fn quick(bytes: &[u8]) -> Option<u32> {
+        quick_full(bytes).map(|r| r.kind)
+    }
+
+    fn quick_full(bytes: &[u8]) -> Option<QuickReply> {
         // Digits and line ends past the data, as a previous read may leave them.
         let mut w = [0u8; QUICK_REPLY_WINDOW];
         for (i, b) in w.iter_mut().enumerate() {
@@ -346,5 +433,54 @@ mod tests {
         let mut long2 = long.clone();
         long2[700] ^= 0x80;
         assert_ne!(hash_bytes(&long), hash_bytes(&long2));
+    }
+
+    fn served_key(bytes: &[u8]) -> u64 {
+        let mut w = [b'q'; QUICK_REPLY_WINDOW];
+        let n = bytes.len().min(QUICK_REPLY_WINDOW);
+        w[..n].copy_from_slice(&bytes[..n]);
+        let r = quick_full(bytes).expect("a quick reply");
+        assert!(r.array);
+        served_key_hash_in_window(&w, r.first_start, r.first_len, n as u64)
+    }
+
+    #[test]
+    fn the_served_key_is_hashed_as_user_space_hashes_key_names() {
+        let mut reply = b"*2\r\n$13\r\nqueue:default\r\n$300\r\n".to_vec();
+        reply.extend(vec![b'x'; 300]);
+        reply.extend(b"\r\n");
+        assert_eq!(served_key(&reply), served_key_hash(b"queue:default"));
+        assert_ne!(served_key(&reply), served_key_hash(b"queue:defaulu"));
+        // BZPOPMIN: key, member, score.
+        assert_eq!(
+            served_key(b"*3\r\n$2\r\nzq\r\n$1\r\nm\r\n$3\r\n1.5\r\n"),
+            served_key_hash(b"zq")
+        );
+        // A key whose name runs past the window cannot be told.
+        let long = vec![b'k'; 120];
+        let mut reply = format!("*2\r\n${}\r\n", long.len()).into_bytes();
+        reply.extend(&long);
+        reply.extend(b"\r\n$1\r\nv\r\n");
+        // Its headers are not all in the window either: not quick at all.
+        assert_eq!(quick(&reply), None);
+        let mut w = [0u8; QUICK_REPLY_WINDOW];
+        w.copy_from_slice(&reply[..QUICK_REPLY_WINDOW]);
+        assert_eq!(
+            served_key_hash_in_window(&w, 9, 120, QUICK_REPLY_WINDOW as u64),
+            SERVED_KEY_UNKNOWN
+        );
+        // A bare element (BLMOVE): not an array, the key is the call's only source.
+        let r = quick_full(b"$3\r\nabc\r\n").expect("a bulk");
+        assert!(!r.array);
+        assert_eq!(r.kind, reply_kind::DATA);
+    }
+
+    #[test]
+    fn key_hashes_never_take_the_reserved_values() {
+        for i in 0..10_000u32 {
+            let h = served_key_hash(format!("queue:{i}").as_bytes());
+            assert!(h > SERVED_KEY_ONLY_SOURCE);
+        }
+        assert!(served_key_hash(b"") > SERVED_KEY_ONLY_SOURCE);
     }
 }

@@ -49,6 +49,8 @@ pub mod maps {
     pub const SYSCALL_WORKERS: &str = "SYSCALL_WORKERS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::ConnState`].
     pub const CONNS: &str = "CONNS";
+    /// [`crate::worker::ServedKey`] -> served pops.
+    pub const SERVED_KEYS: &str = "SERVED_KEYS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::Peer`], from connect() or /proc.
     pub const CONN_PEERS: &str = "CONN_PEERS";
     /// Slot ([`crate::worker::not_resp_slot`]) -> tag of a (tgid, fd) a worker writes to

@@ -224,6 +224,26 @@ pub struct PhaseTime {
     pub calls: u64,
 }
 
+/// Bookkeeping time of the calls in one fan-out bucket: what the cost per key is fitted on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeysCost {
+    /// Registrations (`blockForKeys`) with a key count in the bucket.
+    pub calls: u64,
+    /// Keys summed over them.
+    pub keys: u64,
+    /// Registering and unregistering time of calls in the bucket.
+    pub total_ns: u64,
+}
+
+impl KeysCost {
+    pub const ZERO: Self = Self {
+        calls: 0,
+        keys: 0,
+        total_ns: 0,
+    };
+}
+
 /// Value of the duration histograms.
 pub type DurationHistogram = Log2Histogram;
 
@@ -239,7 +259,11 @@ pub struct RedisProcState {
     pub _pad: u32,
     /// Entry time of the bookkeeping phase in progress, per [`phase`]; 0 when none.
     pub phase_start: [u64; 2],
+    /// Keys of the call whose phase is in progress, per [`phase`].
+    pub phase_keys: [u32; 2],
     pub bookkeeping: [PhaseTime; 2],
+    /// Bookkeeping time by fan-out bucket ([`KeyHistogram::bucket_index`]).
+    pub bookkeeping_by_keys: [KeysCost; KEY_BUCKETS],
     /// Per [`point`].
     pub hits: [u64; point::COUNT],
     /// The client a key woke last (7.2+), see [`WokenClient`].
@@ -259,10 +283,12 @@ impl RedisProcState {
             serving: 0,
             _pad: 0,
             phase_start: [0; 2],
+            phase_keys: [0; 2],
             bookkeeping: [PhaseTime {
                 total_ns: 0,
                 calls: 0,
             }; 2],
+            bookkeeping_by_keys: [KeysCost::ZERO; KEY_BUCKETS],
             hits: [0; point::COUNT],
             woken: WokenClient {
                 client: 0,
@@ -302,7 +328,9 @@ const _: () = assert!(
         == core::mem::size_of::<RedisProcess>()
             + 8
             + 16
+            + 8
             + 32
+            + 24 * KEY_BUCKETS
             + 8 * point::COUNT
             + 48
             + 8
@@ -321,6 +349,7 @@ mod pod {
     unsafe impl aya::Pod for RedisProcState {}
     unsafe impl aya::Pod for KeyHistogram {}
     unsafe impl aya::Pod for PhaseTime {}
+    unsafe impl aya::Pod for KeysCost {}
 }
 
 #[cfg(test)]

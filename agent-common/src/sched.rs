@@ -163,9 +163,11 @@ pub enum ProbeCounter {
     OverlappingPop = 6,
     /// A connection could not be followed (map insert failed).
     ConnInsertFailed = 7,
+    /// A served pop could not be counted by its key (the served-keys map was full).
+    ServedKeysFull = 8,
 }
 
-pub const PROBE_COUNTER_SLOTS: u32 = 8;
+pub const PROBE_COUNTER_SLOTS: u32 = 16;
 
 const _: () = assert!(core::mem::size_of::<ThreadGroupKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Log2Histogram>() == 16 + 8 * HIST_BUCKETS);

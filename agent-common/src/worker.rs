@@ -12,6 +12,10 @@ pub const MAX_CONNECTIONS: u32 = 65536;
 pub const MAX_WORKER_PROCESSES: u32 = 4096;
 /// Most (process, command, outcome, peer) histogram keys.
 pub const MAX_WORKER_HISTOGRAMS: u32 = 16384;
+/// Most (process, peer, served key) counters of served pops. Kept in a plain hash map (not
+/// an LRU): a count is never silently evicted; when the map is full, a pop on a new key is
+/// counted as a probe error instead, and the agent drops the entries of exited processes.
+pub const MAX_SERVED_KEYS: u32 = 32768;
 /// Largest request sent to user space when a connection's key list changes: a BRPOP of 440
 /// Sidekiq queues is about 10 KiB.
 pub const KEYSET_MAX_BYTES: usize = 32 * 1024;
@@ -140,6 +144,16 @@ pub struct WorkerHistKey {
     pub peer: Peer,
 }
 
+/// Key of `SERVED_KEYS`: served pops of one process on one Redis, by the key that served
+/// them (`agent_common::fastpath::served_key_hash`, or one of the reserved values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServedKey {
+    pub tgid: u32,
+    pub peer: Peer,
+    pub key_hash: u64,
+}
+
 /// Key of the fan-out histograms.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -181,6 +195,7 @@ impl PendingRead {
 const _: () = assert!(core::mem::size_of::<Peer>() == 20);
 const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
 const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);
+const _: () = assert!(core::mem::size_of::<ServedKey>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -191,4 +206,5 @@ mod pod {
     unsafe impl aya::Pod for WorkerHistKey {}
     unsafe impl aya::Pod for WorkerKeysKey {}
     unsafe impl aya::Pod for PendingPop {}
+    unsafe impl aya::Pod for ServedKey {}
 }

@@ -16,7 +16,8 @@
 //!   machine code and probes with `redis_unblock_client_requeue` (its argument is folded in).
 
 use agent_common::redis::{
-    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, RedisProcState,
+    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, KeyHistogram,
+    RedisProcState, KEY_BUCKETS,
     RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES,
     MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
 };
@@ -104,6 +105,7 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
     };
 
     state.phase_start[phase::REGISTER as usize] = now;
+    state.phase_keys[phase::REGISTER as usize] = numkeys;
     // blockForKeys ends with blockClient(c): that probe must not count this block again.
     state.registering = client;
     record_block(tgid, state, client, btype, numkeys, deadline_ms, now);
@@ -308,6 +310,7 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
         };
     }
     state.phase_start[phase::UNREGISTER as usize] = now;
+    state.phase_keys[phase::UNREGISTER as usize] = blocked.numkeys;
     0
 }
 
@@ -380,4 +383,16 @@ fn end_phase(state: &mut RedisProcState, which: u32) {
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     state.bookkeeping[w].total_ns += elapsed;
     state.bookkeeping[w].calls += 1;
+    // The same time by fan-out, for the cost per key (`fanout advise`): a call counts once,
+    // at its registration; its unregistration adds time only.
+    let keys = state.phase_keys[w];
+    let bucket = KeyHistogram::bucket_index(keys);
+    if bucket < KEY_BUCKETS {
+        let cost = &mut state.bookkeeping_by_keys[bucket];
+        cost.total_ns += elapsed;
+        if w == phase::REGISTER as usize {
+            cost.calls += 1;
+            cost.keys += keys as u64;
+        }
+    }
 }

@@ -19,8 +19,9 @@ use agent_common::{
     sched::{Log2Histogram, ProbeCounter},
     worker::{
         conn_kind, not_resp_slot, outcome, via, ConnKey, ConnState, HistogramSlots, KeysetHeader,
-        Peer, PendingRead, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES, KEYSET_RING_BYTES,
-        MAX_CONNECTIONS, MAX_WORKER_HISTOGRAMS, MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
+        Peer, PendingRead, ServedKey, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES,
+        KEYSET_RING_BYTES, MAX_CONNECTIONS, MAX_SERVED_KEYS, MAX_WORKER_HISTOGRAMS,
+        MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
     },
 };
 use aya_ebpf::{
@@ -28,7 +29,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
@@ -65,6 +66,10 @@ static WK_KEY_SLOTS: HashMap<WorkerKeysKey, u32> =
     HashMap::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
 #[map]
 static WK_KEY_FREE: Queue<u32> = Queue::with_max_entries(MAX_WORKER_HISTOGRAMS, 0);
+/// Served pops by (process, peer, key that served them), for `fanout advise`.
+#[map]
+static SERVED_KEYS: PerCpuHashMap<ServedKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_SERVED_KEYS, 0);
 #[map]
 static KEYSET_EVENTS: RingBuf = RingBuf::with_byte_size(KEYSET_RING_BYTES, 0);
 
@@ -229,9 +234,35 @@ fn record_keys(conn: &mut ConnState, tgid: u32, command: u32, keys: u32) {
     }
 }
 
-/// Ends the waiting pop of `conn` with `result`.
+/// Counts a served pop under the key that served it (one hash update per served pop; the
+/// key's name stays in user space, which hashes the names it knows the same way).
 #[inline(always)]
-fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, now: u64) {
+fn count_served_key(tgid: u32, peer: Peer, key_hash: u64) {
+    let key = ServedKey {
+        tgid,
+        peer,
+        key_hash,
+    };
+    // Per CPU: two threads of one process serving the same key on two CPUs must not lose a
+    // count, and this target has no atomic add in `core`.
+    if let Some(count) = SERVED_KEYS.get_ptr_mut(&key) {
+        unsafe { *count += 1 };
+    } else if SERVED_KEYS.insert(&key, &1, 0).is_err() {
+        bump(ProbeCounter::ServedKeysFull);
+    }
+}
+
+/// Ends the waiting pop of `conn` with `result`; `served_key` names the key that served it
+/// (`fastpath::served_key_hash`, or a reserved value) and only counts for a served pop.
+#[inline(always)]
+fn finish_pop(
+    conn: &mut ConnState,
+    tgid: u32,
+    fd: u32,
+    result: u32,
+    served_key: u64,
+    now: u64,
+) {
     if conn.pop.active == 0 {
         return;
     }
@@ -245,6 +276,9 @@ fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, now: u64) {
         }
     }
     record_duration(conn, tgid, result, now.saturating_sub(conn.pop.sent_ns));
+    if result == outcome::SERVED {
+        count_served_key(tgid, conn.peer, served_key);
+    }
 }
 
 /// Sends the request bytes `[start, end)` of the current buffer to user space.
@@ -515,7 +549,15 @@ extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
                     reply_kind::NIL => outcome::TIMEOUT,
                     _ => outcome::ERROR,
                 };
-                finish_pop(conn, ctx.tgid, ctx.fd, result, ctx.now);
+                // The tokenizer does not keep the reply's bytes: its key is not told.
+                finish_pop(
+                    conn,
+                    ctx.tgid,
+                    ctx.fd,
+                    result,
+                    fastpath::SERVED_KEY_UNKNOWN,
+                    ctx.now,
+                );
             } else if start.index > conn.pop.reply_index {
                 // Its reply went by unseen (the connection was re-synchronised).
                 conn.pop.active = 0;
@@ -1059,13 +1101,20 @@ fn quick_pop_reply(
         return false;
     }
     let bytes = unsafe { &*(words.as_ptr() as *const [u8; QUICK_REPLY_WINDOW]) };
-    let result = match fastpath::quick_reply(bytes, n, total, &MapOpaque) {
-        Some(reply_kind::DATA) => outcome::SERVED,
-        Some(reply_kind::NIL) => outcome::TIMEOUT,
+    let Some(reply) = fastpath::quick_reply(bytes, n, total, &MapOpaque) else {
+        return false;
+    };
+    let (result, served_key) = match reply.kind {
+        reply_kind::DATA if reply.array => (
+            outcome::SERVED,
+            fastpath::served_key_hash_in_window(bytes, reply.first_start, reply.first_len, n),
+        ),
+        reply_kind::DATA => (outcome::SERVED, fastpath::SERVED_KEY_ONLY_SOURCE),
+        reply_kind::NIL => (outcome::TIMEOUT, 0),
         _ => return false,
     };
     conn.reply.replies += 1;
-    finish_pop(conn, tgid, fd, result, now);
+    finish_pop(conn, tgid, fd, result, served_key, now);
     true
 }
 
@@ -1103,7 +1152,7 @@ fn handle_read_exit(ret: i64, via: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
-        finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, now);
+        finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, 0, now);
         return;
     }
     let total = ret as u64;
@@ -1162,6 +1211,7 @@ fn handle_close(fd: u64, via: u32) {
             tgid,
             fd as u32,
             outcome::ERROR,
+            0,
             unsafe { bpf_ktime_get_ns() },
         );
         let _ = CONNS.remove(&key);

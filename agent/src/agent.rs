@@ -56,6 +56,10 @@ pub struct AgentState {
     redis: HashMap<u32, RedisTarget>,
     /// Worker-side accounting (key lists, exited workers' counts).
     pub worker: WorkerSide,
+    /// Cumulative counts for `fanout advise`, kept at each snapshot, and their history.
+    pub advise: crate::advise::window::AdviseHistory,
+    /// Main-thread CPU seconds of each tracked Redis, as of the last snapshot.
+    redis_main_cpu: HashMap<u32, f64>,
     /// What could not be attached and why, for the log and self-metrics.
     pub probe_status: Vec<ProbeStatus>,
     pub stats: SelfStats,
@@ -83,6 +87,8 @@ impl AgentState {
             probes,
             redis: HashMap::new(),
             worker: WorkerSide::new(listeners),
+            advise: crate::advise::window::AdviseHistory::new(std::time::Instant::now()),
+            redis_main_cpu: HashMap::new(),
             probe_status,
             stats: SelfStats::default(),
             max_thread_names,
@@ -414,6 +420,18 @@ impl AgentState {
             let start = self.process_start(p);
             let cpu = self.cpu.entry(pid).or_default();
             cpu.update(&samples, self.max_thread_names);
+            if self.redis.contains_key(&pid) {
+                // The main thread's name (tid = pid) labels its CPU; I/O and bio threads
+                // have names of their own.
+                let main = samples
+                    .iter()
+                    .find(|s| s.tid == pid)
+                    .and_then(|s| cpu.totals().get(cpu.label_for(&s.name, self.max_thread_names.max(1) - 1)))
+                    .map(|t| (t.user + t.system) as f64 / self.ticks_per_second);
+                if let Some(seconds) = main {
+                    self.redis_main_cpu.insert(pid, seconds);
+                }
+            }
             let base = Self::process_attributes(p);
             for (thread, ticks) in cpu.totals() {
                 for (mode, value) in [("user", ticks.user), ("system", ticks.system)] {
@@ -442,15 +460,13 @@ impl AgentState {
             }
         }
         self.set_redis_addresses(walked.addresses);
-        if let Some(probes) = self.probes.as_mut() {
-            let readings = probes.redis.read();
-            for target in self.redis.values_mut() {
-                target.emit(readings.get(&target.pid), &mut snapshot);
-            }
-        } else {
-            for target in self.redis.values_mut() {
-                target.emit(None, &mut snapshot);
-            }
+        let redis_readings = self
+            .probes
+            .as_mut()
+            .map(|probes| probes.redis.read())
+            .unwrap_or_default();
+        for target in self.redis.values_mut() {
+            target.emit(redis_readings.get(&target.pid), &mut snapshot);
         }
 
         if let Some(probes) = self.probes.as_mut() {
@@ -469,8 +485,10 @@ impl AgentState {
                 Some(Classification::Worker { group }) => Some(group.clone()),
                 _ => None,
             };
+            let counts = self.worker.advise_counts(&readings, &connections, &group_of);
             self.worker
-                .emit(&readings, &connections, &group_of, &mut snapshot);
+                .emit(&readings, &connections, &group_of, &counts, &mut snapshot);
+            self.record_advise_counts(counts, &redis_readings);
         }
 
         if let Some(probes) = &self.probes {
@@ -525,6 +543,60 @@ impl AgentState {
             }
         }
         snapshot
+    }
+
+    /// Keeps the counts `fanout advise` reads: the worker side's per server, each joined
+    /// with the tracked Redis that listens on its port (a server no tracked Redis listens on
+    /// is remote: listeners only).
+    fn record_advise_counts(
+        &mut self,
+        workers: crate::worker::AdviseCounts,
+        redis_readings: &BTreeMap<u32, crate::ebpf::redis::RedisReadings>,
+    ) {
+        self.redis_main_cpu.retain(|pid, _| self.redis.contains_key(pid));
+        let servers = workers
+            .into_iter()
+            .map(|(server, groups)| {
+                let port: Option<u16> = server.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+                let mut local = self.redis.values().filter(|t| t.port.is_some() && t.port == port);
+                let redis = match (local.next(), local.next()) {
+                    (Some(target), None) => target.advise_counts(
+                        redis_readings.get(&target.pid),
+                        self.redis_main_cpu.get(&target.pid).copied().unwrap_or(0.0),
+                    ),
+                    // None, or two on one port (other network namespaces): not told apart.
+                    _ => None,
+                };
+                (server, crate::advise::window::ServerCounts { redis, groups })
+            })
+            .collect();
+        self.advise.record(crate::advise::window::Counts {
+            taken: std::time::Instant::now(),
+            servers,
+        });
+    }
+
+    /// The observation of the last `window` for `fanout advise` (None: since the start), as
+    /// of the last snapshot; key names real or folded (`key_0`, ...).
+    pub fn advise_observation(
+        &self,
+        window: Option<Duration>,
+        names_real: bool,
+    ) -> Option<crate::advise::observation::Observation> {
+        if names_real {
+            let name_of = |h: u64| self.worker.key_name(h).map(|n| n.to_string());
+            self.advise.observation(window, true, &name_of)
+        } else {
+            // Stable within one answer: the n-th distinct hash met is key_n.
+            let folded = std::cell::RefCell::new(HashMap::<u64, usize>::new());
+            let name_of = |h: u64| {
+                self.worker.key_name(h)?;
+                let mut f = folded.borrow_mut();
+                let n = f.len();
+                Some(format!("key_{}", *f.entry(h).or_insert(n)))
+            };
+            self.advise.observation(window, false, &name_of)
+        }
     }
 
     fn self_metrics(&self, snapshot: &mut Snapshot) {
@@ -605,6 +677,7 @@ impl AgentState {
                 ("keyset_ring_full", ProbeCounter::KeysetLost),
                 ("overlapping_pop", ProbeCounter::OverlappingPop),
                 ("connection_map_full", ProbeCounter::ConnInsertFailed),
+                ("served_keys_map_full", ProbeCounter::ServedKeysFull),
             ] {
                 snapshot.push(
                     catalog::EVENTS_LOST,
@@ -747,6 +820,18 @@ impl MetricsSource for SharedAgent {
     }
     fn render_json(&self) -> String {
         crate::metrics::json::render(&self.snapshot(), &self.resource, SystemTime::now())
+    }
+    fn render_advise(&self, window: Option<Duration>, names_real: bool) -> String {
+        // A fresh snapshot first: the counts are taken with it.
+        self.snapshot();
+        let observation = self.lock("advise").advise_observation(window, names_real);
+        let observation = observation.unwrap_or_else(|| crate::advise::observation::Observation {
+            version: crate::advise::observation::VERSION,
+            names_real,
+            since_start: true,
+            ..Default::default()
+        });
+        serde_json::to_string(&observation).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)

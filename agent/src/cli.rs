@@ -25,6 +25,9 @@ pub enum Command {
     /// A live view of Redis saturation and who causes it, from the agent on this host
     /// (`--once` prints it as text).
     Top(crate::top::TopArgs),
+    /// Turn what the agent saw into routing rules for fewer queues per worker, with the Redis
+    /// time they save.
+    Advise(crate::advise::AdviseArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

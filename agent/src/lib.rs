@@ -5,7 +5,9 @@
 //! track) -> `thread_cpu` and `ebpf` (measure) -> `collect` + `agent` (snapshot) -> `metrics`
 //! and `export` (Prometheus text, OTLP).
 
+pub mod advise;
 pub mod agent;
+pub mod agent_http;
 pub mod cli;
 pub mod collect;
 pub mod config;

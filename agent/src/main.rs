@@ -21,12 +21,25 @@ fn top(args: &fanout::top::TopArgs) -> ExitCode {
     }
 }
 
+/// `fanout advise`: a one-line error and exit 1 when the agent cannot be read. Too little data
+/// is printed as the answer and exits 0.
+fn advise(args: &fanout::advise::AdviseArgs) -> ExitCode {
+    match fanout::advise::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckProbes => return check_probes(),
         Command::Top(args) => return top(&args),
+        Command::Advise(args) => return advise(&args),
     };
 
     let file = match &args.config {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use agent_common::{
     maps, programs,
     redis::{
-        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, PhaseTime,
-        RedisProcState, RedisProcess, BTYPE_SLOTS, OUTCOMES,
+        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, KeysCost, PhaseTime,
+        RedisProcState, RedisProcess, BTYPE_SLOTS, KEY_BUCKETS, OUTCOMES,
     },
 };
 use aya::{
@@ -293,6 +293,8 @@ pub struct RedisReadings {
     pub durations: BTreeMap<(u32, u32), DurationHistogram>,
     /// Bookkeeping per phase.
     pub bookkeeping: BTreeMap<u32, PhaseTime>,
+    /// Bookkeeping by fan-out bucket (`KeyHistogram::bucket_index`).
+    pub bookkeeping_by_keys: [KeysCost; KEY_BUCKETS],
     /// Hits per probe point (indexed by `point::*`).
     pub hits: [u64; point::COUNT],
     pub blocked_clients: u64,
@@ -484,6 +486,7 @@ impl RedisMaps {
                     .insert(which, state.bookkeeping[which as usize]);
             }
             r.hits = state.hits;
+            r.bookkeeping_by_keys = state.bookkeeping_by_keys;
         }
         for (key, client) in self.blocked.iter().filter_map(Result::ok) {
             let r = out.entry(key.tgid).or_default();

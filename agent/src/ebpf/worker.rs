@@ -8,12 +8,12 @@ use agent_common::{
     redis::KeyHistogram,
     sched::Log2Histogram,
     worker::{
-        not_resp_slot, via, ConnKey, ConnState, Peer, WorkerHistKey, WorkerKeysKey,
+        not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey, WorkerKeysKey,
         MAX_WORKER_HISTOGRAMS,
     },
 };
 use aya::{
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint},
     Ebpf,
 };
@@ -161,6 +161,8 @@ impl WorkerLinks {
 pub struct WorkerReadings {
     pub durations: BTreeMap<(u32, u32, Peer), Log2Histogram>,
     pub keys: BTreeMap<u32, KeyHistogram>,
+    /// Served pops by (Redis, served key hash: `fastpath::served_key_hash` or a reserved value).
+    pub served: BTreeMap<(Peer, u64), u64>,
 }
 
 pub struct WorkerMaps {
@@ -170,6 +172,7 @@ pub struct WorkerMaps {
     syscall_workers: super::PidSet,
     conns: HashMap<MapData, ConnKey, ConnState>,
     peers: HashMap<MapData, ConnKey, Peer>,
+    served: PerCpuHashMap<MapData, ServedKey, u64>,
     /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
     /// probes): a socket's slot is cleared when its peer is seeded.
     not_resp: Array<MapData, u64>,
@@ -255,6 +258,7 @@ impl WorkerMaps {
             syscall_workers: super::PidSet::new(ebpf, maps::SYSCALL_WORKERS)?,
             conns: take_map(ebpf, maps::CONNS)?,
             peers: take_map(ebpf, maps::CONN_PEERS)?,
+            served: take_map(ebpf, maps::SERVED_KEYS)?,
             not_resp: take_map(ebpf, maps::NOT_RESP)?,
             durations: super::slots::SlotTable::new(
                 ebpf,
@@ -640,6 +644,15 @@ impl WorkerMaps {
         for k in peers {
             let _ = self.peers.remove(&k);
         }
+        let served: Vec<ServedKey> = self
+            .served
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in served {
+            let _ = self.served.remove(&k);
+        }
         self.durations.release(|k| k.tgid == pid);
         self.keys.release(|k| k.tgid == pid);
         self.forget(ebpf, pid);
@@ -719,6 +732,13 @@ impl WorkerMaps {
                 .entry(key.command)
                 .or_insert(KeyHistogram::ZERO);
             per_cpu.iter().for_each(|v| entry.merge(v));
+        }
+        for (key, per_cpu) in self.served.iter().filter_map(Result::ok) {
+            *out.entry(key.tgid)
+                .or_default()
+                .served
+                .entry((key.peer, key.key_hash))
+                .or_default() += per_cpu.iter().sum::<u64>();
         }
         out
     }

@@ -10,6 +10,10 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn render_prometheus(&self) -> String;
     /// The same snapshot as versioned JSON (`metrics::json`), for `fanout top`.
     fn render_json(&self) -> String;
+    /// What the agent saw over the last `window` (None: since it started), as
+    /// `advise::observation` JSON, for `fanout advise`. Key names are real only when
+    /// `names_real` (a loopback client), else folded.
+    fn render_advise(&self, window: Option<std::time::Duration>, names_real: bool) -> String;
     /// Whether the agent finished its start-up (first scan done, probes attached or given up).
     fn is_ready(&self) -> bool;
     /// Counts a scrape that failed to render (a self-metric).
@@ -30,7 +34,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 /// failed scrape, not an empty one (an empty 200 would read as "every series gone").
 async fn render_off_the_runtime<S: MetricsSource>(
     source: Arc<S>,
-    render: fn(&S) -> String,
+    render: impl FnOnce(&S) -> String + Send + 'static,
     content_type: &'static str,
     what: &'static str,
 ) -> axum::response::Response {
@@ -69,6 +73,52 @@ async fn snapshot_json<S: MetricsSource>(State(source): State<Arc<S>>) -> axum::
     render_off_the_runtime(source, S::render_json, "application/json", "snapshot").await
 }
 
+/// Longest window `/api/v1/advise` takes (longer ones reach back to the agent's start).
+const MAX_ADVISE_WINDOW_S: f64 = 366.0 * 86_400.0;
+
+/// The `window=SECONDS` of an advise query (none: since the start).
+fn advise_window(query: Option<&str>) -> Result<Option<std::time::Duration>, String> {
+    let Some(value) = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("window="))
+    else {
+        return Ok(None);
+    };
+    match value.parse::<f64>() {
+        Ok(w) if w.is_finite() && (1.0..=MAX_ADVISE_WINDOW_S).contains(&w) => {
+            Ok(Some(std::time::Duration::from_secs_f64(w)))
+        }
+        _ => Err(format!(
+            "window must be a number of seconds between 1 and {MAX_ADVISE_WINDOW_S}, got {value:?}"
+        )),
+    }
+}
+
+/// `/api/v1/advise[?window=SECONDS]`: what the agent saw over a window, for `fanout advise`.
+/// Queue names go only to a client on loopback (the operator on this host); a client from
+/// elsewhere gets them folded, as the exporters fold them.
+async fn advise_json<S: MetricsSource>(
+    State(source): State<Arc<S>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let window = match advise_window(uri.query()) {
+        Ok(window) => window,
+        Err(message) => {
+            return (axum::http::StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+        }
+    };
+    let names_real = peer.ip().is_loopback();
+    render_off_the_runtime(
+        source,
+        move |s: &S| s.render_advise(window, names_real),
+        "application/json",
+        "advice observation",
+    )
+    .await
+}
+
 async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoResponse {
     if source.is_ready() {
         (axum::http::StatusCode::OK, "ready\n")
@@ -87,10 +137,12 @@ pub async fn serve<S: MetricsSource>(
     let app = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/api/v1/snapshot", get(snapshot_json::<S>))
+        .route("/api/v1/advise", get(advise_json::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
         .with_state(source);
     let handle = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "Prometheus endpoint stopped");
         }
@@ -114,12 +166,28 @@ mod tests {
         fn render_json(&self) -> String {
             panic!("a bug while rendering");
         }
+        fn render_advise(&self, _: Option<std::time::Duration>, _: bool) -> String {
+            panic!("a bug while rendering");
+        }
         fn is_ready(&self) -> bool {
             true
         }
         fn count_render_failure(&self) {
             self.failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn advise_windows_are_seconds_within_bounds() {
+        assert_eq!(advise_window(None), Ok(None));
+        assert_eq!(advise_window(Some("x=1")), Ok(None));
+        assert_eq!(
+            advise_window(Some("x=1&window=300")),
+            Ok(Some(std::time::Duration::from_secs(300)))
+        );
+        for bad in ["window=0", "window=-5", "window=nan", "window=inf", "window=1e12", "window="] {
+            assert!(advise_window(Some(bad)).is_err(), "{bad}");
         }
     }
 

@@ -259,6 +259,12 @@ pub mod catalog {
         unit: "{key}",
         kind: Kind::Histogram,
     };
+    pub const WORKER_POP_SERVED: Descriptor = Descriptor {
+        name: "worker.blocking_pop.served",
+        description: "Blocking pops served, by the Redis and (with --export-key-names) the key that served them; redis.key=unknown when the reply's key could not be read in the kernel",
+        unit: "{pop}",
+        kind: Kind::Counter,
+    };
     pub const QUEUE_LISTENERS: Descriptor = Descriptor {
         name: "redis.queue.listeners",
         description: "Worker processes (listener=process) and currently blocked connections (listener=blocked_connection) listening to a group's queues",
@@ -281,6 +287,7 @@ pub mod catalog {
     pub const ALL: &[Descriptor] = &[
         WORKER_POP_DURATION,
         WORKER_POP_KEYS,
+        WORKER_POP_SERVED,
         QUEUE_LISTENERS,
         WORKER_QUEUES,
         QUEUES_SHARED,

@@ -163,6 +163,68 @@ impl RedisTarget {
         attrs
     }
 
+    /// What `fanout advise` needs of this Redis (cumulative), when its probes can say it:
+    /// calls, keys and served counts need the fan-out and outcome verdicts, the bookkeeping
+    /// time its own. `main_thread_cpu_seconds` comes from /proc.
+    pub fn advise_counts(
+        &self,
+        readings: Option<&RedisReadings>,
+        main_thread_cpu_seconds: f64,
+    ) -> Option<crate::advise::window::RedisCounts> {
+        let port = self.port?;
+        if self.unavailable.is_some() {
+            return None;
+        }
+        let empty = RedisReadings::default();
+        let readings = readings.unwrap_or(&empty);
+        let verdict = evaluate(
+            &self.points,
+            &readings.hits,
+            self.unblock_bypassed.as_deref(),
+        );
+        let served = if verdict.durations {
+            readings
+                .durations
+                .iter()
+                .filter(|((_, kind), _)| *kind == outcome::SERVED)
+                .map(|(_, h)| h.count)
+                .sum()
+        } else {
+            0
+        };
+        let (calls, keys) = if verdict.fanout {
+            readings
+                .keys
+                .values()
+                .fold((0, 0), |(c, k), h| (c + h.count, k + h.sum))
+        } else {
+            (0, 0)
+        };
+        let bookkeeping = (verdict.bookkeeping && self.bookkeeping_time).then(|| {
+            readings
+                .bookkeeping
+                .values()
+                .map(|t| t.total_ns)
+                .sum::<u64>() as f64
+                / 1e9
+        });
+        Some(crate::advise::window::RedisCounts {
+            pid: self.pid,
+            port,
+            version: None,
+            main_thread_cpu_seconds,
+            bookkeeping_seconds: bookkeeping,
+            blocking_calls: calls,
+            keys_listed: keys,
+            served,
+            by_keys: if bookkeeping.is_some() {
+                readings.bookkeeping_by_keys
+            } else {
+                Default::default()
+            },
+        })
+    }
+
     /// Adds this process's `redis.*` series and its probe-point states to the snapshot. Logs
     /// each new problem once.
     pub fn emit(&mut self, readings: Option<&RedisReadings>, snapshot: &mut Snapshot) {

@@ -1,18 +1,13 @@
 //! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over plain
 //! HTTP/1.0 on loopback or the address given, and kept as series by metric name.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::{TcpStream, ToSocketAddrs},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 /// What a reading could not be.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadingError {
-    #[error("no Fanout agent answers at {address} ({reason}); start one with `sudo fanout run` (or `sudo cargo xtask run`), or give its --address")]
-    NoAgent { address: String, reason: String },
+    #[error(transparent)]
+    NoAgent(#[from] crate::agent_http::NoAgent),
     #[error("the agent at {address} answered HTTP {status} for /api/v1/snapshot{hint}")]
     Http {
         address: String,
@@ -149,37 +144,7 @@ impl Reading {
 
     /// Fetches a reading from the agent at `address` (HOST:PORT).
     pub fn fetch(address: &str, timeout: Duration) -> Result<Self, ReadingError> {
-        let no_agent = |reason: String| ReadingError::NoAgent {
-            address: address.to_string(),
-            reason,
-        };
-        let socket = address
-            .to_socket_addrs()
-            .map_err(|e| no_agent(e.to_string()))?
-            .next()
-            .ok_or_else(|| no_agent("the address resolves to nothing".into()))?;
-        let mut stream =
-            TcpStream::connect_timeout(&socket, timeout).map_err(|e| no_agent(e.to_string()))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| no_agent(e.to_string()))?;
-        write!(
-            stream,
-            "GET /api/v1/snapshot HTTP/1.0\r\nHost: {address}\r\nAccept: application/json\r\n\r\n"
-        )
-        .map_err(|e| no_agent(e.to_string()))?;
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .map_err(|e| no_agent(e.to_string()))?;
-        let response = String::from_utf8_lossy(&response);
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let (status, body) = crate::agent_http::get(address, "/api/v1/snapshot", timeout)?;
         if status != 200 {
             return Err(ReadingError::Http {
                 address: address.to_string(),
@@ -191,7 +156,7 @@ impl Reading {
                 },
             });
         }
-        Self::parse(body, address)
+        Self::parse(&body, address)
     }
 }
 
