@@ -69,11 +69,18 @@ enum Task {
         #[arg(long, default_value_t = 1_000_000)]
         runs: u64,
     },
-    /// Start a Redis, a Sidekiq fleet and the agent, and show what the agent sees.
+    /// The story, measured: Sidekiq fleets in a catch-all layout, `fanout advise` on what the
+    /// agent saw, its proposal applied, and predicted against measured.
     Demo {
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
+        /// Queues the catch-all groups listen to (default 440; 100 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(4..=5000))]
+        queues: Option<u64>,
+        /// Seconds of load per phase (default 60; 25 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(10..=3600))]
+        phase_seconds: Option<u64>,
+        /// A short run (under 3 minutes once built), unattended.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -108,9 +115,21 @@ fn main() -> Result<()> {
             setup::setup()?;
             util::fuzz(runs)
         }
-        Task::Demo { seconds } => {
+        Task::Demo {
+            queues,
+            phase_seconds,
+            quick,
+        } => {
             setup::setup()?;
-            demo::run(seconds)
+            let bin = util::build_agent(true)?;
+            demo::run(
+                &bin,
+                demo::Plan::new(
+                    queues.map(|q| q as usize),
+                    phase_seconds,
+                    quick,
+                ),
+            )
         }
     }
 }

@@ -124,6 +124,8 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
         return run_checked(&mut cmd);
     }
     run_checked(&mut cmd)?;
+    eprintln!("[test] demo, quick mode (catch-all, fanout advise, the advice applied)");
+    crate::demo::run(&bin, crate::demo::Plan::new(None, None, true))?;
     eprintln!("[test] soak, quick mode (3 minutes of faults; report in target/soak-quick/)");
     crate::soak::run(&bin, crate::soak::Plan::new(None, true))
 }
