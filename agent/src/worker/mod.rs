@@ -463,3 +463,146 @@ impl WorkerSide {
             .emit(self.options.export_key_names, snapshot);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::PointValue;
+
+    fn brpop(keys: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n$5\r\nBRPOP\r\n", keys.len() + 2).into_bytes();
+        for k in keys.iter().chain(std::iter::once(&"2")) {
+            out.extend(format!("${}\r\n{k}\r\n", k.len()).bytes());
+        }
+        out
+    }
+
+    fn peer(port: u16) -> Peer {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        Peer {
+            family: 2,
+            port,
+            addr,
+        }
+    }
+
+    /// A worker side that knows the key list of (pid 7, fd 3) and the counts the kernel
+    /// would hold for pid 7: 5 pops served by q:a, 2 by q:b, 1 of unknown key, 3 timeouts.
+    fn fixture(export_key_names: bool, max_keys_per_group: usize) -> (WorkerSide, BTreeMap<u32, WorkerReadings>) {
+        let mut side = WorkerSide::new(ListenerOptions {
+            export_key_names,
+            max_keys_per_group,
+        });
+        let request = brpop(&["q:a", "q:b", "q:c"]);
+        let call = listened_keys(&request, |_| {}).unwrap();
+        side.on_keyset(
+            &KeysetHeader {
+                tgid: 7,
+                fd: 3,
+                signature: call.signature,
+                len: request.len() as u32,
+                keys: 3,
+            },
+            &request,
+        );
+        let mut r = WorkerReadings::default();
+        let p = peer(6379);
+        r.served.insert((p, served_key_hash(b"q:a")), 5);
+        r.served.insert((p, served_key_hash(b"q:b")), 2);
+        r.served.insert((p, SERVED_KEY_UNKNOWN), 1);
+        let mut served = Log2Histogram::ZERO;
+        for _ in 0..8 {
+            served.record(1_000_000);
+        }
+        let mut timeouts = Log2Histogram::ZERO;
+        for _ in 0..3 {
+            timeouts.record(2_000_000_000);
+        }
+        r.durations.insert((command::BRPOP, outcome::SERVED, p), served);
+        r.durations.insert((command::BRPOP, outcome::TIMEOUT, p), timeouts);
+        let mut keys = KeyHistogram::ZERO;
+        for _ in 0..12 {
+            keys.record(3);
+        }
+        r.keys.insert(command::BRPOP, keys);
+        (side, BTreeMap::from([(7, r)]))
+    }
+
+    fn served_points(side: &WorkerSide, counts: &AdviseCounts) -> Vec<(Option<String>, f64)> {
+        let mut snapshot = Snapshot::default();
+        side.emit_served(counts, &mut snapshot);
+        let mut points: Vec<(Option<String>, f64)> = snapshot
+            .metric("worker.blocking_pop.served")
+            .unwrap()
+            .points
+            .iter()
+            .map(|p| {
+                let key = p.attributes.iter().find(|(k, _)| *k == "redis.key").map(|(_, v)| match v {
+                    AttrValue::Str(s) => s.clone(),
+                    AttrValue::Int(i) => i.to_string(),
+                });
+                let PointValue::Counter(v) = p.value else { panic!("a counter") };
+                (key, v)
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.cmp(&b.0));
+        points
+    }
+
+    #[test]
+    fn advise_counts_per_server_and_group_with_keys_per_pop_at_send() {
+        let (side, readings) = fixture(false, 50);
+        let group_of = |_: u32| Some("sidekiq".to_string());
+        let counts = side.advise_counts(&readings, &[], &group_of);
+        let g = &counts["127.0.0.1:6379"]["sidekiq"];
+        assert_eq!((g.pops, g.served, g.timeouts, g.errors), (11, 8, 3, 0));
+        // 12 pops sent (one still waiting), 3 keys each.
+        assert_eq!((g.pops_sent, g.keys_listed), (12, 36));
+        assert_eq!(g.served_by_key[&served_key_hash(b"q:a")], 5);
+        assert_eq!(g.unattributed_served, 1);
+        assert_eq!(side.key_name(served_key_hash(b"q:c")).as_deref(), Some("q:c"));
+    }
+
+    #[test]
+    fn served_pops_are_exported_per_group_and_by_key_only_when_names_are() {
+        let group_of = |_: u32| Some("sidekiq".to_string());
+        let (side, readings) = fixture(false, 50);
+        let counts = side.advise_counts(&readings, &[], &group_of);
+        assert_eq!(served_points(&side, &counts), vec![(None, 8.0)]);
+
+        let (side, readings) = fixture(true, 50);
+        let counts = side.advise_counts(&readings, &[], &group_of);
+        assert_eq!(
+            served_points(&side, &counts),
+            vec![
+                (Some("q:a".into()), 5.0),
+                (Some("q:b".into()), 2.0),
+                (Some("unknown".into()), 1.0)
+            ]
+        );
+        // Past the per-group limit, the quieter keys fold into "other".
+        let (side, readings) = fixture(true, 1);
+        let counts = side.advise_counts(&readings, &[], &group_of);
+        assert_eq!(
+            served_points(&side, &counts),
+            vec![
+                (Some("other".into()), 2.0),
+                (Some("q:a".into()), 5.0),
+                (Some("unknown".into()), 1.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_exited_workers_counts_stay_in_its_group() {
+        let group_of = |_: u32| Some("sidekiq".to_string());
+        let (mut side, mut readings) = fixture(false, 50);
+        let r = readings.remove(&7).unwrap();
+        side.retire("sidekiq", r, 7);
+        let counts = side.advise_counts(&readings, &[], &group_of);
+        let g = &counts["127.0.0.1:6379"]["sidekiq"];
+        assert_eq!((g.pops, g.served, g.pops_sent, g.keys_listed), (11, 8, 12, 36));
+        assert_eq!(g.served_by_key[&served_key_hash(b"q:b")], 2);
+    }
+}

@@ -1,8 +1,9 @@
 //! `cargo xtask demo`: the story Fanout is for, measured end to end on its own redis-server
 //! and real Sidekiq fleets.
 //!
-//! 1. Catch-all: worker groups listen to all N queues (a smaller group to a quarter of them,
-//!    as GitLab's catch-all layouts have) while jobs arrive on some queues. `fanout top` shows
+//! 1. Catch-all: two worker groups listen to all N queues (a small group to two of them, as
+//!    GitLab layouts have an urgent group beside the catch-all) while jobs arrive on some
+//!    queues. `fanout top` shows
 //!    it live.
 //! 2. `fanout advise` runs on what the agent saw and prints its proposal.
 //! 3. The proposal is applied as it says: the producer routes each job by its routing rules,
