@@ -1,6 +1,7 @@
 //! Checks of the deployment files, run by `cargo xtask test`: the alert rules (promtool check
 //! and unit tests), the Kubernetes manifests against the Kubernetes schemas (offline, with the
-//! kubernetes-validate package's bundled schemas), the systemd unit (systemd-analyze), and the
+//! kubernetes-validate package's bundled schemas), the Helm chart (lint, renders validated the
+//! same way, no drift from the manifests), the systemd unit (systemd-analyze), and the
 //! collector config's pipelines.
 
 use std::{path::Path, process::Command};
@@ -11,6 +12,12 @@ use crate::util::workspace_root;
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Values files (in the chart) the chart is also linted, rendered and validated with, beside
+/// its defaults.
+const HELM_VALUES: &[&str] = &["ci/nondefault-values.yaml"];
+/// The values set of `HELM_VALUES` that enables the PrometheusRule, whose rules promtool checks.
+const HELM_RULES_SET: &str = "nondefault";
 
 /// Where setup installs the Python tools (a venv, so nothing touches the system Python).
 pub fn tools_venv() -> std::path::PathBuf {
@@ -74,6 +81,7 @@ pub fn deploy_checks(fanout_bin: &Path) -> Result<()> {
                 .arg(deploy.join("kubernetes/fanout.yaml")),
         ),
     );
+    helm_chart(&root, &deploy, &mut check);
     check(
         "systemd unit",
         systemd_unit(&deploy.join("systemd/fanout.service"), fanout_bin),
@@ -92,6 +100,86 @@ pub fn deploy_checks(fanout_bin: &Path) -> Result<()> {
         bail!("deployment checks failed: {}", failures.join(", "));
     }
     Ok(())
+}
+
+/// The Helm chart, without a `helm` binary (none can be installed here): helm_check.py drives
+/// helm-python-sdk, which embeds the Helm v4 engine, so lint and render are Helm's own.
+/// - `helm lint` (strict) and a render with the default values and with each file of
+///   `HELM_VALUES`, written under target/helm-check/; the script also checks the custom
+///   resources' structure (a ServiceMonitor selecting the chart's Service and port, a
+///   PrometheusRule holding only rule groups) and the agent's TOML in the ConfigMap;
+/// - each render's core objects against the Kubernetes schemas, exactly as the plain manifests
+///   (kubernetes-validate --strict, same version); the custom resources have no schema there;
+/// - the PrometheusRule's rules with `promtool check rules`;
+/// - no drift: the default render equals deploy/kubernetes/ object by object (what may differ,
+///   Helm's labels and the like, is listed in helm_check.py's `compare_object`), and the
+///   PrometheusRule equals deploy/alerts/fanout.rules.yml.
+fn helm_chart(root: &Path, deploy: &Path, check: &mut impl FnMut(&str, Result<()>)) {
+    let chart = deploy.join("helm/fanout");
+    let script = root.join("xtask/src/helm_check.py");
+    let out = root.join("target/helm-check");
+    let _ = std::fs::remove_dir_all(&out);
+    let python = tools_venv().join("bin/python");
+    check(
+        "helm lint and render",
+        run(
+            "helm lint and render",
+            Command::new(&python)
+                .arg(&script)
+                .arg("render")
+                .arg(&chart)
+                .arg(&out)
+                .arg(KUBERNETES_VERSION)
+                .args(HELM_VALUES.iter().map(|v| chart.join(v))),
+        ),
+    );
+    let sets = std::iter::once("default").chain(HELM_VALUES.iter().map(|v| {
+        let file = v.rsplit('/').next().unwrap_or(v);
+        file.trim_end_matches(".yaml").trim_end_matches("-values")
+    }));
+    for set in sets {
+        let name = format!("helm render ({set} values) against the Kubernetes schemas");
+        let rendered = out.join(format!("{set}.yaml"));
+        check(
+            &name,
+            if rendered.is_file() {
+                run(
+                    &name,
+                    Command::new(tools_venv().join("bin/kubernetes-validate"))
+                        .args(["--strict", "-k", KUBERNETES_VERSION])
+                        .arg(&rendered),
+                )
+            } else {
+                Err(anyhow::anyhow!("{} was not rendered", rendered.display()))
+            },
+        );
+    }
+    let rules = out.join(format!("{HELM_RULES_SET}.rules.yml"));
+    check(
+        "helm PrometheusRule rules",
+        if rules.is_file() {
+            run(
+                "helm PrometheusRule rules",
+                Command::new("promtool")
+                    .arg("check")
+                    .arg("rules")
+                    .arg(&rules),
+            )
+        } else {
+            Err(anyhow::anyhow!("{} was not rendered", rules.display()))
+        },
+    );
+    check(
+        "helm chart against the plain manifests",
+        run(
+            "helm chart against the plain manifests",
+            Command::new(&python)
+                .arg(&script)
+                .arg("drift")
+                .arg(&chart)
+                .arg(deploy),
+        ),
+    );
 }
 
 /// `systemd-analyze verify` on the unit with its ExecStart pointed at the built binary. It

