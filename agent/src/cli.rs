@@ -28,6 +28,53 @@ pub enum Command {
     /// Turn what the agent saw into routing rules for fewer queues per worker, with the Redis
     /// time they save.
     Advise(crate::advise::AdviseArgs),
+    /// Print a shell completion script on stdout, e.g. `fanout completions bash >
+    /// /etc/bash_completion.d/fanout` (the Debian package installs them for bash, zsh and fish).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, fanout.1 and one per subcommand (fanout-run.1, ...), into a
+    /// directory. Used to build the Debian package.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// The completion script for `shell`, generated from the CLI's definition.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "fanout", out);
+}
+
+/// Writes fanout.1 and a page per visible subcommand (fanout-run.1, ...) into `dir`, creating
+/// it; returns the files written.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    fn write(
+        cmd: clap::Command,
+        dir: &std::path::Path,
+        written: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), dir, written)?;
+        }
+        let man = clap_mangen::Man::new(cmd)
+            .source(format!("fanout {}", env!("CARGO_PKG_VERSION")))
+            .manual("Fanout");
+        written.push(man.generate_to(dir)?);
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    // No `help` subcommand page; building sets the subcommands' names to `fanout-run` etc.
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut written = Vec::new();
+    write(cmd, dir, &mut written)?;
+    Ok(written)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
@@ -76,6 +123,28 @@ pub struct RunArgs {
     /// Seconds between OTLP pushes (overrides OTEL_METRIC_EXPORT_INTERVAL, which is in ms).
     #[arg(long, value_name = "SECONDS")]
     pub otlp_interval: Option<f64>,
+
+    /// PEM file of the CA(s) that sign the collector's certificate, instead of the system's
+    /// roots (overrides OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE).
+    #[arg(long, value_name = "FILE")]
+    pub otlp_certificate: Option<PathBuf>,
+
+    /// PEM client certificate for mTLS (overrides OTEL_EXPORTER_OTLP_[METRICS_]CLIENT_CERTIFICATE).
+    #[arg(long, value_name = "FILE", requires = "otlp_client_key")]
+    pub otlp_client_certificate: Option<PathBuf>,
+
+    /// PEM private key of the client certificate (overrides OTEL_EXPORTER_OTLP_[METRICS_]CLIENT_KEY).
+    #[arg(long, value_name = "FILE", requires = "otlp_client_certificate")]
+    pub otlp_client_key: Option<PathBuf>,
+
+    /// For a gRPC endpoint given as host:port: plain text instead of TLS (overrides
+    /// OTEL_EXPORTER_OTLP_[METRICS_]INSECURE).
+    #[arg(long)]
+    pub otlp_insecure: bool,
+
+    /// Compress OTLP requests: gzip or none (overrides OTEL_EXPORTER_OTLP_[METRICS_]COMPRESSION).
+    #[arg(long, value_name = "ALGORITHM", value_parser = ["gzip", "none"])]
+    pub otlp_compression: Option<String>,
 
     /// Worker rule GROUP:comm=NAME, GROUP:exe=NAME or GROUP:cmdline=REGEX; repeatable. Added
     /// before the config file's rules and the defaults (the first matching rule wins).
@@ -149,4 +218,53 @@ pub struct RunArgs {
     /// Log filter (tracing env-filter syntax); RUST_LOG also works.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_cover_the_subcommands_but_not_the_hidden_one() {
+        let mut out = Vec::new();
+        write_completions(clap_complete::Shell::Bash, &mut out);
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("complete -F _fanout"), "{script}");
+        for sub in ["run", "check-probes", "top", "advise", "completions"] {
+            assert!(script.contains(sub), "{sub} missing");
+        }
+        assert!(script.contains("--worker-rule"));
+        assert!(
+            !script.contains("fanout__man"),
+            "the hidden `man` is completed"
+        );
+    }
+
+    #[test]
+    fn man_pages_for_the_command_and_each_visible_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_man_pages(dir.path()).unwrap();
+        let mut names: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "fanout-advise.1",
+                "fanout-check-probes.1",
+                "fanout-completions.1",
+                "fanout-run.1",
+                "fanout-top.1",
+                "fanout.1"
+            ]
+        );
+        let main = std::fs::read_to_string(dir.path().join("fanout.1")).unwrap();
+        assert!(main.starts_with(".ie"), "{main}");
+        assert!(main.contains(".TH fanout 1"), "{main}");
+        assert!(main.contains(env!("CARGO_PKG_VERSION")));
+        let run = std::fs::read_to_string(dir.path().join("fanout-run.1")).unwrap();
+        assert!(run.contains("worker\\-rule"), "{run}");
+    }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::{
     cli::{LogFormat, OtlpProtocol, RunArgs},
-    export::otlp_config::{OtlpConfig, OtlpEnvError, OtlpOverrides},
+    export::otlp_config::{parse_compression, OtlpConfig, OtlpEnvError, OtlpOverrides},
     rules::{default_rule_specs, ExcludeSpec, RuleError, RuleSet, RuleSpec, WorkerRule},
 };
 
@@ -76,6 +76,15 @@ pub struct FileOtlp {
     pub timeout_secs: Option<f64>,
     #[serde(default)]
     pub headers: Vec<(String, String)>,
+    /// PEM file of the CA(s) to trust for an https:// endpoint.
+    pub certificate: Option<PathBuf>,
+    /// PEM client certificate and key, for mTLS.
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// For a gRPC endpoint given as host:port: plain text instead of TLS.
+    pub insecure: Option<bool>,
+    /// `gzip` or `none`.
+    pub compression: Option<String>,
 }
 
 /// The resolved configuration the agent runs with.
@@ -189,6 +198,28 @@ impl Config {
                 .map(|s| seconds("otlp timeout", s, 0.001))
                 .transpose()?,
             headers: file.otlp.headers,
+            certificate: args.otlp_certificate.clone().or(file.otlp.certificate),
+            client_certificate: args
+                .otlp_client_certificate
+                .clone()
+                .or(file.otlp.client_certificate),
+            client_key: args.otlp_client_key.clone().or(file.otlp.client_key),
+            insecure: if args.otlp_insecure {
+                Some(true)
+            } else {
+                file.otlp.insecure
+            },
+            compression: args
+                .otlp_compression
+                .as_deref()
+                .map(|c| parse_compression("--otlp-compression", c))
+                .or_else(|| {
+                    file.otlp
+                        .compression
+                        .as_deref()
+                        .map(|c| parse_compression("[otlp] compression", c))
+                })
+                .transpose()?,
         };
         let otlp = OtlpConfig::resolve(overrides, env)?;
 
@@ -330,6 +361,40 @@ mod tests {
         assert_eq!(otlp.endpoint, "http://collector:4318/v1/metrics");
         assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(otlp.interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn otlp_tls_and_compression_from_the_file_and_flags() {
+        let file = parse(
+            "[otlp]\nendpoint = \"collector:4317\"\nprotocol = \"grpc\"\ninsecure = true\ncompression = \"gzip\"\ncertificate = \"/etc/fanout/ca.pem\"",
+        )
+        .unwrap();
+        let otlp = Config::resolve(&RunArgs::default(), file, &no_env)
+            .unwrap()
+            .otlp
+            .unwrap();
+        assert_eq!(otlp.endpoint, "http://collector:4317");
+        assert_eq!(
+            otlp.compression,
+            crate::export::otlp_config::OtlpCompression::Gzip
+        );
+        assert_eq!(
+            otlp.tls.certificate.as_deref(),
+            Some(std::path::Path::new("/etc/fanout/ca.pem"))
+        );
+        // The flag wins; a bad value in the file is an error.
+        let args = RunArgs {
+            otlp_compression: Some("none".into()),
+            ..Default::default()
+        };
+        let file = parse("[otlp]\nendpoint = \"https://c:4318\"\ncompression = \"gzip\"").unwrap();
+        let otlp = Config::resolve(&args, file, &no_env).unwrap().otlp.unwrap();
+        assert_eq!(
+            otlp.compression,
+            crate::export::otlp_config::OtlpCompression::None
+        );
+        let file = parse("[otlp]\nendpoint = \"https://c:4318\"\ncompression = \"brotli\"").unwrap();
+        assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
     }
 
     #[test]

@@ -33,6 +33,25 @@ fn advise(args: &fanout::advise::AdviseArgs) -> ExitCode {
     }
 }
 
+/// `fanout man --dir DIR`: the man pages, one path written per line.
+fn man(dir: &std::path::Path) -> ExitCode {
+    match fanout::cli::write_man_pages(dir) {
+        Ok(written) => {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "fanout: error: cannot write man pages to {}: {e}",
+                dir.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
@@ -40,6 +59,11 @@ fn main() -> ExitCode {
         Command::CheckProbes => return check_probes(),
         Command::Top(args) => return top(&args),
         Command::Advise(args) => return advise(&args),
+        Command::Completions { shell } => {
+            fanout::cli::write_completions(shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => return man(&dir),
     };
 
     let file = match &args.config {

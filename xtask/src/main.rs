@@ -1,4 +1,4 @@
-//! Developer and operator tasks: `cargo xtask setup|run|test|bench|demo`.
+//! Developer and operator tasks: `cargo xtask setup|run|test|bench|demo|deb`.
 //!
 //! Every task that builds or runs the agent first runs `setup`, which brings a fresh machine
 //! to a buildable, testable state and says what it did at each step.
@@ -6,6 +6,7 @@
 mod agent_log;
 mod bench;
 mod checks;
+mod deb;
 mod demo;
 mod setup;
 mod soak;
@@ -69,6 +70,17 @@ enum Task {
         #[arg(long, default_value_t = 1_000_000)]
         runs: u64,
     },
+    /// Build the Debian package target/debian/fanout_<version>_<arch>.deb (release binary,
+    /// systemd unit, /etc/fanout/fanout.toml as a conffile, man pages, shell completions).
+    Deb {
+        /// From the debug binary instead, into target/debian/debug/ (quicker; what the test
+        /// command packages).
+        #[arg(long)]
+        debug: bool,
+        /// Then install it on this machine with dpkg -i, run it, remove and purge it (root).
+        #[arg(long)]
+        check: bool,
+    },
     /// The story, measured: Sidekiq fleets in a catch-all layout, `fanout advise` on what the
     /// agent saw, its proposal applied, and predicted against measured.
     Demo {
@@ -114,6 +126,16 @@ fn main() -> Result<()> {
         Task::Fuzz { runs } => {
             setup::setup()?;
             util::fuzz(runs)
+        }
+        Task::Deb { debug, check } => {
+            setup::setup()?;
+            let bin = util::build_agent(!debug)?;
+            let deb = util::build_deb(&bin, debug)?;
+            println!("{}", deb.display());
+            if check {
+                util::check_deb(&deb)?;
+            }
+            Ok(())
         }
         Task::Demo {
             queues,

@@ -30,6 +30,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "make",
+    // The Debian package: dpkg-shlibdeps computes its Depends; its check renders the man pages.
+    "dpkg-dev",
+    "man-db",
     "libstdc++6",
 ];
 /// Python tools for the deployment checks, pinned, in a venv under target/: the Kubernetes

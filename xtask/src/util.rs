@@ -65,6 +65,22 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
         .join("fanout"))
 }
 
+/// Packages `bin` as a .deb: under target/debian/ (target/debian/debug/ for a debug binary).
+pub fn build_deb(bin: &Path, debug: bool) -> Result<PathBuf> {
+    let mut out = workspace_root().join("target/debian");
+    if debug {
+        out.push("debug");
+    }
+    crate::deb::build(bin, &out)
+}
+
+/// Installs, exercises and purges the package on this machine.
+pub fn check_deb(deb: &Path) -> Result<()> {
+    crate::deb::check_install(deb)?;
+    eprintln!("[test] debian package: ok");
+    Ok(())
+}
+
 /// Replaces this process with the agent.
 pub fn exec_agent(bin: &Path, args: &[String]) -> Result<()> {
     if !is_root() {
@@ -98,6 +114,8 @@ pub fn run_tests(unit_only: bool, filter: Option<&str>) -> Result<()> {
     let bin = build_agent(false)?;
     eprintln!("[test] deployment checks");
     crate::checks::deploy_checks(&bin)?;
+    eprintln!("[test] debian package: build from the debug binary, dpkg -i, run, dpkg -r, dpkg -P");
+    check_deb(&build_deb(&bin, true)?)?;
     eprintln!(
         "[test] integration tests (root, one at a time) with {}",
         bin.display()

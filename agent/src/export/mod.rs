@@ -3,3 +3,4 @@
 pub mod http_server;
 pub mod otlp;
 pub mod otlp_config;
+pub mod otlp_tls;

@@ -27,7 +27,10 @@ use prost::Message as _;
 
 use crate::{
     cli::OtlpProtocol,
-    export::otlp_config::OtlpConfig,
+    export::{
+        otlp_config::{OtlpCompression, OtlpConfig},
+        otlp_tls::TlsFiles,
+    },
     metrics::{AttrValue, Attributes, PointValue, Snapshot},
 };
 
@@ -151,12 +154,37 @@ pub fn build_request(
 pub enum ExportError {
     #[error("invalid OTLP endpoint {endpoint}: {message}")]
     Endpoint { endpoint: String, message: String },
+    #[error("OTLP TLS: {0}")]
+    Tls(#[from] super::otlp_tls::TlsError),
     #[error("OTLP push timed out after {0:?}")]
     Timeout(Duration),
     #[error("OTLP gRPC push failed: {0}")]
     Grpc(String),
     #[error("OTLP HTTP push failed: {0}")]
     Http(String),
+}
+
+/// The causes under an error (`: cause: its cause`), which say what went wrong under a
+/// transport error ("invalid peer certificate: UnknownIssuer").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes)?;
+    encoder.finish()
 }
 
 /// Sends requests to one collector.
@@ -178,21 +206,38 @@ impl OtlpSender {
             endpoint: config.endpoint.clone(),
             message,
         };
+        // Read and checked now: a bad file is an error at start.
+        let tls = config
+            .is_tls()
+            .then(|| TlsFiles::read(&config.tls))
+            .transpose()?;
         let transport = match config.protocol {
             OtlpProtocol::Grpc => {
-                let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
-                    .map_err(|e| bad(e.to_string()))?
-                    .connect_timeout(config.timeout)
-                    .timeout(config.timeout);
-                Transport::Grpc(MetricsServiceClient::new(endpoint.connect_lazy()))
+                let mut endpoint =
+                    tonic::transport::Endpoint::from_shared(config.endpoint.clone())
+                        .map_err(|e| bad(e.to_string()))?
+                        .connect_timeout(config.timeout)
+                        .timeout(config.timeout);
+                if let Some(tls) = &tls {
+                    endpoint = endpoint
+                        .tls_config(tls.tonic_config())
+                        .map_err(|e| bad(e.to_string()))?;
+                }
+                let mut client = MetricsServiceClient::new(endpoint.connect_lazy());
+                if config.compression == OtlpCompression::Gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                Transport::Grpc(client)
             }
-            OtlpProtocol::HttpProtobuf => Transport::Http(
-                reqwest::Client::builder()
+            OtlpProtocol::HttpProtobuf => {
+                let mut builder = reqwest::Client::builder()
                     .timeout(config.timeout)
-                    .connect_timeout(config.timeout)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?,
-            ),
+                    .connect_timeout(config.timeout);
+                if let Some(tls) = &tls {
+                    builder = builder.tls_backend_preconfigured(tls.client_config(&config.tls)?);
+                }
+                Transport::Http(builder.build().map_err(|e| bad(e.to_string()))?)
+            }
         };
         Ok(Self { config, transport })
     }
@@ -213,21 +258,32 @@ impl OtlpSender {
                             }
                         }
                         client.export(req).await.map(|_| ()).map_err(|s| {
-                            ExportError::Grpc(format!("{}: {}", s.code(), s.message()))
+                            ExportError::Grpc(format!(
+                                "{}: {}{}",
+                                s.code(),
+                                s.message(),
+                                causes(&s)
+                            ))
                         })
                     }
                     Transport::Http(client) => {
+                        let body = request.encode_to_vec();
                         let mut builder = client
                             .post(&self.config.endpoint)
-                            .header("content-type", "application/x-protobuf")
-                            .body(request.encode_to_vec());
+                            .header("content-type", "application/x-protobuf");
+                        builder = match self.config.compression {
+                            OtlpCompression::Gzip => builder
+                                .header("content-encoding", "gzip")
+                                .body(gzip(&body).map_err(|e| ExportError::Http(e.to_string()))?),
+                            OtlpCompression::None => builder.body(body),
+                        };
                         for (k, v) in &self.config.headers {
                             builder = builder.header(k.as_str(), v.as_str());
                         }
                         let response = builder
                             .send()
                             .await
-                            .map_err(|e| ExportError::Http(e.to_string()))?;
+                            .map_err(|e| ExportError::Http(format!("{e}{}", causes(&e))))?;
                         if response.status().is_success() {
                             Ok(())
                         } else {

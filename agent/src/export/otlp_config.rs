@@ -17,12 +17,34 @@ pub enum OtlpEnvError {
     Millis { var: &'static str, value: String },
     #[error("{var}: malformed header list {value:?} (expected key=value,key2=value2)")]
     Headers { var: &'static str, value: String },
-    #[error("OTLP endpoint {0:?} must start with http://")]
+    #[error("OTLP endpoint {0:?} must start with http:// or https:// (gRPC may also give host:port, secure unless OTEL_EXPORTER_OTLP_INSECURE=true)")]
     Endpoint(String),
-    #[error("OTLP endpoint {0:?}: TLS (https://) is not built into this agent; send to a local or sidecar collector over http://")]
-    Tls(String),
+    #[error("{var}: expected true or false, got {value:?}")]
+    Bool { var: &'static str, value: String },
+    #[error("{var}: unsupported compression {value:?} (use gzip or none)")]
+    Compression { var: &'static str, value: String },
+    #[error("OTLP client certificate and key must be given together (got only the {0})")]
+    ClientIdentity(&'static str),
     #[error("OTEL_METRICS_EXPORTER={0:?} is not supported (use otlp or none; Prometheus is served by --prometheus-listen)")]
     Exporter(String),
+}
+
+/// TLS settings of the OTLP client (files as the OpenTelemetry variables name them; read and
+/// checked when the exporter is built).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpTls {
+    /// PEM file of the CA(s) to trust instead of the system's roots.
+    pub certificate: Option<std::path::PathBuf>,
+    /// PEM files of the client's certificate (chain) and private key, for mTLS.
+    pub client_certificate: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OtlpCompression {
+    #[default]
+    None,
+    Gzip,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +57,15 @@ pub struct OtlpConfig {
     pub timeout: Duration,
     /// Time between pushes.
     pub interval: Duration,
+    /// Used when the endpoint is https://.
+    pub tls: OtlpTls,
+    pub compression: OtlpCompression,
+}
+
+impl OtlpConfig {
+    pub fn is_tls(&self) -> bool {
+        self.endpoint.starts_with("https://")
+    }
 }
 
 /// Values from flags or the config file, which win over the environment.
@@ -45,6 +76,45 @@ pub struct OtlpOverrides {
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
     pub headers: Vec<(String, String)>,
+    pub certificate: Option<std::path::PathBuf>,
+    pub client_certificate: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+    pub insecure: Option<bool>,
+    pub compression: Option<OtlpCompression>,
+}
+
+/// The signal-specific variable (`OTEL_EXPORTER_OTLP_METRICS_<name>`) if set, else the
+/// generic one (`OTEL_EXPORTER_OTLP_<name>`), with which of them it was.
+fn signal_or_generic(
+    env: &dyn Fn(&str) -> Option<String>,
+    specific: &'static str,
+    generic: &'static str,
+) -> Option<(&'static str, String)> {
+    env(specific)
+        .map(|v| (specific, v))
+        .or_else(|| env(generic).map(|v| (generic, v)))
+}
+
+fn boolean(var: &'static str, value: &str) -> Result<bool, OtlpEnvError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" | "" => Ok(false),
+        _ => Err(OtlpEnvError::Bool {
+            var,
+            value: value.to_string(),
+        }),
+    }
+}
+
+pub fn parse_compression(var: &'static str, value: &str) -> Result<OtlpCompression, OtlpEnvError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "gzip" => Ok(OtlpCompression::Gzip),
+        "none" | "" => Ok(OtlpCompression::None),
+        _ => Err(OtlpEnvError::Compression {
+            var,
+            value: value.to_string(),
+        }),
+    }
 }
 
 fn millis(
@@ -168,12 +238,67 @@ impl OtlpConfig {
             }),
             (None, _) => return Ok(None),
         };
-        if endpoint.starts_with("https://") {
-            return Err(OtlpEnvError::Tls(endpoint));
-        }
-        if !endpoint.starts_with("http://") {
+        let insecure = match overrides.insecure {
+            Some(i) => i,
+            None => match signal_or_generic(
+                env,
+                "OTEL_EXPORTER_OTLP_METRICS_INSECURE",
+                "OTEL_EXPORTER_OTLP_INSECURE",
+            ) {
+                Some((var, value)) => boolean(var, &value)?,
+                None => false,
+            },
+        };
+        // The specification: for gRPC, an endpoint without a scheme is secure unless
+        // INSECURE says otherwise; http:// and https:// say it themselves.
+        let endpoint = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+            endpoint
+        } else if protocol == OtlpProtocol::Grpc && !endpoint.contains("://") && !endpoint.is_empty() {
+            format!("{}://{endpoint}", if insecure { "http" } else { "https" })
+        } else {
             return Err(OtlpEnvError::Endpoint(endpoint));
+        };
+        let path = |over: Option<std::path::PathBuf>, specific, generic| {
+            over.or_else(|| {
+                signal_or_generic(env, specific, generic)
+                    .map(|(_, v)| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .map(std::path::PathBuf::from)
+            })
+        };
+        let tls = OtlpTls {
+            certificate: path(
+                overrides.certificate,
+                "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ),
+            client_certificate: path(
+                overrides.client_certificate,
+                "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ),
+            client_key: path(
+                overrides.client_key,
+                "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ),
+        };
+        match (&tls.client_certificate, &tls.client_key) {
+            (Some(_), None) => return Err(OtlpEnvError::ClientIdentity("certificate")),
+            (None, Some(_)) => return Err(OtlpEnvError::ClientIdentity("key")),
+            _ => {}
         }
+        let compression = match overrides.compression {
+            Some(c) => c,
+            None => match signal_or_generic(
+                env,
+                "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+            ) {
+                Some((var, value)) => parse_compression(var, &value)?,
+                None => OtlpCompression::None,
+            },
+        };
 
         let mut all_headers = headers(env, "OTEL_EXPORTER_OTLP_HEADERS")?;
         for (k, v) in headers(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS")?
@@ -201,6 +326,8 @@ impl OtlpConfig {
             headers: all_headers,
             timeout,
             interval,
+            tls,
+            compression,
         }))
     }
 }
@@ -340,10 +467,64 @@ mod tests {
             Err(OtlpEnvError::Endpoint(_))
         ));
         // Said plainly at start rather than failing at every push.
+        for (var, value) in [
+            ("OTEL_EXPORTER_OTLP_INSECURE", "yes"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+        ] {
+            assert!(
+                resolve(&[endpoint, (var, value)]).is_err(),
+                "{var}={value}"
+            );
+        }
         assert!(matches!(
-            resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")]),
-            Err(OtlpEnvError::Tls(_))
+            resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")]),
+            Err(OtlpEnvError::ClientIdentity("key"))
         ));
+    }
+
+    #[test]
+    fn tls_and_compression_settings_follow_the_specification() {
+        // https:// and the files; the signal-specific variables win.
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic-ca.pem"),
+            ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/client.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/client.key"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert!(c.is_tls());
+        assert_eq!(c.tls.certificate.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(
+            c.tls.client_certificate.as_deref(),
+            Some(std::path::Path::new("/client.pem"))
+        );
+        assert_eq!(c.compression, OtlpCompression::Gzip);
+        // gRPC without a scheme: secure unless INSECURE=true.
+        let grpc = |insecure: Option<&str>| {
+            let mut env = vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ];
+            if let Some(v) = insecure {
+                env.push(("OTEL_EXPORTER_OTLP_METRICS_INSECURE", v));
+            }
+            resolve(&env).unwrap().unwrap().endpoint
+        };
+        assert_eq!(grpc(None), "https://collector:4317");
+        assert_eq!(grpc(Some("false")), "https://collector:4317");
+        assert_eq!(grpc(Some("TRUE")), "http://collector:4317");
+        // A scheme says it itself.
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert!(!c.is_tls());
+        assert_eq!(c.compression, OtlpCompression::None);
     }
 
     #[test]
