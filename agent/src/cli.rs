@@ -112,6 +112,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_prometheus: bool,
 
+    /// Web config for the Prometheus endpoint, as Prometheus exporters take it
+    /// (exporter-toolkit): `tls_server_config` (cert_file, key_file, client_auth_type,
+    /// client_ca_file, min_version, max_version) and `basic_auth_users` (bcrypt hashes).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+
     /// OTLP endpoint to push metrics to (overrides OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT).
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,

@@ -23,6 +23,8 @@ pub enum ConfigError {
     Rule(#[from] RuleError),
     #[error(transparent)]
     Otlp(#[from] OtlpEnvError),
+    #[error(transparent)]
+    WebConfig(#[from] crate::export::web_config::WebConfigError),
     #[error("{name} must be between {min} and {max} seconds, got {value}")]
     BadInterval {
         name: &'static str,
@@ -44,6 +46,8 @@ pub enum ConfigError {
 pub struct FileConfig {
     pub proc_root: Option<PathBuf>,
     pub prometheus_listen: Option<SocketAddr>,
+    /// An exporter-toolkit web config (TLS, basic auth) for the metrics endpoint.
+    pub web_config_file: Option<PathBuf>,
     pub prometheus: Option<bool>,
     pub rescan_interval_secs: Option<f64>,
     pub require_ebpf: Option<bool>,
@@ -92,6 +96,8 @@ pub struct FileOtlp {
 pub struct Config {
     pub proc_root: PathBuf,
     pub prometheus_listen: Option<SocketAddr>,
+    /// The endpoint's TLS and basic auth, loaded from `--web.config.file`.
+    pub web_config: Option<crate::export::web_config::WebConfig>,
     pub otlp: Option<OtlpConfig>,
     pub rules: RuleSet,
     pub rescan_interval: Duration,
@@ -184,6 +190,13 @@ impl Config {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PROMETHEUS_PORT)))
         });
 
+        let web_config = args
+            .web_config_file
+            .clone()
+            .or(file.web_config_file)
+            .map(|path| crate::export::web_config::WebConfig::load(&path))
+            .transpose()?;
+
         let overrides = OtlpOverrides {
             endpoint: args.otlp_endpoint.clone().or(file.otlp.endpoint),
             protocol: args.otlp_protocol.or(file.otlp.protocol),
@@ -267,6 +280,7 @@ impl Config {
                 .or(file.proc_root)
                 .unwrap_or_else(|| PathBuf::from("/proc")),
             prometheus_listen,
+            web_config,
             otlp,
             rules,
             rescan_interval: seconds(

@@ -122,10 +122,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     if let Some(addr) = config.prometheus_listen {
-        let (local, _server) = http_server::serve(addr, shared.clone())
+        let (local, _server) = http_server::serve_with(addr, shared.clone(), config.web_config.clone())
             .await
             .with_context(|| format!("cannot listen on {addr} for the Prometheus endpoint"))?;
-        tracing::info!(address = %local, "serving Prometheus metrics at /metrics");
+        let web = config.web_config.as_ref();
+        tracing::info!(
+            address = %local,
+            tls = web.is_some_and(|w| w.tls.is_some()),
+            basic_auth_users = web.map_or(0, |w| w.users.len()),
+            "serving Prometheus metrics at /metrics"
+        );
     }
 
     if let Some(otlp) = config.otlp.clone() {

@@ -4,6 +4,7 @@
 //! panics with what it was waiting for.
 
 pub mod otlp_receiver;
+pub mod prometheus;
 pub mod prom;
 pub mod resp;
 
@@ -566,7 +567,27 @@ impl Agent {
 
     /// Runs the agent under `wrapper` (a command that execs its last arguments, such as
     /// `setpriv ...`).
+    /// Starts the agent without waiting for its `/readyz` over plain HTTP (an agent serving
+    /// TLS): the caller waits its own way.
+    pub fn start_unready(args: &[&str]) -> Self {
+        Self::spawn(&[], &fanout_bin(), args, &[])
+    }
+
     pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let agent = Self::spawn(wrapper, bin, args, env);
+        let port = agent.port;
+        wait_for("the agent's /readyz", Duration::from_secs(20), || {
+            (http_get(port, "/readyz").ok()?.0 == 200).then_some(())
+        });
+        agent
+    }
+
+    fn spawn(
         wrapper: &[&str],
         bin: &std::path::Path,
         args: &[&str],
@@ -597,18 +618,14 @@ impl Agent {
             .stderr(log.reopen().unwrap())
             .spawn()
             .expect("spawn the agent");
-        let agent = Agent {
+        Agent {
             proc: Proc {
                 child,
                 name: "fanout".into(),
             },
             port,
             log,
-        };
-        wait_for("the agent's /readyz", Duration::from_secs(20), || {
-            (http_get(port, "/readyz").ok()?.0 == 200).then_some(())
-        });
-        agent
+        }
     }
 
     pub fn metrics_text(&self) -> String {

@@ -8,7 +8,6 @@
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -18,7 +17,7 @@ use std::{
 };
 
 use integration_tests::{
-    free_port, http_get, require_root, resp::Conn, wait_for, Agent, Proc, Redis, Sidekiq,
+    http_get, require_root, resp::Conn, wait_for, Agent, Redis, Sidekiq,
 };
 
 fn shortened_rules(dir: &Path) -> std::path::PathBuf {
@@ -40,48 +39,26 @@ fn shortened_rules(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Prometheus with the shortened rules, scraping the agent every second.
 struct Prometheus {
-    _proc: Proc,
+    _inner: integration_tests::prometheus::Prometheus,
     port: u16,
-    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
     fn start(agent_port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let rules = shortened_rules(dir.path());
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [\"{}\"]\nscrape_configs:\n  - job_name: fanout\n    static_configs:\n      - targets: [\"127.0.0.1:{agent_port}\"]\n",
-            rules.display()
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package prometheus)");
-        let prom = Prometheus {
-            _proc: Proc {
-                child,
-                name: "prometheus".into(),
-            },
-            port,
-            _dir: dir,
-        };
-        wait_for("Prometheus to be ready", Duration::from_secs(30), || {
-            (http_get(port, "/-/ready").ok()?.0 == 200).then_some(())
+        let inner = integration_tests::prometheus::Prometheus::start(|dir| {
+            let rules = shortened_rules(dir);
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [\"{}\"]\nscrape_configs:\n  - job_name: fanout\n    static_configs:\n      - targets: [\"127.0.0.1:{agent_port}\"]\n",
+                rules.display()
+            )
         });
-        prom
+        let port = inner.port;
+        Self {
+            _inner: inner,
+            port,
+        }
     }
 
     /// Active alerts: (name, state, labels).

@@ -4,6 +4,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
 
+use super::web_config::{BasicAuth, WebConfig};
+
 /// What the server needs from the agent.
 pub trait MetricsSource: Send + Sync + 'static {
     /// The Prometheus text of a fresh snapshot.
@@ -127,26 +129,121 @@ async fn ready<S: MetricsSource>(State(source): State<Arc<S>>) -> impl IntoRespo
     }
 }
 
-/// Binds first (so that a taken port is reported at start), then serves in the background.
+/// Binds first (so that a taken port is reported at start), then serves in the background,
+/// over plain HTTP without authentication.
 pub async fn serve<S: MetricsSource>(
     addr: SocketAddr,
     source: Arc<S>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, source, None).await
+}
+
+/// Answers 401 unless the request carries the credentials of a configured user.
+async fn require_auth(
+    State(auth): State<Arc<BasicAuth>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // bcrypt takes tens of ms by design: off the runtime's threads.
+    let checking = auth.clone();
+    let allowed = tokio::task::spawn_blocking(move || checking.allows(header.as_deref()))
+        .await
+        .unwrap_or(false);
+    if allowed {
+        next.run(request).await
+    } else {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"fanout\"")],
+            "Unauthorized\n",
+        )
+            .into_response()
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`serve`] with the web configuration (`--web.config.file`): TLS, and basic authentication
+/// of every path but `/healthz` and `/readyz` (which say nothing but "up", and which the
+/// kubelet's probes and load balancers call without credentials).
+pub async fn serve_with<S: MetricsSource>(
+    addr: SocketAddr,
+    source: Arc<S>,
+    web: Option<WebConfig>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = Router::new()
+    let mut protected = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/api/v1/snapshot", get(snapshot_json::<S>))
         .route("/api/v1/advise", get(advise_json::<S>))
+        .with_state(source.clone());
+    let (tls, users) = match web {
+        Some(web) => (web.tls, web.users),
+        None => (None, Default::default()),
+    };
+    let auth = Arc::new(BasicAuth::new(users));
+    if auth.enabled() {
+        protected = protected.layer(axum::middleware::from_fn_with_state(auth, require_auth));
+    }
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
-        .with_state(source);
-    let handle = tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "Prometheus endpoint stopped");
+        .with_state(source)
+        .merge(protected);
+    let handle = match tls {
+        None => tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "Prometheus endpoint stopped");
+            }
+        }),
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            tokio::spawn(async move {
+                loop {
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Out of descriptors, say: wait a little rather than spin.
+                            tracing::warn!(error = %e, "accepting a connection failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let (acceptor, app) = (acceptor.clone(), app.clone());
+                    tokio::spawn(async move {
+                        let stream = match tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+                        let service = hyper_util::service::TowerToHyperService::new(app);
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                    });
+                }
+            })
         }
-    });
+    };
     Ok((local, handle))
 }
 

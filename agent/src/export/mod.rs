@@ -4,3 +4,4 @@ pub mod http_server;
 pub mod otlp;
 pub mod otlp_config;
 pub mod otlp_tls;
+pub mod web_config;
