@@ -206,6 +206,10 @@ impl OtlpSender {
             endpoint: config.endpoint.clone(),
             message,
         };
+        // reqwest's client wants a process-wide rustls provider even for plain http:// (it
+        // is built without one of its own): ring, the one every TLS path here uses. Installing
+        // twice is harmless (the first stays).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         // Read and checked now: a bad file is an error at start.
         let tls = config
             .is_tls()

@@ -89,7 +89,7 @@ pub fn render(advice: &Advice) -> String {
     if advice.servers.is_empty() {
         out.push_str(&wrap(
             &format!(
-                "No advice: over {} the agent saw no Redis server with worker groups.",
+                "No advice: the agent saw no Redis server with worker groups (window: {}).",
                 window_text(advice.window_seconds, advice.since_start)
             ),
             "",
