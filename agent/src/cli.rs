@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent (needs root or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Load every eBPF program into this kernel's verifier without attaching anything, and
     /// report each one: a quick check that this kernel accepts the agent's probes.
     CheckProbes,

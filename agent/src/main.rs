@@ -55,7 +55,7 @@ fn man(dir: &std::path::Path) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::CheckProbes => return check_probes(),
         Command::Top(args) => return top(&args),
         Command::Advise(args) => return advise(&args),

@@ -1,5 +1,6 @@
-//! What the agent may do: its effective capabilities, read from /proc/self/status, checked
-//! before anything is loaded so that a missing one is named instead of surfacing as EPERM.
+//! What the agent may do: its effective capabilities, read from /proc/self/status (parsed by
+//! procfs), checked before anything is loaded so that a missing one is named instead of
+//! surfacing as EPERM.
 
 /// A capability the agent uses, and what for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,19 +51,25 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Parses the `CapEff:` line of a `/proc/<pid>/status` text.
+    /// The effective capabilities in a `/proc/<pid>/status` text, parsed by procfs; `None`
+    /// when it is not one (procfs wants the fields every kernel writes, Name to CapEff). Its
+    /// status parser only splits lines and parses numbers (procfs-core 0.18: no slicing, no
+    /// unwrap), so no shape check precedes it; the `proc` fuzz target feeds it arbitrary bytes.
     pub fn from_status(status: &str) -> Option<Self> {
-        let hex = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))?
-            .trim();
-        u64::from_str_radix(hex, 16)
-            .ok()
-            .map(|effective| Self { effective })
+        use procfs::FromRead as _;
+        let status = procfs::process::Status::from_read(status.as_bytes()).ok()?;
+        Some(Self {
+            effective: status.capeff,
+        })
     }
 
+    /// This process's, from `/proc/self/status` (the agent's own /proc, whatever the
+    /// `--proc-root`).
     pub fn current() -> Option<Self> {
-        Self::from_status(&std::fs::read_to_string("/proc/self/status").ok()?)
+        let status = procfs::process::Process::myself().ok()?.status().ok()?;
+        Some(Self {
+            effective: status.capeff,
+        })
     }
 
     pub fn has(&self, cap: Capability) -> bool {
@@ -98,11 +105,11 @@ pub fn describe(missing: &[Capability]) -> String {
 mod tests {
     use super::*;
 
+    /// A real status text (the fixture redis-server's), with `hex` as its CapEff.
     fn caps(hex: &str) -> Capabilities {
-        Capabilities::from_status(&format!(
-            "Name:\tfanout\nCapInh:\t0000000000000000\nCapEff:\t{hex}\nCapBnd:\t000001ffffffffff\n"
-        ))
-        .unwrap()
+        let status = include_str!("../tests/fixtures/proc/100/status")
+            .replace("CapEff:\t0000000000000000", &format!("CapEff:\t{hex}"));
+        Capabilities::from_status(&status).unwrap()
     }
 
     #[test]
@@ -140,5 +147,39 @@ mod tests {
     fn unprivileged_lacks_all_four() {
         assert_eq!(caps("0000000000000000").missing().len(), 4);
         assert!(Capabilities::from_status("no caps here").is_none());
+    }
+
+    #[test]
+    fn this_process_status_is_read() {
+        assert!(Capabilities::current().is_some());
+    }
+
+    /// Malformed status texts give `None`, never a panic: a CapEff that is not hex or too
+    /// wide, a missing field, truncation at every byte, a line without a colon.
+    #[test]
+    fn a_malformed_status_is_none_not_a_panic() {
+        let status = include_str!("../tests/fixtures/proc/100/status");
+        assert_eq!(
+            Capabilities::from_status(status).map(|c| c.effective),
+            Some(0)
+        );
+        for (from, to) in [
+            ("CapEff:\t0000000000000000", "CapEff:\tzz"),
+            ("CapEff:\t0000000000000000", "CapEff:\t10000000000000000"),
+            ("CapEff:\t0000000000000000", "CapEff:"),
+            ("CapEff:\t0000000000000000\n", ""),
+            ("Uid:\t101\t101\t101\t101", "Uid:\t101"),
+            ("SigQ:\t0/31457", "SigQ:\t0"),
+            ("Threads:\t6", "Threads"),
+        ] {
+            assert!(status.contains(from), "{from}");
+            let bad = status.replace(from, to);
+            assert!(Capabilities::from_status(&bad).is_none(), "{to:?}");
+        }
+        for end in 0..status.len() {
+            let _ = Capabilities::from_status(&status[..end]);
+        }
+        let with_extra = format!("{status}Future_field:\tsomething new\n");
+        assert!(Capabilities::from_status(&with_extra).is_some());
     }
 }

@@ -5,7 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use procfs::{process::Process, ProcError};
+use procfs::{
+    net::{TcpNetEntry, TcpState},
+    process::{FDTarget, Process},
+    ProcError,
+};
 
 /// A process as the agent identifies it: a pid is reused, (pid, start time) is not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -362,16 +366,9 @@ impl ProcRoot {
             // Unreadable: fall through to what the maps say.
             Err(_) => {}
         }
-        let maps = std::fs::read_to_string(self.root.join(pid.to_string()).join("maps")).ok()?;
-        let mapped = maps
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
-            .find(|p| {
-                let name = p.rsplit('/').next().unwrap_or(p);
-                name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
-            });
-        if let Some(path) = mapped {
-            return Some(self.host_path_of(pid, Path::new(path)));
+        let maps = std::fs::read(self.root.join(pid.to_string()).join("maps")).ok()?;
+        if let Some(path) = mapped_files(&maps).find(|p| is_libc(p)) {
+            return Some(self.host_path_of(pid, &path));
         }
         // Seen at exec, before the dynamic loader has mapped it: look where distributions put
         // it, inside the process's own root. Uprobes on that file fire once it is mapped.
@@ -386,6 +383,60 @@ impl ProcRoot {
             .map(|p| self.host_path_of(pid, Path::new(p)))
             .find(|p| p.exists())
     }
+}
+
+/// The mappings of a `/proc/<pid>/maps` text. procfs parses each line on its own, so that a
+/// line it cannot read (not UTF-8, truncated, or one [`maps_line_shape_ok`] refuses) is skipped
+/// rather than losing the whole table. On its own, a line can also never be taken for an smaps
+/// `Key: value kB` attribute of the mapping before it, whose value procfs multiplies by 1024
+/// unchecked (an overflow panic in debug builds).
+pub fn memory_maps(maps: &[u8]) -> impl Iterator<Item = procfs::process::MemoryMap> + '_ {
+    use procfs::FromRead as _;
+    maps.split(|&b| b == b'\n').filter_map(|line| {
+        let line = std::str::from_utf8(line).ok()?;
+        if !maps_line_shape_ok(line) {
+            return None;
+        }
+        procfs::process::MemoryMaps::from_read(line.as_bytes())
+            .ok()?
+            .into_iter()
+            .next()
+    })
+}
+
+/// The files a `/proc/<pid>/maps` text maps, without the " (deleted)" the kernel appends to
+/// a replaced file (the path is then that of its replacement, which is what can be opened).
+fn mapped_files(maps: &[u8]) -> impl Iterator<Item = PathBuf> + '_ {
+    use procfs::process::MMapPath;
+    memory_maps(maps).filter_map(|map| {
+        let MMapPath::Path(path) = map.pathname else {
+            return None;
+        };
+        match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(replaced) => Some(PathBuf::from(replaced)),
+            None => Some(path),
+        }
+    })
+}
+
+/// Whether one `maps` line has the shape procfs's parser reads without panicking: it slices
+/// the pathnames `[stack:TID]` and `/SYSVKEY…` at byte offsets (procfs-core 0.18,
+/// `MMapPath::from`), which panics on a short `/SYSV` name or on a multi-byte character at an
+/// offset. A kernel writes neither; a `--proc-root` of unknown origin might.
+fn maps_line_shape_ok(line: &str) -> bool {
+    match line.splitn(6, ' ').nth(5).map(str::trim) {
+        Some(path) if path.starts_with("[stack:") => path.get(1..path.len() - 1).is_some(),
+        Some(path) if path.starts_with("/SYSV") => path.get(5..13).is_some(),
+        _ => true,
+    }
+}
+
+/// A C library by its file name: `libc.so.6`, or glibc's old `libc-2.31.so`.
+fn is_libc(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of /proc CPU counters.
@@ -603,59 +654,35 @@ pub struct SocketPeer {
     pub port: u16,
 }
 
-/// Parses one address of `/proc/net/tcp` (`0100007F:1F90`) or `tcp6` (32 hex digits: four
-/// 32-bit words in host order).
-pub fn parse_proc_net_address(text: &str) -> Option<SocketPeer> {
-    let (addr, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match addr.len() {
-        8 => std::net::IpAddr::V4(std::net::Ipv4Addr::from(
-            u32::from_str_radix(addr, 16).ok()?.to_le_bytes(),
-        )),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
-                let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
-                chunk.copy_from_slice(&word.to_le_bytes());
-            }
-            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bytes))
+impl From<std::net::SocketAddr> for SocketPeer {
+    fn from(address: std::net::SocketAddr) -> Self {
+        Self {
+            ip: address.ip(),
+            port: address.port(),
         }
-        _ => return None,
-    };
-    Some(SocketPeer { ip, port })
+    }
 }
 
-/// One line of `/proc/<pid>/net/tcp{,6}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpSocket {
-    pub local: SocketPeer,
-    pub remote: SocketPeer,
-    /// `st`: the kernel's TCP state (`include/net/tcp_states.h`), e.g. [`TCP_LISTEN`].
-    pub state: u8,
-}
-
-/// `TCP_LISTEN` in `include/net/tcp_states.h` (`0A` in /proc/net/tcp).
-pub const TCP_LISTEN: u8 = 0x0A;
-
-/// Socket inode -> addresses and state, from the text of `/proc/<pid>/net/tcp` or `tcp6`.
-pub fn parse_proc_net_tcp(text: &str) -> std::collections::HashMap<u64, TcpSocket> {
-    text.lines()
+/// Socket inode -> entry, from the text of `/proc/<pid>/net/tcp` or `tcp6`. procfs parses the
+/// table, but one line at a time: given the whole table (as `Process::tcp` does), it refuses
+/// all of it for a single line it cannot read (truncated, not hex, not UTF-8, a TCP state
+/// newer than the crate), where only that line should be skipped. Its parser only splits and
+/// parses numbers (procfs-core 0.18: no slicing at offsets the text decides, unwraps only of
+/// fixed-length slices), so no shape check precedes it; the `proc` fuzz target feeds it
+/// arbitrary lines.
+pub fn parse_proc_net_tcp(text: &[u8]) -> std::collections::HashMap<u64, TcpNetEntry> {
+    use procfs::FromBufReadSI as _;
+    let system = procfs::current_system_info();
+    text.split(|&b| b == b'\n')
+        // The header.
         .skip(1)
         .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local = parse_proc_net_address(fields.get(1)?)?;
-            let remote = parse_proc_net_address(fields.get(2)?)?;
-            let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
-            let inode: u64 = fields.get(9)?.parse().ok()?;
-            Some((
-                inode,
-                TcpSocket {
-                    local,
-                    remote,
-                    state,
-                },
-            ))
+            // procfs skips the first line it is given, the header: an empty one here.
+            let one = std::io::Read::chain(&b"\n"[..], line);
+            let entries = procfs::net::TcpNetEntries::from_buf_read(one, system).ok()?;
+            entries.0.into_iter().next()
         })
+        .map(|entry| (entry.inode, entry))
         .collect()
 }
 
@@ -685,32 +712,34 @@ pub fn service_address(
 }
 
 impl ProcRoot {
-    /// (fd, socket inode) of each socket a process has open.
+    /// (fd, socket inode) of each socket a process has open. procfs reads the fd links and
+    /// skips those it cannot read (closed meanwhile) or parse; its link parser takes no
+    /// slices of the text, so there is nothing to check before it.
     fn socket_inodes(&self, pid: u32) -> Vec<(u32, u64)> {
-        let Ok(fds) = std::fs::read_dir(self.root.join(pid.to_string()).join("fd")) else {
+        let Ok(fds) = self
+            .open(pid)
+            .and_then(|process| process.fd().map_err(|e| ReadError::from_proc(pid, "fd", e)))
+        else {
             return Vec::new();
         };
-        fds.filter_map(|entry| {
-            let entry = entry.ok()?;
-            let fd: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let link = std::fs::read_link(entry.path()).ok()?;
-            let inode: u64 = link
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            Some((fd, inode))
+        fds.filter_map(|fd| {
+            let fd = fd.ok()?;
+            match fd.target {
+                FDTarget::Socket(inode) => Some((u32::try_from(fd.fd).ok()?, inode)),
+                _ => None,
+            }
         })
         .collect()
     }
 
-    /// The TCP sockets of the network namespace `pid` is in, by inode.
-    fn tcp_sockets(&self, pid: u32) -> std::collections::HashMap<u64, TcpSocket> {
+    /// The TCP sockets of the network namespace `pid` is in, by inode. The tables are read
+    /// here rather than with `Process::tcp`, to be parsed line by line (see
+    /// [`parse_proc_net_tcp`]).
+    fn tcp_sockets(&self, pid: u32) -> std::collections::HashMap<u64, TcpNetEntry> {
         let base = self.root.join(pid.to_string());
         let mut by_inode = std::collections::HashMap::new();
         for table in ["net/tcp", "net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(base.join(table)) {
+            if let Ok(text) = std::fs::read(base.join(table)) {
                 by_inode.extend(parse_proc_net_tcp(&text));
             }
         }
@@ -726,7 +755,7 @@ impl ProcRoot {
         }
         let by_inode = self.tcp_sockets(pid);
         fds.into_iter()
-            .filter_map(|(fd, inode)| Some((fd, by_inode.get(&inode)?.remote)))
+            .filter_map(|(fd, inode)| Some((fd, by_inode.get(&inode)?.remote_address.into())))
             .collect()
     }
 
@@ -742,8 +771,8 @@ impl ProcRoot {
         let mut listeners: Vec<std::net::SocketAddr> = fds
             .iter()
             .filter_map(|(_, inode)| by_inode.get(inode))
-            .filter(|s| s.state == TCP_LISTEN)
-            .map(|s| std::net::SocketAddr::new(s.local.ip, s.local.port))
+            .filter(|s| s.state == TcpState::Listen)
+            .map(|s| s.local_address)
             .collect();
         listeners.sort_unstable();
         listeners.dedup();
@@ -755,33 +784,261 @@ impl ProcRoot {
 mod net_tests {
     use super::*;
 
+    const HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+    fn peer(ip: &str, port: u16) -> SocketPeer {
+        SocketPeer {
+            ip: ip.parse().unwrap(),
+            port,
+        }
+    }
+
     #[test]
     fn proc_net_tcp_lines_give_remote_peers_by_inode() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-                    0: 0100007F:D431 0100007F:18EB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
-                    1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
-        let sockets = parse_proc_net_tcp(text);
-        assert_eq!(
-            sockets[&4242].remote,
-            SocketPeer {
-                ip: "127.0.0.1".parse().unwrap(),
-                port: 6379
-            }
+        let text = format!(
+            "{HEADER}   0: 0100007F:D431 0100007F:18EB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
+             \x20  1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n"
         );
-        assert_eq!(sockets[&4242].local.port, 54321);
-        assert_eq!(sockets[&4242].state, 0x01);
-        assert_eq!(sockets[&77].remote.port, 0);
-        assert_eq!(sockets[&77].local.port, 8080);
-        assert_eq!(sockets[&77].state, TCP_LISTEN);
-        let v6 = parse_proc_net_address("00000000000000000000000001000000:18EB").unwrap();
+        let sockets = parse_proc_net_tcp(text.as_bytes());
         assert_eq!(
-            v6,
-            SocketPeer {
-                ip: "::1".parse().unwrap(),
-                port: 6379
-            }
+            SocketPeer::from(sockets[&4242].remote_address),
+            peer("127.0.0.1", 6379)
         );
-        assert!(parse_proc_net_address("zz:1").is_none());
+        assert_eq!(sockets[&4242].local_address.port(), 54321);
+        assert_eq!(sockets[&4242].state, TcpState::Established);
+        assert_eq!(sockets[&77].remote_address.port(), 0);
+        assert_eq!(sockets[&77].local_address.port(), 8080);
+        assert_eq!(sockets[&77].state, TcpState::Listen);
+        let v6 = format!(
+            "{HEADER}   0: 00000000000000000000000001000000:18EB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1004 1 0000000000000000 100 0 0 10 0\n"
+        );
+        assert_eq!(
+            SocketPeer::from(parse_proc_net_tcp(v6.as_bytes())[&1004].local_address),
+            peer("::1", 6379)
+        );
+    }
+
+    /// Each malformed line is skipped on its own, without a panic; the good lines around
+    /// them are kept. A line with more columns than today's kernels write is read.
+    #[test]
+    fn malformed_proc_net_tcp_lines_are_skipped_not_fatal() {
+        let good = "   0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1001 1 0000000000000000 100 0 0 10 0";
+        let bad = [
+            // Truncated, at several points.
+            "   1: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101",
+            "   1: 0100007F:18EB 00000000:0000",
+            "   1: 0100007F:18",
+            "   1:",
+            // Not hex, wrong widths, no port.
+            "   1: zz00007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: 0100007F:18EB 00000000:0000 0Z 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: 100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: 0100007F 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: 0100007F:FFFFF 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: é100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "   1: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 -1 1",
+            // A state procfs does not know.
+            "   1: 0100007F:18EB 00000000:0000 0D 00000000:00000000 00:00000000 00000000   101        0 1002 1",
+            "",
+        ];
+        for line in bad {
+            let text = format!("{HEADER}{good}\n{line}\n");
+            let sockets = parse_proc_net_tcp(text.as_bytes());
+            assert_eq!(sockets.keys().collect::<Vec<_>>(), [&1001], "{line:?}");
+        }
+        let not_utf8 = [
+            HEADER.as_bytes(),
+            b"   1: \xff\xfe\n",
+            good.as_bytes(),
+            b"\n",
+        ]
+        .concat();
+        assert_eq!(parse_proc_net_tcp(&not_utf8).len(), 1);
+        let extra = format!("{HEADER}{good} extra columns 1 2 3\n");
+        assert_eq!(
+            parse_proc_net_tcp(extra.as_bytes())[&1001].state,
+            TcpState::Listen
+        );
+        // Only a header, or nothing at all.
+        assert!(parse_proc_net_tcp(HEADER.as_bytes()).is_empty());
+        assert!(parse_proc_net_tcp(b"").is_empty());
+        assert!(
+            parse_proc_net_tcp(good.as_bytes()).is_empty(),
+            "its first line is a header"
+        );
+    }
+
+    /// A process tree in a temporary directory, with process 100's fds and net/tcp.
+    fn process_with_fds(links: &[(&str, &str)], tcp: &str) -> (tempfile::TempDir, ProcRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        let process = dir.path().join("100");
+        std::fs::create_dir_all(process.join("fd")).unwrap();
+        std::fs::create_dir_all(process.join("net")).unwrap();
+        for (fd, target) in links {
+            std::os::unix::fs::symlink(target, process.join("fd").join(fd)).unwrap();
+        }
+        std::fs::write(process.join("net/tcp"), format!("{HEADER}{tcp}")).unwrap();
+        let proc = ProcRoot::new(dir.path());
+        (dir, proc)
+    }
+
+    #[test]
+    fn socket_fds_come_from_the_fd_links_and_odd_links_are_skipped() {
+        let tcp = "   0: 0100007F:18EB 0100007F:D431 01 00000000:00000000 00:00000000 00000000   101        0 1003 1 0000000000000000 100 0 0 10 0\n\
+                   \x20  1: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1001 1 0000000000000000 100 0 0 10 0\n";
+        let (_dir, proc) = process_with_fds(
+            &[
+                ("6", "socket:[1001]"),
+                ("8", "socket:[1003]"),
+                // A socket in no TCP table (a UNIX socket, or UDP).
+                ("9", "socket:[5000]"),
+                ("3", "socket:[not-a-number]"),
+                ("4", "socket:[]"),
+                ("5", "socket:"),
+                ("7", "socket:[18446744073709551616]"),
+                ("10", "pipe:[1001]"),
+                ("11", "/dev/null"),
+                ("12", "anon_inode:[eventpoll]"),
+                ("-1", "socket:[1003]"),
+                ("not-an-fd", "socket:[1003]"),
+            ],
+            tcp,
+        );
+        let mut inodes = proc.socket_inodes(100);
+        inodes.sort_unstable();
+        assert_eq!(inodes, [(6, 1001), (8, 1003), (9, 5000)]);
+        let mut peers = proc.socket_peers(100);
+        peers.sort_unstable_by_key(|(fd, _)| *fd);
+        // A listener's "peer" is 0.0.0.0:0, as the table says.
+        assert_eq!(
+            peers,
+            [(6, peer("0.0.0.0", 0)), (8, peer("127.0.0.1", 54321))]
+        );
+        assert_eq!(
+            proc.listening_sockets(100),
+            ["127.0.0.1:6379".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        // Gone: no fds, no peers.
+        assert!(proc.socket_inodes(101).is_empty());
+        assert!(proc.socket_peers(101).is_empty());
+    }
+
+    #[test]
+    fn a_malformed_tcp_table_loses_only_its_bad_lines() {
+        let tcp = "   0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1001 1 0000000000000000 100 0 0 10 0\n\
+                   \x20  1: 0100007F:18EB 0100007F:D431 01 00000000:000\n\
+                   \x20  2: 0100007F:3FFB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1002 1 0000000000000000 100 0 0 10 0\n\
+                   garbage\n";
+        let (_dir, proc) = process_with_fds(&[("6", "socket:[1001]"), ("7", "socket:[1002]")], tcp);
+        assert_eq!(
+            proc.listening_sockets(100),
+            [
+                "127.0.0.1:6379".parse::<std::net::SocketAddr>().unwrap(),
+                "127.0.0.1:16379".parse().unwrap()
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod maps_tests {
+    use super::*;
+
+    const LIBC: &str = "7f3c1e84e000-7f3c1e9a3000 r-xp 00026000 08:01 5678                       /usr/lib/x86_64-linux-gnu/libc.so.6";
+
+    /// Process 100 with the given maps and no exe (so that the maps are read).
+    fn with_maps(maps: &[u8]) -> (tempfile::TempDir, ProcRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("100")).unwrap();
+        std::fs::write(dir.path().join("100/maps"), maps).unwrap();
+        let proc = ProcRoot::new(dir.path());
+        (dir, proc)
+    }
+
+    fn mapped_libc(proc: &ProcRoot) -> Option<PathBuf> {
+        let root = proc.path().join("100/root");
+        Some(proc.libc_path(100)?.strip_prefix(root).ok()?.to_path_buf())
+    }
+
+    #[test]
+    fn the_mapped_libc_is_found_in_the_fixture_maps() {
+        let fixture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/proc/100/maps"
+        ))
+        .unwrap();
+        let (_dir, proc) = with_maps(&fixture);
+        assert_eq!(
+            mapped_libc(&proc).as_deref(),
+            Some(Path::new("usr/lib/x86_64-linux-gnu/libc.so.6"))
+        );
+        let files: Vec<PathBuf> = mapped_files(&fixture).collect();
+        assert_eq!(files.len(), 11, "{files:?}");
+        // Old glibc names, and a libc replaced on disk since it was mapped.
+        for (line, expected) in [
+            (
+                "7f0000000000-7f0000001000 r-xp 00000000 08:01 9 /lib/x86_64-linux-gnu/libc-2.31.so",
+                "lib/x86_64-linux-gnu/libc-2.31.so",
+            ),
+            (
+                "7f0000000000-7f0000001000 r-xp 00000000 08:01 9   /usr/lib/libc.so.6 (deleted)",
+                "usr/lib/libc.so.6",
+            ),
+        ] {
+            let (_dir, proc) = with_maps(line.as_bytes());
+            assert_eq!(mapped_libc(&proc).as_deref(), Some(Path::new(expected)));
+        }
+    }
+
+    /// Lines procfs's maps parser would panic on (a pathname it slices at byte offsets), or
+    /// that it cannot read, are skipped one by one: the libc line after them is still found.
+    #[test]
+    fn malformed_maps_lines_are_skipped_not_fatal() {
+        let bad: [&[u8]; 14] = [
+            b"7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [stack:\xc3\xa9",
+            b"7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [stack:1\xc3\xa9",
+            b"7f0000000000-7f0000001000 rw-s 00000000 00:01 0 /SYSV1",
+            b"7f0000000000-7f0000001000 rw-s 00000000 00:01 0 /SYSV0000000\xc3\xa9 (deleted)",
+            // An smaps attribute line, which procfs multiplies by 1024 unchecked (it is read
+            // on its own here, with no mapping for it to belong to).
+            b"Size: 99999999999999999999 kB",
+            b"Rss: 18446744073709551615 kB",
+            // Truncated, not hex, not UTF-8, empty.
+            b"7f0000000000-7f0000001000 r-xp 00000000 08:01",
+            b"7f0000000000 r-xp 00000000 08:01 5678 /usr/lib/libc.so.6",
+            b"zz0000000000-7f0000001000 r-xp 00000000 08:01 5678 /usr/lib/libc.so.6",
+            b"7f0000000000-7f0000001000 r-xp 0000000g 08:01 5678 /usr/lib/libc.so.6",
+            b"7f0000000000-7f0000001000 r-xp 00000000 08:01 -1 /usr/lib/libc.so.6",
+            b"7f0000000000-7f0000001000 r-xp 00000000 08:01 5678 /usr/lib/\xff/libc.so.6",
+            b"",
+            b"\n\n",
+        ];
+        for line in bad {
+            let maps = [line, b"\n", LIBC.as_bytes(), b"\n"].concat();
+            let (_dir, proc) = with_maps(&maps);
+            assert_eq!(
+                mapped_libc(&proc).as_deref(),
+                Some(Path::new("usr/lib/x86_64-linux-gnu/libc.so.6")),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert!(!maps_line_shape_ok(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [stack:\u{e9}"
+        ));
+        assert!(!maps_line_shape_ok(
+            "7f0000000000-7f0000001000 rw-s 00000000 00:01 0 /SYSV1"
+        ));
+        assert!(maps_line_shape_ok(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [stack:123]"
+        ));
+        assert!(maps_line_shape_ok(
+            "7f0000000000-7f0000001000 rw-s 00000000 00:01 32769 /SYSV0000162e (deleted)"
+        ));
+        assert!(maps_line_shape_ok(LIBC));
+        // Unreadable maps: no libc, as before.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ProcRoot::new(dir.path()).libc_path(100), None);
     }
 }
 

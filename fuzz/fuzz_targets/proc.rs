@@ -1,12 +1,19 @@
 //! Fuzzes the agent's /proc readers, the other parser that reads bytes it does not control
 //! (a process may write anything into its own title, and /proc files of other kernels
-//! differ). The first input byte chooses which file of a fixture process is replaced by the
-//! rest of the input: stat, a thread's stat, cmdline, status, net/tcp, net/tcp6 or maps.
-//! Every reader over that tree must return a value or an error, never panic; the seeds are
-//! the committed fixtures (see `cargo xtask fuzz`).
+//! differ). Most of them hand the bytes to the procfs crate, which has panicked on malformed
+//! input before: the agent's shape checks must keep it from doing so. The first input byte
+//! chooses which file of a fixture process is replaced by the rest of the input: stat, a
+//! thread's stat, cmdline, status, net/tcp, net/tcp6, maps, or the target of a socket fd's
+//! link. Every reader over that tree must return a value or an error, never panic; the seeds
+//! are the committed fixtures (see `cargo xtask fuzz`).
 #![no_main]
 
-use std::{os::unix::fs::symlink, path::PathBuf, sync::OnceLock};
+use std::{
+    ffi::OsStr,
+    os::unix::{ffi::OsStrExt, fs::symlink},
+    path::PathBuf,
+    sync::OnceLock,
+};
 
 use fanout::{
     privileges::Capabilities,
@@ -22,11 +29,15 @@ const FILES: [(&str, &[u8]); 7] = [
     ("stat", include_bytes!("../../agent/tests/fixtures/proc/100/stat")),
     ("task/100/stat", include_bytes!("../../agent/tests/fixtures/proc/100/task/100/stat")),
     ("cmdline", include_bytes!("../../agent/tests/fixtures/proc/100/cmdline")),
-    ("status", b"Name:\tredis-server\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n"),
+    ("status", include_bytes!("../../agent/tests/fixtures/proc/100/status")),
     ("net/tcp", include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp")),
     ("net/tcp6", include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp6")),
-    ("maps", b"55b7a5a00000-55b7a5a3c000 r--p 00000000 08:01 1234 /usr/bin/redis-server\n55b7a5a3c000-55b7a5b5c000 r-xp 0003c000 08:01 1234 /usr/bin/redis-server\n"),
+    ("maps", include_bytes!("../../agent/tests/fixtures/proc/100/maps")),
 ];
+
+/// The eighth choice (after the files, so that the seeds' first bytes keep their meaning):
+/// the target of this fd's link, by default a listening socket of the fixture's net/tcp.
+const LINK: (&str, &[u8]) = ("fd/6", b"socket:[1001]");
 
 /// A fixture process tree in a temporary directory, made once per fuzzing process.
 fn root() -> &'static PathBuf {
@@ -38,7 +49,7 @@ fn root() -> &'static PathBuf {
             std::fs::create_dir_all(process.join(sub)).unwrap();
         }
         std::fs::write(process.join("comm"), "redis-server\n").unwrap();
-        for (fd, inode) in [(3, 27001), (4, 27002), (5, 4242)] {
+        for (fd, inode) in [(7, 1002), (8, 1003), (9, 1004)] {
             let _ = symlink(format!("socket:[{inode}]"), process.join("fd").join(fd.to_string()));
         }
         dir
@@ -49,13 +60,21 @@ fuzz_target!(|input: &[u8]| {
     let Some((&which, content)) = input.split_first() else {
         return;
     };
-    let which = which as usize % FILES.len();
+    let which = which as usize % (FILES.len() + 1);
     let dir = root();
     let process = dir.join(PID.to_string());
     for (i, (name, default)) in FILES.iter().enumerate() {
         let bytes = if i == which { content } else { default };
         std::fs::write(process.join(name), bytes).unwrap();
     }
+    // A link target is a C string of at most PATH_MAX bytes: others cannot be put in place.
+    let target = if which == FILES.len() { content } else { LINK.1 };
+    if target.is_empty() || target.len() >= 4096 || target.contains(&0) {
+        return;
+    }
+    let link = process.join(LINK.0);
+    let _ = std::fs::remove_file(&link);
+    symlink(OsStr::from_bytes(target), &link).unwrap();
 
     let proc = ProcRoot::new(dir);
     let _ = proc.process_info(PID);
@@ -64,16 +83,18 @@ fuzz_target!(|input: &[u8]| {
     let _ = proc.start_time(PID);
     let _ = proc.listening_sockets(PID);
     let _ = proc.socket_peers(PID);
+    // No exe in the tree: the maps are read.
+    let _ = proc.libc_path(PID);
 
-    let text = String::from_utf8_lossy(content);
-    match FILES[which].0 {
-        "status" => {
-            let _ = Capabilities::from_status(&text);
+    match FILES.get(which).map(|(name, _)| *name) {
+        Some("status") => {
+            let _ = Capabilities::from_status(&String::from_utf8_lossy(content));
         }
-        "net/tcp" | "net/tcp6" => {
-            let _ = parse_proc_net_tcp(&text);
+        Some("net/tcp" | "net/tcp6") => {
+            let _ = parse_proc_net_tcp(content);
         }
-        "maps" => {
+        Some("maps") => {
+            let text = String::from_utf8_lossy(content);
             let id = BinaryId { dev: 0x801, ino: 1234 };
             let _ = load_bias(&text, id, 0);
             let _ = load_bias(&text, id, 0x3c000);

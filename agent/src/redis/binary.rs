@@ -307,25 +307,15 @@ impl RedisBinary {
 }
 
 /// Where process `pid` mapped the binary `id`: the start of its mapping at file offset 0 in
-/// `maps` (the text of /proc/<pid>/maps) minus that segment's virtual address.
+/// `maps` (the text of /proc/<pid>/maps, parsed by procfs line by line) minus that segment's
+/// virtual address.
 pub fn load_bias(maps: &str, id: BinaryId, first_load_address: u64) -> Option<u64> {
-    maps.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let _perms = fields.next()?;
-        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let dev = fields.next()?;
-        let inode: u64 = fields.next()?.parse().ok()?;
-        let (major, minor) = dev.split_once(':')?;
-        let (major, minor) = (
-            u32::from_str_radix(major, 16).ok()?,
-            u32::from_str_radix(minor, 16).ok()?,
-        );
-        if offset != 0 || inode != id.ino || libc::makedev(major, minor) != id.dev {
-            return None;
-        }
-        let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
-        Some(start.wrapping_sub(first_load_address))
+    crate::proc_reader::memory_maps(maps.as_bytes()).find_map(|map| {
+        let (major, minor) = map.dev;
+        (map.offset == 0
+            && map.inode == id.ino
+            && libc::makedev(major as u32, minor as u32) == id.dev)
+            .then(|| map.address.0.wrapping_sub(first_load_address))
     })
 }
 
