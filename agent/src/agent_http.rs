@@ -51,3 +51,26 @@ pub fn get(address: &str, path: &str, timeout: Duration) -> Result<(u16, String)
         .unwrap_or(0);
     Ok((status, body.to_string()))
 }
+
+/// Why a versioned JSON answer could not be taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VersionedJsonError {
+    /// Not JSON, or no numeric `"version"`.
+    Malformed(String),
+    /// Another layout version than the reader's.
+    Version(u64),
+}
+
+/// Parses a JSON answer and checks its `"version"` against `expected` before anything else
+/// is read from it (a newer layout could otherwise be misread as this one).
+pub fn versioned_json(text: &str, expected: u64) -> Result<serde_json::Value, VersionedJsonError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| VersionedJsonError::Malformed(e.to_string()))?;
+    let version = value["version"]
+        .as_u64()
+        .ok_or_else(|| VersionedJsonError::Malformed("no \"version\"".into()))?;
+    if version != expected {
+        return Err(VersionedJsonError::Version(version));
+    }
+    Ok(value)
+}

@@ -46,18 +46,15 @@ pub fn parse(text: &str, address: &str) -> Result<Observation, FetchError> {
         address: address.to_string(),
         reason,
     };
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
-    let version = value["version"]
-        .as_u64()
-        .ok_or_else(|| malformed("no \"version\"".into()))?;
-    if version != u64::from(VERSION) {
-        return Err(FetchError::Version {
-            address: address.to_string(),
-            found: version,
-            expected: VERSION,
-        });
-    }
+    let value =
+        crate::agent_http::versioned_json(text, u64::from(VERSION)).map_err(|e| match e {
+            crate::agent_http::VersionedJsonError::Malformed(reason) => malformed(reason),
+            crate::agent_http::VersionedJsonError::Version(found) => FetchError::Version {
+                address: address.to_string(),
+                found,
+                expected: VERSION,
+            },
+        })?;
     serde_json::from_value(value).map_err(|e| malformed(e.to_string()))
 }
 

@@ -86,18 +86,15 @@ impl Reading {
             address: address.to_string(),
             reason,
         };
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
-        let version = v["version"]
-            .as_u64()
-            .ok_or_else(|| malformed("no \"version\"".into()))?;
-        if version != crate::metrics::json::VERSION {
-            return Err(ReadingError::Version {
+        let expected = crate::metrics::json::VERSION;
+        let v = crate::agent_http::versioned_json(text, expected).map_err(|e| match e {
+            crate::agent_http::VersionedJsonError::Malformed(reason) => malformed(reason),
+            crate::agent_http::VersionedJsonError::Version(found) => ReadingError::Version {
                 address: address.to_string(),
-                found: version,
-                expected: crate::metrics::json::VERSION,
-            });
-        }
+                found,
+                expected,
+            },
+        })?;
         let mut reading = Reading {
             time_ms: v["time_unix_ms"].as_u64().unwrap_or(0),
             agent_version: v["agent_version"].as_str().unwrap_or("").to_string(),
