@@ -51,6 +51,8 @@ pub mod maps {
     pub const CONNS: &str = "CONNS";
     /// [`crate::worker::ServedKey`] -> served pops.
     pub const SERVED_KEYS: &str = "SERVED_KEYS";
+    /// tgid -> connect() calls of a followed worker, for the agent to notice new connections.
+    pub const CONNECTS: &str = "CONNECTS";
     /// [`crate::worker::ConnKey`] -> [`crate::worker::Peer`], from connect() or /proc.
     pub const CONN_PEERS: &str = "CONN_PEERS";
     /// Slot ([`crate::worker::not_resp_slot`]) -> tag of a (tgid, fd) a worker writes to

@@ -21,7 +21,6 @@ pub const MAX_SERVED_KEYS: u32 = 32768;
 pub const KEYSET_MAX_BYTES: usize = 32 * 1024;
 pub const KEYSET_RING_BYTES: u32 = 1024 * 1024;
 
-/// Outcomes of a blocking pop as the worker sees it.
 /// How a worker is followed: the value of its `WORKER_PROCS` entry.
 pub mod via {
     /// Syscall tracepoints (any worker, whatever its language; every process on the host pays
@@ -31,11 +30,24 @@ pub mod via {
     pub const LIBC: u32 = 2;
 }
 
+/// Outcomes of a blocking pop as the worker sees it.
 pub mod outcome {
     pub const SERVED: u32 = 0;
     pub const TIMEOUT: u32 = 1;
     /// An error reply, or the connection closed or reached EOF while the pop waited.
     pub const ERROR: u32 = 2;
+}
+
+/// Which libc write function a write came through: the attach cookie of each offset of the
+/// workers' write uprobe-multi links, ORed into `ConnState::write_sites`. A worker whose
+/// connections write through `send`/`sendto` only (Ruby's and Python's sockets) never needs the
+/// probe on `write`, which its log lines and pipes hit on every job; the agent takes that probe
+/// out (see the agent's `ebpf::worker` narrowing). 0: not told (tracepoints, per-uprobe links).
+pub mod write_site {
+    /// `write()`: sockets, but also files, pipes and terminals.
+    pub const WRITE: u32 = 1;
+    /// `send()`/`sendto()`: sockets only.
+    pub const SOCKET: u32 = 2;
 }
 
 /// Connection kinds.
@@ -130,7 +142,9 @@ pub struct ConnState {
     /// The last blocking command sent alone in one buffer: its repeats skip the tokenizer.
     pub repeat: RepeatTemplate,
     pub slots: HistogramSlots,
-    pub _pad: u32,
+    /// The libc functions this connection's commands went through, as [`write_site`] bits
+    /// (uprobe-multi links only: the attach cookie says which function a hit came from).
+    pub write_sites: u32,
 }
 
 /// Key of the duration histograms.

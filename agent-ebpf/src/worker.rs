@@ -18,19 +18,21 @@ use agent_common::{
     resp::{reply_kind, BlockingCall, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
     worker::{
-        conn_kind, not_resp_slot, outcome, via, ConnKey, ConnState, HistogramSlots, KeysetHeader,
-        Peer, PendingRead, ServedKey, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES,
+        conn_kind, not_resp_slot, outcome, via, write_site, ConnKey, ConnState, HistogramSlots,
+        KeysetHeader, Peer, PendingRead, ServedKey, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES,
         KEYSET_RING_BYTES, MAX_CONNECTIONS, MAX_SERVED_KEYS, MAX_WORKER_HISTOGRAMS,
         MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
     },
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_get_attach_cookie, bpf_loop},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
 };
 
 use crate::{counters::bump, maps::cached_slot};
@@ -43,6 +45,11 @@ static SYSCALL_WORKERS: Array<u64> = Array::with_max_entries(pidset::WORDS, 0);
 static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 #[map]
 static CONN_PEERS: LruHashMap<ConnKey, Peer> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// connect() calls per followed worker: the agent looks at a worker's new connections when
+/// its count moves (an evicted entry reads as a move), instead of walking `CONN_PEERS` every
+/// second.
+#[map]
+static CONNECTS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_WORKER_PROCESSES, 0);
 /// pid_tgid -> arguments of a read in progress.
 #[map]
 static PENDING_READS: LruHashMap<u64, PendingRead> =
@@ -122,6 +129,9 @@ pub struct KeysetEvent {
 const MAX_STEPS: u32 = 4096;
 /// Most iovecs followed per writev/readv/sendmsg/recvmsg.
 const MAX_IOVECS: u32 = 8;
+
+/// The `write_site` bits a cookie may carry.
+const WRITE_SITE_BITS: u32 = write_site::WRITE | write_site::SOCKET;
 
 const DIR_REQUEST: u32 = 0;
 const DIR_REPLY: u32 = 1;
@@ -255,14 +265,7 @@ fn count_served_key(tgid: u32, peer: Peer, key_hash: u64) {
 /// Ends the waiting pop of `conn` with `result`; `served_key` names the key that served it
 /// (`fastpath::served_key_hash`, or a reserved value) and only counts for a served pop.
 #[inline(always)]
-fn finish_pop(
-    conn: &mut ConnState,
-    tgid: u32,
-    fd: u32,
-    result: u32,
-    served_key: u64,
-    now: u64,
-) {
+fn finish_pop(conn: &mut ConnState, tgid: u32, fd: u32, result: u32, served_key: u64, now: u64) {
     if conn.pop.active == 0 {
         return;
     }
@@ -892,9 +895,20 @@ struct IoVec {
     len: u64,
 }
 
-/// A write of `total` bytes: a plain buffer (`iov == 0`) or an iovec array.
+/// A write of `total` bytes: a plain buffer (`iov == 0`) or an iovec array; `site` is the
+/// `write_site` bit of the function it came through (0 when not told).
 #[inline(always)]
-fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, total: u64) {
+#[allow(clippy::too_many_arguments)]
+fn on_write(
+    tgid: u32,
+    fd: u32,
+    buf: u64,
+    len: u64,
+    iov: u64,
+    iov_count: u64,
+    total: u64,
+    site: u32,
+) {
     if total == 0 {
         return;
     }
@@ -916,6 +930,9 @@ fn on_write(tgid: u32, fd: u32, buf: u64, len: u64, iov: u64, iov_count: u64, to
         return;
     };
     let state = unsafe { &mut *conn };
+    // Which function carries this connection's commands: the agent takes the probe off
+    // `write` for a worker that never sends through it.
+    state.write_sites |= site;
     let now = unsafe { bpf_ktime_get_ns() };
     let mut hash = None;
     if iov == 0 && repeat_call(state, tgid, buf, len, now, &mut hash) {
@@ -984,11 +1001,11 @@ fn iov_total(iov: u64, count: u64) -> u64 {
 // at the syscall-format offsets; uprobe programs read them from registers.
 
 #[inline(always)]
-fn handle_write(fd: u64, buf: u64, len: u64, via: u32) {
+fn handle_write(fd: u64, buf: u64, len: u64, via: u32, site: u32) {
     let Some((tgid, _)) = worker_tgid(via) else {
         return;
     };
-    on_write(tgid, fd as u32, buf, len, 0, 0, len);
+    on_write(tgid, fd as u32, buf, len, 0, 0, len, site);
 }
 
 #[inline(always)]
@@ -998,7 +1015,7 @@ fn handle_writev(fd: u64, iov: u64, count: u64, via: u32) {
     };
     let total = iov_total(iov, count);
     // The count's range was narrowed differently on each path of the summing loop.
-    on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total);
+    on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total, 0);
 }
 
 /// `struct user_msghdr`: msg_iov at 16, msg_iovlen at 24.
@@ -1152,7 +1169,14 @@ fn handle_read_exit(ret: i64, via: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
-        finish_pop(unsafe { &mut *conn }, tgid, pending.fd, outcome::ERROR, 0, now);
+        finish_pop(
+            unsafe { &mut *conn },
+            tgid,
+            pending.fd,
+            outcome::ERROR,
+            0,
+            now,
+        );
         return;
     }
     let total = ret as u64;
@@ -1231,6 +1255,12 @@ fn handle_connect(fd: u64, addr: u64, via: u32) {
     };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
+    match CONNECTS.get_ptr_mut(&tgid) {
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = CONNECTS.insert(&tgid, &1, 0);
+        }
+    }
     clear_not_resp(&key);
     let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
         return;
@@ -1289,7 +1319,7 @@ fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
 pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
     // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
     let (fd, buf, len) = tp_args(&ctx);
-    handle_write(fd, buf, len, via::SYSCALLS);
+    handle_write(fd, buf, len, via::SYSCALLS, 0);
     0
 }
 
@@ -1354,9 +1384,11 @@ pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[uprobe]
 pub fn worker_libc_write(ctx: ProbeContext) -> u32 {
-    // write(fd, buf, n), send(fd, buf, n, flags), sendto(fd, buf, n, ...).
+    // write(fd, buf, n), send(fd, buf, n, flags), sendto(fd, buf, n, ...). The attach
+    // cookie tells them apart (`write_site`; 0 for a per-uprobe link, which has none).
     let (fd, buf, len) = up_args(&ctx);
-    handle_write(fd, buf, len, via::LIBC);
+    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & WRITE_SITE_BITS;
+    handle_write(fd, buf, len, via::LIBC, site);
     0
 }
 

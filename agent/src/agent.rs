@@ -69,6 +69,14 @@ pub struct AgentState {
 }
 
 impl AgentState {
+    /// Takes out or puts back workers' `write()` probes (see `ebpf::write_probe`); on the
+    /// agent's one-second tick, not on scrapes, which may be rare.
+    pub fn adjust_write_probes(&mut self) {
+        if let Some(probes) = self.probes.as_mut() {
+            probes.worker.adjust_write_probes();
+        }
+    }
+
     pub fn new(
         proc: ProcRoot,
         discovery: Discovery,
@@ -426,7 +434,10 @@ impl AgentState {
                 let main = samples
                     .iter()
                     .find(|s| s.tid == pid)
-                    .and_then(|s| cpu.totals().get(cpu.label_for(&s.name, self.max_thread_names.max(1) - 1)))
+                    .and_then(|s| {
+                        cpu.totals()
+                            .get(cpu.label_for(&s.name, self.max_thread_names.max(1) - 1))
+                    })
                     .map(|t| (t.user + t.system) as f64 / self.ticks_per_second);
                 if let Some(seconds) = main {
                     self.redis_main_cpu.insert(pid, seconds);
@@ -485,7 +496,9 @@ impl AgentState {
                 Some(Classification::Worker { group }) => Some(group.clone()),
                 _ => None,
             };
-            let counts = self.worker.advise_counts(&readings, &connections, &group_of);
+            let counts = self
+                .worker
+                .advise_counts(&readings, &connections, &group_of);
             self.worker
                 .emit(&readings, &connections, &group_of, &counts, &mut snapshot);
             self.record_advise_counts(counts, &redis_readings);
@@ -553,12 +566,16 @@ impl AgentState {
         workers: crate::worker::AdviseCounts,
         redis_readings: &BTreeMap<u32, crate::ebpf::redis::RedisReadings>,
     ) {
-        self.redis_main_cpu.retain(|pid, _| self.redis.contains_key(pid));
+        self.redis_main_cpu
+            .retain(|pid, _| self.redis.contains_key(pid));
         let servers = workers
             .into_iter()
             .map(|(server, groups)| {
                 let port: Option<u16> = server.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
-                let mut local = self.redis.values().filter(|t| t.port.is_some() && t.port == port);
+                let mut local = self
+                    .redis
+                    .values()
+                    .filter(|t| t.port.is_some() && t.port == port);
                 let redis = match (local.next(), local.next()) {
                     (Some(target), None) => target.advise_counts(
                         redis_readings.get(&target.pid),
@@ -567,7 +584,10 @@ impl AgentState {
                     // None, or two on one port (other network namespaces): not told apart.
                     _ => None,
                 };
-                (server, crate::advise::window::ServerCounts { redis, groups })
+                (
+                    server,
+                    crate::advise::window::ServerCounts { redis, groups },
+                )
             })
             .collect();
         self.advise.record(crate::advise::window::Counts {
@@ -660,6 +680,14 @@ impl AgentState {
                     attributes: vec![("reason", "redis_on_node".into())],
                     start_time: epoch,
                     value: PointValue::Gauge(probes.worker.unfollowed() as f64),
+                },
+            );
+            snapshot.push(
+                catalog::WORKERS_WRITE_PROBE_OFF,
+                Point {
+                    attributes: vec![],
+                    start_time: epoch,
+                    value: PointValue::Gauge(probes.worker.write_probes_off() as f64),
                 },
             );
             for (reason, counter) in [

@@ -4,8 +4,8 @@
 //! panics with what it was waiting for.
 
 pub mod otlp_receiver;
-pub mod prometheus;
 pub mod prom;
+pub mod prometheus;
 pub mod resp;
 
 use std::{
@@ -587,12 +587,7 @@ impl Agent {
         agent
     }
 
-    fn spawn(
-        wrapper: &[&str],
-        bin: &std::path::Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
+    fn spawn(wrapper: &[&str], bin: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = match wrapper.split_first() {
@@ -689,4 +684,37 @@ pub fn sidekiq_job(queue: &str, jid: u64) -> String {
 pub fn enqueue_sidekiq_job(redis: &Redis, queue: &str, jid: u64) {
     redis.command(&["SADD", "queues", queue]);
     redis.command(&["LPUSH", &format!("queue:{queue}"), &sidekiq_job(queue, jid)]);
+}
+
+/// The byte at file offset `offset` of `path` as process `pid` sees it (its /proc/pid/mem):
+/// where a uprobe is installed, the kernel has written an int3 (0xcc) into that process's
+/// copy of the page.
+pub fn mapped_byte(pid: u32, path: &std::path::Path, offset: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let address = maps
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 || std::path::Path::new(f[5]) != path || !f[1].contains('x') {
+                return None;
+            }
+            let (start, end) = f[0].split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            let file_offset = u64::from_str_radix(f[2], 16).ok()?;
+            (file_offset..file_offset + (end - start))
+                .contains(&offset)
+                .then(|| start + offset - file_offset)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "offset {offset:#x} of {} not mapped in {pid}",
+                path.display()
+            )
+        });
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut byte = [0u8];
+    mem.read_exact_at(&mut byte, address).unwrap();
+    byte[0]
 }

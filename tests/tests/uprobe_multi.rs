@@ -18,7 +18,7 @@ use fanout::ebpf::{
     worker::LIBC_UPROBES,
     Probes,
 };
-use integration_tests::{require_root, wait_for, Proc, Redis};
+use integration_tests::{mapped_byte, require_root, wait_for, Proc, Redis};
 
 use agent_common::{
     resp::command::BRPOP,
@@ -367,39 +367,6 @@ fn uprobe_multi_attach_errors_are_clear_and_never_panic() {
         "detach_in_background returned in {returned:?}, link gone after {:?}",
         started.elapsed()
     );
-}
-
-/// The byte at file offset `offset` of `path` as process `pid` sees it (its /proc/pid/mem):
-/// where a uprobe is installed, the kernel has written an int3 (0xcc) into that process's
-/// copy of the page.
-fn mapped_byte(pid: u32, path: &Path, offset: u64) -> u8 {
-    use std::os::unix::fs::FileExt;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let address = maps
-        .lines()
-        .find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 6 || Path::new(f[5]) != path || !f[1].contains('x') {
-                return None;
-            }
-            let (start, end) = f[0].split_once('-')?;
-            let start = u64::from_str_radix(start, 16).ok()?;
-            let end = u64::from_str_radix(end, 16).ok()?;
-            let file_offset = u64::from_str_radix(f[2], 16).ok()?;
-            (file_offset..file_offset + (end - start))
-                .contains(&offset)
-                .then(|| start + offset - file_offset)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "offset {offset:#x} of {} not mapped in {pid}",
-                path.display()
-            )
-        });
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut byte = [0u8];
-    mem.read_exact_at(&mut byte, address).unwrap();
-    byte[0]
 }
 
 /// With a pid, only that process gets the breakpoints; closing the link takes them out.

@@ -527,6 +527,13 @@ fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
         !agent.log().contains("worker syscall probes attached"),
         "no syscall tracepoints in libc mode"
     );
+    // Sidekiq's connections send through sendto(), its logs go through write(): that probe
+    // goes, and the pops below are counted without it.
+    wait_for(
+        "the fleet's write() probe out",
+        Duration::from_secs(10),
+        || (agent.scrape().sum("fanout_workers_write_probe_off", &[]) == 1.0).then_some(()),
+    );
     for jid in 0..5 {
         thread::sleep(Duration::from_millis(300));
         enqueue_sidekiq_job(&redis, "b", jid);
@@ -799,4 +806,142 @@ fn past_the_uprobe_worker_limit_workers_go_through_the_tracepoints_when_allowed(
     assert!(log.contains("worker libc probes attached"), "{log}");
     assert!(log.contains("--max-libc-workers"), "{log}");
     assert!(log.contains("worker syscall probes attached"), "{log}");
+}
+
+/// A Python worker whose first connection sends through `send` (socket.sendall) while it
+/// logs through `write` (print), then, on cue, opens a second connection and sends through
+/// `write` (os.write). The test drives it through its stdin and reads its log on stdout.
+const NARROW_CLIENT: &str = r#"
+import os, socket, sys, time
+port = int(sys.argv[1])
+time.sleep(1.0)  # the agent picks the process up first
+def brpop(s, send):
+    send(b"*3\r\n$5\r\nBRPOP\r\n$8\r\nnarrow:q\r\n$3\r\n0.1\r\n")
+    assert s.recv(64).startswith(b"*-1")
+a = socket.create_connection(("127.0.0.1", port))
+for i in range(3):
+    brpop(a, a.sendall)
+    print("popped", i, flush=True)
+print("a-done", flush=True)
+sys.stdin.readline()
+b = socket.create_connection(("127.0.0.1", port))
+print("b-connected", flush=True)
+sys.stdin.readline()
+for i in range(3):
+    brpop(b, lambda cmd: os.write(b.fileno(), cmd))
+    print("popped through write", i, flush=True)
+print("b-done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// A worker followed through uprobe-multi links whose Redis connection sends through `send`
+/// loses its probe on `write` (its log lines no longer trap), and gets it back when it opens
+/// a new connection to that Redis, whose commands through `write` are then counted.
+#[test]
+fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection() {
+    use std::io::{BufRead, BufReader, Write};
+    require_root();
+    if !fanout::ebpf::uprobe_multi::supported() {
+        panic!("this kernel has no uprobe-multi links: the write() probe is never taken out there (nothing to test)");
+    }
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--worker-probe-mode",
+        "libc",
+        "--worker-rule",
+        "narrow:cmdline=fanout-narrow-client",
+    ]);
+    let mut child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            NARROW_CLIENT,
+            &redis.port.to_string(),
+            "fanout-narrow-client",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut wait_line = |want: &str| loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the client exited before {want:?}"))
+            .unwrap();
+        if line == want {
+            break;
+        }
+    };
+    let _proc = Proc {
+        child,
+        name: "narrow-client".into(),
+    };
+    let gauge = |s: &Scrape| s.sum("fanout_workers_write_probe_off", &[]);
+    let write_site = || {
+        let libc = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                p.rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with("libc.so"))
+            })
+            .map(std::path::PathBuf::from)
+            .expect("libc mapped");
+        let offsets =
+            fanout::ebpf::uprobe_multi::resolve_probe_site_offsets(&libc, &["write"]).unwrap();
+        integration_tests::mapped_byte(pid, &libc, offsets["write"])
+    };
+    wait_line("a-done");
+    // The first connection sent through send(): the write() probe goes.
+    wait_for(
+        "the write() probe taken out",
+        Duration::from_secs(10),
+        || (gauge(&agent.scrape()) == 1.0).then_some(()),
+    );
+    assert!(
+        agent
+            .log()
+            .contains(&format!("write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes pid={pid}")),
+        "{}",
+        agent.log()
+    );
+    wait_for("no breakpoint on write()", Duration::from_secs(5), || {
+        (write_site() != 0xcc).then_some(())
+    });
+    assert_eq!(pops_of(&agent.scrape(), "narrow"), 3.0);
+    // A new connection to the same Redis: the probe comes back before it is used.
+    stdin.write_all(b"go\n").unwrap();
+    wait_line("b-connected");
+    wait_for(
+        "the write() probe put back",
+        Duration::from_secs(10),
+        || (gauge(&agent.scrape()) == 0.0).then_some(()),
+    );
+    assert!(
+        agent.log().contains("write() probe put back"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(write_site(), 0xcc, "the breakpoint is back on write()");
+    stdin.write_all(b"go\n").unwrap();
+    wait_line("b-done");
+    let s = wait_for("6 pops", Duration::from_secs(10), || {
+        let s = agent.scrape();
+        (pops_of(&s, "narrow") == 6.0).then_some(s)
+    });
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "narrow"), ("outcome", "timeout")]
+        ),
+        6.0
+    );
+    // Its connections now write through write(): the probe stays.
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(gauge(&agent.scrape()), 0.0, "{}", agent.log());
+    stdin.write_all(b"go\n").unwrap();
 }

@@ -41,6 +41,9 @@ pub struct PidEvents {
     pub libc_probes: Option<f64>,
     pub not_followed: Option<f64>,
     pub gone: Option<f64>,
+    /// When its `write()` uprobe was first taken out (its connections send through
+    /// `send`/`sendto`).
+    pub write_probe_out: Option<f64>,
 }
 
 /// Per pid, and when the worker syscall tracepoints were attached (first time).
@@ -76,6 +79,8 @@ pub fn parse(log: &str) -> LogEvents {
             2
         } else if line.contains(" process gone;") {
             3
+        } else if line.contains(" worker write() probe taken out:") {
+            4
         } else {
             continue;
         };
@@ -87,7 +92,8 @@ pub fn parse(log: &str) -> LogEvents {
             0 => &mut e.tracked,
             1 => &mut e.libc_probes,
             2 => &mut e.not_followed,
-            _ => &mut e.gone,
+            3 => &mut e.gone,
+            _ => &mut e.write_probe_out,
         };
         field.get_or_insert(ts);
     }
@@ -106,6 +112,14 @@ pub fn followed_via(log: &str, pid: u32) -> &'static str {
     }
 }
 
+/// Seconds from worker `pid`'s libc probes being attached to its `write()` probe being taken
+/// out, if both are in the log.
+pub fn write_probe_out_after(log: &str, pid: u32) -> Option<f64> {
+    let events = parse(log);
+    let e = events.pids.get(&pid)?;
+    Some(e.write_probe_out? - e.libc_probes?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +135,11 @@ mod tests {
         let p = &e.pids[&2326];
         assert!(p.tracked.is_some() && p.gone.is_some() && p.libc_probes.is_none());
         assert_eq!(followed_via(log, 2326), "tracepoints");
+        let log = "2026-11-29T21:03:57.500000Z  INFO fanout::ebpf::worker: worker libc probes attached pid=7 libc=/usr/lib/libc.so.6 links=10 kind=\"uprobe-multi\"\n\
+                   2026-11-29T21:03:58.750000Z  INFO fanout::ebpf::worker: worker write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes pid=7\n";
+        assert_eq!(followed_via(log, 7), "uprobes");
+        let after = write_probe_out_after(log, 7).unwrap();
+        assert!((after - 1.25).abs() < 1e-6, "{after}");
+        assert_eq!(write_probe_out_after(log, 8), None);
     }
 }

@@ -6,6 +6,7 @@ pub mod redis_attach;
 pub mod sched;
 pub mod slots;
 pub mod uprobe_multi;
+pub mod write_probe;
 pub mod worker;
 
 use aya::{programs::TracePoint, Ebpf};

@@ -8,8 +8,8 @@ use agent_common::{
     redis::KeyHistogram,
     sched::Log2Histogram,
     worker::{
-        not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey, WorkerKeysKey,
-        MAX_WORKER_HISTOGRAMS,
+        not_resp_slot, via, write_site, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey,
+        WorkerKeysKey, MAX_WORKER_HISTOGRAMS,
     },
 };
 use aya::{
@@ -18,7 +18,11 @@ use aya::{
     Ebpf,
 };
 
-use super::{attach_tracepoint, load_programs, take_map, ProbeError, TracepointSpec};
+use super::{
+    attach_tracepoint, load_programs, take_map,
+    write_probe::{self, FollowedConn, Verdict},
+    ProbeError, TracepointSpec,
+};
 use crate::proc_reader::SocketPeer;
 
 const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
@@ -132,6 +136,41 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_connect", "connect"),
 ];
 
+/// The program on `write`, `send` and `sendto`.
+const WRITE_PROGRAM: &str = "worker_libc_write";
+
+/// A worker's probe on `write()` (see [`super::write_probe`]).
+struct WriteProbe {
+    libc: std::path::PathBuf,
+    offset: u64,
+    /// `None` while it is out.
+    link: Option<super::uprobe_multi::UprobeMultiLink>,
+    /// Times it was put back after being taken out.
+    widenings: u32,
+    /// The worker's `CONNECTS` count when it was last looked at.
+    connects_seen: Option<u64>,
+    /// When to look at it again, and the wait after that if nothing is decided then.
+    next_check: std::time::Instant,
+    backoff: std::time::Duration,
+}
+
+/// Attaches the probe on `write` of one worker, with the cookie that names it.
+fn attach_write_probe(
+    multi: &super::uprobe_multi::MultiPrograms,
+    libc: &std::path::Path,
+    offset: u64,
+    pid: u32,
+) -> Result<super::uprobe_multi::UprobeMultiLink, super::uprobe_multi::Error> {
+    multi.attach_with_cookies(
+        WRITE_PROGRAM,
+        libc,
+        &[offset],
+        Some(&[write_site::WRITE as u64]),
+        Some(pid),
+        false,
+    )
+}
+
 /// The uprobes that follow one worker.
 enum WorkerLinks {
     /// One uprobe-multi link per program.
@@ -172,6 +211,7 @@ pub struct WorkerMaps {
     syscall_workers: super::PidSet,
     conns: HashMap<MapData, ConnKey, ConnState>,
     peers: HashMap<MapData, ConnKey, Peer>,
+    connects: HashMap<MapData, u32, u64>,
     served: PerCpuHashMap<MapData, ServedKey, u64>,
     /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
     /// probes): a socket's slot is cleared when its peer is seeded.
@@ -198,6 +238,9 @@ pub struct WorkerMaps {
     syscalls_idle_since: Option<std::time::Instant>,
     /// Uprobe links per worker pid.
     libc_links: std::collections::HashMap<u32, WorkerLinks>,
+    /// The `write()` probe of each worker followed through uprobe-multi links, in a link of
+    /// its own: out while the worker's connections write through `send`/`sendto` only.
+    write_probes: std::collections::HashMap<u32, WriteProbe>,
     /// File offsets of the probe sites in each libc (or static executable), by (dev, inode):
     /// a fleet of workers shares one or two.
     libc_offsets: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, u64>>>,
@@ -258,6 +301,7 @@ impl WorkerMaps {
             syscall_workers: super::PidSet::new(ebpf, maps::SYSCALL_WORKERS)?,
             conns: take_map(ebpf, maps::CONNS)?,
             peers: take_map(ebpf, maps::CONN_PEERS)?,
+            connects: take_map(ebpf, maps::CONNECTS)?,
             served: take_map(ebpf, maps::SERVED_KEYS)?,
             not_resp: take_map(ebpf, maps::NOT_RESP)?,
             durations: super::slots::SlotTable::new(
@@ -291,6 +335,7 @@ impl WorkerMaps {
             unfollowed: Default::default(),
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
+            write_probes: std::collections::HashMap::new(),
             libc_offsets: std::collections::HashMap::new(),
             map_fds,
             multi: Default::default(),
@@ -503,14 +548,49 @@ impl WorkerMaps {
                 ),
             });
         }
+        let write_offset = offsets.get("write").copied();
         let links = match self.multi_programs() {
             Some(multi) => {
                 let mut links = Vec::new();
+                let mut write_link = None;
                 for (program, offsets) in &per_program {
                     let retprobe = multi.retprobe(program).unwrap_or(false);
-                    match multi.attach(program, &libc, offsets, Some(pid), retprobe) {
+                    let attached = if *program == WRITE_PROGRAM {
+                        // `write` in a link of its own, which can go while `send` and
+                        // `sendto` stay (see `write_probe`); cookies tell them apart.
+                        let sockets: Vec<u64> = offsets
+                            .iter()
+                            .copied()
+                            .filter(|o| Some(*o) != write_offset)
+                            .collect();
+                        let cookies = vec![write_site::SOCKET as u64; sockets.len()];
+                        let write = write_offset
+                            .map(|offset| attach_write_probe(multi, &libc, offset, pid))
+                            .transpose();
+                        match write {
+                            Ok(link) => {
+                                write_link = link;
+                                if sockets.is_empty() {
+                                    continue;
+                                }
+                                multi.attach_with_cookies(
+                                    program,
+                                    &libc,
+                                    &sockets,
+                                    Some(&cookies),
+                                    Some(pid),
+                                    retprobe,
+                                )
+                            }
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        multi.attach(program, &libc, offsets, Some(pid), retprobe)
+                    };
+                    match attached {
                         Ok(link) => links.push(link),
                         Err(e) => {
+                            links.extend(write_link);
                             super::uprobe_multi::detach_in_background(links);
                             return Err(ProbeError::Attach {
                                 program,
@@ -520,6 +600,20 @@ impl WorkerMaps {
                             });
                         }
                     }
+                }
+                if let (Some(link), Some(offset)) = (write_link, write_offset) {
+                    self.write_probes.insert(
+                        pid,
+                        WriteProbe {
+                            libc: libc.clone(),
+                            offset,
+                            link: Some(link),
+                            widenings: 0,
+                            connects_seen: None,
+                            next_check: std::time::Instant::now(),
+                            backoff: write_probe::FIRST_BACKOFF,
+                        },
+                    );
                 }
                 WorkerLinks::Multi(links)
             }
@@ -548,7 +642,8 @@ impl WorkerMaps {
                 WorkerLinks::PerUprobe(links)
             }
         };
-        tracing::info!(pid, libc = %libc.display(), links = links.len(), kind = links.kind(), "worker libc probes attached");
+        let links_count = links.len() + usize::from(self.write_probes.contains_key(&pid));
+        tracing::info!(pid, libc = %libc.display(), links = links_count, kind = links.kind(), "worker libc probes attached");
         self.libc_links.insert(pid, links);
         Ok(())
     }
@@ -644,6 +739,7 @@ impl WorkerMaps {
         for k in peers {
             let _ = self.peers.remove(&k);
         }
+        let _ = self.connects.remove(&pid);
         let served: Vec<ServedKey> = self
             .served
             .keys()
@@ -663,6 +759,9 @@ impl WorkerMaps {
     /// tracked worker is followed through them.
     fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
         let _ = self.syscall_workers.set(pid, false);
+        if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
+            super::uprobe_multi::detach_in_background(vec![link]);
+        }
         match self.libc_links.remove(&pid) {
             Some(WorkerLinks::Multi(links)) => super::uprobe_multi::detach_in_background(links),
             Some(WorkerLinks::PerUprobe(links)) => super::detach_uprobes_in_background(ebpf, links),
@@ -741,6 +840,106 @@ impl WorkerMaps {
                 .or_default() += per_cpu.iter().sum::<u64>();
         }
         out
+    }
+
+    /// Takes out or puts back each worker's `write()` probe, as [`write_probe::verdict`]
+    /// says from its followed connections and the sockets the kernel knows it holds. Called
+    /// every second; walks the connection maps only when a worker is due: one whose probe is
+    /// in and not settled yet (looked at again after 1, 2, 4 ... 32 s while nothing decides),
+    /// or one that called connect() since it was last looked at.
+    pub fn adjust_write_probes(&mut self) {
+        if self.write_probes.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut due = std::collections::BTreeSet::new();
+        for (pid, probe) in &mut self.write_probes {
+            let connects = self.connects.get(pid, 0).ok();
+            let connected = connects != probe.connects_seen;
+            probe.connects_seen = connects;
+            if connected {
+                probe.next_check = now;
+                probe.backoff = write_probe::FIRST_BACKOFF;
+            }
+            let narrowable = probe.link.is_some() && probe.widenings < write_probe::MAX_WIDENINGS;
+            if (narrowable || probe.link.is_none()) && probe.next_check <= now {
+                due.insert(*pid);
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut conns: std::collections::HashMap<u32, Vec<FollowedConn>> = Default::default();
+        for (key, conn) in self.connections() {
+            if due.contains(&key.tgid) {
+                conns.entry(key.tgid).or_default().push(FollowedConn {
+                    fd: key.fd,
+                    peer: conn.peer,
+                    write_sites: conn.write_sites,
+                });
+            }
+        }
+        let mut sockets: std::collections::HashMap<u32, Vec<(u32, Peer)>> = Default::default();
+        for (key, peer) in self.peers.iter().filter_map(Result::ok) {
+            if due.contains(&key.tgid) {
+                sockets.entry(key.tgid).or_default().push((key.fd, peer));
+            }
+        }
+        for pid in due {
+            let Some(probe) = self.write_probes.get_mut(&pid) else {
+                continue;
+            };
+            let conns = conns.get(&pid).map(Vec::as_slice).unwrap_or_default();
+            let sockets = sockets.get(&pid).map(Vec::as_slice).unwrap_or_default();
+            let verdict = write_probe::verdict(probe.link.is_none(), conns, sockets);
+            match verdict {
+                Verdict::Keep => {
+                    // Nothing decided (or nothing to change): look again later, less often.
+                    probe.next_check = now + probe.backoff;
+                    probe.backoff = (probe.backoff * 2).min(write_probe::MAX_BACKOFF);
+                }
+                Verdict::Narrow => {
+                    if probe.widenings >= write_probe::MAX_WIDENINGS {
+                        continue;
+                    }
+                    let Some(link) = probe.link.take() else {
+                        continue;
+                    };
+                    super::uprobe_multi::detach_in_background(vec![link]);
+                    tracing::info!(pid, "worker write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes");
+                }
+                Verdict::Widen => {
+                    let (libc, offset) = (probe.libc.clone(), probe.offset);
+                    let Some(multi) = self.multi_programs() else {
+                        continue;
+                    };
+                    let attached = attach_write_probe(multi, &libc, offset, pid);
+                    let Some(probe) = self.write_probes.get_mut(&pid) else {
+                        continue;
+                    };
+                    probe.next_check = now;
+                    probe.backoff = write_probe::FIRST_BACKOFF;
+                    match attached {
+                        Ok(link) => {
+                            probe.link = Some(link);
+                            probe.widenings += 1;
+                            tracing::info!(pid, widenings = probe.widenings, "worker write() probe put back: a new connection to its Redis may write through it");
+                        }
+                        Err(e) => {
+                            tracing::warn!(pid, error = %e, "cannot put the worker's write() probe back: commands it writes through write() are not seen")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Workers whose `write()` probe is out.
+    pub fn write_probes_off(&self) -> usize {
+        self.write_probes
+            .values()
+            .filter(|p| p.link.is_none())
+            .count()
     }
 
     /// Followed RESP connections and their state.

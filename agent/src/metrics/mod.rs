@@ -170,6 +170,12 @@ pub mod catalog {
         unit: "{process}",
         kind: Kind::Gauge,
     };
+    pub const WORKERS_WRITE_PROBE_OFF: Descriptor = Descriptor {
+        name: "fanout.workers.write_probe_off",
+        description: "Workers followed through uprobes whose probe on write() is out: their Redis connections send through send/sendto, and write() carries only their logs and pipes",
+        unit: "{process}",
+        kind: Kind::Gauge,
+    };
     pub const EVENTS_LOST: Descriptor = Descriptor {
         name: "fanout.events.lost",
         description: "Events the kernel side could not record or deliver, by reason",
@@ -305,6 +311,7 @@ pub mod catalog {
         PROC_READ_ERRORS,
         EVENTS_LOST,
         WORKERS_UNFOLLOWED,
+        WORKERS_WRITE_PROBE_OFF,
         EXPORT_FAILURES,
         STATE_LOCK_WAIT,
         EBPF_MAP_ENTRIES,

@@ -154,6 +154,11 @@ pub struct SidekiqRun {
     pub followed_via: Option<String>,
     /// Per job, when the run is a bpf_stats window.
     pub stats: Option<StatsSample>,
+    /// The agent's own CPU during the drain, as a share of one core (NaN without the agent).
+    pub agent_cpu_share: f64,
+    /// Followed through uprobes: seconds from the probes' attach to the `write()` probe being
+    /// taken out (before the drain started), or `None` if it stayed in.
+    pub write_probe_out_after: Option<f64>,
 }
 
 /// `total_commands_processed` from INFO stats.
@@ -190,6 +195,22 @@ pub fn sidekiq_run(
             std::thread::sleep(Duration::from_millis(20));
         }
     });
+    // The steady state is measured: a fleet followed through uprobes has its write() probe
+    // taken out about a second after its first commands (its connections send through
+    // sendto; write() carries its logs). Wait for that, or say that it did not happen.
+    let write_probe_out_after = match (&agent, followed_via.as_deref()) {
+        (Some(a), Some("uprobes")) => {
+            let limit = Instant::now() + Duration::from_secs(10);
+            loop {
+                let after = agent_log::write_probe_out_after(&a.log(), sidekiq.pid());
+                if after.is_some() || Instant::now() > limit {
+                    break after;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        _ => None,
+    };
     // Fill a queue the fleet does not listen to (pipelined), then rename it in at once.
     let mut conn = Conn::connect(redis.port)?;
     for chunk in (0..jobs).collect::<Vec<_>>().chunks(500) {
@@ -205,6 +226,7 @@ pub fn sidekiq_run(
         (Some(a), true) => Some(Window::start(a.proc.pid())?),
         _ => None,
     };
+    let agent_cpu0 = agent.as_ref().map(|a| process_cpu(a.proc.pid()));
     let started = Instant::now();
     conn.call(&["RENAME", "queue:staging", "queue:bench"])?;
     // The bench's own commands in the count: the first INFO, the RENAME, each LLEN.
@@ -220,6 +242,10 @@ pub fn sidekiq_run(
         std::thread::sleep(Duration::from_millis(20));
     }
     let seconds = started.elapsed().as_secs_f64();
+    let agent_cpu_share = match (&agent, agent_cpu0) {
+        (Some(a), Some(cpu0)) => (process_cpu(a.proc.pid()) - cpu0) / seconds,
+        _ => f64::NAN,
+    };
     let stats = window.map(|w| w.finish(jobs as f64, "job")).transpose()?;
     let commands = commands_processed(&mut conn)? - commands0 - own;
     drop(sidekiq);
@@ -229,5 +255,7 @@ pub fn sidekiq_run(
         commands_per_job: commands / jobs as f64,
         followed_via,
         stats,
+        agent_cpu_share,
+        write_probe_out_after,
     })
 }

@@ -288,10 +288,13 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     let without = jobs_per_second(0);
     for (i, variant) in SIDEKIQ_VARIANTS.iter().enumerate() {
         let v = jobs_per_second(i);
+        let cpu: Vec<f64> = runs[i].iter().map(|s| s.agent_cpu_share).collect();
+        let out: Vec<Option<f64>> = runs[i].iter().map(|s| s.write_probe_out_after).collect();
         println!(
-            "{variant:?}: {:.0} jobs/s (median of {v:?}), ratio {:.3}",
+            "{variant:?}: {:.0} jobs/s (median of {v:?}), ratio {:.3}, agent CPU {:.3} of a core, write() probe out after {out:?} s",
             median(&v),
-            paired_ratio(&v, &without)
+            paired_ratio(&v, &without),
+            median(&cpu)
         );
     }
     for (variant, run) in &stats {

@@ -368,12 +368,32 @@ pub fn write(r: &Results) -> Result<()> {
     let via: Vec<String> = SIDEKIQ_VARIANTS[1..]
         .iter()
         .map(|v| {
-            let seen: BTreeSet<&str> = r.sidekiq[index(*v)]
+            let runs = &r.sidekiq[index(*v)];
+            let seen: BTreeSet<&str> = runs
                 .iter()
                 .filter_map(|s| s.followed_via.as_deref())
                 .collect();
+            let uprobes = runs
+                .iter()
+                .filter(|s| s.followed_via.as_deref() == Some("uprobes"))
+                .count();
+            let out: Vec<f64> = runs
+                .iter()
+                .filter_map(|s| s.write_probe_out_after)
+                .collect();
+            let write_probe = if uprobes == 0 {
+                String::new()
+            } else {
+                let (lo, hi) = min_max(&out);
+                format!(
+                    " (write() probe taken out before the drain in {}/{uprobes} runs, {:.1}-{:.1} s after the attach)",
+                    out.len(),
+                    lo,
+                    hi
+                )
+            };
             format!(
-                "{}: {}",
+                "{}: {}{write_probe}",
                 variant_label(*v),
                 seen.into_iter().collect::<Vec<_>>().join(", ")
             )

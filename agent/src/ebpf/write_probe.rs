@@ -1,0 +1,160 @@
+//! Taking the uprobe off `write()` for a worker whose Redis connections never write through it.
+//!
+//! # Why
+//! A worker followed through uprobes pays a trap on every call of a probed libc function,
+//! Redis or not. Ruby's and Python's sockets send through `send`/`sendto`, while `write` is
+//! what their log lines, pipes and files go through: a Sidekiq worker writes two log lines
+//! and a deprecation warning per job, three traps on `write` beside the one on `sendto` that
+//! carries its BRPOP. The probe on `write` follows nothing in such a process.
+//!
+//! # How
+//! The write program learns from each hit's attach cookie which function it came through
+//! (`agent_common::worker::write_site`) and ORs it into the connection's `write_sites`. `write`
+//! has a uprobe-multi link of its own, so that it can go while `send`/`sendto` stay. Each
+//! loop, [`verdict`] looks at a followed process's connections:
+//! - *narrow* (detach the `write` link) once every connection that carried RESP wrote
+//!   through the socket functions only, and every socket the process holds to those Redis
+//!   servers is such a connection;
+//! - *widen* (attach it again) when a socket to one of those servers appears that is not a
+//!   followed connection (a new connection, whose client may write through `write`), or a
+//!   connection did write through `write`.
+//!
+//! Nothing that carries RESP loses its probe: the socket functions, the reads, close and
+//! connect keep theirs. What it can miss: the commands a new connection sends through `write`
+//! before the agent's next loop (about a second) attaches the probe again, in a process
+//! whose earlier connections all sent through `send`/`sendto` (two client libraries of
+//! different kinds in one process). A process that widens [`MAX_WIDENINGS`] times (it keeps
+//! opening connections) keeps its `write` probe for good.
+
+use std::collections::BTreeSet;
+
+use agent_common::worker::{write_site, Peer};
+
+/// Widenings after which a process keeps its `write` probe: its connections come and go,
+/// and each attach and detach of a link costs a synchronisation in the kernel.
+pub const MAX_WIDENINGS: u32 = 3;
+
+/// How long after an undecided look a process is looked at again; doubled after each one up
+/// to [`MAX_BACKOFF`], and back to this after a connect().
+pub const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(32);
+
+/// One followed connection of a process, as its `CONNS` entry says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FollowedConn {
+    pub fd: u32,
+    pub peer: Peer,
+    pub write_sites: u32,
+}
+
+/// What to do with a process's `write` probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// Take it out: the process's Redis connections write through the socket functions.
+    Narrow,
+    /// Put it back: a connection it cannot vouch for appeared.
+    Widen,
+}
+
+/// What to do with the `write` probe of a process whose followed connections are `conns`
+/// and whose sockets (fd and peer, from `CONN_PEERS`) are `sockets`; `narrowed` says whether
+/// the probe is out now.
+pub fn verdict(narrowed: bool, conns: &[FollowedConn], sockets: &[(u32, Peer)]) -> Verdict {
+    let redis: BTreeSet<Peer> = conns.iter().map(|c| c.peer).collect();
+    let followed: BTreeSet<u32> = conns.iter().map(|c| c.fd).collect();
+    // A socket to a Redis this process talks to that is not followed yet: a new connection
+    // (its first command is still to come, maybe through `write`).
+    let unvouched = sockets
+        .iter()
+        .any(|(fd, peer)| redis.contains(peer) && !followed.contains(fd));
+    let through_write = conns.iter().any(|c| c.write_sites & write_site::WRITE != 0);
+    if narrowed {
+        return if unvouched || through_write {
+            Verdict::Widen
+        } else {
+            Verdict::Keep
+        };
+    }
+    let socket_only = !conns.is_empty()
+        && conns
+            .iter()
+            .all(|c| c.peer.family != 0 && c.write_sites == write_site::SOCKET);
+    if socket_only && !unvouched {
+        Verdict::Narrow
+    } else {
+        Verdict::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(port: u16) -> Peer {
+        Peer {
+            family: 2,
+            port,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    fn conn(fd: u32, port: u16, sites: u32) -> FollowedConn {
+        FollowedConn {
+            fd,
+            peer: peer(port),
+            write_sites: sites,
+        }
+    }
+
+    const SOCKET: u32 = write_site::SOCKET;
+    const WRITE: u32 = write_site::WRITE;
+
+    #[test]
+    fn socket_only_connections_narrow() {
+        let conns = [conn(10, 6379, SOCKET), conn(11, 6379, SOCKET)];
+        let sockets = [(10, peer(6379)), (11, peer(6379)), (12, peer(443))];
+        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+        // Once out, it stays out while nothing changes.
+        assert_eq!(verdict(true, &conns, &sockets), Verdict::Keep);
+    }
+
+    #[test]
+    fn a_connection_through_write_keeps_the_probe() {
+        let conns = [conn(10, 6379, SOCKET), conn(11, 6379, WRITE)];
+        assert_eq!(verdict(false, &conns, &[]), Verdict::Keep);
+        let both = [conn(10, 6379, SOCKET | WRITE)];
+        assert_eq!(verdict(false, &both, &[]), Verdict::Keep);
+        assert_eq!(verdict(true, &both, &[]), Verdict::Widen);
+    }
+
+    #[test]
+    fn nothing_known_yet_keeps_the_probe() {
+        // No followed connection yet, one whose function is not told (followed through
+        // the tracepoints before), or one whose peer is not known yet.
+        assert_eq!(verdict(false, &[], &[(10, peer(6379))]), Verdict::Keep);
+        assert_eq!(verdict(false, &[conn(10, 6379, 0)], &[]), Verdict::Keep);
+        let mut unknown_peer = conn(10, 6379, SOCKET);
+        unknown_peer.peer = Peer::default();
+        assert_eq!(verdict(false, &[unknown_peer], &[]), Verdict::Keep);
+    }
+
+    #[test]
+    fn a_new_socket_to_the_same_redis_widens_or_waits() {
+        let conns = [conn(10, 6379, SOCKET)];
+        let sockets = [(10, peer(6379)), (14, peer(6379))];
+        assert_eq!(verdict(true, &conns, &sockets), Verdict::Widen);
+        assert_eq!(verdict(false, &conns, &sockets), Verdict::Keep);
+        // Once it carried a command through send, the process narrows again.
+        let conns = [conn(10, 6379, SOCKET), conn(14, 6379, SOCKET)];
+        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+    }
+
+    #[test]
+    fn sockets_to_other_servers_do_not_matter() {
+        let conns = [conn(10, 6379, SOCKET)];
+        let sockets = [(10, peer(6379)), (15, peer(5432)), (16, peer(443))];
+        assert_eq!(verdict(true, &conns, &sockets), Verdict::Keep);
+        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+    }
+}
