@@ -145,6 +145,10 @@ const ARG0: usize = 16;
 const ARG1: usize = 24;
 const ARG2: usize = 32;
 const RET: usize = 16;
+/// `int __syscall_nr` of a syscall tracepoint's record.
+const SYSCALL_NR: usize = 8;
+/// `__NR_write` on x86_64 (the agent's only target; `__NR_sendto` is 44).
+const NR_WRITE: i32 = 1;
 
 #[inline(always)]
 fn worker_tgid(via: u32) -> Option<(u32, u64)> {
@@ -1317,9 +1321,17 @@ fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
 
 #[tracepoint]
 pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
-    // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments.
+    // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments. The
+    // record's syscall number tells them apart (`write_site`): the agent detaches
+    // sys_enter_write while every followed worker sends through sendto.
     let (fd, buf, len) = tp_args(&ctx);
-    handle_write(fd, buf, len, via::SYSCALLS, 0);
+    let nr = unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(-1);
+    let site = if nr == NR_WRITE {
+        write_site::WRITE
+    } else {
+        write_site::SOCKET
+    };
+    handle_write(fd, buf, len, via::SYSCALLS, site);
     0
 }
 

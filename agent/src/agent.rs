@@ -73,7 +73,7 @@ impl AgentState {
     /// agent's one-second tick, not on scrapes, which may be rare.
     pub fn adjust_write_probes(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
-            probes.worker.adjust_write_probes();
+            probes.worker.adjust_write_probes(&mut probes.ebpf);
         }
     }
 
@@ -682,14 +682,17 @@ impl AgentState {
                     value: PointValue::Gauge(probes.worker.unfollowed() as f64),
                 },
             );
-            snapshot.push(
-                catalog::WORKERS_WRITE_PROBE_OFF,
-                Point {
-                    attributes: vec![],
-                    start_time: epoch,
-                    value: PointValue::Gauge(probes.worker.write_probes_off() as f64),
-                },
-            );
+            let (uprobes, tracepoints) = probes.worker.write_probes_off();
+            for (via, count) in [("uprobes", uprobes), ("tracepoints", tracepoints)] {
+                snapshot.push(
+                    catalog::WORKERS_WRITE_PROBE_OFF,
+                    Point {
+                        attributes: vec![("via", via.into())],
+                        start_time: epoch,
+                        value: PointValue::Gauge(count as f64),
+                    },
+                );
+            }
             for (reason, counter) in [
                 ("histogram_map_full", ProbeCounter::HistogramMapFull),
                 (

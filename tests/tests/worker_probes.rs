@@ -839,15 +839,30 @@ sys.stdin.readline()
 /// a new connection to that Redis, whose commands through `write` are then counted.
 #[test]
 fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection() {
-    use std::io::{BufRead, BufReader, Write};
     require_root();
     if !fanout::ebpf::uprobe_multi::supported() {
         panic!("this kernel has no uprobe-multi links: the write() probe is never taken out there (nothing to test)");
     }
+    narrow_client_checks("libc");
+}
+
+/// The same through the syscall tracepoints: `sys_enter_write`, which every process on the
+/// node pays, is detached while the only followed worker sends through sendto, and attached
+/// again when it connects a second time.
+#[test]
+fn sys_enter_write_goes_while_followed_workers_send_through_sendto() {
+    require_root();
+    narrow_client_checks("syscalls");
+}
+
+fn narrow_client_checks(mode: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let uprobes = mode == "libc";
+    let via = if uprobes { "uprobes" } else { "tracepoints" };
     let redis = Redis::start(&[]);
     let agent = Agent::start(&[
         "--worker-probe-mode",
-        "libc",
+        mode,
         "--worker-rule",
         "narrow:cmdline=fanout-narrow-client",
     ]);
@@ -878,7 +893,9 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
         child,
         name: "narrow-client".into(),
     };
-    let gauge = |s: &Scrape| s.sum("fanout_workers_write_probe_off", &[]);
+    let gauge = |s: &Scrape| s.sum("fanout_workers_write_probe_off", &[("via", via)]);
+    // With uprobes: the byte at write()'s probe site in the worker's memory (an int3 while
+    // the probe is in).
     let write_site = || {
         let libc = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap()
@@ -895,6 +912,17 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
             fanout::ebpf::uprobe_multi::resolve_probe_site_offsets(&libc, &["write"]).unwrap();
         integration_tests::mapped_byte(pid, &libc, offsets["write"])
     };
+    let (out_line, back_line) = if uprobes {
+        (
+            format!("write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes pid={pid}"),
+            "write() probe put back".to_string(),
+        )
+    } else {
+        (
+            "sys_enter_write detached: every worker followed through the tracepoints sends through sendto".to_string(),
+            "sys_enter_write attached again".to_string(),
+        )
+    };
     wait_line("a-done");
     // The first connection sent through send(): the write() probe goes.
     wait_for(
@@ -902,16 +930,12 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
         Duration::from_secs(10),
         || (gauge(&agent.scrape()) == 1.0).then_some(()),
     );
-    assert!(
-        agent
-            .log()
-            .contains(&format!("write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes pid={pid}")),
-        "{}",
-        agent.log()
-    );
-    wait_for("no breakpoint on write()", Duration::from_secs(5), || {
-        (write_site() != 0xcc).then_some(())
-    });
+    assert!(agent.log().contains(&out_line), "{}", agent.log());
+    if uprobes {
+        wait_for("no breakpoint on write()", Duration::from_secs(5), || {
+            (write_site() != 0xcc).then_some(())
+        });
+    }
     assert_eq!(pops_of(&agent.scrape(), "narrow"), 3.0);
     // A new connection to the same Redis: the probe comes back before it is used.
     stdin.write_all(b"go\n").unwrap();
@@ -921,12 +945,10 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
         Duration::from_secs(10),
         || (gauge(&agent.scrape()) == 0.0).then_some(()),
     );
-    assert!(
-        agent.log().contains("write() probe put back"),
-        "{}",
-        agent.log()
-    );
-    assert_eq!(write_site(), 0xcc, "the breakpoint is back on write()");
+    assert!(agent.log().contains(&back_line), "{}", agent.log());
+    if uprobes {
+        assert_eq!(write_site(), 0xcc, "the breakpoint is back on write()");
+    }
     stdin.write_all(b"go\n").unwrap();
     wait_line("b-done");
     let s = wait_for("6 pops", Duration::from_secs(10), || {

@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     attach_tracepoint, load_programs, take_map,
-    write_probe::{self, FollowedConn, Verdict},
+    write_probe::{self, Connections, Verdict},
     ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
@@ -33,9 +33,13 @@ const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
     }
 }
 
+/// The tracepoint that sees every `write()` on the node: detached while every worker
+/// followed through the tracepoints sends through `sendto` (see [`write_probe`]).
+const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
+
 /// The syscalls followed, and the program each runs.
 pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
-    syscall("worker_enter_write", "sys_enter_write"),
+    SYS_ENTER_WRITE,
     syscall("worker_enter_write", "sys_enter_sendto"),
     syscall("worker_enter_writev", "sys_enter_writev"),
     syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
@@ -136,6 +140,49 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_connect", "connect"),
 ];
 
+
+/// The state of `sys_enter_write`'s adjustment.
+#[derive(Debug)]
+struct SyscallWrite {
+    schedule: write_probe::Schedule,
+    /// connect() counts of the workers followed through the tracepoints, as last seen.
+    connects_seen: std::collections::HashMap<u32, Option<u64>>,
+    /// When it was last attached again after being detached.
+    widened_at: Option<std::time::Instant>,
+}
+
+impl Default for SyscallWrite {
+    fn default() -> Self {
+        Self {
+            schedule: write_probe::Schedule::now(),
+            connects_seen: Default::default(),
+            widened_at: None,
+        }
+    }
+}
+
+/// Detaches tracepoint links. Detaching waits for RCU grace periods (about 1 s for all 14
+/// here): the links are taken out and dropped on a thread of their own, off the agent's loop.
+fn drop_tracepoint_links(
+    ebpf: &mut Ebpf,
+    links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
+    what: &'static str,
+) {
+    let owned: Vec<_> = links
+        .into_iter()
+        .filter_map(|(spec, link)| {
+            let p = ebpf.program_mut(spec.program)?;
+            <&mut TracePoint>::try_from(p).ok()?.take_link(link).ok()
+        })
+        .collect();
+    let spawned = std::thread::Builder::new()
+        .name("tracepoint-detach".into())
+        .spawn(move || drop(owned));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, what, "cannot start a thread to detach tracepoints; they stay until the agent exits");
+    }
+}
+
 /// The program on `write`, `send` and `sendto`.
 const WRITE_PROGRAM: &str = "worker_libc_write";
 
@@ -149,9 +196,7 @@ struct WriteProbe {
     widenings: u32,
     /// The worker's `CONNECTS` count when it was last looked at.
     connects_seen: Option<u64>,
-    /// When to look at it again, and the wait after that if nothing is decided then.
-    next_check: std::time::Instant,
-    backoff: std::time::Duration,
+    schedule: write_probe::Schedule,
 }
 
 /// Attaches the probe on `write` of one worker, with the cookie that names it.
@@ -218,7 +263,9 @@ pub struct WorkerMaps {
     not_resp: Array<MapData, u64>,
     durations: super::slots::SlotTable<WorkerHistKey, Log2Histogram>,
     keys: super::slots::SlotTable<WorkerKeysKey, KeyHistogram>,
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
+    /// When `sys_enter_write` is looked at next (see [`Self::adjust_write_probes`]).
+    syscall_write: SyscallWrite,
     /// Why the programs could not be loaded, if so: then no worker is followed.
     load_error: Option<String>,
     /// Why the syscall probes could not be attached the last time it was tried.
@@ -325,6 +372,7 @@ impl WorkerMaps {
                 KeyHistogram::ZERO,
             )?,
             links: Vec::new(),
+            syscall_write: SyscallWrite::default(),
             load_error,
             attach_error: None,
             disabled: false,
@@ -490,11 +538,12 @@ impl WorkerMaps {
     fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         self.syscalls_idle_since = None;
         if !self.links.is_empty() {
-            return Ok(());
+            // A worker starts being followed: its first commands may go through write().
+            return self.attach_write_tracepoint(ebpf);
         }
         for spec in &WORKER_TRACEPOINTS {
             match attach_tracepoint(ebpf, spec) {
-                Ok(link) => self.links.push((spec.program, link)),
+                Ok(link) => self.links.push((spec, link)),
                 Err(e) => {
                     self.detach_syscalls(ebpf);
                     self.attach_error = Some(e.to_string());
@@ -610,8 +659,7 @@ impl WorkerMaps {
                             link: Some(link),
                             widenings: 0,
                             connects_seen: None,
-                            next_check: std::time::Instant::now(),
-                            backoff: write_probe::FIRST_BACKOFF,
+                            schedule: write_probe::Schedule::now(),
                         },
                     );
                 }
@@ -792,22 +840,9 @@ impl WorkerMaps {
         if self.links.is_empty() {
             return;
         }
-        // Detaching a tracepoint waits for RCU grace periods (about 1 s for all 14 here): the
-        // links are taken out and dropped on a thread of their own, off the agent's loop.
-        let owned: Vec<_> = self
-            .links
-            .drain(..)
-            .filter_map(|(program, link)| {
-                let p = ebpf.program_mut(program)?;
-                <&mut TracePoint>::try_from(p).ok()?.take_link(link).ok()
-            })
-            .collect();
-        let spawned = std::thread::Builder::new()
-            .name("tracepoint-detach".into())
-            .spawn(move || drop(owned));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a thread to detach the syscall tracepoints; they stay until the agent exits");
-        }
+        let links: Vec<_> = self.links.drain(..).collect();
+        drop_tracepoint_links(ebpf, links, "the syscall tracepoints");
+        self.syscall_write = SyscallWrite::default();
         tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
     }
 
@@ -842,66 +877,62 @@ impl WorkerMaps {
         out
     }
 
-    /// Takes out or puts back each worker's `write()` probe, as [`write_probe::verdict`]
-    /// says from its followed connections and the sockets the kernel knows it holds. Called
-    /// every second; walks the connection maps only when a worker is due: one whose probe is
-    /// in and not settled yet (looked at again after 1, 2, 4 ... 32 s while nothing decides),
-    /// or one that called connect() since it was last looked at.
-    pub fn adjust_write_probes(&mut self) {
+    /// Takes out or puts back workers' `write()` probes (see [`write_probe`]): each uprobe
+    /// follower's own link on `write`, and `sys_enter_write` for those followed through the
+    /// tracepoints (one probe for all of them, and for every process on the node). Called
+    /// every second; the connection maps are walked only when a probe is due (a connect(),
+    /// or a decision still pending: see [`write_probe::Schedule`]).
+    pub fn adjust_write_probes(&mut self, ebpf: &mut Ebpf) {
+        self.adjust_uprobe_write_probes();
+        self.adjust_syscall_write_probe(ebpf);
+    }
+
+    /// Whether `pid`'s connect() count moved since `seen` was noted, noting it.
+    fn connected(&self, pid: u32, seen: &mut Option<u64>) -> bool {
+        let count = self.connects.get(&pid, 0).ok();
+        std::mem::replace(seen, count) != count
+    }
+
+    /// The followed connections and sockets of `pids`, from the kernel's maps.
+    fn gather_connections(&self, pids: &std::collections::BTreeSet<u32>) -> Connections {
+        Connections::gather(
+            pids,
+            self.conns.iter().filter_map(Result::ok),
+            self.peers.iter().filter_map(Result::ok),
+        )
+    }
+
+    fn adjust_uprobe_write_probes(&mut self) {
         if self.write_probes.is_empty() {
             return;
         }
         let now = std::time::Instant::now();
         let mut due = std::collections::BTreeSet::new();
-        for (pid, probe) in &mut self.write_probes {
-            let connects = self.connects.get(pid, 0).ok();
-            let connected = connects != probe.connects_seen;
-            probe.connects_seen = connects;
+        let pids: Vec<u32> = self.write_probes.keys().copied().collect();
+        for pid in pids {
+            let mut seen = self.write_probes[&pid].connects_seen;
+            let connected = self.connected(pid, &mut seen);
+            let probe = self.write_probes.get_mut(&pid).expect("listed above");
+            probe.connects_seen = seen;
             if connected {
-                probe.next_check = now;
-                probe.backoff = write_probe::FIRST_BACKOFF;
+                probe.schedule.reset(now);
             }
-            let narrowable = probe.link.is_some() && probe.widenings < write_probe::MAX_WIDENINGS;
-            if (narrowable || probe.link.is_none()) && probe.next_check <= now {
-                due.insert(*pid);
+            let settled = probe.link.is_some() && probe.widenings >= write_probe::MAX_WIDENINGS;
+            if !settled && probe.schedule.due(now) {
+                due.insert(pid);
             }
         }
         if due.is_empty() {
             return;
         }
-        let mut conns: std::collections::HashMap<u32, Vec<FollowedConn>> = Default::default();
-        for (key, conn) in self.connections() {
-            if due.contains(&key.tgid) {
-                conns.entry(key.tgid).or_default().push(FollowedConn {
-                    fd: key.fd,
-                    peer: conn.peer,
-                    write_sites: conn.write_sites,
-                });
-            }
-        }
-        let mut sockets: std::collections::HashMap<u32, Vec<(u32, Peer)>> = Default::default();
-        for (key, peer) in self.peers.iter().filter_map(Result::ok) {
-            if due.contains(&key.tgid) {
-                sockets.entry(key.tgid).or_default().push((key.fd, peer));
-            }
-        }
+        let connections = self.gather_connections(&due);
         for pid in due {
             let Some(probe) = self.write_probes.get_mut(&pid) else {
                 continue;
             };
-            let conns = conns.get(&pid).map(Vec::as_slice).unwrap_or_default();
-            let sockets = sockets.get(&pid).map(Vec::as_slice).unwrap_or_default();
-            let verdict = write_probe::verdict(probe.link.is_none(), conns, sockets);
-            match verdict {
-                Verdict::Keep => {
-                    // Nothing decided (or nothing to change): look again later, less often.
-                    probe.next_check = now + probe.backoff;
-                    probe.backoff = (probe.backoff * 2).min(write_probe::MAX_BACKOFF);
-                }
+            match connections.verdict(pid, probe.link.is_none()) {
+                Verdict::Keep => probe.schedule.later(now),
                 Verdict::Narrow => {
-                    if probe.widenings >= write_probe::MAX_WIDENINGS {
-                        continue;
-                    }
                     let Some(link) = probe.link.take() else {
                         continue;
                     };
@@ -909,6 +940,7 @@ impl WorkerMaps {
                     tracing::info!(pid, "worker write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes");
                 }
                 Verdict::Widen => {
+                    probe.schedule.reset(now);
                     let (libc, offset) = (probe.libc.clone(), probe.offset);
                     let Some(multi) = self.multi_programs() else {
                         continue;
@@ -917,8 +949,6 @@ impl WorkerMaps {
                     let Some(probe) = self.write_probes.get_mut(&pid) else {
                         continue;
                     };
-                    probe.next_check = now;
-                    probe.backoff = write_probe::FIRST_BACKOFF;
                     match attached {
                         Ok(link) => {
                             probe.link = Some(link);
@@ -934,12 +964,98 @@ impl WorkerMaps {
         }
     }
 
-    /// Workers whose `write()` probe is out.
-    pub fn write_probes_off(&self) -> usize {
-        self.write_probes
+    /// `sys_enter_write` serves every worker followed through the tracepoints: it goes only
+    /// when all of them send through sendto, and comes back when any of them connects to its
+    /// Redis again (or when a worker starts being followed, in [`Self::attach_syscalls`]).
+    /// After it comes back it stays at least [`write_probe::SYSCALL_REST`]: workers that come
+    /// and go would otherwise have it attached and detached over and over.
+    fn adjust_syscall_write_probe(&mut self, ebpf: &mut Ebpf) {
+        let pids: std::collections::BTreeSet<u32> = self
+            .ways
+            .iter()
+            .filter(|(_, way)| **way == via::SYSCALLS)
+            .map(|(pid, _)| *pid)
+            .collect();
+        if pids.is_empty() || self.links.is_empty() {
+            self.syscall_write.connects_seen.clear();
+            return;
+        }
+        let now = std::time::Instant::now();
+        self.syscall_write
+            .connects_seen
+            .retain(|pid, _| pids.contains(pid));
+        let mut connected = false;
+        for pid in &pids {
+            let mut seen = self.syscall_write.connects_seen.get(pid).copied().flatten();
+            connected |= self.connected(*pid, &mut seen);
+            self.syscall_write.connects_seen.insert(*pid, seen);
+        }
+        if connected {
+            self.syscall_write.schedule.reset(now);
+        }
+        let narrowed = !self.write_tracepoint_attached();
+        let resting = self
+            .syscall_write
+            .widened_at
+            .is_some_and(|at| now.duration_since(at) < write_probe::SYSCALL_REST);
+        if !self.syscall_write.schedule.due(now) || (!narrowed && resting) {
+            return;
+        }
+        match self.gather_connections(&pids).verdict_for_all(&pids, narrowed) {
+            Verdict::Keep => self.syscall_write.schedule.later(now),
+            Verdict::Narrow => {
+                self.detach_write_tracepoint(ebpf);
+                tracing::info!(workers = pids.len(), "sys_enter_write detached: every worker followed through the tracepoints sends through sendto, so no process on the node pays it for its writes");
+            }
+            Verdict::Widen => {
+                self.syscall_write.schedule.reset(now);
+                match self.attach_write_tracepoint(ebpf) {
+                    Ok(()) => tracing::info!("sys_enter_write attached again: a worker's new connection to its Redis may write through it"),
+                    Err(e) => tracing::warn!(error = %e, "cannot attach sys_enter_write again: commands workers write through write() are not seen"),
+                }
+            }
+        }
+    }
+
+    fn write_tracepoint_attached(&self) -> bool {
+        self.links
+            .iter()
+            .any(|(spec, _)| spec.name == SYS_ENTER_WRITE.name)
+    }
+
+    fn attach_write_tracepoint(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        if self.write_tracepoint_attached() {
+            return Ok(());
+        }
+        let link = attach_tracepoint(ebpf, &SYS_ENTER_WRITE)?;
+        self.links.push((&SYS_ENTER_WRITE, link));
+        self.syscall_write.widened_at = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn detach_write_tracepoint(&mut self, ebpf: &mut Ebpf) {
+        let (write, rest): (Vec<_>, Vec<_>) = self
+            .links
+            .drain(..)
+            .partition(|(spec, _)| spec.name == SYS_ENTER_WRITE.name);
+        self.links = rest;
+        drop_tracepoint_links(ebpf, write, "sys_enter_write");
+    }
+
+    /// Workers whose `write()` probe is out: (followed through uprobes, through the
+    /// tracepoints while `sys_enter_write` is detached).
+    pub fn write_probes_off(&self) -> (usize, usize) {
+        let uprobes = self
+            .write_probes
             .values()
             .filter(|p| p.link.is_none())
-            .count()
+            .count();
+        let tracepoints = if self.attached() && !self.write_tracepoint_attached() {
+            self.ways.values().filter(|way| **way == via::SYSCALLS).count()
+        } else {
+            0
+        };
+        (uprobes, tracepoints)
     }
 
     /// Followed RESP connections and their state.

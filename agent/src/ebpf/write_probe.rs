@@ -28,16 +28,121 @@
 
 use std::collections::BTreeSet;
 
-use agent_common::worker::{write_site, Peer};
+use agent_common::worker::{write_site, ConnKey, ConnState, Peer};
 
 /// Widenings after which a process keeps its `write` probe: its connections come and go,
 /// and each attach and detach of a link costs a synchronisation in the kernel.
 pub const MAX_WIDENINGS: u32 = 3;
 
+/// How long `sys_enter_write` stays after it was attached again, at least.
+pub const SYSCALL_REST: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long after an undecided look a process is looked at again; doubled after each one up
 /// to [`MAX_BACKOFF`], and back to this after a connect().
 pub const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(32);
+
+/// When a process's (or the node's) `write` probe is looked at next: at once after a
+/// connect(), then after 1, 2, 4 ... 32 s while nothing is decided.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    next: std::time::Instant,
+    backoff: std::time::Duration,
+}
+
+impl Schedule {
+    pub fn now() -> Self {
+        Self {
+            next: std::time::Instant::now(),
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    pub fn due(&self, now: std::time::Instant) -> bool {
+        self.next <= now
+    }
+
+    /// Something changed (a connect(), a probe taken out or put back): look again soon.
+    pub fn reset(&mut self, now: std::time::Instant) {
+        self.next = now;
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// Nothing was decided: look again later, less often.
+    pub fn later(&mut self, now: std::time::Instant) {
+        self.next = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// What [`verdict`] looks at for each process of a set: its followed connections and the
+/// sockets the kernel knows it holds (`CONN_PEERS`).
+#[derive(Debug, Default)]
+pub struct Connections {
+    conns: std::collections::HashMap<u32, Vec<FollowedConn>>,
+    sockets: std::collections::HashMap<u32, Vec<(u32, Peer)>>,
+}
+
+impl Connections {
+    /// Gathers those of the processes in `pids` from the two maps' entries.
+    pub fn gather(
+        pids: &BTreeSet<u32>,
+        conns: impl IntoIterator<Item = (ConnKey, ConnState)>,
+        sockets: impl IntoIterator<Item = (ConnKey, Peer)>,
+    ) -> Self {
+        let mut out = Self::default();
+        for (key, conn) in conns {
+            if pids.contains(&key.tgid) {
+                out.conns.entry(key.tgid).or_default().push(FollowedConn {
+                    fd: key.fd,
+                    peer: conn.peer,
+                    write_sites: conn.write_sites,
+                });
+            }
+        }
+        for (key, peer) in sockets {
+            if pids.contains(&key.tgid) {
+                out.sockets
+                    .entry(key.tgid)
+                    .or_default()
+                    .push((key.fd, peer));
+            }
+        }
+        out
+    }
+
+    /// [`verdict`] for process `pid`.
+    pub fn verdict(&self, pid: u32, narrowed: bool) -> Verdict {
+        let conns = self.conns.get(&pid).map(Vec::as_slice).unwrap_or_default();
+        let sockets = self
+            .sockets
+            .get(&pid)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        verdict(narrowed, conns, sockets)
+    }
+
+    /// The verdict for a probe that serves every process of `pids` at once (the
+    /// `sys_enter_write` tracepoint): out only if each of them could do without it, back if
+    /// any of them needs it.
+    pub fn verdict_for_all(&self, pids: &BTreeSet<u32>, narrowed: bool) -> Verdict {
+        let verdicts: Vec<Verdict> = pids
+            .iter()
+            .map(|pid| self.verdict(*pid, narrowed))
+            .collect();
+        if narrowed {
+            if verdicts.contains(&Verdict::Widen) {
+                Verdict::Widen
+            } else {
+                Verdict::Keep
+            }
+        } else if !verdicts.is_empty() && verdicts.iter().all(|v| *v == Verdict::Narrow) {
+            Verdict::Narrow
+        } else {
+            Verdict::Keep
+        }
+    }
+}
 
 /// One followed connection of a process, as its `CONNS` entry says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +253,62 @@ mod tests {
         // Once it carried a command through send, the process narrows again.
         let conns = [conn(10, 6379, SOCKET), conn(14, 6379, SOCKET)];
         assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+    }
+
+    #[test]
+    fn a_probe_shared_by_processes_goes_only_if_none_needs_it() {
+        let state = |sites: u32| ConnState {
+            peer: peer(6379),
+            write_sites: sites,
+            ..ConnState::default()
+        };
+        let key = |tgid: u32, fd: u32| ConnKey { tgid, fd };
+        let pids: BTreeSet<u32> = [1, 2].into();
+        let socket_only = Connections::gather(
+            &pids,
+            [
+                (key(1, 10), state(SOCKET)),
+                (key(2, 10), state(SOCKET)),
+                (key(3, 9), state(WRITE)),
+            ],
+            [(key(1, 10), peer(6379)), (key(2, 10), peer(6379))],
+        );
+        // Process 3 is not in the set: its write() does not count.
+        assert_eq!(socket_only.verdict_for_all(&pids, false), Verdict::Narrow);
+        assert_eq!(socket_only.verdict_for_all(&pids, true), Verdict::Keep);
+        let one_writes = Connections::gather(
+            &pids,
+            [(key(1, 10), state(SOCKET)), (key(2, 10), state(WRITE))],
+            [],
+        );
+        assert_eq!(one_writes.verdict_for_all(&pids, false), Verdict::Keep);
+        assert_eq!(one_writes.verdict_for_all(&pids, true), Verdict::Widen);
+        // A process that has no connection yet (it just started) keeps the probe in.
+        let one_new = Connections::gather(&pids, [(key(1, 10), state(SOCKET))], []);
+        assert_eq!(one_new.verdict_for_all(&pids, false), Verdict::Keep);
+        assert_eq!(
+            Connections::default().verdict_for_all(&BTreeSet::new(), false),
+            Verdict::Keep
+        );
+    }
+
+    #[test]
+    fn schedule_backs_off_and_resets() {
+        let t0 = std::time::Instant::now();
+        let mut s = Schedule::now();
+        assert!(s.due(t0 + std::time::Duration::from_millis(1)));
+        s.later(t0);
+        assert!(!s.due(t0));
+        assert!(s.due(t0 + FIRST_BACKOFF));
+        s.later(t0);
+        assert!(!s.due(t0 + FIRST_BACKOFF));
+        assert!(s.due(t0 + 2 * FIRST_BACKOFF));
+        for _ in 0..20 {
+            s.later(t0);
+        }
+        assert!(s.due(t0 + MAX_BACKOFF));
+        s.reset(t0);
+        assert!(s.due(t0));
     }
 
     #[test]

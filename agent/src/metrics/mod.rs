@@ -172,7 +172,7 @@ pub mod catalog {
     };
     pub const WORKERS_WRITE_PROBE_OFF: Descriptor = Descriptor {
         name: "fanout.workers.write_probe_off",
-        description: "Workers followed through uprobes whose probe on write() is out: their Redis connections send through send/sendto, and write() carries only their logs and pipes",
+        description: "Followed workers whose write() is not probed, by how they are followed (uprobes: their own link on write() is out; tracepoints: sys_enter_write is detached for all of them): their Redis connections send through send/sendto, and write() carries only their logs and pipes",
         unit: "{process}",
         kind: Kind::Gauge,
     };
