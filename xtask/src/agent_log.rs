@@ -51,6 +51,9 @@ pub struct PidEvents {
 pub struct LogEvents {
     pub pids: BTreeMap<u32, PidEvents>,
     pub syscalls_attached: Option<f64>,
+    /// When `sys_enter_write` was first detached (every worker followed through the
+    /// tracepoints sends through sendto).
+    pub syscall_write_out: Option<f64>,
 }
 
 fn pid_field(line: &str) -> Option<u32> {
@@ -67,6 +70,10 @@ pub fn parse(log: &str) -> LogEvents {
         };
         if line.contains("worker syscall probes attached") {
             events.syscalls_attached.get_or_insert(ts);
+            continue;
+        }
+        if line.contains(" sys_enter_write detached:") {
+            events.syscall_write_out.get_or_insert(ts);
             continue;
         }
         let kind = if line.contains(" tracking process pid=") {
@@ -112,12 +119,16 @@ pub fn followed_via(log: &str, pid: u32) -> &'static str {
     }
 }
 
-/// Seconds from worker `pid`'s libc probes being attached to its `write()` probe being taken
-/// out, if both are in the log.
+/// Seconds from worker `pid`'s probes being attached to its `write()` probe being taken out
+/// (its own uprobe, or `sys_enter_write` when it is followed through the tracepoints), if
+/// both are in the log.
 pub fn write_probe_out_after(log: &str, pid: u32) -> Option<f64> {
     let events = parse(log);
     let e = events.pids.get(&pid)?;
-    Some(e.write_probe_out? - e.libc_probes?)
+    match e.libc_probes {
+        Some(attached) => Some(e.write_probe_out? - attached),
+        None => Some(events.syscall_write_out? - events.syscalls_attached?),
+    }
 }
 
 #[cfg(test)]
@@ -141,5 +152,10 @@ mod tests {
         let after = write_probe_out_after(log, 7).unwrap();
         assert!((after - 1.25).abs() < 1e-6, "{after}");
         assert_eq!(write_probe_out_after(log, 8), None);
+        let log = "2026-11-29T21:03:57.000000Z  INFO fanout::agent: tracking process pid=9 group=\"b\"\n\
+                   2026-11-29T21:03:57.100000Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=14\n\
+                   2026-11-29T21:03:59.100000Z  INFO fanout::ebpf::worker: sys_enter_write detached: every worker followed through the tracepoints sends through sendto, so no process on the node pays it for its writes workers=1\n";
+        let after = write_probe_out_after(log, 9).unwrap();
+        assert!((after - 2.0).abs() < 1e-6, "{after}");
     }
 }

@@ -156,8 +156,8 @@ pub struct SidekiqRun {
     pub stats: Option<StatsSample>,
     /// The agent's own CPU during the drain, as a share of one core (NaN without the agent).
     pub agent_cpu_share: f64,
-    /// Followed through uprobes: seconds from the probes' attach to the `write()` probe being
-    /// taken out (before the drain started), or `None` if it stayed in.
+    /// Seconds from the probes' attach to the `write()` probe being taken out (before the
+    /// drain started), or `None` if it stayed in.
     pub write_probe_out_after: Option<f64>,
 }
 
@@ -195,11 +195,12 @@ pub fn sidekiq_run(
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    // The steady state is measured: a fleet followed through uprobes has its write() probe
-    // taken out about a second after its first commands (its connections send through
-    // sendto; write() carries its logs). Wait for that, or say that it did not happen.
+    // The steady state is measured: a fleet's write() probe (its own uprobe, or the node's
+    // sys_enter_write) is taken out about a second after its first commands (its connections
+    // send through sendto; write() carries its logs). Wait for that, or say that it did not
+    // happen.
     let write_probe_out_after = match (&agent, followed_via.as_deref()) {
-        (Some(a), Some("uprobes")) => {
+        (Some(a), Some("uprobes" | "tracepoints")) => {
             let limit = Instant::now() + Duration::from_secs(10);
             loop {
                 let after = agent_log::write_probe_out_after(&a.log(), sidekiq.pid());

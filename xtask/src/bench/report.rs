@@ -373,20 +373,20 @@ pub fn write(r: &Results) -> Result<()> {
                 .iter()
                 .filter_map(|s| s.followed_via.as_deref())
                 .collect();
-            let uprobes = runs
+            let followed = runs
                 .iter()
-                .filter(|s| s.followed_via.as_deref() == Some("uprobes"))
+                .filter(|s| matches!(s.followed_via.as_deref(), Some("uprobes" | "tracepoints")))
                 .count();
             let out: Vec<f64> = runs
                 .iter()
                 .filter_map(|s| s.write_probe_out_after)
                 .collect();
-            let write_probe = if uprobes == 0 {
+            let write_probe = if followed == 0 {
                 String::new()
             } else {
                 let (lo, hi) = min_max(&out);
                 format!(
-                    " (write() probe taken out before the drain in {}/{uprobes} runs, {:.1}-{:.1} s after the attach)",
+                    " (write() probe taken out before the drain in {}/{followed} runs, {:.1}-{:.1} s after the attach)",
                     out.len(),
                     lo,
                     hi
