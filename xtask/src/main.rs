@@ -48,9 +48,9 @@ enum Task {
         /// A shorter run (fewer rounds, fewer requests).
         #[arg(long)]
         quick: bool,
-        /// Only the Sidekiq section, printed rather than written to BENCHMARKS.md (for
-        /// iterating on the worker-side probes).
-        #[arg(long, value_parser = ["sidekiq"])]
+        /// Only one section, printed rather than written to BENCHMARKS.md (for iterating on
+        /// the worker-side probes, or on what a served pop costs Redis).
+        #[arg(long, value_parser = ["sidekiq", "blocking"])]
         only: Option<String>,
     },
     /// Run the agent on real parts for a while under injected faults (Redis restarts, worker
@@ -113,6 +113,7 @@ fn main() -> Result<()> {
             setup::setup()?;
             match only.as_deref() {
                 Some("sidekiq") => bench::run_sidekiq_only(quick),
+                Some("blocking") => bench::run_blocking_only(quick),
                 _ => bench::run(quick),
             }
         }

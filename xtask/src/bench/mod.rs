@@ -276,6 +276,69 @@ fn prepare() -> Result<std::path::PathBuf> {
     Ok(bin)
 }
 
+/// Rounds of the blocking-heavy load at each fan-out, without and with the agent (in
+/// alternating order).
+fn blocking_rounds(
+    bin: &Path,
+    rounds: usize,
+    fanouts: &[usize],
+    (clients, rate): (usize, u32),
+    seconds: f64,
+    log: &dyn Fn(&str),
+) -> Result<Vec<BlockingSample>> {
+    let mut blocking: Vec<BlockingSample> = Vec::new();
+    for (round, keys) in (0..rounds).flat_map(|r| fanouts.iter().map(move |k| (r, *k))) {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_agent in order {
+            let redis = Redis::start(&[]);
+            let agent = with_agent.then(|| Agent::start_binary(bin, &[], &[]));
+            if let Some(a) = &agent {
+                wait_for_redis_probes(a, &redis);
+            }
+            let (sample, _) =
+                blocking::run_once(&redis, agent.as_ref(), keys, clients, rate, seconds, false)?;
+            blocking.push(sample);
+        }
+        log(&format!(
+            "blocking round {}/{rounds}, {keys} keys",
+            round + 1
+        ));
+    }
+    Ok(blocking)
+}
+
+/// The blocking section alone (1 and 440 keys), printed: what a served pop adds to Redis's
+/// main thread, paired per round.
+pub fn run_blocking_only(quick: bool) -> Result<()> {
+    let bin = prepare()?;
+    let (rounds, seconds) = if quick { (2, 3.0) } else { (5, 6.0) };
+    let fanouts = [1usize, 440];
+    let samples = blocking_rounds(&bin, rounds, &fanouts, (50, 1000), seconds, &|what: &str| {
+        eprintln!("[bench] {what}")
+    })?;
+    for keys in fanouts {
+        let cpu = |with: bool| -> Vec<f64> {
+            samples
+                .iter()
+                .filter(|s| s.keys == keys && s.with_agent == with)
+                .map(|s| s.main_cpu_us_per_job)
+                .collect()
+        };
+        let (without, with) = (cpu(false), cpu(true));
+        let added: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w - wo).collect();
+        println!(
+            "{keys} keys: main thread us per job without {without:.1?}, with {with:.1?}; added (paired) median {:.1} of {added:.1?}; ratio {:.3}",
+            median(&added),
+            paired_ratio(&without, &with)
+        );
+    }
+    Ok(())
+}
+
 /// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
 pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     let bin = prepare()?;
@@ -458,28 +521,7 @@ pub fn run(quick: bool) -> Result<()> {
     // 2. Blocking-heavy traffic and the fan-out cost curve.
     let fanouts = vec![1usize, 10, 100, 440, 1000];
     let (clients, rate) = (50, 1000);
-    let mut blocking: Vec<BlockingSample> = Vec::new();
-    for (round, keys) in (0..rounds).flat_map(|r| fanouts.iter().map(move |k| (r, *k))) {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for with_agent in order {
-            let redis = Redis::start(&[]);
-            let agent = with_agent.then(|| Agent::start_binary(&bin, &[], &[]));
-            if let Some(a) = &agent {
-                wait_for_redis_probes(a, &redis);
-            }
-            let (sample, _) =
-                blocking::run_once(&redis, agent.as_ref(), keys, clients, rate, seconds, false)?;
-            blocking.push(sample);
-        }
-        log(&format!(
-            "blocking round {}/{rounds}, {keys} keys",
-            round + 1
-        ));
-    }
+    let blocking = blocking_rounds(&bin, rounds, &fanouts, (clients, rate), seconds, &log)?;
     let mut blocking_stats = Vec::new();
     for &keys in &fanouts {
         let redis = Redis::start(&[]);
