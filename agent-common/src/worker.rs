@@ -38,15 +38,18 @@ pub mod outcome {
     pub const ERROR: u32 = 2;
 }
 
-/// Which libc write function a write came through: the attach cookie of each offset of the
-/// workers' write uprobe-multi links, ORed into `ConnState::write_sites`. A worker whose
-/// connections write through `send`/`sendto` only (Ruby's and Python's sockets) never needs the
-/// probe on `write`, which its log lines and pipes hit on every job; the agent takes that probe
-/// out (see the agent's `ebpf::worker` narrowing). 0: not told (tracepoints, per-uprobe links).
-pub mod write_site {
-    /// `write()`: sockets, but also files, pipes and terminals.
-    pub const WRITE: u32 = 1;
-    /// `send()`/`sendto()`: sockets only.
+/// Which kind of function a connection's bytes went through: `write()`/`read()`, which files,
+/// pipes and terminals share with sockets, or the socket-only `send`/`sendto` and
+/// `recv`/`recvfrom`. ORed into `ConnState::write_sites` and `read_sites` from the attach cookie
+/// of a uprobe-multi link (`write` has a link of its own) or from a syscall tracepoint's
+/// syscall number. A worker whose connections go through the socket functions only (Ruby's
+/// and Python's sockets) never needs `write` (its log lines and pipes hit it on every job) or
+/// `read` probed: the agent takes those probes out (its `ebpf::write_probe`). 0: not told
+/// (the vectored calls, per-uprobe links).
+pub mod io_site {
+    /// `write()` or `read()`.
+    pub const GENERIC: u32 = 1;
+    /// `send()`/`sendto()` or `recv()`/`recvfrom()`: sockets only.
     pub const SOCKET: u32 = 2;
 }
 
@@ -142,9 +145,10 @@ pub struct ConnState {
     /// The last blocking command sent alone in one buffer: its repeats skip the tokenizer.
     pub repeat: RepeatTemplate,
     pub slots: HistogramSlots,
-    /// The libc functions this connection's commands went through, as [`write_site`] bits
-    /// (uprobe-multi links only: the attach cookie says which function a hit came from).
+    /// The kinds of function this connection's commands went through, as [`io_site`] bits.
     pub write_sites: u32,
+    /// The kinds of function its replies were read through (syscall tracepoints only).
+    pub read_sites: u32,
 }
 
 /// Key of the duration histograms.
@@ -210,6 +214,8 @@ const _: () = assert!(core::mem::size_of::<Peer>() == 20);
 const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
 const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ServedKey>() == 32);
+// `read_sites` took the padding after `write_sites`: entries keep their size.
+const _: () = assert!(core::mem::size_of::<ConnState>() == 344);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -18,7 +18,7 @@ use agent_common::{
     resp::{reply_kind, BlockingCall, Carry, Opaque, Step, WINDOW},
     sched::{Log2Histogram, ProbeCounter},
     worker::{
-        conn_kind, not_resp_slot, outcome, via, write_site, ConnKey, ConnState, HistogramSlots,
+        conn_kind, io_site, not_resp_slot, outcome, via, ConnKey, ConnState, HistogramSlots,
         KeysetHeader, Peer, PendingRead, ServedKey, WorkerHistKey, WorkerKeysKey, KEYSET_MAX_BYTES,
         KEYSET_RING_BYTES, MAX_CONNECTIONS, MAX_SERVED_KEYS, MAX_WORKER_HISTOGRAMS,
         MAX_WORKER_PROCESSES, NOT_RESP_SLOTS,
@@ -130,8 +130,8 @@ const MAX_STEPS: u32 = 4096;
 /// Most iovecs followed per writev/readv/sendmsg/recvmsg.
 const MAX_IOVECS: u32 = 8;
 
-/// The `write_site` bits a cookie may carry.
-const WRITE_SITE_BITS: u32 = write_site::WRITE | write_site::SOCKET;
+/// The `io_site` bits a cookie may carry.
+const WRITE_SITE_BITS: u32 = io_site::GENERIC | io_site::SOCKET;
 
 const DIR_REQUEST: u32 = 0;
 const DIR_REPLY: u32 = 1;
@@ -147,8 +147,10 @@ const ARG2: usize = 32;
 const RET: usize = 16;
 /// `int __syscall_nr` of a syscall tracepoint's record.
 const SYSCALL_NR: usize = 8;
-/// `__NR_write` on x86_64 (the agent's only target; `__NR_sendto` is 44).
+/// `__NR_write` and `__NR_read` on x86_64 (the agent's only target; `__NR_sendto` is 44,
+/// `__NR_recvfrom` 45).
 const NR_WRITE: i32 = 1;
+const NR_READ: i32 = 0;
 
 #[inline(always)]
 fn worker_tgid(via: u32) -> Option<(u32, u64)> {
@@ -900,7 +902,7 @@ struct IoVec {
 }
 
 /// A write of `total` bytes: a plain buffer (`iov == 0`) or an iovec array; `site` is the
-/// `write_site` bit of the function it came through (0 when not told).
+/// `io_site` bit of the function it came through (0 when not told).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn on_write(
@@ -1038,9 +1040,10 @@ fn handle_sendmsg(fd: u64, msg: u64, via: u32) {
 }
 
 /// Saves a read's buffer for its exit, if the fd is a followed connection. `iov_kind`: 0 for
-/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr).
+/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr); `site`
+/// is the `io_site` bit of the function it came through (0 when not told).
 #[inline(always)]
-fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
+fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {
         return;
     };
@@ -1048,8 +1051,16 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
         tgid,
         fd: fd as u32,
     };
-    match unsafe { CONNS.get(&key) } {
-        Some(conn) if conn.kind == conn_kind::RESP => {}
+    match CONNS.get_ptr_mut(&key) {
+        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {
+            // Which function reads this connection's replies: the agent detaches
+            // sys_enter_read/sys_exit_read while every worker reads through recvfrom.
+            unsafe {
+                if (*conn).read_sites & site != site {
+                    (*conn).read_sites |= site;
+                }
+            }
+        }
         _ => return,
     }
     let (buf, iovcnt) = match iov_kind {
@@ -1322,14 +1333,14 @@ fn up_args(ctx: &ProbeContext) -> (u64, u64, u64) {
 #[tracepoint]
 pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
     // write(fd, buf, count) and sendto(fd, buf, len, ...): same first three arguments. The
-    // record's syscall number tells them apart (`write_site`): the agent detaches
+    // record's syscall number tells them apart (`io_site`): the agent detaches
     // sys_enter_write while every followed worker sends through sendto.
     let (fd, buf, len) = tp_args(&ctx);
     let nr = unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(-1);
     let site = if nr == NR_WRITE {
-        write_site::WRITE
+        io_site::GENERIC
     } else {
-        write_site::SOCKET
+        io_site::SOCKET
     };
     handle_write(fd, buf, len, via::SYSCALLS, site);
     0
@@ -1351,23 +1362,29 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
-    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...).
+    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...), told apart by the syscall
+    // number as the writes are.
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS);
+    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(-1) == NR_READ {
+        io_site::GENERIC
+    } else {
+        io_site::SOCKET
+    };
+    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, site);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS);
+    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS, 0);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS);
+    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS, 0);
     0
 }
 
@@ -1397,7 +1414,7 @@ pub fn worker_enter_connect(ctx: TracePointContext) -> u32 {
 #[uprobe]
 pub fn worker_libc_write(ctx: ProbeContext) -> u32 {
     // write(fd, buf, n), send(fd, buf, n, flags), sendto(fd, buf, n, ...). The attach
-    // cookie tells them apart (`write_site`; 0 for a per-uprobe link, which has none).
+    // cookie tells them apart (`io_site`; 0 for a per-uprobe link, which has none).
     let (fd, buf, len) = up_args(&ctx);
     let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & WRITE_SITE_BITS;
     handle_write(fd, buf, len, via::LIBC, site);
@@ -1422,21 +1439,21 @@ pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_read(ctx: ProbeContext) -> u32 {
     // read(fd, buf, n), recv(fd, buf, n, flags), recvfrom(fd, buf, n, ...).
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 0, via::LIBC, 0);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 1, via::LIBC, 0);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 2, via::LIBC, 0);
     0
 }
 

@@ -69,11 +69,11 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Takes out or puts back workers' `write()` probes (see `ebpf::write_probe`); on the
-    /// agent's one-second tick, not on scrapes, which may be rare.
-    pub fn adjust_write_probes(&mut self) {
+    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`); on
+    /// the agent's one-second tick, not on scrapes, which may be rare.
+    pub fn adjust_narrowed_probes(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
-            probes.worker.adjust_write_probes(&mut probes.ebpf);
+            probes.worker.adjust_narrowed_probes(&mut probes.ebpf);
         }
     }
 
@@ -682,12 +682,11 @@ impl AgentState {
                     value: PointValue::Gauge(probes.worker.unfollowed() as f64),
                 },
             );
-            let (uprobes, tracepoints) = probes.worker.write_probes_off();
-            for (via, count) in [("uprobes", uprobes), ("tracepoints", tracepoints)] {
+            for (via, call, count) in probes.worker.probes_off() {
                 snapshot.push(
-                    catalog::WORKERS_WRITE_PROBE_OFF,
+                    catalog::WORKERS_PROBE_OFF,
                     Point {
-                        attributes: vec![("via", via.into())],
+                        attributes: vec![("via", via.into()), ("call", call.into())],
                         start_time: epoch,
                         value: PointValue::Gauge(count as f64),
                     },

@@ -173,11 +173,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut rescan = tokio::time::interval(config.rescan_interval);
     rescan.tick().await;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut write_probes = tokio::time::interval(WRITE_PROBE_TICK);
-    write_probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut narrowing = tokio::time::interval(NARROWING_TICK);
+    narrowing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = write_probes.tick() => shared.lock("write_probes").adjust_write_probes(),
+            _ = narrowing.tick() => shared.lock("narrowing").adjust_narrowed_probes(),
             _ = rescan.tick() => {
                 let walk = shared.lock("address_walk").address_walk();
                 let addresses = walk.read().addresses;
@@ -213,9 +213,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often workers' `write()` probes are looked at (`ebpf::write_probe`): a new connection
-/// of a worker whose probe is out waits at most this long for it to come back.
-const WRITE_PROBE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often workers' `write()`/`read()` probes are looked at (`ebpf::narrowing`): a new
+/// connection of a worker whose probe is out waits at most this long for it to come back.
+const NARROWING_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often the ring buffers are read. The kernel side submits records without waking the
 /// reader (`BPF_RB_NO_WAKEUP`): a wakeup is an irq_work self-IPI, which under this project's

@@ -532,7 +532,13 @@ fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
     wait_for(
         "the fleet's write() probe out",
         Duration::from_secs(10),
-        || (agent.scrape().sum("fanout_workers_write_probe_off", &[]) == 1.0).then_some(()),
+        || {
+            (agent
+                .scrape()
+                .sum("fanout_workers_probe_off", &[("call", "write")])
+                == 1.0)
+                .then_some(())
+        },
     );
     for jid in 0..5 {
         thread::sleep(Duration::from_millis(300));
@@ -846,9 +852,9 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
     narrow_client_checks("libc");
 }
 
-/// The same through the syscall tracepoints: `sys_enter_write`, which every process on the
-/// node pays, is detached while the only followed worker sends through sendto, and attached
-/// again when it connects a second time.
+/// The same through the syscall tracepoints: `sys_enter_write` and the `read` pair, which
+/// every process on the node pays, are detached while the only followed worker uses sendto
+/// and recvfrom, and attached again when it connects a second time.
 #[test]
 fn sys_enter_write_goes_while_followed_workers_send_through_sendto() {
     require_root();
@@ -893,7 +899,19 @@ fn narrow_client_checks(mode: &str) {
         child,
         name: "narrow-client".into(),
     };
-    let gauge = |s: &Scrape| s.sum("fanout_workers_write_probe_off", &[("via", via)]);
+    let gauge = |s: &Scrape| {
+        s.sum(
+            "fanout_workers_probe_off",
+            &[("via", via), ("call", "write")],
+        )
+    };
+    // Through the tracepoints, read() goes as well: the worker reads through recvfrom.
+    let read_gauge = |s: &Scrape| {
+        s.sum(
+            "fanout_workers_probe_off",
+            &[("via", "tracepoints"), ("call", "read")],
+        )
+    };
     // With uprobes: the byte at write()'s probe site in the worker's memory (an int3 while
     // the probe is in).
     let write_site = || {
@@ -919,7 +937,7 @@ fn narrow_client_checks(mode: &str) {
         )
     } else {
         (
-            "sys_enter_write detached: every worker followed through the tracepoints sends through sendto".to_string(),
+            "sys_enter_write detached: every worker followed through the tracepoints uses the socket functions".to_string(),
             "sys_enter_write attached again".to_string(),
         )
     };
@@ -931,6 +949,13 @@ fn narrow_client_checks(mode: &str) {
         || (gauge(&agent.scrape()) == 1.0).then_some(()),
     );
     assert!(agent.log().contains(&out_line), "{}", agent.log());
+    if !uprobes {
+        wait_for(
+            "read() tracepoints detached",
+            Duration::from_secs(10),
+            || (read_gauge(&agent.scrape()) == 1.0).then_some(()),
+        );
+    }
     if uprobes {
         wait_for("no breakpoint on write()", Duration::from_secs(5), || {
             (write_site() != 0xcc).then_some(())
@@ -948,6 +973,8 @@ fn narrow_client_checks(mode: &str) {
     assert!(agent.log().contains(&back_line), "{}", agent.log());
     if uprobes {
         assert_eq!(write_site(), 0xcc, "the breakpoint is back on write()");
+    } else {
+        assert_eq!(read_gauge(&agent.scrape()), 0.0, "{}", agent.log());
     }
     stdin.write_all(b"go\n").unwrap();
     wait_line("b-done");

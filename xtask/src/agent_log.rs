@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(write_probe_out_after(log, 8), None);
         let log = "2026-11-29T21:03:57.000000Z  INFO fanout::agent: tracking process pid=9 group=\"b\"\n\
                    2026-11-29T21:03:57.100000Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=14\n\
-                   2026-11-29T21:03:59.100000Z  INFO fanout::ebpf::worker: sys_enter_write detached: every worker followed through the tracepoints sends through sendto, so no process on the node pays it for its writes workers=1\n";
+                   2026-11-29T21:03:59.100000Z  INFO fanout::ebpf::worker: sys_enter_write detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it workers=1\n";
         let after = write_probe_out_after(log, 9).unwrap();
         assert!((after - 2.0).abs() < 1e-6, "{after}");
     }

@@ -6,7 +6,7 @@ pub mod redis_attach;
 pub mod sched;
 pub mod slots;
 pub mod uprobe_multi;
-pub mod write_probe;
+pub mod narrowing;
 pub mod worker;
 
 use aya::{programs::TracePoint, Ebpf};

@@ -8,7 +8,7 @@ use agent_common::{
     redis::KeyHistogram,
     sched::Log2Histogram,
     worker::{
-        not_resp_slot, via, write_site, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey,
+        io_site, not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey,
         WorkerKeysKey, MAX_WORKER_HISTOGRAMS,
     },
 };
@@ -19,9 +19,9 @@ use aya::{
 };
 
 use super::{
-    attach_tracepoint, load_programs, take_map,
-    write_probe::{self, Connections, Verdict},
-    ProbeError, TracepointSpec,
+    attach_tracepoint, load_programs,
+    narrowing::{self, Connections, Direction, Verdict},
+    take_map, ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
 
@@ -33,9 +33,11 @@ const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
     }
 }
 
-/// The tracepoint that sees every `write()` on the node: detached while every worker
-/// followed through the tracepoints sends through `sendto` (see [`write_probe`]).
+/// The tracepoints that see every `write()` and `read()` on the node: detached while every
+/// worker followed through the tracepoints uses `sendto` and `recvfrom` (see [`narrowing`]).
 const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
+const SYS_ENTER_READ: TracepointSpec = syscall("worker_enter_read", "sys_enter_read");
+const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read", "sys_exit_read");
 
 /// The syscalls followed, and the program each runs.
 pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
@@ -43,11 +45,11 @@ pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
     syscall("worker_enter_write", "sys_enter_sendto"),
     syscall("worker_enter_writev", "sys_enter_writev"),
     syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
-    syscall("worker_enter_read", "sys_enter_read"),
+    SYS_ENTER_READ,
     syscall("worker_enter_read", "sys_enter_recvfrom"),
     syscall("worker_enter_readv", "sys_enter_readv"),
     syscall("worker_enter_recvmsg", "sys_enter_recvmsg"),
-    syscall("worker_exit_read", "sys_exit_read"),
+    SYS_EXIT_READ,
     syscall("worker_exit_read", "sys_exit_recvfrom"),
     syscall("worker_exit_read", "sys_exit_readv"),
     syscall("worker_exit_read", "sys_exit_recvmsg"),
@@ -140,23 +142,43 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_connect", "connect"),
 ];
 
-
-/// The state of `sys_enter_write`'s adjustment.
-#[derive(Debug)]
-struct SyscallWrite {
-    schedule: write_probe::Schedule,
-    /// connect() counts of the workers followed through the tracepoints, as last seen.
-    connects_seen: std::collections::HashMap<u32, Option<u64>>,
-    /// When it was last attached again after being detached.
-    widened_at: Option<std::time::Instant>,
+/// Syscall tracepoints taken out together while no worker followed through the tracepoints
+/// needs them (see [`narrowing`]).
+struct SyscallGroup {
+    direction: Direction,
+    specs: &'static [TracepointSpec],
+    name: &'static str,
 }
 
-impl Default for SyscallWrite {
+const SYSCALL_GROUPS: [SyscallGroup; 2] = [
+    SyscallGroup {
+        direction: Direction::Write,
+        specs: &[SYS_ENTER_WRITE],
+        name: "sys_enter_write",
+    },
+    SyscallGroup {
+        direction: Direction::Read,
+        specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
+        name: "sys_enter_read and sys_exit_read",
+    },
+];
+
+/// When each of [`SYSCALL_GROUPS`] is looked at next.
+#[derive(Debug)]
+struct SyscallNarrowing {
+    schedules: [narrowing::Schedule; 2],
+    /// When each was last attached again after being detached.
+    widened_at: [Option<std::time::Instant>; 2],
+    /// connect() counts of the workers followed through the tracepoints, as last seen.
+    connects_seen: std::collections::HashMap<u32, Option<u64>>,
+}
+
+impl Default for SyscallNarrowing {
     fn default() -> Self {
         Self {
-            schedule: write_probe::Schedule::now(),
+            schedules: [narrowing::Schedule::now(), narrowing::Schedule::now()],
+            widened_at: [None; 2],
             connects_seen: Default::default(),
-            widened_at: None,
         }
     }
 }
@@ -186,7 +208,7 @@ fn drop_tracepoint_links(
 /// The program on `write`, `send` and `sendto`.
 const WRITE_PROGRAM: &str = "worker_libc_write";
 
-/// A worker's probe on `write()` (see [`super::write_probe`]).
+/// A worker's probe on `write()` (see [`super::narrowing`]).
 struct WriteProbe {
     libc: std::path::PathBuf,
     offset: u64,
@@ -196,7 +218,7 @@ struct WriteProbe {
     widenings: u32,
     /// The worker's `CONNECTS` count when it was last looked at.
     connects_seen: Option<u64>,
-    schedule: write_probe::Schedule,
+    schedule: narrowing::Schedule,
 }
 
 /// Attaches the probe on `write` of one worker, with the cookie that names it.
@@ -210,7 +232,7 @@ fn attach_write_probe(
         WRITE_PROGRAM,
         libc,
         &[offset],
-        Some(&[write_site::WRITE as u64]),
+        Some(&[io_site::GENERIC as u64]),
         Some(pid),
         false,
     )
@@ -264,8 +286,8 @@ pub struct WorkerMaps {
     durations: super::slots::SlotTable<WorkerHistKey, Log2Histogram>,
     keys: super::slots::SlotTable<WorkerKeysKey, KeyHistogram>,
     links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
-    /// When `sys_enter_write` is looked at next (see [`Self::adjust_write_probes`]).
-    syscall_write: SyscallWrite,
+    /// When the narrowable tracepoints are looked at next (see [`Self::adjust_narrowed_probes`]).
+    syscall_narrowing: SyscallNarrowing,
     /// Why the programs could not be loaded, if so: then no worker is followed.
     load_error: Option<String>,
     /// Why the syscall probes could not be attached the last time it was tried.
@@ -372,7 +394,7 @@ impl WorkerMaps {
                 KeyHistogram::ZERO,
             )?,
             links: Vec::new(),
-            syscall_write: SyscallWrite::default(),
+            syscall_narrowing: SyscallNarrowing::default(),
             load_error,
             attach_error: None,
             disabled: false,
@@ -538,8 +560,12 @@ impl WorkerMaps {
     fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         self.syscalls_idle_since = None;
         if !self.links.is_empty() {
-            // A worker starts being followed: its first commands may go through write().
-            return self.attach_write_tracepoint(ebpf);
+            // A worker starts being followed: its first commands may go through write() and
+            // read().
+            for group in 0..SYSCALL_GROUPS.len() {
+                self.attach_syscall_group(ebpf, group)?;
+            }
+            return Ok(());
         }
         for spec in &WORKER_TRACEPOINTS {
             match attach_tracepoint(ebpf, spec) {
@@ -606,13 +632,13 @@ impl WorkerMaps {
                     let retprobe = multi.retprobe(program).unwrap_or(false);
                     let attached = if *program == WRITE_PROGRAM {
                         // `write` in a link of its own, which can go while `send` and
-                        // `sendto` stay (see `write_probe`); cookies tell them apart.
+                        // `sendto` stay (see `narrowing`); cookies tell them apart.
                         let sockets: Vec<u64> = offsets
                             .iter()
                             .copied()
                             .filter(|o| Some(*o) != write_offset)
                             .collect();
-                        let cookies = vec![write_site::SOCKET as u64; sockets.len()];
+                        let cookies = vec![io_site::SOCKET as u64; sockets.len()];
                         let write = write_offset
                             .map(|offset| attach_write_probe(multi, &libc, offset, pid))
                             .transpose();
@@ -659,7 +685,7 @@ impl WorkerMaps {
                             link: Some(link),
                             widenings: 0,
                             connects_seen: None,
-                            schedule: write_probe::Schedule::now(),
+                            schedule: narrowing::Schedule::now(),
                         },
                     );
                 }
@@ -842,7 +868,7 @@ impl WorkerMaps {
         }
         let links: Vec<_> = self.links.drain(..).collect();
         drop_tracepoint_links(ebpf, links, "the syscall tracepoints");
-        self.syscall_write = SyscallWrite::default();
+        self.syscall_narrowing = SyscallNarrowing::default();
         tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
     }
 
@@ -877,14 +903,14 @@ impl WorkerMaps {
         out
     }
 
-    /// Takes out or puts back workers' `write()` probes (see [`write_probe`]): each uprobe
-    /// follower's own link on `write`, and `sys_enter_write` for those followed through the
-    /// tracepoints (one probe for all of them, and for every process on the node). Called
-    /// every second; the connection maps are walked only when a probe is due (a connect(),
-    /// or a decision still pending: see [`write_probe::Schedule`]).
-    pub fn adjust_write_probes(&mut self, ebpf: &mut Ebpf) {
+    /// Takes out or puts back the probes on `write()` and `read()` (see [`narrowing`]): each
+    /// uprobe follower's own link on `write`, and the `write`/`read` tracepoints for those
+    /// followed through the tracepoints (one probe for all of them, and for every process on
+    /// the node). Called every second; the connection maps are walked only when a probe is
+    /// due (a connect(), or a decision still pending: see [`narrowing::Schedule`]).
+    pub fn adjust_narrowed_probes(&mut self, ebpf: &mut Ebpf) {
         self.adjust_uprobe_write_probes();
-        self.adjust_syscall_write_probe(ebpf);
+        self.adjust_syscall_groups(ebpf);
     }
 
     /// Whether `pid`'s connect() count moved since `seen` was noted, noting it.
@@ -894,9 +920,14 @@ impl WorkerMaps {
     }
 
     /// The followed connections and sockets of `pids`, from the kernel's maps.
-    fn gather_connections(&self, pids: &std::collections::BTreeSet<u32>) -> Connections {
+    fn gather_connections(
+        &self,
+        pids: &std::collections::BTreeSet<u32>,
+        direction: Direction,
+    ) -> Connections {
         Connections::gather(
             pids,
+            direction,
             self.conns.iter().filter_map(Result::ok),
             self.peers.iter().filter_map(Result::ok),
         )
@@ -917,7 +948,7 @@ impl WorkerMaps {
             if connected {
                 probe.schedule.reset(now);
             }
-            let settled = probe.link.is_some() && probe.widenings >= write_probe::MAX_WIDENINGS;
+            let settled = probe.link.is_some() && probe.widenings >= narrowing::MAX_WIDENINGS;
             if !settled && probe.schedule.due(now) {
                 due.insert(pid);
             }
@@ -925,7 +956,7 @@ impl WorkerMaps {
         if due.is_empty() {
             return;
         }
-        let connections = self.gather_connections(&due);
+        let connections = self.gather_connections(&due, Direction::Write);
         for pid in due {
             let Some(probe) = self.write_probes.get_mut(&pid) else {
                 continue;
@@ -964,12 +995,12 @@ impl WorkerMaps {
         }
     }
 
-    /// `sys_enter_write` serves every worker followed through the tracepoints: it goes only
-    /// when all of them send through sendto, and comes back when any of them connects to its
-    /// Redis again (or when a worker starts being followed, in [`Self::attach_syscalls`]).
-    /// After it comes back it stays at least [`write_probe::SYSCALL_REST`]: workers that come
-    /// and go would otherwise have it attached and detached over and over.
-    fn adjust_syscall_write_probe(&mut self, ebpf: &mut Ebpf) {
+    /// Each of [`SYSCALL_GROUPS`] serves every worker followed through the tracepoints: it
+    /// goes only when all of them use the socket functions, and comes back when any of them
+    /// connects to its Redis again (or when a worker starts being followed, in
+    /// [`Self::attach_syscalls`]). After it comes back it stays at least
+    /// [`narrowing::SYSCALL_REST`].
+    fn adjust_syscall_groups(&mut self, ebpf: &mut Ebpf) {
         let pids: std::collections::BTreeSet<u32> = self
             .ways
             .iter()
@@ -977,85 +1008,102 @@ impl WorkerMaps {
             .map(|(pid, _)| *pid)
             .collect();
         if pids.is_empty() || self.links.is_empty() {
-            self.syscall_write.connects_seen.clear();
+            self.syscall_narrowing.connects_seen.clear();
             return;
         }
         let now = std::time::Instant::now();
-        self.syscall_write
-            .connects_seen
-            .retain(|pid, _| pids.contains(pid));
+        let mut seen_all = std::mem::take(&mut self.syscall_narrowing.connects_seen);
+        seen_all.retain(|pid, _| pids.contains(pid));
         let mut connected = false;
         for pid in &pids {
-            let mut seen = self.syscall_write.connects_seen.get(pid).copied().flatten();
-            connected |= self.connected(*pid, &mut seen);
-            self.syscall_write.connects_seen.insert(*pid, seen);
+            let seen = seen_all.entry(*pid).or_insert(None);
+            connected |= self.connected(*pid, seen);
         }
-        if connected {
-            self.syscall_write.schedule.reset(now);
-        }
-        let narrowed = !self.write_tracepoint_attached();
-        let resting = self
-            .syscall_write
-            .widened_at
-            .is_some_and(|at| now.duration_since(at) < write_probe::SYSCALL_REST);
-        if !self.syscall_write.schedule.due(now) || (!narrowed && resting) {
-            return;
-        }
-        match self.gather_connections(&pids).verdict_for_all(&pids, narrowed) {
-            Verdict::Keep => self.syscall_write.schedule.later(now),
-            Verdict::Narrow => {
-                self.detach_write_tracepoint(ebpf);
-                tracing::info!(workers = pids.len(), "sys_enter_write detached: every worker followed through the tracepoints sends through sendto, so no process on the node pays it for its writes");
+        self.syscall_narrowing.connects_seen = seen_all;
+        for (index, group) in SYSCALL_GROUPS.iter().enumerate() {
+            if connected {
+                self.syscall_narrowing.schedules[index].reset(now);
             }
-            Verdict::Widen => {
-                self.syscall_write.schedule.reset(now);
-                match self.attach_write_tracepoint(ebpf) {
-                    Ok(()) => tracing::info!("sys_enter_write attached again: a worker's new connection to its Redis may write through it"),
-                    Err(e) => tracing::warn!(error = %e, "cannot attach sys_enter_write again: commands workers write through write() are not seen"),
+            let narrowed = !self.syscall_group_attached(index);
+            let resting = self.syscall_narrowing.widened_at[index]
+                .is_some_and(|at| now.duration_since(at) < narrowing::SYSCALL_REST);
+            if !self.syscall_narrowing.schedules[index].due(now) || (!narrowed && resting) {
+                continue;
+            }
+            let connections = self.gather_connections(&pids, group.direction);
+            match connections.verdict_for_all(&pids, narrowed) {
+                Verdict::Keep => self.syscall_narrowing.schedules[index].later(now),
+                Verdict::Narrow => {
+                    self.detach_syscall_group(ebpf, index);
+                    tracing::info!(workers = pids.len(), "{} detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it", group.name);
+                }
+                Verdict::Widen => {
+                    self.syscall_narrowing.schedules[index].reset(now);
+                    match self.attach_syscall_group(ebpf, index) {
+                        Ok(()) => tracing::info!("{} attached again: a worker's new connection to its Redis may go through it", group.name),
+                        Err(e) => tracing::warn!(error = %e, "cannot attach {} again: what workers' connections send or read through it is not seen", group.name),
+                    }
                 }
             }
         }
     }
 
-    fn write_tracepoint_attached(&self) -> bool {
-        self.links
+    fn syscall_group_attached(&self, index: usize) -> bool {
+        SYSCALL_GROUPS[index]
+            .specs
             .iter()
-            .any(|(spec, _)| spec.name == SYS_ENTER_WRITE.name)
+            .all(|want| self.links.iter().any(|(spec, _)| spec.name == want.name))
     }
 
-    fn attach_write_tracepoint(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-        if self.write_tracepoint_attached() {
+    fn attach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) -> Result<(), ProbeError> {
+        if self.syscall_group_attached(index) {
             return Ok(());
         }
-        let link = attach_tracepoint(ebpf, &SYS_ENTER_WRITE)?;
-        self.links.push((&SYS_ENTER_WRITE, link));
-        self.syscall_write.widened_at = Some(std::time::Instant::now());
+        for spec in SYSCALL_GROUPS[index].specs {
+            if !self.links.iter().any(|(s, _)| s.name == spec.name) {
+                let link = attach_tracepoint(ebpf, spec)?;
+                self.links.push((spec, link));
+            }
+        }
+        self.syscall_narrowing.widened_at[index] = Some(std::time::Instant::now());
         Ok(())
     }
 
-    fn detach_write_tracepoint(&mut self, ebpf: &mut Ebpf) {
-        let (write, rest): (Vec<_>, Vec<_>) = self
+    fn detach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) {
+        let group = &SYSCALL_GROUPS[index];
+        let (out, rest): (Vec<_>, Vec<_>) = self
             .links
             .drain(..)
-            .partition(|(spec, _)| spec.name == SYS_ENTER_WRITE.name);
+            .partition(|(spec, _)| group.specs.iter().any(|g| g.name == spec.name));
         self.links = rest;
-        drop_tracepoint_links(ebpf, write, "sys_enter_write");
+        drop_tracepoint_links(ebpf, out, group.name);
     }
 
-    /// Workers whose `write()` probe is out: (followed through uprobes, through the
-    /// tracepoints while `sys_enter_write` is detached).
-    pub fn write_probes_off(&self) -> (usize, usize) {
+    /// Followed workers whose calls of `call` ("write" or "read") are not probed, by how they
+    /// are followed: (`via`, `call`, count).
+    pub fn probes_off(&self) -> Vec<(&'static str, &'static str, usize)> {
         let uprobes = self
             .write_probes
             .values()
             .filter(|p| p.link.is_none())
             .count();
-        let tracepoints = if self.attached() && !self.write_tracepoint_attached() {
-            self.ways.values().filter(|way| **way == via::SYSCALLS).count()
-        } else {
-            0
+        let syscall_workers = self
+            .ways
+            .values()
+            .filter(|way| **way == via::SYSCALLS)
+            .count();
+        let tracepoints = |index: usize| {
+            if self.attached() && !self.syscall_group_attached(index) {
+                syscall_workers
+            } else {
+                0
+            }
         };
-        (uprobes, tracepoints)
+        vec![
+            ("uprobes", "write", uprobes),
+            ("tracepoints", "write", tracepoints(0)),
+            ("tracepoints", "read", tracepoints(1)),
+        ]
     }
 
     /// Followed RESP connections and their state.

@@ -170,9 +170,9 @@ pub mod catalog {
         unit: "{process}",
         kind: Kind::Gauge,
     };
-    pub const WORKERS_WRITE_PROBE_OFF: Descriptor = Descriptor {
-        name: "fanout.workers.write_probe_off",
-        description: "Followed workers whose write() is not probed, by how they are followed (uprobes: their own link on write() is out; tracepoints: sys_enter_write is detached for all of them): their Redis connections send through send/sendto, and write() carries only their logs and pipes",
+    pub const WORKERS_PROBE_OFF: Descriptor = Descriptor {
+        name: "fanout.workers.probe_off",
+        description: "Followed workers whose calls of write() or read() (call) are not probed, by how they are followed (via: uprobes, their own link on write() is out; tracepoints, sys_enter_write or sys_enter_read/sys_exit_read is detached for all of them): their Redis connections use send/sendto and recv/recvfrom, and write()/read() carry only their logs, pipes and files",
         unit: "{process}",
         kind: Kind::Gauge,
     };
@@ -311,7 +311,7 @@ pub mod catalog {
         PROC_READ_ERRORS,
         EVENTS_LOST,
         WORKERS_UNFOLLOWED,
-        WORKERS_WRITE_PROBE_OFF,
+        WORKERS_PROBE_OFF,
         EXPORT_FAILURES,
         STATE_LOCK_WAIT,
         EBPF_MAP_ENTRIES,

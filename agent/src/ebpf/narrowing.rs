@@ -1,40 +1,50 @@
-//! Taking the uprobe off `write()` for a worker whose Redis connections never write through it.
+//! Taking the probes off `write()` and `read()` for workers whose Redis connections never go
+//! through them.
 //!
 //! # Why
-//! A worker followed through uprobes pays a trap on every call of a probed libc function,
-//! Redis or not. Ruby's and Python's sockets send through `send`/`sendto`, while `write` is
-//! what their log lines, pipes and files go through: a Sidekiq worker writes two log lines
-//! and a deprecation warning per job, three traps on `write` beside the one on `sendto` that
-//! carries its BRPOP. The probe on `write` follows nothing in such a process.
+//! Ruby's and Python's sockets send through `send`/`sendto` and read through `recvfrom`,
+//! while `write` and `read` are what their log lines, pipes and files go through: a Sidekiq
+//! worker writes two log lines and a deprecation warning per job. Followed through uprobes,
+//! each is a trap in the worker; through the syscall tracepoints, `sys_enter_write` and
+//! `sys_enter_read`/`sys_exit_read` run for every process on the node, Redis included. For
+//! such workers those probes follow nothing.
 //!
 //! # How
-//! The write program learns from each hit's attach cookie which function it came through
-//! (`agent_common::worker::write_site`) and ORs it into the connection's `write_sites`. `write`
-//! has a uprobe-multi link of its own, so that it can go while `send`/`sendto` stay. Each
-//! loop, [`verdict`] looks at a followed process's connections:
-//! - *narrow* (detach the `write` link) once every connection that carried RESP wrote
-//!   through the socket functions only, and every socket the process holds to those Redis
-//!   servers is such a connection;
-//! - *widen* (attach it again) when a socket to one of those servers appears that is not a
-//!   followed connection (a new connection, whose client may write through `write`), or a
-//!   connection did write through `write`.
+//! The programs learn which kind of function each of a connection's writes and reads came
+//! through (`agent_common::worker::io_site`: from a uprobe-multi link's attach cookie, or
+//! from a syscall tracepoint's syscall number) and OR it into the connection's `write_sites`
+//! and `read_sites`. A worker's `write` uprobe has a link of its own, so that it can go while
+//! `send`/`sendto` stay (reads through uprobes keep their probes: Ruby and Python workers do
+//! not call `read`); the tracepoints are one link each. Each second, [`verdict`] looks at a
+//! followed process's connections, for one direction:
+//! - *narrow* (take the probe out) once every connection that carried RESP went through the
+//!   socket functions only, and every socket the process holds to those Redis servers is
+//!   such a connection;
+//! - *widen* (put it back) when a socket to one of those servers appears that is not a
+//!   followed connection (a new connection, whose client may use `write`/`read`), or a
+//!   connection did go through them.
 //!
-//! Nothing that carries RESP loses its probe: the socket functions, the reads, close and
-//! connect keep theirs. What it can miss: the commands a new connection sends through `write`
-//! before the agent's next loop (about a second) attaches the probe again, in a process
-//! whose earlier connections all sent through `send`/`sendto` (two client libraries of
-//! different kinds in one process). A process that widens [`MAX_WIDENINGS`] times (it keeps
-//! opening connections) keeps its `write` probe for good.
+//! A tracepoint serves every worker followed through the tracepoints: it goes only when
+//! [`Connections::verdict_for_all`] says none of them needs it, comes back at once when a
+//! worker starts being followed, and stays at least [`SYSCALL_REST`] after that.
+//!
+//! Nothing that carries RESP loses its probe: the socket functions, close and connect keep
+//! theirs. What it can miss: what a new connection sends or reads through `write`/`read`
+//! before the agent's next look (about a second) puts the probe back, in a process whose
+//! earlier connections all used the socket functions (two client libraries of different
+//! kinds in one process). A process that widens [`MAX_WIDENINGS`] times (it keeps opening
+//! connections) keeps its `write` uprobe for good.
 
 use std::collections::BTreeSet;
 
-use agent_common::worker::{write_site, ConnKey, ConnState, Peer};
+use agent_common::worker::{io_site, ConnKey, ConnState, Peer};
 
 /// Widenings after which a process keeps its `write` probe: its connections come and go,
 /// and each attach and detach of a link costs a synchronisation in the kernel.
 pub const MAX_WIDENINGS: u32 = 3;
 
-/// How long `sys_enter_write` stays after it was attached again, at least.
+/// How long a syscall tracepoint stays after it was attached again, at least: workers that
+/// come and go would otherwise have it attached and detached over and over.
 pub const SYSCALL_REST: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long after an undecided look a process is looked at again; doubled after each one up
@@ -75,6 +85,24 @@ impl Schedule {
     }
 }
 
+/// Which side of the connections a probe follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// `write` against `send`/`sendto`.
+    Write,
+    /// `read` against `recv`/`recvfrom`.
+    Read,
+}
+
+impl Direction {
+    fn sites(self, conn: &ConnState) -> u32 {
+        match self {
+            Direction::Write => conn.write_sites,
+            Direction::Read => conn.read_sites,
+        }
+    }
+}
+
 /// What [`verdict`] looks at for each process of a set: its followed connections and the
 /// sockets the kernel knows it holds (`CONN_PEERS`).
 #[derive(Debug, Default)]
@@ -84,9 +112,11 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Gathers those of the processes in `pids` from the two maps' entries.
+    /// Gathers those of the processes in `pids` from the two maps' entries, with the sites of
+    /// `direction`.
     pub fn gather(
         pids: &BTreeSet<u32>,
+        direction: Direction,
         conns: impl IntoIterator<Item = (ConnKey, ConnState)>,
         sockets: impl IntoIterator<Item = (ConnKey, Peer)>,
     ) -> Self {
@@ -96,7 +126,7 @@ impl Connections {
                 out.conns.entry(key.tgid).or_default().push(FollowedConn {
                     fd: key.fd,
                     peer: conn.peer,
-                    write_sites: conn.write_sites,
+                    sites: direction.sites(&conn),
                 });
             }
         }
@@ -122,8 +152,8 @@ impl Connections {
         verdict(narrowed, conns, sockets)
     }
 
-    /// The verdict for a probe that serves every process of `pids` at once (the
-    /// `sys_enter_write` tracepoint): out only if each of them could do without it, back if
+    /// The verdict for a probe that serves every process of `pids` at once (a syscall
+    /// tracepoint): out only if each of them could do without it, back if
     /// any of them needs it.
     pub fn verdict_for_all(&self, pids: &BTreeSet<u32>, narrowed: bool) -> Verdict {
         let verdicts: Vec<Verdict> = pids
@@ -149,10 +179,11 @@ impl Connections {
 pub struct FollowedConn {
     pub fd: u32,
     pub peer: Peer,
-    pub write_sites: u32,
+    /// The [`io_site`] bits of the direction looked at.
+    pub sites: u32,
 }
 
-/// What to do with a process's `write` probe.
+/// What to do with a probe on `write` (or `read`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Keep,
@@ -162,20 +193,20 @@ pub enum Verdict {
     Widen,
 }
 
-/// What to do with the `write` probe of a process whose followed connections are `conns`
+/// What to do with the `write` (or `read`) probe of a process whose followed connections are `conns`
 /// and whose sockets (fd and peer, from `CONN_PEERS`) are `sockets`; `narrowed` says whether
 /// the probe is out now.
 pub fn verdict(narrowed: bool, conns: &[FollowedConn], sockets: &[(u32, Peer)]) -> Verdict {
     let redis: BTreeSet<Peer> = conns.iter().map(|c| c.peer).collect();
     let followed: BTreeSet<u32> = conns.iter().map(|c| c.fd).collect();
     // A socket to a Redis this process talks to that is not followed yet: a new connection
-    // (its first command is still to come, maybe through `write`).
+    // (its first command is still to come, maybe through `write`/`read`).
     let unvouched = sockets
         .iter()
         .any(|(fd, peer)| redis.contains(peer) && !followed.contains(fd));
-    let through_write = conns.iter().any(|c| c.write_sites & write_site::WRITE != 0);
+    let through_generic = conns.iter().any(|c| c.sites & io_site::GENERIC != 0);
     if narrowed {
-        return if unvouched || through_write {
+        return if unvouched || through_generic {
             Verdict::Widen
         } else {
             Verdict::Keep
@@ -184,7 +215,7 @@ pub fn verdict(narrowed: bool, conns: &[FollowedConn], sockets: &[(u32, Peer)]) 
     let socket_only = !conns.is_empty()
         && conns
             .iter()
-            .all(|c| c.peer.family != 0 && c.write_sites == write_site::SOCKET);
+            .all(|c| c.peer.family != 0 && c.sites == io_site::SOCKET);
     if socket_only && !unvouched {
         Verdict::Narrow
     } else {
@@ -208,12 +239,13 @@ mod tests {
         FollowedConn {
             fd,
             peer: peer(port),
-            write_sites: sites,
+            sites,
         }
     }
 
-    const SOCKET: u32 = write_site::SOCKET;
-    const WRITE: u32 = write_site::WRITE;
+    const SOCKET: u32 = io_site::SOCKET;
+    /// `write()` or `read()`.
+    const WRITE: u32 = io_site::GENERIC;
 
     #[test]
     fn socket_only_connections_narrow() {
@@ -266,6 +298,7 @@ mod tests {
         let pids: BTreeSet<u32> = [1, 2].into();
         let socket_only = Connections::gather(
             &pids,
+            Direction::Write,
             [
                 (key(1, 10), state(SOCKET)),
                 (key(2, 10), state(SOCKET)),
@@ -278,18 +311,39 @@ mod tests {
         assert_eq!(socket_only.verdict_for_all(&pids, true), Verdict::Keep);
         let one_writes = Connections::gather(
             &pids,
+            Direction::Write,
             [(key(1, 10), state(SOCKET)), (key(2, 10), state(WRITE))],
             [],
         );
         assert_eq!(one_writes.verdict_for_all(&pids, false), Verdict::Keep);
         assert_eq!(one_writes.verdict_for_all(&pids, true), Verdict::Widen);
         // A process that has no connection yet (it just started) keeps the probe in.
-        let one_new = Connections::gather(&pids, [(key(1, 10), state(SOCKET))], []);
+        let one_new =
+            Connections::gather(&pids, Direction::Write, [(key(1, 10), state(SOCKET))], []);
         assert_eq!(one_new.verdict_for_all(&pids, false), Verdict::Keep);
         assert_eq!(
             Connections::default().verdict_for_all(&BTreeSet::new(), false),
             Verdict::Keep
         );
+    }
+
+    #[test]
+    fn each_direction_reads_its_own_sites() {
+        let pids: BTreeSet<u32> = [1].into();
+        // Sends through sendto, reads through read(): the write probe can go, the read one
+        // cannot.
+        let conn = ConnState {
+            peer: peer(6379),
+            write_sites: SOCKET,
+            read_sites: WRITE,
+            ..ConnState::default()
+        };
+        let entries = || [(ConnKey { tgid: 1, fd: 10 }, conn)];
+        let write = Connections::gather(&pids, Direction::Write, entries(), []);
+        let read = Connections::gather(&pids, Direction::Read, entries(), []);
+        assert_eq!(write.verdict_for_all(&pids, false), Verdict::Narrow);
+        assert_eq!(read.verdict_for_all(&pids, false), Verdict::Keep);
+        assert_eq!(read.verdict_for_all(&pids, true), Verdict::Widen);
     }
 
     #[test]
