@@ -853,11 +853,14 @@ fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
             if first()? != b'*' {
                 return None;
             }
-            // Re-synchronise: a write that starts a command starts a fresh stream.
-            let peer = state.peer;
+            // Re-synchronise: a write that starts a command starts a fresh stream. What it
+            // went through so far stays (the agent's narrowing must not forget a `write`).
+            let (peer, write_sites, read_sites) = (state.peer, state.write_sites, state.read_sites);
             let zero = ZERO_CONN.get(0)?;
             *state = *zero;
             state.peer = peer;
+            state.write_sites = write_sites;
+            state.read_sites = read_sites;
             state.kind = conn_kind::RESP;
         }
         return if state.kind == conn_kind::RESP {
@@ -1336,7 +1339,8 @@ pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
     // record's syscall number tells them apart (`io_site`): the agent detaches
     // sys_enter_write while every followed worker sends through sendto.
     let (fd, buf, len) = tp_args(&ctx);
-    let nr = unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(-1);
+    // An unreadable number counts as write(): the safe side, which keeps the probe.
+    let nr = unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_WRITE);
     let site = if nr == NR_WRITE {
         io_site::GENERIC
     } else {
@@ -1365,7 +1369,7 @@ pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
     // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...), told apart by the syscall
     // number as the writes are.
     let (fd, buf, arg2) = tp_args(&ctx);
-    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(-1) == NR_READ {
+    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
         io_site::GENERIC
     } else {
         io_site::SOCKET

@@ -29,11 +29,20 @@
 //! worker starts being followed, and stays at least [`SYSCALL_REST`] after that.
 //!
 //! Nothing that carries RESP loses its probe: the socket functions, close and connect keep
-//! theirs. What it can miss: what a new connection sends or reads through `write`/`read`
-//! before the agent's next look (about a second) puts the probe back, in a process whose
-//! earlier connections all used the socket functions (two client libraries of different
-//! kinds in one process). A process that widens [`MAX_WIDENINGS`] times (it keeps opening
-//! connections) keeps its `write` uprobe for good.
+//! theirs. Only TCP connections narrow (unix sockets, syslog's and nscd's included, all look
+//! alike); a server is matched whichever way it is reached (`::1`, an IPv4-mapped address)
+//! and remembered after its connections close. What it can miss: what a new connection to a
+//! server the process never talked to before, or one it opened while its probe was out,
+//! sends or reads through `write`/`read` before the agent's next look (about a second) puts
+//! the probe back, in a process whose earlier connections all used the socket functions (two
+//! client libraries of different kinds in one process). A process that widens
+//! [`MAX_WIDENINGS`] times (it keeps opening connections) keeps its `write` uprobe for good.
+//!
+//! Cost: the agent walks `CONNS` and `CONN_PEERS` at most once a second, and only when a
+//! decision is due: after a followed worker's connect() (the kernel counts them in
+//! `CONNECTS`), or while a worker is undecided (no connection told apart yet; looked at
+//! after 1, 2, 4 ... 32 s). Settled workers (probe out, or a connection through
+//! `write`/`read`) wait for their next connect().
 
 use std::collections::BTreeSet;
 
@@ -76,6 +85,11 @@ impl Schedule {
     pub fn reset(&mut self, now: std::time::Instant) {
         self.next = now;
         self.backoff = FIRST_BACKOFF;
+    }
+
+    /// Nothing to look at until something changes ([`Self::reset`] after a connect()).
+    pub fn park(&mut self) {
+        self.next = std::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
     }
 
     /// Nothing was decided: look again later, less often.
@@ -141,36 +155,99 @@ impl Connections {
         out
     }
 
-    /// [`verdict`] for process `pid`.
-    pub fn verdict(&self, pid: u32, narrowed: bool) -> Verdict {
+    /// [`verdict`] for process `pid`, which is known to have talked to the servers `known`.
+    pub fn verdict(&self, pid: u32, narrowed: bool, known: &BTreeSet<Server>) -> Verdict {
         let conns = self.conns.get(&pid).map(Vec::as_slice).unwrap_or_default();
         let sockets = self
             .sockets
             .get(&pid)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        verdict(narrowed, conns, sockets)
+        verdict(narrowed, conns, sockets, known)
+    }
+
+    /// The servers process `pid`'s followed connections talk to now.
+    pub fn servers(&self, pid: u32) -> impl Iterator<Item = Server> + '_ {
+        self.conns
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Server::of(&c.peer))
     }
 
     /// The verdict for a probe that serves every process of `pids` at once (a syscall
-    /// tracepoint): out only if each of them could do without it, back if
-    /// any of them needs it.
-    pub fn verdict_for_all(&self, pids: &BTreeSet<u32>, narrowed: bool) -> Verdict {
+    /// tracepoint): out only if each of them could do without it, back if any of them needs
+    /// it. `known` holds the servers each has talked to.
+    pub fn verdict_for_all(
+        &self,
+        pids: &BTreeSet<u32>,
+        narrowed: bool,
+        known: &std::collections::HashMap<u32, BTreeSet<Server>>,
+    ) -> Verdict {
+        let empty = BTreeSet::new();
         let verdicts: Vec<Verdict> = pids
             .iter()
-            .map(|pid| self.verdict(*pid, narrowed))
+            .map(|pid| self.verdict(*pid, narrowed, known.get(pid).unwrap_or(&empty)))
             .collect();
         if narrowed {
             if verdicts.contains(&Verdict::Widen) {
                 Verdict::Widen
             } else {
-                Verdict::Keep
+                Verdict::Settled
             }
         } else if !verdicts.is_empty() && verdicts.iter().all(|v| *v == Verdict::Narrow) {
             Verdict::Narrow
+        } else if verdicts.contains(&Verdict::Settled) {
+            Verdict::Settled
         } else {
             Verdict::Keep
         }
+    }
+}
+
+/// Most servers remembered per process (see [`verdict`]'s `known`).
+pub const MAX_KNOWN_SERVERS: usize = 64;
+
+/// A Redis server as a process reaches it over TCP: its port, and its address with an
+/// IPv4-mapped IPv6 address folded to IPv4 and every loopback address (127.0.0.0/8, ::1)
+/// folded to one, so that the same server reached two ways is one server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Server {
+    port: u16,
+    addr: [u8; 16],
+}
+
+impl Server {
+    /// `None` for a peer that is not TCP (unix sockets all look alike) or not known.
+    pub fn of(peer: &Peer) -> Option<Self> {
+        const LOOPBACK: [u8; 16] = [0xff; 16];
+        let v4 = |a: &[u8]| -> [u8; 16] {
+            if a[0] == 127 {
+                return LOOPBACK;
+            }
+            let mut out = [0; 16];
+            out[..4].copy_from_slice(&a[..4]);
+            out
+        };
+        let addr = match peer.family {
+            2 => v4(&peer.addr[..4]),
+            10 => {
+                let a = &peer.addr;
+                let mapped = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff;
+                if mapped {
+                    v4(&a[12..])
+                } else if std::net::Ipv6Addr::from(*a).is_loopback() {
+                    LOOPBACK
+                } else {
+                    *a
+                }
+            }
+            _ => return None,
+        };
+        Some(Self {
+            port: peer.port,
+            addr,
+        })
     }
 }
 
@@ -186,36 +263,51 @@ pub struct FollowedConn {
 /// What to do with a probe on `write` (or `read`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// Nothing decided yet (no connection, or one not told apart yet): look again later.
     Keep,
-    /// Take it out: the process's Redis connections write through the socket functions.
+    /// Nothing to do until the process connects again: its probe is out and nothing needs
+    /// it, or a connection of it goes through `write`/`read`.
+    Settled,
+    /// Take it out: the process's Redis connections go through the socket functions.
     Narrow,
     /// Put it back: a connection it cannot vouch for appeared.
     Widen,
 }
 
-/// What to do with the `write` (or `read`) probe of a process whose followed connections are `conns`
-/// and whose sockets (fd and peer, from `CONN_PEERS`) are `sockets`; `narrowed` says whether
-/// the probe is out now.
-pub fn verdict(narrowed: bool, conns: &[FollowedConn], sockets: &[(u32, Peer)]) -> Verdict {
-    let redis: BTreeSet<Peer> = conns.iter().map(|c| c.peer).collect();
+/// What to do with the `write` (or `read`) probe of a process whose followed connections are
+/// `conns`, whose sockets (fd and peer, from `CONN_PEERS`) are `sockets`, and which has
+/// talked to the servers `known` before (those of connections since closed included);
+/// `narrowed` says whether the probe is out now. Only TCP connections narrow: unix sockets
+/// (syslog, nscd) all look alike, so a Redis reached through one keeps its probes.
+pub fn verdict(
+    narrowed: bool,
+    conns: &[FollowedConn],
+    sockets: &[(u32, Peer)],
+    known: &BTreeSet<Server>,
+) -> Verdict {
+    let mut servers: BTreeSet<Server> = known.clone();
+    servers.extend(conns.iter().filter_map(|c| Server::of(&c.peer)));
     let followed: BTreeSet<u32> = conns.iter().map(|c| c.fd).collect();
-    // A socket to a Redis this process talks to that is not followed yet: a new connection
-    // (its first command is still to come, maybe through `write`/`read`).
-    let unvouched = sockets
-        .iter()
-        .any(|(fd, peer)| redis.contains(peer) && !followed.contains(fd));
+    // A socket to a Redis this process talks or talked to that is not followed yet: a new
+    // connection (its first command is still to come, maybe through `write`/`read`).
+    let unvouched = sockets.iter().any(|(fd, peer)| {
+        !followed.contains(fd) && Server::of(peer).is_some_and(|s| servers.contains(&s))
+    });
     let through_generic = conns.iter().any(|c| c.sites & io_site::GENERIC != 0);
     if narrowed {
         return if unvouched || through_generic {
             Verdict::Widen
         } else {
-            Verdict::Keep
+            Verdict::Settled
         };
+    }
+    if through_generic {
+        return Verdict::Settled;
     }
     let socket_only = !conns.is_empty()
         && conns
             .iter()
-            .all(|c| c.peer.family != 0 && c.sites == io_site::SOCKET);
+            .all(|c| Server::of(&c.peer).is_some() && c.sites == io_site::SOCKET);
     if socket_only && !unvouched {
         Verdict::Narrow
     } else {
@@ -243,6 +335,10 @@ mod tests {
         }
     }
 
+    fn none() -> BTreeSet<Server> {
+        BTreeSet::new()
+    }
+
     const SOCKET: u32 = io_site::SOCKET;
     /// `write()` or `read()`.
     const WRITE: u32 = io_site::GENERIC;
@@ -251,40 +347,46 @@ mod tests {
     fn socket_only_connections_narrow() {
         let conns = [conn(10, 6379, SOCKET), conn(11, 6379, SOCKET)];
         let sockets = [(10, peer(6379)), (11, peer(6379)), (12, peer(443))];
-        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+        assert_eq!(verdict(false, &conns, &sockets, &none()), Verdict::Narrow);
         // Once out, it stays out while nothing changes.
-        assert_eq!(verdict(true, &conns, &sockets), Verdict::Keep);
+        assert_eq!(verdict(true, &conns, &sockets, &none()), Verdict::Settled);
     }
 
     #[test]
     fn a_connection_through_write_keeps_the_probe() {
         let conns = [conn(10, 6379, SOCKET), conn(11, 6379, WRITE)];
-        assert_eq!(verdict(false, &conns, &[]), Verdict::Keep);
+        assert_eq!(verdict(false, &conns, &[], &none()), Verdict::Settled);
         let both = [conn(10, 6379, SOCKET | WRITE)];
-        assert_eq!(verdict(false, &both, &[]), Verdict::Keep);
-        assert_eq!(verdict(true, &both, &[]), Verdict::Widen);
+        assert_eq!(verdict(false, &both, &[], &none()), Verdict::Settled);
+        assert_eq!(verdict(true, &both, &[], &none()), Verdict::Widen);
     }
 
     #[test]
     fn nothing_known_yet_keeps_the_probe() {
         // No followed connection yet, one whose function is not told (followed through
         // the tracepoints before), or one whose peer is not known yet.
-        assert_eq!(verdict(false, &[], &[(10, peer(6379))]), Verdict::Keep);
-        assert_eq!(verdict(false, &[conn(10, 6379, 0)], &[]), Verdict::Keep);
+        assert_eq!(
+            verdict(false, &[], &[(10, peer(6379))], &none()),
+            Verdict::Keep
+        );
+        assert_eq!(
+            verdict(false, &[conn(10, 6379, 0)], &[], &none()),
+            Verdict::Keep
+        );
         let mut unknown_peer = conn(10, 6379, SOCKET);
         unknown_peer.peer = Peer::default();
-        assert_eq!(verdict(false, &[unknown_peer], &[]), Verdict::Keep);
+        assert_eq!(verdict(false, &[unknown_peer], &[], &none()), Verdict::Keep);
     }
 
     #[test]
     fn a_new_socket_to_the_same_redis_widens_or_waits() {
         let conns = [conn(10, 6379, SOCKET)];
         let sockets = [(10, peer(6379)), (14, peer(6379))];
-        assert_eq!(verdict(true, &conns, &sockets), Verdict::Widen);
-        assert_eq!(verdict(false, &conns, &sockets), Verdict::Keep);
+        assert_eq!(verdict(true, &conns, &sockets, &none()), Verdict::Widen);
+        assert_eq!(verdict(false, &conns, &sockets, &none()), Verdict::Keep);
         // Once it carried a command through send, the process narrows again.
         let conns = [conn(10, 6379, SOCKET), conn(14, 6379, SOCKET)];
-        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+        assert_eq!(verdict(false, &conns, &sockets, &none()), Verdict::Narrow);
     }
 
     #[test]
@@ -307,22 +409,37 @@ mod tests {
             [(key(1, 10), peer(6379)), (key(2, 10), peer(6379))],
         );
         // Process 3 is not in the set: its write() does not count.
-        assert_eq!(socket_only.verdict_for_all(&pids, false), Verdict::Narrow);
-        assert_eq!(socket_only.verdict_for_all(&pids, true), Verdict::Keep);
+        assert_eq!(
+            socket_only.verdict_for_all(&pids, false, &Default::default()),
+            Verdict::Narrow
+        );
+        assert_eq!(
+            socket_only.verdict_for_all(&pids, true, &Default::default()),
+            Verdict::Settled
+        );
         let one_writes = Connections::gather(
             &pids,
             Direction::Write,
             [(key(1, 10), state(SOCKET)), (key(2, 10), state(WRITE))],
             [],
         );
-        assert_eq!(one_writes.verdict_for_all(&pids, false), Verdict::Keep);
-        assert_eq!(one_writes.verdict_for_all(&pids, true), Verdict::Widen);
+        assert_eq!(
+            one_writes.verdict_for_all(&pids, false, &Default::default()),
+            Verdict::Settled
+        );
+        assert_eq!(
+            one_writes.verdict_for_all(&pids, true, &Default::default()),
+            Verdict::Widen
+        );
         // A process that has no connection yet (it just started) keeps the probe in.
         let one_new =
             Connections::gather(&pids, Direction::Write, [(key(1, 10), state(SOCKET))], []);
-        assert_eq!(one_new.verdict_for_all(&pids, false), Verdict::Keep);
         assert_eq!(
-            Connections::default().verdict_for_all(&BTreeSet::new(), false),
+            one_new.verdict_for_all(&pids, false, &Default::default()),
+            Verdict::Keep
+        );
+        assert_eq!(
+            Connections::default().verdict_for_all(&BTreeSet::new(), false, &Default::default()),
             Verdict::Keep
         );
     }
@@ -341,9 +458,18 @@ mod tests {
         let entries = || [(ConnKey { tgid: 1, fd: 10 }, conn)];
         let write = Connections::gather(&pids, Direction::Write, entries(), []);
         let read = Connections::gather(&pids, Direction::Read, entries(), []);
-        assert_eq!(write.verdict_for_all(&pids, false), Verdict::Narrow);
-        assert_eq!(read.verdict_for_all(&pids, false), Verdict::Keep);
-        assert_eq!(read.verdict_for_all(&pids, true), Verdict::Widen);
+        assert_eq!(
+            write.verdict_for_all(&pids, false, &Default::default()),
+            Verdict::Narrow
+        );
+        assert_eq!(
+            read.verdict_for_all(&pids, false, &Default::default()),
+            Verdict::Settled
+        );
+        assert_eq!(
+            read.verdict_for_all(&pids, true, &Default::default()),
+            Verdict::Widen
+        );
     }
 
     #[test]
@@ -366,10 +492,57 @@ mod tests {
     }
 
     #[test]
+    fn the_same_server_reached_another_way_or_known_before_widens() {
+        let conns = [conn(10, 6379, SOCKET)];
+        // ::1 and ::ffff:127.0.0.1 are the loopback server of 127.0.0.1:6379.
+        let v6 = |addr: [u8; 16]| Peer {
+            family: 10,
+            port: 6379,
+            addr,
+        };
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        for other in [v6(one), v6(mapped)] {
+            let sockets = [(10, peer(6379)), (15, other)];
+            assert_eq!(verdict(true, &conns, &sockets, &none()), Verdict::Widen);
+        }
+        // Every followed connection closed: a new socket to a server talked to before still
+        // brings the probe back.
+        let known: BTreeSet<Server> = Server::of(&peer(6379)).into_iter().collect();
+        assert_eq!(
+            verdict(true, &[], &[(16, peer(6379))], &known),
+            Verdict::Widen
+        );
+        assert_eq!(
+            verdict(true, &[], &[(16, peer(6379))], &none()),
+            Verdict::Settled
+        );
+    }
+
+    #[test]
+    fn unix_socket_connections_keep_their_probes() {
+        let unix = FollowedConn {
+            fd: 10,
+            peer: Peer {
+                family: 1,
+                port: 0,
+                addr: [0; 16],
+            },
+            sites: SOCKET,
+        };
+        assert_eq!(verdict(false, &[unix], &[], &none()), Verdict::Keep);
+        assert!(Server::of(&unix.peer).is_none());
+    }
+
+    #[test]
     fn sockets_to_other_servers_do_not_matter() {
         let conns = [conn(10, 6379, SOCKET)];
         let sockets = [(10, peer(6379)), (15, peer(5432)), (16, peer(443))];
-        assert_eq!(verdict(true, &conns, &sockets), Verdict::Keep);
-        assert_eq!(verdict(false, &conns, &sockets), Verdict::Narrow);
+        assert_eq!(verdict(true, &conns, &sockets, &none()), Verdict::Settled);
+        assert_eq!(verdict(false, &conns, &sockets, &none()), Verdict::Narrow);
     }
 }

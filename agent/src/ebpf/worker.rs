@@ -169,8 +169,12 @@ struct SyscallNarrowing {
     schedules: [narrowing::Schedule; 2],
     /// When each was last attached again after being detached.
     widened_at: [Option<std::time::Instant>; 2],
+    /// The thread detaching each, after it was taken out.
+    closing: [Option<std::thread::JoinHandle<()>>; 2],
     /// connect() counts of the workers followed through the tracepoints, as last seen.
     connects_seen: std::collections::HashMap<u32, Option<u64>>,
+    /// The servers each of them has talked to.
+    known: std::collections::HashMap<u32, std::collections::BTreeSet<narrowing::Server>>,
 }
 
 impl Default for SyscallNarrowing {
@@ -178,18 +182,21 @@ impl Default for SyscallNarrowing {
         Self {
             schedules: [narrowing::Schedule::now(), narrowing::Schedule::now()],
             widened_at: [None; 2],
+            closing: [None, None],
             connects_seen: Default::default(),
+            known: Default::default(),
         }
     }
 }
 
 /// Detaches tracepoint links. Detaching waits for RCU grace periods (about 1 s for all 14
-/// here): the links are taken out and dropped on a thread of their own, off the agent's loop.
+/// here): the links are taken out and dropped on a thread of their own, off the agent's loop,
+/// whose handle is returned.
 fn drop_tracepoint_links(
     ebpf: &mut Ebpf,
     links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
     what: &'static str,
-) {
+) -> Option<std::thread::JoinHandle<()>> {
     let owned: Vec<_> = links
         .into_iter()
         .filter_map(|(spec, link)| {
@@ -197,12 +204,8 @@ fn drop_tracepoint_links(
             <&mut TracePoint>::try_from(p).ok()?.take_link(link).ok()
         })
         .collect();
-    let spawned = std::thread::Builder::new()
-        .name("tracepoint-detach".into())
-        .spawn(move || drop(owned));
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, what, "cannot start a thread to detach tracepoints; they stay until the agent exits");
-    }
+    tracing::debug!(what, "detaching tracepoints");
+    close_on_own_thread("tracepoint-detach", move || drop(owned))
 }
 
 /// The program on `write`, `send` and `sendto`.
@@ -210,15 +213,59 @@ const WRITE_PROGRAM: &str = "worker_libc_write";
 
 /// A worker's probe on `write()` (see [`super::narrowing`]).
 struct WriteProbe {
-    libc: std::path::PathBuf,
+    /// The file the probe was put in, held open: putting it back goes through
+    /// `/proc/self/fd/N`, the file the worker maps even if its path now names another (a
+    /// libc upgraded since).
+    file: std::fs::File,
     offset: u64,
     /// `None` while it is out.
     link: Option<super::uprobe_multi::UprobeMultiLink>,
+    /// The thread closing the link taken out: the probe is not put back before it is done,
+    /// or `write()` would be followed twice for a moment.
+    closing: Option<std::thread::JoinHandle<()>>,
     /// Times it was put back after being taken out.
     widenings: u32,
     /// The worker's `CONNECTS` count when it was last looked at.
     connects_seen: Option<u64>,
     schedule: narrowing::Schedule,
+    /// The servers its followed connections have talked to (at most
+    /// [`narrowing::MAX_KNOWN_SERVERS`]).
+    known: std::collections::BTreeSet<narrowing::Server>,
+}
+
+impl WriteProbe {
+    fn path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
+    }
+}
+
+/// Runs `close` on a thread of its own (closing a link or a tracepoint waits for RCU grace
+/// periods); if no thread can be started, what it holds is closed here, as it is dropped.
+fn close_on_own_thread(
+    name: &str,
+    close: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.into()).spawn(close) {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread to detach probes; detached on the agent's loop");
+            None
+        }
+    }
+}
+
+/// Remembers the servers `pid`'s connections talk to now, up to the bound.
+fn remember_servers(
+    known: &mut std::collections::BTreeSet<narrowing::Server>,
+    now: impl Iterator<Item = narrowing::Server>,
+) {
+    for server in now {
+        if known.len() >= narrowing::MAX_KNOWN_SERVERS {
+            break;
+        }
+        known.insert(server);
+    }
 }
 
 /// Attaches the probe on `write` of one worker, with the cookie that names it.
@@ -562,8 +609,11 @@ impl WorkerMaps {
         if !self.links.is_empty() {
             // A worker starts being followed: its first commands may go through write() and
             // read().
-            for group in 0..SYSCALL_GROUPS.len() {
-                self.attach_syscall_group(ebpf, group)?;
+            for (index, group) in SYSCALL_GROUPS.iter().enumerate() {
+                if let Err(e) = self.attach_syscall_group(ebpf, index) {
+                    self.syscall_narrowing.schedules[index].reset(std::time::Instant::now());
+                    tracing::warn!(error = %e, "cannot attach {} again for a new worker: what it sends or reads through it is not seen until it is", group.name);
+                }
             }
             return Ok(());
         }
@@ -676,18 +726,24 @@ impl WorkerMaps {
                         }
                     }
                 }
-                if let (Some(link), Some(offset)) = (write_link, write_offset) {
-                    self.write_probes.insert(
-                        pid,
-                        WriteProbe {
-                            libc: libc.clone(),
-                            offset,
-                            link: Some(link),
-                            widenings: 0,
-                            connects_seen: None,
-                            schedule: narrowing::Schedule::now(),
-                        },
-                    );
+                match (write_link, write_offset, std::fs::File::open(&libc)) {
+                    (Some(link), Some(offset), Ok(file)) => {
+                        self.write_probes.insert(
+                            pid,
+                            WriteProbe {
+                                file,
+                                offset,
+                                link: Some(link),
+                                closing: None,
+                                widenings: 0,
+                                connects_seen: None,
+                                schedule: narrowing::Schedule::now(),
+                                known: Default::default(),
+                            },
+                        );
+                    }
+                    // Without the file to put it back into, the probe stays for good.
+                    (write_link, _, _) => links.extend(write_link),
                 }
                 WorkerLinks::Multi(links)
             }
@@ -867,7 +923,7 @@ impl WorkerMaps {
             return;
         }
         let links: Vec<_> = self.links.drain(..).collect();
-        drop_tracepoint_links(ebpf, links, "the syscall tracepoints");
+        let _ = drop_tracepoint_links(ebpf, links, "the syscall tracepoints");
         self.syscall_narrowing = SyscallNarrowing::default();
         tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
     }
@@ -961,22 +1017,33 @@ impl WorkerMaps {
             let Some(probe) = self.write_probes.get_mut(&pid) else {
                 continue;
             };
-            match connections.verdict(pid, probe.link.is_none()) {
+            remember_servers(&mut probe.known, connections.servers(pid));
+            match connections.verdict(pid, probe.link.is_none(), &probe.known) {
                 Verdict::Keep => probe.schedule.later(now),
+                Verdict::Settled => probe.schedule.park(),
                 Verdict::Narrow => {
                     let Some(link) = probe.link.take() else {
                         continue;
                     };
-                    super::uprobe_multi::detach_in_background(vec![link]);
+                    probe.schedule.park();
+                    probe.closing = close_on_own_thread("write-probe-detach", move || drop(link));
                     tracing::info!(pid, "worker write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes");
                 }
                 Verdict::Widen => {
                     probe.schedule.reset(now);
-                    let (libc, offset) = (probe.libc.clone(), probe.offset);
+                    // The link taken out must be gone first, or write() would be followed
+                    // twice; until then, the next tick looks again.
+                    if probe.closing.as_ref().is_some_and(|h| !h.is_finished()) {
+                        continue;
+                    }
+                    if let Some(handle) = probe.closing.take() {
+                        let _ = handle.join();
+                    }
+                    let (path, offset) = (probe.path(), probe.offset);
                     let Some(multi) = self.multi_programs() else {
                         continue;
                     };
-                    let attached = attach_write_probe(multi, &libc, offset, pid);
+                    let attached = attach_write_probe(multi, &path, offset, pid);
                     let Some(probe) = self.write_probes.get_mut(&pid) else {
                         continue;
                     };
@@ -1009,36 +1076,60 @@ impl WorkerMaps {
             .collect();
         if pids.is_empty() || self.links.is_empty() {
             self.syscall_narrowing.connects_seen.clear();
+            self.syscall_narrowing.known.clear();
             return;
         }
         let now = std::time::Instant::now();
         let mut seen_all = std::mem::take(&mut self.syscall_narrowing.connects_seen);
         seen_all.retain(|pid, _| pids.contains(pid));
+        self.syscall_narrowing
+            .known
+            .retain(|pid, _| pids.contains(pid));
         let mut connected = false;
         for pid in &pids {
             let seen = seen_all.entry(*pid).or_insert(None);
             connected |= self.connected(*pid, seen);
         }
         self.syscall_narrowing.connects_seen = seen_all;
-        for (index, group) in SYSCALL_GROUPS.iter().enumerate() {
+        let mut due = Vec::new();
+        for index in 0..SYSCALL_GROUPS.len() {
             if connected {
                 self.syscall_narrowing.schedules[index].reset(now);
             }
             let narrowed = !self.syscall_group_attached(index);
             let resting = self.syscall_narrowing.widened_at[index]
                 .is_some_and(|at| now.duration_since(at) < narrowing::SYSCALL_REST);
-            if !self.syscall_narrowing.schedules[index].due(now) || (!narrowed && resting) {
-                continue;
+            if self.syscall_narrowing.schedules[index].due(now) && (narrowed || !resting) {
+                due.push(index);
             }
-            let connections = self.gather_connections(&pids, group.direction);
-            match connections.verdict_for_all(&pids, narrowed) {
-                Verdict::Keep => self.syscall_narrowing.schedules[index].later(now),
+        }
+        if due.is_empty() {
+            return;
+        }
+        // One walk of the maps for both directions.
+        let by_direction = [Direction::Write, Direction::Read]
+            .map(|direction| self.gather_connections(&pids, direction));
+        for pid in &pids {
+            let known = self.syscall_narrowing.known.entry(*pid).or_default();
+            remember_servers(known, by_direction[0].servers(*pid));
+        }
+        for index in due {
+            let group = &SYSCALL_GROUPS[index];
+            let connections = &by_direction[group.direction as usize];
+            let narrowed = !self.syscall_group_attached(index);
+            let verdict =
+                connections.verdict_for_all(&pids, narrowed, &self.syscall_narrowing.known);
+            let schedule = &mut self.syscall_narrowing.schedules[index];
+            match verdict {
+                Verdict::Keep => schedule.later(now),
+                Verdict::Settled => schedule.park(),
                 Verdict::Narrow => {
+                    schedule.park();
                     self.detach_syscall_group(ebpf, index);
                     tracing::info!(workers = pids.len(), "{} detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it", group.name);
                 }
                 Verdict::Widen => {
-                    self.syscall_narrowing.schedules[index].reset(now);
+                    schedule.reset(now);
                     match self.attach_syscall_group(ebpf, index) {
                         Ok(()) => tracing::info!("{} attached again: a worker's new connection to its Redis may go through it", group.name),
                         Err(e) => tracing::warn!(error = %e, "cannot attach {} again: what workers' connections send or read through it is not seen", group.name),
@@ -1055,16 +1146,32 @@ impl WorkerMaps {
             .all(|want| self.links.iter().any(|(spec, _)| spec.name == want.name))
     }
 
+    /// Attaches the group's tracepoints that are not attached, all or none. Waits for the
+    /// group's last detach to finish first (rare: a worker that starts within a second of
+    /// it), or a tracepoint would run twice for a moment.
     fn attach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) -> Result<(), ProbeError> {
         if self.syscall_group_attached(index) {
             return Ok(());
         }
+        if let Some(handle) = self.syscall_narrowing.closing[index].take() {
+            let _ = handle.join();
+        }
+        let mut attached = Vec::new();
         for spec in SYSCALL_GROUPS[index].specs {
-            if !self.links.iter().any(|(s, _)| s.name == spec.name) {
-                let link = attach_tracepoint(ebpf, spec)?;
-                self.links.push((spec, link));
+            if self.links.iter().any(|(s, _)| s.name == spec.name) {
+                continue;
+            }
+            match attach_tracepoint(ebpf, spec) {
+                Ok(link) => attached.push((spec, link)),
+                Err(e) => {
+                    // Half a group would leave every read() paying sys_enter_read for a
+                    // read nobody finishes.
+                    let _ = drop_tracepoint_links(ebpf, attached, SYSCALL_GROUPS[index].name);
+                    return Err(e);
+                }
             }
         }
+        self.links.extend(attached);
         self.syscall_narrowing.widened_at[index] = Some(std::time::Instant::now());
         Ok(())
     }
@@ -1076,7 +1183,7 @@ impl WorkerMaps {
             .drain(..)
             .partition(|(spec, _)| group.specs.iter().any(|g| g.name == spec.name));
         self.links = rest;
-        drop_tracepoint_links(ebpf, out, group.name);
+        self.syscall_narrowing.closing[index] = drop_tracepoint_links(ebpf, out, group.name);
     }
 
     /// Followed workers whose calls of `call` ("write" or "read") are not probed, by how they
