@@ -213,9 +213,9 @@ const WRITE_PROGRAM: &str = "worker_libc_write";
 
 /// A worker's probe on `write()` (see [`super::narrowing`]).
 struct WriteProbe {
-    /// The file the probe was put in, held open: putting it back goes through
-    /// `/proc/self/fd/N`, the file the worker maps even if its path now names another (a
-    /// libc upgraded since).
+    /// The file the probe is put in, held open from before its first attach: attaching and
+    /// putting it back go through `/proc/self/fd/N` ([`fd_path`]), the same file whatever
+    /// its path names later (a libc upgraded since).
     file: std::fs::File,
     offset: u64,
     /// `None` while it is out.
@@ -233,11 +233,11 @@ struct WriteProbe {
     known: std::collections::BTreeSet<narrowing::Server>,
 }
 
-impl WriteProbe {
-    fn path(&self) -> std::path::PathBuf {
-        use std::os::fd::AsRawFd;
-        format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
-    }
+/// The path of an open file through the agent's own descriptor: it names that file even if
+/// its original path now names another.
+fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    format!("/proc/self/fd/{}", file.as_raw_fd()).into()
 }
 
 /// Runs `close` on a thread of its own (closing a link or a tracepoint waits for RCU grace
@@ -674,6 +674,10 @@ impl WorkerMaps {
             });
         }
         let write_offset = offsets.get("write").copied();
+        // The file the probes go into, held open: the `write` probe is attached through it,
+        // now and when it is put back (see `WriteProbe::file`). Without it, `write` stays.
+        let held = std::fs::File::open(&libc).ok();
+        let write_path = held.as_ref().map_or_else(|| libc.clone(), fd_path);
         let links = match self.multi_programs() {
             Some(multi) => {
                 let mut links = Vec::new();
@@ -689,31 +693,32 @@ impl WorkerMaps {
                             .filter(|o| Some(*o) != write_offset)
                             .collect();
                         let cookies = vec![io_site::SOCKET as u64; sockets.len()];
-                        let write = write_offset
-                            .map(|offset| attach_write_probe(multi, &libc, offset, pid))
-                            .transpose();
-                        match write {
-                            Ok(link) => {
+                        write_offset
+                            .map(|offset| attach_write_probe(multi, &write_path, offset, pid))
+                            .transpose()
+                            .and_then(|link| {
                                 write_link = link;
                                 if sockets.is_empty() {
-                                    continue;
+                                    return Ok(None);
                                 }
-                                multi.attach_with_cookies(
-                                    program,
-                                    &libc,
-                                    &sockets,
-                                    Some(&cookies),
-                                    Some(pid),
-                                    retprobe,
-                                )
-                            }
-                            Err(e) => Err(e),
-                        }
+                                multi
+                                    .attach_with_cookies(
+                                        program,
+                                        &libc,
+                                        &sockets,
+                                        Some(&cookies),
+                                        Some(pid),
+                                        retprobe,
+                                    )
+                                    .map(Some)
+                            })
                     } else {
-                        multi.attach(program, &libc, offsets, Some(pid), retprobe)
+                        multi
+                            .attach(program, &libc, offsets, Some(pid), retprobe)
+                            .map(Some)
                     };
                     match attached {
-                        Ok(link) => links.push(link),
+                        Ok(link) => links.extend(link),
                         Err(e) => {
                             links.extend(write_link);
                             super::uprobe_multi::detach_in_background(links);
@@ -726,8 +731,8 @@ impl WorkerMaps {
                         }
                     }
                 }
-                match (write_link, write_offset, std::fs::File::open(&libc)) {
-                    (Some(link), Some(offset), Ok(file)) => {
+                match (write_link, write_offset, held) {
+                    (Some(link), Some(offset), Some(file)) => {
                         self.write_probes.insert(
                             pid,
                             WriteProbe {
@@ -1039,7 +1044,7 @@ impl WorkerMaps {
                     if let Some(handle) = probe.closing.take() {
                         let _ = handle.join();
                     }
-                    let (path, offset) = (probe.path(), probe.offset);
+                    let (path, offset) = (fd_path(&probe.file), probe.offset);
                     let Some(multi) = self.multi_programs() else {
                         continue;
                     };
