@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{free_port, http_get, wait_for, Agent, Redis, RedisBuild, Sidekiq};
+use integration_tests::{free_port, http_get, Agent, Redis, RedisBuild, Sidekiq};
 
 use crate::agent_log;
 use collector::{Collector, Mood};
@@ -211,51 +211,25 @@ fn kernel_settles(before: (u64, u64, u64)) -> (u64, u64, u64) {
     }
 }
 
+/// The tests' Prometheus, scraping the agent through file-based discovery: its target is
+/// written when the agent runs, and the file is rewritten when the agent's port changes.
 struct Prometheus {
-    _proc: integration_tests::Proc,
-    port: u16,
+    server: integration_tests::prometheus::Prometheus,
     targets: std::path::PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
     fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let targets = dir.path().join("targets.json");
-        std::fs::write(&targets, "[]")?;
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: fanout\n    file_sd_configs:\n      - files: [\"{}\"]\n        refresh_interval: 1s\n",
-            targets.display()
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config)?;
-        let port = free_port();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("prometheus (Debian package prometheus)")?;
-        let prometheus = Prometheus {
-            _proc: integration_tests::Proc {
-                child,
-                name: "prometheus".into(),
-            },
-            port,
-            targets,
-            _dir: dir,
-        };
-        wait_for("Prometheus to be ready", Duration::from_secs(30), || {
-            (http_get(port, "/-/ready").ok()?.0 == 200).then_some(())
+        let mut targets = std::path::PathBuf::new();
+        let server = integration_tests::prometheus::Prometheus::start(|dir| {
+            targets = dir.join("targets.json");
+            std::fs::write(&targets, "[]").expect("write Prometheus's target file");
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: fanout\n    file_sd_configs:\n      - files: [\"{}\"]\n        refresh_interval: 1s\n",
+                targets.display()
+            )
         });
-        Ok(prometheus)
+        Ok(Prometheus { server, targets })
     }
 
     fn scrape(&self, agent_port: u16) -> Result<()> {
@@ -279,7 +253,8 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let (status, body) = http_get(self.port, &format!("/api/v1/query?query={encoded}")).ok()?;
+        let (status, body) =
+            http_get(self.server.port, &format!("/api/v1/query?query={encoded}")).ok()?;
         if status != 200 {
             return None;
         }
