@@ -184,13 +184,24 @@ pub fn sidekiq_run(
     let redis = Redis::start(&[]);
     let agent = agent_args.map(|args| Agent::start_binary(bin, args, &[]));
     let sidekiq = Sidekiq::start(redis.port, &["bench"], 10);
+    // An agent told not to follow traffic only tracks the fleet (its scheduler programs).
+    let follows_traffic = !agent_args.is_some_and(|args| args.contains(&"--no-worker-probes"));
     let followed_via = agent.as_ref().map(|a| {
         let pid = sidekiq.pid();
         let limit = Instant::now() + Duration::from_secs(20);
         loop {
-            let via = agent_log::followed_via(&a.log(), pid);
+            let log = a.log();
+            let via = agent_log::followed_via(&log, pid);
             if via != "unknown" || Instant::now() > limit {
                 break via.to_string();
+            }
+            if !follows_traffic
+                && agent_log::parse(&log)
+                    .pids
+                    .get(&pid)
+                    .is_some_and(|e| e.tracked.is_some())
+            {
+                break "not followed (tracked only)".to_string();
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -75,13 +75,21 @@ pub enum SidekiqVariant {
     DefaultNoRedis,
     /// `--worker-probe-mode syscalls` beside a tracked Redis (the old default).
     SyscallsBesideRedis,
+    /// `--no-worker-probes` beside a tracked Redis: the fleet's threads are tracked by the
+    /// scheduler programs, its traffic is not followed. Splits the default's cost in two.
+    SchedOnlyBesideRedis,
 }
 
-pub const SIDEKIQ_VARIANTS: [SidekiqVariant; 4] = [
+/// Jobs per Sidekiq drain in a full run: about 3 s at this machine's pace. Shorter drains
+/// (10000 jobs, 1.5 s) gave ratios that moved by 0.09 between runs of the same code.
+const SIDEKIQ_JOBS: u64 = 20000;
+
+pub const SIDEKIQ_VARIANTS: [SidekiqVariant; 5] = [
     SidekiqVariant::Without,
     SidekiqVariant::DefaultBesideRedis,
     SidekiqVariant::DefaultNoRedis,
     SidekiqVariant::SyscallsBesideRedis,
+    SidekiqVariant::SchedOnlyBesideRedis,
 ];
 
 impl SidekiqVariant {
@@ -91,6 +99,7 @@ impl SidekiqVariant {
             Self::DefaultBesideRedis => Some(&[]),
             Self::DefaultNoRedis => Some(&["--redis-exclude", NO_REDIS_EXCLUDE]),
             Self::SyscallsBesideRedis => Some(&["--worker-probe-mode", "syscalls"]),
+            Self::SchedOnlyBesideRedis => Some(&["--no-worker-probes"]),
         }
     }
 }
@@ -317,9 +326,14 @@ pub fn run_blocking_only(quick: bool) -> Result<()> {
     let bin = prepare()?;
     let (rounds, seconds) = if quick { (2, 3.0) } else { (5, 6.0) };
     let fanouts = [1usize, 440];
-    let samples = blocking_rounds(&bin, rounds, &fanouts, (50, 1000), seconds, &|what: &str| {
-        eprintln!("[bench] {what}")
-    })?;
+    let samples = blocking_rounds(
+        &bin,
+        rounds,
+        &fanouts,
+        (50, 1000),
+        seconds,
+        &|what: &str| eprintln!("[bench] {what}"),
+    )?;
     for keys in fanouts {
         let cpu = |with: bool| -> Vec<f64> {
             samples
@@ -342,7 +356,7 @@ pub fn run_blocking_only(quick: bool) -> Result<()> {
 /// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
 pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     let bin = prepare()?;
-    let (rounds, jobs) = if quick { (2, 3000) } else { (5, 10000) };
+    let (rounds, jobs) = if quick { (2, 3000) } else { (5, SIDEKIQ_JOBS) };
     let (runs, stats) = sidekiq_section(&bin, rounds, jobs, &|what: &str| {
         eprintln!("[bench] {what}")
     })?;
@@ -534,7 +548,7 @@ pub fn run(quick: bool) -> Result<()> {
     log("blocking, bpf_stats");
 
     // 3. A real Sidekiq fleet draining no-op jobs.
-    let jobs = if quick { 3000 } else { 10000 };
+    let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
     let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.

@@ -337,15 +337,16 @@ pub fn write(r: &Results) -> Result<()> {
         .map(|i| paired_ratio(&jps(i), &without))
         .collect();
     let index = |v: SidekiqVariant| SIDEKIQ_VARIANTS.iter().position(|x| *x == v).unwrap();
-    let (with_redis, no_redis, syscalls) = (
+    let (with_redis, no_redis, syscalls, sched_only) = (
         index(SidekiqVariant::DefaultBesideRedis),
         index(SidekiqVariant::DefaultNoRedis),
         index(SidekiqVariant::SyscallsBesideRedis),
+        index(SidekiqVariant::SchedOnlyBesideRedis),
     );
-    let _ = writeln!(md, "| without agent (jobs/s) | with agent, default mode (`auto`), node with Redis: uprobes (jobs/s) | ratio | with agent, default mode, node without Redis: tracepoints (jobs/s) | ratio | with agent, `--worker-probe-mode syscalls`, node with Redis (jobs/s) | ratio | target |\n|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| without agent (jobs/s) | with agent, default mode (`auto`), node with Redis: uprobes (jobs/s) | ratio | with agent, default mode, node without Redis: tracepoints (jobs/s) | ratio | with agent, `--worker-probe-mode syscalls`, node with Redis (jobs/s) | ratio | with agent, `--no-worker-probes`, node with Redis: threads tracked, traffic not followed (jobs/s) | ratio | target |\n|---|---|---|---|---|---|---|---|---|---|");
     let _ = writeln!(
         md,
-        "| {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | node with Redis >= 0.95: {}; node without Redis >= 0.97: {} |\n",
+        "| {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {:.3} | node with Redis >= 0.95: {}; node without Redis >= 0.97: {} |\n",
         cell(&without),
         cell(&jps(with_redis)),
         ratios[with_redis],
@@ -353,8 +354,26 @@ pub fn write(r: &Results) -> Result<()> {
         ratios[no_redis],
         cell(&jps(syscalls)),
         ratios[syscalls],
+        cell(&jps(sched_only)),
+        ratios[sched_only],
         verdict(ratios[with_redis] >= 0.95),
         verdict(ratios[no_redis] >= 0.97),
+    );
+    let cpu_share = |i: usize| {
+        median(
+            &r.sidekiq[i]
+                .iter()
+                .map(|s| s.agent_cpu_share)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let _ = writeln!(
+        md,
+        "The agent's own CPU during the drains (median, share of one core, from its threads' schedstat): default mode, node with Redis {:.3}; node without Redis {:.3}; `syscalls` mode {:.3}; `--no-worker-probes` {:.3}. The `--no-worker-probes` column isolates what tracking the fleet's threads costs (the scheduler programs, on each of its context switches and wakeups); the default columns add following its traffic.\n",
+        cpu_share(with_redis),
+        cpu_share(no_redis),
+        cpu_share(syscalls),
+        cpu_share(sched_only),
     );
     targets.push((
         "2. Sidekiq no-op jobs, default mode, node without Redis: ratio >= 0.97".into(),
@@ -371,6 +390,7 @@ pub fn write(r: &Results) -> Result<()> {
         SidekiqVariant::DefaultBesideRedis => "default mode, node with Redis",
         SidekiqVariant::DefaultNoRedis => "default mode, node without Redis",
         SidekiqVariant::SyscallsBesideRedis => "`syscalls` mode, node with Redis",
+        SidekiqVariant::SchedOnlyBesideRedis => "`--no-worker-probes`, node with Redis",
     };
     let via: Vec<String> = SIDEKIQ_VARIANTS[1..]
         .iter()
@@ -425,7 +445,10 @@ pub fn write(r: &Results) -> Result<()> {
         let Some(s) = &run.stats else { continue };
         let per_job = s.ns_per_op_of("worker_") / 1e3;
         let per_command = per_job / run.commands_per_job;
-        let judged = *v != SidekiqVariant::SyscallsBesideRedis;
+        let judged = matches!(
+            v,
+            SidekiqVariant::DefaultBesideRedis | SidekiqVariant::DefaultNoRedis
+        );
         let (t_job, t_cmd) = if judged {
             per_job_targets.push((variant_label(*v), per_job, per_command));
             (
