@@ -1184,6 +1184,12 @@ fn handle_read_exit(ret: i64, via: u32) {
     let Some(conn) = CONNS.get_ptr_mut(&key) else {
         return;
     };
+    complete_read(conn, tgid, pending, ret as u64);
+}
+
+/// A read of `pending.buf` on connection `conn` (`pending.fd`) returned `ret` bytes.
+#[inline(always)]
+fn complete_read(conn: *mut ConnState, tgid: u32, pending: PendingRead, ret: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     if ret == 0 {
         // EOF: the server closed the connection.
@@ -1197,7 +1203,7 @@ fn handle_read_exit(ret: i64, via: u32) {
         );
         return;
     }
-    let total = ret as u64;
+    let total = ret;
     if pending.iovcnt == 0 {
         if quick_pop_reply(
             unsafe { &mut *conn },
@@ -1458,6 +1464,42 @@ pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
     handle_read_enter(fd, buf, arg2, 2, via::LIBC, 0);
+    0
+}
+
+/// Where `read`, `recv` or `recvfrom` has returned from its system call (the branch that
+/// tests the result, found by the agent in the C library's code): `rax` is the result, and
+/// the arguments are still in their registers. One probe per read in place of an entry
+/// probe, a return probe and the `PENDING_READS` entry that carries the buffer between them.
+#[uprobe]
+pub fn worker_libc_read_done(ctx: ProbeContext) -> u32 {
+    let regs = unsafe { &*ctx.regs };
+    let (fd, buf, ret) = (regs.rdi, regs.rsi, regs.rax as i64);
+    if ret < 0 {
+        // EAGAIN on a non-blocking socket, EINTR: nothing arrived, and nothing to look up.
+        return 0;
+    }
+    let Some((tgid, _)) = worker_tgid(via::LIBC) else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let conn = match CONNS.get_ptr_mut(&key) {
+        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => conn,
+        _ => return 0,
+    };
+    complete_read(
+        conn,
+        tgid,
+        PendingRead {
+            buf,
+            fd: fd as u32,
+            iovcnt: 0,
+        },
+        ret as u64,
+    );
     0
 }
 

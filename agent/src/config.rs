@@ -407,7 +407,8 @@ mod tests {
             otlp.compression,
             crate::export::otlp_config::OtlpCompression::None
         );
-        let file = parse("[otlp]\nendpoint = \"https://c:4318\"\ncompression = \"brotli\"").unwrap();
+        let file =
+            parse("[otlp]\nendpoint = \"https://c:4318\"\ncompression = \"brotli\"").unwrap();
         assert!(Config::resolve(&RunArgs::default(), file, &no_env).is_err());
     }
 

@@ -17,6 +17,15 @@
 //!
 //! The decoder below knows a deliberately small set of instructions. Anything else ends the
 //! search and the probe stays at the function's entry (slower, never wrong).
+//!
+//! A read's data is there only when the call returns. A return probe costs a trap at the
+//! entry (which also rewrites the return address on the stack) and a second one at the
+//! return, plus a map entry carrying the buffer from one to the other. glibc's wrappers
+//! (`read`, `recv`, `recvfrom`) return through `syscall; cmp $-4096,%rax; ja <error>`, once
+//! per path (single-threaded and cancellable): at that `ja`, an emulated instruction, `rax`
+//! holds the result and `rdi`/`rsi`/`rdx` still hold the arguments (the kernel preserves
+//! them across `syscall`). [`syscall_exit_sites`] finds those branches; one probe there
+//! replaces the entry probe, the return probe and the map.
 
 use std::collections::BTreeMap;
 
@@ -78,9 +87,12 @@ pub fn find(code: &[u8]) -> ProbeSite {
 }
 
 /// Where to probe one function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FunctionSites {
     pub entry: ProbeSite,
+    /// Where each of the function's system calls has returned (bytes from its start), if
+    /// every one of them can be probed there (see [`syscall_exit_sites`]).
+    pub syscall_exits: Option<Vec<u64>>,
     /// The body of a function the compiler split (GCC's partial inlining, `foo.part.0`): the
     /// exported symbol is a short wrapper that tests a condition and tail-jumps into the body,
     /// while callers in the same file test the condition themselves and call the body directly,
@@ -123,6 +135,7 @@ pub fn sites_in(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, Fun
                 name.to_string(),
                 FunctionSites {
                     entry: ProbeSite::ENTRY,
+                    syscall_exits: None,
                     split_body: None,
                 },
             );
@@ -147,9 +160,91 @@ pub fn sites_in(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, Fun
                     code_at(&section, body, PROLOGUE_BYTES as u64).map_or(ProbeSite::ENTRY, find);
                 Some(SplitBody { file_offset, site })
             });
-        sites.insert(name.to_string(), FunctionSites { entry, split_body });
+        let syscall_exits = (size > 0 && size <= MAX_SYSCALL_WRAPPER_BYTES)
+            .then(|| code_at(&section, symbol.address(), size))
+            .flatten()
+            .and_then(syscall_exit_sites);
+        sites.insert(
+            name.to_string(),
+            FunctionSites {
+                entry,
+                syscall_exits,
+                split_body,
+            },
+        );
     }
     sites
+}
+
+/// Functions longer than this are not swept for system calls: glibc's wrappers are 0xd0-0xf0
+/// bytes.
+const MAX_SYSCALL_WRAPPER_BYTES: u64 = 512;
+
+/// Where each `syscall` in `code` (a whole function) has returned: the offset of the
+/// conditional branch that tests its result, when only flag-setting comparisons lie between
+/// (so `rax` is the result and `rdi`, `rsi`, `rdx` are the arguments there), the branch is
+/// one the kernel emulates, and no jump in the function lands between the `syscall` and it
+/// (so the probe fires exactly once per call, right after it). `None` when the function has
+/// no `syscall`, when any of them does not return that way (that function keeps its entry
+/// and return probes), or when the sweep meets bytes it cannot decode.
+pub fn syscall_exit_sites(code: &[u8]) -> Option<Vec<u64>> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic};
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut instructions = Vec::new();
+    while decoder.can_decode() {
+        let instruction = decoder.decode();
+        if instruction.is_invalid() {
+            return None;
+        }
+        instructions.push(instruction);
+    }
+    // Targets of jumps within the function: none may land on a probed branch or between it
+    // and its `syscall`.
+    let targets: Vec<u64> = instructions
+        .iter()
+        .filter(|i| {
+            matches!(
+                i.flow_control(),
+                FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
+            )
+        })
+        .map(|i| i.near_branch_target())
+        .collect();
+    let mut sites = Vec::new();
+    for (index, syscall) in instructions.iter().enumerate() {
+        if syscall.mnemonic() != Mnemonic::Syscall {
+            continue;
+        }
+        let mut site = None;
+        for next in instructions.iter().skip(index + 1).take(3) {
+            match next.mnemonic() {
+                Mnemonic::Cmp | Mnemonic::Test => continue,
+                _ => {
+                    let at = next.ip() as usize;
+                    let bytes = &code[at..at + next.len()];
+                    // jcc rel8 or jcc rel32, without prefixes: what x86 uprobes emulate.
+                    let emulated_jcc = matches!(bytes, [0x70..=0x7f, _])
+                        || matches!(bytes, [0x0f, 0x80..=0x8f, _, _, _, _]);
+                    if emulated_jcc {
+                        site = Some(next.ip());
+                    }
+                    break;
+                }
+            }
+        }
+        let site = site?;
+        if targets
+            .iter()
+            .any(|t| *t >= syscall.next_ip() && *t <= site)
+        {
+            return None;
+        }
+        sites.push(site);
+    }
+    (!sites.is_empty()).then_some(sites)
 }
 
 /// The target, relative to the function's start, of a jump out of `code` (the whole of a
@@ -394,6 +489,81 @@ mod tests {
         assert_eq!(find(&[0x0f]), ProbeSite::ENTRY);
         assert_eq!(find(&[0x41]), ProbeSite::ENTRY);
         assert_eq!(find(&[0x8b, 0x04]), ProbeSite::ENTRY);
+    }
+
+    /// glibc 2.36's `recvfrom` (Debian 12), whole: both paths end in syscall; cmp; ja.
+    const RECVFROM: &str =
+        "803d010c0d00004189ca7414b82d0000000f05483d00f0ffff7775c30f1f4000554883ec304c894c24284c89\
+        44242048895424104889742408893c24894c241ce80baef7ff4c8b4c24284c8b44242089c5448b54241c8b3c\
+        24b82d000000488b542410488b7424080f05483d00f0ffff773689ef48890424e853aef7ff488b04244883c4\
+        305dc3660f1f840000000000488b1579830c00f7d864890248c7c0ffffffffc30f1f4000488b1561830c00f7\
+        d864890248c7c0ffffffffebb5";
+
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn glibc_read_wrappers_are_probed_where_each_syscall_returned() {
+        let code = hex(RECVFROM);
+        // The `ja` after each `syscall`: 0x19 (single-threaded path), 0x70 (cancellable).
+        assert_eq!(syscall_exit_sites(&code), Some(vec![0x19, 0x70]));
+        // The entry site is unchanged: the first `je`.
+        assert_eq!(find(&code[..PROLOGUE_BYTES]), site(10));
+    }
+
+    #[test]
+    fn a_syscall_whose_result_is_moved_first_keeps_the_return_probe() {
+        // syscall; mov %rax,%rbx; cmp $-4096,%rax; ja
+        let code = hex("b800000000 0f05 4889c3 483d00f0ffff 7701 c3 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+        // No syscall at all (a wrapper that calls the real function).
+        assert_eq!(syscall_exit_sites(&hex("e800000000 c3")), None);
+        // One good path and one bad: the whole function keeps its return probe.
+        let code = hex("0f05 483d00f0ffff 7708 0f05 4889c3 7702 c3 c3 c3 c3 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+    }
+
+    #[test]
+    fn a_jump_into_the_window_keeps_the_return_probe() {
+        // 0: jmp to 4 (the cmp after the syscall); 2: syscall; 4: cmp; 10: ja; 12: ret
+        let code = hex("eb02 0f05 483d00f0ffff 7700 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+        // A jump to the syscall itself is fine: the probe still follows a fresh return.
+        let code = hex("eb00 0f05 483d00f0ffff 7700 c3");
+        assert_eq!(syscall_exit_sites(&code), Some(vec![10]));
+    }
+
+    #[test]
+    fn cut_or_garbled_functions_have_no_exit_sites() {
+        let code = hex(RECVFROM);
+        for len in 0..code.len() {
+            if let Some(sites) = syscall_exit_sites(&code[..len]) {
+                assert!(sites.iter().all(|s| (*s as usize) < len), "cut at {len}");
+            }
+        }
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        for _ in 0..5_000 {
+            let mut code = [0u8; 48];
+            for b in &mut code {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = seed as u8;
+            }
+            code[20] = 0x0f;
+            code[21] = 0x05;
+            if let Some(sites) = syscall_exit_sites(&code) {
+                for site in sites {
+                    let at = site as usize;
+                    assert!(matches!(code[at], 0x70..=0x7f | 0x0f), "{code:02x?}");
+                }
+            }
+        }
     }
 
     #[test]

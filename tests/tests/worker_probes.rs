@@ -560,6 +560,47 @@ fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
         fleet.pid()
     );
     assert_eq!(s.sum("worker_queues_listened", &g), 3.0);
+    // Those replies were read where recvfrom's system call returned: Debian's glibc returns
+    // through `syscall; cmp; ja` on both of its paths, so the probes are on those two `ja`s
+    // (an int3 in the fleet's memory), and none is at the function's entry site.
+    let libc = mapped_libc(fleet.pid());
+    let sites = fanout::ebpf::uprobe_multi::resolve_probe_sites(&libc, &["recvfrom"]).unwrap();
+    let exits = &sites.syscall_exits["recvfrom"];
+    assert_eq!(exits.len(), 2, "{exits:x?}");
+    for exit in exits {
+        assert_eq!(
+            integration_tests::mapped_byte(fleet.pid(), &libc, *exit),
+            0xcc,
+            "probe at {exit:#x}"
+        );
+    }
+    assert_ne!(
+        integration_tests::mapped_byte(fleet.pid(), &libc, sites.entries["recvfrom"]),
+        0xcc,
+        "no entry probe on recvfrom"
+    );
+    assert!(
+        agent
+            .log()
+            .contains(r#"reads_probed_where_they_returned=["read", "recv", "recvfrom"]"#),
+        "{}",
+        agent.log()
+    );
+}
+
+/// The libc.so the process `pid` maps.
+fn mapped_libc(pid: u32) -> std::path::PathBuf {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            p.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("libc.so"))
+        })
+        .map(std::path::PathBuf::from)
+        .expect("libc mapped")
 }
 
 /// A worker with no libc.so (statically linked, as Go binaries are) doing 3 BRPOPs that time
@@ -915,17 +956,7 @@ fn narrow_client_checks(mode: &str) {
     // With uprobes: the byte at write()'s probe site in the worker's memory (an int3 while
     // the probe is in).
     let write_site = || {
-        let libc = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
-            .find(|p| {
-                p.rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.starts_with("libc.so"))
-            })
-            .map(std::path::PathBuf::from)
-            .expect("libc mapped");
+        let libc = mapped_libc(pid);
         let offsets =
             fanout::ebpf::uprobe_multi::resolve_probe_site_offsets(&libc, &["write"]).unwrap();
         integration_tests::mapped_byte(pid, &libc, offsets["write"])

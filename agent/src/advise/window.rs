@@ -332,13 +332,18 @@ mod tests {
         assert_eq!(g.queues, vec!["queue:a", "queue:b", "queue:c"]);
 
         // 40 s back from 80 s is 40 s: the newest reading at or before it is the one at 10 s.
-        let w = h.observation(Some(Duration::from_secs(40)), true, &names).unwrap();
+        let w = h
+            .observation(Some(Duration::from_secs(40)), true, &names)
+            .unwrap();
         assert!(!w.since_start);
         assert_eq!(w.window_seconds, 70.0);
         let g = &w.servers[0].groups[0];
         assert_eq!((g.pops, g.served, g.timeouts), (400, 140, 260));
         assert_eq!(g.served_by_queue["queue:a"], 140);
-        assert!(!g.served_by_queue.contains_key("queue:b"), "no new serve of b");
+        assert!(
+            !g.served_by_queue.contains_key("queue:b"),
+            "no new serve of b"
+        );
         let r = w.servers[0].redis.as_ref().unwrap();
         assert!((r.main_thread_cpu_seconds - 4.0).abs() < 1e-9);
         assert_eq!(r.by_keys.len(), 1);
@@ -346,7 +351,9 @@ mod tests {
         assert!((r.bookkeeping_seconds.unwrap() - 0.04).abs() < 1e-9);
 
         // Longer than anything kept: since the start.
-        let long = h.observation(Some(Duration::from_secs(3600)), true, &names).unwrap();
+        let long = h
+            .observation(Some(Duration::from_secs(3600)), true, &names)
+            .unwrap();
         assert!(long.since_start);
     }
 
@@ -356,11 +363,20 @@ mod tests {
         let mut h = AdviseHistory::new(t0);
         h.record(counts(t0 + Duration::from_secs(10), 100, 40, 9.0, 7));
         let mut later = counts(t0 + Duration::from_secs(50), 300, 100, 2.0, 8);
-        if let Some(g) = later.servers.values_mut().next().unwrap().groups.get_mut("sidekiq") {
+        if let Some(g) = later
+            .servers
+            .values_mut()
+            .next()
+            .unwrap()
+            .groups
+            .get_mut("sidekiq")
+        {
             g.served_by_key.insert(99, 5);
         }
         h.record(later);
-        let w = h.observation(Some(Duration::from_secs(40)), true, &names).unwrap();
+        let w = h
+            .observation(Some(Duration::from_secs(40)), true, &names)
+            .unwrap();
         let r = w.servers[0].redis.as_ref().unwrap();
         assert_eq!(r.pid, 8);
         assert_eq!(r.main_thread_cpu_seconds, 2.0, "the new process's own CPU");
@@ -373,7 +389,13 @@ mod tests {
         let t0 = Instant::now();
         let mut h = AdviseHistory::new(t0);
         for i in 0..(HISTORY_READINGS as u64 + 50) {
-            h.record(counts(t0 + HISTORY_PERIOD * (i as u32 + 1), i + 2, 1, 0.0, 7));
+            h.record(counts(
+                t0 + HISTORY_PERIOD * (i as u32 + 1),
+                i + 2,
+                1,
+                0.0,
+                7,
+            ));
         }
         assert_eq!(h.readings.len(), HISTORY_READINGS);
     }

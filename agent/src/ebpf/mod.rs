@@ -1,12 +1,12 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
 pub mod map_usage;
+pub mod narrowing;
 pub mod redis;
 pub mod redis_attach;
 pub mod sched;
 pub mod slots;
 pub mod uprobe_multi;
-pub mod narrowing;
 pub mod worker;
 
 use aya::{programs::TracePoint, Ebpf};

@@ -43,8 +43,8 @@
 //!     .then(|| MultiPrograms::load(&probes.map_fds, &["worker_libc_write", /* ... */]))
 //!     .transpose()?;
 //! // Per worker process (cache the offsets per libc (dev, inode)):
-//! let sites = uprobe_multi::resolve_probe_site_offsets(&libc, &["write", "read", /* ... */])?;
-//! let link = multi.attach("worker_libc_read", &libc, &[sites["read"], sites["recv"]],
+//! let sites = uprobe_multi::resolve_probe_sites(&libc, &["write", "read", /* ... */])?;
+//! let link = multi.attach("worker_libc_read", &libc, &[sites.entries["read"], sites.entries["recv"]],
 //!     Some(pid), /* retprobe */ false)?;            // one link per program
 //! // When the process goes: returns at once, closes on a background thread.
 //! uprobe_multi::detach_in_background(links);
@@ -54,8 +54,9 @@
 //! Offsets are file offsets of the probe sites, what a uprobe is attached at:
 //! [`symbol_file_offsets`] / [`resolve_file_offsets`] turn symbol names into them (a
 //! symbol's virtual address, translated through its section, as aya does), reading the file
-//! once for all names; [`probe_site_offsets`] / [`resolve_probe_site_offsets`] add the
-//! in-prologue site of [`crate::probe_site`], where the agent puts its probes.
+//! once for all names; [`probe_sites`] / [`resolve_probe_sites`] add the in-prologue site of
+//! [`crate::probe_site`], where the agent puts its probes, and the sites where a function's
+//! system calls have returned.
 //!
 //! # Behaviour worth knowing
 //! - The pid filter is per process: the kernel puts breakpoints only into that process's
@@ -1226,14 +1227,33 @@ pub fn resolve_file_offsets(path: &Path, names: &[&str]) -> Result<BTreeMap<Stri
 /// file offset plus the in-prologue site [`crate::probe_site`] finds (a cheap, emulated
 /// instruction; the entry when none is found). The offsets the worker's libc probes attach at.
 pub fn probe_site_offsets(file: &object::File<'_>, names: &[&str]) -> BTreeMap<String, u64> {
+    probe_sites(file, names).entries
+}
+
+/// Where the agent probes the named functions of a file, as file offsets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbeSites {
+    /// Each function's in-prologue site ([`probe_site_offsets`]).
+    pub entries: BTreeMap<String, u64>,
+    /// For functions whose every system call returns through a branch that can be probed
+    /// ([`crate::probe_site::syscall_exit_sites`]): those branches.
+    pub syscall_exits: BTreeMap<String, Vec<u64>>,
+}
+
+/// The [`ProbeSites`] of the named functions of `file`.
+pub fn probe_sites(file: &object::File<'_>, names: &[&str]) -> ProbeSites {
     let sites = crate::probe_site::sites_in(file, names);
-    symbol_file_offsets(file, names)
-        .into_iter()
-        .map(|(name, offset)| {
-            let site = sites.get(&name).map_or(0, |s| s.entry.offset);
-            (name, offset + site)
-        })
-        .collect()
+    let mut out = ProbeSites::default();
+    for (name, offset) in symbol_file_offsets(file, names) {
+        let site = sites.get(&name);
+        out.entries
+            .insert(name.clone(), offset + site.map_or(0, |s| s.entry.offset));
+        if let Some(exits) = site.and_then(|s| s.syscall_exits.as_ref()) {
+            out.syscall_exits
+                .insert(name, exits.iter().map(|e| offset + e).collect());
+        }
+    }
+    out
 }
 
 /// [`probe_site_offsets`] of the file at `path`, read once.
@@ -1241,13 +1261,18 @@ pub fn resolve_probe_site_offsets(
     path: &Path,
     names: &[&str],
 ) -> Result<BTreeMap<String, u64>, Error> {
+    resolve_probe_sites(path, names).map(|sites| sites.entries)
+}
+
+/// [`probe_sites`] of the file at `path`, read once.
+pub fn resolve_probe_sites(path: &Path, names: &[&str]) -> Result<ProbeSites, Error> {
     let fail = |message: String| Error::Symbols {
         path: path.to_path_buf(),
         message,
     };
     let data = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     let file = object::File::parse(&*data).map_err(|e| fail(e.to_string()))?;
-    Ok(probe_site_offsets(&file, names))
+    Ok(probe_sites(&file, names))
 }
 
 #[cfg(test)]
@@ -1478,14 +1503,26 @@ mod tests {
         let from_path = resolve_file_offsets(libc, &names).unwrap();
         assert_eq!(from_path, offsets);
         // Probe sites are inside the function, a few bytes in at most.
-        let sites = resolve_probe_site_offsets(libc, &names).unwrap();
-        assert_eq!(sites.len(), offsets.len());
-        for (name, site) in &sites {
+        let sites = resolve_probe_sites(libc, &names).unwrap();
+        assert_eq!(sites.entries.len(), offsets.len());
+        for (name, site) in &sites.entries {
             let start = offsets[name];
             assert!(
                 (start..start + 32).contains(site),
                 "{name}: {site:#x} vs {start:#x}"
             );
+        }
+        // glibc's read wrappers: one exit site per path, inside the function.
+        for name in ["read", "recvfrom"] {
+            let Some(exits) = sites.syscall_exits.get(name) else {
+                // Another C library (musl) is fine: its reads keep entry and return probes.
+                continue;
+            };
+            let start = offsets[name];
+            assert!(!exits.is_empty());
+            for exit in exits {
+                assert!((start + 8..start + 512).contains(exit), "{name}: {exit:#x}");
+            }
         }
     }
 

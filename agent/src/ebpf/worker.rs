@@ -142,6 +142,15 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_connect", "connect"),
 ];
 
+/// The program probed where `read`, `recv` and `recvfrom` have returned from their system
+/// call, in place of their entry and return probes (`worker_libc_read` and
+/// `worker_libc_read_ret`), when the C library's code allows it (see
+/// [`crate::probe_site::syscall_exit_sites`]).
+pub const READ_DONE_PROGRAM: &str = "worker_libc_read_done";
+
+/// The read functions [`READ_DONE_PROGRAM`] can take over (plain buffer, fd in `rdi`).
+const READ_DONE_FUNCTIONS: [&str; 3] = ["read", "recv", "recvfrom"];
+
 /// Syscall tracepoints taken out together while no worker followed through the tracepoints
 /// needs them (see [`narrowing`]).
 struct SyscallGroup {
@@ -359,7 +368,8 @@ pub struct WorkerMaps {
     write_probes: std::collections::HashMap<u32, WriteProbe>,
     /// File offsets of the probe sites in each libc (or static executable), by (dev, inode):
     /// a fleet of workers shares one or two.
-    libc_offsets: std::collections::HashMap<(u64, u64), std::sync::Arc<BTreeMap<String, u64>>>,
+    libc_sites:
+        std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
     /// The map fds a second copy of the libc programs is loaded against (for uprobe-multi).
     map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
     /// The libc programs loaded for uprobe-multi links, once the first worker needs them
@@ -453,7 +463,7 @@ impl WorkerMaps {
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
             write_probes: std::collections::HashMap::new(),
-            libc_offsets: std::collections::HashMap::new(),
+            libc_sites: std::collections::HashMap::new(),
             map_fds,
             multi: Default::default(),
         })
@@ -648,21 +658,38 @@ impl WorkerMaps {
             "the worker maps no libc and its executable has no C library functions (a Go binary?)",
         ))?;
         let libc = target.path().to_path_buf();
-        let offsets = self.libc_offsets(&libc);
+        let sites = self.libc_sites(&libc);
+        let offsets = &sites.entries;
         // Offsets per program, in LIBC_UPROBES order.
         let mut per_program: Vec<(&'static str, Vec<u64>)> = Vec::new();
+        let mut add = |program: &'static str, new: &[u64]| match per_program
+            .iter_mut()
+            .find(|(p, _)| *p == program)
+        {
+            Some((_, list)) => list.extend_from_slice(new),
+            None => per_program.push((program, new.to_vec())),
+        };
         for (program, symbol) in LIBC_UPROBES {
             let Some(offset) = offsets.get(symbol) else {
                 continue;
             };
-            match per_program.iter_mut().find(|(p, _)| *p == program) {
-                Some((_, list)) => list.push(*offset),
-                None => per_program.push((program, vec![*offset])),
+            // A read whose system call returns where it can be probed: one probe there.
+            let exits = READ_DONE_FUNCTIONS
+                .contains(&symbol)
+                .then(|| sites.syscall_exits.get(symbol))
+                .flatten();
+            match (exits, program) {
+                (Some(exits), "worker_libc_read") => add(READ_DONE_PROGRAM, exits),
+                (Some(_), _) => {}
+                (None, _) => add(program, &[*offset]),
             }
         }
-        // Both sides of a read are needed, and a write: without them nothing is followed.
+        // A read (both sides of it, or where it returned) and a write are needed: without
+        // them nothing is followed.
         let has = |p: &str| per_program.iter().any(|(name, _)| *name == p);
-        if !(has("worker_libc_write") && has("worker_libc_read") && has("worker_libc_read_ret")) {
+        let reads =
+            (has("worker_libc_read") && has("worker_libc_read_ret")) || has(READ_DONE_PROGRAM);
+        if !(has("worker_libc_write") && reads) {
             return Err(ProbeError::Attach {
                 program: "worker_libc_*",
                 category: "uprobe",
@@ -794,7 +821,8 @@ impl WorkerMaps {
 
     /// The libc programs loaded for uprobe-multi links, loading them the first time.
     fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
+        let mut names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
+        names.push(READ_DONE_PROGRAM);
         self.multi.get(
             &self.map_fds,
             &names,
@@ -803,25 +831,32 @@ impl WorkerMaps {
     }
 
     /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
-    fn libc_offsets(&mut self, libc: &std::path::Path) -> std::sync::Arc<BTreeMap<String, u64>> {
+    fn libc_sites(
+        &mut self,
+        libc: &std::path::Path,
+    ) -> std::sync::Arc<super::uprobe_multi::ProbeSites> {
         use std::os::unix::fs::MetadataExt;
         let id = std::fs::metadata(libc)
             .map(|m| (m.dev(), m.ino()))
             .unwrap_or_default();
-        if let Some(offsets) = self.libc_offsets.get(&id) {
-            return offsets.clone();
+        if let Some(sites) = self.libc_sites.get(&id) {
+            return sites.clone();
         }
         let names: Vec<&str> = LIBC_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
-        let offsets = super::uprobe_multi::resolve_probe_site_offsets(libc, &names)
-            .unwrap_or_else(|e| {
-                tracing::info!(libc = %libc.display(), error = %e, "cannot read the C library's code; its workers are not followed through uprobes");
-                BTreeMap::new()
-            });
-        let offsets = std::sync::Arc::new(offsets);
+        let sites = super::uprobe_multi::resolve_probe_sites(libc, &names).unwrap_or_else(|e| {
+            tracing::info!(libc = %libc.display(), error = %e, "cannot read the C library's code; its workers are not followed through uprobes");
+            Default::default()
+        });
+        let done: Vec<&str> = READ_DONE_FUNCTIONS
+            .into_iter()
+            .filter(|f| sites.syscall_exits.contains_key(*f))
+            .collect();
+        tracing::info!(libc = %libc.display(), reads_probed_where_they_returned = ?done, "C library probe sites found");
+        let sites = std::sync::Arc::new(sites);
         if id != (0, 0) {
-            self.libc_offsets.insert(id, offsets.clone());
+            self.libc_sites.insert(id, sites.clone());
         }
-        offsets
+        sites
     }
 
     /// Records peers found in /proc for connections the kernel did not see being made.

@@ -219,19 +219,17 @@ pub async fn serve_with<S: MetricsSource>(
                     };
                     let (acceptor, app) = (acceptor.clone(), app.clone());
                     tokio::spawn(async move {
-                        let stream = match tokio::time::timeout(
-                            HANDSHAKE_TIMEOUT,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
+                        let stream =
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            };
                         let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
                         let service = hyper_util::service::TowerToHyperService::new(app);
                         let _ = hyper_util::server::conn::auto::Builder::new(
@@ -283,7 +281,14 @@ mod tests {
             advise_window(Some("x=1&window=300")),
             Ok(Some(std::time::Duration::from_secs(300)))
         );
-        for bad in ["window=0", "window=-5", "window=nan", "window=inf", "window=1e12", "window="] {
+        for bad in [
+            "window=0",
+            "window=-5",
+            "window=nan",
+            "window=inf",
+            "window=1e12",
+            "window=",
+        ] {
             assert!(advise_window(Some(bad)).is_err(), "{bad}");
         }
     }

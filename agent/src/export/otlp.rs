@@ -217,11 +217,10 @@ impl OtlpSender {
             .transpose()?;
         let transport = match config.protocol {
             OtlpProtocol::Grpc => {
-                let mut endpoint =
-                    tonic::transport::Endpoint::from_shared(config.endpoint.clone())
-                        .map_err(|e| bad(e.to_string()))?
-                        .connect_timeout(config.timeout)
-                        .timeout(config.timeout);
+                let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
+                    .map_err(|e| bad(e.to_string()))?
+                    .connect_timeout(config.timeout)
+                    .timeout(config.timeout);
                 if let Some(tls) = &tls {
                     endpoint = endpoint
                         .tls_config(tls.tonic_config())
@@ -248,54 +247,48 @@ impl OtlpSender {
 
     pub async fn send(&mut self, request: ExportMetricsServiceRequest) -> Result<(), ExportError> {
         let timeout = self.config.timeout;
-        let fut =
-            async {
-                match &mut self.transport {
-                    Transport::Grpc(client) => {
-                        let mut req = tonic::Request::new(request);
-                        for (k, v) in &self.config.headers {
-                            if let (Ok(key), Ok(value)) = (
-                                k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-                                v.parse(),
-                            ) {
-                                req.metadata_mut().insert(key, value);
-                            }
+        let fut = async {
+            match &mut self.transport {
+                Transport::Grpc(client) => {
+                    let mut req = tonic::Request::new(request);
+                    for (k, v) in &self.config.headers {
+                        if let (Ok(key), Ok(value)) = (
+                            k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                            v.parse(),
+                        ) {
+                            req.metadata_mut().insert(key, value);
                         }
-                        client.export(req).await.map(|_| ()).map_err(|s| {
-                            ExportError::Grpc(format!(
-                                "{}: {}{}",
-                                s.code(),
-                                s.message(),
-                                causes(&s)
-                            ))
-                        })
                     }
-                    Transport::Http(client) => {
-                        let body = request.encode_to_vec();
-                        let mut builder = client
-                            .post(&self.config.endpoint)
-                            .header("content-type", "application/x-protobuf");
-                        builder = match self.config.compression {
-                            OtlpCompression::Gzip => builder
-                                .header("content-encoding", "gzip")
-                                .body(gzip(&body).map_err(|e| ExportError::Http(e.to_string()))?),
-                            OtlpCompression::None => builder.body(body),
-                        };
-                        for (k, v) in &self.config.headers {
-                            builder = builder.header(k.as_str(), v.as_str());
-                        }
-                        let response = builder
-                            .send()
-                            .await
-                            .map_err(|e| ExportError::Http(format!("{e}{}", causes(&e))))?;
-                        if response.status().is_success() {
-                            Ok(())
-                        } else {
-                            Err(ExportError::Http(format!("status {}", response.status())))
-                        }
+                    client.export(req).await.map(|_| ()).map_err(|s| {
+                        ExportError::Grpc(format!("{}: {}{}", s.code(), s.message(), causes(&s)))
+                    })
+                }
+                Transport::Http(client) => {
+                    let body = request.encode_to_vec();
+                    let mut builder = client
+                        .post(&self.config.endpoint)
+                        .header("content-type", "application/x-protobuf");
+                    builder = match self.config.compression {
+                        OtlpCompression::Gzip => builder
+                            .header("content-encoding", "gzip")
+                            .body(gzip(&body).map_err(|e| ExportError::Http(e.to_string()))?),
+                        OtlpCompression::None => builder.body(body),
+                    };
+                    for (k, v) in &self.config.headers {
+                        builder = builder.header(k.as_str(), v.as_str());
+                    }
+                    let response = builder
+                        .send()
+                        .await
+                        .map_err(|e| ExportError::Http(format!("{e}{}", causes(&e))))?;
+                    if response.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(ExportError::Http(format!("status {}", response.status())))
                     }
                 }
-            };
+            }
+        };
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| ExportError::Timeout(timeout))?

@@ -253,7 +253,10 @@ impl OtlpConfig {
         // INSECURE says otherwise; http:// and https:// say it themselves.
         let endpoint = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
             endpoint
-        } else if protocol == OtlpProtocol::Grpc && !endpoint.contains("://") && !endpoint.is_empty() {
+        } else if protocol == OtlpProtocol::Grpc
+            && !endpoint.contains("://")
+            && !endpoint.is_empty()
+        {
             format!("{}://{endpoint}", if insecure { "http" } else { "https" })
         } else {
             return Err(OtlpEnvError::Endpoint(endpoint));
@@ -471,10 +474,7 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_INSECURE", "yes"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
         ] {
-            assert!(
-                resolve(&[endpoint, (var, value)]).is_err(),
-                "{var}={value}"
-            );
+            assert!(resolve(&[endpoint, (var, value)]).is_err(), "{var}={value}");
         }
         assert!(matches!(
             resolve(&[endpoint, ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")]),
@@ -496,7 +496,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(c.is_tls());
-        assert_eq!(c.tls.certificate.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(
+            c.tls.certificate.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
         assert_eq!(
             c.tls.client_certificate.as_deref(),
             Some(std::path::Path::new("/client.pem"))

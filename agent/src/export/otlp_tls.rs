@@ -53,7 +53,11 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn certificates(what: &'static str, path: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(
+    what: &'static str,
+    path: &str,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid {
@@ -80,10 +84,9 @@ impl TlsFiles {
             .map(|p| read("CA file", p))
             .transpose()?;
         let identity_pem = match (&tls.client_certificate, &tls.client_key) {
-            (Some(cert), Some(key)) => Some((
-                read("client certificate", cert)?,
-                read("client key", key)?,
-            )),
+            (Some(cert), Some(key)) => {
+                Some((read("client certificate", cert)?, read("client key", key)?))
+            }
             _ => None,
         };
         let files = Self {
@@ -98,7 +101,9 @@ impl TlsFiles {
     /// The rustls client configuration.
     pub fn client_config(&self, tls: &OtlpTls) -> Result<rustls::ClientConfig, TlsError> {
         let name = |p: &Option<std::path::PathBuf>| {
-            p.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+            p.as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         };
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca_pem {
@@ -132,11 +137,12 @@ impl TlsFiles {
                 let cert_path = name(&tls.client_certificate);
                 let key_path = name(&tls.client_key);
                 let chain = certificates("client certificate", &cert_path, cert_pem)?;
-                let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Invalid {
-                    what: "client key",
-                    path: key_path.clone(),
-                    message: e.to_string(),
-                })?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Invalid {
+                        what: "client key",
+                        path: key_path.clone(),
+                        message: e.to_string(),
+                    })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| TlsError::Invalid {

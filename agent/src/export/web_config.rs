@@ -101,7 +101,9 @@ impl WebConfig {
         };
         for (user, hash) in &file.basic_auth_users {
             if user.is_empty() || user.contains(':') {
-                return Err(invalid(format!("basic_auth_users: invalid user name {user:?}")));
+                return Err(invalid(format!(
+                    "basic_auth_users: invalid user name {user:?}"
+                )));
             }
             if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$"))
                 || bcrypt::verify("", hash).is_err()
@@ -306,7 +308,10 @@ mod tests {
         let hash = bcrypt::hash("secret", 4).unwrap();
         let auth = BasicAuth::new(BTreeMap::from([("alice".to_string(), hash)]));
         assert!(auth.allows(Some("Basic YWxpY2U6c2VjcmV0"))); // alice:secret
-        assert!(auth.allows(Some("Basic YWxpY2U6c2VjcmV0")), "and from the cache");
+        assert!(
+            auth.allows(Some("Basic YWxpY2U6c2VjcmV0")),
+            "and from the cache"
+        );
         assert!(!auth.allows(Some("Basic YWxpY2U6d3Jvbmc="))); // alice:wrong
         assert!(!auth.allows(Some("Basic Ym9iOnNlY3JldA=="))); // bob:secret
         assert!(!auth.allows(Some("Bearer x")));
@@ -323,15 +328,18 @@ mod tests {
         };
         let err = |text: &str| WebConfig::load(&write(text)).unwrap_err().to_string();
         assert!(err("basic_auth_users:\n  alice: plaintext\n").contains("not a bcrypt hash"));
-        assert!(err("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n")
-            .contains("cannot read cert_file"));
+        assert!(
+            err("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n")
+                .contains("cannot read cert_file")
+        );
         assert!(err("unknown_section: 1\n").contains("unknown field"));
         assert!(WebConfig::load(&dir.path().join("missing.yml"))
             .unwrap_err()
             .to_string()
             .starts_with("cannot read web config"));
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let ok = WebConfig::load(&write(&format!("basic_auth_users:\n  alice: '{hash}'\n"))).unwrap();
+        let ok =
+            WebConfig::load(&write(&format!("basic_auth_users:\n  alice: '{hash}'\n"))).unwrap();
         assert!(ok.tls.is_none());
         assert_eq!(ok.users.len(), 1);
     }

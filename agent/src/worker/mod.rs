@@ -299,7 +299,10 @@ impl WorkerSide {
                 .extend(keyset.keys.iter().map(|k| served_key_hash(k.as_bytes())));
             g.listened.sort_unstable();
             g.listened.dedup();
-            processes.entry((server, group)).or_default().insert(key.tgid);
+            processes
+                .entry((server, group))
+                .or_default()
+                .insert(key.tgid);
         }
         for ((server, group), pids) in processes {
             if let Some(g) = out.get_mut(&server).and_then(|s| s.get_mut(&group)) {
@@ -312,11 +315,7 @@ impl WorkerSide {
     /// Adds `worker.blocking_pop.served`: per group and server, and per key (its name, the
     /// busiest `max_keys_per_group` of the group, the rest as `other`) only with
     /// `--export-key-names`.
-    fn emit_served(
-        &self,
-        counts: &AdviseCounts,
-        snapshot: &mut Snapshot,
-    ) {
+    fn emit_served(&self, counts: &AdviseCounts, snapshot: &mut Snapshot) {
         for (server, groups) in counts {
             let (address, port) = server.rsplit_once(':').unwrap_or((server.as_str(), "0"));
             let port: i64 = port.parse().unwrap_or(0);
@@ -489,7 +488,10 @@ mod tests {
 
     /// A worker side that knows the key list of (pid 7, fd 3) and the counts the kernel
     /// would hold for pid 7: 5 pops served by q:a, 2 by q:b, 1 of unknown key, 3 timeouts.
-    fn fixture(export_key_names: bool, max_keys_per_group: usize) -> (WorkerSide, BTreeMap<u32, WorkerReadings>) {
+    fn fixture(
+        export_key_names: bool,
+        max_keys_per_group: usize,
+    ) -> (WorkerSide, BTreeMap<u32, WorkerReadings>) {
         let mut side = WorkerSide::new(ListenerOptions {
             export_key_names,
             max_keys_per_group,
@@ -519,8 +521,10 @@ mod tests {
         for _ in 0..3 {
             timeouts.record(2_000_000_000);
         }
-        r.durations.insert((command::BRPOP, outcome::SERVED, p), served);
-        r.durations.insert((command::BRPOP, outcome::TIMEOUT, p), timeouts);
+        r.durations
+            .insert((command::BRPOP, outcome::SERVED, p), served);
+        r.durations
+            .insert((command::BRPOP, outcome::TIMEOUT, p), timeouts);
         let mut keys = KeyHistogram::ZERO;
         for _ in 0..12 {
             keys.record(3);
@@ -538,11 +542,17 @@ mod tests {
             .points
             .iter()
             .map(|p| {
-                let key = p.attributes.iter().find(|(k, _)| *k == "redis.key").map(|(_, v)| match v {
-                    AttrValue::Str(s) => s.clone(),
-                    AttrValue::Int(i) => i.to_string(),
-                });
-                let PointValue::Counter(v) = p.value else { panic!("a counter") };
+                let key =
+                    p.attributes
+                        .iter()
+                        .find(|(k, _)| *k == "redis.key")
+                        .map(|(_, v)| match v {
+                            AttrValue::Str(s) => s.clone(),
+                            AttrValue::Int(i) => i.to_string(),
+                        });
+                let PointValue::Counter(v) = p.value else {
+                    panic!("a counter")
+                };
                 (key, v)
             })
             .collect();
@@ -561,7 +571,10 @@ mod tests {
         assert_eq!((g.pops_sent, g.keys_listed), (12, 36));
         assert_eq!(g.served_by_key[&served_key_hash(b"q:a")], 5);
         assert_eq!(g.unattributed_served, 1);
-        assert_eq!(side.key_name(served_key_hash(b"q:c")).as_deref(), Some("q:c"));
+        assert_eq!(
+            side.key_name(served_key_hash(b"q:c")).as_deref(),
+            Some("q:c")
+        );
     }
 
     #[test]
@@ -602,7 +615,10 @@ mod tests {
         side.retire("sidekiq", r, 7);
         let counts = side.advise_counts(&readings, &[], &group_of);
         let g = &counts["127.0.0.1:6379"]["sidekiq"];
-        assert_eq!((g.pops, g.served, g.pops_sent, g.keys_listed), (11, 8, 12, 36));
+        assert_eq!(
+            (g.pops, g.served, g.pops_sent, g.keys_listed),
+            (11, 8, 12, 36)
+        );
         assert_eq!(g.served_by_key[&served_key_hash(b"q:b")], 2);
     }
 }
