@@ -26,8 +26,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_loop},
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_attach_cookie, bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
@@ -151,6 +151,10 @@ const SYSCALL_NR: usize = 8;
 /// `__NR_recvfrom` 45).
 const NR_WRITE: i32 = 1;
 const NR_READ: i32 = 0;
+/// Offsets in x86-64's `struct pt_regs` (the layout ptrace exposes too): the user registers
+/// saved at a syscall's entry, where its arguments still are at its exit.
+const PT_REGS_RSI: u64 = 104;
+const PT_REGS_RDI: u64 = 112;
 
 #[inline(always)]
 fn worker_tgid(via: u32) -> Option<(u32, u64)> {
@@ -1043,10 +1047,9 @@ fn handle_sendmsg(fd: u64, msg: u64, via: u32) {
 }
 
 /// Saves a read's buffer for its exit, if the fd is a followed connection. `iov_kind`: 0 for
-/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr); `site`
-/// is the `io_site` bit of the function it came through (0 when not told).
+/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr).
 #[inline(always)]
-fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site: u32) {
+fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {
         return;
     };
@@ -1055,15 +1058,7 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site
         fd: fd as u32,
     };
     match CONNS.get_ptr_mut(&key) {
-        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {
-            // Which function reads this connection's replies: the agent detaches
-            // sys_enter_read/sys_exit_read while every worker reads through recvfrom.
-            unsafe {
-                if (*conn).read_sites & site != site {
-                    (*conn).read_sites |= site;
-                }
-            }
-        }
+        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {}
         _ => return,
     }
     let (buf, iovcnt) = match iov_kind {
@@ -1371,30 +1366,16 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
-    // read(fd, buf, count) and recvfrom(fd, ubuf, size, ...), told apart by the syscall
-    // number as the writes are.
-    let (fd, buf, arg2) = tp_args(&ctx);
-    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
-        io_site::GENERIC
-    } else {
-        io_site::SOCKET
-    };
-    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, site);
-    0
-}
-
-#[tracepoint]
 pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS, 0);
+    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS, 0);
+    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS);
     0
 }
 
@@ -1403,6 +1384,59 @@ pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(RET) } {
         handle_read_exit(ret, via::SYSCALLS);
     }
+    0
+}
+
+/// `sys_exit_read` and `sys_exit_recvfrom` on their own: the fd and the buffer are read from
+/// the registers the task saved at the syscall's entry (`bpf_task_pt_regs`; the kernel keeps
+/// `rdi` and `rsi` there for the return to user space). No program runs at the entry, so every
+/// `read()` and `recvfrom()` on the node passes one tracepoint instead of two, and no
+/// `PENDING_READS` entry is written and read back per read.
+#[tracepoint]
+pub fn worker_exit_read_regs(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = worker_tgid(via::SYSCALLS) else {
+        return 0;
+    };
+    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    if ret < 0 {
+        // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
+        return 0;
+    }
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let saved = |offset: u64| unsafe { bpf_probe_read_kernel((regs + offset) as *const u64) };
+    let (Ok(fd), Ok(buf)) = (saved(PT_REGS_RDI), saved(PT_REGS_RSI)) else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let conn = match CONNS.get_ptr_mut(&key) {
+        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => conn,
+        _ => return 0,
+    };
+    // Which syscall reads this connection's replies: the agent detaches sys_exit_read while
+    // every worker reads through recvfrom.
+    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
+        io_site::GENERIC
+    } else {
+        io_site::SOCKET
+    };
+    unsafe {
+        if (*conn).read_sites & site != site {
+            (*conn).read_sites |= site;
+        }
+    }
+    complete_read(
+        conn,
+        tgid,
+        PendingRead {
+            buf,
+            fd: fd as u32,
+            iovcnt: 0,
+        },
+        ret as u64,
+    );
     0
 }
 
@@ -1449,21 +1483,21 @@ pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_read(ctx: ProbeContext) -> u32 {
     // read(fd, buf, n), recv(fd, buf, n, flags), recvfrom(fd, buf, n, ...).
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0, via::LIBC, 0);
+    handle_read_enter(fd, buf, arg2, 0, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::LIBC, 0);
+    handle_read_enter(fd, buf, arg2, 1, via::LIBC);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::LIBC, 0);
+    handle_read_enter(fd, buf, arg2, 2, via::LIBC);
     0
 }
 

@@ -504,6 +504,7 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         "redis_unblock_client_requeue",
         "worker_enter_write",
         "worker_exit_read",
+        "worker_exit_read_regs",
         "worker_libc_read_ret",
         "worker_libc_read_done",
     ] {

@@ -140,7 +140,7 @@ mod tests {
         assert_eq!(parse_utc("1970-01-02T00:00:01.5Z"), Some(86401.5));
         assert_eq!(parse_utc("2000-03-01T00:00:00Z"), Some(951868800.0));
         let log = "2026-11-29T21:03:57.581448Z  INFO fanout::agent: tracking process pid=2326 group=\"b\"\n\
-                   2026-11-29T21:03:57.678217Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=14\n\
+                   2026-11-29T21:03:57.678217Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=12\n\
                    2026-11-29T21:03:58.710047Z  INFO fanout::agent: process gone; its series are dropped pid=2326 group=\"b\"\n";
         let e = parse(log);
         let p = &e.pids[&2326];
@@ -153,7 +153,7 @@ mod tests {
         assert!((after - 1.25).abs() < 1e-6, "{after}");
         assert_eq!(write_probe_out_after(log, 8), None);
         let log = "2026-11-29T21:03:57.000000Z  INFO fanout::agent: tracking process pid=9 group=\"b\"\n\
-                   2026-11-29T21:03:57.100000Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=14\n\
+                   2026-11-29T21:03:57.100000Z  INFO fanout::ebpf::worker: worker syscall probes attached syscalls=12\n\
                    2026-11-29T21:03:59.100000Z  INFO fanout::ebpf::worker: sys_enter_write detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it workers=1\n";
         let after = write_probe_out_after(log, 9).unwrap();
         assert!((after - 2.0).abs() < 1e-6, "{after}");

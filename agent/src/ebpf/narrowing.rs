@@ -6,7 +6,7 @@
 //! while `write` and `read` are what their log lines, pipes and files go through: a Sidekiq
 //! worker writes two log lines and a deprecation warning per job. Followed through uprobes,
 //! each is a trap in the worker; through the syscall tracepoints, `sys_enter_write` and
-//! `sys_enter_read`/`sys_exit_read` run for every process on the node, Redis included. For
+//! `sys_exit_read` run for every process on the node, Redis included. For
 //! such workers those probes follow nothing.
 //!
 //! # How

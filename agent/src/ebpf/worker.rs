@@ -36,21 +36,20 @@ const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
 /// The tracepoints that see every `write()` and `read()` on the node: detached while every
 /// worker followed through the tracepoints uses `sendto` and `recvfrom` (see [`narrowing`]).
 const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
-const SYS_ENTER_READ: TracepointSpec = syscall("worker_enter_read", "sys_enter_read");
-const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read", "sys_exit_read");
+/// `read()` and `recvfrom()` are followed at their exit only: the program reads the fd and
+/// the buffer from the registers the task saved at the entry (`worker_exit_read_regs`).
+const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
 
 /// The syscalls followed, and the program each runs.
-pub const WORKER_TRACEPOINTS: [TracepointSpec; 14] = [
+pub const WORKER_TRACEPOINTS: [TracepointSpec; 12] = [
     SYS_ENTER_WRITE,
     syscall("worker_enter_write", "sys_enter_sendto"),
     syscall("worker_enter_writev", "sys_enter_writev"),
     syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
-    SYS_ENTER_READ,
-    syscall("worker_enter_read", "sys_enter_recvfrom"),
     syscall("worker_enter_readv", "sys_enter_readv"),
     syscall("worker_enter_recvmsg", "sys_enter_recvmsg"),
     SYS_EXIT_READ,
-    syscall("worker_exit_read", "sys_exit_recvfrom"),
+    syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
     syscall("worker_exit_read", "sys_exit_readv"),
     syscall("worker_exit_read", "sys_exit_recvmsg"),
     syscall("worker_enter_close", "sys_enter_close"),
@@ -167,8 +166,8 @@ const SYSCALL_GROUPS: [SyscallGroup; 2] = [
     },
     SyscallGroup {
         direction: Direction::Read,
-        specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
-        name: "sys_enter_read and sys_exit_read",
+        specs: &[SYS_EXIT_READ],
+        name: "sys_exit_read",
     },
 ];
 
@@ -1204,8 +1203,7 @@ impl WorkerMaps {
             match attach_tracepoint(ebpf, spec) {
                 Ok(link) => attached.push((spec, link)),
                 Err(e) => {
-                    // Half a group would leave every read() paying sys_enter_read for a
-                    // read nobody finishes.
+                    // All or none, as the group was detached.
                     let _ = drop_tracepoint_links(ebpf, attached, SYSCALL_GROUPS[index].name);
                     return Err(e);
                 }

@@ -172,7 +172,7 @@ pub mod catalog {
     };
     pub const WORKERS_PROBE_OFF: Descriptor = Descriptor {
         name: "fanout.workers.probe_off",
-        description: "Followed workers whose calls of write() or read() (call) are not probed, by how they are followed (via: uprobes, their own link on write() is out; tracepoints, sys_enter_write or sys_enter_read/sys_exit_read is detached for all of them): their Redis connections use send/sendto and recv/recvfrom, and write()/read() carry only their logs, pipes and files",
+        description: "Followed workers whose calls of write() or read() (call) are not probed, by how they are followed (via: uprobes, their own link on write() is out; tracepoints, sys_enter_write or sys_exit_read is detached for all of them): their Redis connections use send/sendto and recv/recvfrom, and write()/read() carry only their logs, pipes and files",
         unit: "{process}",
         kind: Kind::Gauge,
     };

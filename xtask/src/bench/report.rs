@@ -443,7 +443,8 @@ pub fn write(r: &Results) -> Result<()> {
     let mut per_job_targets = Vec::new();
     for (v, run) in &r.sidekiq_stats {
         let Some(s) = &run.stats else { continue };
-        let per_job = s.ns_per_op_of("worker_") / 1e3;
+        // `+ 0.0` turns the -0.0 of an empty sum into 0.0.
+        let per_job = s.ns_per_op_of("worker_") / 1e3 + 0.0;
         let per_command = per_job / run.commands_per_job;
         let judged = matches!(
             v,
