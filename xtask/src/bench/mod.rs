@@ -237,6 +237,8 @@ pub struct Results {
     pub costs: Vec<agent_cost::CostSample>,
     pub attach: (f64, f64),
     pub untracked: Vec<untracked::UntrackedSample>,
+    /// Ping-pong round trips/s (without the agent, with it), accounting off, per round.
+    pub untracked_pace: Vec<(f64, f64)>,
     pub churn: Vec<churn::ChurnSample>,
     /// kernel.bpf_stats_enabled when the bench started (1 means someone else had it on: the
     /// A/B runs then paid the accounting too).
@@ -575,6 +577,7 @@ pub fn run(quick: bool) -> Result<()> {
         untracked::measure(&bin, false, switch_seconds)?,
         untracked::measure(&bin, true, switch_seconds)?,
     ];
+    let untracked_pace = untracked::paired_rounds(&bin, rounds, switch_seconds / 2.0)?;
     log("untracked context switches");
 
     report::write(&Results {
@@ -596,6 +599,7 @@ pub fn run(quick: bool) -> Result<()> {
         costs,
         attach,
         untracked,
+        untracked_pace,
         churn,
         stats_sysctl_at_start,
         other_agents_seen: other_agents_seen.into_inner().into_iter().collect(),

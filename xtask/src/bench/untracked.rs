@@ -6,6 +6,10 @@
 //! to one CPU, so that nearly every context switch and wakeup of the window is between two
 //! untracked tasks. The agent runs in its default configuration, tracking nothing of its own or
 //! an idle Redis (so that its filter maps are not empty).
+//!
+//! The kernel's accounting times the programs only. What the tracepoints cost on top (the
+//! kernel builds each event's record before it runs the program) shows in the ping-pong's
+//! own pace: [`paired_rounds`] runs it without the agent and beside it, accounting off.
 
 use std::{
     io::{Read, Write},
@@ -118,4 +122,38 @@ pub fn measure(
         round_trips_per_second: trips as f64 / wall,
         stats,
     })
+}
+
+/// Ping-pong round trips per second without the agent and with it (default configuration,
+/// tracking nothing of the bench, kernel accounting off), in `rounds` pairs that alternate
+/// their order.
+pub fn paired_rounds(
+    bin: &std::path::Path,
+    rounds: usize,
+    seconds: f64,
+) -> Result<Vec<(f64, f64)>> {
+    let pace = || -> Result<f64> {
+        let started = Instant::now();
+        let trips = ping_pong(seconds)?;
+        Ok(trips as f64 / started.elapsed().as_secs_f64())
+    };
+    let with_agent = || -> Result<f64> {
+        let agent = Agent::start_binary(bin, &[], &[]);
+        thread::sleep(Duration::from_millis(500));
+        let pace = pace();
+        drop(agent);
+        pace
+    };
+    let mut pairs = Vec::new();
+    for round in 0..rounds {
+        let (without, with) = if round % 2 == 0 {
+            let without = pace()?;
+            (without, with_agent()?)
+        } else {
+            let with = with_agent()?;
+            (pace()?, with)
+        };
+        pairs.push((without, with));
+    }
+    Ok(pairs)
 }
