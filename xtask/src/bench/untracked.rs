@@ -7,9 +7,9 @@
 //! untracked tasks. The agent runs in its default configuration, tracking nothing of its own or
 //! an idle Redis (so that its filter maps are not empty).
 //!
-//! The kernel's accounting times the programs only. What the tracepoints cost on top (the
-//! kernel builds each event's record before it runs the program) shows in the ping-pong's
-//! own pace: [`paired_rounds`] runs it without the agent and beside it, accounting off.
+//! The kernel's accounting times the programs only, and adds two clock reads to each run.
+//! What the node pays, the tracepoints' dispatch included, shows in the ping-pong's own pace:
+//! [`paired_rounds`] runs it without the agent and beside it, accounting off.
 
 use std::{
     io::{Read, Write},
