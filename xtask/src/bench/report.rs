@@ -614,7 +614,7 @@ pub fn write(r: &Results) -> Result<()> {
             min_max(&added_ns).0,
             min_max(&added_ns).1,
         );
-        let _ = writeln!(md, "With the kernel's accounting on, every program run also pays two clock reads, so the table above is not what the node pays; this pair of runs is. A variant with `sched_switch` and `sched_wakeup` as raw tracepoints (no event record built; the programs read the pids through the task pointers at offsets from the kernel's BTF) was tried and measured against the classic ones on this machine: the ping-pong's pace did not differ beyond its noise (2.63-2.77 us per round trip either way, no agent 2.64-2.75), and the raw programs took 8-10 ns more per run for the helper call that reads the pid, so it was not kept.\n");
+        let _ = writeln!(md, "With the kernel's accounting on, every program run also pays two clock reads, so the table above is not what the node pays; this pair of runs is. A variant with `sched_switch` and `sched_wakeup` as raw tracepoints (no event record built; the programs read the pids through the task pointers at offsets from the kernel's BTF) was tried and measured against the classic ones on this machine: the ping-pong's pace did not differ beyond its noise (2.66-2.78 us per round trip with the classic ones, 2.65-2.80 with the raw ones, 2.47-2.66 without the agent, in three alternating rounds of three runs), and the raw programs took 8-10 ns more per run for the helper call that reads the pid, so it was not kept.\n");
     }
 
     // The page.
