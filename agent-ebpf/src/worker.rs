@@ -1047,9 +1047,10 @@ fn handle_sendmsg(fd: u64, msg: u64, via: u32) {
 }
 
 /// Saves a read's buffer for its exit, if the fd is a followed connection. `iov_kind`: 0 for
-/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr).
+/// a buffer, 1 for readv (`arg2` is the count), 2 for recvmsg (`buf` is the msghdr); `site`
+/// is the `io_site` bit of the function it came through (0 when not told).
 #[inline(always)]
-fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
+fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site: u32) {
     let Some((tgid, id)) = worker_tgid(via) else {
         return;
     };
@@ -1058,7 +1059,14 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32) {
         fd: fd as u32,
     };
     match CONNS.get_ptr_mut(&key) {
-        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {}
+        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {
+            // Which function reads this connection's replies (see `worker_exit_read_regs`).
+            unsafe {
+                if (*conn).read_sites & site != site {
+                    (*conn).read_sites |= site;
+                }
+            }
+        }
         _ => return,
     }
     let (buf, iovcnt) = match iov_kind {
@@ -1365,17 +1373,31 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `sys_enter_read` and `sys_enter_recvfrom`, with `worker_exit_read` at their exits: the
+/// fallback where `worker_exit_read_regs` does not load (a kernel without BTF).
+#[tracepoint]
+pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
+    let (fd, buf, arg2) = tp_args(&ctx);
+    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
+        io_site::GENERIC
+    } else {
+        io_site::SOCKET
+    };
+    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, site);
+    0
+}
+
 #[tracepoint]
 pub fn worker_enter_readv(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS);
+    handle_read_enter(fd, buf, arg2, 1, via::SYSCALLS, 0);
     0
 }
 
 #[tracepoint]
 pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS);
+    handle_read_enter(fd, buf, arg2, 2, via::SYSCALLS, 0);
     0
 }
 
@@ -1483,21 +1505,21 @@ pub fn worker_libc_sendmsg(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_read(ctx: ProbeContext) -> u32 {
     // read(fd, buf, n), recv(fd, buf, n, flags), recvfrom(fd, buf, n, ...).
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 0, via::LIBC, 0);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_readv(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 1, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 1, via::LIBC, 0);
     0
 }
 
 #[uprobe]
 pub fn worker_libc_recvmsg(ctx: ProbeContext) -> u32 {
     let (fd, buf, arg2) = up_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 2, via::LIBC);
+    handle_read_enter(fd, buf, arg2, 2, via::LIBC, 0);
     0
 }
 

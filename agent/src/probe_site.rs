@@ -244,7 +244,62 @@ pub fn syscall_exit_sites(code: &[u8]) -> Option<Vec<u64>> {
         }
         sites.push(site);
     }
-    (!sites.is_empty()).then_some(sites)
+    if sites.is_empty() || !every_way_out_passes(&instructions, &sites) {
+        return None;
+    }
+    Some(sites)
+}
+
+/// Whether every path from the function's entry to a way out of it (`ret`, a jump out of the
+/// function or through a register, running off its end) passes one of `sites`. A wrapper
+/// whose other path makes its system call elsewhere (glibc 2.41's `__syscall_cancel`) would
+/// otherwise lose that path's reads once its entry and return probes are dropped. Calls are
+/// taken to return. Branches within the function must land on an instruction of the sweep.
+fn every_way_out_passes(instructions: &[iced_x86::Instruction], sites: &[u64]) -> bool {
+    use iced_x86::FlowControl;
+    let index_of = |ip: u64| instructions.binary_search_by_key(&ip, |i| i.ip()).ok();
+    let end = instructions.last().map_or(0, |i| i.next_ip());
+    let mut seen = vec![false; instructions.len()];
+    let mut stack = vec![0usize];
+    while let Some(index) = stack.pop() {
+        let Some(instruction) = instructions.get(index) else {
+            return false; // ran off the end
+        };
+        if std::mem::replace(&mut seen[index], true) || sites.contains(&instruction.ip()) {
+            continue;
+        }
+        let mut branch_to = |target: u64| -> bool {
+            match index_of(target) {
+                Some(t) => {
+                    stack.push(t);
+                    true
+                }
+                // Out of the function (a tail call), or into the middle of an instruction.
+                None => false,
+            }
+        };
+        match instruction.flow_control() {
+            FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall => {
+                stack.push(index + 1)
+            }
+            FlowControl::ConditionalBranch => {
+                if !branch_to(instruction.near_branch_target()) {
+                    return false;
+                }
+                stack.push(index + 1);
+            }
+            FlowControl::UnconditionalBranch => {
+                if instruction.near_branch_target() >= end
+                    || !branch_to(instruction.near_branch_target())
+                {
+                    return false;
+                }
+            }
+            // ret, jumps through registers, int3/ud2-like exceptions, anything else.
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// The target, relative to the function's start, of a jump out of `code` (the whole of a
@@ -525,6 +580,32 @@ mod tests {
         assert_eq!(syscall_exit_sites(&hex("e800000000 c3")), None);
         // One good path and one bad: the whole function keeps its return probe.
         let code = hex("0f05 483d00f0ffff 7708 0f05 4889c3 7702 c3 c3 c3 c3 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+    }
+
+    #[test]
+    fn a_path_out_that_passes_no_site_keeps_the_return_probe() {
+        // 0: test %eax,%eax; 2: je 9 (the path that calls elsewhere); 4: syscall;
+        // 6: cmp %rax,%rax; 9 would be... laid out as:
+        //   0 85c0        test %eax,%eax
+        //   2 7408        je 0xc
+        //   4 0f05        syscall
+        //   6 4839c0      cmp %rax,%rax
+        //   9 7700        ja 0xb
+        //   b c3          ret
+        //   c e800000000  call 0x11
+        //  11 c3          ret          <- reached without passing the ja
+        let code = hex("85c0 7408 0f05 4839c0 7700 c3 e800000000 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+        // The same with the second path making its own syscall: both sites, every way out
+        // covered.
+        let code = hex("85c0 7408 0f05 4839c0 7700 c3 0f05 4839c0 7700 c3");
+        assert_eq!(syscall_exit_sites(&code), Some(vec![9, 17]));
+        // A jump through a register before any site.
+        let code = hex("ffe0 0f05 4839c0 7700 c3");
+        assert_eq!(syscall_exit_sites(&code), None);
+        // A tail jump out of the function before any site.
+        let code = hex("e900010000 0f05 4839c0 7700 c3");
         assert_eq!(syscall_exit_sites(&code), None);
     }
 

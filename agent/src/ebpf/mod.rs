@@ -203,9 +203,22 @@ impl Probes {
     }
 }
 
+/// Programs named in `FANOUT_REFUSE_PROGRAMS` (comma-separated) fail to load as if the
+/// kernel had refused them: how the tests reach the fallbacks of kernels that would (no BTF,
+/// an older verifier) on a kernel that does not.
+pub fn refused_for_tests(name: &str) -> bool {
+    std::env::var("FANOUT_REFUSE_PROGRAMS")
+        .is_ok_and(|list| list.split(',').any(|refused| refused.trim() == name))
+}
+
 /// Loads (verifies) one program, once: a program that serves several attach points (write
 /// and sendto, read and recv) is loaded the first time and found loaded after.
 pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
+    if refused_for_tests(name) {
+        return Err(ProbeError::Load(format!(
+            "{name}: refused (FANOUT_REFUSE_PROGRAMS)"
+        )));
+    }
     let result = match ebpf
         .program_mut(name)
         .ok_or(ProbeError::MissingProgram(name))?

@@ -637,6 +637,11 @@ impl LazyPrograms {
         self.0.as_ref()?.as_ref().ok()
     }
 
+    /// The programs if they were loaded (without trying).
+    pub fn loaded_programs(&self) -> Option<&MultiPrograms> {
+        self.0.as_ref()?.as_ref().ok()
+    }
+
     /// Whether the programs were loaded (without trying).
     pub fn loaded(&self) -> bool {
         matches!(self.0, Some(Ok(_)))
@@ -697,6 +702,11 @@ impl MultiPrograms {
             aya_obj::Object::parse(object).map_err(|e| Error::Object(format!("parse: {e}")))?;
         let mut kinds = BTreeMap::new();
         for name in &wanted {
+            if super::refused_for_tests(name) {
+                return Err(Error::Object(format!(
+                    "{name}: refused (FANOUT_REFUSE_PROGRAMS)"
+                )));
+            }
             let program = obj
                 .programs
                 .get(*name)

@@ -36,20 +36,33 @@ const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
 /// The tracepoints that see every `write()` and `read()` on the node: detached while every
 /// worker followed through the tracepoints uses `sendto` and `recvfrom` (see [`narrowing`]).
 const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
-/// `read()` and `recvfrom()` are followed at their exit only: the program reads the fd and
-/// the buffer from the registers the task saved at the entry (`worker_exit_read_regs`).
-const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
+/// `read()` and `recvfrom()` followed at their exit only: the program reads the fd and the
+/// buffer from the registers the task saved at the entry (`worker_exit_read_regs`, which needs
+/// the kernel's BTF for `bpf_get_current_task_btf`).
+const READS_AT_EXIT: [TracepointSpec; 2] = [
+    SYS_EXIT_READ_ALONE,
+    syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
+];
+const SYS_EXIT_READ_ALONE: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
+/// The fallback where that program does not load: the entry saves the buffer for the exit.
+const READS_AT_BOTH_ENDS: [TracepointSpec; 4] = [
+    SYS_ENTER_READ,
+    syscall("worker_enter_read", "sys_enter_recvfrom"),
+    SYS_EXIT_READ,
+    syscall("worker_exit_read", "sys_exit_recvfrom"),
+];
+const SYS_ENTER_READ: TracepointSpec = syscall("worker_enter_read", "sys_enter_read");
+const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read", "sys_exit_read");
 
-/// The syscalls followed, and the program each runs.
-pub const WORKER_TRACEPOINTS: [TracepointSpec; 12] = [
+/// The syscalls followed besides `read()` and `recvfrom()` (one of the two sets above), and
+/// the program each runs.
+const WORKER_TRACEPOINTS: [TracepointSpec; 10] = [
     SYS_ENTER_WRITE,
     syscall("worker_enter_write", "sys_enter_sendto"),
     syscall("worker_enter_writev", "sys_enter_writev"),
     syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
     syscall("worker_enter_readv", "sys_enter_readv"),
     syscall("worker_enter_recvmsg", "sys_enter_recvmsg"),
-    SYS_EXIT_READ,
-    syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
     syscall("worker_exit_read", "sys_exit_readv"),
     syscall("worker_exit_read", "sys_exit_recvmsg"),
     syscall("worker_enter_close", "sys_enter_close"),
@@ -150,6 +163,36 @@ pub const READ_DONE_PROGRAM: &str = "worker_libc_read_done";
 /// The read functions [`READ_DONE_PROGRAM`] can take over (plain buffer, fd in `rdi`).
 const READ_DONE_FUNCTIONS: [&str; 3] = ["read", "recv", "recvfrom"];
 
+/// Which libc programs go on which offsets: [`LIBC_UPROBES`] at each function's entry site,
+/// except that a read whose every system call returns where it can be probed gets
+/// [`READ_DONE_PROGRAM`] there instead of its entry and return probes, when `read_done` (the
+/// program loaded). In [`LIBC_UPROBES`] order, programs without offsets left out.
+fn libc_plan(
+    sites: &super::uprobe_multi::ProbeSites,
+    read_done: bool,
+) -> Vec<(&'static str, Vec<u64>)> {
+    let mut plan: Vec<(&'static str, Vec<u64>)> = Vec::new();
+    let mut add =
+        |program: &'static str, new: &[u64]| match plan.iter_mut().find(|(p, _)| *p == program) {
+            Some((_, list)) => list.extend_from_slice(new),
+            None => plan.push((program, new.to_vec())),
+        };
+    for (program, symbol) in LIBC_UPROBES {
+        let Some(offset) = sites.entries.get(symbol) else {
+            continue;
+        };
+        let exits = (read_done && READ_DONE_FUNCTIONS.contains(&symbol))
+            .then(|| sites.syscall_exits.get(symbol))
+            .flatten();
+        match (exits, program) {
+            (Some(exits), "worker_libc_read") => add(READ_DONE_PROGRAM, exits),
+            (Some(_), _) => {}
+            (None, _) => add(program, &[*offset]),
+        }
+    }
+    plan
+}
+
 /// Syscall tracepoints taken out together while no worker followed through the tracepoints
 /// needs them (see [`narrowing`]).
 struct SyscallGroup {
@@ -158,16 +201,29 @@ struct SyscallGroup {
     name: &'static str,
 }
 
+const WRITE_GROUP: SyscallGroup = SyscallGroup {
+    direction: Direction::Write,
+    specs: &[SYS_ENTER_WRITE],
+    name: "sys_enter_write",
+};
+
+/// The groups with [`READS_AT_EXIT`].
 const SYSCALL_GROUPS: [SyscallGroup; 2] = [
-    SyscallGroup {
-        direction: Direction::Write,
-        specs: &[SYS_ENTER_WRITE],
-        name: "sys_enter_write",
-    },
+    WRITE_GROUP,
     SyscallGroup {
         direction: Direction::Read,
-        specs: &[SYS_EXIT_READ],
+        specs: &[SYS_EXIT_READ_ALONE],
         name: "sys_exit_read",
+    },
+];
+
+/// The groups with [`READS_AT_BOTH_ENDS`].
+const SYSCALL_GROUPS_BOTH_ENDS: [SyscallGroup; 2] = [
+    WRITE_GROUP,
+    SyscallGroup {
+        direction: Direction::Read,
+        specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
+        name: "sys_enter_read and sys_exit_read",
     },
 ];
 
@@ -374,6 +430,11 @@ pub struct WorkerMaps {
     /// The libc programs loaded for uprobe-multi links, once the first worker needs them
     /// (where this kernel or the load refuses them: one uprobe per function).
     multi: super::uprobe_multi::LazyPrograms,
+    /// The tracepoints that follow `read()` and `recvfrom()`: [`READS_AT_EXIT`], or
+    /// [`READS_AT_BOTH_ENDS`] where its program does not load; chosen at the first attach.
+    read_tracepoints: Option<&'static [TracepointSpec]>,
+    /// [`READ_DONE_PROGRAM`] for uprobe-multi links, loaded on its own.
+    read_done_multi: super::uprobe_multi::LazyPrograms,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -465,6 +526,8 @@ impl WorkerMaps {
             libc_sites: std::collections::HashMap::new(),
             map_fds,
             multi: Default::default(),
+            read_done_multi: Default::default(),
+            read_tracepoints: None,
         })
     }
 
@@ -618,7 +681,7 @@ impl WorkerMaps {
         if !self.links.is_empty() {
             // A worker starts being followed: its first commands may go through write() and
             // read().
-            for (index, group) in SYSCALL_GROUPS.iter().enumerate() {
+            for (index, group) in self.syscall_groups().iter().enumerate() {
                 if let Err(e) = self.attach_syscall_group(ebpf, index) {
                     self.syscall_narrowing.schedules[index].reset(std::time::Instant::now());
                     tracing::warn!(error = %e, "cannot attach {} again for a new worker: what it sends or reads through it is not seen until it is", group.name);
@@ -626,7 +689,24 @@ impl WorkerMaps {
             }
             return Ok(());
         }
-        for spec in &WORKER_TRACEPOINTS {
+        let reads: &'static [TracepointSpec] = match self.read_tracepoints {
+            Some(reads) => reads,
+            None => {
+                let reads: &'static [TracepointSpec] = match super::load_program(
+                    ebpf,
+                    READS_AT_EXIT[0].program,
+                ) {
+                    Ok(()) => &READS_AT_EXIT,
+                    Err(e) => {
+                        tracing::info!(error = %e, "read() and recvfrom() are followed at their entry and exit (the program that follows them at their exit alone did not load)");
+                        &READS_AT_BOTH_ENDS
+                    }
+                };
+                self.read_tracepoints = Some(reads);
+                reads
+            }
+        };
+        for spec in WORKER_TRACEPOINTS.iter().chain(reads) {
             match attach_tracepoint(ebpf, spec) {
                 Ok(link) => self.links.push((spec, link)),
                 Err(e) => {
@@ -638,7 +718,7 @@ impl WorkerMaps {
         }
         self.attach_error = None;
         tracing::info!(
-            syscalls = WORKER_TRACEPOINTS.len(),
+            syscalls = WORKER_TRACEPOINTS.len() + reads.len(),
             "worker syscall probes attached"
         );
         Ok(())
@@ -659,30 +739,21 @@ impl WorkerMaps {
         let libc = target.path().to_path_buf();
         let sites = self.libc_sites(&libc);
         let offsets = &sites.entries;
-        // Offsets per program, in LIBC_UPROBES order.
-        let mut per_program: Vec<(&'static str, Vec<u64>)> = Vec::new();
-        let mut add = |program: &'static str, new: &[u64]| match per_program
-            .iter_mut()
-            .find(|(p, _)| *p == program)
-        {
-            Some((_, list)) => list.extend_from_slice(new),
-            None => per_program.push((program, new.to_vec())),
+        // Reads are probed where their system call returned if that program loads (on its
+        // own: its failing must not take the other programs with it); else at entry and return.
+        let multi_supported = self.multi_programs().is_some();
+        let read_done = if multi_supported {
+            self.read_done_multi
+                .get(
+                    &self.map_fds,
+                    &[READ_DONE_PROGRAM],
+                    "reads are probed at their entry and return (the program for where they returned did not load)",
+                )
+                .is_some()
+        } else {
+            super::load_program(ebpf, READ_DONE_PROGRAM).is_ok()
         };
-        for (program, symbol) in LIBC_UPROBES {
-            let Some(offset) = offsets.get(symbol) else {
-                continue;
-            };
-            // A read whose system call returns where it can be probed: one probe there.
-            let exits = READ_DONE_FUNCTIONS
-                .contains(&symbol)
-                .then(|| sites.syscall_exits.get(symbol))
-                .flatten();
-            match (exits, program) {
-                (Some(exits), "worker_libc_read") => add(READ_DONE_PROGRAM, exits),
-                (Some(_), _) => {}
-                (None, _) => add(program, &[*offset]),
-            }
-        }
+        let per_program = libc_plan(&sites, read_done);
         // A read (both sides of it, or where it returned) and a write are needed: without
         // them nothing is followed.
         let has = |p: &str| per_program.iter().any(|(name, _)| *name == p);
@@ -704,13 +775,22 @@ impl WorkerMaps {
         // now and when it is put back (see `WriteProbe::file`). Without it, `write` stays.
         let held = std::fs::File::open(&libc).ok();
         let write_path = held.as_ref().map_or_else(|| libc.clone(), fd_path);
-        let links = match self.multi_programs() {
+        // Loaded above (`multi_supported`); borrowed by field so that the other fields stay
+        // usable inside.
+        let links = match self.multi.loaded_programs() {
             Some(multi) => {
                 let mut links = Vec::new();
                 let mut write_link = None;
                 for (program, offsets) in &per_program {
                     let retprobe = multi.retprobe(program).unwrap_or(false);
-                    let attached = if *program == WRITE_PROGRAM {
+                    let attached = if *program == READ_DONE_PROGRAM {
+                        match self.read_done_multi.loaded_programs() {
+                            Some(read_done) => read_done
+                                .attach(program, &libc, offsets, Some(pid), false)
+                                .map(Some),
+                            None => Ok(None),
+                        }
+                    } else if *program == WRITE_PROGRAM {
                         // `write` in a link of its own, which can go while `send` and
                         // `sendto` stay (see `narrowing`); cookies tell them apart.
                         let sockets: Vec<u64> = offsets
@@ -820,8 +900,7 @@ impl WorkerMaps {
 
     /// The libc programs loaded for uprobe-multi links, loading them the first time.
     fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        let mut names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
-        names.push(READ_DONE_PROGRAM);
+        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
         self.multi.get(
             &self.map_fds,
             &names,
@@ -1131,7 +1210,7 @@ impl WorkerMaps {
         }
         self.syscall_narrowing.connects_seen = seen_all;
         let mut due = Vec::new();
-        for index in 0..SYSCALL_GROUPS.len() {
+        for index in 0..self.syscall_groups().len() {
             if connected {
                 self.syscall_narrowing.schedules[index].reset(now);
             }
@@ -1153,7 +1232,7 @@ impl WorkerMaps {
             remember_servers(known, by_direction[0].servers(*pid));
         }
         for index in due {
-            let group = &SYSCALL_GROUPS[index];
+            let group = &self.syscall_groups()[index];
             let connections = &by_direction[group.direction as usize];
             let narrowed = !self.syscall_group_attached(index);
             let verdict =
@@ -1178,8 +1257,16 @@ impl WorkerMaps {
         }
     }
 
+    /// The narrowing groups of the read tracepoints in use.
+    fn syscall_groups(&self) -> &'static [SyscallGroup; 2] {
+        match self.read_tracepoints {
+            Some(reads) if reads.len() == READS_AT_BOTH_ENDS.len() => &SYSCALL_GROUPS_BOTH_ENDS,
+            _ => &SYSCALL_GROUPS,
+        }
+    }
+
     fn syscall_group_attached(&self, index: usize) -> bool {
-        SYSCALL_GROUPS[index]
+        self.syscall_groups()[index]
             .specs
             .iter()
             .all(|want| self.links.iter().any(|(spec, _)| spec.name == want.name))
@@ -1196,7 +1283,7 @@ impl WorkerMaps {
             let _ = handle.join();
         }
         let mut attached = Vec::new();
-        for spec in SYSCALL_GROUPS[index].specs {
+        for spec in self.syscall_groups()[index].specs {
             if self.links.iter().any(|(s, _)| s.name == spec.name) {
                 continue;
             }
@@ -1204,7 +1291,8 @@ impl WorkerMaps {
                 Ok(link) => attached.push((spec, link)),
                 Err(e) => {
                     // All or none, as the group was detached.
-                    let _ = drop_tracepoint_links(ebpf, attached, SYSCALL_GROUPS[index].name);
+                    let _ =
+                        drop_tracepoint_links(ebpf, attached, self.syscall_groups()[index].name);
                     return Err(e);
                 }
             }
@@ -1215,7 +1303,7 @@ impl WorkerMaps {
     }
 
     fn detach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) {
-        let group = &SYSCALL_GROUPS[index];
+        let group = &self.syscall_groups()[index];
         let (out, rest): (Vec<_>, Vec<_>) = self
             .links
             .drain(..)
@@ -1258,5 +1346,79 @@ impl WorkerMaps {
             .filter_map(Result::ok)
             .filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ebpf::uprobe_multi::ProbeSites;
+
+    /// Every libc function at entry site 100 + its index; exits for the named reads.
+    fn sites(exits: &[&str]) -> ProbeSites {
+        let mut sites = ProbeSites::default();
+        for (i, (_, symbol)) in LIBC_UPROBES.iter().enumerate() {
+            sites.entries.insert(symbol.to_string(), 100 + i as u64);
+        }
+        for (i, symbol) in exits.iter().enumerate() {
+            let at = 1000 + 10 * i as u64;
+            sites
+                .syscall_exits
+                .insert(symbol.to_string(), vec![at, at + 1]);
+        }
+        sites
+    }
+
+    fn offsets_of<'a>(plan: &'a [(&str, Vec<u64>)], program: &str) -> Option<&'a Vec<u64>> {
+        plan.iter().find(|(p, _)| *p == program).map(|(_, o)| o)
+    }
+
+    #[test]
+    fn reads_with_exit_sites_lose_their_entry_and_return_probes() {
+        let sites = sites(&["read", "recv", "recvfrom"]);
+        let plan = libc_plan(&sites, true);
+        let entry = |symbol: &str| sites.entries[symbol];
+        assert_eq!(
+            offsets_of(&plan, READ_DONE_PROGRAM),
+            Some(&vec![1000, 1001, 1010, 1011, 1020, 1021])
+        );
+        assert_eq!(offsets_of(&plan, "worker_libc_read"), None);
+        // readv and recvmsg keep both ends.
+        assert_eq!(
+            offsets_of(&plan, "worker_libc_read_ret"),
+            Some(&vec![entry("readv"), entry("recvmsg")])
+        );
+        assert_eq!(
+            offsets_of(&plan, "worker_libc_write"),
+            Some(&vec![entry("write"), entry("send"), entry("sendto")])
+        );
+        // 17 entries in LIBC_UPROBES: 3 reads and 3 returns replaced by 6 exit sites.
+        assert_eq!(plan.iter().map(|(_, o)| o.len()).sum::<usize>(), 17);
+    }
+
+    #[test]
+    fn without_the_program_or_the_sites_reads_keep_entry_and_return() {
+        for (exits, read_done) in [(&["read", "recv", "recvfrom"][..], false), (&[][..], true)] {
+            let sites = sites(exits);
+            let plan = libc_plan(&sites, read_done);
+            assert_eq!(offsets_of(&plan, READ_DONE_PROGRAM), None);
+            assert_eq!(offsets_of(&plan, "worker_libc_read").map(Vec::len), Some(3));
+            assert_eq!(
+                offsets_of(&plan, "worker_libc_read_ret").map(Vec::len),
+                Some(5)
+            );
+        }
+        // Mixed: recv has no exit site, so it keeps both ends while the others do not.
+        let sites = sites(&["read", "recvfrom"]);
+        let plan = libc_plan(&sites, true);
+        assert_eq!(
+            offsets_of(&plan, "worker_libc_read"),
+            Some(&vec![sites.entries["recv"]])
+        );
+        assert_eq!(
+            offsets_of(&plan, "worker_libc_read_ret").map(Vec::len),
+            Some(3)
+        );
+        assert_eq!(offsets_of(&plan, READ_DONE_PROGRAM).map(Vec::len), Some(4));
     }
 }
