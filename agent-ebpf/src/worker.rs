@@ -1054,20 +1054,8 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site
     let Some((tgid, id)) = worker_tgid(via) else {
         return;
     };
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
-    match CONNS.get_ptr_mut(&key) {
-        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => {
-            // Which function reads this connection's replies (see `worker_exit_read_regs`).
-            unsafe {
-                if (*conn).read_sites & site != site {
-                    (*conn).read_sites |= site;
-                }
-            }
-        }
-        _ => return,
+    if resp_conn_read_via(tgid, fd, site).is_none() {
+        return;
     }
     let (buf, iovcnt) = match iov_kind {
         1 => (buf, arg2 as u32),
@@ -1188,6 +1176,41 @@ fn handle_read_exit(ret: i64, via: u32) {
         return;
     };
     complete_read(conn, tgid, pending, ret as u64);
+}
+
+/// The followed RESP connection `fd` of `tgid`, with `site` (an `io_site` bit, 0 for none)
+/// added to the functions its replies are read through: the agent detaches sys_exit_read
+/// while every worker reads through recvfrom.
+#[inline(always)]
+fn resp_conn_read_via(tgid: u32, fd: u64, site: u32) -> Option<*mut ConnState> {
+    let conn = CONNS.get_ptr_mut(&ConnKey {
+        tgid,
+        fd: fd as u32,
+    })?;
+    unsafe {
+        if (*conn).kind != conn_kind::RESP {
+            return None;
+        }
+        if (*conn).read_sites & site != site {
+            (*conn).read_sites |= site;
+        }
+    }
+    Some(conn)
+}
+
+/// A plain read of `buf` on `fd` returned `ret` bytes, seen where it returned (no entry
+/// probe): the connection is looked up now.
+#[inline(always)]
+fn read_returned(tgid: u32, fd: u64, buf: u64, ret: u64, site: u32) {
+    let Some(conn) = resp_conn_read_via(tgid, fd, site) else {
+        return;
+    };
+    let pending = PendingRead {
+        buf,
+        fd: fd as u32,
+        iovcnt: 0,
+    };
+    complete_read(conn, tgid, pending, ret);
 }
 
 /// A read of `pending.buf` on connection `conn` (`pending.fd`) returned `ret` bytes.
@@ -1318,6 +1341,18 @@ fn handle_connect(fd: u64, addr: u64, via: u32) {
     let _ = CONN_PEERS.insert(&key, &peer, 0);
 }
 
+/// Which kind of function a `read()` or `recvfrom()` tracepoint came through (`io_site`), from
+/// the record's syscall number; an unreadable number counts as `read()`, the safe side, which
+/// keeps sys_exit_read attached.
+#[inline(always)]
+fn read_site(ctx: &TracePointContext) -> u32 {
+    if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
+        io_site::GENERIC
+    } else {
+        io_site::SOCKET
+    }
+}
+
 /// The syscall arguments of a tracepoint context (`sys_enter_*`: 8-byte args from offset 16).
 #[inline(always)]
 fn tp_args(ctx: &TracePointContext) -> (u64, u64, u64) {
@@ -1378,12 +1413,7 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
-        io_site::GENERIC
-    } else {
-        io_site::SOCKET
-    };
-    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, site);
+    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, read_site(&ctx));
     0
 }
 
@@ -1429,36 +1459,7 @@ pub fn worker_exit_read_regs(ctx: TracePointContext) -> u32 {
     let (Ok(fd), Ok(buf)) = (saved(PT_REGS_RDI), saved(PT_REGS_RSI)) else {
         return 0;
     };
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
-    let conn = match CONNS.get_ptr_mut(&key) {
-        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => conn,
-        _ => return 0,
-    };
-    // Which syscall reads this connection's replies: the agent detaches sys_exit_read while
-    // every worker reads through recvfrom.
-    let site = if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
-        io_site::GENERIC
-    } else {
-        io_site::SOCKET
-    };
-    unsafe {
-        if (*conn).read_sites & site != site {
-            (*conn).read_sites |= site;
-        }
-    }
-    complete_read(
-        conn,
-        tgid,
-        PendingRead {
-            buf,
-            fd: fd as u32,
-            iovcnt: 0,
-        },
-        ret as u64,
-    );
+    read_returned(tgid, fd, buf, ret as u64, read_site(&ctx));
     0
 }
 
@@ -1538,24 +1539,8 @@ pub fn worker_libc_read_done(ctx: ProbeContext) -> u32 {
     let Some((tgid, _)) = worker_tgid(via::LIBC) else {
         return 0;
     };
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
-    let conn = match CONNS.get_ptr_mut(&key) {
-        Some(conn) if unsafe { (*conn).kind } == conn_kind::RESP => conn,
-        _ => return 0,
-    };
-    complete_read(
-        conn,
-        tgid,
-        PendingRead {
-            buf,
-            fd: fd as u32,
-            iovcnt: 0,
-        },
-        ret as u64,
-    );
+    // Uprobe workers keep their read probes: which function read is not needed.
+    read_returned(tgid, fd, buf, ret as u64, 0);
     0
 }
 
