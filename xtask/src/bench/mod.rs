@@ -380,7 +380,7 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
         let Some(s) = &run.stats else { continue };
         println!(
             "{variant:?}: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
-            s.ns_per_op_of("worker_") / 1e3,
+            s.ns_per_op_of("worker_") / 1e3 + 0.0,
             s.total_ns_per_op / 1e3,
             run.commands_per_job
         );
