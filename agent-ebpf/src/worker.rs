@@ -1341,12 +1341,13 @@ fn handle_connect(fd: u64, addr: u64, via: u32) {
     let _ = CONN_PEERS.insert(&key, &peer, 0);
 }
 
-/// Which kind of function a `read()` or `recvfrom()` tracepoint came through (`io_site`), from
-/// the record's syscall number; an unreadable number counts as `read()`, the safe side, which
-/// keeps sys_exit_read attached.
+/// Which kind of function a syscall tracepoint shared by `write()`/`sendto()` or
+/// `read()`/`recvfrom()` came through (`io_site`), from the record's syscall number:
+/// `generic_nr` (`NR_WRITE` or `NR_READ`) is the generic one. An unreadable number counts as
+/// the generic one, the safe side, which keeps its tracepoint attached.
 #[inline(always)]
-fn read_site(ctx: &TracePointContext) -> u32 {
-    if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_READ) == NR_READ {
+fn syscall_site(ctx: &TracePointContext, generic_nr: i32) -> u32 {
+    if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(generic_nr) == generic_nr {
         io_site::GENERIC
     } else {
         io_site::SOCKET
@@ -1383,14 +1384,7 @@ pub fn worker_enter_write(ctx: TracePointContext) -> u32 {
     // record's syscall number tells them apart (`io_site`): the agent detaches
     // sys_enter_write while every followed worker sends through sendto.
     let (fd, buf, len) = tp_args(&ctx);
-    // An unreadable number counts as write(): the safe side, which keeps the probe.
-    let nr = unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(NR_WRITE);
-    let site = if nr == NR_WRITE {
-        io_site::GENERIC
-    } else {
-        io_site::SOCKET
-    };
-    handle_write(fd, buf, len, via::SYSCALLS, site);
+    handle_write(fd, buf, len, via::SYSCALLS, syscall_site(&ctx, NR_WRITE));
     0
 }
 
@@ -1413,7 +1407,7 @@ pub fn worker_enter_sendmsg(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn worker_enter_read(ctx: TracePointContext) -> u32 {
     let (fd, buf, arg2) = tp_args(&ctx);
-    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, read_site(&ctx));
+    handle_read_enter(fd, buf, arg2, 0, via::SYSCALLS, syscall_site(&ctx, NR_READ));
     0
 }
 
@@ -1459,7 +1453,7 @@ pub fn worker_exit_read_regs(ctx: TracePointContext) -> u32 {
     let (Ok(fd), Ok(buf)) = (saved(PT_REGS_RDI), saved(PT_REGS_RSI)) else {
         return 0;
     };
-    read_returned(tgid, fd, buf, ret as u64, read_site(&ctx));
+    read_returned(tgid, fd, buf, ret as u64, syscall_site(&ctx, NR_READ));
     0
 }
 
