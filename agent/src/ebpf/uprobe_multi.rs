@@ -634,7 +634,7 @@ impl LazyPrograms {
             }
             self.0 = Some(loaded);
         }
-        self.0.as_ref()?.as_ref().ok()
+        self.loaded_programs()
     }
 
     /// The programs if they were loaded (without trying).
@@ -644,7 +644,7 @@ impl LazyPrograms {
 
     /// Whether the programs were loaded (without trying).
     pub fn loaded(&self) -> bool {
-        matches!(self.0, Some(Ok(_)))
+        self.loaded_programs().is_some()
     }
 }
 

@@ -36,23 +36,52 @@ const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
 /// The tracepoints that see every `write()` and `read()` on the node: detached while every
 /// worker followed through the tracepoints uses `sendto` and `recvfrom` (see [`narrowing`]).
 const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
-/// `read()` and `recvfrom()` followed at their exit only: the program reads the fd and the
-/// buffer from the registers the task saved at the entry (`worker_exit_read_regs`, which needs
-/// the kernel's BTF for `bpf_get_current_task_btf`).
-const READS_AT_EXIT: [TracepointSpec; 2] = [
-    SYS_EXIT_READ_ALONE,
-    syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
-];
-const SYS_EXIT_READ_ALONE: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
-/// The fallback where that program does not load: the entry saves the buffer for the exit.
-const READS_AT_BOTH_ENDS: [TracepointSpec; 4] = [
-    SYS_ENTER_READ,
-    syscall("worker_enter_read", "sys_enter_recvfrom"),
-    SYS_EXIT_READ,
-    syscall("worker_exit_read", "sys_exit_recvfrom"),
-];
 const SYS_ENTER_READ: TracepointSpec = syscall("worker_enter_read", "sys_enter_read");
 const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read", "sys_exit_read");
+const SYS_EXIT_READ_ALONE: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
+
+/// How `read()` and `recvfrom()` are followed: their tracepoints, and the narrowing groups
+/// that go with them (the write group, then the read group).
+struct ReadFollowing {
+    tracepoints: &'static [TracepointSpec],
+    groups: [SyscallGroup; 2],
+}
+
+/// At their exit only: the program reads the fd and the buffer from the registers the task
+/// saved at the entry (`worker_exit_read_regs`, which needs the kernel's BTF for
+/// `bpf_get_current_task_btf`).
+const READS_AT_EXIT: ReadFollowing = ReadFollowing {
+    tracepoints: &[
+        SYS_EXIT_READ_ALONE,
+        syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
+    ],
+    groups: [
+        WRITE_GROUP,
+        SyscallGroup {
+            direction: Direction::Read,
+            specs: &[SYS_EXIT_READ_ALONE],
+            name: "sys_exit_read",
+        },
+    ],
+};
+
+/// The fallback where that program does not load: the entry saves the buffer for the exit.
+const READS_AT_BOTH_ENDS: ReadFollowing = ReadFollowing {
+    tracepoints: &[
+        SYS_ENTER_READ,
+        syscall("worker_enter_read", "sys_enter_recvfrom"),
+        SYS_EXIT_READ,
+        syscall("worker_exit_read", "sys_exit_recvfrom"),
+    ],
+    groups: [
+        WRITE_GROUP,
+        SyscallGroup {
+            direction: Direction::Read,
+            specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
+            name: "sys_enter_read and sys_exit_read",
+        },
+    ],
+};
 
 /// The syscalls followed besides `read()` and `recvfrom()` (one of the two sets above), and
 /// the program each runs.
@@ -207,27 +236,7 @@ const WRITE_GROUP: SyscallGroup = SyscallGroup {
     name: "sys_enter_write",
 };
 
-/// The groups with [`READS_AT_EXIT`].
-const SYSCALL_GROUPS: [SyscallGroup; 2] = [
-    WRITE_GROUP,
-    SyscallGroup {
-        direction: Direction::Read,
-        specs: &[SYS_EXIT_READ_ALONE],
-        name: "sys_exit_read",
-    },
-];
-
-/// The groups with [`READS_AT_BOTH_ENDS`].
-const SYSCALL_GROUPS_BOTH_ENDS: [SyscallGroup; 2] = [
-    WRITE_GROUP,
-    SyscallGroup {
-        direction: Direction::Read,
-        specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
-        name: "sys_enter_read and sys_exit_read",
-    },
-];
-
-/// When each of [`SYSCALL_GROUPS`] is looked at next.
+/// When each of the [`ReadFollowing::groups`] is looked at next.
 #[derive(Debug)]
 struct SyscallNarrowing {
     schedules: [narrowing::Schedule; 2],
@@ -430,9 +439,9 @@ pub struct WorkerMaps {
     /// The libc programs loaded for uprobe-multi links, once the first worker needs them
     /// (where this kernel or the load refuses them: one uprobe per function).
     multi: super::uprobe_multi::LazyPrograms,
-    /// The tracepoints that follow `read()` and `recvfrom()`: [`READS_AT_EXIT`], or
+    /// How `read()` and `recvfrom()` are followed: [`READS_AT_EXIT`], or
     /// [`READS_AT_BOTH_ENDS`] where its program does not load; chosen at the first attach.
-    read_tracepoints: Option<&'static [TracepointSpec]>,
+    read_following: Option<&'static ReadFollowing>,
     /// [`READ_DONE_PROGRAM`] for uprobe-multi links, loaded on its own.
     read_done_multi: super::uprobe_multi::LazyPrograms,
 }
@@ -527,7 +536,7 @@ impl WorkerMaps {
             map_fds,
             multi: Default::default(),
             read_done_multi: Default::default(),
-            read_tracepoints: None,
+            read_following: None,
         })
     }
 
@@ -689,12 +698,12 @@ impl WorkerMaps {
             }
             return Ok(());
         }
-        let reads: &'static [TracepointSpec] = match self.read_tracepoints {
+        let reads = match self.read_following {
             Some(reads) => reads,
             None => {
-                let reads: &'static [TracepointSpec] = match super::load_program(
+                let reads: &'static ReadFollowing = match super::load_program(
                     ebpf,
-                    READS_AT_EXIT[0].program,
+                    READS_AT_EXIT.tracepoints[0].program,
                 ) {
                     Ok(()) => &READS_AT_EXIT,
                     Err(e) => {
@@ -702,11 +711,11 @@ impl WorkerMaps {
                         &READS_AT_BOTH_ENDS
                     }
                 };
-                self.read_tracepoints = Some(reads);
+                self.read_following = Some(reads);
                 reads
             }
         };
-        for spec in WORKER_TRACEPOINTS.iter().chain(reads) {
+        for spec in WORKER_TRACEPOINTS.iter().chain(reads.tracepoints) {
             match attach_tracepoint(ebpf, spec) {
                 Ok(link) => self.links.push((spec, link)),
                 Err(e) => {
@@ -718,7 +727,7 @@ impl WorkerMaps {
         }
         self.attach_error = None;
         tracing::info!(
-            syscalls = WORKER_TRACEPOINTS.len() + reads.len(),
+            syscalls = WORKER_TRACEPOINTS.len() + reads.tracepoints.len(),
             "worker syscall probes attached"
         );
         Ok(())
@@ -1180,7 +1189,7 @@ impl WorkerMaps {
         }
     }
 
-    /// Each of [`SYSCALL_GROUPS`] serves every worker followed through the tracepoints: it
+    /// Each of the [`ReadFollowing::groups`] serves every worker followed through the tracepoints: it
     /// goes only when all of them use the socket functions, and comes back when any of them
     /// connects to its Redis again (or when a worker starts being followed, in
     /// [`Self::attach_syscalls`]). After it comes back it stays at least
@@ -1259,10 +1268,7 @@ impl WorkerMaps {
 
     /// The narrowing groups of the read tracepoints in use.
     fn syscall_groups(&self) -> &'static [SyscallGroup; 2] {
-        match self.read_tracepoints {
-            Some(reads) if reads.len() == READS_AT_BOTH_ENDS.len() => &SYSCALL_GROUPS_BOTH_ENDS,
-            _ => &SYSCALL_GROUPS,
-        }
+        &self.read_following.unwrap_or(&READS_AT_EXIT).groups
     }
 
     fn syscall_group_attached(&self, index: usize) -> bool {
