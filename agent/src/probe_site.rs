@@ -554,6 +554,18 @@ mod tests {
         305dc3660f1f840000000000488b1579830c00f7d864890248c7c0ffffffffc30f1f4000488b1561830c00f7\
         d864890248c7c0ffffffffebb5";
 
+    /// `N` bytes from a xorshift generator, `seed` advanced.
+    fn random_bytes<const N: usize>(seed: &mut u64) -> [u8; N] {
+        let mut bytes = [0u8; N];
+        for b in &mut bytes {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *b = *seed as u8;
+        }
+        bytes
+    }
+
     fn hex(text: &str) -> Vec<u8> {
         let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
         digits
@@ -585,8 +597,7 @@ mod tests {
 
     #[test]
     fn a_path_out_that_passes_no_site_keeps_the_return_probe() {
-        // 0: test %eax,%eax; 2: je 9 (the path that calls elsewhere); 4: syscall;
-        // 6: cmp %rax,%rax; 9 would be... laid out as:
+        // The je takes the path that calls elsewhere:
         //   0 85c0        test %eax,%eax
         //   2 7408        je 0xc
         //   4 0f05        syscall
@@ -629,13 +640,7 @@ mod tests {
         }
         let mut seed = 0x9e3779b97f4a7c15u64;
         for _ in 0..5_000 {
-            let mut code = [0u8; 48];
-            for b in &mut code {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                *b = seed as u8;
-            }
+            let mut code: [u8; 48] = random_bytes(&mut seed);
             code[20] = 0x0f;
             code[21] = 0x05;
             if let Some(sites) = syscall_exit_sites(&code) {
@@ -651,13 +656,7 @@ mod tests {
     fn arbitrary_bytes_never_panic() {
         let mut seed = 0x2545f4914f6cdd1du64;
         for _ in 0..20_000 {
-            let mut code = [0u8; 12];
-            for b in &mut code {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                *b = seed as u8;
-            }
+            let code: [u8; 12] = random_bytes(&mut seed);
             let site = find(&code);
             assert!(site.offset < code.len() as u64);
         }

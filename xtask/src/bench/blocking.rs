@@ -56,14 +56,14 @@ fn cpu_seconds(stat_path: &str) -> f64 {
 /// sampling luck is 1.7 us per job, as much as the cost being measured. `stat` where the
 /// kernel has no schedstat (CONFIG_SCHED_INFO off).
 fn main_thread_cpu(pid: u32) -> f64 {
-    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"));
-    match schedstat
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-    {
-        Some(ns) => ns / 1e9,
-        None => cpu_seconds(&format!("/proc/{pid}/task/{pid}/stat")),
-    }
+    let task = std::path::PathBuf::from(format!("/proc/{pid}/task/{pid}"));
+    schedstat_seconds(&task).unwrap_or_else(|| cpu_seconds(&format!("/proc/{pid}/task/{pid}/stat")))
+}
+
+/// A task's CPU seconds from its `schedstat` (the first field, in ns), if the kernel has it.
+fn schedstat_seconds(task: &std::path::Path) -> Option<f64> {
+    let text = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    Some(text.split_whitespace().next()?.parse::<f64>().ok()? / 1e9)
 }
 
 /// CPU seconds of a whole process: the sum of its live threads' schedstat (ns), so that a
@@ -75,20 +75,11 @@ pub fn process_cpu(pid: u32) -> f64 {
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|dir| dir.flatten().map(|e| e.path()).collect::<Vec<_>>())
         .unwrap_or_default();
-    let mut ns = 0.0;
-    for thread in &threads {
-        let Some(thread_ns) = std::fs::read_to_string(thread.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        else {
-            return cpu_seconds(&format!("/proc/{pid}/stat"));
-        };
-        ns += thread_ns;
+    let summed: Option<f64> = threads.iter().map(|t| schedstat_seconds(t)).sum();
+    match summed {
+        Some(seconds) if !threads.is_empty() => seconds,
+        _ => cpu_seconds(&format!("/proc/{pid}/stat")),
     }
-    if threads.is_empty() {
-        return cpu_seconds(&format!("/proc/{pid}/stat"));
-    }
-    ns / 1e9
 }
 
 /// (calls, usec) of BRPOP from INFO commandstats.
@@ -218,4 +209,22 @@ pub fn run_once(
         agent_cpu_share: agent_cpu,
     };
     Ok((sample, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_of_this_process_and_its_main_thread() {
+        let me = std::process::id();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        let (main, all) = (main_thread_cpu(me), process_cpu(me));
+        assert!(main > 0.0 && all > 0.0, "main {main}, all {all}");
+        // The test's own thread spun; the process total includes it.
+        assert!(all >= 0.02, "all {all}");
+    }
 }
