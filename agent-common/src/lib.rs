@@ -25,6 +25,8 @@ pub mod maps {
     pub const TRACKED_TGIDS: &str = "TRACKED_TGIDS";
     /// [`crate::pidset`] of the threads (tids) that have a [`THREAD_STATE`] entry.
     pub const TRACKED_TIDS: &str = "TRACKED_TIDS";
+    /// Offsets in `task_struct` of the counters [`crate::sched::task_counter`] names.
+    pub const TASK_COUNTER_OFFSETS: &str = "TASK_CTR_OFFS";
     /// Slot -> [`crate::sched::SchedHistograms`] (a per-CPU array).
     pub const SCHED_HISTOGRAMS: &str = "SCHED_HISTS";
     /// [`crate::sched::ThreadGroupKey`] -> its slot in [`SCHED_HISTOGRAMS`].
@@ -78,6 +80,8 @@ pub mod maps {
 pub mod programs {
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const SCHED_WAKEUP: &str = "sched_wakeup";
+    /// `sched_switch` alone, reading the kernel's own counters (the default with BTF).
+    pub const SCHED_SWITCH_COUNTERS: &str = "sched_switch_counters";
     pub const SCHED_WAKEUP_NEW: &str = "sched_wakeup_new";
     pub const PROCESS_EXEC: &str = "sched_process_exec";
     pub const PROCESS_EXIT: &str = "sched_process_exit";

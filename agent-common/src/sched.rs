@@ -140,6 +140,32 @@ pub struct ThreadState {
     /// The thread name the slot was found for, as two words: a renamed thread looks its
     /// group up again.
     pub comm_words: [u64; 2],
+    /// The kernel's own counters of the thread as they were at its last switch out (or as the
+    /// agent read them from /proc when it started tracking); all zero when not known.
+    pub counters_at_switch_out: TaskCounters,
+}
+
+/// A task's scheduler counters, kept by the kernel whatever the agent does: what
+/// `/proc/<pid>/task/<tid>/schedstat` prints, in its order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskCounters {
+    /// Nanoseconds on a CPU (`se.sum_exec_runtime`).
+    pub cpu_ns: u64,
+    /// Nanoseconds runnable but waiting for a CPU (`sched_info.run_delay`).
+    pub run_delay_ns: u64,
+    /// Arrivals on a CPU (`sched_info.pcount`): each ends one wait and starts one stretch.
+    pub arrivals: u64,
+}
+
+/// Entries of the `TASK_CTR_OFFS` array: byte offsets in `task_struct`, found by the agent in
+/// the kernel's BTF. Zero means not found.
+pub mod task_counter {
+    /// `se.sum_exec_runtime`.
+    pub const CPU_NS: u32 = 0;
+    /// `sched_info.pcount`, which `sched_info.run_delay` follows: both are read at once.
+    pub const ARRIVALS_THEN_RUN_DELAY: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Indexes into the `PROBE_COUNTERS` per-CPU array.
@@ -171,7 +197,7 @@ pub const PROBE_COUNTER_SLOTS: u32 = 16;
 
 const _: () = assert!(core::mem::size_of::<ThreadGroupKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Log2Histogram>() == 16 + 8 * HIST_BUCKETS);
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 40);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 64);
 const _: () = assert!(core::mem::size_of::<TrackedProcess>() == 8);
 
 #[cfg(feature = "user")]
@@ -181,5 +207,6 @@ mod pod {
     unsafe impl aya::Pod for ThreadGroupKey {}
     unsafe impl aya::Pod for SchedHistograms {}
     unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for TaskCounters {}
     unsafe impl aya::Pod for Log2Histogram {}
 }

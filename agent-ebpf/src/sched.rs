@@ -1,21 +1,34 @@
 //! On-CPU stretches and run-queue delay of the threads of tracked processes, aggregated in the
 //! kernel into per-CPU log2 histograms keyed by (tgid, thread name).
 //!
-//! A thread becomes runnable when it is woken (`sched_wakeup`) or preempted while still
-//! runnable (`sched_switch` with a running `prev_state`); its run-queue delay ends when
-//! `sched_switch` puts it on a CPU. Its on-CPU stretch ends at the next `sched_switch` away.
+//! Two ways, one chosen by the agent:
+//!
+//! - [`sched_switch_counters`] alone (the default where the kernel has BTF). The kernel keeps
+//!   two counters per task, its CPU time and its time waiting for a CPU (the first two fields
+//!   of `/proc/<pid>/task/<tid>/schedstat`), and brings both up to date before `sched_switch`
+//!   fires. Between two switches out of a thread there is exactly one stretch on a CPU and the
+//!   one wait that preceded it, so the counters' growth since the last switch out is that
+//!   stretch and that wait; the kernel's count of arrivals on a CPU, read with them, confirms
+//!   that exactly one lies between. Only the task being switched out is looked at, no clock is
+//!   read and `sched_wakeup` is not attached at all: every wakeup of the node costs nothing.
+//! - [`sched_switch`] with [`sched_wakeup`] (kernels without BTF). A thread becomes runnable
+//!   when it is woken (`sched_wakeup`) or preempted while still runnable (`sched_switch` with a
+//!   running `prev_state`); its run-queue delay ends when `sched_switch` puts it on a CPU. Its
+//!   on-CPU stretch ends at the next `sched_switch` away.
 
 use agent_common::{
     sched::{
-        Log2Histogram, ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState,
-        MAX_THREAD_GROUPS,
+        task_counter, Log2Histogram, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey,
+        ThreadState, MAX_THREAD_GROUPS,
     },
     COMM_LEN,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, Queue},
+    maps::{Array, HashMap, PerCpuArray, Queue},
     programs::TracePointContext,
 };
 
@@ -33,6 +46,10 @@ static SCHED_SLOTS: HashMap<ThreadGroupKey, u32> = HashMap::with_max_entries(MAX
 /// Free slots of `SCHED_HISTS` (all zero), filled by the agent.
 #[map]
 static SCHED_FREE: Queue<u32> = Queue::with_max_entries(MAX_THREAD_GROUPS, 0);
+/// Offsets in `task_struct` of the kernel's counters (`task_counter`), written by the agent
+/// from the kernel's BTF before it attaches [`sched_switch_counters`].
+#[map]
+static TASK_CTR_OFFS: Array<u64> = Array::with_max_entries(task_counter::COUNT, 0);
 
 // /sys/kernel/tracing/events/sched/sched_switch/format (Linux 6.18):
 //   field:char prev_comm[16];  offset:8;  size:16
@@ -80,6 +97,84 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `sched_switch` on its own: the stretch on a CPU that just ended and the wait before it,
+/// from the kernel's own counters of the task being switched out (see the module's doc).
+#[tracepoint]
+pub fn sched_switch_counters(ctx: TracePointContext) -> u32 {
+    // The common case, a task nobody tracks, costs one field load, one helper call and one
+    // inlined bitmap load.
+    let prev_pid: i32 = tp_field(&ctx, SWITCH_PREV_PID);
+    // At this tracepoint `current` is still the task being switched out.
+    let prev_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if prev_pid <= 0 || !pid_in(&TRACKED_TGIDS, prev_tgid) {
+        return 0;
+    }
+    let _ = counted_switch_out(&ctx, prev_tgid, prev_pid as u32);
+    0
+}
+
+#[inline(always)]
+fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()> {
+    let cpu_offset = *TASK_CTR_OFFS.get(task_counter::CPU_NS)?;
+    let info_offset = *TASK_CTR_OFFS.get(task_counter::ARRIVALS_THEN_RUN_DELAY)?;
+    if cpu_offset == 0 || info_offset == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // Two reads: `sched_info.pcount` and `sched_info.run_delay` are adjacent (the agent checks).
+    let (cpu_ns, [arrivals, run_delay_ns]) = unsafe {
+        (
+            bpf_probe_read_kernel(task.wrapping_add(cpu_offset as usize) as *const u64).ok()?,
+            bpf_probe_read_kernel(task.wrapping_add(info_offset as usize) as *const [u64; 2])
+                .ok()?,
+        )
+    };
+    let now = TaskCounters {
+        cpu_ns,
+        run_delay_ns,
+        arrivals,
+    };
+    match THREAD_STATE.get_ptr_mut(&tid) {
+        // A thread of the process the entry was made for (a reused tid starts over).
+        Some(state) if unsafe { (*state).tgid } == tgid => {
+            let state = unsafe { &mut *state };
+            let last = state.counters_at_switch_out;
+            // Exactly one arrival since the counters were last read: exactly one wait and one
+            // stretch lie between. None means the thread was running when the agent read
+            // them from /proc (its stretch began before), more means switches were missed.
+            if last.cpu_ns != 0
+                && arrivals == last.arrivals + 1
+                && cpu_ns >= last.cpu_ns
+                && run_delay_ns >= last.run_delay_ns
+            {
+                if let Some(hists) = histograms_of(state, tgid, comm_words(ctx, SWITCH_PREV_COMM)) {
+                    unsafe {
+                        (*hists).on_cpu.record(cpu_ns - last.cpu_ns);
+                        (*hists)
+                            .runqueue_delay
+                            .record(run_delay_ns - last.run_delay_ns);
+                    }
+                }
+            }
+            state.counters_at_switch_out = now;
+        }
+        _ => {
+            // First sight of this thread: the counters are the baseline of its next stretch.
+            let state = ThreadState {
+                tgid,
+                counters_at_switch_out: now,
+                ..ThreadState::default()
+            };
+            if THREAD_STATE.insert(&tid, &state, 0).is_err() {
+                bump(ProbeCounter::ThreadStateInsertFailed);
+                return None;
+            }
+            pid_set(&TRACKED_TIDS, tid, true);
+        }
+    }
+    Some(())
+}
+
 #[inline(always)]
 fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
     let prev_state: i64 = tp_field(ctx, SWITCH_PREV_STATE);
@@ -100,10 +195,8 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             // recorded until it comes back on a CPU.
             let state = ThreadState {
                 tgid,
-                slot_plus_one: 0,
                 runnable_since_ns: runnable_since,
-                on_cpu_since_ns: 0,
-                comm_words: [0; 2],
+                ..ThreadState::default()
             };
             if THREAD_STATE.insert(&tid, &state, 0).is_err() {
                 bump(ProbeCounter::ThreadStateInsertFailed);

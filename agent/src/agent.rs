@@ -128,9 +128,16 @@ impl AgentState {
                         Ok((samples, _)) => samples.iter().map(|s| s.tid).collect(),
                         Err(_) => vec![pid],
                     };
+                    let threads: Vec<_> = tids
+                        .iter()
+                        .map(|&tid| (tid, self.proc.thread_counters(pid, tid)))
+                        .collect();
                     let probes = match self.probes.as_mut() {
                         Some(probes) => {
-                            match probes.sched.track(pid, p.info.id.start_time_ticks, &tids) {
+                            match probes
+                                .sched
+                                .track(pid, p.info.id.start_time_ticks, &threads)
+                            {
                                 Ok(()) => "sched",
                                 Err(e) => {
                                     tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");

@@ -14,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod ebpf;
 pub mod export;
+pub mod kernel_btf;
 pub mod metrics;
 pub mod privileges;
 pub mod probe_site;

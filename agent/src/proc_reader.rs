@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use agent_common::sched::TaskCounters;
+
 use procfs::{
     net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process},
@@ -133,6 +135,17 @@ fn read_stat(pid: u32, path: &Path) -> Result<procfs::process::Stat, ReadError> 
         });
     }
     procfs::process::Stat::from_read(&bytes[..]).map_err(|e| ReadError::from_proc(pid, "stat", e))
+}
+
+/// `/proc/<pid>/task/<tid>/schedstat`: CPU ns, run-queue wait ns, arrivals on a CPU.
+pub fn parse_schedstat(text: &str) -> Option<TaskCounters> {
+    let mut fields = text.split_ascii_whitespace().map(|f| f.parse::<u64>().ok());
+    let counters = TaskCounters {
+        cpu_ns: fields.next()??,
+        run_delay_ns: fields.next()??,
+        arrivals: fields.next()??,
+    };
+    fields.next().is_none().then_some(counters)
 }
 
 /// Whether a stat text has the shape procfs's parser slices without panicking: a pid, then
@@ -274,6 +287,18 @@ impl ProcRoot {
             return Err(ReadError::Vanished(pid));
         }
         Ok((samples, vanished))
+    }
+
+    /// A thread's scheduler counters (`/proc/<pid>/task/<tid>/schedstat`); `None` if it is gone
+    /// or the file does not parse.
+    pub fn thread_counters(&self, pid: u32, tid: u32) -> Option<TaskCounters> {
+        let path = self
+            .root
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.to_string())
+            .join("schedstat");
+        parse_schedstat(&std::fs::read_to_string(path).ok()?)
     }
 
     /// Where the process's executable can be opened from the agent's mount namespace: through
@@ -446,6 +471,28 @@ pub fn ticks_per_second() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn schedstat_is_three_counters_or_nothing() {
+        assert_eq!(
+            super::parse_schedstat("268069205 61071065 1793\n"),
+            Some(agent_common::sched::TaskCounters {
+                cpu_ns: 268069205,
+                run_delay_ns: 61071065,
+                arrivals: 1793
+            })
+        );
+        for bad in [
+            "",
+            "1 2",
+            "1 2 3 4",
+            "1 -2 3",
+            "a b c",
+            "1 2 18446744073709551616",
+        ] {
+            assert_eq!(super::parse_schedstat(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -66,10 +66,9 @@ fn start_probes(config: &Config) -> anyhow::Result<Started> {
                 anyhow::bail!("--require-ebpf: {message}");
             }
             tracing::warn!(error = %message, "eBPF unavailable: measuring per-thread CPU from /proc only; run-queue delay, blocking probes and exec/exit events are off");
-            let status = ebpf::sched::TRACEPOINTS
-                .iter()
-                .map(|t| ProbeStatus {
-                    program: t.program,
+            let status = ebpf::sched::default_programs()
+                .map(|program| ProbeStatus {
+                    program,
                     attached: false,
                     error: Some(message.clone()),
                 })

@@ -17,6 +17,8 @@ use opentelemetry_proto::tonic::{
 const CPU: &str = "process_thread_cpu_time_seconds_total";
 const RUNQ_COUNT: &str = "process_thread_runqueue_delay_seconds_count";
 const ONCPU_SUM: &str = "process_thread_oncpu_duration_seconds_sum";
+const ONCPU_COUNT: &str = "process_thread_oncpu_duration_seconds_count";
+const RUNQ_SUM: &str = "process_thread_runqueue_delay_seconds_sum";
 
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
@@ -104,8 +106,23 @@ fn per_thread_cpu_of_redis_and_sidekiq_has_their_thread_names() {
             .find("fanout_probes_attached", &[])
             .filter(|s| s.value == 1.0)
             .count(),
-        5,
-        "all five tracepoints attached (switch, wakeup, exec, exit, newtask)"
+        4,
+        "all four tracepoints attached (switch, exec, exit, newtask)"
+    );
+    assert_eq!(
+        scrape.sum(
+            "fanout_probes_attached",
+            &[("probe", "sched_switch_counters")]
+        ),
+        1.0,
+        "with the kernel's BTF, sched_switch reads the kernel's counters"
+    );
+    assert_eq!(
+        scrape
+            .find("fanout_probes_attached", &[("probe", "sched_wakeup")])
+            .count(),
+        0,
+        "and no program runs on wakeups"
     );
 
     // Redis's main thread wakes ten times a second (serverCron) and Sidekiq's threads poll:
@@ -170,6 +187,155 @@ fn a_busy_redis_shows_its_main_thread_near_one_core_and_other_threads_idle() {
         (oncpu - main_cpu).abs() < 0.15 * main_cpu + 0.05,
         "eBPF says {oncpu:.3} s, /proc says {main_cpu:.3} s"
     );
+}
+
+/// A thread of this test spinning on CPU 0 until stopped, or for `limit` at most.
+struct BusyLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusyLoop {
+    fn on_cpu0(limit: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                    0
+                );
+            }
+            let end = Instant::now() + limit;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                std::hint::spin_loop();
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// (CPU ns, run-queue wait ns, arrivals on a CPU) of one thread, from the kernel's schedstat.
+fn schedstat(pid: u32, tid: u32) -> (f64, f64, f64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
+    let fields: Vec<f64> = text
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    (fields[0], fields[1], fields[2])
+}
+
+/// Redis's main thread made to wait for a CPU: pinned with a busy loop to one CPU while a
+/// script keeps it busy. The agent's run-queue delay and on-CPU histograms must add up to what
+/// the kernel's own schedstat says over the same window, whichever way the agent measures
+/// (the kernel's counters read at each switch, or its own clock at wakeups and switches).
+#[test]
+fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
+    require_root();
+    for (mode, env) in [
+        ("the kernel's counters", vec![]),
+        (
+            "sched_switch and sched_wakeup",
+            vec![("FANOUT_REFUSE_PROGRAMS", "sched_switch_counters")],
+        ),
+    ] {
+        let redis = Redis::start(&[]);
+        let agent = Agent::start_with_env(&[], &env);
+        let pid = redis.pid();
+        let pid_text = pid.to_string();
+        let main = [
+            ("process_pid", pid_text.as_str()),
+            ("thread_name", "redis-server"),
+        ];
+        wait_for(
+            "Redis's main thread measured",
+            Duration::from_secs(10),
+            || (agent.scrape().sum(ONCPU_COUNT, &main) > 0.0).then_some(()),
+        );
+        let log = agent.log();
+        let expected = if env.is_empty() {
+            "sched_switch reads the kernel's per-task CPU and run-delay counters"
+        } else {
+            "timing threads with sched_switch and sched_wakeup instead"
+        };
+        assert!(log.contains(expected), "{mode}: {log}");
+
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &pid_text])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(pinned, "taskset {pid}");
+        let busy = BusyLoop::on_cpu0(Duration::from_secs(10));
+        // Both settle in their measurement: the agent's export and the thread's last switch.
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = (agent.scrape(), schedstat(pid, pid));
+        // The script holds the main thread for 2 s of its own clock, sharing CPU 0 with the
+        // loop: about 2 s of waiting for the CPU in 4 s.
+        let script = "local s = redis.call('TIME') local start = s[1] * 1000000 + s[2] \
+                      repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - start > 2000000 return 1";
+        assert_eq!(redis.command(&["EVAL", script, "0"]), ":1\r\n");
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = (agent.scrape(), schedstat(pid, pid));
+        busy.stop();
+
+        let kernel_cpu = (after.1 .0 - before.1 .0) / 1e9;
+        let kernel_wait = (after.1 .1 - before.1 .1) / 1e9;
+        let kernel_arrivals = after.1 .2 - before.1 .2;
+        let cpu = after.0.sum(ONCPU_SUM, &main) - before.0.sum(ONCPU_SUM, &main);
+        let wait = after.0.sum(RUNQ_SUM, &main) - before.0.sum(RUNQ_SUM, &main);
+        let stretches = after.0.sum(ONCPU_COUNT, &main) - before.0.sum(ONCPU_COUNT, &main);
+        let waits = after.0.sum(RUNQ_COUNT, &main) - before.0.sum(RUNQ_COUNT, &main);
+        eprintln!(
+            "{mode}: on CPU {cpu:.3} s (schedstat {kernel_cpu:.3}), waiting {wait:.3} s \
+             (schedstat {kernel_wait:.3}), {stretches} stretches and {waits} waits \
+             ({kernel_arrivals} arrivals)"
+        );
+        assert!(
+            kernel_wait > 0.5,
+            "{mode}: the loop made Redis wait only {kernel_wait:.3} s"
+        );
+        // The two ends of the window fall at different instants for /proc and the agent's
+        // export: a few of the 10 Hz cron wakeups, microseconds each, can fall between.
+        let close = |a: f64, b: f64| (a - b).abs() <= 0.02 * b + 0.01;
+        assert!(
+            close(cpu, kernel_cpu),
+            "{mode}: on CPU {cpu} s, schedstat {kernel_cpu} s"
+        );
+        assert!(
+            close(wait, kernel_wait),
+            "{mode}: waiting {wait} s, schedstat {kernel_wait} s"
+        );
+        let near = |a: f64, b: f64| (a - b).abs() <= 0.02 * b + 5.0;
+        assert!(
+            near(stretches, kernel_arrivals),
+            "{mode}: {stretches} stretches, {kernel_arrivals} arrivals"
+        );
+        assert!(
+            near(waits, kernel_arrivals),
+            "{mode}: {waits} waits, {kernel_arrivals} arrivals"
+        );
+    }
 }
 
 fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
@@ -495,9 +661,11 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         "rejected programs:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("34 programs, 0 rejected"), "{text}");
+    assert!(text.contains("35 programs, 0 rejected"), "{text}");
     for program in [
         "sched_switch",
+        "sched_switch_counters",
+        "sched_wakeup",
         "task_newtask",
         "redis_block_for_keys",
         "redis_block_client",

@@ -173,7 +173,7 @@ fn with_the_deployments_capabilities_every_probe_attaches_as_root_and_as_nobody(
         let log = agent.log();
         assert!(!log.contains("lacks capabilities"), "{who}: {log}");
         // The scheduler programs are attached, and the Redis points that fired are live.
-        for probe in ["sched_switch", "sched_wakeup", "sched_process_exec"] {
+        for probe in ["sched_switch_counters", "sched_process_exec"] {
             assert_eq!(
                 s.sum("fanout_probes_attached", &[("probe", probe)]),
                 1.0,

@@ -170,7 +170,7 @@ impl Probes {
     pub fn start() -> Result<(Self, Rings), ProbeError> {
         let mut ebpf = load_object()?;
         let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
-        let status = attach_tracepoints(&mut ebpf, &sched::TRACEPOINTS);
+        let status = sched::attach_tracepoints(&mut ebpf);
         uprobe_multi::start_detacher();
         let (redis_attacher, redis_attached) = redis_attach::RedisAttacher::start(map_fds.clone())
             .map_err(|e| {

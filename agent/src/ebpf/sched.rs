@@ -7,18 +7,29 @@ use agent_common::{
     lifecycle::LifecycleEvent,
     maps, programs,
     sched::{
-        ProbeCounter, SchedHistograms, ThreadGroupKey, ThreadState, TrackedProcess,
-        MAX_THREAD_GROUPS, PROBE_COUNTER_SLOTS,
+        task_counter, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey, ThreadState,
+        TrackedProcess, MAX_THREAD_GROUPS, PROBE_COUNTER_SLOTS,
     },
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 
-use super::{take_map, ProbeError, TracepointSpec};
+use super::{take_map, ProbeError, ProbeStatus, TracepointSpec};
+use crate::kernel_btf::TaskCounterOffsets;
 
-pub const TRACEPOINTS: [TracepointSpec; 5] = [
+/// `sched_switch` reading the kernel's own per-task counters: the scheduler tracepoint where
+/// the kernel's BTF gives their offsets (see [`attach_tracepoints`]).
+const SWITCH_COUNTERS: TracepointSpec = TracepointSpec {
+    program: programs::SCHED_SWITCH_COUNTERS,
+    category: "sched",
+    name: "sched_switch",
+};
+
+/// `sched_switch` with `sched_wakeup`, timing each wait and stretch with the clock: the
+/// scheduler tracepoints where the counters' offsets are not known.
+const SWITCH_AND_WAKEUP: [TracepointSpec; 2] = [
     TracepointSpec {
         program: programs::SCHED_SWITCH,
         category: "sched",
@@ -29,6 +40,9 @@ pub const TRACEPOINTS: [TracepointSpec; 5] = [
         category: "sched",
         name: "sched_wakeup",
     },
+];
+
+const LIFECYCLE: [TracepointSpec; 3] = [
     TracepointSpec {
         program: programs::PROCESS_EXEC,
         category: "sched",
@@ -45,6 +59,66 @@ pub const TRACEPOINTS: [TracepointSpec; 5] = [
         name: "task_newtask",
     },
 ];
+
+/// The programs the agent attaches on a kernel with BTF, as reported when eBPF is unavailable.
+pub fn default_programs() -> impl Iterator<Item = &'static str> {
+    std::iter::once(SWITCH_COUNTERS.program).chain(LIFECYCLE.iter().map(|t| t.program))
+}
+
+/// Attaches the scheduler and lifecycle tracepoints. `sched_switch` alone reads the kernel's
+/// counters where the kernel's BTF says where they are and the program loads; otherwise
+/// `sched_switch` and `sched_wakeup` time the threads themselves (the same histograms, at the
+/// cost of a program on every wakeup of the node).
+pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
+    let counters = TaskCounterOffsets::of_running_kernel()
+        .map_err(|e| e.to_string())
+        .and_then(|offsets| {
+            write_counter_offsets(ebpf, offsets)?;
+            super::attach_tracepoint(ebpf, &SWITCH_COUNTERS)
+                .map_err(|e| e.to_string())
+                .map(|_| offsets)
+        });
+    let mut status = match counters {
+        Ok(offsets) => {
+            tracing::info!(
+                cpu_ns_offset = offsets.cpu_ns,
+                sched_info_offset = offsets.arrivals_then_run_delay,
+                "scheduler: sched_switch reads the kernel's per-task CPU and run-delay counters; sched_wakeup not attached"
+            );
+            vec![ProbeStatus {
+                program: SWITCH_COUNTERS.program,
+                attached: true,
+                error: None,
+            }]
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "scheduler: cannot read the kernel's per-task counters; timing threads with sched_switch and sched_wakeup instead");
+            super::attach_tracepoints(ebpf, &SWITCH_AND_WAKEUP)
+        }
+    };
+    status.extend(super::attach_tracepoints(ebpf, &LIFECYCLE));
+    status
+}
+
+fn write_counter_offsets(ebpf: &mut Ebpf, offsets: TaskCounterOffsets) -> Result<(), String> {
+    let map = ebpf
+        .map_mut(maps::TASK_COUNTER_OFFSETS)
+        .ok_or_else(|| format!("map {} missing", maps::TASK_COUNTER_OFFSETS))?;
+    let mut offsets_map: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|e| e.to_string())?;
+    for (index, offset) in [
+        (task_counter::CPU_NS, offsets.cpu_ns),
+        (
+            task_counter::ARRIVALS_THEN_RUN_DELAY,
+            offsets.arrivals_then_run_delay,
+        ),
+    ] {
+        offsets_map
+            .set(index, u64::from(offset), 0)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
 /// Per-CPU values merged, keyed by (tgid, thread name).
 pub type MergedHistograms = BTreeMap<(u32, String), SchedHistograms>;
@@ -112,11 +186,14 @@ impl SchedMaps {
 
     /// Starts measuring a process: its tgid goes into the in-kernel filter and its current
     /// threads are seeded, so that threads already asleep are measured from their next wakeup.
+    /// Each thread comes with its counters as /proc showed them, if it could be read: they are
+    /// the baseline of its next stretch where `sched_switch` reads the kernel's counters (a
+    /// thread that was running when read is recognised there, and skipped once).
     pub fn track(
         &mut self,
         tgid: u32,
         start_time_ticks: u64,
-        tids: &[u32],
+        threads: &[(u32, Option<TaskCounters>)],
     ) -> Result<(), ProbeError> {
         let map_err = |name: &'static str| {
             move |e: aya::maps::MapError| ProbeError::Map {
@@ -127,12 +204,13 @@ impl SchedMaps {
         self.tracked
             .insert(tgid, TrackedProcess { start_time_ticks }, 0)
             .map_err(map_err(maps::TRACKED_PROCESSES))?;
-        for &tid in tids {
+        for &(tid, counters) in threads {
             // BPF_NOEXIST: a thread the kernel already knows keeps its timestamps.
             let inserted = self.threads.insert(
                 tid,
                 ThreadState {
                     tgid,
+                    counters_at_switch_out: counters.unwrap_or_default(),
                     ..Default::default()
                 },
                 1, /* BPF_NOEXIST */

@@ -18,7 +18,7 @@ mod blocking;
 mod bpf_stats;
 mod churn;
 pub(crate) mod plot;
-mod report;
+pub(crate) mod report;
 mod untracked;
 
 use std::{path::Path, process::Command, time::Instant};

@@ -1,6 +1,7 @@
-//! What the scheduler programs cost tasks the agent does not track: `sched_switch` runs on every
-//! context switch of the node and `sched_wakeup` on every wakeup, tracked or not, and must drop
-//! the untracked ones at once.
+//! What the scheduler programs cost tasks the agent does not track: the `sched_switch` program
+//! (`sched_switch_counters`, or `sched_switch` on a kernel without BTF) runs on every context
+//! switch of the node, tracked or not, and must drop the untracked ones at once; so does
+//! `sched_wakeup` on every wakeup where it is attached (kernels without BTF only).
 //!
 //! Load: two threads of this (untracked) process ping-pong one byte over a socket pair, pinned
 //! to one CPU, so that nearly every context switch and wakeup of the window is between two
@@ -102,7 +103,11 @@ pub fn measure(
     let wall = started.elapsed().as_secs_f64();
     // Per sched_switch run: filled in below from the window itself.
     let mut stats = window.finish(1.0, "context switch")?;
-    let switches = stats.program("sched_switch").map_or(0, |p| p.runs) as f64;
+    let switches = super::report::SWITCH_PROGRAMS
+        .iter()
+        .filter_map(|name| stats.program(name))
+        .map(|p| p.runs)
+        .sum::<u64>() as f64;
     if switches > 0.0 {
         for p in &mut stats.programs {
             p.runs_per_op = p.runs as f64 / switches;
