@@ -160,16 +160,14 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
         }
         _ => {
             // First sight of this thread: the counters are the baseline of its next stretch.
-            let state = ThreadState {
-                tgid,
-                counters_at_switch_out: now,
-                ..ThreadState::default()
-            };
-            if THREAD_STATE.insert(&tid, &state, 0).is_err() {
-                bump(ProbeCounter::ThreadStateInsertFailed);
-                return None;
-            }
-            pid_set(&TRACKED_TIDS, tid, true);
+            remember_thread(
+                tid,
+                &ThreadState {
+                    tgid,
+                    counters_at_switch_out: now,
+                    ..ThreadState::default()
+                },
+            );
         }
     }
     Some(())
@@ -193,16 +191,14 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
         None => {
             // First sight of this thread: its stretch start is unknown, so nothing is
             // recorded until it comes back on a CPU.
-            let state = ThreadState {
-                tgid,
-                runnable_since_ns: runnable_since,
-                ..ThreadState::default()
-            };
-            if THREAD_STATE.insert(&tid, &state, 0).is_err() {
-                bump(ProbeCounter::ThreadStateInsertFailed);
-                return;
-            }
-            pid_set(&TRACKED_TIDS, tid, true);
+            remember_thread(
+                tid,
+                &ThreadState {
+                    tgid,
+                    runnable_since_ns: runnable_since,
+                    ..ThreadState::default()
+                },
+            );
         }
     }
 }
@@ -231,6 +227,17 @@ fn switched_in(ctx: &TracePointContext, tid: u32, now: u64) {
     }
     state.runnable_since_ns = 0;
     state.on_cpu_since_ns = now;
+}
+
+/// Stores the state of a thread `sched_switch` sees for the first time, and marks it in
+/// `TRACKED_TIDS` (a refused insert is counted).
+#[inline(always)]
+fn remember_thread(tid: u32, state: &ThreadState) {
+    if THREAD_STATE.insert(&tid, state, 0).is_err() {
+        bump(ProbeCounter::ThreadStateInsertFailed);
+        return;
+    }
+    pid_set(&TRACKED_TIDS, tid, true);
 }
 
 /// The wakee is identified by tid only; it is measured if its thread is already known.

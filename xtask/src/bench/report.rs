@@ -373,7 +373,7 @@ pub fn write(r: &Results) -> Result<()> {
     };
     let _ = writeln!(
         md,
-        "The agent's own CPU during the drains (median, share of one core, from its threads' schedstat): default mode, node with Redis {:.3}; node without Redis {:.3}; `syscalls` mode {:.3}; `--no-worker-probes` {:.3}. The `--no-worker-probes` column isolates what tracking the fleet's threads costs (the scheduler programs, on each of its context switches and wakeups); the default columns add following its traffic.\n",
+        "The agent's own CPU during the drains (median, share of one core, from its threads' schedstat): default mode, node with Redis {:.3}; node without Redis {:.3}; `syscalls` mode {:.3}; `--no-worker-probes` {:.3}. The `--no-worker-probes` column isolates what tracking the fleet's threads costs (the scheduler program, on each of its context switches); the default columns add following its traffic.\n",
         cpu_share(with_redis),
         cpu_share(no_redis),
         cpu_share(syscalls),
