@@ -102,8 +102,12 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !pid_in(&TRACKED_TGIDS, tgid) {
         return 0;
     }
-    let _ = THREAD_STATE.remove(&(tid as u32));
-    pid_set(&TRACKED_TIDS, tid as u32, false);
+    // Where the scheduler program reads the kernel's counters, it removes the entry itself at
+    // the thread's last switch, after recording its last stretch.
+    if !crate::sched::counters_in_use() {
+        let _ = THREAD_STATE.remove(&(tid as u32));
+        pid_set(&TRACKED_TIDS, tid as u32, false);
+    }
     // The exiting task is the current one: its worker-side read slot goes with it.
     crate::worker::forget_thread(bpf_get_current_pid_tgid());
     let group_dead: u8 = unsafe { ctx.read_at(EXIT_GROUP_DEAD) }.unwrap_or(0);

@@ -17,8 +17,10 @@ use aya_ebpf::{
 pub static TRACKED_PROCS: HashMap<u32, TrackedProcess> =
     HashMap::with_max_entries(MAX_TRACKED_PROCESSES, 0);
 
-/// tid -> scheduler timestamps of a thread of a tracked process. Seeded by the agent from
-/// /proc when it starts tracking a process, completed by `sched_switch`; entries are removed
+/// tid -> scheduler state of a thread of a tracked process: the kernel's counters at its last
+/// switch out (`sched_switch_counters`), or timestamps (`sched_switch` and `sched_wakeup`,
+/// without BTF). Seeded by the agent from /proc when it starts tracking a process, completed
+/// by the `sched_switch` program; entries are removed
 /// when the thread exits, and the LRU bounds what a missed exit could leave behind.
 #[map]
 pub static THREAD_STATE: LruHashMap<u32, ThreadState> =
@@ -30,7 +32,9 @@ pub static THREAD_STATE: LruHashMap<u32, ThreadState> =
 pub static TRACKED_TGIDS: Array<u64> = Array::with_max_entries(pidset::WORDS, 0);
 
 /// The threads that have a `THREAD_STATE` entry, as a tid bitmap: lets `sched_switch` and
-/// `sched_wakeup` pass over every other task without a hash lookup. The agent seeds it from
+/// `sched_wakeup` (the pair used without BTF) pass over every incoming or woken task they do
+/// not follow without a hash lookup; `sched_switch_counters` only looks at the outgoing task,
+/// by tgid, and does not read it (it still sets the bits of threads it meets). The agent seeds it from
 /// /proc; `sched_switch` adds a thread it meets for the first time and the exit tracepoint
 /// removes it. Those two kernel writers update a word without an atomic operation, so two CPUs
 /// adding threads of the same 64-tid block at the same instant can lose one bit: that thread

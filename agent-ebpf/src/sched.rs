@@ -4,9 +4,12 @@
 //! Two ways, one chosen by the agent:
 //!
 //! - [`sched_switch_counters`] alone (the default where the kernel has BTF). The kernel keeps
-//!   two counters per task, its CPU time and its time waiting for a CPU (the first two fields
-//!   of `/proc/<pid>/task/<tid>/schedstat`), and brings both up to date before `sched_switch`
-//!   fires. Between two switches out of a thread there is exactly one stretch on a CPU and the
+//!   counters per task: its CPU time, its time waiting for a CPU and its arrivals on a CPU (the
+//!   fields of `/proc/<pid>/task/<tid>/schedstat`). For the task being switched out they are
+//!   current when `sched_switch` fires: its CPU time was brought up to date as it was
+//!   dequeued or put back, and the other two change only at arrivals, its last one being
+//!   before this switch. (The incoming task's are not: its arrival is accounted after the
+//!   tracepoint. Only the outgoing task's are read.) Between two switches out of a thread there is exactly one stretch on a CPU and the
 //!   one wait that preceded it, so the counters' growth since the last switch out is that
 //!   stretch and that wait; the kernel's count of arrivals on a CPU, read with them, confirms
 //!   that exactly one lies between. Only the task being switched out is looked at, no clock is
@@ -113,6 +116,13 @@ pub fn sched_switch_counters(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `prev_state` of a task switched out for the last time: the tracepoint reports its exit
+/// state as EXIT_DEAD (0x10) or EXIT_ZOMBIE (0x20). Its entry must not outlive it.
+#[inline(always)]
+fn exiting(prev_state: i64) -> bool {
+    prev_state & 0x30 != 0
+}
+
 #[inline(always)]
 fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()> {
     let cpu_offset = *TASK_CTR_OFFS.get(task_counter::CPU_NS)?;
@@ -134,6 +144,8 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
         run_delay_ns,
         arrivals,
     };
+    let comm = comm_words(ctx, SWITCH_PREV_COMM);
+    let last_switch = exiting(tp_field(ctx, SWITCH_PREV_STATE));
     match THREAD_STATE.get_ptr_mut(&tid) {
         // A thread of the process the entry was made for (a reused tid starts over).
         Some(state) if unsafe { (*state).tgid } == tgid => {
@@ -147,30 +159,60 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
                 && cpu_ns >= last.cpu_ns
                 && run_delay_ns >= last.run_delay_ns
             {
-                if let Some(hists) = histograms_of(state, tgid, comm_words(ctx, SWITCH_PREV_COMM)) {
-                    unsafe {
-                        (*hists).on_cpu.record(cpu_ns - last.cpu_ns);
-                        (*hists)
-                            .runqueue_delay
-                            .record(run_delay_ns - last.run_delay_ns);
-                    }
-                }
+                record_stretch(
+                    state,
+                    tgid,
+                    comm,
+                    cpu_ns - last.cpu_ns,
+                    run_delay_ns - last.run_delay_ns,
+                );
             }
             state.counters_at_switch_out = now;
+            if last_switch {
+                // Its last stretch is recorded: `sched_process_exit` leaves the entry to this
+                // program where it runs (see `counters_in_use`).
+                forget_thread(tid);
+            }
         }
         _ => {
             // First sight of this thread: the counters are the baseline of its next stretch.
-            remember_thread(
-                tid,
-                &ThreadState {
-                    tgid,
-                    counters_at_switch_out: now,
-                    ..ThreadState::default()
-                },
-            );
+            let mut state = ThreadState {
+                tgid,
+                counters_at_switch_out: now,
+                ..ThreadState::default()
+            };
+            // The kernel zeroes them when a thread is created: after its first arrival they
+            // are exactly its first wait and its first stretch.
+            // A thread that lived for one stretch is measured too.
+            if arrivals == 1 {
+                record_stretch(&mut state, tgid, comm, cpu_ns, run_delay_ns);
+            }
+            if !last_switch {
+                remember_thread(tid, &state);
+            }
         }
     }
     Some(())
+}
+
+/// Whether `sched_switch_counters` is the scheduler program in use (the agent writes the
+/// offsets only for it): then a thread's entry goes at its last switch, not at its exit.
+#[inline(always)]
+pub fn counters_in_use() -> bool {
+    TASK_CTR_OFFS
+        .get(task_counter::CPU_NS)
+        .is_some_and(|offset| *offset != 0)
+}
+
+/// One stretch on a CPU and the wait before it, into the thread's group's histograms.
+#[inline(always)]
+fn record_stretch(state: &mut ThreadState, tgid: u32, comm: [u64; 2], on_cpu: u64, waited: u64) {
+    if let Some(hists) = histograms_of(state, tgid, comm) {
+        unsafe {
+            (*hists).on_cpu.record(on_cpu);
+            (*hists).runqueue_delay.record(waited);
+        }
+    }
 }
 
 #[inline(always)]
@@ -187,7 +229,13 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             }
             state.on_cpu_since_ns = 0;
             state.runnable_since_ns = runnable_since;
+            if exiting(prev_state) {
+                // Made again after `sched_process_exit` if the thread was preempted between
+                // its exit and its last switch.
+                forget_thread(tid);
+            }
         }
+        None if exiting(prev_state) => {}
         None => {
             // First sight of this thread: its stretch start is unknown, so nothing is
             // recorded until it comes back on a CPU.
@@ -238,6 +286,13 @@ fn remember_thread(tid: u32, state: &ThreadState) {
         return;
     }
     pid_set(&TRACKED_TIDS, tid, true);
+}
+
+/// Removes a thread's state at its last switch.
+#[inline(always)]
+fn forget_thread(tid: u32) {
+    let _ = THREAD_STATE.remove(&tid);
+    pid_set(&TRACKED_TIDS, tid, false);
 }
 
 /// The wakee is identified by tid only; it is measured if its thread is already known.

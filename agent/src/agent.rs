@@ -128,16 +128,15 @@ impl AgentState {
                         Ok((samples, _)) => samples.iter().map(|s| s.tid).collect(),
                         Err(_) => vec![pid],
                     };
-                    let threads: Vec<_> = tids
-                        .iter()
-                        .map(|&tid| (tid, self.proc.thread_counters(pid, tid)))
-                        .collect();
                     let probes = match self.probes.as_mut() {
                         Some(probes) => {
-                            match probes
-                                .sched
-                                .track(pid, p.info.id.start_time_ticks, &threads)
-                            {
+                            let proc = &self.proc;
+                            match probes.sched.track(
+                                pid,
+                                p.info.id.start_time_ticks,
+                                &tids,
+                                |tid| proc.thread_counters(pid, tid),
+                            ) {
                                 Ok(()) => "sched",
                                 Err(e) => {
                                     tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");

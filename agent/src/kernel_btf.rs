@@ -229,7 +229,14 @@ impl<'a> Btf<'a> {
                 BtfError::Format(format!("type {type_id} of {member} out of range"))
             })?;
         }
-        let whole = t.kind == KIND_INT && t.size_or_type == size && last_bitfield == 0;
+        // An int's data word: its width in bits (0-7) and its bit offset (16-23), which a
+        // struct without kind_flag uses for bitfields.
+        let int_data = u32_at(t.extra, 0).unwrap_or(0);
+        let whole = t.kind == KIND_INT
+            && t.size_or_type == size
+            && int_data & 0xff == size * 8
+            && (int_data >> 16) & 0xff == 0
+            && last_bitfield == 0;
         if !whole || bits % 8 != 0 {
             return Err(BtfError::NotAnInteger {
                 path: format!("{structure}.{}", path.join(".")),
@@ -320,6 +327,14 @@ mod tests {
         fn int(&mut self, name: &str, size: u32) -> u32 {
             let id = self.record(name, KIND_INT, false, 0, size);
             self.types.extend_from_slice(&(size * 8).to_le_bytes());
+            id
+        }
+        /// An int of `size` bytes whose data says `bits` wide at bit `offset`: how a struct
+        /// without kind_flag describes a bitfield.
+        fn int_bits(&mut self, name: &str, size: u32, bits: u32, offset: u32) -> u32 {
+            let id = self.record(name, KIND_INT, false, 0, size);
+            self.types
+                .extend_from_slice(&(bits | offset << 16).to_le_bytes());
             id
         }
         fn typedef(&mut self, name: &str, of: u32) -> u32 {
@@ -467,6 +482,30 @@ mod tests {
             btf.integer_offset("mm_struct", &["x"], 8),
             Err(BtfError::NoStruct("mm_struct".into()))
         );
+    }
+
+    #[test]
+    fn a_bitfield_described_by_its_int_type_is_refused() {
+        let mut b = Builder::new();
+        let narrow = b.int_bits("long long unsigned int", 8, 3, 0);
+        let shifted = b.int_bits("long long unsigned int", 8, 64, 8);
+        b.composite(
+            KIND_STRUCT,
+            "task_struct",
+            16,
+            &[("narrow", narrow, 0, 0), ("shifted", shifted, 64, 0)],
+        );
+        let data = b.build();
+        let btf = Btf::parse(&data).unwrap();
+        for member in ["narrow", "shifted"] {
+            assert!(
+                matches!(
+                    btf.integer_offset("task_struct", &[member], 8),
+                    Err(BtfError::NotAnInteger { .. })
+                ),
+                "{member}"
+            );
+        }
     }
 
     #[test]

@@ -290,8 +290,8 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         // Both settle in their measurement: the agent's export and the thread's last switch.
         std::thread::sleep(Duration::from_millis(1500));
         let before = (agent.scrape(), schedstat(pid, pid));
-        // The script holds the main thread for 2 s of its own clock, sharing CPU 0 with the
-        // loop: about 2 s of waiting for the CPU in 4 s.
+        // The script spins for 2 s of wall time on CPU 0, which the loop shares: about 1 s on
+        // the CPU and 1 s waiting for it.
         let script = "local s = redis.call('TIME') local start = s[1] * 1000000 + s[2] \
                       repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - start > 2000000 return 1";
         assert_eq!(redis.command(&["EVAL", script, "0"]), ":1\r\n");
@@ -317,7 +317,10 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         );
         // The two ends of the window fall at different instants for /proc and the agent's
         // export: a few of the 10 Hz cron wakeups, microseconds each, can fall between.
-        let close = |a: f64, b: f64| (a - b).abs() <= 0.02 * b + 0.01;
+        // The clock-based fallback also counts time the hypervisor stole, which the kernel's
+        // counters leave out: a little more room there.
+        let slack = if env.is_empty() { 0.02 } else { 0.05 };
+        let close = |a: f64, b: f64| (a - b).abs() <= slack * b + 0.01;
         assert!(
             close(cpu, kernel_cpu),
             "{mode}: on CPU {cpu} s, schedstat {kernel_cpu} s"
@@ -583,6 +586,86 @@ fn map_entries(name: &str) -> usize {
     let text = String::from_utf8_lossy(&out.stdout);
     // One JSON object per entry, each with a "key".
     text.matches("\"key\"").count()
+}
+
+/// The tids of `THREAD_STATE` entries whose thread belongs to process `tgid`.
+fn thread_state_tids(tgid: u32) -> Vec<u32> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", "THREAD_STATE"])
+        .output()
+        .expect("bpftool");
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let word = |bytes: &[serde_json::Value]| -> u32 {
+        let b: Vec<u8> = bytes
+            .iter()
+            .take(4)
+            .map(|v| u8::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+            .collect();
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    entries
+        .iter()
+        .filter(|e| word(e["value"].as_array().unwrap()) == tgid)
+        .map(|e| word(e["key"].as_array().unwrap()))
+        .collect()
+}
+
+/// Threads that live for one stretch (a worker pool's short tasks) are measured, and each
+/// leaves no state behind in the kernel when it exits: the scheduler program records its last
+/// stretch and removes its entry at its last switch.
+#[test]
+fn short_lived_threads_are_measured_and_leave_no_state_behind() {
+    require_root();
+    let agent = Agent::start(&["--worker-rule", "churn:cmdline=fanout-thread-churn"]);
+    // 2 s to be tracked, then 50 threads one after the other, each named, busy for 2 ms of CPU
+    // and gone; then 3 s to be read.
+    let script = "import ctypes, threading, time, sys\n\
+                  libc = ctypes.CDLL(None)\n\
+                  def work():\n    libc.prctl(15, b'churner', 0, 0, 0)\n    t = time.thread_time()\n    while time.thread_time() - t < 0.002: pass\n\
+                  time.sleep(2)\n\
+                  for _ in range(50):\n    th = threading.Thread(target=work); th.start(); th.join()\n\
+                  print('done', flush=True)\n\
+                  time.sleep(3)\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, "fanout-thread-churn"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let pid_text = pid.to_string();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "done");
+    let churner = [
+        ("process_pid", pid_text.as_str()),
+        ("thread_name", "churner"),
+    ];
+    let (count, cpu) = wait_for(
+        "the churned threads' stretches",
+        Duration::from_secs(3),
+        || {
+            let s = agent.scrape();
+            let count = s.sum(ONCPU_COUNT, &churner);
+            (count >= 50.0).then(|| (count, s.sum(ONCPU_SUM, &churner)))
+        },
+    );
+    let left = thread_state_tids(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("{count} stretches of churner threads, {cpu:.3} s on CPU; entries left: {left:?}");
+    // Each thread ran at least 2 ms of CPU, most of it after it named itself.
+    assert!(
+        cpu >= 50.0 * 0.0015,
+        "{cpu} s on CPU for 50 threads of 2 ms"
+    );
+    assert!(
+        left.iter().all(|&tid| tid == pid),
+        "state left behind for exited threads: {left:?} (main thread {pid})"
+    );
 }
 
 #[test]

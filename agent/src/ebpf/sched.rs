@@ -73,6 +73,7 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
     let counters = TaskCounterOffsets::of_running_kernel()
         .map_err(|e| e.to_string())
         .and_then(|offsets| {
+            kernel_keeps_counters()?;
             write_counter_offsets(ebpf, offsets)?;
             super::attach_tracepoint(ebpf, &SWITCH_COUNTERS)
                 .map_err(|e| e.to_string())
@@ -92,12 +93,35 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
             }]
         }
         Err(e) => {
+            // Zero offsets tell the exit program that the fallback is in use.
+            let _ = write_counter_offsets(
+                ebpf,
+                TaskCounterOffsets {
+                    cpu_ns: 0,
+                    arrivals_then_run_delay: 0,
+                },
+            );
             tracing::warn!(error = %e, "scheduler: cannot read the kernel's per-task counters; timing threads with sched_switch and sched_wakeup instead");
             super::attach_tracepoints(ebpf, &SWITCH_AND_WAKEUP)
         }
     };
     status.extend(super::attach_tracepoints(ebpf, &LIFECYCLE));
     status
+}
+
+/// Whether the kernel maintains the counters: kernels before 5.14 built without schedstats
+/// keep `sched_info` frozen unless delay accounting is on. This thread has run, so its own
+/// arrival count is not zero where they are kept.
+fn kernel_keeps_counters() -> Result<(), String> {
+    let path = "/proc/thread-self/schedstat";
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    match crate::proc_reader::parse_schedstat(&text) {
+        Some(c) if c.arrivals > 0 => Ok(()),
+        Some(_) => Err(format!(
+            "{path}: the kernel does not count arrivals on a CPU"
+        )),
+        None => Err(format!("{path}: unexpected content {text:?}")),
+    }
 }
 
 fn write_counter_offsets(ebpf: &mut Ebpf, offsets: TaskCounterOffsets) -> Result<(), String> {
@@ -186,14 +210,18 @@ impl SchedMaps {
 
     /// Starts measuring a process: its tgid goes into the in-kernel filter and its current
     /// threads are seeded, so that threads already asleep are measured from their next wakeup.
-    /// Each thread comes with its counters as /proc showed them, if it could be read: they are
-    /// the baseline of its next stretch where `sched_switch` reads the kernel's counters (a
-    /// thread that was running when read is recognised there, and skipped once).
+    ///
+    /// Each thread is seeded with its counters as `read_counters` finds them in /proc, read
+    /// after the tgid is in the filter: they are the baseline of its next stretch where
+    /// `sched_switch` reads the kernel's counters. A thread switched out meanwhile already has
+    /// an exact entry, which the seed does not replace (BPF_NOEXIST); one running when read is
+    /// recognised at its switch out (no arrival since) and skipped once.
     pub fn track(
         &mut self,
         tgid: u32,
         start_time_ticks: u64,
-        threads: &[(u32, Option<TaskCounters>)],
+        tids: &[u32],
+        read_counters: impl Fn(u32) -> Option<TaskCounters>,
     ) -> Result<(), ProbeError> {
         let map_err = |name: &'static str| {
             move |e: aya::maps::MapError| ProbeError::Map {
@@ -204,13 +232,16 @@ impl SchedMaps {
         self.tracked
             .insert(tgid, TrackedProcess { start_time_ticks }, 0)
             .map_err(map_err(maps::TRACKED_PROCESSES))?;
-        for &(tid, counters) in threads {
-            // BPF_NOEXIST: a thread the kernel already knows keeps its timestamps.
+        self.tracked_tgids
+            .set(tgid, true)
+            .map_err(map_err(maps::TRACKED_TGIDS))?;
+        for &tid in tids {
+            // BPF_NOEXIST: a thread the kernel already knows keeps what it has.
             let inserted = self.threads.insert(
                 tid,
                 ThreadState {
                     tgid,
-                    counters_at_switch_out: counters.unwrap_or_default(),
+                    counters_at_switch_out: read_counters(tid).unwrap_or_default(),
                     ..Default::default()
                 },
                 1, /* BPF_NOEXIST */
@@ -219,10 +250,6 @@ impl SchedMaps {
                 let _ = self.tracked_tids.set(tid, true);
             }
         }
-        // Last: the kernel starts measuring once the threads are seeded.
-        self.tracked_tgids
-            .set(tgid, true)
-            .map_err(map_err(maps::TRACKED_TGIDS))?;
         Ok(())
     }
 

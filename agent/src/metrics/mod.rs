@@ -135,7 +135,7 @@ pub mod catalog {
     };
     pub const THREAD_RUNQUEUE_DELAY: Descriptor = Descriptor {
         name: "process.thread.runqueue.delay",
-        description: "Time threads spent runnable but waiting for a CPU, per wait (eBPF sched_wakeup/sched_switch)",
+        description: "Time threads spent runnable but waiting for a CPU, per wait (eBPF sched_switch: the kernel's run-delay counter)",
         unit: "s",
         kind: Kind::Histogram,
     };

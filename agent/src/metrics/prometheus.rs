@@ -295,7 +295,7 @@ target_info{service_name=\"fanout\"} 1
 # HELP process_thread_cpu_time_seconds_total CPU time used by the threads of a process that share a thread name, by CPU mode (from /proc)
 # TYPE process_thread_cpu_time_seconds_total counter
 process_thread_cpu_time_seconds_total{process_group=\"redis\",thread_name=\"a\\\"b\"} 1.5
-# HELP process_thread_runqueue_delay_seconds Time threads spent runnable but waiting for a CPU, per wait (eBPF sched_wakeup/sched_switch)
+# HELP process_thread_runqueue_delay_seconds Time threads spent runnable but waiting for a CPU, per wait (eBPF sched_switch: the kernel's run-delay counter)
 # TYPE process_thread_runqueue_delay_seconds histogram
 process_thread_runqueue_delay_seconds_bucket{process_group=\"redis\",thread_name=\"a\\\"b\",le=\"0.001\"} 2
 process_thread_runqueue_delay_seconds_bucket{process_group=\"redis\",thread_name=\"a\\\"b\",le=\"0.01\"} 5
