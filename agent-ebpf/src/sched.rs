@@ -9,10 +9,10 @@
 //!   current when `sched_switch` fires: its CPU time was brought up to date as it was
 //!   dequeued or put back, and the other two change only at arrivals, its last one being
 //!   before this switch. (The incoming task's are not: its arrival is accounted after the
-//!   tracepoint. Only the outgoing task's are read.) Between two switches out of a thread there is exactly one stretch on a CPU and the
-//!   one wait that preceded it, so the counters' growth since the last switch out is that
-//!   stretch and that wait; the kernel's count of arrivals on a CPU, read with them, confirms
-//!   that exactly one lies between. Only the task being switched out is looked at, no clock is
+//!   tracepoint. Only the outgoing task's are read.) Between two switches out of a thread
+//!   there is exactly one stretch on a CPU and the one wait that preceded it, so the
+//!   counters' growth since the last switch out is that stretch and that wait; the kernel's
+//!   count of arrivals on a CPU, read with them, confirms that exactly one lies between. Only the task being switched out is looked at, no clock is
 //!   read and `sched_wakeup` is not attached at all: every wakeup of the node costs nothing.
 //! - [`sched_switch`] with [`sched_wakeup`] (kernels without BTF). A thread becomes runnable
 //!   when it is woken (`sched_wakeup`) or preempted while still runnable (`sched_switch` with a
@@ -125,11 +125,7 @@ fn exiting(prev_state: i64) -> bool {
 
 #[inline(always)]
 fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()> {
-    let cpu_offset = *TASK_CTR_OFFS.get(task_counter::CPU_NS)?;
-    let info_offset = *TASK_CTR_OFFS.get(task_counter::ARRIVALS_THEN_RUN_DELAY)?;
-    if cpu_offset == 0 || info_offset == 0 {
-        return None;
-    }
+    let (cpu_offset, info_offset) = counter_offsets()?;
     let task = unsafe { bpf_get_current_task() } as *const u8;
     // Two reads: `sched_info.pcount` and `sched_info.run_delay` are adjacent (the agent checks).
     let (cpu_ns, [arrivals, run_delay_ns]) = unsafe {
@@ -182,8 +178,8 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
                 ..ThreadState::default()
             };
             // The kernel zeroes them when a thread is created: after its first arrival they
-            // are exactly its first wait and its first stretch.
-            // A thread that lived for one stretch is measured too.
+            // are exactly its first wait and its first stretch (so a thread that lived for one
+            // stretch is measured too).
             if arrivals == 1 {
                 record_stretch(&mut state, tgid, comm, cpu_ns, run_delay_ns);
             }
@@ -195,13 +191,20 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
     Some(())
 }
 
-/// Whether `sched_switch_counters` is the scheduler program in use (the agent writes the
-/// offsets only for it): then a thread's entry goes at its last switch, not at its exit.
+/// The offsets of the counters in `task_struct` (`task_counter`), or `None` where the agent
+/// wrote none: it writes them only for `sched_switch_counters`.
+#[inline(always)]
+fn counter_offsets() -> Option<(u64, u64)> {
+    let cpu = *TASK_CTR_OFFS.get(task_counter::CPU_NS)?;
+    let info = *TASK_CTR_OFFS.get(task_counter::ARRIVALS_THEN_RUN_DELAY)?;
+    (cpu != 0 && info != 0).then_some((cpu, info))
+}
+
+/// Whether `sched_switch_counters` is the scheduler program in use: then a thread's entry
+/// goes at its last switch, not at its exit.
 #[inline(always)]
 pub fn counters_in_use() -> bool {
-    TASK_CTR_OFFS
-        .get(task_counter::CPU_NS)
-        .is_some_and(|offset| *offset != 0)
+    counter_offsets().is_some()
 }
 
 /// One stretch on a CPU and the wait before it, into the thread's group's histograms.

@@ -471,6 +471,8 @@ pub fn ticks_per_second() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn schedstat_is_three_counters_or_nothing() {
         assert_eq!(
@@ -492,8 +494,6 @@ mod tests {
             assert_eq!(super::parse_schedstat(bad), None, "{bad:?}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn executables_are_classified_by_their_elf_headers() {

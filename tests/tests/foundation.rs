@@ -234,14 +234,12 @@ impl Drop for BusyLoop {
     }
 }
 
-/// (CPU ns, run-queue wait ns, arrivals on a CPU) of one thread, from the kernel's schedstat.
+/// (CPU ns, run-queue wait ns, arrivals on a CPU) of one thread, from the kernel's schedstat
+/// (read with the agent's unit-tested parser).
 fn schedstat(pid: u32, tid: u32) -> (f64, f64, f64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
-    let fields: Vec<f64> = text
-        .split_whitespace()
-        .map(|f| f.parse().unwrap())
-        .collect();
-    (fields[0], fields[1], fields[2])
+    let c = fanout::proc_reader::parse_schedstat(&text).expect("schedstat: three counters");
+    (c.cpu_ns as f64, c.run_delay_ns as f64, c.arrivals as f64)
 }
 
 /// Redis's main thread made to wait for a CPU: pinned with a busy loop to one CPU while a
@@ -573,7 +571,8 @@ fn a_redis_started_after_the_agent_is_picked_up_within_2s_and_dropped_when_it_ex
 }
 
 /// Entries of a kernel map, read with bpftool (Debian package bpftool, installed by setup).
-fn map_entries(name: &str) -> usize {
+/// The entries of a kernel map of the agent, as bpftool dumps them (each with a "key").
+fn map_dump(name: &str) -> Vec<serde_json::Value> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "name", name])
         .output()
@@ -583,18 +582,16 @@ fn map_entries(name: &str) -> usize {
         "bpftool map dump {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    // One JSON object per entry, each with a "key".
-    text.matches("\"key\"").count()
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
+fn map_entries(name: &str) -> usize {
+    map_dump(name).len()
 }
 
 /// The tids of `THREAD_STATE` entries whose thread belongs to process `tgid`.
 fn thread_state_tids(tgid: u32) -> Vec<u32> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "name", "THREAD_STATE"])
-        .output()
-        .expect("bpftool");
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let entries = map_dump("THREAD_STATE");
     let word = |bytes: &[serde_json::Value]| -> u32 {
         let b: Vec<u8> = bytes
             .iter()
