@@ -11,14 +11,18 @@
 //!   ([`RepeatTemplate`]). A later write at a command boundary of the same length whose bytes
 //!   hash the same is the same command: same keys, same signature, one more command on the
 //!   connection. A mismatch, or any other write, goes to the tokenizer as before.
+//! - Other requests: a write at a command boundary whose bytes are exactly one whole command
+//!   of a few arguments, whose name cannot be a blocking command's ([`quick_request`]), is
+//!   counted as one more command (a worker's GET, SET, INCR... on the same connection or on
+//!   its cache connections). Anything else goes to the tokenizer.
 //! - Replies: a read at a reply boundary whose bytes are exactly one whole reply of a simple
-//!   shape ([`quick_reply`]) is classified from its first bytes, and counted as one reply.
-//!   Anything else goes to the tokenizer.
+//!   shape ([`quick_reply`]) is classified from its first bytes, and counted as one reply,
+//!   whether a pop waits for it or not. Anything else goes to the tokenizer.
 //!
 //! Both are written for the eBPF verifier as the tokenizer is: indexes masked to the window,
 //! no data-dependent branch per byte.
 
-use crate::resp::{reply_kind, Opaque};
+use crate::resp::{reply_kind, Opaque, MAX_BULK};
 
 /// Bytes hashed per read of a request (one `bpf_probe_read_user`).
 pub const HASH_CHUNK: usize = 256;
@@ -95,17 +99,19 @@ pub struct RepeatTemplate {
     pub keys: u32,
 }
 
-/// Bytes of a read looked at by [`quick_reply`].
-pub const QUICK_REPLY_WINDOW: usize = 128;
+/// Bytes of a buffer looked at by [`quick_reply`] and [`quick_request`].
+pub const QUICK_WINDOW: usize = 128;
+/// Most arguments of a command taken by [`quick_request`] (`SET key value EX 60 NX` has 6).
+const QUICK_MAX_ARGS: u64 = 8;
 /// Most elements of an array reply taken by [`quick_reply`] (BZPOPMIN's key, member, score).
 const QUICK_MAX_ELEMENTS: u64 = 3;
 /// Most digits of a length (1 GB has 10).
 const LEN_DIGITS: usize = 10;
 
-const MASK: usize = QUICK_REPLY_WINDOW - 1;
+const MASK: usize = QUICK_WINDOW - 1;
 
 #[inline(always)]
-fn byte(w: &[u8; QUICK_REPLY_WINDOW], i: u64) -> u8 {
+fn byte(w: &[u8; QUICK_WINDOW], i: u64) -> u8 {
     w[(i as usize) & MASK]
 }
 
@@ -113,7 +119,7 @@ fn byte(w: &[u8; QUICK_REPLY_WINDOW], i: u64) -> u8 {
 /// may run past the data read (into whatever the window held before): callers reject a line
 /// that ends past it.
 #[inline(always)]
-fn length_line<O: Opaque>(w: &[u8; QUICK_REPLY_WINDOW], start: u64, o: &O) -> Option<(u64, u64)> {
+fn length_line<O: Opaque>(w: &[u8; QUICK_WINDOW], start: u64, o: &O) -> Option<(u64, u64)> {
     let mut value = 0u64;
     let mut active = 1u64;
     let mut digits = 0u64;
@@ -185,18 +191,13 @@ pub fn served_key_hash(key: &[u8]) -> u64 {
 /// [`served_key_hash`] of the `len` bytes at `start` of the window, when they all lie in the
 /// data read (`avail`); otherwise [`SERVED_KEY_UNKNOWN`].
 #[inline(always)]
-pub fn served_key_hash_in_window(
-    w: &[u8; QUICK_REPLY_WINDOW],
-    start: u64,
-    len: u64,
-    avail: u64,
-) -> u64 {
-    if len == 0 || start.saturating_add(len) > avail || avail as usize > QUICK_REPLY_WINDOW {
+pub fn served_key_hash_in_window(w: &[u8; QUICK_WINDOW], start: u64, len: u64, avail: u64) -> u64 {
+    if len == 0 || start.saturating_add(len) > avail || avail as usize > QUICK_WINDOW {
         return SERVED_KEY_UNKNOWN;
     }
     let mut h = FNV_OFFSET;
     let mut i = 0;
-    while i < QUICK_REPLY_WINDOW {
+    while i < QUICK_WINDOW {
         if i as u64 >= len {
             break;
         }
@@ -208,13 +209,14 @@ pub fn served_key_hash_in_window(
 
 /// If `w[..avail]` is the start of a buffer of `total` bytes that holds exactly one whole
 /// top-level reply of a simple shape, the reply ([`QuickReply`]); otherwise `None` (the
-/// tokenizer decides). The shapes: a nil (`*-1`, `$-1`, RESP3 `_`), a bulk string, and an
-/// array of one to three bulk strings whose headers all lie in the window (BRPOP/BLPOP's key
-/// and element, BZPOPMIN's key, member and score). `w[avail..]` may hold anything (the
+/// tokenizer decides). The shapes: a nil (`*-1`, `$-1`, RESP3 `_`), a simple line (status,
+/// error, integer, and RESP3's double, boolean and big number) read whole, a bulk string, and
+/// an array of one to three bulk strings whose headers all lie in the window (BRPOP/BLPOP's
+/// key and element, BZPOPMIN's key, member and score). `w[avail..]` may hold anything (the
 /// window is not cleared between reads): no byte past `avail` decides an answer.
 #[inline(always)]
 pub fn quick_reply<O: Opaque>(
-    w: &[u8; QUICK_REPLY_WINDOW],
+    w: &[u8; QUICK_WINDOW],
     avail: u64,
     total: u64,
     o: &O,
@@ -225,10 +227,20 @@ pub fn quick_reply<O: Opaque>(
         first_len: 0,
         array: false,
     };
-    if avail < 3 || avail > total || avail as usize > QUICK_REPLY_WINDOW {
+    if avail < 3 || avail > total || avail as usize > QUICK_WINDOW {
         return None;
     }
     let first = w[0];
+    if matches!(first, b'+' | b'-' | b':' | b',' | b'#' | b'(') {
+        return simple_line(w, avail, total).then_some(QuickReply {
+            kind: if first == b'-' {
+                reply_kind::ERROR
+            } else {
+                reply_kind::OTHER
+            },
+            ..nil
+        });
+    }
     if first == b'_' {
         return (total == 3 && w[1] == b'\r' && w[2] == b'\n').then_some(nil);
     }
@@ -279,6 +291,89 @@ pub fn quick_reply<O: Opaque>(
     })
 }
 
+/// Whether the buffer is one whole simple line (`+OK\r\n`, `:1\r\n`, `-ERR ...\r\n`), all of
+/// it read: it ends with the buffer's only CR and LF.
+#[inline(always)]
+fn simple_line(w: &[u8; QUICK_WINDOW], avail: u64, total: u64) -> bool {
+    if avail != total || total < 3 {
+        return false;
+    }
+    let end = total - 2;
+    if byte(w, end) != b'\r' || byte(w, end + 1) != b'\n' {
+        return false;
+    }
+    // Two replies in one read (`+OK\r\n:1\r\n`) are the tokenizer's.
+    let mut i = 1;
+    while i < QUICK_WINDOW {
+        if i as u64 >= end {
+            break;
+        }
+        let b = byte(w, i as u64);
+        if b == b'\r' || b == b'\n' {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether `w[..avail]`, the start of a write of `total` bytes, holds exactly one whole
+/// command (`*<argc>` and that many bulks) of at most [`QUICK_MAX_ARGS`] arguments, whose
+/// bulk headers all lie in the window and whose name is not one a blocking command can have
+/// (none starts with B or X). Then the tokenizer would find one command and no blocking call:
+/// the write counts as one more command without it. A last argument may run past the window
+/// (a SET's large value): it is skipped by its length. `w[avail..]` may hold anything.
+#[inline(always)]
+pub fn quick_request<O: Opaque>(w: &[u8; QUICK_WINDOW], avail: u64, total: u64, o: &O) -> bool {
+    if avail < 4 || avail > total || avail as usize > QUICK_WINDOW || w[0] != b'*' {
+        return false;
+    }
+    let Some((argc, mut pos)) = length_line(w, 1, o) else {
+        return false;
+    };
+    if argc == 0 || argc > QUICK_MAX_ARGS || pos > avail {
+        return false;
+    }
+    let mut i = 0;
+    while i < QUICK_MAX_ARGS {
+        if i >= argc {
+            break;
+        }
+        if pos + 3 > avail || byte(w, pos) != b'$' {
+            return false;
+        }
+        let Some((len, body)) = length_line(w, pos + 1, o) else {
+            return false;
+        };
+        // The header whole in the data read.
+        if body > avail || len > MAX_BULK as u64 {
+            return false;
+        }
+        let end = body + len;
+        if i == 0 {
+            // The name decides: it must be read, and a name that may block (BRPOP, BLMOVE,
+            // BZPOPMIN, XREAD BLOCK...) goes to the tokenizer, which counts its keys.
+            if len == 0 || end + 2 > avail {
+                return false;
+            }
+            let initial = byte(w, body) | 0x20;
+            if initial == b'b' || initial == b'x' {
+                return false;
+            }
+        }
+        // The body's CRLF, where it was read.
+        if end + 2 <= avail && (byte(w, end) != b'\r' || byte(w, end + 1) != b'\n') {
+            return false;
+        }
+        pos = o.hide(end + 2);
+        if pos > total {
+            return false;
+        }
+        i += 1;
+    }
+    pos == total
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -293,11 +388,11 @@ mod tests {
 
     fn quick_full(bytes: &[u8]) -> Option<QuickReply> {
         // Digits and line ends past the data, as a previous read may leave them.
-        let mut w = [0u8; QUICK_REPLY_WINDOW];
+        let mut w = [0u8; QUICK_WINDOW];
         for (i, b) in w.iter_mut().enumerate() {
             *b = b"12\r\n"[i % 4];
         }
-        let n = bytes.len().min(QUICK_REPLY_WINDOW);
+        let n = bytes.len().min(QUICK_WINDOW);
         w[..n].copy_from_slice(&bytes[..n]);
         quick_reply(&w, n as u64, bytes.len() as u64, &Transparent)
     }
@@ -334,10 +429,20 @@ mod tests {
             quick(b"*3\r\n$1\r\nz\r\n$1\r\nm\r\n$3\r\n1.5\r\n"),
             Some(reply_kind::DATA)
         );
-        // Errors, integers, statuses, nested and long arrays: not quick.
-        assert_eq!(quick(b"-ERR wrong\r\n"), None);
-        assert_eq!(quick(b":1\r\n"), None);
-        assert_eq!(quick(b"+OK\r\n"), None);
+        // Statuses, integers and errors read whole.
+        assert_eq!(quick(b"-ERR wrong\r\n"), Some(reply_kind::ERROR));
+        assert_eq!(quick(b":1\r\n"), Some(reply_kind::OTHER));
+        assert_eq!(quick(b"+OK\r\n"), Some(reply_kind::OTHER));
+        assert_eq!(quick(b"+\r\n"), Some(reply_kind::OTHER));
+        // Two of them, one cut short, a bare CR inside, a missing LF: not quick.
+        assert_eq!(quick(b"+OK\r\n:1\r\n"), None);
+        assert_eq!(quick(b"+OK\r"), None);
+        assert_eq!(quick(b"+O\rK\r\n"), None);
+        assert_eq!(quick(b"+OK\r\r"), None);
+        // A line longer than the window cannot be seen whole.
+        let long = format!("+{}\r\n", "x".repeat(QUICK_WINDOW));
+        assert_eq!(quick(long.as_bytes()), None);
+        // Nested and long arrays: not quick.
         assert_eq!(quick(b"*1\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n"), None);
         assert_eq!(
             quick(b"*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n"),
@@ -387,6 +492,11 @@ mod tests {
             b"-ERR x\r\n",
             b"*0\r\n",
             b":3\r\n",
+            b"+OK\r\n",
+            b"+\r\n",
+            b",1.5\r\n",
+            b"#t\r\n",
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
         ] {
             candidates.push(fixed.to_vec());
         }
@@ -417,6 +527,131 @@ mod tests {
         assert!(answered > 40, "the shortcut answered only {answered} cases");
     }
 
+    fn quick_req(bytes: &[u8]) -> bool {
+        // Headers and line ends past the data, as a previous buffer may leave them.
+        let mut w = [0u8; QUICK_WINDOW];
+        for (i, b) in w.iter_mut().enumerate() {
+            *b = b"$1\r\n"[i % 4];
+        }
+        let n = bytes.len().min(QUICK_WINDOW);
+        w[..n].copy_from_slice(&bytes[..n]);
+        quick_request(&w, n as u64, bytes.len() as u64, &Transparent)
+    }
+
+    fn command(parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", parts.len()).into_bytes();
+        for p in parts {
+            out.extend(format!("${}\r\n", p.len()).into_bytes());
+            out.extend_from_slice(p);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    #[test]
+    fn one_plain_command_is_quick() {
+        let big = vec![b'v'; 5000];
+        for parts in [
+            &[&b"GET"[..], b"cache:1"][..],
+            &[b"set", b"cache:1", b"value"],
+            &[b"SET", b"cache:1", &big],
+            &[b"HSET", b"h", b"f", b"v"],
+            &[b"INCR", b"stat:processed"],
+            &[b"SET", b"k", b"v", b"EX", b"60", b"NX"],
+            &[b"PING"],
+            &[b"LPUSH", b"queue:default", &big],
+        ] {
+            assert!(quick_req(&command(parts)), "{parts:?}");
+        }
+    }
+
+    #[test]
+    fn blocking_names_pipelines_and_odd_shapes_are_not_quick() {
+        let big = vec![b'v'; 200];
+        for parts in [
+            // Names a blocking command may have, and every other name starting as they do.
+            &[&b"BRPOP"[..], b"queue:default", b"2"][..],
+            &[b"blpop", b"q", b"0"],
+            &[b"BLMOVE", b"a", b"b", b"LEFT", b"RIGHT", b"0"],
+            &[b"BZPOPMIN", b"z", b"1"],
+            &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"s", b"$"],
+            &[b"xreadgroup", b"GROUP", b"g", b"c", b"STREAMS", b"s", b">"],
+            &[b"XADD", b"s", b"*", b"f", b"v"],
+            &[b"BITCOUNT", b"k"],
+            // A middle argument past the window: the next header is not in it.
+            &[b"SET", b"k", &big, b"EX", b"60"],
+            // Too many arguments.
+            &[b"DEL", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8"],
+            // An empty name.
+            &[b""],
+        ] {
+            assert!(!quick_req(&command(parts)), "{parts:?}");
+        }
+        let get = command(&[b"GET", b"k"]);
+        let mut two = get.clone();
+        two.extend_from_slice(&get);
+        assert!(!quick_req(&two), "a pipeline of two");
+        assert!(!quick_req(&get[..get.len() - 1]), "cut short");
+        let mut bad_crlf = get.clone();
+        let at = bad_crlf.len() - 2;
+        bad_crlf[at] = b'x';
+        assert!(!quick_req(&bad_crlf), "a body without its CRLF");
+        assert!(!quick_req(b"PING\r\n"), "an inline command");
+        assert!(!quick_req(b"*0\r\n"));
+        assert!(!quick_req(b"*1\r\n$-1\r\n"));
+        assert!(
+            !quick_req(b"*1\r\n$4\r\nPING\r\n\r\n"),
+            "a stray CRLF after it"
+        );
+    }
+
+    /// Wherever the shortcut answers, the tokenizer over the same bytes from a command
+    /// boundary finds exactly one command, no blocking call, and ends at a command boundary.
+    #[test]
+    fn quick_requests_agree_with_the_tokenizer() {
+        use crate::resp::{drive, Carry, RequestState};
+        let names: [&[u8]; 8] = [
+            b"GET", b"set", b"INCRBY", b"BRPOP", b"XREAD", b"HSET", b"EXPIRE", b"PUBLISH",
+        ];
+        let args: [&[u8]; 5] = [b"", b"k", b"queue:default", &[b'x'; 60], &[b'y'; 300]];
+        let mut candidates: Vec<Vec<u8>> = Vec::new();
+        for name in names {
+            candidates.push(command(&[name]));
+            for a in args {
+                candidates.push(command(&[name, a]));
+                for b in args {
+                    candidates.push(command(&[name, a, b]));
+                    candidates.push(command(&[name, a, b, b"EX", b"60"]));
+                }
+            }
+        }
+        let mut answered = 0;
+        for whole in &candidates {
+            let mut variants = vec![whole.clone(), whole[..whole.len() - 1].to_vec()];
+            let mut two = whole.clone();
+            two.extend(command(&[b"GET", b"k"]));
+            variants.push(two);
+            for bytes in variants {
+                if !quick_req(&bytes) {
+                    continue;
+                }
+                answered += 1;
+                let (mut state, mut carry, mut calls) =
+                    (RequestState::default(), Carry::default(), Vec::new());
+                let text = std::string::String::from_utf8_lossy(&bytes).into_owned();
+                drive(&mut state, &mut carry, &bytes, |call, _| calls.push(call))
+                    .unwrap_or_else(|()| panic!("the tokenizer refused {text:?}"));
+                assert_eq!(state.commands, 1, "{text:?}");
+                assert!(calls.is_empty(), "{text:?}");
+                assert!(state.at_command_boundary() && carry.len == 0, "{text:?}");
+            }
+        }
+        assert!(
+            answered > 100,
+            "the shortcut answered only {answered} cases"
+        );
+    }
+
     #[test]
     fn hash_depends_on_every_byte_and_the_length() {
         let a = b"*3\r\n$5\r\nbrpop\r\n$13\r\nqueue:default\r\n$1\r\n2\r\n".to_vec();
@@ -436,8 +671,8 @@ mod tests {
     }
 
     fn served_key(bytes: &[u8]) -> u64 {
-        let mut w = [b'q'; QUICK_REPLY_WINDOW];
-        let n = bytes.len().min(QUICK_REPLY_WINDOW);
+        let mut w = [b'q'; QUICK_WINDOW];
+        let n = bytes.len().min(QUICK_WINDOW);
         w[..n].copy_from_slice(&bytes[..n]);
         let r = quick_full(bytes).expect("a quick reply");
         assert!(r.array);
@@ -463,10 +698,10 @@ mod tests {
         reply.extend(b"\r\n$1\r\nv\r\n");
         // Its headers are not all in the window either: not quick at all.
         assert_eq!(quick(&reply), None);
-        let mut w = [0u8; QUICK_REPLY_WINDOW];
-        w.copy_from_slice(&reply[..QUICK_REPLY_WINDOW]);
+        let mut w = [0u8; QUICK_WINDOW];
+        w.copy_from_slice(&reply[..QUICK_WINDOW]);
         assert_eq!(
-            served_key_hash_in_window(&w, 9, 120, QUICK_REPLY_WINDOW as u64),
+            served_key_hash_in_window(&w, 9, 120, QUICK_WINDOW as u64),
             SERVED_KEY_UNKNOWN
         );
         // A bare element (BLMOVE): not an array, the key is the call's only source.

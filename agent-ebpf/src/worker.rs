@@ -10,9 +10,7 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    fastpath::{
-        self, RepeatTemplate, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES, QUICK_REPLY_WINDOW,
-    },
+    fastpath::{self, RepeatTemplate, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES, QUICK_WINDOW},
     pidset,
     redis::KeyHistogram,
     resp::{reply_kind, BlockingCall, Carry, Opaque, Step, WINDOW},
@@ -92,10 +90,9 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// The chunk of a request being hashed (see `agent_common::fastpath`).
 #[map]
 static HASH_SCRATCH: PerCpuArray<[u64; HASH_WORDS]> = PerCpuArray::with_max_entries(1, 0);
-/// The first bytes of a reply, for `fastpath::quick_reply`.
+/// The first bytes of a buffer, for `fastpath::quick_reply` and `fastpath::quick_request`.
 #[map]
-static QUICK_SCRATCH: PerCpuArray<[u64; QUICK_REPLY_WINDOW / 8]> =
-    PerCpuArray::with_max_entries(1, 0);
+static QUICK_SCRATCH: PerCpuArray<[u64; QUICK_WINDOW / 8]> = PerCpuArray::with_max_entries(1, 0);
 /// A slot values pass through to become unknown to the verifier (see `resp::Opaque`).
 #[map]
 static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -555,30 +552,48 @@ extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
     let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
     let (step, start) = conn.reply.step_with(window, avail, &MapOpaque);
     if let Some(start) = start {
-        if conn.pop.active != 0 {
-            if start.index == conn.pop.reply_index {
-                let result = match start.kind {
-                    reply_kind::DATA => outcome::SERVED,
-                    reply_kind::NIL => outcome::TIMEOUT,
-                    _ => outcome::ERROR,
-                };
-                // The tokenizer does not keep the reply's bytes: its key is not told.
-                finish_pop(
-                    conn,
-                    ctx.tgid,
-                    ctx.fd,
-                    result,
-                    fastpath::SERVED_KEY_UNKNOWN,
-                    ctx.now,
-                );
-            } else if start.index > conn.pop.reply_index {
-                // Its reply went by unseen (the connection was re-synchronised).
-                conn.pop.active = 0;
-                bump(ProbeCounter::RespDesync);
-            }
-        }
+        // The tokenizer does not keep the reply's bytes: its key is not told.
+        reply_began(
+            conn,
+            ctx.tgid,
+            ctx.fd,
+            start.index,
+            start.kind,
+            fastpath::SERVED_KEY_UNKNOWN,
+            ctx.now,
+        );
     }
     advance(ctx, &mut conn.reply_carry, scratch, step, c, take)
+}
+
+/// A top-level reply began (number `index` on its connection, of `reply_kind` `kind`): if it
+/// is the reply of the waiting pop, the pop ends, served (under `served_key`), timed out or
+/// failed.
+#[inline(always)]
+fn reply_began(
+    conn: &mut ConnState,
+    tgid: u32,
+    fd: u32,
+    index: u64,
+    kind: u32,
+    served_key: u64,
+    now: u64,
+) {
+    if conn.pop.active == 0 {
+        return;
+    }
+    if index == conn.pop.reply_index {
+        let result = match kind {
+            reply_kind::DATA => outcome::SERVED,
+            reply_kind::NIL => outcome::TIMEOUT,
+            _ => outcome::ERROR,
+        };
+        finish_pop(conn, tgid, fd, result, served_key, now);
+    } else if index > conn.pop.reply_index {
+        // Its reply went by unseen (the connection was re-synchronised).
+        conn.pop.active = 0;
+        bump(ProbeCounter::RespDesync);
+    }
 }
 
 /// A blocking call was fully written: start its clock and count its keys.
@@ -708,7 +723,6 @@ fn repeat_call(
     tgid: u32,
     buf: u64,
     len: u64,
-    now: u64,
     hash: &mut Option<u64>,
 ) -> bool {
     let template = conn.repeat;
@@ -730,7 +744,7 @@ fn repeat_call(
         index: conn.request.commands,
     };
     conn.request.commands += 1;
-    start_pop(conn, tgid, now, &call);
+    start_pop(conn, tgid, unsafe { bpf_ktime_get_ns() }, &call);
     true
 }
 
@@ -946,11 +960,14 @@ fn on_write(
     // Which function carries this connection's commands: the agent takes the probe off
     // `write` for a worker that never sends through it.
     state.write_sites |= site;
-    let now = unsafe { bpf_ktime_get_ns() };
     let mut hash = None;
-    if iov == 0 && repeat_call(state, tgid, buf, len, now, &mut hash) {
+    if iov == 0 && repeat_call(state, tgid, buf, len, &mut hash) {
         return;
     }
+    if iov == 0 && quick_command(state, buf, len) {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
     if !state.request.at_command_boundary() || state.request_carry.len != 0 {
         state.command_start = u64::MAX;
     }
@@ -1080,11 +1097,56 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site
     }
 }
 
-/// A read that is exactly the whole reply of the connection's waiting pop, in a simple shape
-/// (`fastpath::quick_reply`): the pop ends and the reply is counted without the tokenizer.
-/// Returns false when the read is anything else.
+/// Reads the first bytes of a buffer (up to `fastpath::QUICK_WINDOW`) into the per-CPU
+/// scratch for the shortcuts; returns them and how many were read.
 #[inline(always)]
-fn quick_pop_reply(
+fn quick_window(buf: u64, total: u64) -> Option<(&'static [u8; QUICK_WINDOW], u64)> {
+    let words = QUICK_SCRATCH.get_ptr_mut(0)?;
+    let n = if total < QUICK_WINDOW as u64 {
+        total
+    } else {
+        QUICK_WINDOW as u64
+    };
+    let n = MapOpaque.hide(n) & (2 * QUICK_WINDOW as u64 - 1);
+    if n == 0 || n > QUICK_WINDOW as u64 {
+        return None;
+    }
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            words.cast(),
+            n as u32,
+            buf as *const c_void,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    Some((unsafe { &*(words as *const [u8; QUICK_WINDOW]) }, n))
+}
+
+/// A write at a command boundary that is exactly one plain command (`fastpath::quick_request`:
+/// a GET, a SET, an INCR; never a blocking one): one more command on the connection, counted
+/// without the tokenizer. Returns false when the write is anything else.
+#[inline(always)]
+fn quick_command(conn: &mut ConnState, buf: u64, len: u64) -> bool {
+    if !conn.request.at_command_boundary() || conn.request_carry.len != 0 {
+        return false;
+    }
+    let Some((bytes, n)) = quick_window(buf, len) else {
+        return false;
+    };
+    if !fastpath::quick_request(bytes, n, len, &MapOpaque) {
+        return false;
+    }
+    conn.request.commands += 1;
+    true
+}
+
+/// A read at a reply boundary that is exactly one whole reply of a simple shape
+/// (`fastpath::quick_reply`): counted without the tokenizer and, if it is the waiting pop's,
+/// the pop ends. Returns false when the read is anything else.
+#[inline(always)]
+fn quick_whole_reply(
     conn: &mut ConnState,
     tgid: u32,
     fd: u32,
@@ -1093,9 +1155,7 @@ fn quick_pop_reply(
     now: u64,
 ) -> bool {
     let reply = &conn.reply;
-    if conn.pop.active == 0
-        || conn.pop.reply_index != reply.replies
-        || reply.depth != 0
+    if reply.depth != 0
         || reply.skip != 0
         || reply.in_line != 0
         || reply.out_of_band != 0
@@ -1103,44 +1163,25 @@ fn quick_pop_reply(
     {
         return false;
     }
-    let Some(words) = QUICK_SCRATCH.get_ptr_mut(0) else {
+    let Some((bytes, n)) = quick_window(buf, total) else {
         return false;
     };
-    let words = unsafe { &mut *words };
-    let n = if total < QUICK_REPLY_WINDOW as u64 {
-        total
-    } else {
-        QUICK_REPLY_WINDOW as u64
-    };
-    let n = MapOpaque.hide(n) & (2 * QUICK_REPLY_WINDOW as u64 - 1);
-    if n == 0 || n > QUICK_REPLY_WINDOW as u64 {
-        return false;
-    }
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_user(
-            words.as_mut_ptr().cast(),
-            n as u32,
-            buf as *const c_void,
-        )
-    };
-    if rc != 0 {
-        return false;
-    }
-    let bytes = unsafe { &*(words.as_ptr() as *const [u8; QUICK_REPLY_WINDOW]) };
     let Some(reply) = fastpath::quick_reply(bytes, n, total, &MapOpaque) else {
         return false;
     };
-    let (result, served_key) = match reply.kind {
-        reply_kind::DATA if reply.array => (
-            outcome::SERVED,
-            fastpath::served_key_hash_in_window(bytes, reply.first_start, reply.first_len, n),
-        ),
-        reply_kind::DATA => (outcome::SERVED, fastpath::SERVED_KEY_ONLY_SOURCE),
-        reply_kind::NIL => (outcome::TIMEOUT, 0),
-        _ => return false,
-    };
+    let index = conn.reply.replies;
     conn.reply.replies += 1;
-    finish_pop(conn, tgid, fd, result, served_key, now);
+    // Hashing the served key is only worth it for the waiting pop's reply.
+    let served_key = if conn.pop.active == 0 || index != conn.pop.reply_index {
+        fastpath::SERVED_KEY_UNKNOWN
+    } else if reply.kind != reply_kind::DATA {
+        0
+    } else if reply.array {
+        fastpath::served_key_hash_in_window(bytes, reply.first_start, reply.first_len, n)
+    } else {
+        fastpath::SERVED_KEY_ONLY_SOURCE
+    };
+    reply_began(conn, tgid, fd, index, reply.kind, served_key, now);
     true
 }
 
@@ -1216,7 +1257,13 @@ fn read_returned(tgid: u32, fd: u64, buf: u64, ret: u64, site: u32) {
 /// A read of `pending.buf` on connection `conn` (`pending.fd`) returned `ret` bytes.
 #[inline(always)]
 fn complete_read(conn: *mut ConnState, tgid: u32, pending: PendingRead, ret: u64) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock only ends a waiting pop: a read on a connection with none (a cache
+    // connection, a reply to a GET) does not read it.
+    let now = if unsafe { (*conn).pop.active } != 0 {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     if ret == 0 {
         // EOF: the server closed the connection.
         finish_pop(
@@ -1231,7 +1278,7 @@ fn complete_read(conn: *mut ConnState, tgid: u32, pending: PendingRead, ret: u64
     }
     let total = ret;
     if pending.iovcnt == 0 {
-        if quick_pop_reply(
+        if quick_whole_reply(
             unsafe { &mut *conn },
             tgid,
             pending.fd,

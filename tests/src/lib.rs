@@ -476,6 +476,31 @@ pub fn resp_command(args: &[&str]) -> Vec<u8> {
     out
 }
 
+/// The job classes the test fleets know: `NoopJob` does nothing; `RedisWorkJob` sends five
+/// plain commands, one at a time, as a job that uses Redis does (through Sidekiq's own pool,
+/// whose connections also fetch with BRPOP).
+const SIDEKIQ_JOBS_RB: &str = r#"require 'sidekiq'
+class NoopJob
+  include Sidekiq::Worker
+  def perform(*args); end
+end
+class RedisWorkJob
+  include Sidekiq::Worker
+  def perform(*args)
+    Sidekiq.redis do |r|
+      r.set("work:value", "x" * 40)
+      r.get("work:value")
+      r.incr("work:count")
+      r.expire("work:value", 60)
+      r.del("work:gone")
+    end
+  end
+end
+"#;
+
+/// Redis commands a `RedisWorkJob` sends.
+pub const REDIS_WORK_JOB_COMMANDS: u32 = 5;
+
 /// A real Sidekiq worker (Debian's ruby-sidekiq) serving `queues` from the Redis on `port`.
 pub struct Sidekiq {
     pub proc: Proc,
@@ -495,11 +520,7 @@ impl Sidekiq {
         concurrency: u32,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("jobs.rb"),
-            "require 'sidekiq'\nclass NoopJob\n  include Sidekiq::Worker\n  def perform(*args); end\nend\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("jobs.rb"), SIDEKIQ_JOBS_RB).unwrap();
         let mut cmd = Command::new("sidekiq");
         cmd.current_dir(dir.path())
             .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
@@ -671,12 +692,17 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 
 /// A no-op Sidekiq job for `queue`, in the format Sidekiq 6 reads.
 pub fn sidekiq_job(queue: &str, jid: u64) -> String {
+    sidekiq_job_of_class("NoopJob", queue, jid)
+}
+
+/// A Sidekiq job of `class` (one that `Sidekiq::start` defines) for `queue`.
+pub fn sidekiq_job_of_class(class: &str, queue: &str, jid: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
     format!(
-        r#"{{"class":"NoopJob","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#
+        r#"{{"class":"{class}","args":[],"retry":false,"queue":"{queue}","jid":"{jid:024x}","created_at":{now},"enqueued_at":{now}}}"#
     )
 }
 

@@ -332,6 +332,21 @@ assert read_until(r, 7).startswith(b"*3\r\n$5\r\nrep:b")
 r.sendall(enc("BZPOPMIN", "rep:b", "1"))
 assert read_until(r, 1).startswith(b"*-1")
 r.close()
+# 6. Plain commands between pops on one connection, one write and one reply each (the
+#    shortcuts that count them without the tokenizer): statuses, integers, bulks, a nil and an
+#    error. Every BLMOVE must end on its own reply, not on a neighbour's.
+m = socket.create_connection(("127.0.0.1", port))
+for i in range(20):
+    m.sendall(enc("SET", "c:%d" % i, "v" * 40)); assert read_until(m, 1) == b"+OK\r\n"
+    m.sendall(enc("INCR", "mix:n")); assert read_until(m, 1) == b":%d\r\n" % (i + 1)
+    m.sendall(enc("GET", "c:%d" % i)); assert read_until(m, 2).startswith(b"$40\r\n")
+    m.sendall(enc("GET", "mix:none")); assert read_until(m, 1) == b"$-1\r\n"
+    m.sendall(enc("HSET", "h")); assert read_until(m, 1).startswith(b"-ERR")
+    m.sendall(enc("RPUSH", "mix:q", "job%d" % i)); assert read_until(m, 1) == b":1\r\n"
+    m.sendall(enc("BLMOVE", "mix:q", "mix:done", "LEFT", "RIGHT", "1"))
+    job = b"job%d" % i
+    assert read_until(m, 2) == b"$%d\r\n%s\r\n" % (len(job), job)
+m.close()
 print("done", flush=True)
 "#;
 
@@ -408,9 +423,9 @@ fn raw_client_checks_with_env(mode: &[&str], env: &[(&str, &str)]) -> String {
     redis.command(&["LPUSH", "nb:q", "job"]);
     next_line("done");
     let started = Instant::now();
-    let s = wait_for("eleven pops counted", Duration::from_secs(5), || {
+    let s = wait_for("31 pops counted", Duration::from_secs(5), || {
         let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 11.0).then_some(s)
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 31.0).then_some(s)
     });
     let _ = started;
     let by = |cmd: &str, outcome: &str| -> (f64, f64) {
@@ -445,10 +460,19 @@ fn raw_client_checks_with_env(mode: &[&str], env: &[(&str, &str)]) -> String {
         (1.0..1.2).contains(&t),
         "the timed-out BZPOPMIN waited {t} s"
     );
+    let (n, t) = by("BLMOVE", "served");
+    assert_eq!(
+        n, 20.0,
+        "every BLMOVE between plain commands ended on its own reply"
+    );
+    assert!(t < 0.5, "served BLMOVEs waited {t} s in all");
+    for outcome in ["timeout", "error"] {
+        assert_eq!(by("BLMOVE", outcome).0, 0.0, "no BLMOVE {outcome}");
+    }
     // Every one listed one key; nothing was lost to parsing.
     assert_eq!(
         s.sum(&format!("{KEYS}_sum"), &[("process_group", "raw")]),
-        11.0
+        31.0
     );
     assert_eq!(
         s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
@@ -571,15 +595,39 @@ fn sidekiq_through_libc_uprobes_counts_served_pops_exactly() {
         thread::sleep(Duration::from_millis(300));
         enqueue_sidekiq_job(&redis, "b", jid);
     }
-    let s = wait_for("5 served pops", Duration::from_secs(10), || {
+    // Jobs that use Redis: five plain commands each on the connections that fetch, between
+    // the pops. Every pop must still end on its own reply.
+    for jid in 5..10 {
+        thread::sleep(Duration::from_millis(300));
+        let job = integration_tests::sidekiq_job_of_class("RedisWorkJob", "b", jid);
+        redis.command(&["LPUSH", "queue:b", &job]);
+    }
+    let s = wait_for("10 served pops", Duration::from_secs(10), || {
         let s = agent.scrape();
         (s.sum(
             &format!("{DURATION}_count"),
             &[("process_group", "lib"), ("outcome", "served")],
-        ) == 5.0)
+        ) == 10.0)
             .then_some(s)
     });
+    assert_eq!(
+        redis.command(&["GET", "work:count"]),
+        "$1\r\n5\r\n",
+        "the five RedisWorkJobs ran"
+    );
     let g = [("process_group", "lib")];
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "lib"), ("outcome", "error")]
+        ),
+        0.0,
+        "no pop ended on a plain command's reply"
+    );
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0
+    );
     assert_eq!(
         s.sum(&format!("{KEYS}_sum"), &g),
         3.0 * s.sum(&format!("{KEYS}_count"), &g),
