@@ -33,7 +33,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::{counters::bump, maps::cached_slot};
+use crate::{
+    counters::bump,
+    maps::{cached_slot, tp_field},
+};
 
 /// The workers followed through the syscall tracepoints, as a pid bitmap (written by the
 /// agent only): the tracepoints run for every process on the host, and almost none is one.
@@ -1390,27 +1393,26 @@ fn handle_connect(fd: u64, addr: u64, via: u32) {
 
 /// Which kind of function a syscall tracepoint shared by `write()`/`sendto()` or
 /// `read()`/`recvfrom()` came through (`io_site`), from the record's syscall number:
-/// `generic_nr` (`NR_WRITE` or `NR_READ`) is the generic one. An unreadable number counts as
-/// the generic one, the safe side, which keeps its tracepoint attached.
+/// `generic_nr` (`NR_WRITE` or `NR_READ`) is the generic one.
 #[inline(always)]
 fn syscall_site(ctx: &TracePointContext, generic_nr: i32) -> u32 {
-    if unsafe { ctx.read_at::<i32>(SYSCALL_NR) }.unwrap_or(generic_nr) == generic_nr {
+    if tp_field::<i32>(ctx, SYSCALL_NR) == generic_nr {
         io_site::GENERIC
     } else {
         io_site::SOCKET
     }
 }
 
-/// The syscall arguments of a tracepoint context (`sys_enter_*`: 8-byte args from offset 16).
+/// The syscall arguments of a tracepoint context (`sys_enter_*`: 8-byte args from offset 16),
+/// loaded from the record: these programs run on every read and write of the node, before
+/// their filter, and a helper call per argument cost more than the filter.
 #[inline(always)]
 fn tp_args(ctx: &TracePointContext) -> (u64, u64, u64) {
-    unsafe {
-        (
-            ctx.read_at::<u64>(ARG0).unwrap_or(0),
-            ctx.read_at::<u64>(ARG1).unwrap_or(0),
-            ctx.read_at::<u64>(ARG2).unwrap_or(0),
-        )
-    }
+    (
+        tp_field(ctx, ARG0),
+        tp_field(ctx, ARG1),
+        tp_field(ctx, ARG2),
+    )
 }
 
 /// Function arguments of a uprobe context.
@@ -1474,9 +1476,7 @@ pub fn worker_enter_recvmsg(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn worker_exit_read(ctx: TracePointContext) -> u32 {
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(RET) } {
-        handle_read_exit(ret, via::SYSCALLS);
-    }
+    handle_read_exit(tp_field(&ctx, RET), via::SYSCALLS);
     0
 }
 
@@ -1490,7 +1490,7 @@ pub fn worker_exit_read_regs(ctx: TracePointContext) -> u32 {
     let Some((tgid, _)) = worker_tgid(via::SYSCALLS) else {
         return 0;
     };
-    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret: i64 = tp_field(&ctx, RET);
     if ret < 0 {
         // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
         return 0;
