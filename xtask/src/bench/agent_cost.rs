@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use integration_tests::{resp::Conn, sidekiq_job, wait_for, Agent, Proc, Redis, Sidekiq};
+use integration_tests::{resp::Conn, sidekiq_job_of_class, wait_for, Agent, Proc, Redis, Sidekiq};
 
 use crate::agent_log;
 
@@ -146,6 +146,7 @@ pub fn attach_latency(bin: &std::path::Path, many: usize) -> Result<(f64, f64)> 
 /// One drain of a Sidekiq fleet.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SidekiqRun {
+    pub kind: JobKind,
     pub jobs_per_second: f64,
     /// Redis commands per job during the drain (all from the fleet but for the bench's own
     /// few, which are subtracted).
@@ -173,12 +174,33 @@ fn commands_processed(conn: &mut Conn) -> Result<f64> {
         .context("no total_commands_processed in INFO stats")
 }
 
-/// A 10-thread Sidekiq fleet draining `jobs` no-op jobs, without the agent (`agent_args` None)
-/// or with it, started with `agent_args`; with `with_stats`, the drain is a bpf_stats window.
+/// What the jobs of a drain do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum JobKind {
+    /// Nothing: the fleet's only Redis command per job is its fetch (BRPOP).
+    Noop,
+    /// Five plain commands each (`integration_tests::REDIS_WORK_JOB_COMMANDS`), on the
+    /// connections that also fetch: what following a job's own Redis traffic costs.
+    RedisWork,
+}
+
+impl JobKind {
+    fn class(self) -> &'static str {
+        match self {
+            Self::Noop => "NoopJob",
+            Self::RedisWork => "RedisWorkJob",
+        }
+    }
+}
+
+/// A 10-thread Sidekiq fleet draining `jobs` jobs of `kind`, without the agent (`agent_args`
+/// None) or with it, started with `agent_args`; with `with_stats`, the drain is a bpf_stats
+/// window.
 pub fn sidekiq_run(
     bin: &std::path::Path,
     agent_args: Option<&[&str]>,
     jobs: u64,
+    kind: JobKind,
     with_stats: bool,
 ) -> Result<SidekiqRun> {
     let redis = Redis::start(&[]);
@@ -227,7 +249,8 @@ pub fn sidekiq_run(
     let mut conn = Conn::connect(redis.port)?;
     for chunk in (0..jobs).collect::<Vec<_>>().chunks(500) {
         for jid in chunk {
-            conn.send(&["LPUSH", "queue:staging", &sidekiq_job("bench", *jid)])?;
+            let job = sidekiq_job_of_class(kind.class(), "bench", *jid);
+            conn.send(&["LPUSH", "queue:staging", &job])?;
         }
         for _ in chunk {
             conn.read()?;
@@ -263,6 +286,7 @@ pub fn sidekiq_run(
     drop(sidekiq);
     drop(agent);
     Ok(SidekiqRun {
+        kind,
         jobs_per_second: jobs as f64 / seconds,
         commands_per_job: commands / jobs as f64,
         followed_via,

@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use integration_tests::{wait_for, Agent, Proc, Redis};
 
 use crate::util::{build_agent, command_output, is_root};
-use agent_cost::SidekiqRun;
+use agent_cost::{JobKind, SidekiqRun};
 use blocking::{process_cpu, BlockingSample};
 use bpf_stats::{StatsSample, Window};
 
@@ -93,6 +93,17 @@ pub const SIDEKIQ_VARIANTS: [SidekiqVariant; 5] = [
 ];
 
 impl SidekiqVariant {
+    /// How the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Without => "without agent",
+            Self::DefaultBesideRedis => "default mode, node with Redis",
+            Self::DefaultNoRedis => "default mode, node without Redis",
+            Self::SyscallsBesideRedis => "`syscalls` mode, node with Redis",
+            Self::SchedOnlyBesideRedis => "`--no-worker-probes`, node with Redis",
+        }
+    }
+
     fn agent_args(self) -> Option<&'static [&'static str]> {
         match self {
             Self::Without => None,
@@ -234,6 +245,8 @@ pub struct Results {
     pub sidekiq: Vec<Vec<SidekiqRun>>,
     /// One bpf_stats run per variant with an agent.
     pub sidekiq_stats: Vec<(SidekiqVariant, SidekiqRun)>,
+    /// One bpf_stats run of jobs that send plain commands, per `WORK_JOB_VARIANTS`.
+    pub sidekiq_work_stats: Vec<(SidekiqVariant, SidekiqRun)>,
     pub costs: Vec<agent_cost::CostSample>,
     pub attach: (f64, f64),
     pub untracked: Vec<untracked::UntrackedSample>,
@@ -376,10 +389,12 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
             median(&cpu)
         );
     }
-    for (variant, run) in &stats {
+    let work = work_job_stats(&bin, jobs, &|what: &str| eprintln!("[bench] {what}"))?;
+    for (variant, run) in stats.iter().chain(&work) {
         let Some(s) = &run.stats else { continue };
         println!(
-            "{variant:?}: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
+            "{variant:?}, {:?} jobs: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
+            run.kind,
             s.ns_per_op_of("worker_") / 1e3 + 0.0,
             s.total_ns_per_op / 1e3,
             run.commands_per_job
@@ -414,6 +429,7 @@ fn sidekiq_section(
                 bin,
                 SIDEKIQ_VARIANTS[i].agent_args(),
                 jobs,
+                JobKind::Noop,
                 false,
             )?);
         }
@@ -423,11 +439,36 @@ fn sidekiq_section(
     for variant in &SIDEKIQ_VARIANTS[1..] {
         sidekiq_stats.push((
             *variant,
-            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, true)?,
+            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, JobKind::Noop, true)?,
         ));
     }
     log("sidekiq, bpf_stats");
     Ok((sidekiq, sidekiq_stats))
+}
+
+/// The agent variants whose cost per plain command is measured (default mode, both kinds of
+/// node).
+pub const WORK_JOB_VARIANTS: [SidekiqVariant; 2] = [
+    SidekiqVariant::DefaultBesideRedis,
+    SidekiqVariant::DefaultNoRedis,
+];
+
+/// One bpf_stats drain of jobs that send plain commands (`JobKind::RedisWork`) per variant
+/// of `WORK_JOB_VARIANTS`: with the no-op drains, what each further command costs.
+fn work_job_stats(
+    bin: &Path,
+    jobs: u64,
+    log: &dyn Fn(&str),
+) -> Result<Vec<(SidekiqVariant, SidekiqRun)>> {
+    let mut stats = Vec::new();
+    for variant in WORK_JOB_VARIANTS {
+        stats.push((
+            variant,
+            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, JobKind::RedisWork, true)?,
+        ));
+    }
+    log("sidekiq jobs with Redis commands, bpf_stats");
+    Ok(stats)
 }
 
 pub fn run(quick: bool) -> Result<()> {
@@ -552,6 +593,7 @@ pub fn run(quick: bool) -> Result<()> {
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
     let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
+    let sidekiq_work_stats = work_job_stats(&bin, jobs, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![
@@ -596,6 +638,7 @@ pub fn run(quick: bool) -> Result<()> {
         jobs,
         sidekiq,
         sidekiq_stats,
+        sidekiq_work_stats,
         costs,
         attach,
         untracked,
