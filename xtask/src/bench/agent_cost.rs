@@ -157,6 +157,11 @@ pub struct SidekiqRun {
     pub stats: Option<StatsSample>,
     /// The agent's own CPU during the drain, as a share of one core (NaN without the agent).
     pub agent_cpu_share: f64,
+    /// CPU time per job of the fleet's process and of Redis during the drain, in us (the
+    /// threads' schedstat: their time in the kernel, probes and eBPF programs included). Less
+    /// at the mercy of this shared machine's scheduling than the jobs per second.
+    pub fleet_cpu_us_per_job: f64,
+    pub redis_cpu_us_per_job: f64,
     /// Seconds from the probes' attach to the `write()` probe being taken out (before the
     /// drain started), or `None` if it stayed in.
     pub write_probe_out_after: Option<f64>,
@@ -262,6 +267,7 @@ pub fn sidekiq_run(
         _ => None,
     };
     let agent_cpu0 = agent.as_ref().map(|a| process_cpu(a.proc.pid()));
+    let (fleet_cpu0, redis_cpu0) = (process_cpu(sidekiq.pid()), process_cpu(redis.pid()));
     let started = Instant::now();
     conn.call(&["RENAME", "queue:staging", "queue:bench"])?;
     // The bench's own commands in the count: the first INFO, the RENAME, each LLEN.
@@ -277,6 +283,9 @@ pub fn sidekiq_run(
         std::thread::sleep(Duration::from_millis(20));
     }
     let seconds = started.elapsed().as_secs_f64();
+    let per_job_us = |cpu: f64, cpu0: f64| (cpu - cpu0) / jobs as f64 * 1e6;
+    let fleet_cpu_us_per_job = per_job_us(process_cpu(sidekiq.pid()), fleet_cpu0);
+    let redis_cpu_us_per_job = per_job_us(process_cpu(redis.pid()), redis_cpu0);
     let agent_cpu_share = match (&agent, agent_cpu0) {
         (Some(a), Some(cpu0)) => (process_cpu(a.proc.pid()) - cpu0) / seconds,
         _ => f64::NAN,
@@ -292,6 +301,8 @@ pub fn sidekiq_run(
         followed_via,
         stats,
         agent_cpu_share,
+        fleet_cpu_us_per_job,
+        redis_cpu_us_per_job,
         write_probe_out_after,
     })
 }

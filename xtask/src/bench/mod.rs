@@ -382,10 +382,18 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
         let v = jobs_per_second(i);
         let cpu: Vec<f64> = runs[i].iter().map(|s| s.agent_cpu_share).collect();
         let out: Vec<Option<f64>> = runs[i].iter().map(|s| s.write_probe_out_after).collect();
+        let work_cpu = |i: usize| -> Vec<f64> {
+            runs[i]
+                .iter()
+                .map(|s| s.fleet_cpu_us_per_job + s.redis_cpu_us_per_job)
+                .collect()
+        };
         println!(
-            "{variant:?}: {:.0} jobs/s (median of {v:?}), ratio {:.3}, agent CPU {:.3} of a core, write() probe out after {out:?} s",
+            "{variant:?}: {:.0} jobs/s (median of {v:?}), ratio {:.3}, fleet+Redis CPU {:.1} us per job (ratio {:.3}), agent CPU {:.3} of a core, write() probe out after {out:?} s",
             median(&v),
             paired_ratio(&v, &without),
+            median(&work_cpu(i)),
+            paired_ratio(&work_cpu(0), &work_cpu(i)),
             median(&cpu)
         );
     }

@@ -154,6 +154,50 @@ fn stats_table(
     let _ = writeln!(md);
 }
 
+/// Section 4's second view: CPU time per job of the fleet and of Redis, paired with the
+/// without-agent run of the same round.
+fn sidekiq_cpu_table(md: &mut String, r: &Results) {
+    let per_job = |i: usize, f: fn(&super::SidekiqRun) -> f64| -> Vec<f64> {
+        r.sidekiq[i].iter().map(f).collect()
+    };
+    let fleet = |s: &super::SidekiqRun| s.fleet_cpu_us_per_job;
+    let redis = |s: &super::SidekiqRun| s.redis_cpu_us_per_job;
+    let both = |s: &super::SidekiqRun| s.fleet_cpu_us_per_job + s.redis_cpu_us_per_job;
+    let paired_added = |i: usize, f: fn(&super::SidekiqRun) -> f64| {
+        let diffs: Vec<f64> = per_job(i, f)
+            .iter()
+            .zip(per_job(0, f))
+            .map(|(w, wo)| w - wo)
+            .collect();
+        median(&diffs)
+    };
+    let cell = |v: Vec<f64>| {
+        let (a, b) = min_max(&v);
+        format!("{:.1} [{a:.1}-{b:.1}]", median(&v))
+    };
+    let _ = writeln!(md, "The same drains as CPU time per job, from the threads' schedstat (their time in the kernel, uprobe traps and eBPF programs included): what the agent adds to the work itself, whichever way this machine schedules it. Added times and the ratio are paired with the without-agent run of the same round (ratio: fleet and Redis CPU per job without the agent over with it).\n");
+    let _ = writeln!(md, "| variant | fleet CPU per job (us) | added (us, paired) | Redis CPU per job (us) | added (us, paired) | ratio, fleet + Redis (paired) |\n|---|---|---|---|---|---|");
+    for (i, v) in SIDEKIQ_VARIANTS.iter().enumerate() {
+        let (fleet_added, redis_added, ratio) = if i == 0 {
+            ("-".to_string(), "-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.1}", paired_added(i, fleet)),
+                format!("{:.1}", paired_added(i, redis)),
+                format!("{:.3}", paired_ratio(&per_job(0, both), &per_job(i, both))),
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {fleet_added} | {} | {redis_added} | {ratio} |",
+            v.label(),
+            cell(per_job(i, fleet)),
+            cell(per_job(i, redis)),
+        );
+    }
+    let _ = writeln!(md);
+}
+
 /// The drains of jobs that send plain commands (`JobKind::RedisWork`): where the time goes
 /// per job, and what each plain command adds to a no-op job's worker-side program time.
 /// Returns that, per judged variant.
@@ -431,6 +475,7 @@ pub fn write(r: &Results) -> Result<()> {
         cpu_share(syscalls),
         cpu_share(sched_only),
     );
+    sidekiq_cpu_table(&mut md, r);
     targets.push((
         "2. Sidekiq no-op jobs, default mode, node without Redis: ratio >= 0.97".into(),
         format!("{:.3}", ratios[no_redis]),
