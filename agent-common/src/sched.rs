@@ -191,6 +191,10 @@ pub enum ProbeCounter {
     ConnInsertFailed = 7,
     /// A served pop could not be counted by its key (the served-keys map was full).
     ServedKeysFull = 8,
+    /// `sched_switch_counters` found more than one arrival on a CPU since a thread's last
+    /// switch out: switches went by unseen (the kernel skips a program that would nest in
+    /// another on the same CPU), and the stretches between are not recorded.
+    SchedSwitchMissed = 9,
 }
 
 pub const PROBE_COUNTER_SLOTS: u32 = 16;

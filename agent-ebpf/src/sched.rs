@@ -162,6 +162,8 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
                     cpu_ns - last.cpu_ns,
                     run_delay_ns - last.run_delay_ns,
                 );
+            } else if last.cpu_ns != 0 && arrivals > last.arrivals + 1 {
+                bump(ProbeCounter::SchedSwitchMissed);
             }
             state.counters_at_switch_out = now;
             if last_switch {

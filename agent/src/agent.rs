@@ -714,6 +714,7 @@ impl AgentState {
                 ("overlapping_pop", ProbeCounter::OverlappingPop),
                 ("connection_map_full", ProbeCounter::ConnInsertFailed),
                 ("served_keys_map_full", ProbeCounter::ServedKeysFull),
+                ("sched_switch_missed", ProbeCounter::SchedSwitchMissed),
             ] {
                 snapshot.push(
                     catalog::EVENTS_LOST,

@@ -336,6 +336,16 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
             near(waits, kernel_arrivals),
             "{mode}: {waits} waits, {kernel_arrivals} arrivals"
         );
+        // No switch went by unseen (the counter is exported, and zero).
+        let missed = after
+            .0
+            .find(
+                "fanout_events_lost_total",
+                &[("reason", "sched_switch_missed")],
+            )
+            .map(|s| s.value)
+            .collect::<Vec<_>>();
+        assert_eq!(missed, vec![0.0], "{mode}: switches missed");
     }
 }
 
