@@ -1,11 +1,13 @@
 //! Worker-side probes: the RESP that tracked worker processes write and read, followed per
-//! connection with the shared tokenizer (`agent_common::resp`), on syscall tracepoints.
+//! connection with the shared tokenizer (`agent_common::resp`) and its shortcuts
+//! (`agent_common::fastpath`), on syscall tracepoints or on uprobes in the worker's libc.
 //!
 //! The tracepoint programs first check the caller's tgid against the `SYSCALL_WORKERS`
 //! bitmap: other processes (redis-server included) pay one inlined load. The uprobe programs
-//! run only in the worker they are attached to. Only bulk headers and a few short arguments
-//! are read from worker buffers; bulk bodies (job payloads) are skipped by length. A
-//! connection's full request is sent to user space only when its key list changes.
+//! run only in the worker they are attached to. The tokenizer reads bulk headers and a few
+//! short arguments and skips bulk bodies (job payloads) by length; the shortcuts look at a
+//! buffer's first 128 bytes. All of it stays in per-CPU scratch: only a connection's full
+//! request leaves the kernel, and only when its key list changes.
 
 use core::ffi::c_void;
 
