@@ -9,7 +9,7 @@ pub mod slots;
 pub mod uprobe_multi;
 pub mod worker;
 
-use aya::{programs::TracePoint, Ebpf};
+use aya::{programs::TracePoint, Ebpf, EbpfLoader};
 
 /// The eBPF object built by build.rs, or `None` when built with `AYA_BUILD_SKIP=1`.
 #[cfg(not(fanout_no_ebpf))]
@@ -119,12 +119,23 @@ fn raise_nofile() {
     }
 }
 
-/// Loads the embedded object (programs are loaded into the kernel as they are attached).
-pub fn load_object() -> Result<Ebpf, ProbeError> {
+/// Loads the embedded object (programs are loaded into the kernel as they are attached), with
+/// the offsets of the kernel's per-task counters as its load-time constants where they are
+/// known (`sched::counter_offsets`).
+pub fn load_object(
+    counters: Option<crate::kernel_btf::TaskCounterOffsets>,
+) -> Result<Ebpf, ProbeError> {
     let object = EBPF_OBJECT.ok_or(ProbeError::NotBuilt)?;
     raise_memlock();
     raise_nofile();
-    Ebpf::load(object).map_err(|e| ProbeError::Load(e.to_string()))
+    let (cpu_ns, arrivals) = counters.map_or((0u64, 0u64), |c| {
+        (c.cpu_ns as u64, c.arrivals_then_run_delay as u64)
+    });
+    EbpfLoader::new()
+        .override_global(sched::CPU_NS_OFFSET_GLOBAL, &cpu_ns, true)
+        .override_global(sched::ARRIVALS_OFFSET_GLOBAL, &arrivals, true)
+        .load(object)
+        .map_err(|e| ProbeError::Load(e.to_string()))
 }
 
 /// Takes a map out of the loaded object, typed.
@@ -168,9 +179,10 @@ impl Probes {
     /// Loads the object, attaches the tracepoints and loads (not yet attaches) the uprobes.
     /// Returns the ring buffers separately: each is read by its own task.
     pub fn start() -> Result<(Self, Rings), ProbeError> {
-        let mut ebpf = load_object()?;
+        let counters = sched::counter_offsets();
+        let mut ebpf = load_object(counters.as_ref().ok().copied())?;
         let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
-        let status = sched::attach_tracepoints(&mut ebpf);
+        let status = sched::attach_tracepoints(&mut ebpf, counters);
         uprobe_multi::start_detacher();
         let (redis_attacher, redis_attached) = redis_attach::RedisAttacher::start(map_fds.clone())
             .map_err(|e| {
@@ -348,7 +360,9 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf, specs: &[TracepointSpec]) -> Vec<Prob
 /// Loads (verifies) every program of the object without attaching it: (program, verified
 /// instruction count or error).
 pub fn check_all_programs() -> Result<Vec<(String, Result<u32, String>)>, ProbeError> {
-    let mut ebpf = load_object()?;
+    // With the running kernel's offsets, so that `sched_switch_counters` is verified as it
+    // runs (without them its loads are dead code).
+    let mut ebpf = load_object(sched::counter_offsets().ok())?;
     let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
     let mut out = Vec::new();
     for name in names {

@@ -65,20 +65,34 @@ pub fn default_programs() -> impl Iterator<Item = &'static str> {
     std::iter::once(SWITCH_COUNTERS.program).chain(LIFECYCLE.iter().map(|t| t.program))
 }
 
+/// Names of the object's load-time constants that hold the counters' offsets (see
+/// `agent-ebpf/src/sched.rs`).
+pub const CPU_NS_OFFSET_GLOBAL: &str = "TASK_CPU_NS_OFFSET";
+pub const ARRIVALS_OFFSET_GLOBAL: &str = "TASK_ARRIVALS_OFFSET";
+
+/// Where the kernel keeps its per-task counters, if it keeps them and its BTF says where:
+/// what the object is loaded with, before [`attach_tracepoints`] decides with the same answer.
+pub fn counter_offsets() -> Result<TaskCounterOffsets, String> {
+    let offsets = TaskCounterOffsets::of_running_kernel().map_err(|e| e.to_string())?;
+    kernel_keeps_counters()?;
+    Ok(offsets)
+}
+
 /// Attaches the scheduler and lifecycle tracepoints. `sched_switch` alone reads the kernel's
-/// counters where the kernel's BTF says where they are and the program loads; otherwise
-/// `sched_switch` and `sched_wakeup` time the threads themselves (the same histograms, at the
-/// cost of a program on every wakeup of the node).
-pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
-    let counters = TaskCounterOffsets::of_running_kernel()
-        .map_err(|e| e.to_string())
-        .and_then(|offsets| {
-            kernel_keeps_counters()?;
-            write_counter_offsets(ebpf, offsets)?;
-            super::attach_tracepoint(ebpf, &SWITCH_COUNTERS)
-                .map_err(|e| e.to_string())
-                .map(|_| offsets)
-        });
+/// counters where `counters` (from [`counter_offsets`], which the object was loaded with)
+/// says where they are and the program loads; otherwise `sched_switch` and `sched_wakeup`
+/// time the threads themselves (the same histograms, at the cost of a program on every
+/// wakeup of the node).
+pub fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    counters: Result<TaskCounterOffsets, String>,
+) -> Vec<ProbeStatus> {
+    let counters = counters.and_then(|offsets| {
+        write_counter_offsets(ebpf, offsets)?;
+        super::attach_tracepoint(ebpf, &SWITCH_COUNTERS)
+            .map_err(|e| e.to_string())
+            .map(|_| offsets)
+    });
     let mut status = match counters {
         Ok(offsets) => {
             tracing::info!(
