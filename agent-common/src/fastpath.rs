@@ -145,6 +145,22 @@ fn length_line<O: Opaque>(w: &[u8; QUICK_WINDOW], start: u64, o: &O) -> Option<(
     Some((value, cr + 2))
 }
 
+/// A bulk header `$<len>\r\n` at `pos`, whole in the data read (`w[..avail]`): its length and
+/// the position of its body.
+#[inline(always)]
+fn bulk_header<O: Opaque>(
+    w: &[u8; QUICK_WINDOW],
+    pos: u64,
+    avail: u64,
+    o: &O,
+) -> Option<(u64, u64)> {
+    if pos + 3 > avail || byte(w, pos) != b'$' {
+        return None;
+    }
+    let (len, body) = length_line(w, pos + 1, o)?;
+    (body <= avail).then_some((len, body))
+}
+
 /// A reply [`quick_reply`] recognised: its kind and, for data, where the key that served it
 /// is named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,14 +281,7 @@ pub fn quick_reply<O: Opaque>(
         if i >= elements {
             break;
         }
-        // The header must be whole in the data read.
-        if pos + 3 > avail || byte(w, pos) != b'$' {
-            return None;
-        }
-        let (len, body) = length_line(w, pos + 1, o)?;
-        if body > avail {
-            return None;
-        }
+        let (len, body) = bulk_header(w, pos, avail, o)?;
         if i == 0 {
             first_start = body;
             first_len = len;
@@ -339,14 +348,10 @@ pub fn quick_request<O: Opaque>(w: &[u8; QUICK_WINDOW], avail: u64, total: u64, 
         if i >= argc {
             break;
         }
-        if pos + 3 > avail || byte(w, pos) != b'$' {
-            return false;
-        }
-        let Some((len, body)) = length_line(w, pos + 1, o) else {
+        let Some((len, body)) = bulk_header(w, pos, avail, o) else {
             return false;
         };
-        // The header whole in the data read.
-        if body > avail || len > MAX_BULK as u64 {
+        if len > MAX_BULK as u64 {
             return false;
         }
         let end = body + len;

@@ -658,27 +658,12 @@ fn hash_next_chunk() -> i64 {
     if left == 0 {
         return 1;
     }
-    let n = if left < HASH_CHUNK as u64 {
-        left
-    } else {
-        HASH_CHUNK as u64
-    };
-    let n = MapOpaque.hide(n) & (2 * HASH_CHUNK as u64 - 1);
-    if n == 0 || n > HASH_CHUNK as u64 {
+    let Some(n) =
+        read_user_prefix::<HASH_CHUNK>(words.as_mut_ptr().cast(), state.buf + state.pos, left)
+    else {
         state.failed = 1;
         return 1;
-    }
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_user(
-            words.as_mut_ptr().cast(),
-            n as u32,
-            (state.buf + state.pos) as *const c_void,
-        )
     };
-    if rc != 0 {
-        state.failed = 1;
-        return 1;
-    }
     state.hash = fastpath::hash_chunk(state.hash, words, n);
     state.pos += n;
     (state.pos >= state.len) as i64
@@ -1107,26 +1092,29 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site
 #[inline(always)]
 fn quick_window(buf: u64, total: u64) -> Option<(&'static [u8; QUICK_WINDOW], u64)> {
     let words = QUICK_SCRATCH.get_ptr_mut(0)?;
-    let n = if total < QUICK_WINDOW as u64 {
-        total
-    } else {
-        QUICK_WINDOW as u64
-    };
-    let n = MapOpaque.hide(n) & (2 * QUICK_WINDOW as u64 - 1);
-    if n == 0 || n > QUICK_WINDOW as u64 {
+    let n = read_user_prefix::<QUICK_WINDOW>(words.cast(), buf, total)?;
+    Some((unsafe { &*(words as *const [u8; QUICK_WINDOW]) }, n))
+}
+
+/// Copies the first `min(len, CAP)` bytes at the user address `src` into `dst`, a scratch of
+/// `CAP` bytes (a power of two); returns how many, or `None` when there is nothing to read or
+/// the read fails. The count is hidden from the verifier, then masked, so that it sees one
+/// bounded size whatever path computed it.
+#[inline(always)]
+fn read_user_prefix<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> Option<u64> {
+    let n = if len < CAP as u64 { len } else { CAP as u64 };
+    let n = MapOpaque.hide(n) & (2 * CAP as u64 - 1);
+    if n == 0 || n > CAP as u64 {
         return None;
     }
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_probe_read_user(
-            words.cast(),
+            dst.cast(),
             n as u32,
-            buf as *const c_void,
+            src as *const c_void,
         )
     };
-    if rc != 0 {
-        return None;
-    }
-    Some((unsafe { &*(words as *const [u8; QUICK_WINDOW]) }, n))
+    (rc == 0).then_some(n)
 }
 
 /// A write at a command boundary that is exactly one plain command (`fastpath::quick_request`:
