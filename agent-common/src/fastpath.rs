@@ -120,17 +120,17 @@ fn byte(w: &[u8; QUICK_WINDOW], i: u64) -> u8 {
 /// that ends past it.
 #[inline(always)]
 fn length_line<O: Opaque>(w: &[u8; QUICK_WINDOW], start: u64, o: &O) -> Option<(u64, u64)> {
+    // Stops at the first byte that is not a digit: most lengths have one or two, and this
+    // runs for every header of every plain command and reply.
     let mut value = 0u64;
-    let mut active = 1u64;
     let mut digits = 0u64;
-    let mut i = 0;
-    while i < LEN_DIGITS {
-        let b = byte(w, start + i as u64) as u64;
-        let is_digit = ((b.wrapping_sub(b'0' as u64)) < 10) as u64;
-        active &= is_digit;
-        value = value * (1 + 9 * active) + (b & 0xf) * active;
-        digits += active;
-        i += 1;
+    while digits < LEN_DIGITS as u64 {
+        let d = (byte(w, start + digits) as u64).wrapping_sub(b'0' as u64);
+        if d >= 10 {
+            break;
+        }
+        value = value * 10 + d;
+        digits += 1;
     }
     // One path from here on, whatever the number of digits.
     let digits = o.hide(digits) & 15;
