@@ -154,7 +154,13 @@ fn bulk_header<O: Opaque>(
     avail: u64,
     o: &O,
 ) -> Option<(u64, u64)> {
-    if pos + 3 > avail || byte(w, pos) != b'$' {
+    if pos + 3 > avail {
+        return None;
+    }
+    // Past that check the compiler knows `pos` lies in the window and may drop `byte`'s mask,
+    // while the verifier may not see the check on the register it indexes with.
+    let pos = o.hide(pos);
+    if byte(w, pos) != b'$' {
         return None;
     }
     let (len, body) = length_line(w, pos + 1, o)?;

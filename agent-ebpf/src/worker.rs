@@ -102,17 +102,30 @@ static QUICK_SCRATCH: PerCpuArray<[u64; QUICK_WINDOW / 8]> = PerCpuArray::with_m
 #[map]
 static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-struct MapOpaque;
+/// The `OPAQUE` slot, looked up once and used for every value a parse hides: a lookup per
+/// value cost a dozen instructions each, a dozen times per plain command.
+#[derive(Clone, Copy)]
+struct MapOpaque(*mut u64);
+
+impl MapOpaque {
+    #[inline(always)]
+    fn get() -> Option<Self> {
+        OPAQUE.get_ptr_mut(0).map(Self)
+    }
+
+    /// Hides one value where no slot is at hand (0 if the lookup fails, which it cannot).
+    #[inline(always)]
+    fn hide_once(x: u64) -> u64 {
+        Self::get().map_or(0, |o| o.hide(x))
+    }
+}
 
 impl Opaque for MapOpaque {
     #[inline(always)]
     fn hide(&self, x: u64) -> u64 {
-        match OPAQUE.get_ptr_mut(0) {
-            Some(slot) => unsafe {
-                core::ptr::write_volatile(slot, x);
-                core::ptr::read_volatile(slot)
-            },
-            None => 0,
+        unsafe {
+            core::ptr::write_volatile(self.0, x);
+            core::ptr::read_volatile(self.0)
         }
     }
 }
@@ -517,7 +530,10 @@ extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
         conn.command_start = if c == 0 { ctx.pos } else { u64::MAX };
     }
     let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
-    let (step, call) = conn.request.step_with(window, avail, &MapOpaque);
+    let Some(opaque) = MapOpaque::get() else {
+        return 1;
+    };
+    let (step, call) = conn.request.step_with(window, avail, &opaque);
     if let (Step::Consumed(n), Some(call)) = (step, call) {
         let saved = ctx.pos;
         ctx.pos += ((n & (2 * WINDOW - 1)) as u64).saturating_sub(c as u64);
@@ -555,7 +571,10 @@ extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
         return 1;
     }
     let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
-    let (step, start) = conn.reply.step_with(window, avail, &MapOpaque);
+    let Some(opaque) = MapOpaque::get() else {
+        return 1;
+    };
+    let (step, start) = conn.reply.step_with(window, avail, &opaque);
     if let Some(start) = start {
         // The tokenizer does not keep the reply's bytes: its key is not told.
         reply_began(
@@ -649,8 +668,11 @@ static HASH_STATE: PerCpuArray<HashState> = PerCpuArray::with_max_entries(1, 0);
 /// read).
 #[inline(always)]
 fn hash_next_chunk() -> i64 {
-    let (Some(state), Some(words)) = (HASH_STATE.get_ptr_mut(0), HASH_SCRATCH.get_ptr_mut(0))
-    else {
+    let (Some(state), Some(words), Some(opaque)) = (
+        HASH_STATE.get_ptr_mut(0),
+        HASH_SCRATCH.get_ptr_mut(0),
+        MapOpaque::get(),
+    ) else {
         return 1;
     };
     let (state, words) = unsafe { (&mut *state, &mut *words) };
@@ -659,7 +681,12 @@ fn hash_next_chunk() -> i64 {
         return 1;
     }
     let Some(n) =
-        read_user_prefix::<HASH_CHUNK>(words.as_mut_ptr().cast(), state.buf + state.pos, left)
+        read_user_prefix::<HASH_CHUNK>(
+            words.as_mut_ptr().cast(),
+            state.buf + state.pos,
+            left,
+            &opaque,
+        )
     else {
         state.failed = 1;
         return 1;
@@ -1012,7 +1039,7 @@ fn iov_total(iov: u64, count: u64) -> u64 {
         i += 1;
     }
     // Whatever the number of iovecs, one path from here on.
-    MapOpaque.hide(total)
+    MapOpaque::hide_once(total)
 }
 
 // The handlers below take plain arguments, so that the same logic serves two kinds of
@@ -1035,7 +1062,7 @@ fn handle_writev(fd: u64, iov: u64, count: u64, via: u32) {
     };
     let total = iov_total(iov, count);
     // The count's range was narrowed differently on each path of the summing loop.
-    on_write(tgid, fd as u32, 0, 0, iov, MapOpaque.hide(count), total, 0);
+    on_write(tgid, fd as u32, 0, 0, iov, MapOpaque::hide_once(count), total, 0);
 }
 
 /// `struct user_msghdr`: msg_iov at 16, msg_iovlen at 24.
@@ -1090,9 +1117,13 @@ fn handle_read_enter(fd: u64, buf: u64, arg2: u64, iov_kind: u32, via: u32, site
 /// Reads the first bytes of a buffer (up to `fastpath::QUICK_WINDOW`) into the per-CPU
 /// scratch for the shortcuts; returns them and how many were read.
 #[inline(always)]
-fn quick_window(buf: u64, total: u64) -> Option<(&'static [u8; QUICK_WINDOW], u64)> {
+fn quick_window(
+    buf: u64,
+    total: u64,
+    opaque: &MapOpaque,
+) -> Option<(&'static [u8; QUICK_WINDOW], u64)> {
     let words = QUICK_SCRATCH.get_ptr_mut(0)?;
-    let n = read_user_prefix::<QUICK_WINDOW>(words.cast(), buf, total)?;
+    let n = read_user_prefix::<QUICK_WINDOW>(words.cast(), buf, total, opaque)?;
     Some((unsafe { &*(words as *const [u8; QUICK_WINDOW]) }, n))
 }
 
@@ -1101,9 +1132,14 @@ fn quick_window(buf: u64, total: u64) -> Option<(&'static [u8; QUICK_WINDOW], u6
 /// the read fails. The count is hidden from the verifier, then masked, so that it sees one
 /// bounded size whatever path computed it.
 #[inline(always)]
-fn read_user_prefix<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> Option<u64> {
+fn read_user_prefix<const CAP: usize>(
+    dst: *mut u8,
+    src: u64,
+    len: u64,
+    opaque: &MapOpaque,
+) -> Option<u64> {
     let n = if len < CAP as u64 { len } else { CAP as u64 };
-    let n = MapOpaque.hide(n) & (2 * CAP as u64 - 1);
+    let n = opaque.hide(n) & (2 * CAP as u64 - 1);
     if n == 0 || n > CAP as u64 {
         return None;
     }
@@ -1125,10 +1161,13 @@ fn quick_command(conn: &mut ConnState, buf: u64, len: u64) -> bool {
     if !conn.request.at_command_boundary() || conn.request_carry.len != 0 {
         return false;
     }
-    let Some((bytes, n)) = quick_window(buf, len) else {
+    let Some(opaque) = MapOpaque::get() else {
         return false;
     };
-    if !fastpath::quick_request(bytes, n, len, &MapOpaque) {
+    let Some((bytes, n)) = quick_window(buf, len, &opaque) else {
+        return false;
+    };
+    if !fastpath::quick_request(bytes, n, len, &opaque) {
         return false;
     }
     conn.request.commands += 1;
@@ -1156,10 +1195,13 @@ fn quick_whole_reply(
     {
         return false;
     }
-    let Some((bytes, n)) = quick_window(buf, total) else {
+    let Some(opaque) = MapOpaque::get() else {
         return false;
     };
-    let Some(reply) = fastpath::quick_reply(bytes, n, total, &MapOpaque) else {
+    let Some((bytes, n)) = quick_window(buf, total, &opaque) else {
+        return false;
+    };
+    let Some(reply) = fastpath::quick_reply(bytes, n, total, &opaque) else {
         return false;
     };
     let index = conn.reply.replies;
