@@ -98,22 +98,31 @@ static HASH_SCRATCH: PerCpuArray<[u64; HASH_WORDS]> = PerCpuArray::with_max_entr
 /// The first bytes of a buffer, for `fastpath::quick_reply` and `fastpath::quick_request`.
 #[map]
 static QUICK_SCRATCH: PerCpuArray<[u64; QUICK_WINDOW / 8]> = PerCpuArray::with_max_entries(1, 0);
-/// A slot values pass through to become unknown to the verifier (see `resp::Opaque`).
+/// A zero the verifier cannot know: nothing ever writes this slot, and the verifier reads a
+/// map value as an unknown number (see `resp::Opaque`).
 #[map]
 static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// The `OPAQUE` slot, looked up once and used for every value a parse hides: a lookup per
-/// value cost a dozen instructions each, a dozen times per plain command.
+/// `resp::Opaque` for the probes: a value plus the zero of `OPAQUE`, loaded once per parse.
+/// The result is the value, and to the verifier an unknown number: adding an unknown loses
+/// every bit and bound (an OR would keep the value's known bits, so paths that differ in them
+/// would still not merge). One ALU instruction
+/// per value: passing each value through the map's memory instead put a store and a
+/// dependent load (and, at first, a lookup) on the parse's critical path, a dozen times per
+/// plain command.
 #[derive(Clone, Copy)]
-struct MapOpaque(*mut u64);
+struct MapOpaque(u64);
 
 impl MapOpaque {
     #[inline(always)]
     fn get() -> Option<Self> {
-        OPAQUE.get_ptr_mut(0).map(Self)
+        OPAQUE
+            .get_ptr(0)
+            .map(|zero| Self(unsafe { core::ptr::read_volatile(zero) }))
     }
 
-    /// Hides one value where no slot is at hand (0 if the lookup fails, which it cannot).
+    /// Hides one value where no `MapOpaque` is at hand (0 if the lookup fails, which it
+    /// cannot).
     #[inline(always)]
     fn hide_once(x: u64) -> u64 {
         Self::get().map_or(0, |o| o.hide(x))
@@ -123,10 +132,7 @@ impl MapOpaque {
 impl Opaque for MapOpaque {
     #[inline(always)]
     fn hide(&self, x: u64) -> u64 {
-        unsafe {
-            core::ptr::write_volatile(self.0, x);
-            core::ptr::read_volatile(self.0)
-        }
+        x.wrapping_add(self.0)
     }
 }
 
