@@ -72,9 +72,10 @@ pub mod reply_kind {
 // branch per byte would multiply the paths it has to check by the number of digits.
 
 /// Hides a value from the eBPF verifier. The verifier follows every branch path separately and
-/// cannot merge paths that differ only in a number (how many digits a length had); passing the
-/// result of such a computation through a map makes it an unknown number on every path, so the
-/// paths become one again. In user space it is the identity.
+/// cannot merge paths that differ only in a number (how many digits a length had); adding to
+/// the result a zero read from a map (which the verifier cannot know to be zero) makes it an
+/// unknown number on every path, so the paths become one again. In user space it is the
+/// identity.
 pub trait Opaque {
     fn hide(&self, x: u64) -> u64;
 }
