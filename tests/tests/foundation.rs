@@ -276,6 +276,27 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
             "timing threads with sched_switch and sched_wakeup instead"
         };
         assert!(log.contains(expected), "{mode}: {log}");
+        // Which scheduler programs serve, and that a refused one says so.
+        let scrape = agent.scrape();
+        let attached = |probe: &str| scrape.sum("fanout_probes_attached", &[("probe", probe)]);
+        let listed = |probe: &str| {
+            scrape
+                .find("fanout_probes_attached", &[("probe", probe)])
+                .count()
+        };
+        if env.is_empty() {
+            assert_eq!(attached("sched_switch_counters"), 1.0, "{mode}");
+            assert_eq!(listed("sched_switch"), 0, "{mode}");
+        } else {
+            assert_eq!(
+                listed("sched_switch_counters"),
+                1,
+                "{mode}: the refused program listed"
+            );
+            assert_eq!(attached("sched_switch_counters"), 0.0, "{mode}");
+            assert_eq!(attached("sched_switch"), 1.0, "{mode}");
+            assert_eq!(attached("sched_wakeup"), 1.0, "{mode}");
+        }
 
         let pinned = std::process::Command::new("taskset")
             .args(["-a", "-p", "-c", "0", &pid_text])

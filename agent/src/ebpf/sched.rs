@@ -116,7 +116,15 @@ pub fn attach_tracepoints(
                 },
             );
             tracing::warn!(error = %e, "scheduler: cannot read the kernel's per-task counters; timing threads with sched_switch and sched_wakeup instead");
-            super::attach_tracepoints(ebpf, &SWITCH_AND_WAKEUP)
+            // The program that could not serve is listed too (`fanout_probes_attached` 0,
+            // with its reason at start-up), so that the fallback shows from the metrics.
+            let mut status = vec![ProbeStatus {
+                program: SWITCH_COUNTERS.program,
+                attached: false,
+                error: Some(e),
+            }];
+            status.extend(super::attach_tracepoints(ebpf, &SWITCH_AND_WAKEUP));
+            status
         }
     };
     status.extend(super::attach_tracepoints(ebpf, &LIFECYCLE));
