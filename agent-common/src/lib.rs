@@ -25,8 +25,9 @@ pub mod maps {
     pub const TRACKED_TGIDS: &str = "TRACKED_TGIDS";
     /// [`crate::pidset`] of the threads (tids) that have a [`THREAD_STATE`] entry.
     pub const TRACKED_TIDS: &str = "TRACKED_TIDS";
-    /// Offsets in `task_struct` of the counters [`crate::sched::task_counter`] names.
-    pub const TASK_COUNTER_OFFSETS: &str = "TASK_CTR_OFFS";
+    /// One [`crate::sched::sched_mode`] word: whether `sched_switch_counters` is the
+    /// scheduler program in use.
+    pub const SCHED_COUNTERS_ON: &str = "SCHED_CTRS_ON";
     /// Slot -> [`crate::sched::SchedHistograms`] (a per-CPU array).
     pub const SCHED_HISTOGRAMS: &str = "SCHED_HISTS";
     /// [`crate::sched::ThreadGroupKey`] -> its slot in [`SCHED_HISTOGRAMS`].

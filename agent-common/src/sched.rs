@@ -158,14 +158,13 @@ pub struct TaskCounters {
     pub arrivals: u64,
 }
 
-/// Entries of the `TASK_CTR_OFFS` array: byte offsets in `task_struct`, found by the agent in
-/// the kernel's BTF. Zero means not found.
-pub mod task_counter {
-    /// `se.sum_exec_runtime`.
-    pub const CPU_NS: u32 = 0;
-    /// `sched_info.pcount`, which `sched_info.run_delay` follows: both are read at once.
-    pub const ARRIVALS_THEN_RUN_DELAY: u32 = 1;
-    pub const COUNT: u32 = 2;
+/// Values of the `SCHED_CTRS_ON` flag: which scheduler program the agent attached.
+pub mod sched_mode {
+    /// `sched_switch` and `sched_wakeup` time the threads with the clock (or nothing is
+    /// attached yet).
+    pub const CLOCK: u32 = 0;
+    /// `sched_switch_counters` reads the kernel's per-task counters.
+    pub const COUNTERS: u32 = 1;
 }
 
 /// Indexes into the `PROBE_COUNTERS` per-CPU array.

@@ -21,7 +21,7 @@
 
 use agent_common::{
     sched::{
-        task_counter, Log2Histogram, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey,
+        sched_mode, Log2Histogram, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey,
         ThreadState, MAX_THREAD_GROUPS,
     },
     COMM_LEN,
@@ -47,11 +47,11 @@ static SCHED_SLOTS: HashMap<ThreadGroupKey, u32> = HashMap::with_max_entries(MAX
 /// Free slots of `SCHED_HISTS` (all zero), filled by the agent.
 #[map]
 static SCHED_FREE: Queue<u32> = Queue::with_max_entries(MAX_THREAD_GROUPS, 0);
-/// Offsets in `task_struct` of the kernel's counters (`task_counter`), written by the agent
-/// when it attaches [`sched_switch_counters`] (zero otherwise): they tell the exit program
-/// which scheduler program is in use (`counters_in_use`).
+/// `sched_mode::COUNTERS` while [`sched_switch_counters`] is the scheduler program (the agent
+/// sets it before the attach, and clears it if the attach fails): it tells the exit program
+/// who removes a thread's entry (`counters_in_use`).
 #[map]
-static TASK_CTR_OFFS: Array<u64> = Array::with_max_entries(task_counter::COUNT, 0);
+static SCHED_CTRS_ON: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The same offsets as load-time constants (set by the agent from the kernel's BTF before it
 /// loads the object, `aya::EbpfLoader::set_global`; 0 when unknown). Read-only data is known
@@ -219,13 +219,13 @@ fn counted_switch_out(ctx: &TracePointContext, tgid: u32, tid: u32) -> Option<()
     Some(())
 }
 
-/// Whether `sched_switch_counters` is the scheduler program in use (the agent wrote its
-/// offsets into `TASK_CTR_OFFS` when it attached it): then a thread's entry goes at its last
-/// switch, not at its exit.
+/// Whether `sched_switch_counters` is the scheduler program in use (`SCHED_CTRS_ON`): then a
+/// thread's entry goes at its last switch, not at its exit.
 #[inline(always)]
 pub fn counters_in_use() -> bool {
-    let offset = |counter| TASK_CTR_OFFS.get(counter).map_or(0, |v| *v);
-    offset(task_counter::CPU_NS) != 0 && offset(task_counter::ARRIVALS_THEN_RUN_DELAY) != 0
+    SCHED_CTRS_ON
+        .get(0)
+        .is_some_and(|mode| *mode == sched_mode::COUNTERS)
 }
 
 /// One stretch on a CPU and the wait before it, into the thread's group's histograms.

@@ -7,7 +7,7 @@ use agent_common::{
     lifecycle::LifecycleEvent,
     maps, programs,
     sched::{
-        task_counter, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey, ThreadState,
+        sched_mode, ProbeCounter, SchedHistograms, TaskCounters, ThreadGroupKey, ThreadState,
         TrackedProcess, MAX_THREAD_GROUPS, PROBE_COUNTER_SLOTS,
     },
 };
@@ -87,8 +87,10 @@ pub fn attach_tracepoints(
     ebpf: &mut Ebpf,
     counters: Result<TaskCounterOffsets, String>,
 ) -> Vec<ProbeStatus> {
+    // The flag goes up before the attach: from the program's first run on, a thread's entry is
+    // its to remove.
     let counters = counters.and_then(|offsets| {
-        write_counter_offsets(ebpf, offsets)?;
+        set_sched_mode(ebpf, sched_mode::COUNTERS)?;
         super::attach_tracepoint(ebpf, &SWITCH_COUNTERS)
             .map_err(|e| e.to_string())
             .map(|_| offsets)
@@ -107,14 +109,8 @@ pub fn attach_tracepoints(
             }]
         }
         Err(e) => {
-            // Zero offsets tell the exit program that the fallback is in use.
-            let _ = write_counter_offsets(
-                ebpf,
-                TaskCounterOffsets {
-                    cpu_ns: 0,
-                    arrivals_then_run_delay: 0,
-                },
-            );
+            // The exit program removes the entries again.
+            let _ = set_sched_mode(ebpf, sched_mode::CLOCK);
             tracing::warn!(error = %e, "scheduler: cannot read the kernel's per-task counters; timing threads with sched_switch and sched_wakeup instead");
             // The program that could not serve is listed too (`fanout_probes_attached` 0,
             // with its reason at start-up), so that the fallback shows from the metrics.
@@ -146,24 +142,13 @@ fn kernel_keeps_counters() -> Result<(), String> {
     }
 }
 
-fn write_counter_offsets(ebpf: &mut Ebpf, offsets: TaskCounterOffsets) -> Result<(), String> {
+/// Tells the exit program which scheduler program is in use (`sched_mode`).
+fn set_sched_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), String> {
     let map = ebpf
-        .map_mut(maps::TASK_COUNTER_OFFSETS)
-        .ok_or_else(|| format!("map {} missing", maps::TASK_COUNTER_OFFSETS))?;
-    let mut offsets_map: Array<&mut MapData, u64> =
-        Array::try_from(map).map_err(|e| e.to_string())?;
-    for (index, offset) in [
-        (task_counter::CPU_NS, offsets.cpu_ns),
-        (
-            task_counter::ARRIVALS_THEN_RUN_DELAY,
-            offsets.arrivals_then_run_delay,
-        ),
-    ] {
-        offsets_map
-            .set(index, u64::from(offset), 0)
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
+        .map_mut(maps::SCHED_COUNTERS_ON)
+        .ok_or_else(|| format!("map {} missing", maps::SCHED_COUNTERS_ON))?;
+    let mut flag: Array<&mut MapData, u32> = Array::try_from(map).map_err(|e| e.to_string())?;
+    flag.set(0, mode, 0).map_err(|e| e.to_string())
 }
 
 /// Per-CPU values merged, keyed by (tgid, thread name).
