@@ -44,14 +44,20 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 20 ms until it returns Some, for at most `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(limit, f).unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// Polls `f` every 20 ms until it returns Some, for at most `limit`; `None` when it never
+/// did (for a test that reports what it saw last rather than only that time ran out).
+pub fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if start.elapsed() > limit {
-            panic!("timed out after {limit:?} waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }

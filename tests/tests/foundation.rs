@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{otlp_receiver, require_root, wait_for, Agent, Redis, Sidekiq};
+use integration_tests::{otlp_receiver, poll_until, require_root, wait_for, Agent, Redis, Sidekiq};
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{any_value::Value, KeyValue},
@@ -231,20 +231,6 @@ impl BusyLoop {
 impl Drop for BusyLoop {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Polls `f` every 20 ms until it holds or `limit` passes; whether it held.
-fn wait_for_or_timeout(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = std::time::Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -709,11 +695,12 @@ fn short_lived_threads_are_measured_and_leave_no_state_behind() {
         // fifth would be lost). Waited for, as the export may lag the last threads.
         let wanted_cpu = if env.is_empty() { 50.0 * 0.0019 } else { 0.0 };
         let mut seen = (0.0, 0.0);
-        let reached = wait_for_or_timeout(Duration::from_secs(3), || {
+        let reached = poll_until(Duration::from_secs(3), || {
             let s = agent.scrape();
             seen = (s.sum(ONCPU_COUNT, &churner), s.sum(ONCPU_SUM, &churner));
-            seen.0 >= wanted && seen.1 >= wanted_cpu
-        });
+            (seen.0 >= wanted && seen.1 >= wanted_cpu).then_some(())
+        })
+        .is_some();
         let (count, cpu) = seen;
         let left = thread_state_tids(pid);
         let _ = child.kill();
