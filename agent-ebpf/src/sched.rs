@@ -53,12 +53,13 @@ static SCHED_FREE: Queue<u32> = Queue::with_max_entries(MAX_THREAD_GROUPS, 0);
 #[map]
 static SCHED_CTRS_ON: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The same offsets as load-time constants (set by the agent from the kernel's BTF before it
-/// loads the object, `aya::EbpfLoader::set_global`; 0 when unknown). Read-only data is known
-/// to the verifier, which then lets [`sched_switch_counters`] load the counters straight from
-/// the task (a `task_struct` field it checks against the kernel's BTF) instead of calling
-/// `bpf_probe_read_kernel` twice: about 20 ns less per switch of a tracked thread. Non-zero
-/// here so that they are placed in `.rodata`, not `.bss`.
+/// The offsets in `task_struct` of the kernel's counters, as load-time constants (set by the
+/// agent from the kernel's BTF before it loads the object, `aya::EbpfLoader::override_global`;
+/// 0 when unknown). Read-only data is known to the verifier, which then lets
+/// [`sched_switch_counters`] load the counters straight from the task (a `task_struct` field
+/// it checks against the kernel's BTF) instead of calling `bpf_probe_read_kernel` twice:
+/// about 20 ns less per switch of a tracked thread. Non-zero here so that they are placed in
+/// `.rodata`, not `.bss`.
 #[no_mangle]
 static TASK_CPU_NS_OFFSET: u64 = u64::MAX;
 #[no_mangle]

@@ -106,10 +106,9 @@ static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// `resp::Opaque` for the probes: a value plus the zero of `OPAQUE`, loaded once per parse.
 /// The result is the value, and to the verifier an unknown number: adding an unknown loses
 /// every bit and bound (an OR would keep the value's known bits, so paths that differ in them
-/// would still not merge). One ALU instruction
-/// per value: passing each value through the map's memory instead put a store and a
-/// dependent load (and, at first, a lookup) on the parse's critical path, a dozen times per
-/// plain command.
+/// would still not merge). One ALU instruction per value: passing each value through the
+/// map's memory instead put a store and a dependent load (and, at first, a lookup) on the
+/// parse's critical path, a dozen times per plain command.
 #[derive(Clone, Copy)]
 struct MapOpaque(u64);
 
