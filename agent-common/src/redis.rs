@@ -127,6 +127,11 @@ pub struct RedisProcess {
     /// Offset of `keys` (a `dict *`) in the blocking state: 24 in Redis 7.2 to 8.x, 32 in
     /// Valkey 8+ (a union of list nodes comes before it).
     pub bstate_keys: u32,
+    /// 1 when `redis_block_client` is probed at the calls to `blockClient` other than
+    /// `blockForKeys`'s own (see the agent's `redis::block_calls`), 0 when at its entry, where
+    /// it also sees the blocks `blockForKeys` already counted.
+    pub block_client_at_calls: u32,
+    pub _pad: u32,
 }
 
 /// `blockingState`: `btype` at 0, `timeout` (Unix ms) at 8.
@@ -319,7 +324,7 @@ impl RedisProcState {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<RedisProcess>() == 16 + 8 * MAX_SERVING_RETURNS + 16);
+const _: () = assert!(core::mem::size_of::<RedisProcess>() == 16 + 8 * MAX_SERVING_RETURNS + 24);
 const _: () = assert!(core::mem::size_of::<WokenClient>() == 48);
 const _: () = assert!(core::mem::size_of::<BlockedKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockedClient>() == 32);

@@ -17,9 +17,8 @@
 
 use agent_common::redis::{
     flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, KeyHistogram,
-    RedisProcState, KEY_BUCKETS,
-    RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES,
-    MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
+    RedisProcState, RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, KEY_BUCKETS,
+    MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES, MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
 };
 use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
@@ -106,15 +105,20 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
 
     state.phase_start[phase::REGISTER as usize] = now;
     state.phase_keys[phase::REGISTER as usize] = numkeys;
-    // blockForKeys ends with blockClient(c): that probe must not count this block again.
-    state.registering = client;
+    // blockForKeys ends with blockClient(c): a probe on blockClient's entry must not count
+    // this block again. Where the calls are probed instead, blockForKeys's own is not.
+    if state.settings.block_client_at_calls == 0 {
+        state.registering = client;
+    }
     record_block(tgid, state, client, btype, numkeys, deadline_ms, now);
     0
 }
 
 /// `blockClient(c, btype)` (7.2+): where the compiler inlined `blockForKeys` into a command
 /// (LTO builds inline it into `blmoveGenericCommand`, so BLMOVE and BRPOPLPUSH never call
-/// it), this is the only probe that sees the block. The keys and the deadline are read from
+/// it), this is the only probe that sees the block. It sits on the calls to `blockClient`
+/// other than `blockForKeys`'s where the agent found them all (the arguments are in the
+/// same registers there), else on its entry. The keys and the deadline are read from
 /// `c->bstate`, whose offset the agent found in the machine code. Blocks that went through
 /// `blockForKeys` were counted there, and blocks not on keys (WAIT, CLIENT PAUSE, modules'
 /// own) are none of ours.

@@ -10,6 +10,7 @@ use fanout::redis::{
     binary::{Family, RedisBinary},
     unblock_paths::UnblockCoverage,
 };
+use integration_tests::RedisBuild;
 
 fn shared_build(version: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -77,6 +78,48 @@ fn redis_7_2_and_7_4_have_no_serve_functions_and_need_no_window() {
             "{version}"
         );
         assert!(!binary.uses_serving_window(), "{version}");
+    }
+}
+
+#[test]
+fn blocks_are_probed_at_the_calls_to_block_client_outside_block_for_keys() {
+    // objdump -d of each build, `call`/`jmp` to blockClient, less blockForKeys's own (its
+    // tail jump): blmoveGenericCommand's inlined blocks, WAIT, WAITAOF, CLIENT PAUSE's
+    // postponing, modules. In these builds .text's file offsets are its addresses.
+    let expected: [(RedisBuild, Option<Vec<u64>>); 7] = [
+        (RedisBuild::V6_2, None),
+        (RedisBuild::V7_0, None),
+        (
+            RedisBuild::V7_2,
+            Some(vec![0xca7c5, 0xd7681, 0xd7867, 0xeed22, 0x17f82f]),
+        ),
+        (
+            RedisBuild::V7_4,
+            Some(vec![
+                0xd7aff, 0xd7d86, 0xd7ef0, 0xd9e86, 0xe6b51, 0xe6d37, 0xffffb, 0x19efef,
+            ]),
+        ),
+        (RedisBuild::V8_2, Some(vec![0; 7])),
+        (RedisBuild::Valkey8_1, Some(vec![0; 2])),
+        (RedisBuild::Valkey9_1, Some(vec![0; 4])),
+    ];
+    for (build, want) in expected {
+        let binary = RedisBinary::inspect(&build.binary()).unwrap();
+        let calls = binary.block_client_calls.clone();
+        // Any load bias: 6.2 and 7.0 need one to tell served pops.
+        let settings = binary.process_settings(Some(0)).unwrap();
+        match (&want, &calls) {
+            // The PyPI builds: how many (their addresses are not pinned here).
+            (Some(w), Some(c)) if w.first() == Some(&0) => {
+                assert_eq!(c.len(), w.len(), "{build:?}: {c:x?}")
+            }
+            _ => assert_eq!(calls, want, "{build:?}"),
+        }
+        assert_eq!(
+            settings.block_client_at_calls,
+            u32::from(calls.is_some()),
+            "{build:?}: blockForKeys must not leave a mark for a probe that is not on its call"
+        );
     }
 }
 

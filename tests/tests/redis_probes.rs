@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fanout::{ebpf::uprobe_multi::resolve_file_offsets, redis::binary::RedisBinary};
 use integration_tests::{
+    mapped_byte,
     prom::Scrape,
     require_root,
     resp::{Conn, Reply},
@@ -584,6 +586,7 @@ fn every_outcome_is_counted_and_the_gauges_follow_each_block_back_to_zero(build:
 fn blmove_bzpopmin_and_xread_are_counted_by_block_type(build: RedisBuild) {
     require_root();
     let (redis, agent, pid) = start(build);
+    assert_block_client_entry_untouched_where_its_calls_are_probed(build, redis.pid());
     let port = redis.port;
     let mut c = Conn::connect(port).unwrap();
     assert!(c
@@ -645,6 +648,40 @@ fn blmove_bzpopmin_and_xread_are_counted_by_block_type(build: RedisBuild) {
         assert_eq!(
             count(&s, DURATION, &pid, &[t[0], ("outcome", "served")]),
             1.0
+        );
+    }
+}
+
+/// Where the agent found the calls to `blockClient` (7.2+), the breakpoints are on those calls
+/// and none is in `blockClient` itself: a block that `blockForKeys` registers (BRPOP) traps
+/// once, not a second time in the `blockClient` it calls. The blocks the compiler inlined
+/// (BLMOVE on LTO builds) are then counted through the calls, as the caller checks.
+fn assert_block_client_entry_untouched_where_its_calls_are_probed(build: RedisBuild, pid: u32) {
+    let exe = std::fs::canonicalize(build.binary()).unwrap();
+    let inspected = RedisBinary::inspect(&exe).unwrap();
+    let Some(calls) = &inspected.block_client_calls else {
+        assert!(
+            matches!(build, RedisBuild::V6_2 | RedisBuild::V7_0),
+            "{build:?}: the calls to blockClient were not all found"
+        );
+        return;
+    };
+    assert!(!calls.is_empty(), "{build:?}");
+    let entry = resolve_file_offsets(&exe, &["blockClient"]).unwrap()["blockClient"];
+    let file = std::fs::read(&exe).unwrap();
+    for at in entry..entry + 16 {
+        assert_eq!(
+            mapped_byte(pid, &exe, at),
+            file[at as usize],
+            "{build:?}: blockClient+{} carries a breakpoint",
+            at - entry
+        );
+    }
+    for &call in calls {
+        assert_eq!(
+            mapped_byte(pid, &exe, call),
+            0xcc,
+            "{build:?}: no breakpoint on the call at {call:#x}"
         );
     }
 }

@@ -41,6 +41,9 @@ pub struct UprobeSpec {
     pub bookkeeping: bool,
     /// Whether `binary` needs this program at all.
     pub needed: fn(&RedisBinary) -> bool,
+    /// Probe the calls to the symbols rather than their entries, where the binary lists
+    /// them (`RedisBinary::calls_to`).
+    pub at_calls: bool,
 }
 
 impl UprobeSpec {
@@ -57,6 +60,7 @@ impl UprobeSpec {
             on_clone: None,
             bookkeeping,
             needed: |_| true,
+            at_calls: false,
         }
     }
 
@@ -104,6 +108,7 @@ const fn serving(program: &'static str) -> UprobeSpec {
         on_clone: None,
         bookkeeping: false,
         needed: RedisBinary::uses_serving_window,
+        at_calls: false,
     }
 }
 
@@ -116,6 +121,7 @@ const fn unblock(program: &'static str, on_clone: &'static str, bookkeeping: boo
         on_clone: Some(on_clone),
         bookkeeping,
         needed: |_| true,
+        at_calls: false,
     }
 }
 
@@ -131,6 +137,7 @@ pub const REDIS_UPROBES: [UprobeSpec; 8] = [
         on_clone: None,
         bookkeeping: false,
         needed: RedisBinary::catches_inlined_blocks,
+        at_calls: true,
     },
     UprobeSpec::one(
         programs::REDIS_BLOCK_FOR_KEYS_RETURN,
@@ -219,6 +226,20 @@ pub(super) fn placements(
             continue;
         }
         for symbol in targets {
+            if let Some(calls) = spec.at_calls.then(|| binary.calls_to(symbol)).flatten() {
+                // Each call instruction is itself the site: `call` and `jmp` are emulated.
+                out.extend(calls.iter().map(|&offset| Placement {
+                    program: spec.program,
+                    point: spec.point,
+                    function: format!("call to {symbol} at file offset {offset:#x}"),
+                    site: crate::probe_site::ProbeSite {
+                        offset: 0,
+                        emulated: true,
+                    },
+                    location: Location::FileOffset(offset),
+                }));
+                continue;
+            }
             let site = binary.site(symbol);
             out.push(Placement {
                 program: spec.program,

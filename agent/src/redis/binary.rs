@@ -10,7 +10,10 @@ use std::{
 
 use object::{Object, ObjectSymbol};
 
-use super::unblock_paths::{self, BstateAt, UnblockCoverage};
+use super::{
+    block_calls,
+    unblock_paths::{self, BstateAt, UnblockCoverage},
+};
 use crate::probe_site::{self, FunctionSites, ProbeSite};
 
 /// Layouts of the blocking code that matter to the probes.
@@ -121,6 +124,9 @@ pub struct RedisBinary {
     pub bstate: Option<BstateAt>,
     /// Where the "re-processing a command" flag is: (byte offset in `struct client`, mask).
     pub reprocessing: Option<(u32, u32)>,
+    /// The file offsets of the calls to `blockClient` outside `blockForKeys`, probed instead
+    /// of its entry where all were found (see `block_calls`).
+    pub block_client_calls: Option<Vec<u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +197,10 @@ impl RedisBinary {
         let first_load_address = unblock_paths::first_load_address(&file);
         let bstate = unblock_paths::bstate_offset(&file, &functions);
         let reprocessing = unblock_paths::reprocessing_flag(&file, &functions);
+        // Read only where blockClient is probed at all (the whole text is decoded).
+        let block_client_calls = (family.is_some_and(Family::reblocks) && bstate.is_some())
+            .then(|| block_calls::block_client_calls(&file, &functions))
+            .flatten();
         Ok(Self {
             path: path.to_path_buf(),
             id: BinaryId {
@@ -205,6 +215,7 @@ impl RedisBinary {
             first_load_address,
             bstate,
             reprocessing,
+            block_client_calls,
         })
     }
 
@@ -279,6 +290,9 @@ impl RedisBinary {
                 .filter(|b| family.block_type(*b).is_some_and(|t| t != "module"))
                 .fold(0, |mask, b| mask | 1 << b);
         }
+        if self.catches_inlined_blocks() && self.block_client_calls.is_some() {
+            settings.block_client_at_calls = 1;
+        }
         if settings.served_by == served_by::RETURN_ADDRESS {
             let bias = load_bias.ok_or_else(|| {
                 "where the process mapped its binary is unknown, so served pops cannot be told"
@@ -293,6 +307,14 @@ impl RedisBinary {
             }
         }
         Ok(settings)
+    }
+
+    /// The file offsets of the calls to `symbol` to probe instead of its entry, where they
+    /// were all found (only `blockClient`'s are looked for).
+    pub fn calls_to(&self, symbol: &str) -> Option<&[u64]> {
+        (symbol == "blockClient")
+            .then_some(self.block_client_calls.as_deref())
+            .flatten()
     }
 
     /// Where to probe `symbol`: its entry unless a cheaper site was found.

@@ -2,6 +2,7 @@
 //! can be trusted, and the `redis.*` metrics built from the kernel's aggregates.
 
 pub mod binary;
+pub mod block_calls;
 pub mod unblock_paths;
 
 use std::collections::BTreeMap;

@@ -34,9 +34,9 @@ pub enum UnblockCoverage {
 
 /// A defined function in the symbol tables: start and size.
 #[derive(Clone, Copy, Debug)]
-struct Function {
-    address: u64,
-    size: u64,
+pub(super) struct Function {
+    pub address: u64,
+    pub size: u64,
 }
 
 /// The functions of a binary's symbol tables (`.dynsym`, and `.symtab` where it was kept),
@@ -66,8 +66,13 @@ impl Functions {
         Self { by_name, starts }
     }
 
-    fn get(&self, name: &str) -> Option<Function> {
+    pub(super) fn get(&self, name: &str) -> Option<Function> {
         self.by_name.get(name).copied()
+    }
+
+    /// The function starts in `range`, in order.
+    pub(super) fn starts_in(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = u64> + '_ {
+        self.starts.range(range).copied()
     }
 }
 
@@ -419,7 +424,7 @@ fn code_at<'data>(file: &object::File<'data>, address: u64, length: u64) -> Opti
 }
 
 /// Where virtual `address` is in the file: what a uprobe is attached at.
-fn file_offset_of(file: &object::File<'_>, address: u64) -> Option<u64> {
+pub(super) fn file_offset_of(file: &object::File<'_>, address: u64) -> Option<u64> {
     let section = file
         .sections()
         .find(|s| (s.address()..s.address() + s.size()).contains(&address))?;
