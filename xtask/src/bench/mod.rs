@@ -24,7 +24,7 @@ mod untracked;
 use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{wait_for, Agent, Proc, Redis};
+use integration_tests::{wait_for, Agent, Proc, Redis, RedisBuild};
 
 use crate::util::{build_agent, command_output, is_root};
 use agent_cost::{JobKind, SidekiqRun};
@@ -240,6 +240,9 @@ pub struct Results {
     pub blocking: Vec<BlockingSample>,
     /// Per fan-out, one bpf_stats run, per served pop.
     pub blocking_stats: Vec<(usize, StatsSample)>,
+    /// The blocking rounds at 1 key on [`LTO_BUILD`], and one bpf_stats run of them.
+    pub blocking_lto: Vec<BlockingSample>,
+    pub blocking_lto_stats: StatsSample,
     pub jobs: u64,
     /// [variant][round].
     pub sidekiq: Vec<Vec<SidekiqRun>>,
@@ -304,6 +307,7 @@ fn prepare() -> Result<std::path::PathBuf> {
 /// alternating order).
 fn blocking_rounds(
     bin: &Path,
+    build: RedisBuild,
     rounds: usize,
     fanouts: &[usize],
     (clients, rate): (usize, u32),
@@ -318,7 +322,7 @@ fn blocking_rounds(
             [true, false]
         };
         for with_agent in order {
-            let redis = Redis::start(&[]);
+            let redis = Redis::start_build(build, &[]);
             let agent = with_agent.then(|| Agent::start_binary(bin, &[], &[]));
             if let Some(a) = &agent {
                 wait_for_redis_probes(a, &redis);
@@ -328,42 +332,72 @@ fn blocking_rounds(
             blocking.push(sample);
         }
         log(&format!(
-            "blocking round {}/{rounds}, {keys} keys",
-            round + 1
+            "blocking round {}/{rounds}, {keys} keys, Redis {}",
+            round + 1,
+            build.version()
         ));
     }
     Ok(blocking)
 }
 
-/// The blocking section alone (1 and 440 keys), printed: what a served pop adds to Redis's
-/// main thread, paired per round.
+/// One with-agent run of the blocking load on `build`, with the kernel's accounting on: the
+/// agent's programs per served pop.
+fn blocking_stats_run(
+    bin: &Path,
+    build: RedisBuild,
+    keys: usize,
+    (clients, rate): (usize, u32),
+    seconds: f64,
+) -> Result<StatsSample> {
+    let redis = Redis::start_build(build, &[]);
+    let agent = Agent::start_binary(bin, &[], &[]);
+    wait_for_redis_probes(&agent, &redis);
+    let (_, stats) = blocking::run_once(&redis, Some(&agent), keys, clients, rate, seconds, true)?;
+    stats.context("no bpf_stats window")
+}
+
+/// The upstream LTO build the blocking load also runs on (at 1 key): what most people run,
+/// where the compiler moved code the probes depend on (see the agent's `redis::block_calls`).
+pub const LTO_BUILD: RedisBuild = RedisBuild::V7_4;
+
+/// The blocking section alone, printed: what a served pop adds to Redis's main thread, paired
+/// per round, at 1 and 440 keys on Debian's 7.0 and at 1 key on the upstream LTO build, and
+/// the programs per served pop at 1 key on each.
 pub fn run_blocking_only(quick: bool) -> Result<()> {
     let bin = prepare()?;
     let (rounds, seconds) = if quick { (2, 3.0) } else { (5, 6.0) };
-    let fanouts = [1usize, 440];
-    let samples = blocking_rounds(
-        &bin,
-        rounds,
-        &fanouts,
-        (50, 1000),
-        seconds,
-        &|what: &str| eprintln!("[bench] {what}"),
-    )?;
-    for keys in fanouts {
-        let cpu = |with: bool| -> Vec<f64> {
-            samples
-                .iter()
-                .filter(|s| s.keys == keys && s.with_agent == with)
-                .map(|s| s.main_cpu_us_per_job)
-                .collect()
-        };
-        let (without, with) = (cpu(false), cpu(true));
-        let added: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w - wo).collect();
-        println!(
-            "{keys} keys: main thread us per job without {without:.1?}, with {with:.1?}; added (paired) median {:.1} of {added:.1?}; ratio {:.3}",
-            median(&added),
-            paired_ratio(&without, &with)
-        );
+    let load = (50, 1000);
+    let log = |what: &str| eprintln!("[bench] {what}");
+    for (build, fanouts) in [
+        (RedisBuild::V7_0, &[1usize, 440][..]),
+        (LTO_BUILD, &[1][..]),
+    ] {
+        let samples = blocking_rounds(&bin, build, rounds, fanouts, load, seconds, &log)?;
+        for &keys in fanouts {
+            let cpu = |with: bool| -> Vec<f64> {
+                samples
+                    .iter()
+                    .filter(|s| s.keys == keys && s.with_agent == with)
+                    .map(|s| s.main_cpu_us_per_job)
+                    .collect()
+            };
+            let (without, with) = (cpu(false), cpu(true));
+            let added: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w - wo).collect();
+            println!(
+                "Redis {}, {keys} keys: main thread us per job without {without:.1?}, with {with:.1?}; added (paired) median {:.1} of {added:.1?}; ratio {:.3}",
+                build.version(),
+                median(&added),
+                paired_ratio(&without, &with)
+            );
+        }
+        let stats = blocking_stats_run(&bin, build, 1, load, seconds)?;
+        println!("Redis {}, 1 key, per served pop:", build.version());
+        for p in &stats.programs {
+            println!(
+                "  {:<28} {:.3} runs x {:.0} ns = {:.1} ns",
+                p.name, p.runs_per_op, p.ns_per_run, p.ns_per_op
+            );
+        }
     }
     Ok(())
 }
@@ -586,17 +620,33 @@ pub fn run(quick: bool) -> Result<()> {
     // 2. Blocking-heavy traffic and the fan-out cost curve.
     let fanouts = vec![1usize, 10, 100, 440, 1000];
     let (clients, rate) = (50, 1000);
-    let blocking = blocking_rounds(&bin, rounds, &fanouts, (clients, rate), seconds, &log)?;
+    let blocking = blocking_rounds(
+        &bin,
+        RedisBuild::V7_0,
+        rounds,
+        &fanouts,
+        (clients, rate),
+        seconds,
+        &log,
+    )?;
     let mut blocking_stats = Vec::new();
     for &keys in &fanouts {
-        let redis = Redis::start(&[]);
-        let agent = Agent::start_binary(&bin, &[], &[]);
-        wait_for_redis_probes(&agent, &redis);
-        let (_, stats) =
-            blocking::run_once(&redis, Some(&agent), keys, clients, rate, seconds, true)?;
-        blocking_stats.push((keys, stats.context("no bpf_stats window")?));
+        let stats = blocking_stats_run(&bin, RedisBuild::V7_0, keys, (clients, rate), seconds)?;
+        blocking_stats.push((keys, stats));
     }
     log("blocking, bpf_stats");
+    // The same load at 1 key on the upstream LTO build.
+    let blocking_lto = blocking_rounds(
+        &bin,
+        LTO_BUILD,
+        rounds,
+        &[1],
+        (clients, rate),
+        seconds,
+        &log,
+    )?;
+    let blocking_lto_stats = blocking_stats_run(&bin, LTO_BUILD, 1, (clients, rate), seconds)?;
+    log("blocking on the LTO build, bpf_stats");
 
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
@@ -643,6 +693,8 @@ pub fn run(quick: bool) -> Result<()> {
         seconds,
         blocking,
         blocking_stats,
+        blocking_lto,
+        blocking_lto_stats,
         jobs,
         sidekiq,
         sidekiq_stats,
