@@ -141,21 +141,4 @@ mod tests {
         branches_to(&code, 0x1000, 0x2000, &mut found);
         assert_eq!(found, BranchesTo::default());
     }
-
-    #[test]
-    fn garbage_never_panics() {
-        let mut seed = 0x2545f4914f6cdd1du64;
-        for _ in 0..2000 {
-            let code: Vec<u8> = (0..64)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
-            let mut found = BranchesTo::default();
-            branches_to(&code, 0x400000, 0x400010, &mut found);
-        }
-    }
 }

@@ -514,6 +514,8 @@ mod tests {
             let _ = exits(&code, 0x400000);
             let _ = first_client_field(&code, 0x400000);
             let _ = bstate_in_block_client(&code, 0x400000);
+            let mut found = crate::redis::block_calls::BranchesTo::default();
+            crate::redis::block_calls::branches_to(&code, 0x400000, 0x400010, &mut found);
         }
     }
 }
