@@ -28,11 +28,20 @@ use super::unblock_paths::{file_offset_of, Functions};
 /// the builds of the version matrix have 2 to 8.
 pub const MAX_CALL_SITES: usize = 32;
 
+/// A direct call or unconditional jump to the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// The instruction's address.
+    pub at: u64,
+    /// Where a call returns to (the next instruction); `None` for a jump.
+    pub returns_to: Option<u64>,
+}
+
 /// The direct branches to one target found in some code.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BranchesTo {
-    /// Addresses of the calls and unconditional jumps to it.
-    pub sites: Vec<u64>,
+    /// The calls and unconditional jumps to it.
+    pub sites: Vec<Branch>,
     /// Whether a conditional jump goes to it.
     pub conditional: bool,
 }
@@ -53,9 +62,14 @@ pub fn branches_to(code: &[u8], address: u64, target: u64, out: &mut BranchesTo)
             continue;
         }
         match instruction.flow_control() {
-            FlowControl::Call | FlowControl::UnconditionalBranch => {
-                out.sites.push(instruction.ip())
-            }
+            FlowControl::Call => out.sites.push(Branch {
+                at: instruction.ip(),
+                returns_to: Some(instruction.next_ip()),
+            }),
+            FlowControl::UnconditionalBranch => out.sites.push(Branch {
+                at: instruction.ip(),
+                returns_to: None,
+            }),
             FlowControl::ConditionalBranch => out.conditional = true,
             _ => {}
         }
@@ -91,6 +105,7 @@ pub fn block_client_calls(file: &object::File<'_>, functions: &Functions) -> Opt
     let outside: Vec<u64> = found
         .sites
         .into_iter()
+        .map(|branch| branch.at)
         .filter(|site| !(own.address..own.address + own.size).contains(site))
         .collect();
     if outside.len() > MAX_CALL_SITES {
@@ -120,7 +135,16 @@ mod tests {
         assert_eq!(
             found,
             BranchesTo {
-                sites: vec![0x1000, 0x1006],
+                sites: vec![
+                    Branch {
+                        at: 0x1000,
+                        returns_to: Some(0x1005)
+                    },
+                    Branch {
+                        at: 0x1006,
+                        returns_to: None
+                    }
+                ],
                 conditional: false
             }
         );

@@ -15,6 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+
+use super::block_calls::{branches_to, BranchesTo};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 /// The exported functions whose source ends in `unblockClient(c, 1)` (7.2+).
@@ -382,20 +384,9 @@ pub fn serving_returns(file: &object::File<'_>, functions: &Functions) -> Vec<u6
         let Some(code) = code_at(file, body, end - body) else {
             continue;
         };
-        let mut decoder = Decoder::with_ip(64, code, body, DecoderOptions::NONE);
-        let mut instruction = Instruction::default();
-        while decoder.can_decode() {
-            decoder.decode_out(&mut instruction);
-            if instruction.code() == Code::INVALID {
-                break;
-            }
-            if instruction.flow_control() == FlowControl::Call
-                && instruction.op0_kind() == OpKind::NearBranch64
-                && instruction.near_branch_target() == unblock
-            {
-                returns.push(instruction.next_ip());
-            }
-        }
+        let mut found = BranchesTo::default();
+        branches_to(code, body, unblock, &mut found);
+        returns.extend(found.sites.iter().filter_map(|call| call.returns_to));
     }
     returns.sort_unstable();
     returns.dedup();
@@ -514,8 +505,8 @@ mod tests {
             let _ = exits(&code, 0x400000);
             let _ = first_client_field(&code, 0x400000);
             let _ = bstate_in_block_client(&code, 0x400000);
-            let mut found = crate::redis::block_calls::BranchesTo::default();
-            crate::redis::block_calls::branches_to(&code, 0x400000, 0x400010, &mut found);
+            let mut found = BranchesTo::default();
+            branches_to(&code, 0x400000, 0x400010, &mut found);
         }
     }
 }
