@@ -41,9 +41,9 @@ pub struct UprobeSpec {
     pub bookkeeping: bool,
     /// Whether `binary` needs this program at all.
     pub needed: fn(&RedisBinary) -> bool,
-    /// Probe the calls to the symbols rather than their entries, where the binary lists
-    /// them (`RedisBinary::calls_to`).
-    pub at_calls: bool,
+    /// The file offsets of the calls to the symbol, probed instead of its entry where the
+    /// binary lists them.
+    pub at_calls: Option<fn(&RedisBinary) -> Option<&[u64]>>,
 }
 
 impl UprobeSpec {
@@ -60,7 +60,7 @@ impl UprobeSpec {
             on_clone: None,
             bookkeeping,
             needed: |_| true,
-            at_calls: false,
+            at_calls: None,
         }
     }
 
@@ -108,7 +108,7 @@ const fn serving(program: &'static str) -> UprobeSpec {
         on_clone: None,
         bookkeeping: false,
         needed: RedisBinary::uses_serving_window,
-        at_calls: false,
+        at_calls: None,
     }
 }
 
@@ -121,7 +121,7 @@ const fn unblock(program: &'static str, on_clone: &'static str, bookkeeping: boo
         on_clone: Some(on_clone),
         bookkeeping,
         needed: |_| true,
-        at_calls: false,
+        at_calls: None,
     }
 }
 
@@ -137,7 +137,7 @@ pub const REDIS_UPROBES: [UprobeSpec; 8] = [
         on_clone: None,
         bookkeeping: false,
         needed: RedisBinary::catches_inlined_blocks,
-        at_calls: true,
+        at_calls: Some(|binary| binary.block_client_calls.as_deref()),
     },
     UprobeSpec::one(
         programs::REDIS_BLOCK_FOR_KEYS_RETURN,
@@ -226,7 +226,7 @@ pub(super) fn placements(
             continue;
         }
         for symbol in targets {
-            if let Some(calls) = spec.at_calls.then(|| binary.calls_to(symbol)).flatten() {
+            if let Some(calls) = spec.at_calls.and_then(|calls| calls(binary)) {
                 // Each call instruction is itself the site: `call` and `jmp` are emulated.
                 out.extend(calls.iter().map(|&offset| Placement {
                     program: spec.program,

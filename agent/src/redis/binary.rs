@@ -197,11 +197,7 @@ impl RedisBinary {
         let first_load_address = unblock_paths::first_load_address(&file);
         let bstate = unblock_paths::bstate_offset(&file, &functions);
         let reprocessing = unblock_paths::reprocessing_flag(&file, &functions);
-        // Read only where blockClient is probed at all (the whole text is decoded).
-        let block_client_calls = (family.is_some_and(Family::reblocks) && bstate.is_some())
-            .then(|| block_calls::block_client_calls(&file, &functions))
-            .flatten();
-        Ok(Self {
+        let mut binary = Self {
             path: path.to_path_buf(),
             id: BinaryId {
                 dev: meta.dev(),
@@ -215,8 +211,13 @@ impl RedisBinary {
             first_load_address,
             bstate,
             reprocessing,
-            block_client_calls,
-        })
+            block_client_calls: None,
+        };
+        // Read only where blockClient is probed at all (the whole text is decoded).
+        if binary.catches_inlined_blocks() {
+            binary.block_client_calls = block_calls::block_client_calls(&file, &functions);
+        }
+        Ok(binary)
     }
 
     pub fn has(&self, symbol: &str) -> bool {
@@ -289,9 +290,7 @@ impl RedisBinary {
             settings.key_btypes = (1..8)
                 .filter(|b| family.block_type(*b).is_some_and(|t| t != "module"))
                 .fold(0, |mask, b| mask | 1 << b);
-        }
-        if self.catches_inlined_blocks() && self.block_client_calls.is_some() {
-            settings.block_client_at_calls = 1;
+            settings.block_client_at_calls = u32::from(self.block_client_calls.is_some());
         }
         if settings.served_by == served_by::RETURN_ADDRESS {
             let bias = load_bias.ok_or_else(|| {
@@ -307,14 +306,6 @@ impl RedisBinary {
             }
         }
         Ok(settings)
-    }
-
-    /// The file offsets of the calls to `symbol` to probe instead of its entry, where they
-    /// were all found (only `blockClient`'s are looked for).
-    pub fn calls_to(&self, symbol: &str) -> Option<&[u64]> {
-        (symbol == "blockClient")
-            .then_some(self.block_client_calls.as_deref())
-            .flatten()
     }
 
     /// Where to probe `symbol`: its entry unless a cheaper site was found.
