@@ -11,7 +11,7 @@ use std::{
 use object::{Object, ObjectSymbol};
 
 use super::{
-    block_calls,
+    block_calls, machine_code,
     unblock_paths::{self, BstateAt, UnblockCoverage},
 };
 use crate::probe_site::{self, FunctionSites, ProbeSite};
@@ -191,10 +191,10 @@ impl RedisBinary {
             .collect();
         let family = family_of(&symbols);
         let sites = probe_site::sites_in(&file, INTERESTING_SYMBOLS);
-        let functions = unblock_paths::Functions::read(&file);
+        let functions = machine_code::Functions::read(&file);
         let unblock = unblock_paths::unblock_coverage(&file, &functions);
         let serving_returns = unblock_paths::serving_returns(&file, &functions);
-        let first_load_address = unblock_paths::first_load_address(&file);
+        let first_load_address = machine_code::first_load_address(&file);
         let bstate = unblock_paths::bstate_offset(&file, &functions);
         let reprocessing = unblock_paths::reprocessing_flag(&file, &functions);
         let mut binary = Self {

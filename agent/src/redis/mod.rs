@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod block_calls;
+pub mod machine_code;
 pub mod unblock_paths;
 
 use std::collections::BTreeMap;

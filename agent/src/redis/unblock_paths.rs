@@ -12,12 +12,13 @@
 //! the exported `unblockClient` does first thing, it is that copy, and it gets the probe too.
 //! (See ../shared/REDIS-INTERNALS.md.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind, Register};
 
-use super::block_calls::{branches_to, BranchesTo};
-use object::{Object, ObjectSection, ObjectSymbol};
+use super::machine_code::{
+    branches_to, code_at, exits, file_offset_of, BranchesTo, Function, Functions,
+};
 
 /// The exported functions whose source ends in `unblockClient(c, 1)` (7.2+).
 pub const UNBLOCK_WRAPPERS: [&str; 2] = ["unblockClientOnError", "unblockClientOnTimeout"];
@@ -32,85 +33,6 @@ pub enum UnblockCoverage {
     Clone { address: u64, file_offset: u64 },
     /// The wrappers end somewhere else: unblocks would be missed.
     Bypassed(String),
-}
-
-/// A defined function in the symbol tables: start and size.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Function {
-    pub address: u64,
-    pub size: u64,
-}
-
-/// The functions of a binary's symbol tables (`.dynsym`, and `.symtab` where it was kept),
-/// read once for every question below.
-pub struct Functions {
-    by_name: BTreeMap<String, Function>,
-    /// Every function start, named or not: where another function begins.
-    starts: BTreeSet<u64>,
-}
-
-impl Functions {
-    pub fn read(file: &object::File<'_>) -> Self {
-        let mut by_name = BTreeMap::new();
-        let mut starts = BTreeSet::new();
-        for symbol in file.dynamic_symbols().chain(file.symbols()) {
-            if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
-                continue;
-            }
-            starts.insert(symbol.address());
-            if let Ok(name) = symbol.name() {
-                by_name.entry(name.to_string()).or_insert(Function {
-                    address: symbol.address(),
-                    size: symbol.size(),
-                });
-            }
-        }
-        Self { by_name, starts }
-    }
-
-    pub(super) fn get(&self, name: &str) -> Option<Function> {
-        self.by_name.get(name).copied()
-    }
-
-    /// The function starts in `range`, in order.
-    pub(super) fn starts_in(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = u64> + '_ {
-        self.starts.range(range).copied()
-    }
-}
-
-/// Branches out of one function: direct calls and jumps whose target lies outside it.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Exits {
-    pub targets: BTreeSet<u64>,
-}
-
-/// Decodes `code`, loaded at `address`, and collects the targets of its direct calls and of
-/// its jumps that leave it (tail calls).
-pub fn exits(code: &[u8], address: u64) -> Exits {
-    let end = address + code.len() as u64;
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut instruction = Instruction::default();
-    let mut out = Exits::default();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut instruction);
-        if instruction.code() == Code::INVALID {
-            break;
-        }
-        let direct = instruction.op0_kind() == OpKind::NearBranch64;
-        match instruction.flow_control() {
-            FlowControl::Call if direct => {
-                out.targets.insert(instruction.near_branch_target());
-            }
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch if direct => {
-                let target = instruction.near_branch_target();
-                if !(address..end).contains(&target) {
-                    out.targets.insert(target);
-                }
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 /// The displacement of the first load from `[rdi + disp]` in the first instructions of a
@@ -140,7 +62,7 @@ pub fn first_client_field(code: &[u8], address: u64) -> Option<i64> {
 
 /// Reads the symbol tables and decides how unblocks can be seen in `file`.
 pub fn unblock_coverage(file: &object::File<'_>, functions: &Functions) -> UnblockCoverage {
-    let starts = &functions.starts;
+    let starts = functions.starts();
     let Some(exported) = functions.get("unblockClient") else {
         return UnblockCoverage::Exported;
     };
@@ -353,7 +275,7 @@ const MAX_FUNCTION_BYTES: u64 = 16 * 1024;
 /// Empty when the binary has no serve functions or none of them calls `unblockClient`, in
 /// which case the serving window is probed instead.
 pub fn serving_returns(file: &object::File<'_>, functions: &Functions) -> Vec<u64> {
-    let mut starts = functions.starts.clone();
+    let mut starts = functions.starts().clone();
     let Some(unblock) = functions.get("unblockClient").map(|f| f.address) else {
         return Vec::new();
     };
@@ -391,36 +313,6 @@ pub fn serving_returns(file: &object::File<'_>, functions: &Functions) -> Vec<u6
     returns.sort_unstable();
     returns.dedup();
     returns
-}
-
-/// The virtual address the first loadable segment (file offset 0) starts at, page-aligned:
-/// with the address that segment is mapped at in a process, it gives the load bias.
-pub fn first_load_address(file: &object::File<'_>) -> Option<u64> {
-    use object::ObjectSegment;
-    file.segments()
-        .find(|s| s.file_range().0 == 0)
-        .map(|s| s.address() & !0xfff)
-}
-
-/// `length` bytes of code at virtual `address` (fewer at the end of its section).
-fn code_at<'data>(file: &object::File<'data>, address: u64, length: u64) -> Option<&'data [u8]> {
-    let section = file
-        .sections()
-        .find(|s| (s.address()..s.address() + s.size()).contains(&address))?;
-    let available = section.address() + section.size() - address;
-    section
-        .data_range(address, length.min(available))
-        .ok()
-        .flatten()
-}
-
-/// Where virtual `address` is in the file: what a uprobe is attached at.
-pub(super) fn file_offset_of(file: &object::File<'_>, address: u64) -> Option<u64> {
-    let section = file
-        .sections()
-        .find(|s| (s.address()..s.address() + s.size()).contains(&address))?;
-    let (offset, _) = section.file_range()?;
-    Some(address - section.address() + offset)
 }
 
 #[cfg(test)]
