@@ -20,11 +20,9 @@ use aya_ebpf::{
 
 use crate::{
     counters::bump,
-    maps::{pid_in, pid_set, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
+    maps::{pid_in, pid_set, BPF_RB_NO_WAKEUP, THREAD_STATE, TRACKED_TGIDS, TRACKED_TIDS},
 };
 
-/// `BPF_RB_NO_WAKEUP`: submit a ring buffer record without waking the reader.
-pub const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[map]
 static LIFECYCLE_EVENTS: RingBuf = RingBuf::with_byte_size(LIFECYCLE_RING_BYTES, 0);

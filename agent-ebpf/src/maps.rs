@@ -1,4 +1,4 @@
-//! Maps shared by more than one probe area.
+//! Maps shared by more than one probe area, and the flags they are used with.
 
 use agent_common::pidset;
 use agent_common::sched::{
@@ -10,6 +10,10 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
+
+/// `BPF_RB_NO_WAKEUP`: submit a ring buffer record without waking the reader (a wakeup is an
+/// irq_work self-IPI; the agent reads its ring buffers every 10 ms instead).
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// tgid -> tracked process. Written by the agent only: it is the in-kernel filter that keeps
 /// untracked processes down to one hash lookup per scheduler event.

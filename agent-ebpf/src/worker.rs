@@ -347,11 +347,11 @@ fn send_keyset(ctx: &LoopCtx, signature: u64, keys: u32, start: u64, end: u64) -
             (ctx.buf + start) as *const c_void,
         ) == 0;
         if !ok {
-            entry.discard(crate::lifecycle::BPF_RB_NO_WAKEUP);
+            entry.discard(crate::maps::BPF_RB_NO_WAKEUP);
             return false;
         }
     }
-    entry.submit(crate::lifecycle::BPF_RB_NO_WAKEUP);
+    entry.submit(crate::maps::BPF_RB_NO_WAKEUP);
     true
 }
 
