@@ -779,3 +779,19 @@ mod tests {
         );
     }
 }
+
+/// Packages `bin` as a .deb: under target/debian/ (target/debian/debug/ for a debug binary).
+pub fn build_in_target(bin: &Path, debug: bool) -> Result<PathBuf> {
+    let mut out = crate::util::workspace_root().join("target/debian");
+    if debug {
+        out.push("debug");
+    }
+    build(bin, &out)
+}
+
+/// Installs, exercises and purges the package on this machine.
+pub fn check(deb: &Path) -> Result<()> {
+    check_install(deb)?;
+    eprintln!("[test] debian package: ok");
+    Ok(())
+}

@@ -8,8 +8,10 @@ mod bench;
 mod checks;
 mod deb;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
+mod test_suite;
 mod util;
 
 use anyhow::Result;
@@ -107,7 +109,7 @@ fn main() -> Result<()> {
         }
         Task::Test { unit_only, filter } => {
             setup::setup()?;
-            util::run_tests(unit_only, filter.as_deref())
+            test_suite::run_tests(unit_only, filter.as_deref())
         }
         Task::Bench { quick, only } => {
             setup::setup()?;
@@ -126,15 +128,15 @@ fn main() -> Result<()> {
         }
         Task::Fuzz { runs } => {
             setup::setup()?;
-            util::fuzz(runs)
+            fuzz::fuzz(runs)
         }
         Task::Deb { debug, check } => {
             setup::setup()?;
             let bin = util::build_agent(!debug)?;
-            let deb = util::build_deb(&bin, debug)?;
+            let deb = deb::build_in_target(&bin, debug)?;
             println!("{}", deb.display());
             if check {
-                util::check_deb(&deb)?;
+                deb::check(&deb)?;
             }
             Ok(())
         }
@@ -147,11 +149,7 @@ fn main() -> Result<()> {
             let bin = util::build_agent(true)?;
             demo::run(
                 &bin,
-                demo::Plan::new(
-                    queues.map(|q| q as usize),
-                    phase_seconds,
-                    quick,
-                ),
+                demo::Plan::new(queues.map(|q| q as usize), phase_seconds, quick),
             )
         }
     }
