@@ -800,7 +800,7 @@ impl SharedAgent {
     }
 
     /// Takes the state lock for `site`, timing the wait.
-    pub fn lock(&self, site: &'static str) -> StateGuard<'_> {
+    pub fn lock(&self, site: &'static str) -> StateGuard<'_, AgentState> {
         StateGuard::take(&self.state, site, &self.lock_waits)
     }
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{agent::AgentState, metrics::HistogramValue};
+use crate::metrics::HistogramValue;
 
 /// Bucket bounds of the wait histogram, in seconds.
 pub const WAIT_BOUNDS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0];
@@ -62,20 +62,16 @@ impl LockWaits {
     }
 }
 
-/// The state, locked by `site`. Released fairly: a thread already waiting gets the lock
-/// before the releasing thread can take it back.
-pub struct StateGuard<'a> {
-    guard: Option<parking_lot::MutexGuard<'a, AgentState>>,
+/// The state (the agent's: `T` is `AgentState`), locked by `site`. Released fairly: a thread
+/// already waiting gets the lock before the releasing thread can take it back.
+pub struct StateGuard<'a, T> {
+    guard: Option<parking_lot::MutexGuard<'a, T>>,
     site: &'static str,
     since: Instant,
 }
 
-impl<'a> StateGuard<'a> {
-    pub fn take(
-        lock: &'a parking_lot::Mutex<AgentState>,
-        site: &'static str,
-        waits: &LockWaits,
-    ) -> Self {
+impl<'a, T> StateGuard<'a, T> {
+    pub fn take(lock: &'a parking_lot::Mutex<T>, site: &'static str, waits: &LockWaits) -> Self {
         let asked = Instant::now();
         let guard = lock.lock();
         let since = Instant::now();
@@ -88,20 +84,20 @@ impl<'a> StateGuard<'a> {
     }
 }
 
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = AgentState;
-    fn deref(&self) -> &AgentState {
+impl<T> std::ops::Deref for StateGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
         self.guard.as_ref().expect("held until dropped")
     }
 }
 
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut AgentState {
+impl<T> std::ops::DerefMut for StateGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
         self.guard.as_mut().expect("held until dropped")
     }
 }
 
-impl Drop for StateGuard<'_> {
+impl<T> Drop for StateGuard<'_, T> {
     fn drop(&mut self) {
         if let Some(guard) = self.guard.take() {
             parking_lot::MutexGuard::unlock_fair(guard);
