@@ -1,0 +1,103 @@
+//! Which descriptors are followed connections: a connection is followed from its first write
+//! that starts a command; other descriptors are remembered as such to cost one load.
+
+use super::{CONNS, CONN_PEERS, KIND_DESYNCED};
+use crate::counters::bump;
+use agent_common::sched::ProbeCounter;
+use agent_common::worker::{conn_kind, not_resp_slot, ConnKey, ConnState, NOT_RESP_SLOTS};
+use aya_ebpf::helpers::bpf_probe_read_user;
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, PerCpuArray};
+
+/// All-zero templates for entries larger than the stack allows.
+#[map]
+pub(super) static ZERO_CONN: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+/// (tgid, fd) of descriptors a worker writes to that are not connections (pipes, eventfds,
+/// files), by a hash of the pair (`agent_common::worker::not_resp_slot`): a write to one of
+/// them costs one inlined array load, without reading the worker's buffer (a Ruby worker
+/// writes two log lines and a warning per job; reading a byte of each cost more than the rest
+/// of the probe). Only descriptors without a peer enter it, so no socket ever does: sockets
+/// connected while the worker is followed get a peer at connect(), and those it had before are
+/// seeded with their peers from /proc, their slots cleared, when it starts being followed.
+/// Closing a descriptor, or connecting it, clears its slot. What it cannot see: a socket
+/// moved onto a cached descriptor number with dup2() and no close() (no Redis client does
+/// that); the slot of a pair overwritten by another pair only costs a lookup.
+#[map]
+pub(super) static NOT_RESP: Array<u64> = Array::with_max_entries(NOT_RESP_SLOTS, 0);
+
+/// Forgets that (tgid, fd) is not a connection (it is one now, or it was closed).
+#[inline(always)]
+pub(super) fn clear_not_resp(key: &ConnKey) {
+    let (slot, tag) = not_resp_slot(key);
+    if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
+        unsafe {
+            if *cached == tag {
+                *cached = 0;
+            }
+        }
+    }
+}
+
+/// The connection state for a write, created (and classified) on the first one.
+#[inline(always)]
+pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
+    let key = ConnKey { tgid, fd };
+    let (slot, tag) = not_resp_slot(&key);
+    if NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
+        return None;
+    }
+    // The first byte of the buffer, read only when it decides something (a followed
+    // connection's writes are its commands). A buffer the worker has not touched may not be
+    // paged in: then the byte cannot be read here, and the write is left alone rather than
+    // taken for a non-connection.
+    let first = || unsafe { bpf_probe_read_user(buf as *const u8) }.ok();
+    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+        let state = unsafe { &mut *conn };
+        if state.kind == KIND_DESYNCED {
+            if first()? != b'*' {
+                return None;
+            }
+            // Re-synchronise: a write that starts a command starts a fresh stream. What it
+            // went through so far stays (the agent's narrowing must not forget a `write`).
+            let (peer, write_sites, read_sites) = (state.peer, state.write_sites, state.read_sites);
+            let zero = ZERO_CONN.get(0)?;
+            *state = *zero;
+            state.peer = peer;
+            state.write_sites = write_sites;
+            state.read_sites = read_sites;
+            state.kind = conn_kind::RESP;
+        }
+        return if state.kind == conn_kind::RESP {
+            Some(conn)
+        } else {
+            None
+        };
+    }
+    let first = first()?;
+    // Only a write that starts a command starts following a connection: a process seen
+    // mid-command (it was tracked while writing) is picked up at its next command, and
+    // files and pipes (logs) cost one byte read per write.
+    if first != b'*' {
+        // A socket may be a connection met mid-command: it is picked up at its next command.
+        if unsafe { CONN_PEERS.get(&key) }.is_none() {
+            if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
+                unsafe { *cached = tag };
+            }
+        }
+        return None;
+    }
+    clear_not_resp(&key);
+    let zero = ZERO_CONN.get(0)?;
+    if CONNS.insert(&key, zero, 0).is_err() {
+        bump(ProbeCounter::ConnInsertFailed);
+        return None;
+    }
+    let conn = CONNS.get_ptr_mut(&key)?;
+    let state = unsafe { &mut *conn };
+    state.kind = conn_kind::RESP;
+    if let Some(peer) = unsafe { CONN_PEERS.get(&key) } {
+        state.peer = *peer;
+    }
+    Some(conn)
+}

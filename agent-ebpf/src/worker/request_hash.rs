@@ -1,0 +1,93 @@
+//! The hash of a request buffer (`agent_common::fastpath`'s), by chunks under `bpf_loop`: what
+//! tells a repeat of a connection's last blocking call from any other write.
+
+use super::{quick::read_user_prefix, MapOpaque};
+use agent_common::fastpath::{self, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES};
+use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::PerCpuArray;
+use core::ffi::c_void;
+
+/// The chunk of a request being hashed (see `agent_common::fastpath`).
+#[map]
+pub(super) static HASH_SCRATCH: PerCpuArray<[u64; HASH_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Hashing state of a request buffer. It lives in a per-CPU map, as the tokenizer's does,
+/// so that the verifier checks the loop body once rather than once per position.
+#[repr(C)]
+pub(super) struct HashState {
+    buf: u64,
+    len: u64,
+    pos: u64,
+    hash: u64,
+    failed: u64,
+}
+
+#[map]
+pub(super) static HASH_STATE: PerCpuArray<HashState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Folds the next chunk of the buffer into the hash; returns 1 at the end (or on a failed
+/// read).
+#[inline(always)]
+pub(super) fn hash_next_chunk() -> i64 {
+    let (Some(state), Some(words), Some(opaque)) = (
+        HASH_STATE.get_ptr_mut(0),
+        HASH_SCRATCH.get_ptr_mut(0),
+        MapOpaque::get(),
+    ) else {
+        return 1;
+    };
+    let (state, words) = unsafe { (&mut *state, &mut *words) };
+    let left = state.len.saturating_sub(state.pos);
+    if left == 0 {
+        return 1;
+    }
+    let Some(n) = read_user_prefix::<HASH_CHUNK>(
+        words.as_mut_ptr().cast(),
+        state.buf + state.pos,
+        left,
+        &opaque,
+    ) else {
+        state.failed = 1;
+        return 1;
+    };
+    state.hash = fastpath::hash_chunk(state.hash, words, n);
+    state.pos += n;
+    (state.pos >= state.len) as i64
+}
+
+pub(super) extern "C" fn hash_step(_index: u32, _args: *mut c_void) -> i64 {
+    hash_next_chunk()
+}
+
+/// `fastpath`'s hash of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`).
+#[inline(never)]
+pub(super) fn request_hash(buf: u64, len: u64) -> Option<u64> {
+    if len == 0 || len > MAX_TEMPLATE_BYTES {
+        return None;
+    }
+    let state = HASH_STATE.get_ptr_mut(0)?;
+    unsafe {
+        *state = HashState {
+            buf,
+            len,
+            pos: 0,
+            hash: fastpath::hash_start(len),
+            failed: 0,
+        }
+    };
+    // The common case (a short command) in one chunk, without a loop.
+    if hash_next_chunk() == 0 {
+        unsafe {
+            bpf_loop(
+                (MAX_TEMPLATE_BYTES / HASH_CHUNK as u64) as u32,
+                hash_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            );
+        }
+    }
+    let state = unsafe { &*state };
+    (state.failed == 0 && state.pos == len).then_some(state.hash)
+}
