@@ -79,6 +79,7 @@ per_build!(
     blmove_bzpopmin_and_xread_are_counted_by_block_type,
     two_redis_servers_get_separate_series,
     attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients,
+    with_io_threads_forty_clients_at_once_are_counted_exactly,
 );
 
 const KEYS: &str = "redis_blocking_keys";
@@ -160,7 +161,12 @@ fn assert_points(s: &Scrape, pid: &str, state: &str, expected: &[&str]) {
 }
 
 fn start(build: RedisBuild) -> (Redis, Agent, String) {
-    let redis = Redis::start_build(build, &[]);
+    start_with(build, &[])
+}
+
+/// `start`, with more arguments for redis-server.
+fn start_with(build: RedisBuild, extra: &[&str]) -> (Redis, Agent, String) {
+    let redis = Redis::start_build(build, extra);
     let agent = Agent::start(&[]);
     let pid = redis.pid().to_string();
     wait_for(
@@ -581,6 +587,115 @@ fn every_outcome_is_counted_and_the_gauges_follow_each_block_back_to_zero(build:
         s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
         0.0
     );
+}
+
+/// Servers under load run with I/O threads (reads and replies off the main thread; Redis 8 and
+/// Valkey 8 hand whole clients to them): blocks and unblocks stay on the main thread, so
+/// every call is still counted once, with its outcome, and the gauges come back to zero.
+fn with_io_threads_forty_clients_at_once_are_counted_exactly(build: RedisBuild) {
+    require_root();
+    const CLIENTS: usize = 40;
+    const NUMKEYS: usize = 10;
+    const ROUNDS: usize = 3;
+    // Redis 6.2-7.4 read with the threads only when asked; later servers ignore the option.
+    let (redis, agent, pid) = start_with(
+        build,
+        &["--io-threads", "4", "--io-threads-do-reads", "yes"],
+    );
+    let port = redis.port;
+    let clients_blocked = |n: usize| {
+        wait_for(
+            &format!("{n} clients blocked, seen by Redis and by the agent"),
+            Duration::from_secs(10),
+            || {
+                let info = redis.command(&["INFO", "clients"]);
+                let redis_says = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("blocked_clients:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let agent_says =
+                    agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]);
+                (redis_says == Some(n) && agent_says == n as f64).then_some(())
+            },
+        )
+    };
+    let shared = keys("io-shared", NUMKEYS - 1);
+    let pop = |first: String, timeout: &str| {
+        let mut k = vec![first];
+        k.extend(shared.iter().cloned());
+        brpop(&k, timeout)
+    };
+    // Every call times out: 40 at once, twice.
+    for round in 0..2 {
+        let replies = parallel(
+            port,
+            (0..CLIENTS)
+                .map(|i| pop(format!("io-timeout{round}-{i}"), "0.2"))
+                .collect(),
+        );
+        assert!(replies.iter().all(Reply::is_nil), "{replies:?}");
+    }
+    // Every call is served: 40 block, then one LPUSH each to its own key, three times.
+    for round in 0..ROUNDS {
+        let waiting: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let args = pop(format!("io-served{round}-{i}"), "0");
+                thread::spawn(move || {
+                    let mut conn = Conn::connect(port).unwrap();
+                    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                    conn.call(&refs).unwrap()
+                })
+            })
+            .collect();
+        clients_blocked(CLIENTS);
+        let mut producer = Conn::connect(port).unwrap();
+        for i in 0..CLIENTS {
+            let key = format!("io-served{round}-{i}");
+            let reply = producer.call(&["LPUSH", &key, "job"]).unwrap();
+            assert!(matches!(reply, Reply::Integer(1)), "{reply:?}");
+        }
+        for h in waiting {
+            let reply = h.join().unwrap();
+            assert!(matches!(reply, Reply::Array(Some(_))), "{reply:?}");
+        }
+        clients_blocked(0);
+    }
+
+    let s = agent.scrape();
+    let calls = (2 * CLIENTS + ROUNDS * CLIENTS) as f64;
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "timeout")]),
+        (2 * CLIENTS) as f64
+    );
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "served")]),
+        (ROUNDS * CLIENTS) as f64
+    );
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 0.0);
+    assert_eq!(count(&s, KEYS, &pid, &[]), calls);
+    assert_eq!(sum(&s, KEYS, &pid, &[]), calls * NUMKEYS as f64);
+    assert_eq!(bucket(&s, KEYS, &pid, &[], "5"), 0.0);
+    assert_eq!(bucket(&s, KEYS, &pid, &[], "10"), calls);
+    // 0.2 s timeouts end on Redis's 100 ms cron, or up to a tick later.
+    let mean_timeout =
+        sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / (2 * CLIENTS) as f64;
+    assert!((0.2..0.35).contains(&mean_timeout), "{mean_timeout}");
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        0.0
+    );
+    // The threads were there, and named as the agent's thread metrics name them.
+    let io_threads = s
+        .label_values(
+            "process_thread_cpu_time_seconds_total",
+            &[("process_pid", &pid)],
+            "thread_name",
+        )
+        .into_iter()
+        .filter(|name| name.starts_with("io_thd"))
+        .count();
+    assert!(io_threads >= 3, "{build}: {io_threads} io_thd threads");
+    assert_points(&s, &pid, "live", build.probe_points());
 }
 
 fn blmove_bzpopmin_and_xread_are_counted_by_block_type(build: RedisBuild) {
