@@ -1,9 +1,10 @@
-//! Fetching the observation from the agent: `GET /api/v1/advise[?window=SECONDS]` over plain
+//! Fetching the observation from the agent: `GET /api/v1/advise[?window=SECONDS]` over
 //! HTTP/1.0 ([`crate::agent_http`], as `fanout top` fetches its snapshot).
 
 use std::time::Duration;
 
 use super::observation::{Observation, VERSION};
+use crate::agent_http::Endpoint;
 
 /// The agent's endpoint.
 pub const ADVISE_PATH: &str = "/api/v1/advise";
@@ -12,7 +13,7 @@ pub const ADVISE_PATH: &str = "/api/v1/advise";
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]
-    NoAgent(#[from] crate::agent_http::NoAgent),
+    Request(#[from] crate::agent_http::RequestError),
     #[error("the agent at {address} has no {ADVISE_PATH} (HTTP 404): it is older than this fanout; upgrade it to the same release")]
     NoEndpoint { address: String },
     #[error("the agent at {address} answered HTTP {status} for {ADVISE_PATH}{detail}")]
@@ -60,18 +61,26 @@ pub fn parse(text: &str, address: &str) -> Result<Observation, FetchError> {
 
 /// Fetches the observation over `window_seconds` (since the agent started when `None`).
 pub fn fetch(
-    address: &str,
+    endpoint: &Endpoint,
     window_seconds: Option<u64>,
     timeout: Duration,
 ) -> Result<Observation, FetchError> {
-    let (status, body) = crate::agent_http::get(address, &request_path(window_seconds), timeout)?;
+    let (status, body) = crate::agent_http::get(endpoint, &request_path(window_seconds), timeout)?;
+    let address = endpoint.name();
     match status {
-        200 => parse(&body, address),
-        404 => Err(FetchError::NoEndpoint {
-            address: address.to_string(),
+        200 => parse(&body, &address),
+        404 => Err(FetchError::NoEndpoint { address }),
+        401 => Err(FetchError::Http {
+            address,
+            status,
+            detail: if endpoint.has_user() {
+                ": a wrong user or password".into()
+            } else {
+                ": its endpoint has users; give --user and --password-file".into()
+            },
         }),
         _ => Err(FetchError::Http {
-            address: address.to_string(),
+            address,
             status,
             // The agent says why in its body (a bad window, say): pass on its first line.
             detail: body
@@ -120,7 +129,12 @@ mod tests {
              {\"version\":1,\"window_seconds\":300.0,\"since_start\":false,\"names_real\":true,\
              \"servers\":[]}",
         );
-        let obs = fetch(&address, Some(300), Duration::from_secs(5)).unwrap();
+        let obs = fetch(
+            &Endpoint::plain(&address),
+            Some(300),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(obs.window_seconds, 300.0);
         assert_eq!(
             server.join().unwrap().trim_end(),
@@ -131,7 +145,7 @@ mod tests {
     #[test]
     fn an_agent_without_the_endpoint_is_said_to_be_older() {
         let (address, _server) = one_shot("HTTP/1.0 404 Not Found\r\n\r\nnot found");
-        let err = fetch(&address, None, Duration::from_secs(5))
+        let err = fetch(&Endpoint::plain(&address), None, Duration::from_secs(5))
             .unwrap_err()
             .to_string();
         assert!(err.contains("has no /api/v1/advise"), "{err}");
@@ -156,7 +170,7 @@ mod tests {
         let free = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = free.local_addr().unwrap().to_string();
         drop(free);
-        let err = fetch(&address, None, Duration::from_secs(1))
+        let err = fetch(&Endpoint::plain(&address), None, Duration::from_secs(1))
             .unwrap_err()
             .to_string();
         assert!(

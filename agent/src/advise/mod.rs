@@ -74,9 +74,8 @@ pub fn parse_window(text: &str) -> Result<u64, String> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdviseArgs {
-    /// The agent to read (HOST:PORT of its Prometheus endpoint).
-    #[arg(long, default_value = crate::top::DEFAULT_ADDRESS)]
-    pub address: String,
+    #[command(flatten)]
+    pub endpoint: crate::agent_http::EndpointArgs,
     /// How far back to look: seconds (300) or with a unit (300s, 5m, 2h), 1 s to 7 days.
     /// Default: since the agent started.
     #[arg(long, value_name = "DURATION", value_parser = parse_window)]
@@ -88,6 +87,8 @@ pub struct AdviseArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdviseError {
+    #[error(transparent)]
+    Endpoint(#[from] crate::agent_http::EndpointError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error("cannot write the advice: {0}")]
@@ -106,7 +107,8 @@ pub fn render(advice: &Advice, format: Format) -> String {
 
 /// Fetches, plans and prints. Too little data is an answer (printed, `Ok`), not an error.
 pub fn run(args: &AdviseArgs) -> Result<(), AdviseError> {
-    let observation = client::fetch(&args.address, args.window, FETCH_TIMEOUT)?;
+    let endpoint = crate::agent_http::Endpoint::new(&args.endpoint)?;
+    let observation = client::fetch(&endpoint, args.window, FETCH_TIMEOUT)?;
     let text = render(&plan(&observation), args.format);
     let mut stdout = std::io::stdout().lock();
     match stdout

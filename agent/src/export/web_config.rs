@@ -269,9 +269,39 @@ impl BasicAuth {
     }
 }
 
+/// The `Authorization` header value of HTTP basic authentication for `user` and `password`:
+/// what `fanout top` and `fanout advise` send to an endpoint with users.
+pub fn basic_authorization(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64_encode(format!("{user}:{password}").as_bytes())
+    )
+}
+
+const BASE64_ALPHABET: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 (RFC 4648, with padding).
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (i, b)| w | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                BASE64_ALPHABET[(word >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 /// Standard base64 (RFC 4648, with padding), as HTTP basic authentication sends it.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(text.len() / 4 * 3);
     let mut buffer = 0u32;
     let mut bits = 0;
@@ -280,7 +310,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     for c in trimmed.bytes() {
-        let value = ALPHABET.iter().position(|a| *a == c)? as u32;
+        let value = BASE64_ALPHABET.iter().position(|a| *a == c)? as u32;
         buffer = (buffer << 6) | value;
         bits += 6;
         if bits >= 8 {
@@ -295,6 +325,25 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_authorization_is_what_the_endpoint_accepts() {
+        assert_eq!(
+            basic_authorization("alice", "secret"),
+            "Basic YWxpY2U6c2VjcmV0"
+        );
+        for text in ["", "a", "ab", "abc", "abcd", "pr:s3cret/+?", "é:ü"] {
+            assert_eq!(
+                base64_decode(&base64_encode(text.as_bytes())).unwrap(),
+                text.as_bytes(),
+                "{text:?}"
+            );
+        }
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = BasicAuth::new([("prometheus".to_string(), hash)].into_iter().collect());
+        assert!(auth.allows(Some(&basic_authorization("prometheus", "s3cret"))));
+        assert!(!auth.allows(Some(&basic_authorization("prometheus", "guess"))));
+    }
 
     #[test]
     fn base64_as_http_sends_it() {

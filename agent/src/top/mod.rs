@@ -17,12 +17,12 @@ use std::{
 
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
+use crate::agent_http::Endpoint;
 use model::View;
 use reading::{Reading, ReadingError};
 use ui::{Pane, UiState};
 
-/// The agent's default address (its default listen port).
-pub const DEFAULT_ADDRESS: &str = "127.0.0.1:9464";
+pub use crate::agent_http::DEFAULT_ADDRESS;
 
 fn interval(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -35,9 +35,8 @@ fn interval(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopArgs {
-    /// The agent to read (HOST:PORT of its Prometheus endpoint).
-    #[arg(long, default_value = DEFAULT_ADDRESS)]
-    pub address: String,
+    #[command(flatten)]
+    pub endpoint: crate::agent_http::EndpointArgs,
     /// Seconds between readings (and redraws).
     #[arg(long, default_value = "1", value_parser = interval, value_name = "SECONDS")]
     pub interval: f64,
@@ -53,6 +52,8 @@ pub struct TopArgs {
 pub enum TopError {
     #[error(transparent)]
     Reading(#[from] ReadingError),
+    #[error(transparent)]
+    Endpoint(#[from] crate::agent_http::EndpointError),
     #[error("the terminal: {0}")]
     Terminal(#[from] std::io::Error),
 }
@@ -62,21 +63,22 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(args: &TopArgs) -> Result<(), TopError> {
     let period = Duration::from_secs_f64(args.interval);
+    let endpoint = Endpoint::new(&args.endpoint)?;
     if args.once || !std::io::stdout().is_terminal() {
-        let first = Reading::fetch(&args.address, READ_TIMEOUT)?;
+        let first = Reading::fetch(&endpoint, READ_TIMEOUT)?;
         std::thread::sleep(period);
-        let second = Reading::fetch(&args.address, READ_TIMEOUT)?;
+        let second = Reading::fetch(&endpoint, READ_TIMEOUT)?;
         print!(
             "{}",
-            text::render(&View::compute(Some(&first), &second), &args.address)
+            text::render(&View::compute(Some(&first), &second), &endpoint.name())
         );
         return Ok(());
     }
     // Fails here, before the terminal is taken over, when no agent answers.
-    let first = Reading::fetch(&args.address, READ_TIMEOUT)?;
+    let first = Reading::fetch(&endpoint, READ_TIMEOUT)?;
     // ratatui::init restores the terminal on a panic too (its hook runs before the message).
     let mut terminal = ratatui::init();
-    let result = interactive(&mut terminal, args, period, first);
+    let result = interactive(&mut terminal, args, &endpoint, period, first);
     ratatui::restore();
     result
 }
@@ -84,9 +86,11 @@ pub fn run(args: &TopArgs) -> Result<(), TopError> {
 fn interactive(
     terminal: &mut ratatui::DefaultTerminal,
     args: &TopArgs,
+    endpoint: &Endpoint,
     period: Duration,
     first: Reading,
 ) -> Result<(), TopError> {
+    let name = endpoint.name();
     let mut state = UiState::new();
     let mut latest = first;
     let mut view = View::compute(None, &latest);
@@ -100,7 +104,7 @@ fn interactive(
             return Ok(());
         }
         terminal.draw(|frame| {
-            ui::draw(frame, &view, &state, &args.address);
+            ui::draw(frame, &view, &state, &name);
             if let Some(t) = &trouble {
                 let area = frame.area();
                 let line = ratatui::layout::Rect {
@@ -149,7 +153,7 @@ fn interactive(
         if state.paused {
             continue;
         }
-        match Reading::fetch(&args.address, READ_TIMEOUT) {
+        match Reading::fetch(endpoint, READ_TIMEOUT) {
             Ok(reading) => {
                 trouble = None;
                 let previous = std::mem::replace(&mut latest, reading);

@@ -1,13 +1,15 @@
-//! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over plain
-//! HTTP/1.0 on loopback or the address given, and kept as series by metric name.
+//! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over
+//! HTTP/1.0 (TLS and a user where the endpoint asks for them) on loopback or the address given, and kept as series by metric name.
 
 use std::{collections::BTreeMap, time::Duration};
+
+use crate::agent_http::Endpoint;
 
 /// What a reading could not be.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadingError {
     #[error(transparent)]
-    NoAgent(#[from] crate::agent_http::NoAgent),
+    Request(#[from] crate::agent_http::RequestError),
     #[error("the agent at {address} answered HTTP {status} for /api/v1/snapshot{hint}")]
     Http {
         address: String,
@@ -139,21 +141,23 @@ impl Reading {
         Ok(reading)
     }
 
-    /// Fetches a reading from the agent at `address` (HOST:PORT).
-    pub fn fetch(address: &str, timeout: Duration) -> Result<Self, ReadingError> {
-        let (status, body) = crate::agent_http::get(address, "/api/v1/snapshot", timeout)?;
+    /// Fetches a reading from the agent at `endpoint`.
+    pub fn fetch(endpoint: &Endpoint, timeout: Duration) -> Result<Self, ReadingError> {
+        let (status, body) = crate::agent_http::get(endpoint, "/api/v1/snapshot", timeout)?;
+        let address = endpoint.name();
         if status != 200 {
             return Err(ReadingError::Http {
-                address: address.to_string(),
+                address,
                 status,
-                hint: if status == 404 {
-                    " (an agent older than this fanout: it has no snapshot endpoint)"
-                } else {
-                    ""
+                hint: match status {
+                    404 => " (an agent older than this fanout: it has no snapshot endpoint)",
+                    401 if endpoint.has_user() => " (a wrong user or password)",
+                    401 => " (its endpoint has users: give --user and --password-file)",
+                    _ => "",
                 },
             });
         }
-        Self::parse(&body, address)
+        Self::parse(&body, &address)
     }
 }
 
@@ -188,7 +192,7 @@ mod tests {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = free.local_addr().unwrap().to_string();
         drop(free);
-        let err = Reading::fetch(&address, Duration::from_secs(1))
+        let err = Reading::fetch(&Endpoint::plain(&address), Duration::from_secs(1))
             .unwrap_err()
             .to_string();
         assert!(
