@@ -408,7 +408,7 @@ impl RequestState {
                     self.numkeys = 0;
                     self.streams_at = 0;
                     self.block_seen = 0;
-                    self.signature = FNV_OFFSET;
+                    self.signature = 0;
                     (Step::Consumed(end), None)
                 }
                 Num::Incomplete => (Step::NeedMore, None),
@@ -465,14 +465,17 @@ impl RequestState {
             // Length and the first (up to) 8 bytes, zero-padded: the same for the same key
             // whatever the window holds past it.
             let first_bytes = pack_raw(w, header, prefix, o);
-            let mut h = fnv(self.signature, (len & 0xff) as u8);
+            let mut h = fnv(FNV_OFFSET, (len & 0xff) as u8);
             h = fnv(h, ((len >> 8) & 0xff) as u8);
             let mut i = 0;
             while i < 8 {
                 h = fnv(h, (first_bytes >> (8 * i)) as u8);
                 i += 1;
             }
-            self.signature = o.hide(h);
+            // Summed, not chained: the same keys in another order sign the same. Sidekiq
+            // shuffles its queues before every fetch when they have weights (GitLab gives
+            // every queue one), and the key list must not look new each time.
+            self.signature = o.hide(self.signature.wrapping_add(h));
         }
         // Skip the body and its CRLF (possibly across buffers).
         let total = len as u64 + 2;
@@ -1128,6 +1131,30 @@ mod tests {
         let mut other = queues(20);
         other[7] = "queue:zz".into();
         assert_ne!(a, sig(brpop(&other, "2")));
+    }
+
+    #[test]
+    fn signature_is_the_same_for_the_same_keys_in_any_order() {
+        // Sidekiq with weighted queues shuffles them before every fetch.
+        let sig = |keys: &[String]| requests(&[&brpop(keys, "2")]).unwrap()[0].signature;
+        let keys = queues(440);
+        let a = sig(&keys);
+        let mut shuffled = keys.clone();
+        shuffled.reverse();
+        shuffled.swap(3, 200);
+        assert_eq!(a, sig(&shuffled));
+        // Under any split of the buffer too.
+        let reversed: Vec<String> = keys[..20].iter().rev().cloned().collect();
+        let calls = same_under_any_split(&brpop(&reversed, "2"), requests).unwrap();
+        assert_eq!(calls[0].signature, sig(&keys[..20]));
+        // A key fewer, one key more, one key replaced: another list.
+        assert_ne!(a, sig(&keys[1..]));
+        let mut more = keys.clone();
+        more.push("queue:extra".into());
+        assert_ne!(a, sig(&more));
+        let mut replaced = shuffled;
+        replaced[0] = "queue:other".into();
+        assert_ne!(a, sig(&replaced));
     }
 
     #[test]

@@ -669,6 +669,14 @@ impl AgentState {
                 value: PointValue::Counter(self.worker.keyset_errors as f64),
             },
         );
+        snapshot.push(
+            catalog::WORKER_KEY_LISTS,
+            Point {
+                attributes: vec![],
+                start_time: epoch,
+                value: PointValue::Counter(self.worker.keysets_received as f64),
+            },
+        );
         let folded: u64 =
             self.stats.folded_threads + self.cpu.values().map(|c| c.folded_threads).sum::<u64>();
         snapshot.push(

@@ -202,6 +202,63 @@ fn sidekiq_fleets_on_1_20_and_440_queues_fanout_outcomes_and_latency() {
     );
 }
 
+/// Sidekiq shuffles its queues before every fetch when they have weights (GitLab's
+/// sidekiq-cluster gives every queue one): each BRPOP lists the same keys in another order.
+/// The kernel sends a connection's key list to the agent once, not once per fetch, and every
+/// count stays exact.
+#[test]
+fn a_weighted_fleet_that_shuffles_its_queues_sends_each_key_list_once() {
+    require_root();
+    const QUEUES: usize = 40;
+    const JOBS: u64 = 60;
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", &group_rule("weighted")]);
+    let weighted: Vec<String> = queues("w", QUEUES)
+        .into_iter()
+        .map(|q| format!("{q},1"))
+        .collect();
+    let fleet = Sidekiq::start_tagged(
+        redis.port,
+        Some("weighted"),
+        &weighted.iter().map(String::as_str).collect::<Vec<_>>(),
+        3,
+    );
+    wait_for("the fleet blocking", Duration::from_secs(15), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{KEYS}_count"), &[("process_group", "weighted")]) >= 1.0).then_some(())
+    });
+    for jid in 0..JOBS {
+        enqueue_sidekiq_job(&redis, &format!("w{}", jid % QUEUES as u64), jid);
+        thread::sleep(Duration::from_millis(20));
+    }
+    let s = wait_for("the jobs to be served", Duration::from_secs(20), || {
+        let s = agent.scrape();
+        (s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "weighted"), ("outcome", "served")],
+        ) == JOBS as f64)
+            .then_some(s)
+    });
+    let g = [("process_group", "weighted"), ("redis_command", "BRPOP")];
+    let pops = s.sum(&format!("{KEYS}_count"), &g);
+    assert!(pops >= JOBS as f64, "{pops} pops (pid {})", fleet.pid());
+    assert_eq!(
+        s.sum(&format!("{KEYS}_sum"), &g),
+        QUEUES as f64 * pops,
+        "every pop lists the {QUEUES} queues"
+    );
+    assert_eq!(
+        s.sum("worker_queues_listened", &[("process_group", "weighted")]),
+        QUEUES as f64
+    );
+    // Sidekiq's pool has at most concurrency + 5 connections; each sent its list once.
+    let lists = s.sum("fanout_worker_key_lists_total", &[]);
+    assert!(
+        (1.0..=8.0).contains(&lists),
+        "{lists} key lists for {pops} shuffled pops"
+    );
+}
+
 #[test]
 fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
     require_root();

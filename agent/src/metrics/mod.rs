@@ -207,6 +207,12 @@ pub mod catalog {
         unit: "s",
         kind: Kind::Histogram,
     };
+    pub const WORKER_KEY_LISTS: Descriptor = Descriptor {
+        name: "fanout.worker.key_lists",
+        description: "Key lists of blocking calls received from the kernel: one per connection, and one more each time its list changes (the same keys in another order are the same list)",
+        unit: "{list}",
+        kind: Kind::Counter,
+    };
     pub const THREAD_NAMES_OVERFLOW: Descriptor = Descriptor {
         name: "fanout.thread_names.overflow",
         description: "Threads whose name was folded into 'other' because a process exceeded the thread-name limit",
@@ -316,6 +322,7 @@ pub mod catalog {
         STATE_LOCK_WAIT,
         EBPF_MAP_ENTRIES,
         EBPF_MAP_CAPACITY,
+        WORKER_KEY_LISTS,
         THREAD_NAMES_OVERFLOW,
     ];
 }

@@ -115,6 +115,8 @@ pub struct WorkerSide {
     since: SystemTime,
     /// Key lists that could not be parsed (truncated or malformed), for self-metrics.
     pub keyset_errors: u64,
+    /// Key lists received (and read).
+    pub keysets_received: u64,
 }
 
 impl WorkerSide {
@@ -129,6 +131,7 @@ impl WorkerSide {
             options,
             since: SystemTime::now(),
             keyset_errors: 0,
+            keysets_received: 0,
         }
     }
 
@@ -139,6 +142,7 @@ impl WorkerSide {
             keys.push(String::from_utf8_lossy(k).into_owned())
         }) {
             Some(call) if call.signature == header.signature => {
+                self.keysets_received += 1;
                 for key in &keys {
                     if self.key_names.len() >= MAX_KEY_NAMES {
                         break;
