@@ -209,6 +209,15 @@ impl Endpoint {
     pub fn has_user(&self) -> bool {
         self.authorization.is_some()
     }
+
+    /// Why the endpoint answered 401 (HTTP basic authentication refused), for messages.
+    pub fn unauthorized_reason(&self) -> &'static str {
+        if self.has_user() {
+            "a wrong user or password"
+        } else {
+            "its endpoint has users: give --user and --password-file"
+        }
+    }
 }
 
 /// Why the agent could not be asked.

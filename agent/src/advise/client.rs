@@ -73,11 +73,7 @@ pub fn fetch(
         401 => Err(FetchError::Http {
             address,
             status,
-            detail: if endpoint.has_user() {
-                ": a wrong user or password".into()
-            } else {
-                ": its endpoint has users; give --user and --password-file".into()
-            },
+            detail: format!(": {}", endpoint.unauthorized_reason()),
         }),
         _ => Err(FetchError::Http {
             address,

@@ -22,8 +22,6 @@ use model::View;
 use reading::{Reading, ReadingError};
 use ui::{Pane, UiState};
 
-pub use crate::agent_http::DEFAULT_ADDRESS;
-
 fn interval(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if v.is_finite() && (0.2..=3600.0).contains(&v) {

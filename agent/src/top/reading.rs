@@ -1,5 +1,6 @@
-//! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over
-//! HTTP/1.0 (TLS and a user where the endpoint asks for them) on loopback or the address given, and kept as series by metric name.
+//! One reading of the agent: its JSON snapshot (`/api/v1/snapshot`), fetched over HTTP/1.0
+//! (TLS and a user where the endpoint asks for them) on loopback or the address given, and
+//! kept as series by metric name.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -14,7 +15,7 @@ pub enum ReadingError {
     Http {
         address: String,
         status: u16,
-        hint: &'static str,
+        hint: String,
     },
     #[error("the agent at {address} sent a snapshot this fanout cannot read: {reason}")]
     Malformed { address: String, reason: String },
@@ -146,15 +147,15 @@ impl Reading {
         let (status, body) = crate::agent_http::get(endpoint, "/api/v1/snapshot", timeout)?;
         let address = endpoint.name();
         if status != 200 {
+            let hint = match status {
+                404 => " (an agent older than this fanout: it has no snapshot endpoint)".into(),
+                401 => format!(" ({})", endpoint.unauthorized_reason()),
+                _ => String::new(),
+            };
             return Err(ReadingError::Http {
                 address,
                 status,
-                hint: match status {
-                    404 => " (an agent older than this fanout: it has no snapshot endpoint)",
-                    401 if endpoint.has_user() => " (a wrong user or password)",
-                    401 => " (its endpoint has users: give --user and --password-file)",
-                    _ => "",
-                },
+                hint,
             });
         }
         Self::parse(&body, &address)
