@@ -301,6 +301,12 @@ impl ProcRoot {
         parse_schedstat(&std::fs::read_to_string(path).ok()?)
     }
 
+    /// The executable path a process runs, as its `/proc/<pid>/exe` link names it; the error
+    /// says why it cannot be read (the process exits, or another user's without the right).
+    pub fn exe_link(&self, pid: u32) -> std::io::Result<PathBuf> {
+        std::fs::read_link(self.root.join(pid.to_string()).join("exe"))
+    }
+
     /// Where the process's executable can be opened from the agent's mount namespace: through
     /// `/proc/<pid>/root`, which works for processes in containers as well as on the host.
     pub fn host_path_of(&self, pid: u32, path_in_process: &Path) -> PathBuf {

@@ -184,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     let mut state = shared.lock("rescan");
                     state.refresh_clock();
                     state.set_redis_addresses(addresses);
+                    state.retry_unreadable_redis();
                     match state.discovery.rescan() {
                         Ok((changes, errors)) => {
                             state.stats.count_scan(&errors);

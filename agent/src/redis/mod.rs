@@ -37,6 +37,8 @@ pub struct RedisTarget {
     pub points: BTreeMap<&'static str, PointState>,
     /// Its binary was handed to the attaching thread (`points` stay empty until installed).
     pub attach_requested: bool,
+    /// Its `/proc/<pid>/exe` link could not be read when it was found: retried at each rescan.
+    pub exe_unreadable: bool,
     /// Why nothing could be attached (binary unreadable, no eBPF), if so.
     pub unavailable: Option<String>,
     /// Problems already logged, so each is logged once.
