@@ -44,7 +44,7 @@ pub fn hash_start(len: u64) -> u64 {
 }
 
 #[inline(always)]
-fn mix(h: u64, word: u64) -> u64 {
+pub(crate) fn mix(h: u64, word: u64) -> u64 {
     let h = (h ^ word).wrapping_mul(MULTIPLIER);
     h ^ (h >> 31)
 }
@@ -94,12 +94,15 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
 pub struct RepeatTemplate {
     /// Bytes of the buffer; 0 when there is no template.
     pub len: u64,
-    /// [`hash_bytes`] of the buffer.
+    /// [`hash_bytes`] of the buffer, with its low bit set (0: no hash).
     pub hash: u64,
     /// The call's key-list signature, as the tokenizer computed it.
     pub signature: u64,
     pub command: u32,
     pub keys: u32,
+    /// [`crate::args_hash`] of the buffer, for a call whose keys may come in another order
+    /// (`keys_then_timeout`); 0 otherwise.
+    pub args: u64,
 }
 
 /// Bytes of a buffer looked at by [`quick_reply`] and [`quick_request`].

@@ -5,6 +5,7 @@
 //! change on one side cannot silently misread the other.
 #![no_std]
 
+pub mod args_hash;
 pub mod fastpath;
 pub mod lifecycle;
 pub mod redis;

@@ -215,7 +215,7 @@ const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
 const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ServedKey>() == 32);
 // `read_sites` took the padding after `write_sites`: entries keep their size.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 344);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 352);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -817,9 +817,10 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         );
     }
     // The agent verifies every program when it starts, so the verifier's work is start-up
-    // time. It is about 1.27M instructions for all of them (the largest 150k); the same code
-    // with its stack slots laid out differently once took 310k for `worker_libc_write`
-    // alone, and 0.4 s more to load.
+    // time: about 1.9 s here for all of them. The write programs are the largest (326k
+    // instructions: the repeat shortcut's two hashes, one of them the order-blind hash of a
+    // BRPOP's keys, each verified at both of its call sites); all of them take 1.68M. The
+    // same code with its stack slots laid out differently once took twice as many.
     let verified: Vec<(String, u64)> = text
         .lines()
         .filter_map(|line| {
@@ -832,13 +833,13 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
     assert_eq!(verified.len(), 35, "{text}");
     for (program, count) in &verified {
         assert!(
-            *count <= 200_000,
-            "{program}: {count} instructions verified, above the 200k budget"
+            *count <= 400_000,
+            "{program}: {count} instructions verified, above the 400k budget"
         );
     }
     let total: u64 = verified.iter().map(|(_, count)| count).sum();
     assert!(
-        total <= 1_600_000,
-        "{total} instructions verified for all programs, above the 1.6M budget"
+        total <= 2_200_000,
+        "{total} instructions verified for all programs, above the 2.2M budget"
     );
 }

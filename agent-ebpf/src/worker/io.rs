@@ -3,11 +3,20 @@
 //! tracepoints and the libc uprobes share them.
 
 use super::{
-    conn::clear_not_resp, conn::conn_for_write, pops::finish_pop, pops::start_pop,
-    quick::quick_command, quick::quick_whole_reply, request_hash::request_hash, tokenizer::follow,
-    tokenizer::DIR_REPLY, tokenizer::DIR_REQUEST, tokenizer::MAX_IOVECS, worker_tgid, IoVec,
-    MapOpaque, CONNECTS, CONNS, CONN_PEERS, PENDING_READS,
+    conn::clear_not_resp,
+    conn::conn_for_write,
+    pops::finish_pop,
+    pops::start_pop,
+    quick::quick_command,
+    quick::quick_whole_reply,
+    request_hash::{args_hash, request_hash},
+    tokenizer::follow,
+    tokenizer::DIR_REPLY,
+    tokenizer::DIR_REQUEST,
+    tokenizer::MAX_IOVECS,
+    worker_tgid, IoVec, MapOpaque, CONNECTS, CONNS, CONN_PEERS, PENDING_READS,
 };
+use agent_common::args_hash::keys_then_timeout;
 use agent_common::fastpath::RepeatTemplate;
 use agent_common::resp::BlockingCall;
 use agent_common::worker::{conn_kind, outcome, ConnKey, ConnState, Peer, PendingRead};
@@ -15,14 +24,14 @@ use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user};
 
 /// A write that repeats the connection's template byte for byte: the same blocking call
 /// again, counted without the tokenizer. Returns false when the write is anything else; then
-/// `hash` holds the buffer's hash if it was computed.
+/// `hash` holds the buffer's hash if it was computed (0 if not).
 #[inline(always)]
 pub(super) fn repeat_call(
     conn: &mut ConnState,
     tgid: u32,
     buf: u64,
     len: u64,
-    hash: &mut Option<u64>,
+    hash: &mut u64,
 ) -> bool {
     let template = conn.repeat;
     if template.len != len
@@ -33,7 +42,9 @@ pub(super) fn repeat_call(
         return false;
     }
     *hash = request_hash(buf, len);
-    if *hash != Some(template.hash) {
+    // The same bytes, or the same keys in another order (Sidekiq shuffles weighted queues
+    // before every fetch).
+    if *hash != template.hash && (template.args == 0 || args_hash(buf, len) != template.args) {
         return false;
     }
     let call = BlockingCall {
@@ -85,7 +96,7 @@ pub(super) fn on_write(
     // Which function carries this connection's commands: the agent takes the probe off
     // `write` for a worker that never sends through it.
     state.write_sites |= site;
-    let mut hash = None;
+    let mut hash = 0;
     if iov == 0 && repeat_call(state, tgid, buf, len, &mut hash) {
         return;
     }
@@ -116,17 +127,23 @@ pub(super) fn on_write(
     if call.signature != state.keyset_sent {
         return;
     }
-    let hash = match hash {
-        Some(h) => Some(h),
-        None => request_hash(buf, len),
+    let hash = if hash != 0 {
+        hash
+    } else {
+        request_hash(buf, len)
     };
-    if let Some(hash) = hash {
+    if hash != 0 {
         state.repeat = RepeatTemplate {
             len,
             hash,
             signature: call.signature,
             command: call.command,
             keys: call.keys,
+            args: if keys_then_timeout(call.command) {
+                args_hash(buf, len)
+            } else {
+                0
+            },
         };
     }
 }

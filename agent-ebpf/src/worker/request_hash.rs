@@ -2,6 +2,7 @@
 //! tells a repeat of a connection's last blocking call from any other write.
 
 use super::{quick::read_user_prefix, MapOpaque};
+use agent_common::args_hash::{ArgsHash, ChunkStep};
 use agent_common::fastpath::{self, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES};
 use aya_ebpf::helpers::generated::bpf_loop;
 use aya_ebpf::macros::map;
@@ -61,13 +62,18 @@ pub(super) extern "C" fn hash_step(_index: u32, _args: *mut c_void) -> i64 {
     hash_next_chunk()
 }
 
-/// `fastpath`'s hash of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`).
+/// `fastpath`'s hash of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`), with
+/// its low bit set; 0 when it could not be read. A plain number: an `Option`'s `None` left a
+/// register the verifier refused to read uninitialised once a second hash was compared next
+/// to it.
 #[inline(never)]
-pub(super) fn request_hash(buf: u64, len: u64) -> Option<u64> {
+pub(super) fn request_hash(buf: u64, len: u64) -> u64 {
     if len == 0 || len > MAX_TEMPLATE_BYTES {
-        return None;
+        return 0;
     }
-    let state = HASH_STATE.get_ptr_mut(0)?;
+    let Some(state) = HASH_STATE.get_ptr_mut(0) else {
+        return 0;
+    };
     unsafe {
         *state = HashState {
             buf,
@@ -89,5 +95,86 @@ pub(super) fn request_hash(buf: u64, len: u64) -> Option<u64> {
         }
     }
     let state = unsafe { &*state };
-    (state.failed == 0 && state.pos == len).then_some(state.hash)
+    if state.failed == 0 && state.pos == len {
+        state.hash | 1
+    } else {
+        0
+    }
+}
+
+/// The buffer `args_hash` reads, and its state between chunks (per-CPU, as `HashState`).
+#[repr(C)]
+pub(super) struct ArgsHashState {
+    buf: u64,
+    len: u64,
+    hash: ArgsHash,
+}
+
+#[map]
+pub(super) static ARGS_STATE: PerCpuArray<ArgsHashState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads the arguments of the next chunk; returns 1 when done (or not taken).
+#[inline(always)]
+fn args_next_chunk() -> i64 {
+    let (Some(state), Some(words), Some(opaque)) = (
+        ARGS_STATE.get_ptr_mut(0),
+        HASH_SCRATCH.get_ptr_mut(0),
+        MapOpaque::get(),
+    ) else {
+        return 1;
+    };
+    let state = unsafe { &mut *state };
+    let left = state.len.saturating_sub(state.hash.pos);
+    let Some(n) =
+        read_user_prefix::<HASH_CHUNK>(words.cast(), state.buf + state.hash.pos, left, &opaque)
+    else {
+        state.hash.failed = 1;
+        return 1;
+    };
+    let chunk = unsafe { &*(words as *const [u8; HASH_CHUNK]) };
+    match state.hash.chunk(chunk, n, state.len, &opaque) {
+        ChunkStep::More => 0,
+        ChunkStep::Done | ChunkStep::Failed => 1,
+    }
+}
+
+extern "C" fn args_step(_index: u32, _args: *mut c_void) -> i64 {
+    args_next_chunk()
+}
+
+/// `agent_common::args_hash` of a request buffer of `len` bytes (at most
+/// `MAX_TEMPLATE_BYTES`): the same for the same keys in any order; 0 when not taken (a plain
+/// number rather than an `Option`, whose `None` would leave a register the verifier refuses
+/// to read uninitialised).
+#[inline(never)]
+pub(super) fn args_hash(buf: u64, len: u64) -> u64 {
+    if len == 0 || len > MAX_TEMPLATE_BYTES {
+        return 0;
+    }
+    let Some(state) = ARGS_STATE.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        *state = ArgsHashState {
+            buf,
+            len,
+            hash: ArgsHash::default(),
+        }
+    };
+    // Each chunk starts at an argument and ends before the first one it cannot hold whole:
+    // at least half a chunk a read, twice as many reads as whole chunks.
+    unsafe {
+        bpf_loop(
+            (2 * MAX_TEMPLATE_BYTES / HASH_CHUNK as u64 + 2) as u32,
+            args_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    let state = unsafe { &*state };
+    if state.hash.failed == 0 && state.hash.left == 0 && state.hash.pos == len {
+        state.hash.value(len)
+    } else {
+        0
+    }
 }

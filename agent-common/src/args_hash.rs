@@ -1,0 +1,348 @@
+//! A hash of a blocking call's arguments that ignores the order of its keys, for the repeat
+//! shortcut (`fastpath::RepeatTemplate`) of calls whose arguments are keys then a timeout.
+//!
+//! Sidekiq shuffles its queues before every fetch when they have weights (GitLab gives every
+//! queue one), so each BRPOP lists the same keys in another order and its bytes never repeat.
+//! Without this, each such fetch goes through the tokenizer, key by key: 37 us for 440 keys.
+//! Here the buffer is read in chunks of [`HASH_CHUNK`] bytes and each argument is hashed from
+//! its length and its first and last 8 bytes, read at computed offsets (no loop over its
+//! bytes). The command name and the timeout are hashed in place; the keys' hashes are summed.
+//! The same keys in any order then hash the same. Two key lists that differ only in the
+//! middle of keys of the same length, with the same first and last 8 bytes, would too; the
+//! key-list signature tells keys apart by less (length and first 8 bytes).
+//!
+//! Every chunk starts at an argument's header, so a header never straddles two reads; an
+//! argument longer than a chunk (more than about 240 bytes) is not taken, and the call goes
+//! to the tokenizer as before.
+
+use crate::fastpath::{mix, HASH_CHUNK};
+use crate::resp::{command, Opaque};
+
+/// Most arguments read from one chunk (a Sidekiq queue's key takes 20-60 bytes, so about 7
+/// fit; the rest of a chunk of shorter ones is read again from the next).
+const ARGS_PER_CHUNK: u64 = 8;
+/// Most digits of an argument's length taken (arguments longer than a chunk are not).
+const LEN_DIGITS: u64 = 3;
+/// Most digits of the array's length (a million arguments).
+const COUNT_DIGITS: u64 = 7;
+
+const MASK: u64 = HASH_CHUNK as u64 - 1;
+
+/// Whether the repeats of `command` may be recognised by [`ArgsHash`]: its arguments are keys
+/// then a timeout (XREAD, BLMOVE and BLMPOP have arguments whose order means something).
+pub fn keys_then_timeout(cmd: u32) -> bool {
+    matches!(
+        cmd,
+        command::BRPOP | command::BLPOP | command::BZPOPMIN | command::BZPOPMAX
+    )
+}
+
+/// The state of the hash between chunks: lives in a per-CPU map in the probes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArgsHash {
+    /// Offset in the buffer of the next argument's header (0: the array's header).
+    pub pos: u64,
+    /// Arguments in the array; arguments still to read.
+    pub total: u64,
+    pub left: u64,
+    /// The command's and the timeout's hashes, in order, and the keys' hashes, summed.
+    pub ends: u64,
+    pub keys: u64,
+    /// 1 when the buffer is not one array of arguments this reads.
+    pub failed: u64,
+}
+
+/// What one chunk did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkStep {
+    /// Read on from `pos`.
+    More,
+    /// The last argument ended at the end of the buffer: the hash is [`ArgsHash::value`].
+    Done,
+    /// Not taken: `failed` is set.
+    Failed,
+}
+
+#[inline(always)]
+fn byte(chunk: &[u8; HASH_CHUNK], i: u64) -> u8 {
+    chunk[(i & MASK) as usize]
+}
+
+/// The 8 bytes at `at`, little-endian (wrapping inside the chunk; callers keep `at + 8`
+/// within the data).
+#[inline(always)]
+fn word_at(chunk: &[u8; HASH_CHUNK], at: u64) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        w |= (byte(chunk, at + i) as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+/// `<digits>\r\n` at `start`, at most `max` digits, ending within `n`: its value and the
+/// position after it.
+#[inline(always)]
+fn number<O: Opaque>(
+    chunk: &[u8; HASH_CHUNK],
+    start: u64,
+    n: u64,
+    max: u64,
+    o: &O,
+) -> Option<(u64, u64)> {
+    let mut value = 0u64;
+    let mut digits = 0u64;
+    while digits < max {
+        let d = (byte(chunk, start + digits) as u64).wrapping_sub(b'0' as u64);
+        if d >= 10 {
+            break;
+        }
+        value = value * 10 + d;
+        digits += 1;
+    }
+    let digits = o.hide(digits) & 15;
+    let value = o.hide(value);
+    let cr = start + digits;
+    if digits == 0 || digits >= max + 1 || cr + 2 > n {
+        return None;
+    }
+    if byte(chunk, cr) != b'\r' || byte(chunk, cr + 1) != b'\n' {
+        return None;
+    }
+    Some((value, cr + 2))
+}
+
+impl ArgsHash {
+    /// The hash of a buffer of `len` bytes, once [`ArgsHash::chunk`] said `Done`.
+    pub fn value(&self, len: u64) -> u64 {
+        // Never 0, which says "not taken".
+        mix(mix(self.ends, self.keys), len) | 1
+    }
+
+    /// Reads the arguments whose header starts a chunk of `n` bytes (read at `pos` from a
+    /// buffer of `len` bytes).
+    #[inline(always)]
+    pub fn chunk<O: Opaque>(
+        &mut self,
+        chunk: &[u8; HASH_CHUNK],
+        n: u64,
+        len: u64,
+        o: &O,
+    ) -> ChunkStep {
+        let fail = |s: &mut Self| {
+            s.failed = 1;
+            ChunkStep::Failed
+        };
+        if n == 0 || n > HASH_CHUNK as u64 {
+            return fail(self);
+        }
+        let mut off = 0u64;
+        if self.pos == 0 {
+            if byte(chunk, 0) != b'*' {
+                return fail(self);
+            }
+            match number(chunk, 1, n, COUNT_DIGITS, o) {
+                // The command, at least one key, the timeout.
+                Some((count, end)) if count >= 3 => {
+                    self.total = count;
+                    self.left = count;
+                    off = end;
+                }
+                _ => return fail(self),
+            }
+        }
+        let mut read = 0u64;
+        while read < ARGS_PER_CHUNK {
+            if self.left == 0 {
+                break;
+            }
+            let off_now = o.hide(off) & MASK;
+            if off_now + 4 > n || byte(chunk, off_now) != b'$' {
+                break;
+            }
+            let Some((arg_len, body)) = number(chunk, off_now + 1, n, LEN_DIGITS, o) else {
+                break;
+            };
+            let arg_len = arg_len & 0xffff;
+            let end = body + arg_len;
+            if end + 2 > n {
+                break;
+            }
+            if byte(chunk, end) != b'\r' || byte(chunk, end + 1) != b'\n' {
+                return fail(self);
+            }
+            // Length, first and last 8 bytes (fewer for a shorter argument, masked).
+            let first = if arg_len >= 8 {
+                word_at(chunk, body)
+            } else {
+                word_at(chunk, body) & ((1u64 << (8 * arg_len)) - 1)
+            };
+            let last = if arg_len > 8 {
+                word_at(chunk, end - 8)
+            } else {
+                0
+            };
+            let h = mix(mix(mix(0x243f_6a88_85a3_08d3, arg_len), first), last);
+            let index = self.total - self.left;
+            if index == 0 || self.left == 1 {
+                self.ends = mix(self.ends, h);
+            } else {
+                self.keys = self.keys.wrapping_add(h);
+            }
+            self.left -= 1;
+            off = end + 2;
+            read += 1;
+        }
+        if off == 0 {
+            // Not one whole header and argument in a whole chunk: too long, or not RESP.
+            return fail(self);
+        }
+        self.pos += off;
+        if self.left == 0 {
+            return if self.pos == len {
+                ChunkStep::Done
+            } else {
+                fail(self)
+            };
+        }
+        if self.pos >= len {
+            return fail(self);
+        }
+        ChunkStep::More
+    }
+}
+
+/// The hash of a whole buffer, as the probes compute it chunk by chunk (also for tests).
+pub fn args_hash_of(bytes: &[u8]) -> Option<u64> {
+    let mut state = ArgsHash::default();
+    let len = bytes.len() as u64;
+    loop {
+        let mut chunk = [0x5au8; HASH_CHUNK];
+        let from = state.pos as usize;
+        let n = (bytes.len() - from).min(HASH_CHUNK);
+        chunk[..n].copy_from_slice(&bytes[from..from + n]);
+        match state.chunk(&chunk, n as u64, len, &crate::resp::Transparent) {
+            ChunkStep::More => continue,
+            ChunkStep::Done => return Some(state.value(len)),
+            ChunkStep::Failed => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{format, string::String, vec::Vec};
+
+    use super::*;
+
+    fn encode(args: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+        }
+        out
+    }
+
+    fn brpop(keys: &[String], timeout: &str) -> Vec<u8> {
+        let mut args = std::vec!["BRPOP"];
+        args.extend(keys.iter().map(String::as_str));
+        args.push(timeout);
+        encode(&args)
+    }
+
+    fn queues(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("queue:pipeline_processing:stage_{i}"))
+            .collect()
+    }
+
+    #[test]
+    fn the_same_keys_in_any_order_hash_the_same() {
+        let keys = queues(440);
+        let a = args_hash_of(&brpop(&keys, "2")).unwrap();
+        let mut shuffled = keys.clone();
+        shuffled.reverse();
+        shuffled.swap(7, 300);
+        assert_eq!(args_hash_of(&brpop(&shuffled, "2")), Some(a));
+        // Short keys (fewer than 8 bytes) and one key.
+        let short: Vec<String> = (0..30).map(|i| format!("q{i}")).collect();
+        let mut reversed = short.clone();
+        reversed.reverse();
+        assert_eq!(
+            args_hash_of(&brpop(&short, "0")),
+            args_hash_of(&brpop(&reversed, "0"))
+        );
+        assert!(args_hash_of(&brpop(&short[..1], "0")).is_some());
+    }
+
+    #[test]
+    fn another_key_timeout_or_command_hashes_differently() {
+        let keys = queues(100);
+        let a = args_hash_of(&brpop(&keys, "2")).unwrap();
+        assert_ne!(args_hash_of(&brpop(&keys, "5")), Some(a), "timeout");
+        assert_ne!(
+            args_hash_of(&brpop(&keys[1..], "2")),
+            Some(a),
+            "a key fewer"
+        );
+        let mut replaced = keys.clone();
+        replaced[50] = "queue:pipeline_processing:stage_x".into();
+        assert_ne!(
+            args_hash_of(&brpop(&replaced, "2")),
+            Some(a),
+            "a key replaced"
+        );
+        // The middle of a key, where first and last 8 bytes and length agree: the documented
+        // limit.
+        let mut middle = keys.clone();
+        middle[50] = middle[50].replace("pipeline", "pipeXine");
+        assert_eq!(args_hash_of(&brpop(&middle, "2")), Some(a));
+        let mut blpop = std::vec!["BLPOP"];
+        blpop.extend(keys.iter().map(String::as_str));
+        blpop.push("2");
+        assert_ne!(args_hash_of(&encode(&blpop)), Some(a), "command");
+        // The timeout moved among the keys: another call.
+        let mut moved = std::vec!["BRPOP", "2"];
+        moved.extend(keys.iter().map(String::as_str));
+        assert_ne!(args_hash_of(&encode(&moved)), Some(a));
+    }
+
+    #[test]
+    fn what_it_cannot_read_is_refused() {
+        let long = "k".repeat(300);
+        assert_eq!(
+            args_hash_of(&encode(&["BRPOP", &long, "0"])),
+            None,
+            "a key longer than a chunk"
+        );
+        assert_eq!(args_hash_of(&encode(&["BRPOP", "0"])), None, "no key");
+        let mut two = brpop(&queues(3), "0");
+        two.extend(brpop(&queues(3), "0"));
+        assert_eq!(args_hash_of(&two), None, "two calls in one buffer");
+        let whole = brpop(&queues(3), "0");
+        assert_eq!(args_hash_of(&whole[..whole.len() - 1]), None, "cut short");
+        for bad in [
+            &b"GET a\r\n"[..],
+            b"*3\r\n$5\r\nBRPOP\r\n$1\r\nq\r\n:0\r\n",
+            b"*3\r\n$x\r\n",
+        ] {
+            assert_eq!(args_hash_of(bad), None, "{bad:?}");
+        }
+        // Random bytes never panic.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let bytes: Vec<u8> = (0..300)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    b"*$\r\n0123456789abc"[(seed % 17) as usize]
+                })
+                .collect();
+            let _ = args_hash_of(&bytes);
+        }
+    }
+}
