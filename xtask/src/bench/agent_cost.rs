@@ -187,13 +187,30 @@ pub enum JobKind {
     /// Five plain commands each (`integration_tests::REDIS_WORK_JOB_COMMANDS`), on the
     /// connections that also fetch: what following a job's own Redis traffic costs.
     RedisWork,
+    /// Nothing, with the fleet on [`WEIGHTED_QUEUES`] weighted queues, as GitLab runs
+    /// Sidekiq: a weight turns strict order off, so every fetch lists them all, shuffled (the
+    /// jobs wait in one of them, the others stay empty).
+    NoopWeightedQueues,
 }
+
+/// How many queues the weighted fleet listens to: the mission's GitLab-scale fetch.
+pub const WEIGHTED_QUEUES: usize = 440;
 
 impl JobKind {
     fn class(self) -> &'static str {
         match self {
-            Self::Noop => "NoopJob",
+            Self::Noop | Self::NoopWeightedQueues => "NoopJob",
             Self::RedisWork => "RedisWorkJob",
+        }
+    }
+
+    /// The fleet's `-q` arguments; the jobs go to `bench`.
+    fn queues(self) -> Vec<String> {
+        match self {
+            Self::Noop | Self::RedisWork => vec!["bench".into()],
+            Self::NoopWeightedQueues => std::iter::once("bench,1".to_string())
+                .chain((1..WEIGHTED_QUEUES).map(|i| format!("empty{i},1")))
+                .collect(),
         }
     }
 }
@@ -210,7 +227,9 @@ pub fn sidekiq_run(
 ) -> Result<SidekiqRun> {
     let redis = Redis::start(&[]);
     let agent = agent_args.map(|args| Agent::start_binary(bin, args, &[]));
-    let sidekiq = Sidekiq::start(redis.port, &["bench"], 10);
+    let queues = kind.queues();
+    let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
+    let sidekiq = Sidekiq::start(redis.port, &queues, 10);
     // An agent told not to follow traffic only tracks the fleet (its scheduler programs).
     let follows_traffic = !agent_args.is_some_and(|args| args.contains(&"--no-worker-probes"));
     let followed_via = agent.as_ref().map(|a| {

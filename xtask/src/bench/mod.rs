@@ -250,6 +250,9 @@ pub struct Results {
     pub sidekiq_stats: Vec<(SidekiqVariant, SidekiqRun)>,
     /// One bpf_stats run of jobs that send plain commands, per `WORK_JOB_VARIANTS`.
     pub sidekiq_work_stats: Vec<(SidekiqVariant, SidekiqRun)>,
+    /// One bpf_stats run of no-op jobs with the fleet on weighted queues (GitLab's shape),
+    /// per `WORK_JOB_VARIANTS`.
+    pub sidekiq_weighted_stats: Vec<(SidekiqVariant, SidekiqRun)>,
     pub costs: Vec<agent_cost::CostSample>,
     pub attach: (f64, f64),
     pub untracked: Vec<untracked::UntrackedSample>,
@@ -432,7 +435,8 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
         );
     }
     let work = work_job_stats(&bin, jobs, &|what: &str| eprintln!("[bench] {what}"))?;
-    for (variant, run) in stats.iter().chain(&work) {
+    let weighted = weighted_fleet_stats(&bin, jobs, &|what: &str| eprintln!("[bench] {what}"))?;
+    for (variant, run) in stats.iter().chain(&work).chain(&weighted) {
         let Some(s) = &run.stats else { continue };
         println!(
             "{variant:?}, {:?} jobs: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
@@ -510,6 +514,31 @@ fn work_job_stats(
         ));
     }
     log("sidekiq jobs with Redis commands, bpf_stats");
+    Ok(stats)
+}
+
+/// One bpf_stats drain of no-op jobs per variant of `WORK_JOB_VARIANTS`, by a fleet on
+/// `agent_cost::WEIGHTED_QUEUES` weighted queues: each fetch lists them all in a new order,
+/// which the repeat shortcut of a fixed fetch cannot take.
+fn weighted_fleet_stats(
+    bin: &Path,
+    jobs: u64,
+    log: &dyn Fn(&str),
+) -> Result<Vec<(SidekiqVariant, SidekiqRun)>> {
+    let mut stats = Vec::new();
+    for variant in WORK_JOB_VARIANTS {
+        stats.push((
+            variant,
+            agent_cost::sidekiq_run(
+                bin,
+                variant.agent_args(),
+                jobs,
+                JobKind::NoopWeightedQueues,
+                true,
+            )?,
+        ));
+    }
+    log("sidekiq on weighted queues, bpf_stats");
     Ok(stats)
 }
 
@@ -652,6 +681,7 @@ pub fn run(quick: bool) -> Result<()> {
     let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
     let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
     let sidekiq_work_stats = work_job_stats(&bin, jobs, &log)?;
+    let sidekiq_weighted_stats = weighted_fleet_stats(&bin, jobs, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![
@@ -699,6 +729,7 @@ pub fn run(quick: bool) -> Result<()> {
         sidekiq,
         sidekiq_stats,
         sidekiq_work_stats,
+        sidekiq_weighted_stats,
         costs,
         attach,
         untracked,

@@ -7,6 +7,7 @@ use anyhow::Result;
 use integration_tests::REDIS_WORK_JOB_COMMANDS;
 
 use super::{
+    agent_cost::WEIGHTED_QUEUES,
     bpf_stats::StatsSample, median, min_max, paired_ratio, plot, BlockingSample, Results,
     SidekiqVariant, Variant, NO_REDIS_EXCLUDE, SIDEKIQ_VARIANTS, VARIANTS,
 };
@@ -243,6 +244,55 @@ fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
             noop.commands_per_job,
             work.commands_per_job,
             verdict(per_command <= 0.3)
+        );
+    }
+    let _ = writeln!(md);
+    out
+}
+
+/// The no-op drains of a fleet on weighted queues (`JobKind::NoopWeightedQueues`): where the
+/// time goes per job, against the one-queue no-op drain of the same variant. Returns the
+/// worker-side us per job, per variant.
+fn weighted_fleet_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
+    if r.sidekiq_weighted_stats.is_empty() {
+        return Vec::new();
+    }
+    let _ = writeln!(md, "A fleet shaped as GitLab runs Sidekiq: one more no-op drain per default-mode variant, with the kernel's accounting on, by the same 10-thread fleet listening to {WEIGHTED_QUEUES} queues, each with a weight (`-q bench,1 -q empty1,1 ...`; the jobs wait in `bench`). A weight turns Sidekiq's strict order off, so every fetch is a BRPOP of all {WEIGHTED_QUEUES} keys in a new order: the byte-for-byte repeat shortcut never matches, and the kernel side recognises the fetch by a hash of its keys that ignores their order (each key by its length and its first and last 8 bytes), reading the whole request.\n");
+    let columns: Vec<(String, &StatsSample)> = r
+        .sidekiq_weighted_stats
+        .iter()
+        .filter_map(|(v, run)| Some((v.label().to_string(), run.stats.as_ref()?)))
+        .collect();
+    stats_table(
+        md,
+        &columns,
+        "job",
+        &[("worker side (worker_*)", "worker_")],
+    );
+    let _ = writeln!(md, "| agent | one queue: worker-side us per job | {WEIGHTED_QUEUES} weighted queues: worker-side us per job | commands per job | jobs/s during the drain (one queue, weighted) |\n|---|---|---|---|---|");
+    let mut out = Vec::new();
+    for (v, weighted) in &r.sidekiq_weighted_stats {
+        let one_queue = r
+            .sidekiq_stats
+            .iter()
+            .find(|(n, _)| n == v)
+            .map(|(_, run)| run);
+        let (Some(ws), Some(one_queue)) = (&weighted.stats, one_queue) else {
+            continue;
+        };
+        let Some(os) = &one_queue.stats else { continue };
+        let (weighted_us, one_us) = (
+            ws.ns_per_op_of("worker_") / 1e3 + 0.0,
+            os.ns_per_op_of("worker_") / 1e3 + 0.0,
+        );
+        out.push((v.label(), weighted_us));
+        let _ = writeln!(
+            md,
+            "| {} | {one_us:.3} | {weighted_us:.3} | {:.2} | {:.0}, {:.0} |",
+            v.label(),
+            weighted.commands_per_job,
+            one_queue.jobs_per_second,
+            weighted.jobs_per_second,
         );
     }
     let _ = writeln!(md);
@@ -649,6 +699,18 @@ pub fn write(r: &Results) -> Result<()> {
             (false, false) => "MISSED".into(),
         },
     ));
+    let weighted = weighted_fleet_table(&mut md, r);
+    if !weighted.is_empty() {
+        targets.push((
+            format!("2. (GitLab's shape, not a target row of the issue) worker-side programs <= 1.5 us per no-op job with the fleet on {WEIGHTED_QUEUES} weighted queues, default mode"),
+            weighted
+                .iter()
+                .map(|(l, j)| format!("{l}: {j:.3} us"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            verdict(weighted.iter().all(|(_, j)| *j <= 1.5)).into(),
+        ));
+    }
 
     // 5. The agent's own cost.
     let _ = writeln!(md, "## 5. The agent's own cost\n\n| scenario | agent CPU (share of a core) | agent RSS at the end (MiB) | agent peak RSS (MiB) | targets |\n|---|---|---|---|---|");
@@ -869,6 +931,8 @@ pub fn write(r: &Results) -> Result<()> {
             "sidekiq": sidekiq_json,
             "sidekiq_bpf_stats": stats_json(&r.sidekiq_stats),
             "sidekiq_redis_work_bpf_stats": stats_json(&r.sidekiq_work_stats),
+            "sidekiq_weighted_queues": WEIGHTED_QUEUES,
+            "sidekiq_weighted_bpf_stats": stats_json(&r.sidekiq_weighted_stats),
             "agent_cost": r.costs,
             "attach_latency_seconds": { "one_new_redis": r.attach.0, "fifty_running": r.attach.1 },
             "worker_churn": r.churn,
