@@ -7,9 +7,8 @@ use anyhow::Result;
 use integration_tests::REDIS_WORK_JOB_COMMANDS;
 
 use super::{
-    agent_cost::WEIGHTED_QUEUES,
-    bpf_stats::StatsSample, median, min_max, paired_ratio, plot, BlockingSample, Results,
-    SidekiqVariant, Variant, NO_REDIS_EXCLUDE, SIDEKIQ_VARIANTS, VARIANTS,
+    agent_cost::WEIGHTED_QUEUES, bpf_stats::StatsSample, median, min_max, paired_ratio, plot,
+    BlockingSample, Results, SidekiqVariant, Variant, NO_REDIS_EXCLUDE, SIDEKIQ_VARIANTS, VARIANTS,
 };
 use crate::util::{command_output, workspace_root};
 
