@@ -434,8 +434,9 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
             median(&cpu)
         );
     }
-    let work = work_job_stats(&bin, jobs, &|what: &str| eprintln!("[bench] {what}"))?;
-    let weighted = weighted_fleet_stats(&bin, jobs, &|what: &str| eprintln!("[bench] {what}"))?;
+    let log = |what: &str| eprintln!("[bench] {what}");
+    let work = default_mode_stats(&bin, jobs, JobKind::RedisWork, &log)?;
+    let weighted = default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
     for (variant, run) in stats.iter().chain(&work).chain(&weighted) {
         let Some(s) = &run.stats else { continue };
         println!(
@@ -499,46 +500,24 @@ pub const WORK_JOB_VARIANTS: [SidekiqVariant; 2] = [
     SidekiqVariant::DefaultNoRedis,
 ];
 
-/// One bpf_stats drain of jobs that send plain commands (`JobKind::RedisWork`) per variant
-/// of `WORK_JOB_VARIANTS`: with the no-op drains, what each further command costs.
-fn work_job_stats(
+/// One bpf_stats drain of `kind` jobs per variant of `WORK_JOB_VARIANTS`: jobs that send
+/// plain commands (`JobKind::RedisWork`: with the no-op drains, what each further command
+/// costs) or a fleet on weighted queues (`JobKind::NoopWeightedQueues`: each fetch lists them
+/// all in a new order, which the repeat shortcut of a fixed fetch cannot take).
+fn default_mode_stats(
     bin: &Path,
     jobs: u64,
+    kind: JobKind,
     log: &dyn Fn(&str),
 ) -> Result<Vec<(SidekiqVariant, SidekiqRun)>> {
     let mut stats = Vec::new();
     for variant in WORK_JOB_VARIANTS {
         stats.push((
             variant,
-            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, JobKind::RedisWork, true)?,
+            agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, kind, true)?,
         ));
     }
-    log("sidekiq jobs with Redis commands, bpf_stats");
-    Ok(stats)
-}
-
-/// One bpf_stats drain of no-op jobs per variant of `WORK_JOB_VARIANTS`, by a fleet on
-/// `agent_cost::WEIGHTED_QUEUES` weighted queues: each fetch lists them all in a new order,
-/// which the repeat shortcut of a fixed fetch cannot take.
-fn weighted_fleet_stats(
-    bin: &Path,
-    jobs: u64,
-    log: &dyn Fn(&str),
-) -> Result<Vec<(SidekiqVariant, SidekiqRun)>> {
-    let mut stats = Vec::new();
-    for variant in WORK_JOB_VARIANTS {
-        stats.push((
-            variant,
-            agent_cost::sidekiq_run(
-                bin,
-                variant.agent_args(),
-                jobs,
-                JobKind::NoopWeightedQueues,
-                true,
-            )?,
-        ));
-    }
-    log("sidekiq on weighted queues, bpf_stats");
+    log(&format!("sidekiq, {kind:?} jobs, bpf_stats"));
     Ok(stats)
 }
 
@@ -680,8 +659,9 @@ pub fn run(quick: bool) -> Result<()> {
     // 3. A real Sidekiq fleet draining no-op jobs.
     let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
     let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
-    let sidekiq_work_stats = work_job_stats(&bin, jobs, &log)?;
-    let sidekiq_weighted_stats = weighted_fleet_stats(&bin, jobs, &log)?;
+    let sidekiq_work_stats = default_mode_stats(&bin, jobs, JobKind::RedisWork, &log)?;
+    let sidekiq_weighted_stats =
+        default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![

@@ -8,7 +8,8 @@ use integration_tests::REDIS_WORK_JOB_COMMANDS;
 
 use super::{
     agent_cost::WEIGHTED_QUEUES, bpf_stats::StatsSample, median, min_max, paired_ratio, plot,
-    BlockingSample, Results, SidekiqVariant, Variant, NO_REDIS_EXCLUDE, SIDEKIQ_VARIANTS, VARIANTS,
+    BlockingSample, Results, SidekiqRun, SidekiqVariant, Variant, NO_REDIS_EXCLUDE,
+    SIDEKIQ_VARIANTS, VARIANTS,
 };
 use crate::util::{command_output, workspace_root};
 
@@ -198,16 +199,9 @@ fn sidekiq_cpu_table(md: &mut String, r: &Results) {
     let _ = writeln!(md);
 }
 
-/// The drains of jobs that send plain commands (`JobKind::RedisWork`): where the time goes
-/// per job, and what each plain command adds to a no-op job's worker-side program time.
-/// Returns that, per judged variant.
-fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
-    if r.sidekiq_work_stats.is_empty() {
-        return Vec::new();
-    }
-    let _ = writeln!(md, "Jobs that use Redis: one more drain per default-mode variant, with the kernel's accounting on, of jobs that each send {REDIS_WORK_JOB_COMMANDS} plain commands (SET, GET, INCR, EXPIRE, DEL, one at a time through Sidekiq's own pool, whose connections also fetch), against the no-op drain of the same variant above. Each command is one write and one reply the agent follows to keep its place in the connection's stream.\n");
-    let columns: Vec<(String, &StatsSample)> = r
-        .sidekiq_work_stats
+/// Where the time goes per job in one bpf_stats drain per variant.
+fn per_job_stats_table(md: &mut String, drains: &[(SidekiqVariant, SidekiqRun)]) {
+    let columns: Vec<(String, &StatsSample)> = drains
         .iter()
         .filter_map(|(v, run)| Some((v.label().to_string(), run.stats.as_ref()?)))
         .collect();
@@ -217,22 +211,39 @@ fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
         "job",
         &[("worker side (worker_*)", "worker_")],
     );
+}
+
+/// Each bpf_stats drain of `drains` with the one-queue no-op drain of the same variant:
+/// (variant, drain, its worker-side us per job, no-op drain, its worker-side us per job).
+/// Variants without both are left out.
+fn against_noop<'a>(
+    r: &'a Results,
+    drains: &'a [(SidekiqVariant, SidekiqRun)],
+) -> Vec<(SidekiqVariant, &'a SidekiqRun, f64, &'a SidekiqRun, f64)> {
+    // `+ 0.0` turns the -0.0 of an empty sum into 0.0.
+    let worker_us =
+        |run: &SidekiqRun| Some(run.stats.as_ref()?.ns_per_op_of("worker_") / 1e3 + 0.0);
+    drains
+        .iter()
+        .filter_map(|(v, drain)| {
+            let (_, noop) = r.sidekiq_stats.iter().find(|(n, _)| n == v)?;
+            Some((*v, drain, worker_us(drain)?, noop, worker_us(noop)?))
+        })
+        .collect()
+}
+
+/// The drains of jobs that send plain commands (`JobKind::RedisWork`): where the time goes
+/// per job, and what each plain command adds to a no-op job's worker-side program time.
+/// Returns that, per judged variant.
+fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
+    if r.sidekiq_work_stats.is_empty() {
+        return Vec::new();
+    }
+    let _ = writeln!(md, "Jobs that use Redis: one more drain per default-mode variant, with the kernel's accounting on, of jobs that each send {REDIS_WORK_JOB_COMMANDS} plain commands (SET, GET, INCR, EXPIRE, DEL, one at a time through Sidekiq's own pool, whose connections also fetch), against the no-op drain of the same variant above. Each command is one write and one reply the agent follows to keep its place in the connection's stream.\n");
+    per_job_stats_table(md, &r.sidekiq_work_stats);
     let _ = writeln!(md, "| agent | no-op jobs: commands per job | worker-side us per job | jobs using Redis: commands per job | worker-side us per job | us per plain command (difference per added command) | target <= 0.3 us |\n|---|---|---|---|---|---|---|");
     let mut out = Vec::new();
-    for (v, work) in &r.sidekiq_work_stats {
-        let noop = r
-            .sidekiq_stats
-            .iter()
-            .find(|(n, _)| n == v)
-            .map(|(_, run)| run);
-        let (Some(ws), Some(noop)) = (&work.stats, noop) else {
-            continue;
-        };
-        let Some(ns) = &noop.stats else { continue };
-        let (work_us, noop_us) = (
-            ws.ns_per_op_of("worker_") / 1e3 + 0.0,
-            ns.ns_per_op_of("worker_") / 1e3 + 0.0,
-        );
+    for (v, work, work_us, noop, noop_us) in against_noop(r, &r.sidekiq_work_stats) {
         let added = work.commands_per_job - noop.commands_per_job;
         let per_command = (work_us - noop_us) / added;
         out.push((v.label(), per_command));
@@ -257,33 +268,11 @@ fn weighted_fleet_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)
         return Vec::new();
     }
     let _ = writeln!(md, "A fleet shaped as GitLab runs Sidekiq: one more no-op drain per default-mode variant, with the kernel's accounting on, by the same 10-thread fleet listening to {WEIGHTED_QUEUES} queues, each with a weight (`-q bench,1 -q empty1,1 ...`; the jobs wait in `bench`). A weight turns Sidekiq's strict order off, so every fetch is a BRPOP of all {WEIGHTED_QUEUES} keys in a new order: the byte-for-byte repeat shortcut never matches, and the kernel side recognises the fetch by a hash of its keys that ignores their order (each key by its length and its first and last 8 bytes), reading the whole request.\n");
-    let columns: Vec<(String, &StatsSample)> = r
-        .sidekiq_weighted_stats
-        .iter()
-        .filter_map(|(v, run)| Some((v.label().to_string(), run.stats.as_ref()?)))
-        .collect();
-    stats_table(
-        md,
-        &columns,
-        "job",
-        &[("worker side (worker_*)", "worker_")],
-    );
+    per_job_stats_table(md, &r.sidekiq_weighted_stats);
     let _ = writeln!(md, "| agent | one queue: worker-side us per job | {WEIGHTED_QUEUES} weighted queues: worker-side us per job | commands per job | jobs/s during the drain (one queue, weighted) |\n|---|---|---|---|---|");
     let mut out = Vec::new();
-    for (v, weighted) in &r.sidekiq_weighted_stats {
-        let one_queue = r
-            .sidekiq_stats
-            .iter()
-            .find(|(n, _)| n == v)
-            .map(|(_, run)| run);
-        let (Some(ws), Some(one_queue)) = (&weighted.stats, one_queue) else {
-            continue;
-        };
-        let Some(os) = &one_queue.stats else { continue };
-        let (weighted_us, one_us) = (
-            ws.ns_per_op_of("worker_") / 1e3 + 0.0,
-            os.ns_per_op_of("worker_") / 1e3 + 0.0,
-        );
+    for (v, weighted, weighted_us, one_queue, one_us) in against_noop(r, &r.sidekiq_weighted_stats)
+    {
         out.push((v.label(), weighted_us));
         let _ = writeln!(
             md,
