@@ -290,9 +290,11 @@ impl AgentState {
             let same_process = self
                 .proc
                 .process_info(pid)
-                .is_ok_and(|info| info.id.start_time_ticks == target.start_ticks);
-            if same_process {
-                self.request_redis_attach(&mut target, None);
+                .ok()
+                .filter(|info| info.id.start_time_ticks == target.start_ticks);
+            if let Some(info) = same_process {
+                // The link as just read; read once more (for its error) only if it failed.
+                self.request_redis_attach(&mut target, info.exe);
                 if target.attach_requested {
                     tracing::info!(pid, "Redis executable link readable now: probes requested");
                 }
@@ -954,7 +956,8 @@ mod tests {
         root
     }
 
-    fn state(root: &std::path::Path) -> AgentState {
+    /// The agent's state after its first scan of `root` (without eBPF).
+    fn scanned_state(root: &std::path::Path) -> AgentState {
         let proc = ProcRoot::new(root);
         let rules = RuleSet::new(&default_rule_specs()).unwrap();
         let discovery = Discovery::new(proc.clone(), rules, 1);
@@ -962,15 +965,16 @@ mod tests {
             export_key_names: false,
             max_keys_per_group: 10,
         };
-        AgentState::new(proc, discovery, None, Vec::new(), 10, listeners)
+        let mut state = AgentState::new(proc, discovery, None, Vec::new(), 10, listeners);
+        let (changes, _) = state.discovery.rescan().unwrap();
+        state.apply(changes);
+        state
     }
 
     #[test]
     fn a_redis_whose_exe_link_was_unreadable_is_tried_again_at_the_next_rescan() {
         let root = proc_with_unreadable_redis_exe();
-        let mut state = state(root.path());
-        let (changes, _) = state.discovery.rescan().unwrap();
-        state.apply(changes);
+        let mut state = scanned_state(root.path());
         let target = &state.redis[&100];
         assert!(target.exe_unreadable);
         let reason = target.unavailable.as_deref().unwrap();
@@ -995,9 +999,7 @@ mod tests {
     #[test]
     fn a_retry_does_not_take_a_new_process_with_the_same_pid_for_the_old_one() {
         let root = proc_with_unreadable_redis_exe();
-        let mut state = state(root.path());
-        let (changes, _) = state.discovery.rescan().unwrap();
-        state.apply(changes);
+        let mut state = scanned_state(root.path());
         assert!(state.redis[&100].exe_unreadable);
 
         // Pid 100 now belongs to a process started later (field 22 of stat, start time).
