@@ -222,11 +222,18 @@ impl KeyHistogram {
 }
 
 /// Time and calls of one bookkeeping phase.
+///
+/// The time is the main thread's CPU time, not the wall time between the probes: a phase in
+/// which the thread was switched out (preempted by another task on a busy node) would add
+/// the milliseconds it waited, which dwarf the microseconds of the phase. Such a phase adds
+/// the mean time of the phases before it instead, and is counted in `switched_out`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PhaseTime {
     pub total_ns: u64,
     pub calls: u64,
+    /// Phases in which the thread was switched out (their time is the mean).
+    pub switched_out: u64,
 }
 
 /// Bookkeeping time of the calls in one fan-out bucket: what the cost per key is fitted on.
@@ -237,8 +244,13 @@ pub struct KeysCost {
     pub calls: u64,
     /// Keys summed over them.
     pub keys: u64,
-    /// Registering and unregistering time of calls in the bucket.
+    /// Registering and unregistering time of calls in the bucket, a phase that was switched
+    /// out at the mean of the phases before it (see [`PhaseTime`]).
     pub total_ns: u64,
+    /// Phases (registering and unregistering) in `total_ns`.
+    pub phases: u64,
+    /// Of them, those in which the thread was switched out.
+    pub switched_out: u64,
 }
 
 impl KeysCost {
@@ -246,7 +258,22 @@ impl KeysCost {
         calls: 0,
         keys: 0,
         total_ns: 0,
+        phases: 0,
+        switched_out: 0,
     };
+}
+
+/// What a bookkeeping phase adds to a total of `total_ns` over `phases` phases: `elapsed`
+/// where the thread stayed on its CPU, else the mean so far (0 for a first phase).
+#[inline(always)]
+pub fn phase_cost(total_ns: u64, phases: u64, elapsed: u64, switched_out: bool) -> u64 {
+    if !switched_out {
+        elapsed
+    } else if phases == 0 {
+        0
+    } else {
+        total_ns / phases
+    }
 }
 
 /// Value of the duration histograms.
@@ -266,6 +293,9 @@ pub struct RedisProcState {
     pub phase_start: [u64; 2],
     /// Keys of the call whose phase is in progress, per [`phase`].
     pub phase_keys: [u32; 2],
+    /// The main thread's arrivals on a CPU at the entry of the phase in progress, per
+    /// [`phase`]: a phase that ends with another count was switched out.
+    pub phase_arrivals: [u64; 2],
     pub bookkeeping: [PhaseTime; 2],
     /// Bookkeeping time by fan-out bucket ([`KeyHistogram::bucket_index`]).
     pub bookkeeping_by_keys: [KeysCost; KEY_BUCKETS],
@@ -289,9 +319,11 @@ impl RedisProcState {
             _pad: 0,
             phase_start: [0; 2],
             phase_keys: [0; 2],
+            phase_arrivals: [0; 2],
             bookkeeping: [PhaseTime {
                 total_ns: 0,
                 calls: 0,
+                switched_out: 0,
             }; 2],
             bookkeeping_by_keys: [KeysCost::ZERO; KEY_BUCKETS],
             hits: [0; point::COUNT],
@@ -334,8 +366,9 @@ const _: () = assert!(
             + 8
             + 16
             + 8
-            + 32
-            + 24 * KEY_BUCKETS
+            + 16
+            + 48
+            + 40 * KEY_BUCKETS
             + 8 * point::COUNT
             + 48
             + 8
@@ -376,5 +409,15 @@ mod tests {
         }
         assert_eq!((h.count, h.sum), (4, 886));
         assert_eq!(h.buckets[8], 2);
+    }
+
+    #[test]
+    fn a_phase_switched_out_costs_the_mean_of_the_phases_before_it() {
+        // Four phases of 10 us so far: on its CPU a phase adds what it took; switched out
+        // (its wall time mostly another task's), the mean.
+        assert_eq!(phase_cost(40_000, 4, 12_000, false), 12_000);
+        assert_eq!(phase_cost(40_000, 4, 3_000_000, true), 10_000);
+        // A first phase switched out adds nothing: there is no mean yet.
+        assert_eq!(phase_cost(0, 0, 3_000_000, true), 0);
     }
 }

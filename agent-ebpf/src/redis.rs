@@ -16,7 +16,7 @@
 //!   machine code and probes with `redis_unblock_client_requeue` (its argument is folded in).
 
 use agent_common::redis::{
-    flags, outcome, phase, point, served_by, BlockedClient, BlockedKey, KeyHistogram,
+    flags, outcome, phase, phase_cost, point, served_by, BlockedClient, BlockedKey, KeyHistogram,
     RedisProcState, RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, KEY_BUCKETS,
     MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES, MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
 };
@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::counters::bump;
+use crate::{counters::bump, sched::current_arrivals};
 
 /// `BPF_NOEXIST`: create a map entry only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -103,8 +103,7 @@ pub fn redis_block_for_keys(ctx: ProbeContext) -> u32 {
         fifth
     };
 
-    state.phase_start[phase::REGISTER as usize] = now;
-    state.phase_keys[phase::REGISTER as usize] = numkeys;
+    start_phase(state, phase::REGISTER, now, numkeys);
     // blockForKeys ends with blockClient(c): a probe on blockClient's entry must not count
     // this block again. Where the calls are probed instead, blockForKeys's own is not.
     if state.settings.block_client_at_calls == 0 {
@@ -313,8 +312,7 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
             blocked,
         };
     }
-    state.phase_start[phase::UNREGISTER as usize] = now;
-    state.phase_keys[phase::UNREGISTER as usize] = blocked.numkeys;
+    start_phase(state, phase::UNREGISTER, now, blocked.numkeys);
     0
 }
 
@@ -376,7 +374,18 @@ fn returns_to_serving(ctx: &ProbeContext, settings: &RedisProcess) -> bool {
     false
 }
 
-/// Adds the time since the phase's entry probe to its total.
+/// Starts the clock of a bookkeeping phase of a call on `keys` keys.
+#[inline(always)]
+fn start_phase(state: &mut RedisProcState, which: u32, now: u64, keys: u32) {
+    let w = which as usize & 1;
+    state.phase_start[w] = now;
+    state.phase_keys[w] = keys;
+    state.phase_arrivals[w] = current_arrivals();
+}
+
+/// Adds the time since the phase's entry probe to its totals, unless the thread was switched
+/// out in between: then that time is mostly another task's, and the phase adds the mean of
+/// the phases before it (see `PhaseTime`).
 #[inline(always)]
 fn end_phase(state: &mut RedisProcState, which: u32) {
     let w = which as usize & 1;
@@ -385,15 +394,20 @@ fn end_phase(state: &mut RedisProcState, which: u32) {
         return;
     }
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    state.bookkeeping[w].total_ns += elapsed;
-    state.bookkeeping[w].calls += 1;
+    let switched_out = current_arrivals() != state.phase_arrivals[w];
+    let phase_time = &mut state.bookkeeping[w];
+    phase_time.total_ns += phase_cost(phase_time.total_ns, phase_time.calls, elapsed, switched_out);
+    phase_time.calls += 1;
+    phase_time.switched_out += switched_out as u64;
     // The same time by fan-out, for the cost per key (`fanout advise`): a call counts once,
     // at its registration; its unregistration adds time only.
     let keys = state.phase_keys[w];
     let bucket = KeyHistogram::bucket_index(keys);
     if bucket < KEY_BUCKETS {
         let cost = &mut state.bookkeeping_by_keys[bucket];
-        cost.total_ns += elapsed;
+        cost.total_ns += phase_cost(cost.total_ns, cost.phases, elapsed, switched_out);
+        cost.phases += 1;
+        cost.switched_out += switched_out as u64;
         if w == phase::REGISTER as usize {
             cost.calls += 1;
             cost.keys += keys as u64;

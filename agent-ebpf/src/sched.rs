@@ -67,6 +67,20 @@ static TASK_ARRIVALS_OFFSET: u64 = u64::MAX;
 /// Above any field of `task_struct`: an offset not set by the agent.
 const MAX_TASK_OFFSET: u64 = 1 << 16;
 
+/// The current thread's arrivals on a CPU (`sched_info.pcount`), or 0 where the agent found
+/// no counters (the kernel does not keep them, or its BTF does not say where): two reads that
+/// differ mean the thread was switched out in between. A plain load through the BTF pointer,
+/// as in [`counted_switch_out`].
+#[inline(always)]
+pub fn current_arrivals() -> u64 {
+    let offset = unsafe { core::ptr::read_volatile(&TASK_ARRIVALS_OFFSET) };
+    if offset == 0 || offset >= MAX_TASK_OFFSET {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    unsafe { core::ptr::read(task.add(offset as usize) as *const u64) }
+}
+
 // /sys/kernel/tracing/events/sched/sched_switch/format (Linux 6.18):
 //   field:char prev_comm[16];  offset:8;  size:16
 //   field:pid_t prev_pid;      offset:24; size:4

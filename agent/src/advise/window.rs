@@ -269,6 +269,8 @@ mod tests {
             calls: pops,
             keys: pops * 440,
             total_ns: pops * 100_000,
+            phases: pops * 2,
+            switched_out: 0,
         };
         let group = GroupCounts {
             processes: 2,

@@ -248,7 +248,7 @@ pub mod catalog {
     };
     pub const REDIS_BLOCKING_CPU_TIME: Descriptor = Descriptor {
         name: "redis.blocking.cpu.time",
-        description: "Main-thread time spent registering (blockForKeys) and unregistering (unblockClient) blocked clients",
+        description: "Main-thread time spent registering (blockForKeys) and unregistering (unblockClient) blocked clients; a call during which the thread was switched out counts at the mean",
         unit: "s",
         kind: Kind::Counter,
     };
