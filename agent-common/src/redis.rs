@@ -267,12 +267,10 @@ impl KeysCost {
 /// where the thread stayed on its CPU, else the mean so far (0 for a first phase).
 #[inline(always)]
 pub fn phase_cost(total_ns: u64, phases: u64, elapsed: u64, switched_out: bool) -> u64 {
-    if !switched_out {
-        elapsed
-    } else if phases == 0 {
-        0
+    if switched_out {
+        total_ns.checked_div(phases).unwrap_or(0)
     } else {
-        total_ns / phases
+        elapsed
     }
 }
 
