@@ -105,7 +105,7 @@ fn number<O: Opaque>(
     let digits = o.hide(digits) & 15;
     let value = o.hide(value);
     let cr = start + digits;
-    if digits == 0 || digits >= max + 1 || cr + 2 > n {
+    if digits == 0 || digits > max || cr + 2 > n {
         return None;
     }
     if byte(chunk, cr) != b'\r' || byte(chunk, cr + 1) != b'\n' {
