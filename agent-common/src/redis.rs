@@ -226,7 +226,8 @@ impl KeyHistogram {
 /// The time is the main thread's CPU time, not the wall time between the probes: a phase in
 /// which the thread was switched out (preempted by another task on a busy node) would add
 /// the milliseconds it waited, which dwarf the microseconds of the phase. Such a phase adds
-/// the mean time of the phases before it instead, and is counted in `switched_out`.
+/// the mean time of the phases before it with as many keys instead ([`phase_cost`]), and is
+/// counted in `switched_out`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PhaseTime {
@@ -245,7 +246,7 @@ pub struct KeysCost {
     /// Keys summed over them.
     pub keys: u64,
     /// Registering and unregistering time of calls in the bucket, a phase that was switched
-    /// out at the mean of the phases before it (see [`PhaseTime`]).
+    /// out at the mean of the phases before it ([`phase_cost`]).
     pub total_ns: u64,
     /// Phases (registering and unregistering) in `total_ns`.
     pub phases: u64,
@@ -263,12 +264,24 @@ impl KeysCost {
     };
 }
 
-/// What a bookkeeping phase adds to a total of `total_ns` over `phases` phases: `elapsed`
-/// where the thread stayed on its CPU, else the mean so far (0 for a first phase).
+/// What a bookkeeping phase adds to the totals: `elapsed` where the thread stayed on its CPU.
+/// Where it was switched out, the mean of the phases before it with as many keys
+/// (`same_keys`: their total time and count), or of all phases of its kind (`all`) where
+/// there were none, or `elapsed` for a first phase; never more than `elapsed`, which the
+/// phase's CPU time cannot exceed.
+/// Phases with many keys take longer, so they are the likelier to be switched out: the mean
+/// is taken by fan-out, not over every call.
 #[inline(always)]
-pub fn phase_cost(total_ns: u64, phases: u64, elapsed: u64, switched_out: bool) -> u64 {
-    if switched_out {
-        total_ns.checked_div(phases).unwrap_or(0)
+pub fn phase_cost(elapsed: u64, switched_out: bool, same_keys: (u64, u64), all: (u64, u64)) -> u64 {
+    if !switched_out {
+        return elapsed;
+    }
+    let mean = match same_keys.0.checked_div(same_keys.1) {
+        Some(mean) => mean,
+        None => all.0.checked_div(all.1).unwrap_or(elapsed),
+    };
+    if mean < elapsed {
+        mean
     } else {
         elapsed
     }
@@ -410,12 +423,16 @@ mod tests {
     }
 
     #[test]
-    fn a_phase_switched_out_costs_the_mean_of_the_phases_before_it() {
-        // Four phases of 10 us so far: on its CPU a phase adds what it took; switched out
-        // (its wall time mostly another task's), the mean.
-        assert_eq!(phase_cost(40_000, 4, 12_000, false), 12_000);
-        assert_eq!(phase_cost(40_000, 4, 3_000_000, true), 10_000);
-        // A first phase switched out adds nothing: there is no mean yet.
-        assert_eq!(phase_cost(0, 0, 3_000_000, true), 0);
+    fn a_phase_switched_out_costs_the_mean_of_the_phases_before_it_with_as_many_keys() {
+        let (forty_keys, all) = ((40_000, 4), (50_000, 10));
+        // On its CPU, a phase adds what it took.
+        assert_eq!(phase_cost(12_000, false, forty_keys, all), 12_000);
+        // Switched out (its wall time mostly another task's): the mean of the phases with as
+        // many keys, else of all phases, else (a first phase) its wall time; never more than
+        // its wall time.
+        assert_eq!(phase_cost(3_000_000, true, forty_keys, all), 10_000);
+        assert_eq!(phase_cost(3_000_000, true, (0, 0), all), 5_000);
+        assert_eq!(phase_cost(3_000_000, true, (0, 0), (0, 0)), 3_000_000);
+        assert_eq!(phase_cost(7_000, true, forty_keys, all), 7_000);
     }
 }

@@ -385,7 +385,7 @@ fn start_phase(state: &mut RedisProcState, which: u32, now: u64, keys: u32) {
 
 /// Adds the time since the phase's entry probe to its totals, unless the thread was switched
 /// out in between: then that time is mostly another task's, and the phase adds the mean of
-/// the phases before it (see `PhaseTime`).
+/// the phases before it with as many keys (`phase_cost`).
 #[inline(always)]
 fn end_phase(state: &mut RedisProcState, which: u32) {
     let w = which as usize & 1;
@@ -395,22 +395,29 @@ fn end_phase(state: &mut RedisProcState, which: u32) {
     }
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     let switched_out = current_arrivals() != state.phase_arrivals[w];
-    let phase_time = &mut state.bookkeeping[w];
-    phase_time.total_ns += phase_cost(phase_time.total_ns, phase_time.calls, elapsed, switched_out);
-    phase_time.calls += 1;
-    phase_time.switched_out += switched_out as u64;
     // The same time by fan-out, for the cost per key (`fanout advise`): a call counts once,
     // at its registration; its unregistration adds time only.
     let keys = state.phase_keys[w];
     let bucket = KeyHistogram::bucket_index(keys);
-    if bucket < KEY_BUCKETS {
-        let cost = &mut state.bookkeeping_by_keys[bucket];
-        cost.total_ns += phase_cost(cost.total_ns, cost.phases, elapsed, switched_out);
-        cost.phases += 1;
-        cost.switched_out += switched_out as u64;
-        if w == phase::REGISTER as usize {
-            cost.calls += 1;
-            cost.keys += keys as u64;
-        }
+    if bucket >= KEY_BUCKETS {
+        return;
+    }
+    let cost = &mut state.bookkeeping_by_keys[bucket];
+    let phase_time = &mut state.bookkeeping[w];
+    let spent = phase_cost(
+        elapsed,
+        switched_out,
+        (cost.total_ns, cost.phases),
+        (phase_time.total_ns, phase_time.calls),
+    );
+    phase_time.total_ns += spent;
+    phase_time.calls += 1;
+    phase_time.switched_out += switched_out as u64;
+    cost.total_ns += spent;
+    cost.phases += 1;
+    cost.switched_out += switched_out as u64;
+    if w == phase::REGISTER as usize {
+        cost.calls += 1;
+        cost.keys += keys as u64;
     }
 }

@@ -103,6 +103,15 @@ fn sum(s: &Scrape, name: &str, pid: &str, extra: &[(&str, &str)]) -> f64 {
     s.sum(&format!("{name}_sum"), &m)
 }
 
+/// `redis_blocking_phases_total` of one phase, of one timing or of both.
+fn phases(s: &Scrape, pid: &str, phase: &str, timing: Option<&str>) -> f64 {
+    let mut m = vec![("process_pid", pid), ("redis_blocking_phase", phase)];
+    if let Some(timing) = timing {
+        m.push(("timing", timing));
+    }
+    s.sum("redis_blocking_phases_total", &m)
+}
+
 /// Runs `n` blocking calls in parallel, each on its own connection, and returns their replies.
 fn parallel(port: u16, calls: Vec<Vec<String>>) -> Vec<Reply> {
     let handles: Vec<_> = calls
@@ -292,6 +301,10 @@ fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly(build:
         register > 0.0 && unregister > 0.0,
         "register {register}, unregister {unregister}"
     );
+    // Every phase of the 25 calls is counted, timed on its CPU or at the mean.
+    for phase in ["register", "unregister"] {
+        assert_eq!(phases(&s, &pid, phase, None), 25.0, "{phase}");
+    }
     // Timeouts and serves hit every point this build has.
     assert_points(&s, &pid, "live", build.probe_points());
 }
@@ -337,6 +350,83 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each(build: Redis
         .collect();
     assert_points(&s, &pid, "live", &served);
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 1.0);
+}
+
+/// A bookkeeping phase in which Redis's main thread is switched out is not timed by its wall
+/// time, which is mostly another task's: it counts at the mean of the phases with as many
+/// keys. Redis shares one CPU with a busy loop for the second half: its 10000-key phases
+/// (milliseconds each) are then preempted, and would take about twice as long by the clock.
+#[test]
+fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
+    require_root();
+    let (redis, agent, pid) = start(RedisBuild::V7_0);
+    let pin = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &pid])
+        .output()
+        .expect("run taskset");
+    assert!(pin.status.success(), "taskset: {pin:?}");
+    let wide = keys("wide", 10_000);
+    let calls = |n: usize| {
+        let mut conn = Conn::connect(redis.port).unwrap();
+        for _ in 0..n {
+            let args = brpop(&wide, "0.01");
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            assert!(conn.call(&refs).unwrap().is_nil());
+        }
+    };
+    let time = |s: &Scrape| {
+        s.sum(
+            "redis_blocking_cpu_time_seconds_total",
+            &[("process_pid", &pid)],
+        )
+    };
+
+    // Alone on its CPU, but for whatever else wakes up there (the agent, this test, kernel
+    // threads): some phases leave it even so, but not all.
+    calls(8);
+    let quiet = agent.scrape();
+    let quiet_on_cpu = phases(&quiet, &pid, "register", Some("on_cpu"))
+        + phases(&quiet, &pid, "unregister", Some("on_cpu"));
+    assert_eq!(phases(&quiet, &pid, "register", None), 8.0);
+    assert_eq!(phases(&quiet, &pid, "unregister", None), 8.0);
+    assert!(
+        quiet_on_cpu >= 2.0,
+        "phases ran alone: {quiet_on_cpu} of 16"
+    );
+    let quiet_per_call = time(&quiet) / 8.0;
+
+    let mut busy_loop = std::process::Command::new("taskset")
+        .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+        .spawn()
+        .expect("start a busy loop");
+    thread::sleep(Duration::from_millis(200));
+    calls(4);
+    let _ = busy_loop.kill();
+    let _ = busy_loop.wait();
+    let busy = agent.scrape();
+    for phase in ["register", "unregister"] {
+        assert_eq!(phases(&busy, &pid, phase, None), 12.0, "{phase}");
+    }
+    let switched_out = phases(&busy, &pid, "register", Some("switched_out"))
+        + phases(&busy, &pid, "unregister", Some("switched_out"))
+        - (16.0 - quiet_on_cpu);
+    assert!(
+        switched_out >= 1.0,
+        "no phase of 10000 keys was switched out beside a busy loop on its CPU (a kernel that \
+         does not count arrivals on a CPU cannot tell)"
+    );
+    // By the clock each preempted phase would take about twice as long; at the mean it does
+    // not move.
+    let busy_per_call = (time(&busy) - time(&quiet)) / 4.0;
+    eprintln!(
+        "{quiet_per_call:.6} s per call alone ({quiet_on_cpu} of 16 phases on their CPU), \
+         {busy_per_call:.6} s beside the busy loop ({switched_out} of 8 switched out)"
+    );
+    assert!(
+        busy_per_call < 1.5 * quiet_per_call,
+        "{busy_per_call:.6} s per call beside the busy loop against {quiet_per_call:.6} s alone \
+         ({switched_out} phases switched out)"
+    );
 }
 
 #[test]
@@ -613,8 +703,9 @@ fn with_io_threads_forty_clients_at_once_are_counted_exactly(build: RedisBuild) 
                     .lines()
                     .find_map(|l| l.strip_prefix("blocked_clients:"))
                     .and_then(|v| v.trim().parse::<usize>().ok());
-                let agent_says =
-                    agent.scrape().sum("redis_clients_blocked", &[("process_pid", &pid)]);
+                let agent_says = agent
+                    .scrape()
+                    .sum("redis_clients_blocked", &[("process_pid", &pid)]);
                 (redis_says == Some(n) && agent_says == n as f64).then_some(())
             },
         )
@@ -677,8 +768,7 @@ fn with_io_threads_forty_clients_at_once_are_counted_exactly(build: RedisBuild) 
     assert_eq!(bucket(&s, KEYS, &pid, &[], "5"), 0.0);
     assert_eq!(bucket(&s, KEYS, &pid, &[], "10"), calls);
     // 0.2 s timeouts end on Redis's 100 ms cron, or up to a tick later.
-    let mean_timeout =
-        sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / (2 * CLIENTS) as f64;
+    let mean_timeout = sum(&s, DURATION, &pid, &[("outcome", "timeout")]) / (2 * CLIENTS) as f64;
     assert!((0.2..0.35).contains(&mean_timeout), "{mean_timeout}");
     assert_eq!(
         s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),

@@ -252,6 +252,12 @@ pub mod catalog {
         unit: "s",
         kind: Kind::Counter,
     };
+    pub const REDIS_BLOCKING_PHASES: Descriptor = Descriptor {
+        name: "redis.blocking.phases",
+        description: "Registering and unregistering phases timed in redis.blocking.cpu.time; timing=switched_out: the main thread was switched out during the phase, which then counts at the mean of the phases with as many keys",
+        unit: "{phase}",
+        kind: Kind::Counter,
+    };
     pub const PROBE_POINTS: Descriptor = Descriptor {
         name: "fanout.probe.points",
         description: "State of each Redis probe point per process (live, idle, missing, unreliable, attach_failed, unavailable)",
@@ -308,6 +314,7 @@ pub mod catalog {
         REDIS_CLIENTS_BLOCKED,
         REDIS_BLOCKING_REGISTRATIONS,
         REDIS_BLOCKING_CPU_TIME,
+        REDIS_BLOCKING_PHASES,
         PROBE_POINTS,
         THREAD_CPU_TIME,
         THREAD_RUNQUEUE_DELAY,

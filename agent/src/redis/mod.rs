@@ -349,21 +349,37 @@ impl RedisTarget {
                 (phase::REGISTER, "register"),
                 (phase::UNREGISTER, "unregister"),
             ] {
-                let ns = readings
+                let time = readings
                     .bookkeeping
                     .get(&which)
-                    .map(|t| t.total_ns)
-                    .unwrap_or(0);
+                    .copied()
+                    .unwrap_or_default();
                 let mut attrs = base.clone();
                 attrs.push(("redis.blocking.phase", label.into()));
                 snapshot.push(
                     catalog::REDIS_BLOCKING_CPU_TIME,
                     Point {
-                        attributes: attrs,
+                        attributes: attrs.clone(),
                         start_time: self.since,
-                        value: PointValue::Counter(ns as f64 / 1e9),
+                        value: PointValue::Counter(time.total_ns as f64 / 1e9),
                     },
                 );
+                let switched_out = time.switched_out.min(time.calls);
+                for (timing, phases) in [
+                    ("on_cpu", time.calls - switched_out),
+                    ("switched_out", switched_out),
+                ] {
+                    let mut attrs = attrs.clone();
+                    attrs.push(("timing", timing.into()));
+                    snapshot.push(
+                        catalog::REDIS_BLOCKING_PHASES,
+                        Point {
+                            attributes: attrs,
+                            start_time: self.since,
+                            value: PointValue::Counter(phases as f64),
+                        },
+                    );
+                }
             }
         }
     }
