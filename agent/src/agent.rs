@@ -234,6 +234,7 @@ impl AgentState {
                 .probes
                 .as_ref()
                 .is_some_and(|p| p.redis.bookkeeping_time),
+            sees_switches: self.probes.as_ref().is_some_and(|p| p.redis.sees_switches),
             unblock_bypassed: None,
         };
         self.request_redis_attach(&mut target, p.info.exe.clone());

@@ -180,6 +180,7 @@ impl Probes {
     /// Returns the ring buffers separately: each is read by its own task.
     pub fn start() -> Result<(Self, Rings), ProbeError> {
         let counters = sched::counter_offsets();
+        let sees_switches = counters.is_ok();
         let mut ebpf = load_object(counters.as_ref().ok().copied())?;
         let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
         let status = sched::attach_tracepoints(&mut ebpf, counters);
@@ -194,7 +195,8 @@ impl Probes {
             redis_attached,
         };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
-        let redis = redis::RedisMaps::new(&mut ebpf)?;
+        let mut redis = redis::RedisMaps::new(&mut ebpf)?;
+        redis.sees_switches = sees_switches;
         let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone())?;
         Ok((
             Self {

@@ -342,6 +342,10 @@ pub struct RedisMaps {
     load_error: Option<String>,
     /// Attach the return probes that time registration and unregistration.
     pub bookkeeping_time: bool,
+    /// Whether the probes can tell a bookkeeping phase in which Redis's main thread was
+    /// switched out: the object was loaded with the offset of the kernel's count of a
+    /// thread's arrivals on a CPU. Otherwise every phase keeps its wall time.
+    pub sees_switches: bool,
 }
 
 impl RedisMaps {
@@ -356,6 +360,7 @@ impl RedisMaps {
             unseen_unblocks: StdHashMap::new(),
             load_error,
             bookkeeping_time: true,
+            sees_switches: false,
         })
     }
 

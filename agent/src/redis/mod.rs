@@ -46,6 +46,9 @@ pub struct RedisTarget {
     pub since: std::time::SystemTime,
     /// Whether the bookkeeping return probes were attached (`--no-redis-bookkeeping-time`).
     pub bookkeeping_time: bool,
+    /// Whether a bookkeeping phase in which the main thread was switched out is told from
+    /// one that stayed on its CPU (`RedisMaps::sees_switches`).
+    pub sees_switches: bool,
     /// Why the binary's machine code shows unblocks bypassing every probe, if it does.
     pub unblock_bypassed: Option<String>,
 }
@@ -365,10 +368,16 @@ impl RedisTarget {
                     },
                 );
                 let switched_out = time.switched_out.min(time.calls);
-                for (timing, phases) in [
-                    ("on_cpu", time.calls - switched_out),
-                    ("switched_out", switched_out),
-                ] {
+                let by_timing = if self.sees_switches {
+                    vec![
+                        ("on_cpu", time.calls - switched_out),
+                        ("switched_out", switched_out),
+                    ]
+                } else {
+                    // The kernel keeps no count to tell them apart: all by the clock.
+                    vec![("wall_clock", time.calls)]
+                };
+                for (timing, phases) in by_timing {
                     let mut attrs = attrs.clone();
                     attrs.push(("timing", timing.into()));
                     snapshot.push(
