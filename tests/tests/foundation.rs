@@ -660,10 +660,15 @@ fn short_lived_threads_are_measured_and_leave_no_state_behind() {
             &env,
         );
         // 2 s to be tracked, then 50 threads one after the other, each named, busy for 2 ms
-        // of CPU and gone; then 3 s to be read.
+        // of CPU in two halves with a short sleep before each, and gone; then 3 s to be read.
+        // The sleeps give every thread a stretch that both the counters and the clock see
+        // whole (the clock knows a stretch's start only from a switch-in it saw, and loses a
+        // thread's last one to its exit): without them, whether a thread of one stretch was
+        // ever switched out midway was up to the machine.
         let script = "import ctypes, threading, time, sys\n\
                       libc = ctypes.CDLL(None)\n\
-                      def work():\n    libc.prctl(15, b'churner', 0, 0, 0)\n    t = time.thread_time()\n    while time.thread_time() - t < 0.002: pass\n\
+                      def busy(seconds):\n    t = time.thread_time()\n    while time.thread_time() - t < seconds: pass\n\
+                      def work():\n    libc.prctl(15, b'churner', 0, 0, 0)\n    time.sleep(0.001)\n    busy(0.001)\n    time.sleep(0.001)\n    busy(0.001)\n\
                       time.sleep(2)\n\
                       for _ in range(50):\n    th = threading.Thread(target=work); th.start(); th.join()\n\
                       print('done', flush=True)\n\
@@ -686,14 +691,21 @@ fn short_lived_threads_are_measured_and_leave_no_state_behind() {
             ("process_pid", pid_text.as_str()),
             ("thread_name", "churner"),
         ];
-        // Timed with the clock, a thread's first stretch has no known start: one that runs
-        // once and exits may leave no stretch. Its exit must still take its entry.
-        let wanted = if env.is_empty() { 50.0 } else { 1.0 };
+        // Timed with the clock, a thread's first stretch has no known start and its last is
+        // lost to its exit: the one between the sleeps is seen. Its exit must still take its
+        // entry.
+        let wanted = if env.is_empty() { 50.0 } else { 25.0 };
         // With the counters, each thread ran at least 2 ms of CPU after it named itself, and
         // every stretch counts whole, the last one included (recorded at the thread's last
         // switch, after its exit: were the exit program to take the entry first, about a
         // fifth would be lost). Waited for, as the export may lag the last threads.
-        let wanted_cpu = if env.is_empty() { 50.0 * 0.0019 } else { 0.0 };
+        // With the clock, at least the stretches between the sleeps (1 ms each) of half the
+        // threads.
+        let wanted_cpu = if env.is_empty() {
+            50.0 * 0.0019
+        } else {
+            25.0 * 0.0009
+        };
         let mut seen = (0.0, 0.0);
         let reached = poll_until(Duration::from_secs(3), || {
             let s = agent.scrape();
