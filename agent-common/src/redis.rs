@@ -250,8 +250,6 @@ pub struct KeysCost {
     pub total_ns: u64,
     /// Phases (registering and unregistering) in `total_ns`.
     pub phases: u64,
-    /// Of them, those in which the thread was switched out.
-    pub switched_out: u64,
 }
 
 impl KeysCost {
@@ -260,7 +258,6 @@ impl KeysCost {
         keys: 0,
         total_ns: 0,
         phases: 0,
-        switched_out: 0,
     };
 }
 
@@ -280,11 +277,7 @@ pub fn phase_cost(elapsed: u64, switched_out: bool, same_keys: (u64, u64), all: 
         Some(mean) => mean,
         None => all.0.checked_div(all.1).unwrap_or(elapsed),
     };
-    if mean < elapsed {
-        mean
-    } else {
-        elapsed
-    }
+    mean.min(elapsed)
 }
 
 /// Value of the duration histograms.
@@ -379,7 +372,7 @@ const _: () = assert!(
             + 8
             + 16
             + 48
-            + 40 * KEY_BUCKETS
+            + 32 * KEY_BUCKETS
             + 8 * point::COUNT
             + 48
             + 8

@@ -415,7 +415,6 @@ fn end_phase(state: &mut RedisProcState, which: u32) {
     phase_time.switched_out += switched_out as u64;
     cost.total_ns += spent;
     cost.phases += 1;
-    cost.switched_out += switched_out as u64;
     if w == phase::REGISTER as usize {
         cost.calls += 1;
         cost.keys += keys as u64;

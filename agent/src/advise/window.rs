@@ -270,7 +270,6 @@ mod tests {
             keys: pops * 440,
             total_ns: pops * 100_000,
             phases: pops * 2,
-            switched_out: 0,
         };
         let group = GroupCounts {
             processes: 2,
