@@ -21,7 +21,7 @@ use integration_tests::{
     prom::Scrape,
     require_root,
     resp::{Conn, Reply},
-    wait_for, Agent, Redis, RedisBuild,
+    wait_for, Agent, Proc, Redis, RedisBuild,
 };
 
 /// One `#[test]` per build for each scenario `fn scenario(build: RedisBuild)`, in a module of
@@ -395,14 +395,17 @@ fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
     );
     let quiet_per_call = time(&quiet) / 8.0;
 
-    let mut busy_loop = std::process::Command::new("taskset")
-        .args(["-c", "0", "sh", "-c", "while :; do :; done"])
-        .spawn()
-        .expect("start a busy loop");
+    // Stopped and reaped on drop, so a failed call leaves no loop spinning.
+    let busy_loop = Proc {
+        child: std::process::Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("start a busy loop"),
+        name: "busy loop".into(),
+    };
     thread::sleep(Duration::from_millis(200));
     calls(4);
-    let _ = busy_loop.kill();
-    let _ = busy_loop.wait();
+    drop(busy_loop);
     let busy = agent.scrape();
     for phase in ["register", "unregister"] {
         assert_eq!(phases(&busy, &pid, phase, None), 12.0, "{phase}");
