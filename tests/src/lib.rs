@@ -34,13 +34,24 @@ pub fn fanout_bin() -> PathBuf {
     PathBuf::from(std::env::var("FANOUT_BIN").expect("FANOUT_BIN is set by cargo xtask test"))
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), never one this test process was given
+/// before: the kernel picks `bind(0)` ports at random among about 14000, so 50 calls return
+/// the same port twice in about 9% of runs (measured), and the second server started on it
+/// exits at once while the first answers for both.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns Some, for at most `limit`.

@@ -3,7 +3,7 @@
 //! run with `sudo cargo xtask test`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -13,7 +13,7 @@ use std::{
 };
 
 use integration_tests::{
-    free_port, http_get, require_root,
+    free_port, http_get, poll_until, require_root,
     resp::{Conn, Reply},
     wait_for, Agent, Proc, RedisBuild,
 };
@@ -28,8 +28,22 @@ fn ping(port: u16) -> bool {
         .is_ok_and(|r| matches!(r, Reply::Simple(ref s) if s == "PONG"))
 }
 
+/// The `process_id` of the server answering on `port`, once it answers.
+fn server_pid(port: u16) -> Option<u32> {
+    let reply = Conn::connect(port).ok()?.call(&["INFO", "server"]).ok()?;
+    let Reply::Bulk(Some(info)) = reply else {
+        return None;
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The state of `blockForKeys` per Redis pid, as the agent reports it.
-fn block_for_keys_states(agent: &Agent) -> std::collections::BTreeMap<u32, String> {
+fn block_for_keys_states(agent: &Agent) -> BTreeMap<u32, String> {
     agent
         .scrape()
         .find("fanout_probe_points", &[("probe", "blockForKeys")])
@@ -86,23 +100,40 @@ fn scrapes_are_answered_while_50_redis_servers_are_probed_and_released() {
         .map(|i| start_redis(&binaries[i % 2], dir.path()))
         .collect();
     let pids: BTreeSet<u32> = servers.iter().map(|(p, _)| p.pid()).collect();
-    for (_, port) in &servers {
+    for (proc, port) in &servers {
+        // The server on the port must be this one: a second server on a port already taken
+        // would exit at once while the first answered for it.
         wait_for(
-            "every Redis to answer PING",
+            "every Redis to answer as itself",
             Duration::from_secs(20),
-            || ping(*port).then_some(()),
+            || (server_pid(*port)? == proc.pid()).then_some(()),
         );
     }
-    wait_for(
-        "blockForKeys attached in all 50 Redis servers",
-        Duration::from_secs(30),
-        || {
-            let states = block_for_keys_states(&agent);
-            pids.iter()
-                .all(|pid| states.get(pid).is_some_and(|s| s == "idle"))
-                .then_some(())
-        },
-    );
+    let mut not_idle = BTreeMap::new();
+    let all_idle = poll_until(Duration::from_secs(30), || {
+        let states = block_for_keys_states(&agent);
+        not_idle = pids
+            .iter()
+            .filter(|pid| states.get(pid).is_none_or(|s| s != "idle"))
+            .map(|pid| (*pid, states.get(pid).cloned().unwrap_or("absent".into())))
+            .collect();
+        not_idle.is_empty().then_some(())
+    });
+    if all_idle.is_none() {
+        // Say which servers and what the agent logged of them: the agent log at the end of
+        // the failure is long (50 servers) and gets cut.
+        let log = agent.log();
+        for pid in not_idle.keys() {
+            let needle = format!("pid={pid} ");
+            for line in log.lines().filter(|l| l.contains(&needle)) {
+                eprintln!("[pid {pid}] {line}");
+            }
+        }
+        panic!(
+            "blockForKeys not idle within 30 s in {} of 50 Redis servers: {not_idle:?}",
+            not_idle.len()
+        );
+    }
     for (proc, _) in &mut servers {
         // SAFETY: signalling a child this test started.
         unsafe { libc::kill(proc.pid() as i32, libc::SIGKILL) };
