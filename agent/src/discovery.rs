@@ -60,6 +60,8 @@ impl ScanErrors {
         match e {
             ReadError::Vanished(_) => self.vanished += 1,
             ReadError::Failed { .. } => self.failed += 1,
+            // A zombie is no read error: it is skipped, every scan, while it waits.
+            ReadError::Exited(_) => {}
         }
     }
 }
@@ -285,7 +287,9 @@ mod tests {
             .collect();
         found.sort();
         // 600 and 610 are children Redis forked, 700 a copy named redis-server-7.4.1, 710 the
-        // Redis binary run as redis-check-rdb, 720 redis-cli.
+        // Redis binary run as redis-check-rdb, 720 redis-cli. 800 is a redis-server that has
+        // exited, unreaped (a zombie): not tracked, and no read error. 810 is a worker whose
+        // main thread exited while its other thread runs: alive.
         assert_eq!(
             found,
             vec![
@@ -294,9 +298,10 @@ mod tests {
                 (400, "redis".into()),
                 (500, "sidekiq".into()),
                 (700, "redis".into()),
+                (810, "sidekiq".into()),
             ]
         );
-        assert_eq!(changes.len(), 5);
+        assert_eq!(changes.len(), 6);
         assert!(changes.iter().all(|c| matches!(c, Change::Added(_))));
         assert_eq!(errors, ScanErrors::default());
         // A second scan of an unchanged tree changes nothing.

@@ -80,6 +80,10 @@ pub enum ReadError {
     /// The process or thread exited while being read: normal, counted, skipped.
     #[error("process {0} vanished while being read")]
     Vanished(u32),
+    /// The process has exited and waits for its parent to reap it (a zombie): nothing to
+    /// track, and nothing went wrong reading it, so it is skipped without being counted.
+    #[error("process {0} has exited (a zombie its parent has not reaped)")]
+    Exited(u32),
     /// Anything else (permissions, malformed content).
     #[error("reading {what} of process {pid}: {message}")]
     Failed {
@@ -111,7 +115,7 @@ impl ReadError {
     /// A short, bounded label for the read-errors self-metric.
     pub fn kind(&self) -> &'static str {
         match self {
-            ReadError::Vanished(_) => "vanished",
+            ReadError::Vanished(_) | ReadError::Exited(_) => "vanished",
             ReadError::Failed { .. } => "failed",
         }
     }
@@ -198,10 +202,13 @@ impl ProcRoot {
     pub fn process_info(&self, pid: u32) -> Result<ProcessInfo, ReadError> {
         let process = self.open(pid)?;
         let stat = read_stat(pid, &self.root.join(pid.to_string()).join("stat"))?;
+        if self.has_exited(pid, stat.state) {
+            return Err(ReadError::Exited(pid));
+        }
         let cmdline = match process.cmdline() {
             Ok(args) => args,
             Err(e) => match ReadError::from_proc(pid, "cmdline", e) {
-                vanished @ ReadError::Vanished(_) => return Err(vanished),
+                gone @ (ReadError::Vanished(_) | ReadError::Exited(_)) => return Err(gone),
                 ReadError::Failed { .. } => Vec::new(),
             },
         };
@@ -217,6 +224,26 @@ impl ProcRoot {
             session: stat.session,
             flags: stat.flags,
         })
+    }
+
+    /// Whether a process whose leader is in `state` has exited and waits to be reaped (a
+    /// zombie): nothing of it runs, its executable link reads as missing, and tracking it would
+    /// only report a Redis without probes until its parent reaps it (a server that exits at
+    /// start, its port taken, stays a zombie while its parent does not wait). A leader that
+    /// called `pthread_exit` is a zombie too while its other threads run: that process is
+    /// alive, told by the tasks it still has.
+    fn has_exited(&self, pid: u32, state: char) -> bool {
+        if !matches!(state, 'Z' | 'X') {
+            return false;
+        }
+        let tasks = self.root.join(pid.to_string()).join("task");
+        let others = std::fs::read_dir(tasks).map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .any(|tid| tid != pid)
+        });
+        // Unreadable: it was reaped meanwhile, which is exited too.
+        !others.unwrap_or(false)
     }
 
     /// The current arguments (or process title) of a process; empty when unreadable.
@@ -522,7 +549,7 @@ mod tests {
     fn lists_numeric_entries_only() {
         assert_eq!(
             fixtures().pids().unwrap(),
-            vec![2, 100, 200, 300, 400, 500, 600, 610, 700, 710, 720]
+            vec![2, 100, 200, 300, 400, 500, 600, 610, 700, 710, 720, 800, 810]
         );
     }
 
@@ -671,6 +698,28 @@ mod tests {
         assert_eq!(threads.len(), 1);
         assert_eq!(threads[0].tid, 500);
         assert_eq!(vanished, 1);
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_reaped_is_not_a_process_to_track() {
+        let proc = ProcRoot::new("/proc");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Until its exit, `true` is a live process; then a zombie until the wait below.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let seen = loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let zombie = stat[stat.rfind(')').unwrap() + 2..].starts_with('Z');
+            if zombie || std::time::Instant::now() > deadline {
+                break zombie;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(seen, "`true` did not exit within 10 s");
+        assert!(matches!(proc.process_info(pid), Err(ReadError::Exited(p)) if p == pid));
+        child.wait().unwrap();
+        // Our own process is alive whatever its threads do.
+        assert!(proc.process_info(std::process::id()).is_ok());
     }
 
     #[test]

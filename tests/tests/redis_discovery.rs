@@ -446,6 +446,62 @@ fn a_redis_exclusion_rule_keeps_a_server_untracked() {
     }
 }
 
+/// A redis-server started on a port another server holds, left unreaped: it exits at once
+/// and stays a zombie while its parent does not wait for it. Started through Debian's
+/// `redis-server` link, so that the zombie's name is `redis-server` (as the file's own name,
+/// `redis-check-rdb`, it would pass for the checker).
+fn start_zombie_redis(port: u16, dir: &Path) -> Proc {
+    let child = Command::new("/usr/bin/redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for(
+        "the second server on a taken port to exit",
+        Duration::from_secs(10),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(") ")?.1.starts_with('Z').then_some(())
+        },
+    );
+    Proc {
+        child,
+        name: "redis-server on a taken port".into(),
+    }
+}
+
+#[test]
+fn a_redis_that_exited_and_awaits_its_reaping_is_not_tracked() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let control = Redis::start(&[]);
+    // One exits before the agent starts (its first scan meets it), one after (its exec event
+    // and each rescan meet it).
+    let before = start_zombie_redis(control.port, dir.path());
+    let agent = Agent::start(&["--rescan-interval", "1"]);
+    let after = start_zombie_redis(control.port, dir.path());
+    wait_for("the live Redis probed", Duration::from_secs(10), || {
+        (block_for_keys_state(&agent, control.pid())? == "idle").then_some(())
+    });
+    // Past two rescans.
+    std::thread::sleep(Duration::from_millis(2500));
+    for zombie in [&before, &after] {
+        let pid = zombie.pid();
+        assert!(!tracked(&agent, pid), "exited Redis {pid} is tracked");
+        assert_eq!(
+            probe_points(&agent, pid),
+            Vec::<(String, String)>::new(),
+            "exited Redis {pid} is reported"
+        );
+    }
+    assert!(tracked(&agent, control.pid()));
+}
+
 #[test]
 fn an_invalid_redis_exclusion_is_a_one_line_error_with_exit_code_2() {
     require_root();
