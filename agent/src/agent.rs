@@ -247,11 +247,11 @@ impl AgentState {
         let exe = match exe.map_or_else(|| self.proc.exe_link(target.pid), Ok) {
             Ok(exe) => exe,
             Err(e) => {
-                // Seen once in CI among 50 servers started at once: most likely a server that
-                // exited as it was found (a second one on a port already taken), whose link
-                // cannot be read once it is a zombie. A live process whose link fails for a
-                // moment is retried at each rescan (`retry_unreadable_redis`), a dead one is
-                // dropped when its exit is seen.
+                // Seen in CI among 50 servers started at once: a server exiting as it was
+                // found (a second one on a port already taken), whose link goes as it exits,
+                // before it is a zombie (which discovery does not track). A live process whose
+                // link fails for a moment is retried at each rescan (`retry_unreadable_redis`);
+                // an exiting one is dropped when its exit is seen.
                 target.exe_unreadable = true;
                 target.unavailable = Some(format!(
                     "its executable link cannot be read ({e}); retried at each rescan"
