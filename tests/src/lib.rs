@@ -74,6 +74,21 @@ pub fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// The command of a scratch redis-server on loopback port `port`: in the foreground, no
+/// persistence, its working directory `dir` (if given), its output discarded.
+pub fn redis_server_command(binary: &Path, port: u16, dir: Option<&Path>) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(dir) = dir {
+        command.arg("--dir").arg(dir);
+    }
+    command
+}
+
 /// A child process that is terminated (SIGTERM, then SIGKILL) and reaped on drop.
 pub struct Proc {
     pub child: Child,
@@ -391,23 +406,10 @@ impl Redis {
     pub fn start_build(build: RedisBuild, extra: &[&str]) -> Self {
         let binary = build.binary();
         let port = free_port();
-        let child = Command::new(&binary)
+        // No `--dir`: these servers never write a file.
+        let child = redis_server_command(&binary, port, None)
             .arg0(build.process_name())
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
             .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {build} ({}): {e}", binary.display()));
         let redis = Redis {

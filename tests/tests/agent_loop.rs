@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -13,7 +12,7 @@ use std::{
 };
 
 use integration_tests::{
-    free_port, http_get, poll_until, require_root,
+    free_port, http_get, poll_until, redis_server_command, require_root,
     resp::{Conn, Reply},
     wait_for, Agent, Proc, RedisBuild,
 };
@@ -243,13 +242,7 @@ fn a_redis_restarted_on_the_same_binary_finds_its_probes_in_place() {
 }
 
 fn start_redis_on(binary: &std::path::Path, dir: &std::path::Path, port: u16) -> (Proc, u16) {
-    let child = Command::new(binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = redis_server_command(binary, port, Some(dir))
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
     (

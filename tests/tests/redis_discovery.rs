@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    free_port, require_root,
+    free_port, redis_server_command, require_root,
     resp::{Conn, Reply},
     wait_for, Agent, Proc, Redis,
 };
@@ -106,13 +106,7 @@ fn versioned_copy(dir: &Path) -> PathBuf {
 /// Starts `binary` as a Redis on a free loopback port, waiting until it answers.
 fn start_redis_binary(binary: &Path, dir: &Path) -> (Proc, u16) {
     let port = free_port();
-    let child = Command::new(binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = redis_server_command(binary, port, Some(dir))
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
     let proc = Proc {
@@ -451,13 +445,7 @@ fn a_redis_exclusion_rule_keeps_a_server_untracked() {
 /// `redis-server` link, so that the zombie's name is `redis-server` (as the file's own name,
 /// `redis-check-rdb`, it would pass for the checker).
 fn start_zombie_redis(port: u16, dir: &Path) -> Proc {
-    let child = Command::new("/usr/bin/redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = redis_server_command(Path::new("/usr/bin/redis-server"), port, Some(dir))
         .spawn()
         .unwrap();
     let pid = child.id();

@@ -617,21 +617,7 @@ fn burst(
     let mut servers = Vec::new();
     for _ in 0..n {
         let port = free_port();
-        let child = std::process::Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+        let child = integration_tests::redis_server_command(binary, port, Some(dir))
             .spawn()
             .context("start a burst Redis")?;
         servers.push(child);
