@@ -178,6 +178,11 @@ fn start_with(build: RedisBuild, extra: &[&str]) -> (Redis, Agent, String) {
     let redis = Redis::start_build(build, extra);
     let agent = Agent::start(&[]);
     let pid = redis.pid().to_string();
+    wait_for_probes(&agent, &pid);
+    (redis, agent, pid)
+}
+
+fn wait_for_probes(agent: &Agent, pid: &str) {
     wait_for(
         "the Redis probes to be attached",
         Duration::from_secs(10),
@@ -185,14 +190,13 @@ fn start_with(build: RedisBuild, extra: &[&str]) -> (Redis, Agent, String) {
             let s = agent.scrape();
             (s.find(
                 "fanout_probe_points",
-                &[("process_pid", &pid), ("probe", "blockForKeys")],
+                &[("process_pid", pid), ("probe", "blockForKeys")],
             )
             .count()
                 == 1)
                 .then_some(())
         },
     );
-    (redis, agent, pid)
 }
 
 fn fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly(build: RedisBuild) {
@@ -429,6 +433,47 @@ fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
         busy_per_call < 1.5 * quiet_per_call,
         "{busy_per_call:.6} s per call beside the busy loop against {quiet_per_call:.6} s alone \
          ({switched_out} phases switched out)"
+    );
+}
+
+/// On a kernel that keeps no per-task counters (or whose BTF does not say where), the probes
+/// cannot tell a phase that was switched out: every phase is timed by the clock and counted
+/// as such, and the bookkeeping time is still exported.
+#[test]
+fn without_the_kernels_task_counters_every_phase_is_timed_by_the_clock() {
+    require_root();
+    let redis = Redis::start_build(RedisBuild::V7_0, &[]);
+    let agent = Agent::start_with_env(&[], &[("FANOUT_KERNEL_COUNTERS", "absent")]);
+    let pid = redis.pid().to_string();
+    wait_for_probes(&agent, &pid);
+    let mut conn = Conn::connect(redis.port).unwrap();
+    let five = keys("clock", 5);
+    for _ in 0..10 {
+        let args = brpop(&five, "0.01");
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(conn.call(&refs).unwrap().is_nil());
+    }
+    let s = wait_for("10 unregister phases", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (phases(&s, &pid, "unregister", None) == 10.0).then_some(s)
+    });
+    for phase in ["register", "unregister"] {
+        assert_eq!(phases(&s, &pid, phase, Some("wall_clock")), 10.0, "{phase}");
+        assert_eq!(phases(&s, &pid, phase, None), 10.0, "{phase}");
+    }
+    let time = s.sum(
+        "redis_blocking_cpu_time_seconds_total",
+        &[("process_pid", &pid)],
+    );
+    assert!(
+        time > 0.0 && time < 0.01,
+        "bookkeeping of 20 phases: {time} s"
+    );
+    // The scheduler programs fell back to the clock as well.
+    let log = agent.log();
+    assert!(
+        log.contains("timing threads with sched_switch and sched_wakeup instead"),
+        "{log}"
     );
 }
 
