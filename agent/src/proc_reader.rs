@@ -208,8 +208,8 @@ impl ProcRoot {
         let cmdline = match process.cmdline() {
             Ok(args) => args,
             Err(e) => match ReadError::from_proc(pid, "cmdline", e) {
-                gone @ (ReadError::Vanished(_) | ReadError::Exited(_)) => return Err(gone),
                 ReadError::Failed { .. } => Vec::new(),
+                vanished => return Err(vanished),
             },
         };
         let exe = process.exe().ok();
