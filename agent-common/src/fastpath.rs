@@ -103,6 +103,11 @@ pub struct RepeatTemplate {
     /// [`crate::args_hash`] of the buffer, for a call whose keys may come in another order
     /// (`keys_then_timeout`); 0 otherwise.
     pub args: u64,
+    /// 1 once a repeat listed the keys in another order (Sidekiq with weighted queues shuffles
+    /// them before every fetch): the bytes will not repeat, so repeats are checked by `args`
+    /// alone, without hashing the bytes first.
+    pub order_varies: u32,
+    pub _pad: u32,
 }
 
 /// Bytes of a buffer looked at by [`quick_reply`] and [`quick_request`].

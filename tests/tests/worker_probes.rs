@@ -259,6 +259,113 @@ fn a_weighted_fleet_that_shuffles_its_queues_sends_each_key_list_once() {
     );
 }
 
+/// A connection whose calls list their keys in a new order each time is checked by the
+/// order-free hash of its arguments alone (its bytes no longer hashed first). When it moves to
+/// other keys, as many and of the same lengths (the same bytes in all, a repeat by length),
+/// the new list is still told apart: sent to the agent, and its pops served by its own key.
+#[test]
+fn a_shuffling_connection_that_moves_to_keys_of_the_same_lengths_is_followed_on_them() {
+    require_root();
+    const KEYS_PER_CALL: usize = 12;
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "shuffler:cmdline=fanout-shuffling-client",
+        "--export-key-names",
+    ]);
+    // Each call is served at once by the one key holding jobs: `first:q07`, then `other:q07`.
+    for (key, jobs) in [("first:q07", 6), ("other:q07", 4)] {
+        for _ in 0..jobs {
+            redis.command(&["RPUSH", key, "job"]);
+        }
+    }
+    let script = r#"
+import random, socket, sys, time
+port, keys = int(sys.argv[1]), int(sys.argv[2])
+def enc(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+time.sleep(0.5)
+s = socket.create_connection(("127.0.0.1", port))
+random.seed(7)
+for prefix, pops in (("first", 6), ("other", 4)):
+    names = ["%s:q%02d" % (prefix, i) for i in range(keys)]
+    for _ in range(pops):
+        random.shuffle(names)
+        s.sendall(enc("BRPOP", *names, "1"))
+        data = b""
+        while data.count(b"\r\n") < 5:
+            data += s.recv(4096)
+        assert data.startswith(b"*2\r\n$9\r\n%s:q07" % prefix.encode()), data
+print("done", flush=True)
+time.sleep(30)
+"#;
+    let child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &redis.port.to_string(),
+            &KEYS_PER_CALL.to_string(),
+            "fanout-shuffling-client",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut proc = Proc {
+        child,
+        name: "shuffling-client".into(),
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proc.child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "done");
+    let g = [("process_group", "shuffler")];
+    // Key lists reach the agent as events, pops through the kernel's histograms: both counted.
+    let s = wait_for("10 pops and two key lists", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &g) == 10.0
+            && s.sum("fanout_worker_key_lists_total", &[]) >= 2.0)
+            .then_some(s)
+    });
+    assert_eq!(
+        s.sum(
+            &format!("{DURATION}_count"),
+            &[("process_group", "shuffler"), ("outcome", "served")]
+        ),
+        10.0
+    );
+    assert_eq!(
+        s.sum(&format!("{KEYS}_sum"), &g),
+        10.0 * KEYS_PER_CALL as f64
+    );
+    assert_eq!(
+        s.sum("fanout_worker_key_lists_total", &[]),
+        2.0,
+        "one key list per list the connection used"
+    );
+    for (key, pops) in [("first:q07", 6.0), ("other:q07", 4.0)] {
+        assert_eq!(
+            s.sum(
+                "worker_blocking_pop_served_total",
+                &[("process_group", "shuffler"), ("redis_key", key)]
+            ),
+            pops,
+            "pops served by {key}"
+        );
+    }
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0
+    );
+    proc.stop();
+}
+
 #[test]
 fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
     require_root();
