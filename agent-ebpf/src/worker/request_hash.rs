@@ -2,7 +2,7 @@
 //! tells a repeat of a connection's last blocking call from any other write.
 
 use super::{quick::read_user_prefix, MapOpaque};
-use agent_common::args_hash::{ArgsHash, ChunkStep};
+use agent_common::args_hash::{ArgsHash, ChunkStep, ARGS_CHUNK, ARGS_WORDS};
 use agent_common::fastpath::{self, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES};
 use aya_ebpf::helpers::generated::bpf_loop;
 use aya_ebpf::macros::map;
@@ -113,12 +113,17 @@ pub(super) struct ArgsHashState {
 #[map]
 pub(super) static ARGS_STATE: PerCpuArray<ArgsHashState> = PerCpuArray::with_max_entries(1, 0);
 
+/// The chunk of a request `args_hash` reads (larger than the byte hash's, see `ARGS_CHUNK`).
+#[map]
+pub(super) static ARGS_SCRATCH: PerCpuArray<[u64; ARGS_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Reads the arguments of the next chunk; returns 1 when done (or not taken).
 #[inline(always)]
 fn args_next_chunk() -> i64 {
     let (Some(state), Some(words), Some(opaque)) = (
         ARGS_STATE.get_ptr_mut(0),
-        HASH_SCRATCH.get_ptr_mut(0),
+        ARGS_SCRATCH.get_ptr_mut(0),
         MapOpaque::get(),
     ) else {
         return 1;
@@ -126,13 +131,12 @@ fn args_next_chunk() -> i64 {
     let state = unsafe { &mut *state };
     let left = state.len.saturating_sub(state.hash.pos);
     let Some(n) =
-        read_user_prefix::<HASH_CHUNK>(words.cast(), state.buf + state.hash.pos, left, &opaque)
+        read_user_prefix::<ARGS_CHUNK>(words.cast(), state.buf + state.hash.pos, left, &opaque)
     else {
         state.hash.failed = 1;
         return 1;
     };
-    let chunk = unsafe { &*(words as *const [u8; HASH_CHUNK]) };
-    match state.hash.chunk(chunk, n, state.len, &opaque) {
+    match state.hash.chunk(unsafe { &*words }, n, state.len, &opaque) {
         ChunkStep::More => 0,
         ChunkStep::Done | ChunkStep::Failed => 1,
     }
@@ -165,7 +169,7 @@ pub(super) fn args_hash(buf: u64, len: u64) -> u64 {
     // at least half a chunk a read, twice as many reads as whole chunks.
     unsafe {
         bpf_loop(
-            (2 * MAX_TEMPLATE_BYTES / HASH_CHUNK as u64 + 2) as u32,
+            (2 * MAX_TEMPLATE_BYTES / ARGS_CHUNK as u64 + 2) as u32,
             args_step as *mut c_void,
             core::ptr::null_mut(),
             0,
