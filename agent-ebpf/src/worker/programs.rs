@@ -7,7 +7,6 @@ use super::{
 };
 use crate::maps::tp_field;
 use agent_common::worker::{io_site, via};
-use aya_ebpf::helpers::bpf_probe_read_kernel;
 use aya_ebpf::helpers::generated::{
     bpf_get_attach_cookie, bpf_get_current_task_btf, bpf_task_pt_regs,
 };
@@ -142,11 +141,11 @@ pub fn worker_exit_read_regs(ctx: TracePointContext) -> u32 {
         // EAGAIN on a non-blocking socket, EINTR: nothing arrived.
         return 0;
     }
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let saved = |offset: u64| unsafe { bpf_probe_read_kernel((regs + offset) as *const u64) };
-    let (Ok(fd), Ok(buf)) = (saved(PT_REGS_RDI), saved(PT_REGS_RSI)) else {
-        return 0;
-    };
+    // A BTF pointer to `struct pt_regs`: the verifier checks each load against its fields (the
+    // offsets are constants) and lets it through as a plain load, without a helper call each.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let saved = |offset: u64| unsafe { core::ptr::read(regs.add(offset as usize) as *const u64) };
+    let (fd, buf) = (saved(PT_REGS_RDI), saved(PT_REGS_RSI));
     read_returned(tgid, fd, buf, ret as u64, syscall_site(&ctx, NR_READ));
     0
 }
