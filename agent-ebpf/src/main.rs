@@ -16,7 +16,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-// bpf_probe_read_kernel and the ring buffer helpers are GPL-only.
+// bpf_probe_read_user, bpf_get_current_task_btf and the ring buffer helpers are GPL-only.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
