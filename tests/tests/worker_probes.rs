@@ -26,6 +26,20 @@ fn group_rule(group: &str) -> String {
     format!("{group}:cmdline=sidekiq.*\\b{group}\\b")
 }
 
+/// The Python scripts' RESP encoder: `enc("BRPOP", "q", "1")` is the command's bytes.
+macro_rules! python_enc {
+    () => {
+        r#"
+def enc(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+"#
+    };
+}
+
 #[test]
 fn sidekiq_fleets_on_1_20_and_440_queues_fanout_outcomes_and_latency() {
     require_root();
@@ -279,16 +293,13 @@ fn a_shuffling_connection_that_moves_to_keys_of_the_same_lengths_is_followed_on_
             redis.command(&["RPUSH", key, "job"]);
         }
     }
-    let script = r#"
+    let script = concat!(
+        r#"
 import random, socket, sys, time
 port, keys = int(sys.argv[1]), int(sys.argv[2])
-def enc(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a.encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
-time.sleep(0.5)
+"#,
+        python_enc!(),
+        r#"time.sleep(0.5)
 s = socket.create_connection(("127.0.0.1", port))
 random.seed(7)
 for prefix, pops in (("first", 6), ("other", 4)):
@@ -302,7 +313,8 @@ for prefix, pops in (("first", 6), ("other", 4)):
         assert data.startswith(b"*2\r\n$9\r\n%s:q07" % prefix.encode()), data
 print("done", flush=True)
 time.sleep(30)
-"#;
+"#
+    );
     let child = Command::new("/usr/bin/python3")
         .args([
             "-c",
@@ -435,17 +447,14 @@ fn overlapping_queue_sets_are_reported_and_key_names_only_with_opt_in() {
 
 /// A raw-socket RESP client in Python (socket.sendall and recv: the sendto/recvfrom syscalls).
 /// The marker in its command line is what the agent's rule matches.
-const RAW_CLIENT: &str = r#"
+const RAW_CLIENT: &str = concat!(
+    r#"
 import socket, sys, time, select
 MARK = "fanout-raw-client"
 port = int(sys.argv[1])
-def enc(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a.encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
-def read_until(s, n):
+"#,
+    python_enc!(),
+    r#"def read_until(s, n):
     data = b""
     while data.count(b"\r\n") < n:
         chunk = s.recv(65536)
@@ -512,7 +521,8 @@ for i in range(20):
     assert read_until(m, 2) == b"$%d\r\n%s\r\n" % (len(job), job)
 m.close()
 print("done", flush=True)
-"#;
+"#
+);
 
 #[test]
 fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
