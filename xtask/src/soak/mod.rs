@@ -127,9 +127,10 @@ pub struct Outcome {
     pub prometheus_scrapes: u64,
     pub prometheus_failed_scrapes: u64,
     pub prometheus_slowest_scrape_s: f64,
-    /// The agent's own count of waits for its state lock above 200 ms, and the slowest
-    /// bucket reached.
+    /// The agent's own count of waits for its state lock above 200 ms, and by which of its
+    /// users (the lock's sites: scrape, rescan, an event handler...) where there were any.
     pub lock_waits_over_200ms: u64,
+    pub lock_waits_over_200ms_by_site: Vec<(String, u64)>,
     pub forked_jobs: u64,
     pub mid_pop_closes: u64,
     /// The burst: 50 Redis servers started at once, probed, then killed at once.
@@ -501,9 +502,9 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     );
     outcome.otlp_failures =
         scrape.sum("fanout_export_failures_total", &[("exporter", "otlp")]) as u64;
-    outcome.lock_waits_over_200ms = scrape
+    outcome.lock_waits_over_200ms_by_site = scrape
         .label_values("fanout_state_lock_wait_seconds_count", &[], "site")
-        .iter()
+        .into_iter()
         .map(|site| {
             let m = [("site", site.as_str())];
             let count = scrape.sum("fanout_state_lock_wait_seconds_count", &m);
@@ -511,8 +512,14 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
                 "fanout_state_lock_wait_seconds_bucket",
                 &[("site", site.as_str()), ("le", "0.2")],
             );
-            (count - within) as u64
+            (site, (count - within) as u64)
         })
+        .filter(|(_, over)| *over > 0)
+        .collect();
+    outcome.lock_waits_over_200ms = outcome
+        .lock_waits_over_200ms_by_site
+        .iter()
+        .map(|(_, over)| over)
         .sum();
     outcome.otlp_accepted = collector.accepted.load(Ordering::Relaxed);
     outcome.otlp_swallowed = collector.swallowed.load(Ordering::Relaxed);

@@ -208,7 +208,20 @@ pub fn checks(o: &Outcome, baseline: &Sample, last: &Sample) -> Vec<Check> {
     out.push(check(
         "no wait for the agent's state lock above 200 ms",
         o.lock_waits_over_200ms == 0,
-        format!("{} waits above 200 ms", o.lock_waits_over_200ms),
+        if o.lock_waits_over_200ms_by_site.is_empty() {
+            "0 waits above 200 ms".to_string()
+        } else {
+            let sites: Vec<String> = o
+                .lock_waits_over_200ms_by_site
+                .iter()
+                .map(|(site, over)| format!("{site}: {over}"))
+                .collect();
+            format!(
+                "{} waits above 200 ms ({})",
+                o.lock_waits_over_200ms,
+                sites.join(", ")
+            )
+        },
     ));
     out.push(check(
         "OTLP pushes reached the collector while it was up",
