@@ -69,6 +69,18 @@ pub enum ChunkStep {
     Failed,
 }
 
+/// A chunk's words as its bytes, in memory order (u8 has no alignment, and the sizes are
+/// equal).
+#[inline(always)]
+fn chunk_bytes(words: &[u64; ARGS_WORDS]) -> &[u8; ARGS_CHUNK] {
+    unsafe { &*(words as *const [u64; ARGS_WORDS] as *const [u8; ARGS_CHUNK]) }
+}
+
+/// [`chunk_bytes`], to fill a chunk (user space: [`args_hash_of`] and the tests).
+fn chunk_bytes_mut(words: &mut [u64; ARGS_WORDS]) -> &mut [u8; ARGS_CHUNK] {
+    unsafe { &mut *(words as *mut [u64; ARGS_WORDS] as *mut [u8; ARGS_CHUNK]) }
+}
+
 #[inline(always)]
 fn byte(chunk: &[u8; ARGS_CHUNK], i: u64) -> u8 {
     chunk[(i & MASK) as usize]
@@ -140,8 +152,7 @@ impl ArgsHash {
         len: u64,
         o: &O,
     ) -> ChunkStep {
-        // The same bytes, one at a time (u8 has no alignment, and the sizes are equal).
-        let chunk = unsafe { &*(words as *const [u64; ARGS_WORDS] as *const [u8; ARGS_CHUNK]) };
+        let chunk = chunk_bytes(words);
         let fail = |s: &mut Self| {
             s.failed = 1;
             ChunkStep::Failed
@@ -232,8 +243,7 @@ pub fn args_hash_of(bytes: &[u8]) -> Option<u64> {
     loop {
         // Garbage past the data, as a short read leaves it.
         let mut words = [0x5a5a_5a5a_5a5a_5a5a_u64; ARGS_WORDS];
-        let chunk =
-            unsafe { &mut *(&mut words as *mut [u64; ARGS_WORDS] as *mut [u8; ARGS_CHUNK]) };
+        let chunk = chunk_bytes_mut(&mut words);
         let from = state.pos as usize;
         let n = (bytes.len() - from).min(ARGS_CHUNK);
         chunk[..n].copy_from_slice(&bytes[from..from + n]);
@@ -276,8 +286,7 @@ mod tests {
     #[test]
     fn a_word_is_the_eight_bytes_at_its_offset_wrapping_in_the_chunk() {
         let mut words = [0u64; ARGS_WORDS];
-        let bytes =
-            unsafe { &mut *(&mut words as *mut [u64; ARGS_WORDS] as *mut [u8; ARGS_CHUNK]) };
+        let bytes = chunk_bytes_mut(&mut words);
         for (i, b) in bytes.iter_mut().enumerate() {
             *b = (i as u8).wrapping_mul(151).wrapping_add(7);
         }
