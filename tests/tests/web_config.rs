@@ -27,6 +27,9 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_refused()
     )
     .unwrap();
     let agent = Agent::start_unready(&["--web.config.file", web.to_str().unwrap()]);
+    // Prometheus's first verdict on each job is the one checked: an endpoint not open yet
+    // would be "down" for the right password too.
+    agent.wait_listening();
     let port = agent.port;
     let ca_pem = ca.cert_pem();
     let prometheus = Prometheus::start(|prom_dir| {
