@@ -617,9 +617,15 @@ impl Agent {
     /// (TLS included): it opens once the probes are loaded, seconds after the start on a slow
     /// host.
     pub fn wait_listening(&self) {
-        wait_for("the agent's endpoint listening", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", self.port)).ok().map(|_| ())
-        });
+        wait_for(
+            "the agent's endpoint listening",
+            Duration::from_secs(20),
+            || {
+                TcpStream::connect(("127.0.0.1", self.port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
     }
 
     pub fn start_wrapped(
