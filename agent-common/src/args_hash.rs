@@ -18,8 +18,8 @@
 use crate::fastpath::mix;
 use crate::resp::{command, Opaque};
 
-/// Bytes read at once (one `bpf_probe_read_user` in the probes): twice the byte hash's chunk,
-/// so half as many reads for a long key list.
+/// Bytes read at once (one `bpf_probe_read_user` in the probes), as many as the byte hash's
+/// chunk: half as many reads for a long key list as the 256 of before.
 pub const ARGS_CHUNK: usize = 512;
 /// Words of a chunk.
 pub const ARGS_WORDS: usize = ARGS_CHUNK / 8;
