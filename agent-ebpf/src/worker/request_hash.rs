@@ -3,7 +3,7 @@
 
 use super::{quick::read_user_prefix, MapOpaque};
 use agent_common::args_hash::{ArgsHash, ChunkStep, ARGS_CHUNK, ARGS_WORDS};
-use agent_common::fastpath::{self, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES};
+use agent_common::fastpath::{ByteHash, HASH_CHUNK, HASH_WORDS, MAX_TEMPLATE_BYTES};
 use aya_ebpf::helpers::generated::bpf_loop;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::PerCpuArray;
@@ -21,7 +21,7 @@ pub(super) struct HashState {
     buf: u64,
     len: u64,
     pos: u64,
-    hash: u64,
+    hash: ByteHash,
     failed: u64,
 }
 
@@ -53,7 +53,7 @@ pub(super) fn hash_next_chunk() -> i64 {
         state.failed = 1;
         return 1;
     };
-    state.hash = fastpath::hash_chunk(state.hash, words, n);
+    state.hash.chunk(words, n);
     state.pos += n;
     (state.pos >= state.len) as i64
 }
@@ -62,10 +62,10 @@ pub(super) extern "C" fn hash_step(_index: u32, _args: *mut c_void) -> i64 {
     hash_next_chunk()
 }
 
-/// `fastpath`'s hash of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`), with
-/// its low bit set; 0 when it could not be read. A plain number: an `Option`'s `None` left a
-/// register the verifier refused to read uninitialised once a second hash was compared next
-/// to it.
+/// `fastpath::ByteHash` of a request buffer of `len` bytes (at most `MAX_TEMPLATE_BYTES`),
+/// with its low bit set; 0 when it could not be read. A plain number: an `Option`'s `None`
+/// left a register the verifier refused to read uninitialised once a second hash was compared
+/// next to it.
 #[inline(never)]
 pub(super) fn request_hash(buf: u64, len: u64) -> u64 {
     if len == 0 || len > MAX_TEMPLATE_BYTES {
@@ -79,7 +79,7 @@ pub(super) fn request_hash(buf: u64, len: u64) -> u64 {
             buf,
             len,
             pos: 0,
-            hash: fastpath::hash_start(len),
+            hash: ByteHash::start(len),
             failed: 0,
         }
     };
@@ -96,7 +96,7 @@ pub(super) fn request_hash(buf: u64, len: u64) -> u64 {
     }
     let state = unsafe { &*state };
     if state.failed == 0 && state.pos == len {
-        state.hash | 1
+        state.hash.value()
     } else {
         0
     }
