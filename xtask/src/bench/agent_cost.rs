@@ -187,19 +187,22 @@ pub enum JobKind {
     /// Five plain commands each (`integration_tests::REDIS_WORK_JOB_COMMANDS`), on the
     /// connections that also fetch: what following a job's own Redis traffic costs.
     RedisWork,
-    /// Nothing, with the fleet on [`WEIGHTED_QUEUES`] weighted queues, as GitLab runs
-    /// Sidekiq: a weight turns strict order off, so every fetch lists them all, shuffled (the
-    /// jobs wait in one of them, the others stay empty).
+    /// Nothing, with the fleet on [`MANY_QUEUES`] weighted queues, as GitLab runs Sidekiq: a
+    /// weight turns strict order off, so every fetch lists them all, shuffled (the jobs wait
+    /// in one of them, the others stay empty).
     NoopWeightedQueues,
+    /// Nothing, with the fleet on [`MANY_QUEUES`] queues without weights: Sidekiq's default
+    /// strict order, so every fetch is the same 20 KiB BRPOP (the jobs wait in the first).
+    NoopStrictQueues,
 }
 
-/// How many queues the weighted fleet listens to: the mission's GitLab-scale fetch.
-pub const WEIGHTED_QUEUES: usize = 440;
+/// How many queues the many-queue fleets listen to: the mission's GitLab-scale fetch.
+pub const MANY_QUEUES: usize = 440;
 
 impl JobKind {
     fn class(self) -> &'static str {
         match self {
-            Self::Noop | Self::NoopWeightedQueues => "NoopJob",
+            Self::Noop | Self::NoopWeightedQueues | Self::NoopStrictQueues => "NoopJob",
             Self::RedisWork => "RedisWorkJob",
         }
     }
@@ -209,7 +212,10 @@ impl JobKind {
         match self {
             Self::Noop | Self::RedisWork => vec!["bench".into()],
             Self::NoopWeightedQueues => std::iter::once("bench,1".to_string())
-                .chain((1..WEIGHTED_QUEUES).map(|i| format!("empty{i},1")))
+                .chain((1..MANY_QUEUES).map(|i| format!("empty{i},1")))
+                .collect(),
+            Self::NoopStrictQueues => std::iter::once("bench".to_string())
+                .chain((1..MANY_QUEUES).map(|i| format!("empty{i}")))
                 .collect(),
         }
     }

@@ -253,6 +253,9 @@ pub struct Results {
     /// One bpf_stats run of no-op jobs with the fleet on weighted queues (GitLab's shape),
     /// per `WORK_JOB_VARIANTS`.
     pub sidekiq_weighted_stats: Vec<(SidekiqVariant, SidekiqRun)>,
+    /// The same with the fleet on as many queues in strict order (no weights), per
+    /// `WORK_JOB_VARIANTS`.
+    pub sidekiq_strict_stats: Vec<(SidekiqVariant, SidekiqRun)>,
     pub costs: Vec<agent_cost::CostSample>,
     pub attach: (f64, f64),
     pub untracked: Vec<untracked::UntrackedSample>,
@@ -437,7 +440,8 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     let log = |what: &str| eprintln!("[bench] {what}");
     let work = default_mode_stats(&bin, jobs, JobKind::RedisWork, &log)?;
     let weighted = default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
-    for (variant, run) in stats.iter().chain(&work).chain(&weighted) {
+    let strict = default_mode_stats(&bin, jobs, JobKind::NoopStrictQueues, &log)?;
+    for (variant, run) in stats.iter().chain(&work).chain(&weighted).chain(&strict) {
         let Some(s) = &run.stats else { continue };
         println!(
             "{variant:?}, {:?} jobs: worker-side programs {:.3} us per job, all programs {:.3} us per job, {:.2} commands per job",
@@ -502,8 +506,9 @@ pub const WORK_JOB_VARIANTS: [SidekiqVariant; 2] = [
 
 /// One bpf_stats drain of `kind` jobs per variant of `WORK_JOB_VARIANTS`: jobs that send
 /// plain commands (`JobKind::RedisWork`: with the no-op drains, what each further command
-/// costs) or a fleet on weighted queues (`JobKind::NoopWeightedQueues`: each fetch lists them
-/// all in a new order, which the repeat shortcut of a fixed fetch cannot take).
+/// costs) or a fleet on many queues (`JobKind::NoopWeightedQueues`: each fetch lists them all
+/// in a new order, which the repeat shortcut of a fixed fetch cannot take;
+/// `JobKind::NoopStrictQueues`: each fetch repeats the same long list).
 fn default_mode_stats(
     bin: &Path,
     jobs: u64,
@@ -662,6 +667,7 @@ pub fn run(quick: bool) -> Result<()> {
     let sidekiq_work_stats = default_mode_stats(&bin, jobs, JobKind::RedisWork, &log)?;
     let sidekiq_weighted_stats =
         default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
+    let sidekiq_strict_stats = default_mode_stats(&bin, jobs, JobKind::NoopStrictQueues, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
     let costs = vec![
@@ -710,6 +716,7 @@ pub fn run(quick: bool) -> Result<()> {
         sidekiq_stats,
         sidekiq_work_stats,
         sidekiq_weighted_stats,
+        sidekiq_strict_stats,
         costs,
         attach,
         untracked,
