@@ -107,6 +107,29 @@ pub fn parse(log: &str) -> LogEvents {
     events
 }
 
+/// The processes the agent's log says it tracks at its end: each pid whose last "tracking
+/// process" line has no "process gone" line after it, with that line's fields after the pid
+/// (group, executable, comm).
+pub fn tracked_at_end(log: &str) -> BTreeMap<u32, String> {
+    let mut tracked = BTreeMap::new();
+    for line in log.lines() {
+        let Some(pid) = pid_field(line) else {
+            continue;
+        };
+        if line.contains(" tracking process pid=") {
+            let fields = line[line.find(" pid=").unwrap_or(0)..]
+                .split_whitespace()
+                .filter(|f| ["group=", "exe=", "comm="].iter().any(|k| f.starts_with(k)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            tracked.insert(pid, fields);
+        } else if line.contains(" process gone;") {
+            tracked.remove(&pid);
+        }
+    }
+    tracked
+}
+
 /// How the agent follows worker `pid`, from its log: "uprobes", "tracepoints", "not followed"
 /// or "unknown".
 pub fn followed_via(log: &str, pid: u32) -> &'static str {
@@ -157,5 +180,20 @@ mod tests {
                    2026-11-29T21:03:59.100000Z  INFO fanout::ebpf::worker: sys_enter_write detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it workers=1\n";
         let after = write_probe_out_after(log, 9).unwrap();
         assert!((after - 2.0).abs() < 1e-6, "{after}");
+    }
+
+    #[test]
+    fn processes_tracked_at_the_end_are_those_not_gone_since() {
+        let log = "2026-11-29T21:03:57.0Z  INFO fanout::agent: tracking process pid=10 group=\"redis\" exe=\"redis-server\" comm=redis-server threads=5 probes=\"sched\"\n\
+                   2026-11-29T21:03:57.1Z  INFO fanout::agent: tracking process pid=11 group=\"w\" exe=\"python3\" comm=python3 threads=1 probes=\"sched\"\n\
+                   2026-11-29T21:03:57.2Z  INFO fanout::agent: process gone; its series are dropped pid=11 group=\"w\"\n\
+                   2026-11-29T21:03:57.3Z  INFO fanout::agent: process gone; its series are dropped pid=10 group=\"redis\"\n\
+                   2026-11-29T21:03:57.4Z  INFO fanout::agent: tracking process pid=10 group=\"redis\" exe=\"redis-server\" comm=redis-server threads=4 probes=\"sched\"\n";
+        let at_end = tracked_at_end(log);
+        assert_eq!(at_end.len(), 1, "{at_end:?}");
+        assert_eq!(
+            at_end[&10],
+            "group=\"redis\" exe=\"redis-server\" comm=redis-server"
+        );
     }
 }

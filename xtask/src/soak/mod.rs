@@ -130,6 +130,10 @@ pub struct Outcome {
     /// The agent's own count of waits for its state lock above 200 ms, by which of its users
     /// waited (the lock's sites: scrape, rescan, an event handler...); only sites that did.
     pub lock_waits_over_200ms_by_site: Vec<(String, u64)>,
+    /// The processes the agent's log says it tracks at the end, each as "pid fields (state)"
+    /// with its state in /proc then ("gone" if it has none): what a map above its baseline
+    /// at the end holds.
+    pub tracked_at_end: Vec<String>,
     pub forked_jobs: u64,
     pub mid_pop_closes: u64,
     /// The burst: 50 Redis servers started at once, probed, then killed at once.
@@ -519,7 +523,12 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     outcome.otlp_swallowed = collector.swallowed.load(Ordering::Relaxed);
 
     // Worker pick-up, from the agent's log.
-    let events = agent_log::parse(&agent.log());
+    let log = agent.log();
+    outcome.tracked_at_end = agent_log::tracked_at_end(&log)
+        .into_iter()
+        .map(|(pid, fields)| format!("{pid} {fields} ({})", process_state(pid)))
+        .collect();
+    let events = agent_log::parse(&log);
     for (pid, spawned) in fleet_spawns {
         if let Some(f) = outcome.fleets.iter_mut().find(|f| f.pid == pid) {
             let e = events.pids.get(&pid);
@@ -553,6 +562,18 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     drop(restartable);
     outcome.checks = report::checks(&outcome, &baseline, &last);
     Ok(outcome)
+}
+
+/// A process's state letter from /proc (`R`, `S`, `Z`...), or "gone".
+fn process_state(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // After the command name's closing parenthesis (the name may hold spaces).
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .unwrap_or_else(|| "gone".into())
 }
 
 /// The plain and blocking clients on every server, stopped and started as a whole.

@@ -115,7 +115,13 @@ pub fn checks(o: &Outcome, baseline: &Sample, last: &Sample) -> Vec<Check> {
                 last.thread_groups
             )
         } else {
-            grown.join(", ")
+            // What the agent tracks then, to tell a process that outlived the churn from an
+            // entry left for one that is gone.
+            format!(
+                "{}; tracked at the end per the agent's log: {}",
+                grown.join(", "),
+                o.tracked_at_end.join(", ")
+            )
         },
     ));
     let full: Vec<String> = o
