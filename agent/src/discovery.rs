@@ -208,6 +208,26 @@ impl Discovery {
         (changes, errors)
     }
 
+    /// Whether `change` still says what discovery holds: an `Added` process is still tracked
+    /// (the same one), a `Removed` one is not. The rescan's changes are applied one at a time
+    /// after the scan, each under the agent's lock in turn, and an exit or exec event may be
+    /// handled in between: a process that exited meanwhile was already dropped (by
+    /// [`Discovery::forget`], whose `Removed` went first), and setting it up now would leave
+    /// its kernel filter entries with nothing left to remove them; one re-added meanwhile (by
+    /// [`Discovery::check`]) must not be torn down by the scan's older `Removed`.
+    pub fn still_holds(&self, change: &Change) -> bool {
+        match change {
+            Change::Added(p) => self
+                .tracked
+                .get(&p.pid())
+                .is_some_and(|t| t.info.id == p.info.id && t.class == p.class),
+            Change::Removed(p) => self
+                .tracked
+                .get(&p.pid())
+                .is_none_or(|t| t.info.id != p.info.id || t.class != p.class),
+        }
+    }
+
     /// Whether a process with this pid is tracked.
     pub fn is_tracked(&self, pid: u32) -> bool {
         self.tracked.contains_key(&pid)
@@ -355,5 +375,27 @@ mod tests {
         assert_eq!(errors.vanished, 1);
         assert!(matches!(d.forget(100), Some(Change::Removed(p)) if p.pid() == 100));
         assert!(d.forget(100).is_none());
+    }
+
+    /// A rescan's changes are applied after it, one at a time; an exit or a check handled in
+    /// between makes some of them stale, and those are not applied.
+    #[test]
+    fn rescan_changes_overtaken_by_an_exit_or_a_check_are_stale() {
+        let mut d = discovery();
+        let (changes, _) = d.rescan().unwrap();
+        let added = changes
+            .iter()
+            .find(|c| matches!(c, Change::Added(p) if p.pid() == 100))
+            .unwrap()
+            .clone();
+        assert!(d.still_holds(&added));
+        // The process exits before the scan's Added is applied: its exit was handled first.
+        let removed = d.forget(100).unwrap();
+        assert!(d.still_holds(&removed));
+        assert!(!d.still_holds(&added));
+        // Seen again by a check (an exec event): the scan's older Removed is stale.
+        assert!(matches!(d.check(100).0.as_slice(), [Change::Added(_)]));
+        assert!(!d.still_holds(&removed));
+        assert!(d.still_holds(&added));
     }
 }

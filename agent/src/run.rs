@@ -197,8 +197,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                 };
                 // One change at a time: a scrape waits for at most one process's set-up.
+                // Lifecycle events are handled in between, so each change is applied only if
+                // discovery still holds it (`still_holds`).
                 for change in changes {
-                    shared.lock("rescan_apply").apply(vec![change]);
+                    let mut state = shared.lock("rescan_apply");
+                    if state.discovery.still_holds(&change) {
+                        state.apply(vec![change]);
+                    }
                 }
                 // Give freed heap pages back to the kernel (a burst of processes or scrapes
                 // otherwise stays in the agent's RSS). Milliseconds at most, every rescan.
