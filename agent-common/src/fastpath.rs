@@ -744,10 +744,12 @@ mod tests {
         let mut c = a.clone();
         c.push(0);
         assert_ne!(hash_bytes(&a), hash_bytes(&c));
-        // Across chunks.
-        let long: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        // Across chunks: a byte of the second one.
+        let long: Vec<u8> = (0..2 * HASH_CHUNK as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut long2 = long.clone();
-        long2[700] ^= 0x80;
+        long2[HASH_CHUNK + 700] ^= 0x80;
         assert_ne!(hash_bytes(&long), hash_bytes(&long2));
     }
 
@@ -774,11 +776,12 @@ mod tests {
         }
     }
 
-    /// Any one byte changed, any two words swapped (a queue list in another order), and a
-    /// byte moved across a chunk's end: another hash.
+    /// Any one byte changed, in the first chunk or the second, and any of these word swaps (a
+    /// queue list in another order), one of them across the chunks: another hash.
     #[test]
     fn hash_sees_every_byte_and_the_order_of_words() {
-        let list: Vec<u8> = (0..1100u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let len = HASH_CHUNK as u32 + 100;
+        let list: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
         let base = hash_bytes(&list);
         for at in 0..list.len() {
             for flip in [0x01, 0x20, 0x40, 0x80] {
