@@ -526,7 +526,10 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     let log = agent.log();
     outcome.tracked_at_end = agent_log::tracked_at_end(&log)
         .into_iter()
-        .map(|(pid, fields)| format!("{pid} {fields} ({})", process_state(pid)))
+        .map(|(pid, fields)| {
+            let state = servers::process_state(pid).map_or("gone".into(), String::from);
+            format!("{pid} {fields} ({state})")
+        })
         .collect();
     let events = agent_log::parse(&log);
     for (pid, spawned) in fleet_spawns {
@@ -562,18 +565,6 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     drop(restartable);
     outcome.checks = report::checks(&outcome, &baseline, &last);
     Ok(outcome)
-}
-
-/// A process's state letter from /proc (`R`, `S`, `Z`...), or "gone".
-fn process_state(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // After the command name's closing parenthesis (the name may hold spaces).
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(str::to_string)
-        })
-        .unwrap_or_else(|| "gone".into())
 }
 
 /// The plain and blocking clients on every server, stopped and started as a whole.

@@ -34,10 +34,15 @@ fn ping(port: u16) -> bool {
         .is_ok_and(|r| matches!(r, Reply::Simple(ref s) if s == "PONG"))
 }
 
+/// A process's state letter in /proc (`R`, `S`, `Z`...), `None` when its stat cannot be read.
+pub(super) fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name's closing parenthesis (the name may hold spaces).
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    Path::new(&format!("/proc/{pid}")).exists() && process_state(pid) != Some('Z')
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Option<u32>) -> Result<u32> {
