@@ -358,6 +358,10 @@ pub fn quick_reply<O: Opaque>(
             break;
         }
         let (len, body) = bulk_header(w, pos, avail, o)?;
+        // Longer than Redis allows: the tokenizer calls it invalid, and so must this.
+        if len > MAX_BULK as u64 {
+            return None;
+        }
         if i == 0 {
             first_start = body;
             first_len = len;
@@ -532,6 +536,20 @@ mod tests {
         // Malformed lengths.
         assert_eq!(quick(b"*2\r\n$x\r\nab\r\n"), None);
         assert_eq!(quick(b"*2\n$1\r\na\r\n$1\r\nb\r\n"), None);
+    }
+
+    /// A bulk longer than Redis allows (512 MiB) is the tokenizer's, which calls it invalid:
+    /// the shortcut must not count it as a reply, even when the read holds all of it.
+    #[test]
+    fn a_bulk_longer_than_redis_allows_is_not_quick() {
+        for len in [MAX_BULK as u64, MAX_BULK as u64 + 1] {
+            let header = format!("*2\r\n$1\r\nq\r\n${len}\r\n");
+            let mut w = [0u8; QUICK_WINDOW];
+            w[..header.len()].copy_from_slice(header.as_bytes());
+            let total = header.len() as u64 + len + 2;
+            let answer = quick_reply(&w, header.len() as u64, total, &Transparent);
+            assert_eq!(answer.is_some(), len <= MAX_BULK as u64, "{len}");
+        }
     }
 
     #[test]
