@@ -13,6 +13,7 @@ use std::{
 use agent_common::sched::ProbeCounter;
 
 use crate::{
+    applied::{Applied, Step},
     collect::log2_to_seconds,
     discovery::{Change, Discovery, ScanErrors, TrackedProcess},
     ebpf::{
@@ -50,6 +51,8 @@ impl SelfStats {
 pub struct AgentState {
     pub proc: ProcRoot,
     pub discovery: Discovery,
+    /// What is set up for each tracked process; discovery's changes are carried out against it.
+    applied: Applied,
     cpu: HashMap<u32, ProcessCpu>,
     pub probes: Option<Probes>,
     /// Tracked Redis servers and their blocking probes.
@@ -91,6 +94,7 @@ impl AgentState {
         Self {
             proc,
             discovery,
+            applied: Applied::default(),
             cpu: HashMap::new(),
             probes,
             redis: HashMap::new(),
@@ -105,8 +109,23 @@ impl AgentState {
         }
     }
 
-    /// Follows discovery changes: the kernel filter, the CPU state, and a log line each.
+    /// Follows discovery changes: the kernel filter, the CPU state, and a log line each. Each
+    /// change is carried out against what is set up at its pid ([`Applied::steps_for`]): one
+    /// applied late (a rescan's, after an event changed the same pid) neither sets a process up
+    /// twice nor tears down another one.
     pub fn apply(&mut self, changes: Vec<Change>) {
+        let steps = changes
+            .into_iter()
+            .flat_map(|change| self.applied.steps_for(change))
+            .collect();
+        self.carry_out(steps);
+    }
+
+    /// Sets processes up (the kernel filter, the CPU state, their probes) or tears them down.
+    fn carry_out(&mut self, steps: Vec<Step>) {
+        if steps.is_empty() {
+            return;
+        }
         // Before any worker of this batch is followed: whether a Redis runs here decides how.
         let redis_on_node = self
             .discovery
@@ -120,94 +139,131 @@ impl AgentState {
                     crate::ebpf::worker::uprobe_target(proc, pid)
                 });
         }
-        for change in changes {
-            match change {
-                Change::Added(p) => {
-                    let pid = p.pid();
-                    let tids: Vec<u32> = match self.proc.thread_samples(pid) {
-                        Ok((samples, _)) => samples.iter().map(|s| s.tid).collect(),
-                        Err(_) => vec![pid],
-                    };
-                    let probes = match self.probes.as_mut() {
-                        Some(probes) => {
-                            let proc = &self.proc;
-                            match probes.sched.track(
-                                pid,
-                                p.info.id.start_time_ticks,
-                                &tids,
-                                |tid| proc.thread_counters(pid, tid),
-                            ) {
-                                Ok(()) => "sched",
-                                Err(e) => {
-                                    tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
-                                    "none"
-                                }
-                            }
-                        }
-                        None => "none",
-                    };
-                    tracing::info!(
-                        pid,
-                        group = p.group(),
-                        exe = p.executable_name(),
-                        comm = %p.info.comm,
-                        threads = tids.len(),
-                        probes,
-                        "tracking process"
-                    );
-                    self.cpu.insert(pid, ProcessCpu::default());
-                    match &p.class {
-                        Classification::RedisServer => self.start_redis_probes(&p),
-                        Classification::Worker { .. } => {
-                            if let Some(probes) = self.probes.as_mut() {
-                                let proc = &self.proc;
-                                match probes.worker.track(
-                                    &mut probes.ebpf,
-                                    pid,
-                                    || crate::ebpf::worker::uprobe_target(proc, pid),
-                                    || proc.socket_peers(pid),
-                                ) {
-                                    Ok(()) => {}
-                                    Err(crate::ebpf::ProbeError::Disabled(why)) => {
-                                        tracing::debug!(pid, "{why}")
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics")
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                Change::Removed(p) => {
-                    let pid = p.pid();
-                    if let Some(probes) = self.probes.as_mut() {
-                        probes.sched.untrack(pid);
-                        if let Some(target) = self.redis.get(&pid) {
-                            if target.attach_requested {
-                                probes.redis_attacher.release(pid);
-                            }
-                            probes.redis.release(&mut probes.ebpf, pid, target.binary);
-                        }
-                        if let Classification::Worker { group } = &p.class {
-                            let readings = probes.worker.untrack(&mut probes.ebpf, pid);
-                            self.worker.retire(group, readings, pid);
-                        }
-                    }
-                    self.redis.remove(&pid);
-                    if let Some(cpu) = self.cpu.remove(&pid) {
-                        self.stats.folded_threads += cpu.folded_threads;
-                    }
-                    tracing::info!(
-                        pid,
-                        group = p.group(),
-                        "process gone; its series are dropped"
-                    );
-                }
+        for step in steps {
+            match step {
+                Step::SetUp(p) => self.set_up(&p),
+                Step::TearDown(p) => self.tear_down(&p),
             }
         }
         if let Some(probes) = self.probes.as_mut() {
             probes.worker.detach_idle_syscalls(&mut probes.ebpf);
+        }
+    }
+
+    fn set_up(&mut self, p: &TrackedProcess) {
+        let pid = p.pid();
+        let tids: Vec<u32> = match self.proc.thread_samples(pid) {
+            Ok((samples, _)) => samples.iter().map(|s| s.tid).collect(),
+            Err(_) => vec![pid],
+        };
+        let probes = match self.probes.as_mut() {
+            Some(probes) => {
+                let proc = &self.proc;
+                match probes.sched.track(
+                    pid,
+                    p.info.id.start_time_ticks,
+                    &tids,
+                    |tid| proc.thread_counters(pid, tid),
+                    |tid| proc.thread_alive(pid, tid),
+                ) {
+                    Ok(()) => "sched",
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "cannot add process to the kernel filter");
+                        "none"
+                    }
+                }
+            }
+            None => "none",
+        };
+        tracing::info!(
+            pid,
+            group = p.group(),
+            exe = p.executable_name(),
+            comm = %p.info.comm,
+            threads = tids.len(),
+            probes,
+            "tracking process"
+        );
+        self.cpu.insert(pid, ProcessCpu::default());
+        match &p.class {
+            Classification::RedisServer => self.start_redis_probes(p),
+            Classification::Worker { .. } => {
+                if let Some(probes) = self.probes.as_mut() {
+                    let proc = &self.proc;
+                    match probes.worker.track(
+                        &mut probes.ebpf,
+                        pid,
+                        || crate::ebpf::worker::uprobe_target(proc, pid),
+                        || proc.socket_peers(pid),
+                    ) {
+                        Ok(()) => {}
+                        Err(crate::ebpf::ProbeError::Disabled(why)) => {
+                            tracing::debug!(pid, "{why}")
+                        }
+                        Err(e) => {
+                            tracing::warn!(pid, error = %e, "worker syscall probes unavailable; no worker-side blocking metrics")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn tear_down(&mut self, p: &TrackedProcess) {
+        let pid = p.pid();
+        if let Some(probes) = self.probes.as_mut() {
+            probes.sched.untrack(pid);
+            if let Some(target) = self.redis.get(&pid) {
+                if target.attach_requested {
+                    probes.redis_attacher.release(pid);
+                }
+                probes.redis.release(&mut probes.ebpf, pid, target.binary);
+            }
+            if let Classification::Worker { group } = &p.class {
+                let readings = probes.worker.untrack(&mut probes.ebpf, pid);
+                self.worker.retire(group, readings, pid);
+            }
+        }
+        self.redis.remove(&pid);
+        if let Some(cpu) = self.cpu.remove(&pid) {
+            self.stats.folded_threads += cpu.folded_threads;
+        }
+        tracing::info!(
+            pid,
+            group = p.group(),
+            "process gone; its series are dropped"
+        );
+    }
+
+    /// Brings what is set up back in line with what discovery holds, and frees kernel filter
+    /// entries of processes that are not set up; at the end of each rescan, once its changes
+    /// are applied. Nothing to do unless a change went astray between discovery and the
+    /// set-up, or a scheduler program raced a process's tear-down (`SchedProbes::sweep`): each
+    /// mend is logged, so that a race this does not yet know of shows.
+    pub fn mend_tracking(&mut self) {
+        let steps = self.applied.mend(self.discovery.tracked());
+        for step in &steps {
+            let (what, p) = match step {
+                Step::SetUp(p) => ("set up", p),
+                Step::TearDown(p) => ("torn down", p),
+            };
+            tracing::warn!(
+                pid = p.pid(),
+                group = p.group(),
+                "process {what} at the rescan: its change had gone astray"
+            );
+        }
+        self.carry_out(steps);
+        let applied = &self.applied;
+        if let Some(probes) = self.probes.as_mut() {
+            let swept = probes.sched.sweep(|tgid| applied.has(tgid));
+            if swept.processes + swept.threads > 0 {
+                tracing::warn!(
+                    processes = swept.processes,
+                    threads = swept.threads,
+                    "kernel filter entries of processes not tracked, freed at the rescan"
+                );
+            }
         }
     }
 
@@ -941,9 +997,8 @@ mod tests {
     use super::*;
     use crate::rules::{default_rule_specs, RuleSet};
 
-    /// A copy of the fixture tree's Redis (pid 100) whose exe link is missing, as a live
-    /// process's link was once in CI.
-    fn proc_with_unreadable_redis_exe() -> tempfile::TempDir {
+    /// A copy of the fixture tree's Redis (pid 100) alone.
+    fn proc_with_redis() -> tempfile::TempDir {
         let fixture =
             std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
         let root = tempfile::tempdir().unwrap();
@@ -955,6 +1010,13 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
+        root
+    }
+
+    /// A copy of the fixture tree's Redis (pid 100) whose exe link is missing, as a live
+    /// process's link was once in CI.
+    fn proc_with_unreadable_redis_exe() -> tempfile::TempDir {
+        let root = proc_with_redis();
         std::fs::remove_file(root.path().join("100/exe")).unwrap();
         root
     }
@@ -1014,6 +1076,45 @@ mod tests {
         assert!(
             state.redis[&100].exe_unreadable,
             "left to discovery to replace"
+        );
+    }
+
+    /// A rescan finds pid 100's Redis gone and queues its Removed; before that is applied, an
+    /// exec event's check finds a new Redis at pid 100 and sets it up at once. The rescan's
+    /// Removed, applied last, must not tear the new one down: discovery still holds it, so
+    /// nothing would ever set it up again.
+    #[test]
+    fn a_late_removed_leaves_the_new_process_at_its_pid_set_up() {
+        let root = proc_with_redis();
+        let mut state = scanned_state(root.path());
+        assert_eq!(state.redis[&100].start_ticks, 64108);
+
+        let away = root.path().join("100.away");
+        std::fs::rename(root.path().join("100"), &away).unwrap();
+        let (queued, _) = state.discovery.rescan().unwrap();
+        assert!(matches!(queued.as_slice(), [Change::Removed(p)] if p.pid() == 100));
+
+        // Pid 100 again, now a process started later (field 22 of stat, start time).
+        std::fs::rename(&away, root.path().join("100")).unwrap();
+        let stat_path = root.path().join("100/stat");
+        let stat = std::fs::read_to_string(&stat_path).unwrap();
+        std::fs::write(&stat_path, stat.replace(" 64108 ", " 99999 ")).unwrap();
+        let (checked, _) = state.discovery.check(100);
+        state.apply(checked);
+        assert_eq!(state.redis[&100].start_ticks, 99999);
+
+        for change in queued {
+            assert!(
+                state.discovery.still_holds(&change),
+                "the pid is another's now"
+            );
+            state.apply(vec![change]);
+        }
+        assert_eq!(state.redis[&100].start_ticks, 99999, "still set up");
+        assert!(state.cpu.contains_key(&100));
+        assert!(
+            state.applied.mend(state.discovery.tracked()).is_empty(),
+            "set-up and discovery agree"
         );
     }
 }

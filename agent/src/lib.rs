@@ -8,6 +8,7 @@
 pub mod advise;
 pub mod agent;
 pub mod agent_http;
+pub mod applied;
 pub mod cli;
 pub mod collect;
 pub mod config;

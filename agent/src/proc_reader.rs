@@ -316,6 +316,18 @@ impl ProcRoot {
         Ok((samples, vanished))
     }
 
+    /// Whether a thread of `pid` has not exited: its task entry is there and not a zombie (a
+    /// group leader that exited before its other threads stays listed as one).
+    pub fn thread_alive(&self, pid: u32, tid: u32) -> bool {
+        let path = self
+            .root
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.to_string())
+            .join("stat");
+        read_stat(pid, &path).is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
+    }
+
     /// A thread's scheduler counters (`/proc/<pid>/task/<tid>/schedstat`); `None` if it is gone
     /// or the file does not parse.
     pub fn thread_counters(&self, pid: u32, tid: u32) -> Option<TaskCounters> {

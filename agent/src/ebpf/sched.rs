@@ -157,6 +157,13 @@ fn set_sched_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), String> {
     flag.set(0, mode, 0).map_err(|e| e.to_string())
 }
 
+/// What [`SchedMaps::sweep`] freed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub processes: usize,
+    pub threads: usize,
+}
+
 /// Per-CPU values merged, keyed by (tgid, thread name).
 pub type MergedHistograms = BTreeMap<(u32, String), SchedHistograms>;
 
@@ -229,12 +236,18 @@ impl SchedMaps {
     /// `sched_switch` reads the kernel's counters. A thread switched out meanwhile already has
     /// an exact entry, which the seed does not replace (BPF_NOEXIST); one running when read is
     /// recognised at its switch out (no arrival since) and skipped once.
+    ///
+    /// A thread listed in `tids` may have exited before its seed is written, and then its
+    /// exit found nothing to remove: each seed written is checked with `thread_alive` once
+    /// written, and taken out again if the thread is gone. One that exits after that check
+    /// meets its entry at its last switch, as any tracked thread does.
     pub fn track(
         &mut self,
         tgid: u32,
         start_time_ticks: u64,
         tids: &[u32],
         read_counters: impl Fn(u32) -> Option<TaskCounters>,
+        thread_alive: impl Fn(u32) -> bool,
     ) -> Result<(), ProbeError> {
         let map_err = |name: &'static str| {
             move |e: aya::maps::MapError| ProbeError::Map {
@@ -259,6 +272,10 @@ impl SchedMaps {
                 },
                 1, /* BPF_NOEXIST */
             );
+            if inserted.is_ok() && !thread_alive(tid) {
+                let _ = self.threads.remove(&tid);
+                continue;
+            }
             if inserted.is_ok() || self.threads.get(&tid, 0).is_ok() {
                 let _ = self.tracked_tids.set(tid, true);
             }
@@ -266,8 +283,32 @@ impl SchedMaps {
         Ok(())
     }
 
-    /// Stops measuring a process and frees everything the kernel holds for it.
-    pub fn untrack(&mut self, tgid: u32) {
+    /// Frees the kernel filter entries of processes that are not tracked (`is_tracked` says
+    /// which are): a process entry left by a set-up or tear-down gone astray, or thread
+    /// states a scheduler program wrote while the process was being untracked (it had found
+    /// the tgid tracked just before). Returns what was freed.
+    pub fn sweep(&mut self, is_tracked: impl Fn(u32) -> bool) -> Swept {
+        let mut untracked: std::collections::BTreeSet<u32> = self
+            .tracked
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|tgid| !is_tracked(*tgid))
+            .collect();
+        let processes = untracked.len();
+        untracked.extend(
+            self.threads
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(_, state)| state.tgid)
+                .filter(|tgid| !is_tracked(*tgid)),
+        );
+        let threads = untracked.into_iter().map(|tgid| self.untrack(tgid)).sum();
+        Swept { processes, threads }
+    }
+
+    /// Stops measuring a process and frees everything the kernel holds for it; returns how
+    /// many thread states it had.
+    pub fn untrack(&mut self, tgid: u32) -> usize {
         let _ = self.tracked_tgids.set(tgid, false);
         let _ = self.tracked.remove(&tgid);
         // The threads first: they remember their groups' slots.
@@ -278,11 +319,12 @@ impl SchedMaps {
             .filter(|(_, s)| s.tgid == tgid)
             .map(|(tid, _)| tid)
             .collect();
-        for tid in stale_threads {
+        for &tid in &stale_threads {
             let _ = self.threads.remove(&tid);
             let _ = self.tracked_tids.set(tid, false);
         }
         self.histograms.release(|k| k.tgid == tgid);
+        stale_threads.len()
     }
 
     /// Histograms of all tracked thread groups, merged over CPUs.
