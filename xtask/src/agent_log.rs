@@ -130,6 +130,17 @@ pub fn tracked_at_end(log: &str) -> BTreeMap<u32, String> {
     tracked
 }
 
+/// The agent's warnings that a rescan found its tracking out of step and mended it (a change
+/// gone astray between discovery and the set-up, or kernel filter entries of processes it does
+/// not track), each without its timestamp and level. None is expected: each one is a race the
+/// agent's change handling does not close by itself.
+pub fn tracking_mends(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("its change had gone astray") || l.contains("freed at the rescan"))
+        .map(|l| l.split_once(": ").map_or(l, |(_, rest)| rest).to_string())
+        .collect()
+}
+
 /// How the agent follows worker `pid`, from its log: "uprobes", "tracepoints", "not followed"
 /// or "unknown".
 pub fn followed_via(log: &str, pid: u32) -> &'static str {
@@ -191,9 +202,24 @@ mod tests {
                    2026-11-29T21:03:57.4Z  INFO fanout::agent: tracking process pid=10 group=\"redis\" exe=\"redis-server\" comm=redis-server threads=4 probes=\"sched\"\n";
         let at_end = tracked_at_end(log);
         assert_eq!(at_end.len(), 1, "{at_end:?}");
+        assert!(tracking_mends(log).is_empty());
         assert_eq!(
             at_end[&10],
             "group=\"redis\" exe=\"redis-server\" comm=redis-server"
+        );
+    }
+
+    #[test]
+    fn tracking_mends_are_the_rescans_warnings_of_them() {
+        let log = "2026-11-29T21:03:57.0Z  WARN fanout::agent: process torn down at the rescan: its change had gone astray pid=12 group=\"w\"\n\
+                   2026-11-29T21:03:57.1Z  INFO fanout::agent: process gone; its series are dropped pid=12 group=\"w\"\n\
+                   2026-11-29T21:03:57.2Z  WARN fanout::agent: kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2\n";
+        assert_eq!(
+            tracking_mends(log),
+            [
+                "process torn down at the rescan: its change had gone astray pid=12 group=\"w\"",
+                "kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2"
+            ]
         );
     }
 }

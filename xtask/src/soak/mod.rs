@@ -134,6 +134,8 @@ pub struct Outcome {
     /// with its state in /proc then ("gone" if it has none): what a map above its baseline
     /// at the end holds.
     pub tracked_at_end: Vec<String>,
+    /// The agent's warnings that a rescan mended its tracking (`agent_log::tracking_mends`).
+    pub tracking_mends: Vec<String>,
     pub forked_jobs: u64,
     pub mid_pop_closes: u64,
     /// The burst: 50 Redis servers started at once, probed, then killed at once.
@@ -531,6 +533,7 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
             format!("{pid} {fields} ({state})")
         })
         .collect();
+    outcome.tracking_mends = agent_log::tracking_mends(&log);
     let events = agent_log::parse(&log);
     for (pid, spawned) in fleet_spawns {
         if let Some(f) = outcome.fleets.iter_mut().find(|f| f.pid == pid) {
