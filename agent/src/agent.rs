@@ -18,6 +18,7 @@ use crate::{
     discovery::{Change, Discovery, ScanErrors, TrackedProcess},
     ebpf::{
         redis::{clock_offset_ns, PointState},
+        sched::Swept,
         ProbeStatus, Probes,
     },
     export::http_server::MetricsSource,
@@ -122,10 +123,9 @@ impl AgentState {
     }
 
     /// Sets processes up (the kernel filter, the CPU state, their probes) or tears them down.
+    /// Runs for every batch, an empty one too (an exec or fork event's check that changed
+    /// nothing): it is also where syscall probes no worker needs any more are detached.
     fn carry_out(&mut self, steps: Vec<Step>) {
-        if steps.is_empty() {
-            return;
-        }
         // Before any worker of this batch is followed: whether a Redis runs here decides how.
         let redis_on_node = self
             .discovery
@@ -257,10 +257,11 @@ impl AgentState {
         let applied = &self.applied;
         if let Some(probes) = self.probes.as_mut() {
             let swept = probes.sched.sweep(|tgid| applied.has(tgid));
-            if swept.processes + swept.threads > 0 {
+            if swept != Swept::default() {
                 tracing::warn!(
                     processes = swept.processes,
                     threads = swept.threads,
+                    slots = swept.slots,
                     "kernel filter entries of processes not tracked, freed at the rescan"
                 );
             }
@@ -1116,5 +1117,26 @@ mod tests {
             state.applied.mend(state.discovery.tracked()).is_empty(),
             "set-up and discovery agree"
         );
+    }
+
+    /// A change lost between discovery and the set-up (none is known now: this is the net
+    /// under the ones not found yet) is mended at the end of the next rescan, both ways.
+    #[test]
+    fn a_change_that_went_astray_is_mended_at_the_rescan() {
+        let root = proc_with_redis();
+        let mut state = scanned_state(root.path());
+        assert!(state.redis.contains_key(&100) && state.cpu.contains_key(&100));
+
+        // Dropped from discovery, its Removed lost: torn down at the mend.
+        let _lost = state.discovery.forget(100);
+        state.mend_tracking();
+        assert!(!state.redis.contains_key(&100) && !state.cpu.contains_key(&100));
+
+        // Held again, its Added lost: set up at the mend.
+        let _lost = state.discovery.check(100);
+        state.mend_tracking();
+        assert!(state.redis.contains_key(&100) && state.cpu.contains_key(&100));
+        state.mend_tracking();
+        assert!(state.redis.contains_key(&100), "nothing left to mend");
     }
 }

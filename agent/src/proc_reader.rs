@@ -557,6 +557,18 @@ mod tests {
         ProcRoot::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"))
     }
 
+    /// A live thread, a group leader that exited before its other thread (a zombie), a tid
+    /// the process does not have, and a process that is not there.
+    #[test]
+    fn a_thread_is_alive_while_its_task_entry_is_there_and_not_a_zombie() {
+        let proc = fixtures();
+        assert!(proc.thread_alive(100, 102));
+        assert!(proc.thread_alive(810, 811));
+        assert!(!proc.thread_alive(810, 810));
+        assert!(!proc.thread_alive(100, 999));
+        assert!(!proc.thread_alive(999, 999));
+    }
+
     #[test]
     fn lists_numeric_entries_only() {
         assert_eq!(

@@ -620,6 +620,32 @@ fn map_entries(name: &str) -> usize {
     map_dump(name).len()
 }
 
+/// Writes one entry into a kernel map of the agent with bpftool, as a lost tear-down or a
+/// racing program would leave it; `value` is zero-padded to the map's value size.
+fn map_write(name: &str, key: &[u8], value: &[u8]) {
+    let show = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "name", name])
+        .output()
+        .expect("bpftool");
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).expect("bpftool's JSON");
+    let size = shown["bytes_value"].as_u64().expect("value size") as usize;
+    let mut value = value.to_vec();
+    value.resize(size, 0);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "name", name, "key", "hex"])
+        .args(hex(key))
+        .args(["value", "hex"])
+        .args(hex(&value))
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map update {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The tids of `THREAD_STATE` entries whose thread belongs to process `tgid`.
 fn thread_state_tids(tgid: u32) -> Vec<u32> {
     let entries = map_dump("THREAD_STATE");
@@ -730,6 +756,38 @@ fn short_lived_threads_are_measured_and_leave_no_state_behind() {
             "{mode}: state left behind for exited threads: {left:?} (main thread {pid})"
         );
     }
+}
+
+/// The rescan's safety net: kernel filter entries of a process the agent does not track
+/// (written here by hand, as a tear-down gone astray or a scheduler program racing one would
+/// leave them) are freed at the next rescan, and the agent says so in its log.
+#[test]
+fn a_rescan_frees_kernel_filter_entries_of_a_process_not_tracked() {
+    require_root();
+    let agent = Agent::start(&["--rescan-interval", "1"]);
+    // The pid of a process that has exited: no process of the agent's has it.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let ghost = gone.id();
+    gone.wait().unwrap();
+    let tracked_before = map_entries("TRACKED_PROCS");
+    map_write("TRACKED_PROCS", &ghost.to_le_bytes(), &[]);
+    // A thread state of that process (`ThreadState::tgid` is its first field).
+    map_write("THREAD_STATE", &ghost.to_le_bytes(), &ghost.to_le_bytes());
+    assert_eq!(map_entries("TRACKED_PROCS"), tracked_before + 1);
+    assert_eq!(thread_state_tids(ghost), [ghost]);
+    wait_for(
+        "the rescan to free the entries",
+        Duration::from_secs(5),
+        || {
+            (map_entries("TRACKED_PROCS") == tracked_before && thread_state_tids(ghost).is_empty())
+                .then_some(())
+        },
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("freed at the rescan processes=1 threads=1 slots=0"),
+        "{log}"
+    );
 }
 
 #[test]

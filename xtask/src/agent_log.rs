@@ -213,12 +213,12 @@ mod tests {
     fn tracking_mends_are_the_rescans_warnings_of_them() {
         let log = "2026-11-29T21:03:57.0Z  WARN fanout::agent: process torn down at the rescan: its change had gone astray pid=12 group=\"w\"\n\
                    2026-11-29T21:03:57.1Z  INFO fanout::agent: process gone; its series are dropped pid=12 group=\"w\"\n\
-                   2026-11-29T21:03:57.2Z  WARN fanout::agent: kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2\n";
+                   2026-11-29T21:03:57.2Z  WARN fanout::agent: kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2 slots=1\n";
         assert_eq!(
             tracking_mends(log),
             [
                 "process torn down at the rescan: its change had gone astray pid=12 group=\"w\"",
-                "kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2"
+                "kernel filter entries of processes not tracked, freed at the rescan processes=0 threads=2 slots=1"
             ]
         );
     }

@@ -162,6 +162,8 @@ fn set_sched_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), String> {
 pub struct Swept {
     pub processes: usize,
     pub threads: usize,
+    /// Histogram slots (thread groups).
+    pub slots: usize,
 }
 
 /// Per-CPU values merged, keyed by (tgid, thread name).
@@ -284,31 +286,43 @@ impl SchedMaps {
     }
 
     /// Frees the kernel filter entries of processes that are not tracked (`is_tracked` says
-    /// which are): a process entry left by a set-up or tear-down gone astray, or thread
-    /// states a scheduler program wrote while the process was being untracked (it had found
-    /// the tgid tracked just before). Returns what was freed.
+    /// which are): a process entry left by a set-up or tear-down gone astray, thread states a
+    /// scheduler program wrote while their process was being untracked (it had found the tgid
+    /// tracked just before), and histogram slots of such groups. One pass over each map.
+    /// Returns what was freed.
     pub fn sweep(&mut self, is_tracked: impl Fn(u32) -> bool) -> Swept {
-        let mut untracked: std::collections::BTreeSet<u32> = self
+        let processes: Vec<u32> = self
             .tracked
             .keys()
             .filter_map(Result::ok)
             .filter(|tgid| !is_tracked(*tgid))
             .collect();
-        let processes = untracked.len();
-        untracked.extend(
-            self.threads
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(_, state)| state.tgid)
-                .filter(|tgid| !is_tracked(*tgid)),
-        );
-        let threads = untracked.into_iter().map(|tgid| self.untrack(tgid)).sum();
-        Swept { processes, threads }
+        for tgid in &processes {
+            let _ = self.tracked_tgids.set(*tgid, false);
+            let _ = self.tracked.remove(tgid);
+        }
+        // The threads first: they remember their groups' slots.
+        let threads: Vec<u32> = self
+            .threads
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, state)| !is_tracked(state.tgid))
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in &threads {
+            let _ = self.threads.remove(tid);
+            let _ = self.tracked_tids.set(*tid, false);
+        }
+        let slots = self.histograms.release(|k| !is_tracked(k.tgid));
+        Swept {
+            processes: processes.len(),
+            threads: threads.len(),
+            slots,
+        }
     }
 
-    /// Stops measuring a process and frees everything the kernel holds for it; returns how
-    /// many thread states it had.
-    pub fn untrack(&mut self, tgid: u32) -> usize {
+    /// Stops measuring a process and frees everything the kernel holds for it.
+    pub fn untrack(&mut self, tgid: u32) {
         let _ = self.tracked_tgids.set(tgid, false);
         let _ = self.tracked.remove(&tgid);
         // The threads first: they remember their groups' slots.
@@ -319,12 +333,11 @@ impl SchedMaps {
             .filter(|(_, s)| s.tgid == tgid)
             .map(|(tid, _)| tid)
             .collect();
-        for &tid in &stale_threads {
+        for tid in stale_threads {
             let _ = self.threads.remove(&tid);
             let _ = self.tracked_tids.set(tid, false);
         }
         self.histograms.release(|k| k.tgid == tgid);
-        stale_threads.len()
     }
 
     /// Histograms of all tracked thread groups, merged over CPUs.

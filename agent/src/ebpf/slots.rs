@@ -56,14 +56,16 @@ impl<K: Pod, V: Pod> SlotTable<K, V> {
     }
 
     /// Removes the keys `gone` selects and gives their slots back to the kernel, zeroed (or
-    /// not at all, if zeroing fails: a slot lost, never a number carried over).
-    pub fn release(&mut self, gone: impl Fn(&K) -> bool) {
+    /// not at all, if zeroing fails: a slot lost, never a number carried over). Returns how
+    /// many keys it removed.
+    pub fn release(&mut self, gone: impl Fn(&K) -> bool) -> usize {
         let stale: Vec<(K, u32)> = self
             .slots
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| gone(k))
             .collect();
+        let released = stale.len();
         for (key, slot) in stale {
             let _ = self.slots.remove(&key);
             let Ok(zero) = PerCpuValues::try_from(vec![self.zero; self.cpus]) else {
@@ -73,5 +75,6 @@ impl<K: Pod, V: Pod> SlotTable<K, V> {
                 let _ = self.free.push(slot, 0);
             }
         }
+        released
     }
 }
