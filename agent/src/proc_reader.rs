@@ -319,25 +319,23 @@ impl ProcRoot {
     /// Whether a thread of `pid` has not exited: its task entry is there and not a zombie (a
     /// group leader that exited before its other threads stays listed as one).
     pub fn thread_alive(&self, pid: u32, tid: u32) -> bool {
-        let path = self
-            .root
-            .join(pid.to_string())
-            .join("task")
-            .join(tid.to_string())
-            .join("stat");
-        read_stat(pid, &path).is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
+        read_stat(pid, &self.task_file(pid, tid, "stat"))
+            .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
     }
 
     /// A thread's scheduler counters (`/proc/<pid>/task/<tid>/schedstat`); `None` if it is gone
     /// or the file does not parse.
     pub fn thread_counters(&self, pid: u32, tid: u32) -> Option<TaskCounters> {
-        let path = self
-            .root
+        parse_schedstat(&std::fs::read_to_string(self.task_file(pid, tid, "schedstat")).ok()?)
+    }
+
+    /// `<root>/<pid>/task/<tid>/<name>`.
+    fn task_file(&self, pid: u32, tid: u32, name: &str) -> PathBuf {
+        self.root
             .join(pid.to_string())
             .join("task")
             .join(tid.to_string())
-            .join("schedstat");
-        parse_schedstat(&std::fs::read_to_string(path).ok()?)
+            .join(name)
     }
 
     /// The executable path a process runs, as its `/proc/<pid>/exe` link names it; the error
