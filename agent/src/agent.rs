@@ -238,7 +238,7 @@ impl AgentState {
     /// Brings what is set up back in line with what discovery holds, and frees kernel filter
     /// entries of processes that are not set up; at the end of each rescan, once its changes
     /// are applied. Nothing to do unless a change went astray between discovery and the
-    /// set-up, or a scheduler program raced a process's tear-down (`SchedProbes::sweep`): each
+    /// set-up, or a scheduler program raced a process's tear-down (`SchedMaps::sweep`): each
     /// mend is logged, so that a race this does not yet know of shows.
     pub fn mend_tracking(&mut self) {
         let steps = self.applied.mend(self.discovery.tracked());

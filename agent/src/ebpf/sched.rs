@@ -297,7 +297,18 @@ impl SchedMaps {
             .filter_map(Result::ok)
             .filter(|tgid| !is_tracked(*tgid))
             .collect();
-        for tgid in &processes {
+        self.free_groups(&processes, |tgid| !is_tracked(tgid))
+    }
+
+    /// Stops measuring a process and frees everything the kernel holds for it.
+    pub fn untrack(&mut self, tgid: u32) {
+        self.free_groups(&[tgid], |group| group == tgid);
+    }
+
+    /// Takes `processes` out of the filter, and frees the thread states and histogram slots
+    /// of every group `gone` selects.
+    fn free_groups(&mut self, processes: &[u32], gone: impl Fn(u32) -> bool) -> Swept {
+        for tgid in processes {
             let _ = self.tracked_tgids.set(*tgid, false);
             let _ = self.tracked.remove(tgid);
         }
@@ -306,38 +317,19 @@ impl SchedMaps {
             .threads
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, state)| !is_tracked(state.tgid))
+            .filter(|(_, state)| gone(state.tgid))
             .map(|(tid, _)| tid)
             .collect();
         for tid in &threads {
             let _ = self.threads.remove(tid);
             let _ = self.tracked_tids.set(*tid, false);
         }
-        let slots = self.histograms.release(|k| !is_tracked(k.tgid));
+        let slots = self.histograms.release(|k| gone(k.tgid));
         Swept {
             processes: processes.len(),
             threads: threads.len(),
             slots,
         }
-    }
-
-    /// Stops measuring a process and frees everything the kernel holds for it.
-    pub fn untrack(&mut self, tgid: u32) {
-        let _ = self.tracked_tgids.set(tgid, false);
-        let _ = self.tracked.remove(&tgid);
-        // The threads first: they remember their groups' slots.
-        let stale_threads: Vec<u32> = self
-            .threads
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, s)| s.tgid == tgid)
-            .map(|(tid, _)| tid)
-            .collect();
-        for tid in stale_threads {
-            let _ = self.threads.remove(&tid);
-            let _ = self.tracked_tids.set(tid, false);
-        }
-        self.histograms.release(|k| k.tgid == tgid);
     }
 
     /// Histograms of all tracked thread groups, merged over CPUs.
