@@ -103,34 +103,36 @@ pub fn checks(o: &Outcome, baseline: &Sample, last: &Sample) -> Vec<Check> {
             )
         })
         .collect();
+    let maps = if grown.is_empty() {
+        format!(
+            "{} maps, none above its baseline; SCHED_SLOTS {} -> {} with {} live thread groups",
+            last.map_entries.len(),
+            baseline
+                .map_entries
+                .get("SCHED_SLOTS")
+                .copied()
+                .unwrap_or(0),
+            last.map_entries.get("SCHED_SLOTS").copied().unwrap_or(0),
+            last.thread_groups
+        )
+    } else {
+        // What the agent tracks then, to tell a process that outlived the churn from an
+        // entry left for one that is gone.
+        format!(
+            "{}; tracked at the end per the agent's log: {}",
+            grown.join(", "),
+            o.tracked_at_end.join(", ")
+        )
+    };
+    let mends = if o.tracking_mends.is_empty() {
+        "none".to_string()
+    } else {
+        o.tracking_mends.join("; ")
+    };
     out.push(check(
         "every eBPF map's entries back to their baseline (SCHED_SLOTS: within the live thread groups)",
         grown.is_empty() && !last.map_entries.is_empty(),
-        format!(
-            "{}; tracking mended at rescans (agent's log): {}",
-            if grown.is_empty() {
-                format!(
-                "{} maps, none above its baseline; SCHED_SLOTS {} -> {} with {} live thread groups",
-                last.map_entries.len(),
-                baseline.map_entries.get("SCHED_SLOTS").copied().unwrap_or(0),
-                last.map_entries.get("SCHED_SLOTS").copied().unwrap_or(0),
-                last.thread_groups
-            )
-            } else {
-                // What the agent tracks then, to tell a process that outlived the churn from
-                // an entry left for one that is gone.
-                format!(
-                    "{}; tracked at the end per the agent's log: {}",
-                    grown.join(", "),
-                    o.tracked_at_end.join(", ")
-                )
-            },
-            if o.tracking_mends.is_empty() {
-                "none".to_string()
-            } else {
-                o.tracking_mends.join("; ")
-            }
-        ),
+        format!("{maps}; tracking mended at rescans (agent's log): {mends}"),
     ));
     let full: Vec<String> = o
         .samples
