@@ -601,19 +601,25 @@ fn a_redis_started_after_the_agent_is_picked_up_within_2s_and_dropped_when_it_ex
     );
 }
 
-/// Entries of a kernel map, read with bpftool (Debian package bpftool, installed by setup).
-/// The entries of a kernel map of the agent, as bpftool dumps them (each with a "key").
-fn map_dump(name: &str) -> Vec<serde_json::Value> {
+/// bpftool's output for `args` (Debian package bpftool, installed by setup); it must succeed.
+fn bpftool<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
+    let args: Vec<_> = args.into_iter().collect();
     let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "name", name])
+        .args(&args)
         .output()
         .expect("bpftool");
     assert!(
         out.status.success(),
-        "bpftool map dump {name}: {}",
+        "bpftool {:?}: {}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+    out.stdout
+}
+
+/// The entries of a kernel map of the agent, as bpftool dumps them (each with a "key").
+fn map_dump(name: &str) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&bpftool(["-j", "map", "dump", "name", name])).expect("bpftool's JSON")
 }
 
 fn map_entries(name: &str) -> usize {
@@ -623,26 +629,19 @@ fn map_entries(name: &str) -> usize {
 /// Writes one entry into a kernel map of the agent with bpftool, as a lost tear-down or a
 /// racing program would leave it; `value` is zero-padded to the map's value size.
 fn map_write(name: &str, key: &[u8], value: &[u8]) {
-    let show = std::process::Command::new("bpftool")
-        .args(["-j", "map", "show", "name", name])
-        .output()
-        .expect("bpftool");
-    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).expect("bpftool's JSON");
+    let shown: serde_json::Value =
+        serde_json::from_slice(&bpftool(["-j", "map", "show", "name", name]))
+            .expect("bpftool's JSON");
     let size = shown["bytes_value"].as_u64().expect("value size") as usize;
     let mut value = value.to_vec();
     value.resize(size, 0);
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "update", "name", name, "key", "hex"])
-        .args(hex(key))
-        .args(["value", "hex"])
-        .args(hex(&value))
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map update {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let args = ["map", "update", "name", name, "key", "hex"].map(String::from);
+    bpftool(
+        args.into_iter()
+            .chain(hex(key))
+            .chain(["value".into(), "hex".into()])
+            .chain(hex(&value)),
     );
 }
 
