@@ -231,6 +231,9 @@ pub struct Results {
     pub loads: Vec<Load>,
     /// [load][variant][round] requests per second.
     pub plain: Vec<Vec<Vec<f64>>>,
+    /// [load][variant][round] Redis CPU per request (all its threads, schedstat), us: what the
+    /// agent costs Redis itself, apart from the benchmark client that shares its CPUs.
+    pub plain_redis_cpu: Vec<Vec<Vec<f64>>>,
     pub plain_agent_cpu: Vec<f64>,
     pub plain_stats: Vec<PlainStats>,
     pub fanouts: Vec<usize>,
@@ -579,6 +582,7 @@ pub fn run(quick: bool) -> Result<()> {
     // 1. Plain traffic.
     let redis = Redis::start(&[]);
     let mut plain: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); VARIANTS.len()]; loads.len()];
+    let mut plain_redis_cpu = plain.clone();
     let mut plain_agent_cpu: Vec<f64> = Vec::new();
     for round in 0..rounds {
         let mut order = VARIANTS.to_vec();
@@ -593,8 +597,11 @@ pub fn run(quick: bool) -> Result<()> {
             let index = VARIANTS.iter().position(|v| *v == variant).unwrap();
             for (i, load) in loads.iter().enumerate() {
                 let cpu0 = agent.as_ref().map(|(a, _)| process_cpu(a.proc.pid()));
+                let redis_cpu0 = process_cpu(redis.pid());
                 let t = Instant::now();
                 plain[i][index].push(redis_benchmark(redis.port, load)?);
+                plain_redis_cpu[i][index]
+                    .push((process_cpu(redis.pid()) - redis_cpu0) * 1e6 / load.requests);
                 if let (Some((a, _)), Some(c0)) = (&agent, cpu0) {
                     plain_agent_cpu
                         .push((process_cpu(a.proc.pid()) - c0) / t.elapsed().as_secs_f64());
@@ -665,8 +672,7 @@ pub fn run(quick: bool) -> Result<()> {
     let jobs = if quick { 3000 } else { SIDEKIQ_JOBS };
     let (sidekiq, sidekiq_stats) = sidekiq_section(&bin, rounds, jobs, &log)?;
     let sidekiq_work_stats = default_mode_stats(&bin, jobs, JobKind::RedisWork, &log)?;
-    let sidekiq_weighted_stats =
-        default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
+    let sidekiq_weighted_stats = default_mode_stats(&bin, jobs, JobKind::NoopWeightedQueues, &log)?;
     let sidekiq_strict_stats = default_mode_stats(&bin, jobs, JobKind::NoopStrictQueues, &log)?;
 
     // 4. The agent's own cost, and 5. attach latency.
@@ -701,6 +707,7 @@ pub fn run(quick: bool) -> Result<()> {
         rounds,
         loads,
         plain,
+        plain_redis_cpu,
         plain_agent_cpu,
         plain_stats,
         fanouts,
