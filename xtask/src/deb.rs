@@ -635,6 +635,22 @@ pub fn check_install(deb: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Packages `bin` as a .deb: under target/debian/ (target/debian/debug/ for a debug binary).
+pub fn build_in_target(bin: &Path, debug: bool) -> Result<PathBuf> {
+    let mut out = crate::util::workspace_root().join("target/debian");
+    if debug {
+        out.push("debug");
+    }
+    build(bin, &out)
+}
+
+/// Installs, exercises and purges the package on this machine.
+pub fn check(deb: &Path) -> Result<()> {
+    check_install(deb)?;
+    eprintln!("[test] debian package: ok");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,20 +794,4 @@ mod tests {
                 && !POSTINST.contains("systemctl start")
         );
     }
-}
-
-/// Packages `bin` as a .deb: under target/debian/ (target/debian/debug/ for a debug binary).
-pub fn build_in_target(bin: &Path, debug: bool) -> Result<PathBuf> {
-    let mut out = crate::util::workspace_root().join("target/debian");
-    if debug {
-        out.push("debug");
-    }
-    build(bin, &out)
-}
-
-/// Installs, exercises and purges the package on this machine.
-pub fn check(deb: &Path) -> Result<()> {
-    check_install(deb)?;
-    eprintln!("[test] debian package: ok");
-    Ok(())
 }
