@@ -26,10 +26,10 @@ pub struct Applied {
     by_pid: HashMap<u32, TrackedProcess>,
 }
 
-/// The same process, as the set-up knows it: its pid, start time and class (a process that
-/// exec'd into another class is set up anew).
+/// The same process, as the set-up knows it (`TrackedProcess::is_same_as`: a process that
+/// exec'd into another class or another binary is set up anew).
 fn same(a: &TrackedProcess, b: &TrackedProcess) -> bool {
-    a.info.id == b.info.id && a.class == b.class
+    a.is_same_as(b)
 }
 
 impl Applied {
@@ -116,6 +116,7 @@ mod tests {
                 flags: 0,
             },
             class,
+            image: None,
             since: SystemTime::UNIX_EPOCH,
         }
     }
@@ -185,6 +186,32 @@ mod tests {
         applied.steps_for(Change::Added(as_worker));
         assert_eq!(
             shape(&applied.steps_for(Change::Added(as_redis))),
+            [(false, 10, 1), (true, 10, 1)]
+        );
+    }
+
+    #[test]
+    fn a_process_that_exec_d_another_binary_is_set_up_anew_and_an_unread_one_is_not() {
+        use crate::proc_reader::BinaryKey;
+        let build = |ino| {
+            Some(BinaryKey {
+                dev: 1,
+                ino,
+                size: 10,
+                mtime: 0,
+            })
+        };
+        let mut applied = Applied::default();
+        let mut redis = process(10, 1, Classification::RedisServer);
+        redis.image = build(7);
+        applied.steps_for(Change::Added(redis.clone()));
+        let mut unread = redis.clone();
+        unread.image = None;
+        assert!(applied.steps_for(Change::Added(unread)).is_empty());
+        let mut exec_d = redis;
+        exec_d.image = build(8);
+        assert_eq!(
+            shape(&applied.steps_for(Change::Added(exec_d))),
             [(false, 10, 1), (true, 10, 1)]
         );
     }

@@ -24,6 +24,10 @@ const MAX_CACHED_BINARIES: usize = 256;
 pub struct TrackedProcess {
     pub info: ProcessInfo,
     pub class: Classification,
+    /// The executable file it runs, when `/proc/<pid>/exe` could be read. An exec keeps the
+    /// pid and the start time: one into another build of the same class (another Redis
+    /// binary) is told by this, and set up anew, since probes and offsets are per binary.
+    pub image: Option<BinaryKey>,
     /// When the agent started tracking it: the start of its cumulative series.
     pub since: SystemTime,
 }
@@ -31,6 +35,28 @@ pub struct TrackedProcess {
 impl TrackedProcess {
     pub fn pid(&self) -> u32 {
         self.info.id.pid
+    }
+    /// This reading of a process tracking already holds as `previous`: the facts are this
+    /// reading's (titles change), the start of its series stays, and so does its executable
+    /// where this reading could not get it.
+    fn refreshing(self, previous: Self) -> Self {
+        Self {
+            image: self.image.or(previous.image),
+            since: previous.since,
+            ..self
+        }
+    }
+
+    /// Whether `other` is this process as tracking knows it: the same pid and start time,
+    /// the same class, and the same executable where both were read (a read that failed once,
+    /// the process exiting, must not look like an exec).
+    pub fn is_same_as(&self, other: &Self) -> bool {
+        self.info.id == other.info.id
+            && self.class == other.class
+            && match (self.image, other.image) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
     }
     pub fn group(&self) -> &str {
         self.class.group()
@@ -126,6 +152,7 @@ impl Discovery {
                 Some(TrackedProcess {
                     info,
                     class,
+                    image: proc.exe_identity(pid).map(|(_, key)| key),
                     since: SystemTime::now(),
                 })
             }
@@ -137,7 +164,8 @@ impl Discovery {
     }
 
     /// Full scan: adds new matches, removes processes that are gone or whose pid now names
-    /// another process (different start time), or that no longer match (an exec'd image).
+    /// another process (different start time), or that no longer match (an exec'd image), and
+    /// sets anew one that exec'd another binary of its class.
     pub fn rescan(&mut self) -> std::io::Result<(Vec<Change>, ScanErrors)> {
         let mut errors = ScanErrors::default();
         let pids = self.proc.pids()?;
@@ -151,17 +179,9 @@ impl Discovery {
         let old = std::mem::take(&mut self.tracked);
         for (pid, previous) in old {
             match seen.remove(&pid) {
-                Some(current)
-                    if current.info.id == previous.info.id && current.class == previous.class =>
-                {
+                Some(current) if current.is_same_as(&previous) => {
                     // Keep the original `since`, refresh the facts (titles change).
-                    self.tracked.insert(
-                        pid,
-                        TrackedProcess {
-                            since: previous.since,
-                            ..current
-                        },
-                    );
+                    self.tracked.insert(pid, current.refreshing(previous));
                 }
                 Some(current) => {
                     changes.push(Change::Removed(previous));
@@ -184,16 +204,8 @@ impl Discovery {
         let mut changes = Vec::new();
         let current = self.classify(pid, &mut errors);
         match (self.tracked.remove(&pid), current) {
-            (Some(previous), Some(current))
-                if previous.info.id == current.info.id && previous.class == current.class =>
-            {
-                self.tracked.insert(
-                    pid,
-                    TrackedProcess {
-                        since: previous.since,
-                        ..current
-                    },
-                );
+            (Some(previous), Some(current)) if previous.is_same_as(&current) => {
+                self.tracked.insert(pid, current.refreshing(previous));
             }
             (previous, current) => {
                 if let Some(previous) = previous {
@@ -217,14 +229,8 @@ impl Discovery {
     /// [`Discovery::check`]) must not be torn down by the scan's older `Removed`.
     pub fn still_holds(&self, change: &Change) -> bool {
         match change {
-            Change::Added(p) => self
-                .tracked
-                .get(&p.pid())
-                .is_some_and(|t| t.info.id == p.info.id && t.class == p.class),
-            Change::Removed(p) => self
-                .tracked
-                .get(&p.pid())
-                .is_none_or(|t| t.info.id != p.info.id || t.class != p.class),
+            Change::Added(p) => self.tracked.get(&p.pid()).is_some_and(|t| t.is_same_as(p)),
+            Change::Removed(p) => self.tracked.get(&p.pid()).is_none_or(|t| !t.is_same_as(p)),
         }
     }
 
@@ -375,6 +381,69 @@ mod tests {
         assert_eq!(errors.vanished, 1);
         assert!(matches!(d.forget(100), Some(Change::Removed(p)) if p.pid() == 100));
         assert!(d.forget(100).is_none());
+    }
+
+    /// An exec keeps the pid and the start time. A Redis that exec's another Redis binary is
+    /// set up anew, by a check (its exec event) or a rescan, since its probes were the old
+    /// binary's; an exe link that cannot be read for a moment changes nothing.
+    #[test]
+    fn an_exec_into_another_binary_of_the_same_class_is_a_new_process() {
+        let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
+        let root = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(fixture.join("100"))
+            .arg(fixture.join("uptime"))
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let bins = tempfile::tempdir().unwrap();
+        let (old_build, new_build) = (bins.path().join("redis-7.2"), bins.path().join("redis-7.4"));
+        std::fs::write(&old_build, "7.2").unwrap();
+        std::fs::write(&new_build, "7.4").unwrap();
+        let exe = root.path().join("100/exe");
+        let point_exe_at = |target: &Path| {
+            let _ = std::fs::remove_file(&exe);
+            std::os::unix::fs::symlink(target, &exe).unwrap();
+        };
+        point_exe_at(&old_build);
+        let rules = RuleSet::new(&default_rule_specs()).unwrap();
+        let mut d = Discovery::new(ProcRoot::new(root.path()), rules, 1)
+            .with_symbol_reader(fixture_symbols);
+        let (added, _) = d.rescan().unwrap();
+        assert!(matches!(added.as_slice(), [Change::Added(p)] if p.pid() == 100));
+        let image_of = |d: &Discovery| d.get(100).and_then(|p| p.image).map(|k| k.ino);
+        let ino =
+            |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+        assert_eq!(image_of(&d), Some(ino(&old_build)));
+
+        // The exec event's check: the same pid, start time and class, another binary.
+        point_exe_at(&new_build);
+        let (changes, _) = d.check(100);
+        assert!(
+            matches!(changes.as_slice(), [Change::Removed(old), Change::Added(new)]
+                if old.image.map(|k| k.ino) == Some(ino(&old_build))
+                    && new.image.map(|k| k.ino) == Some(ino(&new_build))),
+            "{changes:?}"
+        );
+        assert!(changes.iter().all(|c| d.still_holds(c)));
+        assert!(d.check(100).0.is_empty(), "the same binary again");
+
+        // The link unreadable for a moment: no change, and the binary is still known.
+        std::fs::remove_file(&exe).unwrap();
+        assert!(d.check(100).0.is_empty());
+        assert!(d.rescan().unwrap().0.is_empty());
+        assert_eq!(image_of(&d), Some(ino(&new_build)));
+
+        // Back to the first binary, seen by a rescan this time.
+        point_exe_at(&old_build);
+        let (changes, _) = d.rescan().unwrap();
+        assert!(
+            matches!(changes.as_slice(), [Change::Removed(_), Change::Added(p)]
+                if p.image.map(|k| k.ino) == Some(ino(&old_build))),
+            "{changes:?}"
+        );
     }
 
     /// A rescan's changes are applied after it, one at a time; an exit or a check handled in
