@@ -998,21 +998,7 @@ mod tests {
     use super::*;
     use crate::rules::{default_rule_specs, RuleSet};
 
-    /// A copy of the fixture tree's Redis (pid 100) alone.
-    fn proc_with_redis() -> tempfile::TempDir {
-        let fixture =
-            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
-        let root = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("cp")
-            .args(["-a"])
-            .arg(fixture.join("100"))
-            .arg(fixture.join("uptime"))
-            .arg(root.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        root
-    }
+    use crate::discovery::tests::proc_with_redis;
 
     /// A copy of the fixture tree's Redis (pid 100) whose exe link is missing, as a live
     /// process's link was once in CI.

@@ -278,9 +278,25 @@ fn server_binary(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rules::default_rule_specs;
+
+    /// A copy of the fixture tree's Redis (pid 100, with the tree's uptime), for tests that
+    /// change what /proc says of it.
+    pub(crate) fn proc_with_redis() -> tempfile::TempDir {
+        let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
+        let root = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(fixture.join("100"))
+            .arg(fixture.join("uptime"))
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        root
+    }
 
     /// The fixture executables under tests/fixtures/bin list the symbols they stand for.
     fn fixture_symbols(path: &Path, wanted: &[&str]) -> std::io::Result<Option<BTreeSet<String>>> {
@@ -388,16 +404,7 @@ mod tests {
     /// binary's; an exe link that cannot be read for a moment changes nothing.
     #[test]
     fn an_exec_into_another_binary_of_the_same_class_is_a_new_process() {
-        let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"));
-        let root = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(fixture.join("100"))
-            .arg(fixture.join("uptime"))
-            .arg(root.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let root = proc_with_redis();
         let bins = tempfile::tempdir().unwrap();
         let (old_build, new_build) = (bins.path().join("redis-7.2"), bins.path().join("redis-7.4"));
         std::fs::write(&old_build, "7.2").unwrap();
