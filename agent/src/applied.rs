@@ -191,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn a_process_that_exec_d_another_binary_is_set_up_anew_and_an_unread_one_is_not() {
+    fn a_process_that_exec_d_another_binary_is_set_up_anew_and_an_unread_or_touched_one_is_not() {
         use crate::proc_reader::BinaryKey;
         let build = |ino| {
             Some(BinaryKey {
@@ -208,6 +208,9 @@ mod tests {
         let mut unread = redis.clone();
         unread.image = None;
         assert!(applied.steps_for(Change::Added(unread)).is_empty());
+        let mut touched = redis.clone();
+        touched.image = touched.image.map(|key| BinaryKey { mtime: 1, ..key });
+        assert!(applied.steps_for(Change::Added(touched)).is_empty());
         let mut exec_d = redis;
         exec_d.image = build(8);
         assert_eq!(

@@ -48,13 +48,15 @@ impl TrackedProcess {
     }
 
     /// Whether `other` is this process as tracking knows it: the same pid and start time,
-    /// the same class, and the same executable where both were read (a read that failed once,
-    /// the process exiting, must not look like an exec).
+    /// the same class, and the same executable file where both were read (a read that failed
+    /// once, the process exiting, must not look like an exec). The file by device and inode
+    /// only: a `touch` of a running binary changes its mtime, not what runs, and its inode
+    /// cannot go to another file while a process still runs it.
     pub fn is_same_as(&self, other: &Self) -> bool {
         self.info.id == other.info.id
             && self.class == other.class
             && match (self.image, other.image) {
-                (Some(a), Some(b)) => a == b,
+                (Some(a), Some(b)) => (a.dev, a.ino) == (b.dev, b.ino),
                 _ => true,
             }
     }
