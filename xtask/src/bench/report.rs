@@ -172,10 +172,7 @@ fn sidekiq_cpu_table(md: &mut String, r: &Results) {
             .collect();
         median(&diffs)
     };
-    let cell = |v: Vec<f64>| {
-        let (a, b) = min_max(&v);
-        format!("{:.1} [{a:.1}-{b:.1}]", median(&v))
-    };
+    let cell = |runs: Vec<f64>| median_and_range(&runs, 1);
     let _ = writeln!(md, "The same drains as CPU time per job, from the threads' schedstat (their time in the kernel, uprobe traps and eBPF programs included): what the agent adds to the work itself, whichever way this machine schedules it. Added times and the ratio are paired with the without-agent run of the same round (ratio: fleet and Redis CPU per job without the agent over with it).\n");
     let _ = writeln!(md, "| variant | fleet CPU per job (us) | added (us, paired) | Redis CPU per job (us) | added (us, paired) | ratio, fleet + Redis (paired) |\n|---|---|---|---|---|---|");
     for (i, v) in SIDEKIQ_VARIANTS.iter().enumerate() {
@@ -341,7 +338,6 @@ fn blocking_row(
     let cpu1 = pick(true, &|s| s.main_cpu_us_per_job);
     let ratio = paired_ratio(&cpu0, &cpu1);
     let added: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(w, wo)| w - wo).collect();
-    let (added_min, added_max) = min_max(&added);
     let added_median = median(&added);
     let mut target = format!("added <= 8 us: {}", verdict(added_median <= 8.0));
     if ratio_target {
@@ -352,10 +348,26 @@ fn blocking_row(
             verdict(ratio >= 0.97)
         );
     }
-    let (a0, b0) = min_max(&cpu0);
-    let (a1, b1) = min_max(&cpu1);
-    let _ = writeln!(md, "| {label} | {served0:.0} | {served1:.0} | {:.1} [{a0:.1}-{b0:.1}] | {:.1} [{a1:.1}-{b1:.1}] | {added_median:.1} [{added_min:.1}-{added_max:.1}] | {ratio:.3} | {target} |", median(&cpu0), median(&cpu1));
+    let _ = writeln!(
+        md,
+        "| {label} | {served0:.0} | {served1:.0} | {} | {} | {} | {ratio:.3} | {target} |",
+        median_and_range(&cpu0, 1),
+        median_and_range(&cpu1, 1),
+        median_and_range(&added, 1)
+    );
     (added_median, ratio)
+}
+
+/// A table cell of runs: their median, then their min-max in brackets, with `decimals`.
+fn median_and_range(runs: &[f64], decimals: usize) -> String {
+    let (low, high) = min_max(runs);
+    format!(
+        "{:.*} [{low:.*}-{high:.*}]",
+        decimals,
+        median(runs),
+        decimals,
+        decimals
+    )
 }
 
 /// Section 1's runs as Redis's own CPU per request (all its threads, from schedstat), paired
@@ -367,10 +379,7 @@ fn redis_cpu_per_request_table(md: &mut String, r: &Results) {
     let _ = writeln!(md, "| load | without agent | with agent (Redis only) | ratio | + a tracked worker, default mode | ratio | + a tracked worker, `syscalls` mode | ratio |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for (load, cpu) in r.loads.iter().zip(&r.plain_redis_cpu) {
-        let cell = |v: &Vec<f64>| {
-            let (a, b) = min_max(v);
-            format!("{:.3} [{a:.3}-{b:.3}]", median(v))
-        };
+        let cell = |runs: &Vec<f64>| median_and_range(runs, 3);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} |",
@@ -401,10 +410,7 @@ pub fn write(r: &Results) -> Result<()> {
     let mut json_plain = Vec::new();
     let mut target1 = Vec::new();
     for ((load, runs), cpu) in r.loads.iter().zip(&r.plain).zip(&r.plain_redis_cpu) {
-        let cell = |v: &Vec<f64>| {
-            let (a, b) = min_max(v);
-            format!("{:.0} [{a:.0}-{b:.0}]", median(v))
-        };
+        let cell = |runs: &Vec<f64>| median_and_range(runs, 0);
         let (r1, r2, r3) = (
             paired_ratio(&runs[1], &runs[0]),
             paired_ratio(&runs[2], &runs[0]),
@@ -574,10 +580,7 @@ pub fn write(r: &Results) -> Result<()> {
         r.jobs
     );
     let jps = |i: usize| -> Vec<f64> { r.sidekiq[i].iter().map(|s| s.jobs_per_second).collect() };
-    let cell = |v: &Vec<f64>| {
-        let (a, b) = min_max(v);
-        format!("{:.0} [{a:.0}-{b:.0}]", median(v))
-    };
+    let cell = |runs: &Vec<f64>| median_and_range(runs, 0);
     let without = jps(0);
     let ratios: Vec<f64> = (0..SIDEKIQ_VARIANTS.len())
         .map(|i| paired_ratio(&jps(i), &without))
