@@ -26,14 +26,10 @@ pub struct Applied {
     by_pid: HashMap<u32, TrackedProcess>,
 }
 
-/// The same process, as the set-up knows it (`TrackedProcess::is_same_as`: a process that
-/// exec'd into another class or another binary is set up anew).
-fn same(a: &TrackedProcess, b: &TrackedProcess) -> bool {
-    a.is_same_as(b)
-}
-
 impl Applied {
-    /// What carrying out `change` takes, recorded as done:
+    /// What carrying out `change` takes, recorded as done (a process is the one set up when
+    /// `TrackedProcess::is_same_as` says so: a process that exec'd into another class or
+    /// another binary is set up anew):
     /// - `Added(p)`: nothing if `p` is set up already; else tear down whatever other process
     ///   is set up at its pid, then set `p` up;
     /// - `Removed(p)`: tear `p` down if it is what is set up at its pid; nothing otherwise
@@ -43,7 +39,7 @@ impl Applied {
             Change::Added(p) => {
                 let pid = p.pid();
                 match self.by_pid.get(&pid) {
-                    Some(current) if same(current, &p) => Vec::new(),
+                    Some(current) if current.is_same_as(&p) => Vec::new(),
                     _ => {
                         let mut steps = Vec::new();
                         if let Some(other) = self.by_pid.insert(pid, p.clone()) {
@@ -55,7 +51,7 @@ impl Applied {
                 }
             }
             Change::Removed(p) => match self.by_pid.get(&p.pid()) {
-                Some(current) if same(current, &p) => {
+                Some(current) if current.is_same_as(&p) => {
                     let current = self.by_pid.remove(&p.pid()).expect("just looked up");
                     vec![Step::TearDown(current)]
                 }
@@ -74,7 +70,7 @@ impl Applied {
         let stale: Vec<u32> = self
             .by_pid
             .iter()
-            .filter(|(pid, p)| !held.get(pid).is_some_and(|h| same(h, p)))
+            .filter(|(pid, p)| !held.get(pid).is_some_and(|h| h.is_same_as(p)))
             .map(|(pid, _)| *pid)
             .collect();
         for pid in stale {
