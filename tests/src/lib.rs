@@ -3,6 +3,7 @@
 //! root-only integration tests and by `cargo xtask demo`/`bench`. Every wait is bounded and
 //! panics with what it was waiting for.
 
+pub mod bpftool;
 pub mod otlp_receiver;
 pub mod prom;
 pub mod prometheus;

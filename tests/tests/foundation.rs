@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{otlp_receiver, poll_until, require_root, wait_for, Agent, Redis, Sidekiq};
+use integration_tests::{
+    bpftool::{bpftool, entry_bytes, map_dump, u32_at},
+    otlp_receiver, poll_until, require_root, wait_for, Agent, Redis, Sidekiq,
+};
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{any_value::Value, KeyValue},
@@ -601,27 +604,6 @@ fn a_redis_started_after_the_agent_is_picked_up_within_2s_and_dropped_when_it_ex
     );
 }
 
-/// bpftool's output for `args` (Debian package bpftool, installed by setup); it must succeed.
-fn bpftool<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
-    let args: Vec<_> = args.into_iter().collect();
-    let out = std::process::Command::new("bpftool")
-        .args(&args)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool {:?}: {}",
-        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// The entries of a kernel map of the agent, as bpftool dumps them (each with a "key").
-fn map_dump(name: &str) -> Vec<serde_json::Value> {
-    serde_json::from_slice(&bpftool(["-j", "map", "dump", "name", name])).expect("bpftool's JSON")
-}
-
 fn map_entries(name: &str) -> usize {
     map_dump(name).len()
 }
@@ -647,19 +629,10 @@ fn map_write(name: &str, key: &[u8], value: &[u8]) {
 
 /// The tids of `THREAD_STATE` entries whose thread belongs to process `tgid`.
 fn thread_state_tids(tgid: u32) -> Vec<u32> {
-    let entries = map_dump("THREAD_STATE");
-    let word = |bytes: &[serde_json::Value]| -> u32 {
-        let b: Vec<u8> = bytes
-            .iter()
-            .take(4)
-            .map(|v| u8::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-            .collect();
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    };
-    entries
+    map_dump("THREAD_STATE")
         .iter()
-        .filter(|e| word(e["value"].as_array().unwrap()) == tgid)
-        .map(|e| word(e["key"].as_array().unwrap()))
+        .filter(|e| u32_at(&entry_bytes(e, "value"), 0) == tgid)
+        .map(|e| u32_at(&entry_bytes(e, "key"), 0))
         .collect()
 }
 
