@@ -45,7 +45,8 @@ pub mod maps {
     /// tgid -> [`crate::redis::RedisProcState`]: Redis processes with blocking probes, and
     /// everything their probes count.
     pub const REDIS_PROCS: &str = "REDIS_PROCS";
-    /// [`crate::redis::BlockedKey`] -> [`crate::redis::BlockedClient`]: clients blocked now.
+    /// [`crate::redis::BlockedKey`] -> [`crate::redis::BlockedClient`]: clients blocked now, and
+    /// clients whose block ended lately (kept to be rewritten at their next block).
     pub const BLOCKED_CLIENTS: &str = "BLOCKED_CLIENTS";
     /// [0] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by the agent.
     pub const CLOCK_OFFSET: &str = "CLOCK_OFFSET";

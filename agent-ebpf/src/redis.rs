@@ -30,8 +30,6 @@ use aya_ebpf::{
 
 use crate::{counters::bump, sched::current_arrivals};
 
-/// `BPF_NOEXIST`: create a map entry only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
 /// `BPF_F_NO_PREALLOC`: entries are allocated as processes are tracked (each is ~10 KiB).
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -41,8 +39,10 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 static REDIS_PROCS: HashMap<u32, RedisProcState> =
     HashMap::with_max_entries(MAX_REDIS_PROCESSES, BPF_F_NO_PREALLOC);
 
-/// Clients blocked now. A plain hash (not LRU): entries whose unblock was missed are found
-/// by the agent (past their deadline) or by the next block of the same client.
+/// Clients blocked now, and clients whose block ended lately (`BlockedClient::ended_ns`),
+/// kept so that their next block is a write in place. A plain hash (not LRU): entries whose
+/// unblock was missed are found by the agent (past their deadline) or by the next block of
+/// the same client, and the agent removes entries ended a few seconds ago.
 #[map]
 static BLOCKED_CLIENTS: HashMap<BlockedKey, BlockedClient> =
     HashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
@@ -159,6 +159,10 @@ pub fn redis_block_client(ctx: ProbeContext) -> u32 {
 }
 
 /// A client blocks on `numkeys` keys until `deadline_ms`.
+///
+/// A client's entry stays when its block ends (marked ended, see `unblock`): a worker blocks
+/// again on the same connection within seconds, and its entry is rewritten in place. One
+/// look-up per block; an insert only for a client not seen lately.
 #[inline(always)]
 fn record_block(
     tgid: u32,
@@ -174,28 +178,44 @@ fn record_block(
         _pad: 0,
         client,
     };
-    if state.settings.reprocessing_mask != 0 && reblocked(state, &key, now) {
-        return;
-    }
-    let blocked = BlockedClient {
-        start_ns: now,
-        deadline_ms,
-        numkeys,
-        btype,
-        flags: 0,
-        _pad: 0,
+    let entry = BLOCKED_CLIENTS.get_ptr_mut(&key);
+    let again = if state.settings.reprocessing_mask != 0 {
+        reblocked(state, &key, now)
+    } else {
+        None
     };
-    // One map operation in the common case: insert only if absent. An entry already there
-    // means the client blocked twice without being seen to unblock in between.
-    if BLOCKED_CLIENTS.insert(&key, &blocked, BPF_NOEXIST).is_err() {
-        if unsafe { BLOCKED_CLIENTS.get(&key) }.is_some() {
-            hit(state, point::MISSED_UNBLOCK);
+    let blocked = match again {
+        Some(again) => again,
+        None => {
+            // Still blocked: the client blocked twice without being seen to unblock.
+            if let Some(entry) = entry {
+                if unsafe { &*entry }.is_blocked() {
+                    hit(state, point::MISSED_UNBLOCK);
+                }
+            }
+            state.keys[RedisProcState::btype_slot(btype)].record(numkeys);
+            BlockedClient {
+                start_ns: now,
+                ended_ns: 0,
+                deadline_ms,
+                numkeys,
+                btype,
+                flags: 0,
+                _pad: 0,
+            }
         }
-        if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
-            bump(ProbeCounter::BlockedClientInsertFailed);
+    };
+    match entry {
+        // Redis blocks and unblocks a process's clients on its main thread, so no other probe
+        // writes this entry meanwhile; the agent only deletes entries, those ended seconds
+        // ago or blocked past their deadline (`RedisMaps::sweep`).
+        Some(entry) => unsafe { *entry = blocked },
+        None => {
+            if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
+                bump(ProbeCounter::BlockedClientInsertFailed);
+            }
         }
     }
-    state.keys[RedisProcState::btype_slot(btype)].record(numkeys);
 }
 
 #[uretprobe]
@@ -221,6 +241,9 @@ pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
         client,
     }) {
         let blocked = unsafe { &mut *blocked };
+        if !blocked.is_blocked() {
+            return 0;
+        }
         // Redis times out a client when its own clock passes the deadline; CLIENT UNBLOCK
         // replies the same way but earlier. 2 ms of slack absorbs clock-reading differences.
         let now_ms = now_unix_ms(unsafe { bpf_ktime_get_ns() });
@@ -281,10 +304,16 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
         client,
     };
     // Clients blocked before the agent attached, and non-key blocking (WAIT, modules that do
-    // not block on keys), have no entry: nothing is known about them.
-    let Some(blocked) = (unsafe { BLOCKED_CLIENTS.get(&key) }).copied() else {
+    // not block on keys), have no entry, or one whose last block ended: nothing is known
+    // about them.
+    let Some(entry) = BLOCKED_CLIENTS.get_ptr_mut(&key) else {
         return 0;
     };
+    let entry = unsafe { &mut *entry };
+    if !entry.is_blocked() {
+        return 0;
+    }
+    let blocked = *entry;
     let now = unsafe { bpf_ktime_get_ns() };
     let woken = match state.settings.served_by {
         served_by::REPROCESS_ARGUMENT => requeue == Some(0),
@@ -304,7 +333,8 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
     if (result as usize) < OUTCOMES {
         state.durations[slot][result as usize].record(now.saturating_sub(blocked.start_ns));
     }
-    let _ = BLOCKED_CLIENTS.remove(&key);
+    // Marked ended, not deleted: the client's next block rewrites it (`record_block`).
+    entry.ended_ns = now;
     if result == outcome::SERVED && state.settings.reprocessing_mask != 0 {
         state.woken = WokenClient {
             client,
@@ -327,21 +357,18 @@ pub fn redis_unblock_client_ret(_ctx: RetProbeContext) -> u32 {
 /// 7.2+ wakes every client blocked on a key that became ready and re-runs its command; one
 /// that finds nothing (another client took the element, a stream entry below its ID) blocks
 /// again, with `CLIENT_REPROCESSING_COMMAND` set and its first deadline kept. That is the same
-/// call: its provisional `served` is taken back and its entry restored, and the fan-out is not
-/// counted twice. Returns whether this block was such a re-block.
+/// call: its provisional `served` is taken back and its entry is to be restored, and the
+/// fan-out is not counted twice. Returns the call as it was if this block is such a re-block.
 #[inline(always)]
-fn reblocked(state: &mut RedisProcState, key: &BlockedKey, now: u64) -> bool {
+fn reblocked(state: &mut RedisProcState, key: &BlockedKey, now: u64) -> Option<BlockedClient> {
     let woken = &mut state.woken;
     if woken.client != key.client || now.saturating_sub(woken.woken_ns) > REBLOCK_WINDOW_NS {
-        return false;
+        return None;
     }
     let at = key.client + state.settings.reprocessing_offset as u64;
-    let flag_byte: u8 = match unsafe { bpf_probe_read_user(at as *const u8) } {
-        Ok(b) => b,
-        Err(_) => return false,
-    };
+    let flag_byte: u8 = unsafe { bpf_probe_read_user(at as *const u8) }.ok()?;
     if flag_byte as u32 & state.settings.reprocessing_mask == 0 {
-        return false;
+        return None;
     }
     let blocked = woken.blocked;
     // Used up: a later block of this client is a new call.
@@ -349,11 +376,8 @@ fn reblocked(state: &mut RedisProcState, key: &BlockedKey, now: u64) -> bool {
     let served_ns = woken.woken_ns.saturating_sub(blocked.start_ns);
     state.durations[RedisProcState::btype_slot(blocked.btype)][outcome::SERVED as usize]
         .unrecord(served_ns);
-    if BLOCKED_CLIENTS.insert(key, &blocked, 0).is_err() {
-        bump(ProbeCounter::BlockedClientInsertFailed);
-    }
     hit(state, point::REBLOCKED);
-    true
+    Some(blocked)
 }
 
 /// Whether `unblockClient` was called by a serve function: its return address, on top of the

@@ -501,6 +501,24 @@ impl AgentState {
         self.snapshot_from(walked)
     }
 
+    /// Clears the kernel's blocked-client entries that no block needs any more
+    /// ([`crate::ebpf::redis::RedisMaps::sweep`]). Runs before every snapshot, for the gauges
+    /// and the missed unblocks, and at every rescan, so that entries go without a scraper too.
+    pub fn sweep_blocked_clients(&mut self) {
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let swept = probes
+            .redis
+            .sweep(now_ms, crate::ebpf::redis::monotonic_ns());
+        if swept > 0 {
+            tracing::warn!(clients = swept, "blocked clients still recorded after their deadline: their unblock was not seen; removed and counted as missed unblocks");
+        }
+    }
+
     /// The metrics, from what [`AgentState::snapshot_walk`] read and the kernel's maps.
     /// Processes found gone are dropped; processes no longer tracked since the walk are
     /// skipped.
@@ -574,15 +592,7 @@ impl AgentState {
             }
         }
 
-        if let Some(probes) = self.probes.as_mut() {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            let swept = probes.redis.sweep_overdue(now_ms);
-            if swept > 0 {
-                tracing::warn!(clients = swept, "blocked clients still recorded after their deadline: their unblock was not seen; removed and counted as missed unblocks");
-            }
-        }
+        self.sweep_blocked_clients();
         self.set_redis_addresses(walked.addresses);
         let redis_readings = self
             .probes

@@ -208,6 +208,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 // What is set up now matches discovery, unless a change went astray; and no
                 // kernel filter entry outlives its process.
                 shared.lock("rescan_mend").mend_tracking();
+                shared.lock("blocked_sweep").sweep_blocked_clients();
                 // Give freed heap pages back to the kernel (a burst of processes or scrapes
                 // otherwise stays in the agent's RSS). Milliseconds at most, every rescan.
                 // SAFETY: malloc_trim only releases free memory of the allocator.

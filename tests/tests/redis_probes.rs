@@ -17,6 +17,7 @@ use std::{
 
 use fanout::{ebpf::uprobe_multi::resolve_file_offsets, redis::binary::RedisBinary};
 use integration_tests::{
+    bpftool::{entry_bytes, map_dump, u32_at, u64_at},
     mapped_byte,
     prom::Scrape,
     require_root,
@@ -80,6 +81,7 @@ per_build!(
     two_redis_servers_get_separate_series,
     attaching_detaching_and_restarting_the_agent_never_disturbs_redis_clients,
     with_io_threads_forty_clients_at_once_are_counted_exactly,
+    a_client_that_blocks_again_reuses_its_entry_until_it_stays_away,
 );
 
 const KEYS: &str = "redis_blocking_keys";
@@ -1263,4 +1265,104 @@ fn a_client_recorded_past_its_deadline_is_dropped_not_left_in_the_gauges() {
     );
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), 0.0);
     assert_eq!(count(&s, KEYS, &pid, &[]), 1.0);
+}
+
+/// `BLOCKED_CLIENTS` entries of process `tgid`, as (client, block ended): the key is
+/// (tgid, pad, client) and the value starts with (start_ns, ended_ns).
+fn blocked_client_entries(tgid: u32) -> Vec<(u64, bool)> {
+    map_dump("BLOCKED_CLIENTS")
+        .iter()
+        .filter_map(|e| {
+            let key = entry_bytes(e, "key");
+            let value = entry_bytes(e, "value");
+            (u32_at(&key, 0) == tgid).then(|| (u64_at(&key, 8), u64_at(&value, 8) != 0))
+        })
+        .collect()
+}
+
+/// A client's kernel entry outlives its block, marked ended, and its next block rewrites it
+/// in place: a worker's connection costs no map insert and delete per pop. Every pop is still
+/// counted exactly, and the entry is let go once the client stays away (the agent's
+/// `ENDED_KEEP_NS`, 5 s), after which a block is recorded anew.
+fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisBuild) {
+    require_root();
+    const ROUNDS: usize = 20;
+    let (redis, agent, pid) = start(build);
+    let tgid = redis.pid();
+    let mut waiter = Conn::connect(redis.port).unwrap();
+    let blocked_in_redis = |n: usize| {
+        wait_for(
+            &format!("{n} clients blocked in Redis"),
+            Duration::from_secs(5),
+            || {
+                let info = redis.command(&["INFO", "clients"]);
+                (info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("blocked_clients:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    == Some(n))
+                .then_some(())
+            },
+        )
+    };
+    let served_pop = |waiter: &mut Conn| {
+        waiter.send(&["BRPOP", "reuse", "30"]).unwrap();
+        blocked_in_redis(1);
+        assert_eq!(redis.command(&["LPUSH", "reuse", "job"]), ":1\r\n");
+        let reply = waiter.read().unwrap();
+        assert!(matches!(reply, Reply::Array(Some(_))), "{reply:?}");
+    };
+    let mut clients = BTreeSet::new();
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            served_pop(&mut waiter);
+        } else {
+            let reply = waiter.call(&["BRPOP", "reuse", "0.05"]).unwrap();
+            assert!(reply.is_nil(), "{reply:?}");
+        }
+        let entries = blocked_client_entries(tgid);
+        assert_eq!(
+            entries.len(),
+            1,
+            "round {round}: one entry, the connection's, kept: {entries:?}"
+        );
+        assert!(entries[0].1, "round {round}: marked ended: {entries:?}");
+        clients.insert(entries[0].0);
+    }
+    assert_eq!(clients.len(), 1, "one client throughout: {clients:?}");
+    let s = agent.scrape();
+    assert_eq!(count(&s, KEYS, &pid, &[]), ROUNDS as f64);
+    let half = (ROUNDS / 2) as f64;
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), half);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "timeout")]), half);
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 0.0);
+    assert_eq!(
+        s.sum("redis_clients_blocked", &[("process_pid", &pid)]),
+        0.0,
+        "an ended entry is not a blocked client"
+    );
+    assert_eq!(
+        s.sum("redis_blocking_registrations", &[("process_pid", &pid)]),
+        0.0
+    );
+
+    // The client stays away: a scrape after the keep period sweeps its entry.
+    let stayed_away = Instant::now();
+    wait_for("the ended entry let go", Duration::from_secs(15), || {
+        agent.scrape();
+        blocked_client_entries(tgid).is_empty().then_some(())
+    });
+    assert!(
+        stayed_away.elapsed() >= Duration::from_secs(4),
+        "let go after {:?}, before the keep period",
+        stayed_away.elapsed()
+    );
+    served_pop(&mut waiter);
+    let s = agent.scrape();
+    assert_eq!(count(&s, KEYS, &pid, &[]), ROUNDS as f64 + 1.0);
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "served")]),
+        half + 1.0
+    );
+    assert_eq!(blocked_client_entries(tgid).len(), 1);
 }

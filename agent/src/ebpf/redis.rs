@@ -1,23 +1,27 @@
 //! The Redis-side uprobes: attaching them once per binary (every process running that binary
 //! is then covered, and attributed by tgid in the kernel), and reading their maps.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    os::fd::AsFd as _,
+};
 
 use agent_common::{
     maps, programs,
     redis::{
         point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, KeysCost, PhaseTime,
-        RedisProcState, RedisProcess, BTYPE_SLOTS, KEY_BUCKETS, OUTCOMES,
+        RedisProcState, RedisProcess, BTYPE_SLOTS, KEY_BUCKETS, MAX_BLOCKED_CLIENTS, OUTCOMES,
     },
 };
 use aya::{
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, IterableMap as _, MapData},
     programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     Ebpf,
 };
 
 use super::{
     attach_uprobe, detach_uprobes_in_background, load_programs, log_probe_site, take_map,
+    uprobe_multi::{lookup_and_delete, ENOTSUPP},
     ProbeError,
 };
 use crate::redis::{
@@ -327,6 +331,45 @@ pub struct RedisReadings {
 /// so only a stalled server (a long script, SIGSTOP) comes near this.
 pub const OVERDUE_GRACE_MS: i64 = 2_000;
 
+/// How long the entry of a client whose block ended is kept for its next block, which then
+/// rewrites it in place instead of inserting it (the kernel's `record_block`). A worker's
+/// connection blocks again as soon as its job is done, well within this; a client seen less
+/// often costs an insert and a delete per block, as every block did before.
+pub const ENDED_KEEP_NS: u64 = 5_000_000_000;
+
+/// With more entries than this (half the map), ended ones go whatever their age: the room is
+/// for clients blocked now, and an insert refused for want of it loses a block.
+const CROWDED_ENTRIES: usize = MAX_BLOCKED_CLIENTS as usize / 2;
+
+/// `BPF_NOEXIST`.
+const BPF_NOEXIST: u64 = 1;
+
+/// Why [`RedisMaps::sweep`] removes a `BLOCKED_CLIENTS` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// Blocked past its deadline and the grace: its unblock was missed.
+    Overdue,
+    /// Ended more than [`ENDED_KEEP_NS`] ago, or ended at all when the map is crowded.
+    LetGo,
+}
+
+impl Removal {
+    fn of(
+        entry: &BlockedClient,
+        now_unix_ms: i64,
+        now_mono_ns: u64,
+        crowded: bool,
+    ) -> Option<Self> {
+        if entry.is_blocked() {
+            (entry.deadline_ms > 0 && now_unix_ms > entry.deadline_ms + OVERDUE_GRACE_MS)
+                .then_some(Self::Overdue)
+        } else {
+            (crowded || now_mono_ns.saturating_sub(entry.ended_ns) > ENDED_KEEP_NS)
+                .then_some(Self::LetGo)
+        }
+    }
+}
+
 pub struct RedisMaps {
     procs: HashMap<MapData, u32, RedisProcState>,
     blocked: HashMap<MapData, BlockedKey, BlockedClient>,
@@ -335,7 +378,7 @@ pub struct RedisMaps {
     /// only count was taken back (a woken client that blocked again) stays exported, at zero.
     exported_durations: StdHashMap<u32, BTreeSet<(u32, u32)>>,
     attachments: StdHashMap<BinaryId, Attachment>,
-    /// Per tgid: blocked clients removed by [`RedisMaps::sweep_overdue`], that is unblocks no
+    /// Per tgid: blocked clients removed by [`RedisMaps::sweep`], that is unblocks no
     /// probe saw. Counted as missed unblocks.
     unseen_unblocks: StdHashMap<u32, u64>,
     /// Why the uprobe programs could not be loaded, if they could not.
@@ -460,26 +503,73 @@ impl RedisMaps {
         }
     }
 
-    /// Removes blocked clients whose deadline passed more than [`OVERDUE_GRACE_MS`] ago: their
-    /// unblock was missed, and left in place they would hold the gauges up for ever. Each is
-    /// counted as a missed unblock of its process. Returns how many were removed.
-    pub fn sweep_overdue(&mut self, now_unix_ms: i64) -> u64 {
-        let overdue: Vec<BlockedKey> = self
-            .blocked
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| c.deadline_ms > 0 && now_unix_ms > c.deadline_ms + OVERDUE_GRACE_MS)
-            .map(|(k, _)| k)
-            .collect();
+    /// Removes from `BLOCKED_CLIENTS` what no block needs any more, and returns how many
+    /// blocked clients it removed as missed unblocks:
+    /// - blocked clients whose deadline passed more than [`OVERDUE_GRACE_MS`] ago: their
+    ///   unblock was missed, and left in place they would hold the gauges up for ever. Each is
+    ///   counted as a missed unblock of its process;
+    /// - entries whose block ended more than [`ENDED_KEEP_NS`] ago (the client went away or
+    ///   blocks seldom), or any ended one when the map is crowded.
+    ///
+    /// The kernel may rewrite an entry between this walk and its delete (the client blocked
+    /// again): each delete returns the value it removed, and one that is not what the walk saw
+    /// is put back. What that cannot catch: a probe that looked the entry up before the
+    /// delete and writes it after (a block starting in the same ~100 ns, of a client idle for
+    /// [`ENDED_KEEP_NS`]): that block goes unrecorded, and its end unseen.
+    /// `now_mono_ns` is `CLOCK_MONOTONIC`, the probes' clock.
+    pub fn sweep(&mut self, now_unix_ms: i64, now_mono_ns: u64) -> u64 {
+        let entries: Vec<(BlockedKey, BlockedClient)> =
+            self.blocked.iter().filter_map(Result::ok).collect();
+        let crowded = entries.len() > CROWDED_ENTRIES;
         let mut removed = 0;
-        for key in overdue {
-            // The kernel may have seen the unblock meanwhile: count only what this removed.
-            if self.blocked.remove(&key).is_ok() {
-                *self.unseen_unblocks.entry(key.tgid).or_default() += 1;
-                removed += 1;
+        for (key, seen) in entries {
+            let Some(why) = Removal::of(&seen, now_unix_ms, now_mono_ns, crowded) else {
+                continue;
+            };
+            match self.delete_if_unchanged(&key, &seen) {
+                Ok(true) if why == Removal::Overdue => {
+                    *self.unseen_unblocks.entry(key.tgid).or_default() += 1;
+                    removed += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot remove a blocked-client entry");
+                }
             }
         }
         removed
+    }
+
+    /// Deletes `key` if its entry is still `seen`; returns whether it did. An entry the kernel
+    /// rewrote since it was read is left as the kernel made it.
+    fn delete_if_unchanged(
+        &mut self,
+        key: &BlockedKey,
+        seen: &BlockedClient,
+    ) -> std::io::Result<bool> {
+        match lookup_and_delete::<BlockedKey, BlockedClient>(self.blocked.map().fd().as_fd(), key) {
+            Ok(None) => Ok(false),
+            Ok(Some(deleted)) if deleted == *seen => Ok(true),
+            Ok(Some(rewritten)) => {
+                // Unless the kernel inserted it again meanwhile (then its entry is newer).
+                let _ = self.blocked.insert(key, rewritten, BPF_NOEXIST);
+                Ok(false)
+            }
+            // Kernels before 5.14 have no look-up-and-delete for hash maps: a re-read and a
+            // plain delete, whose window is this syscall's.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                match self.blocked.get(key, 0) {
+                    Ok(now) if now == *seen => Ok(self.blocked.remove(key).is_ok()),
+                    _ => Ok(false),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Keeps the kernel's monotonic-to-Unix-time offset current (timeouts are Unix ms).
@@ -515,6 +605,9 @@ impl RedisMaps {
             r.bookkeeping_by_keys = state.bookkeeping_by_keys;
         }
         for (key, client) in self.blocked.iter().filter_map(Result::ok) {
+            if !client.is_blocked() {
+                continue;
+            }
             let r = out.entry(key.tgid).or_default();
             r.blocked_clients += 1;
             r.registrations += client.numkeys as u64;
@@ -528,14 +621,77 @@ impl RedisMaps {
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns.
 pub fn clock_offset_ns() -> i64 {
-    let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the probes' `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+    const NOW_NS: u64 = 3_600_000_000_000;
+
+    fn blocked(deadline_ms: i64) -> BlockedClient {
+        BlockedClient {
+            start_ns: NOW_NS - 1_000_000_000,
+            deadline_ms,
+            numkeys: 3,
+            ..Default::default()
+        }
+    }
+
+    fn ended(ago_ns: u64) -> BlockedClient {
+        BlockedClient {
+            ended_ns: NOW_NS - ago_ns,
+            ..blocked(NOW_MS)
+        }
+    }
+
+    #[test]
+    fn a_blocked_client_goes_only_past_its_deadline_and_the_grace() {
+        let of = |entry: &BlockedClient, crowded| Removal::of(entry, NOW_MS, NOW_NS, crowded);
+        assert_eq!(of(&blocked(NOW_MS - OVERDUE_GRACE_MS), false), None);
+        assert_eq!(
+            of(&blocked(NOW_MS - OVERDUE_GRACE_MS - 1), false),
+            Some(Removal::Overdue)
+        );
+        // Blocked for ever (timeout 0), and in a crowded map: its block is not over.
+        assert_eq!(of(&blocked(0), false), None);
+        assert_eq!(of(&blocked(NOW_MS + 60_000), true), None);
+    }
+
+    #[test]
+    fn an_ended_entry_is_kept_for_the_clients_next_block_unless_the_map_is_crowded() {
+        let of = |entry: &BlockedClient, crowded| Removal::of(entry, NOW_MS, NOW_NS, crowded);
+        assert_eq!(of(&ended(ENDED_KEEP_NS), false), None);
+        assert_eq!(of(&ended(ENDED_KEEP_NS + 1), false), Some(Removal::LetGo));
+        assert_eq!(of(&ended(1), true), Some(Removal::LetGo));
+        // Its deadline is that of the ended block: long past, and no reason to go.
+        let long_ago = BlockedClient {
+            deadline_ms: NOW_MS - 3_600_000,
+            ..ended(1)
+        };
+        assert_eq!(of(&long_ago, false), None);
+        // An end stamped after this reading of the clock (another CPU) is recent.
+        let just_now = BlockedClient {
+            ended_ns: NOW_NS + 5,
+            ..blocked(0)
+        };
+        assert_eq!(of(&just_now, false), None);
+    }
 }

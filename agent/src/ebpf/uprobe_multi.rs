@@ -125,12 +125,13 @@ pub const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
 
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_BTF_LOAD: u32 = 18;
 const BPF_LINK_CREATE: u32 = 28;
 pub(crate) const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 /// The kernel-internal "not supported" errno, which some paths return to user space.
-const ENOTSUPP: i32 = 524;
+pub(crate) const ENOTSUPP: i32 = 524;
 /// The kernel's limit on offsets per link (`MAX_UPROBE_MULTI_CNT`).
 pub const MAX_OFFSETS: usize = 1 << 20;
 /// Environment variable that, set to `0`, makes [`supported`] say no.
@@ -279,7 +280,7 @@ struct LinkInfoHead {
     _pad: u32,
 }
 
-/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM`.
+/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM` and `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 struct MapElemAttr {
@@ -288,6 +289,29 @@ struct MapElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// Deletes `key` from a hash map and returns the value it had at that moment
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux 5.14; aya 0.14 has it for queues
+/// and stacks only), or `None` if the key was absent. A delete that must know what it deleted,
+/// when the kernel side may have rewritten the entry since it was read. `K` and `V` must be
+/// the map's exact key and value types (plain `#[repr(C)]` data).
+pub(crate) fn lookup_and_delete<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub(crate) fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
@@ -1428,6 +1452,10 @@ mod tests {
         assert_eq!(g::bpf_cmd::BPF_BTF_LOAD as u32, BPF_BTF_LOAD);
         assert_eq!(g::bpf_cmd::BPF_LINK_CREATE as u32, BPF_LINK_CREATE);
         assert_eq!(g::bpf_cmd::BPF_MAP_UPDATE_ELEM as u32, BPF_MAP_UPDATE_ELEM);
+        assert_eq!(
+            g::bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM as u32,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM
+        );
         assert_eq!(
             g::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as u32,
             BPF_OBJ_GET_INFO_BY_FD

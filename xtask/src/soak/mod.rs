@@ -38,6 +38,12 @@ use collector::{Collector, Mood};
 use sample::Sample;
 use servers::{Server, Style};
 
+/// How long the clients are paused before the baseline and the final sample: a second for
+/// reads in flight, plus the time the agent keeps a client's blocked-client entry after its
+/// block ended (`ENDED_KEEP_NS` in the agent's `ebpf::redis`, 5 s), swept at the next
+/// scrape (Prometheus scrapes every second here).
+const PAUSED_SETTLE: Duration = Duration::from_secs(7);
+
 /// How long, how often, and where to write.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Plan {
@@ -387,7 +393,7 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     // Baseline and final are taken with every client paused: the maps then hold only what
     // live processes need, not blocked clients or reads in flight.
     loads.stop();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(PAUSED_SETTLE);
     sampled(&agent, "baseline", &mut outcome, true);
     let baseline = outcome.samples.last().cloned().unwrap_or_default();
     let mut loads = Loads::start(steady.port, &ports);
@@ -480,7 +486,7 @@ fn soak(bin: &std::path::Path, plan: &Plan) -> Result<Outcome> {
     stop_exact.store(true, Ordering::Relaxed);
     let _ = exact.join();
     loads.stop();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(PAUSED_SETTLE);
     sampled(&agent, "final", &mut outcome, true);
     let last = outcome.samples.last().cloned().unwrap_or_default();
 
