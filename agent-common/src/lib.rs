@@ -48,6 +48,10 @@ pub mod maps {
     /// [`crate::redis::BlockedKey`] -> [`crate::redis::BlockedClient`]: clients blocked now, and
     /// clients whose block ended lately (kept to be rewritten at their next block).
     pub const BLOCKED_CLIENTS: &str = "BLOCKED_CLIENTS";
+    /// The same as [`BLOCKED_CLIENTS`], for clients beyond its
+    /// [`crate::redis::HOT_BLOCKED_CLIENTS`]. (The kernel keeps 15 characters of a map's
+    /// name, which is what bpftool finds it by.)
+    pub const BLOCKED_SPILL: &str = "BLOCKED_SPILL";
     /// [0] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by the agent.
     pub const CLOCK_OFFSET: &str = "CLOCK_OFFSET";
     /// [`crate::pidset`] of the workers followed through the syscall tracepoints.

@@ -17,8 +17,9 @@
 
 use agent_common::redis::{
     flags, outcome, phase, phase_cost, point, served_by, BlockedClient, BlockedKey, KeyHistogram,
-    RedisProcState, RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, KEY_BUCKETS,
-    MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES, MAX_SERVING_RETURNS, OUTCOMES, REBLOCK_WINDOW_NS,
+    RedisProcState, RedisProcess, WokenClient, BSTATE_TIMEOUT, DICT_USED, HOT_BLOCKED_CLIENTS,
+    KEY_BUCKETS, MAX_BLOCKED_CLIENTS, MAX_REDIS_PROCESSES, MAX_SERVING_RETURNS, OUTCOMES,
+    REBLOCK_WINDOW_NS,
 };
 use agent_common::sched::ProbeCounter;
 use aya_ebpf::{
@@ -30,7 +31,7 @@ use aya_ebpf::{
 
 use crate::{counters::bump, sched::current_arrivals};
 
-/// `BPF_F_NO_PREALLOC`: entries are allocated as processes are tracked (each is ~10 KiB).
+/// `BPF_F_NO_PREALLOC`: entries are allocated as they are added, not reserved at load.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// tgid -> the process's settings and counters. Written by the agent when it starts tracking
@@ -42,10 +43,37 @@ static REDIS_PROCS: HashMap<u32, RedisProcState> =
 /// Clients blocked now, and clients whose block ended lately (`BlockedClient::ended_ns`),
 /// kept so that their next block is a write in place. A plain hash (not LRU): entries whose
 /// unblock was missed are found by the agent (past their deadline) or by the next block of
-/// the same client, and the agent removes entries ended a few seconds ago.
+/// the same client, and the agent removes entries ended a few seconds ago. Small, so that
+/// its buckets are in the kernel's direct map (see `HOT_BLOCKED_CLIENTS`); entries are
+/// allocated as clients come, so both tiers together hold only what is in use.
 #[map]
 static BLOCKED_CLIENTS: HashMap<BlockedKey, BlockedClient> =
-    HashMap::with_max_entries(MAX_BLOCKED_CLIENTS, 0);
+    HashMap::with_max_entries(HOT_BLOCKED_CLIENTS, BPF_F_NO_PREALLOC);
+
+/// Clients that found `BLOCKED_CLIENTS` full. Looked in only when a client is not there:
+/// a client's first block, and the clients beyond the first tier's room.
+#[map]
+static BLOCKED_SPILL: HashMap<BlockedKey, BlockedClient> =
+    HashMap::with_max_entries(MAX_BLOCKED_CLIENTS, BPF_F_NO_PREALLOC);
+
+/// A client's entry, in whichever tier holds it.
+#[inline(always)]
+fn blocked_entry(key: &BlockedKey) -> Option<*mut BlockedClient> {
+    match BLOCKED_CLIENTS.get_ptr_mut(key) {
+        Some(entry) => Some(entry),
+        None => BLOCKED_SPILL.get_ptr_mut(key),
+    }
+}
+
+/// Adds the entry of a client neither tier holds: in the first tier while it has room.
+#[inline(always)]
+fn insert_blocked(key: &BlockedKey, blocked: &BlockedClient) {
+    if BLOCKED_CLIENTS.insert(key, blocked, 0).is_err()
+        && BLOCKED_SPILL.insert(key, blocked, 0).is_err()
+    {
+        bump(ProbeCounter::BlockedClientInsertFailed);
+    }
+}
 
 #[map]
 static CLOCK_OFFSET: Array<i64> = Array::with_max_entries(1, 0);
@@ -178,7 +206,7 @@ fn record_block(
         _pad: 0,
         client,
     };
-    let entry = BLOCKED_CLIENTS.get_ptr_mut(&key);
+    let entry = blocked_entry(&key);
     let again = if state.settings.reprocessing_mask != 0 {
         reblocked(state, &key, now)
     } else {
@@ -210,11 +238,7 @@ fn record_block(
         // writes this entry meanwhile; the agent only deletes entries, those ended seconds
         // ago or blocked past their deadline (`RedisMaps::sweep`).
         Some(entry) => unsafe { *entry = blocked },
-        None => {
-            if BLOCKED_CLIENTS.insert(&key, &blocked, 0).is_err() {
-                bump(ProbeCounter::BlockedClientInsertFailed);
-            }
-        }
+        None => insert_blocked(&key, &blocked),
     }
 }
 
@@ -235,7 +259,7 @@ pub fn redis_reply_timed_out(ctx: ProbeContext) -> u32 {
     let Some(client) = ctx.arg::<u64>(0) else {
         return 0;
     };
-    if let Some(blocked) = BLOCKED_CLIENTS.get_ptr_mut(&BlockedKey {
+    if let Some(blocked) = blocked_entry(&BlockedKey {
         tgid,
         _pad: 0,
         client,
@@ -306,7 +330,7 @@ fn unblock(ctx: &ProbeContext, requeue: Option<u32>) -> u32 {
     // Clients blocked before the agent attached, and non-key blocking (WAIT, modules that do
     // not block on keys), have no entry, or one whose last block ended: nothing is known
     // about them.
-    let Some(entry) = BLOCKED_CLIENTS.get_ptr_mut(&key) else {
+    let Some(entry) = blocked_entry(&key) else {
         return 0;
     };
     let entry = unsafe { &mut *entry };

@@ -71,6 +71,10 @@ macro_rules! per_build {
     )+};
 }
 
+/// Clients in the first map of blocked clients (`HOT_BLOCKED_CLIENTS`); the rest go to
+/// `BLOCKED_SPILL`.
+const HOT_BLOCKED_CLIENTS: usize = 2048;
+
 per_build!(
     fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly,
     ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each,
@@ -134,6 +138,15 @@ fn brpop(keys: &[String], timeout: &str) -> Vec<String> {
     args.extend(keys.iter().cloned());
     args.push(timeout.into());
     args
+}
+
+/// `blocked_clients` of Redis's `INFO clients`.
+fn blocked_clients_in(redis: &Redis) -> Option<usize> {
+    redis
+        .command(&["INFO", "clients"])
+        .lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn keys(prefix: &str, n: usize) -> Vec<String> {
@@ -748,11 +761,7 @@ fn with_io_threads_forty_clients_at_once_are_counted_exactly(build: RedisBuild) 
             &format!("{n} clients blocked, seen by Redis and by the agent"),
             Duration::from_secs(10),
             || {
-                let info = redis.command(&["INFO", "clients"]);
-                let redis_says = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("blocked_clients:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let redis_says = blocked_clients_in(&redis);
                 let agent_says = agent
                     .scrape()
                     .sum("redis_clients_blocked", &[("process_pid", &pid)]);
@@ -1267,10 +1276,16 @@ fn a_client_recorded_past_its_deadline_is_dropped_not_left_in_the_gauges() {
     assert_eq!(count(&s, KEYS, &pid, &[]), 1.0);
 }
 
-/// `BLOCKED_CLIENTS` entries of process `tgid`, as (client, block ended): the key is
-/// (tgid, pad, client) and the value starts with (start_ns, ended_ns).
+/// `BLOCKED_CLIENTS` entries of process `tgid`, as (client, block ended).
 fn blocked_client_entries(tgid: u32) -> Vec<(u64, bool)> {
-    map_dump("BLOCKED_CLIENTS")
+    tier_entries("BLOCKED_CLIENTS", tgid)
+}
+
+/// The entries of process `tgid` in one tier of blocked clients (`BLOCKED_CLIENTS` or
+/// `BLOCKED_SPILL`), as (client, block ended): the key is (tgid, pad, client) and the
+/// value starts with (start_ns, ended_ns).
+fn tier_entries(map: &str, tgid: u32) -> Vec<(u64, bool)> {
+    map_dump(map)
         .iter()
         .filter_map(|e| {
             let key = entry_bytes(e, "key");
@@ -1294,15 +1309,7 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
         wait_for(
             &format!("{n} clients blocked in Redis"),
             Duration::from_secs(5),
-            || {
-                let info = redis.command(&["INFO", "clients"]);
-                (info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("blocked_clients:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    == Some(n))
-                .then_some(())
-            },
+            || (blocked_clients_in(&redis) == Some(n)).then_some(()),
         )
     };
     let served_pop = |waiter: &mut Conn| {
@@ -1365,4 +1372,105 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
         half + 1.0
     );
     assert_eq!(blocked_client_entries(tgid).len(), 1);
+}
+
+/// More clients blocked at once than the first map of blocked clients holds: the rest are
+/// recorded in the spill map (`BLOCKED_SPILL`), and every block is counted exactly, served and timed out,
+/// in both (their second blocks rewrite their entries in place in whichever map holds them).
+#[test]
+fn clients_beyond_the_first_maps_room_are_recorded_in_the_spill_map_and_counted_exactly() {
+    require_root();
+    const EXTRA: usize = 100;
+    const CLIENTS: usize = HOT_BLOCKED_CLIENTS + EXTRA;
+    // One socket per client, in this process and in Redis (which raises its own limit to
+    // its maxclients, 10000 by default).
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let want = (CLIENTS as u64 + 512).min(limit.rlim_max);
+    limit.rlim_cur = limit.rlim_cur.max(want);
+    // SAFETY: valid pointer to an rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert!(
+        limit.rlim_cur >= CLIENTS as u64 + 64,
+        "this test needs {} open files; the hard limit is {}",
+        CLIENTS + 64,
+        limit.rlim_max
+    );
+    let (redis, agent, pid) = start(RedisBuild::V7_0);
+    let tgid = redis.pid();
+    let gauges = |clients: usize| {
+        wait_for(
+            &format!("{clients} clients blocked, seen by the agent"),
+            Duration::from_secs(20),
+            || {
+                let s = agent.scrape();
+                (s.sum("redis_clients_blocked", &[("process_pid", &pid)]) == clients as f64
+                    && s.sum("redis_blocking_registrations", &[("process_pid", &pid)])
+                        == clients as f64)
+                    .then_some(())
+            },
+        )
+    };
+    let key = |i: usize| format!("overflow:{i}");
+    let mut conns: Vec<Conn> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = Conn::connect(redis.port).unwrap();
+            c.send(&["BRPOP", &key(i), "60"]).unwrap();
+            c
+        })
+        .collect();
+    gauges(CLIENTS);
+    let in_tier = |map: &str| {
+        let entries = tier_entries(map, tgid);
+        assert!(
+            entries.iter().all(|(_, ended)| !ended),
+            "{map}: all blocked"
+        );
+        entries.len()
+    };
+    assert_eq!(in_tier("BLOCKED_CLIENTS"), HOT_BLOCKED_CLIENTS);
+    assert_eq!(in_tier("BLOCKED_SPILL"), EXTRA);
+
+    for i in 0..CLIENTS {
+        assert_eq!(redis.command(&["LPUSH", &key(i), "job"]), ":1\r\n");
+    }
+    for c in &mut conns {
+        let reply = c.read().unwrap();
+        assert!(matches!(reply, Reply::Array(Some(_))), "{reply:?}");
+    }
+    gauges(0);
+    // Each blocks once more, rewriting its entry in place, and times out.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.send(&["BRPOP", &key(i), "1"]).unwrap();
+    }
+    for c in &mut conns {
+        assert!(c.read().unwrap().is_nil());
+    }
+    gauges(0);
+    let ended = |map: &str| {
+        tier_entries(map, tgid)
+            .iter()
+            .filter(|(_, ended)| *ended)
+            .count()
+    };
+    assert_eq!(ended("BLOCKED_CLIENTS"), HOT_BLOCKED_CLIENTS);
+    assert_eq!(ended("BLOCKED_SPILL"), EXTRA);
+    let s = agent.scrape();
+    assert_eq!(count(&s, KEYS, &pid, &[]), 2.0 * CLIENTS as f64);
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "served")]),
+        CLIENTS as f64
+    );
+    assert_eq!(
+        count(&s, DURATION, &pid, &[("outcome", "timeout")]),
+        CLIENTS as f64
+    );
+    assert_eq!(count(&s, DURATION, &pid, &[("outcome", "other")]), 0.0);
+    let lost = [("reason", "blocked_client_map_full")];
+    assert_eq!(s.find("fanout_events_lost_total", &lost).count(), 1);
+    assert_eq!(s.sum("fanout_events_lost_total", &lost), 0.0);
 }

@@ -1,5 +1,6 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
+pub mod blocked_clients;
 pub mod map_usage;
 pub mod narrowing;
 pub mod redis;

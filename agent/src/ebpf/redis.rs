@@ -1,28 +1,24 @@
 //! The Redis-side uprobes: attaching them once per binary (every process running that binary
 //! is then covered, and attributed by tgid in the kernel), and reading their maps.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
-    os::fd::AsFd as _,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 
 use agent_common::{
     maps, programs,
     redis::{
-        point, BlockedClient, BlockedKey, DurationHistogram, KeyHistogram, KeysCost, PhaseTime,
-        RedisProcState, RedisProcess, BTYPE_SLOTS, KEY_BUCKETS, MAX_BLOCKED_CLIENTS, OUTCOMES,
+        point, DurationHistogram, KeyHistogram, KeysCost, PhaseTime, RedisProcState, RedisProcess,
+        BTYPE_SLOTS, KEY_BUCKETS, OUTCOMES,
     },
 };
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, MapData},
+    maps::{Array, HashMap, MapData},
     programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     Ebpf,
 };
 
 use super::{
-    attach_uprobe, detach_uprobes_in_background, load_programs, log_probe_site, take_map,
-    uprobe_multi::{lookup_and_delete, ENOTSUPP},
-    ProbeError,
+    attach_uprobe, blocked_clients::BlockedClients, detach_uprobes_in_background, load_programs,
+    log_probe_site, take_map, ProbeError,
 };
 use crate::redis::{
     binary::{BinaryId, RedisBinary},
@@ -326,53 +322,9 @@ pub struct RedisReadings {
     pub registrations: u64,
 }
 
-/// A blocked client still recorded this long after its deadline was unblocked where no probe
-/// saw it: Redis unblocks a timed-out client in the event-loop iteration after its deadline,
-/// so only a stalled server (a long script, SIGSTOP) comes near this.
-pub const OVERDUE_GRACE_MS: i64 = 2_000;
-
-/// How long the entry of a client whose block ended is kept for its next block, which then
-/// rewrites it in place instead of inserting it (the kernel's `record_block`). A worker's
-/// connection blocks again as soon as its job is done, well within this; a client seen less
-/// often costs an insert and a delete per block, as every block did before.
-pub const ENDED_KEEP_NS: u64 = 5_000_000_000;
-
-/// With more entries than this (half the map), ended ones go whatever their age: the room is
-/// for clients blocked now, and an insert refused for want of it loses a block.
-const CROWDED_ENTRIES: usize = MAX_BLOCKED_CLIENTS as usize / 2;
-
-/// `BPF_NOEXIST`.
-const BPF_NOEXIST: u64 = 1;
-
-/// Why [`RedisMaps::sweep`] removes a `BLOCKED_CLIENTS` entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Removal {
-    /// Blocked past its deadline and the grace: its unblock was missed.
-    Overdue,
-    /// Ended more than [`ENDED_KEEP_NS`] ago, or ended at all when the map is crowded.
-    LetGo,
-}
-
-impl Removal {
-    fn of(
-        entry: &BlockedClient,
-        now_unix_ms: i64,
-        now_mono_ns: u64,
-        crowded: bool,
-    ) -> Option<Self> {
-        if entry.is_blocked() {
-            (entry.deadline_ms > 0 && now_unix_ms > entry.deadline_ms + OVERDUE_GRACE_MS)
-                .then_some(Self::Overdue)
-        } else {
-            (crowded || now_mono_ns.saturating_sub(entry.ended_ns) > ENDED_KEEP_NS)
-                .then_some(Self::LetGo)
-        }
-    }
-}
-
 pub struct RedisMaps {
     procs: HashMap<MapData, u32, RedisProcState>,
-    blocked: HashMap<MapData, BlockedKey, BlockedClient>,
+    blocked: BlockedClients,
     clock: Array<MapData, i64>,
     /// Per tgid: the (btype, outcome) duration histograms exported so far. A histogram whose
     /// only count was taken back (a woken client that blocked again) stays exported, at zero.
@@ -396,7 +348,7 @@ impl RedisMaps {
         let load_error = load_programs(ebpf, all_programs());
         Ok(Self {
             procs: take_map(ebpf, maps::REDIS_PROCS)?,
-            blocked: take_map(ebpf, maps::BLOCKED_CLIENTS)?,
+            blocked: BlockedClients::new(ebpf)?,
             clock: take_map(ebpf, maps::CLOCK_OFFSET)?,
             exported_durations: StdHashMap::new(),
             attachments: StdHashMap::new(),
@@ -480,15 +432,7 @@ impl RedisMaps {
     /// from the binary when no tracked process runs it any more.
     pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32, binary: Option<BinaryId>) {
         let _ = self.procs.remove(&pid);
-        let stale: Vec<BlockedKey> = self
-            .blocked
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in stale {
-            let _ = self.blocked.remove(&k);
-        }
+        self.blocked.release(pid);
         self.exported_durations.remove(&pid);
         self.unseen_unblocks.remove(&pid);
         let Some(attachment) = binary.and_then(|b| self.attachments.get_mut(&b)) else {
@@ -503,73 +447,15 @@ impl RedisMaps {
         }
     }
 
-    /// Removes from `BLOCKED_CLIENTS` what no block needs any more, and returns how many
-    /// blocked clients it removed as missed unblocks:
-    /// - blocked clients whose deadline passed more than [`OVERDUE_GRACE_MS`] ago: their
-    ///   unblock was missed, and left in place they would hold the gauges up for ever. Each is
-    ///   counted as a missed unblock of its process;
-    /// - entries whose block ended more than [`ENDED_KEEP_NS`] ago (the client went away or
-    ///   blocks seldom), or any ended one when the map is crowded.
-    ///
-    /// The kernel may rewrite an entry between this walk and its delete (the client blocked
-    /// again): each delete returns the value it removed, and one that is not what the walk saw
-    /// is put back. What that cannot catch: a probe that looked the entry up before the
-    /// delete and writes it after (a block starting in the same ~100 ns, of a client idle for
-    /// [`ENDED_KEEP_NS`]): that block goes unrecorded, and its end unseen.
-    /// `now_mono_ns` is `CLOCK_MONOTONIC`, the probes' clock.
+    /// Removes the blocked-client entries that no block needs any more
+    /// ([`BlockedClients::sweep`]), and returns how many it removed as missed unblocks (each
+    /// counted as one of its process).
     pub fn sweep(&mut self, now_unix_ms: i64, now_mono_ns: u64) -> u64 {
-        let entries: Vec<(BlockedKey, BlockedClient)> =
-            self.blocked.iter().filter_map(Result::ok).collect();
-        let crowded = entries.len() > CROWDED_ENTRIES;
-        let mut removed = 0;
-        for (key, seen) in entries {
-            let Some(why) = Removal::of(&seen, now_unix_ms, now_mono_ns, crowded) else {
-                continue;
-            };
-            match self.delete_if_unchanged(&key, &seen) {
-                Ok(true) if why == Removal::Overdue => {
-                    *self.unseen_unblocks.entry(key.tgid).or_default() += 1;
-                    removed += 1;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot remove a blocked-client entry");
-                }
-            }
+        let missed = self.blocked.sweep(now_unix_ms, now_mono_ns);
+        for tgid in &missed {
+            *self.unseen_unblocks.entry(*tgid).or_default() += 1;
         }
-        removed
-    }
-
-    /// Deletes `key` if its entry is still `seen`; returns whether it did. An entry the kernel
-    /// rewrote since it was read is left as the kernel made it.
-    fn delete_if_unchanged(
-        &mut self,
-        key: &BlockedKey,
-        seen: &BlockedClient,
-    ) -> std::io::Result<bool> {
-        match lookup_and_delete::<BlockedKey, BlockedClient>(self.blocked.map().fd().as_fd(), key) {
-            Ok(None) => Ok(false),
-            Ok(Some(deleted)) if deleted == *seen => Ok(true),
-            Ok(Some(rewritten)) => {
-                // Unless the kernel inserted it again meanwhile (then its entry is newer).
-                let _ = self.blocked.insert(key, rewritten, BPF_NOEXIST);
-                Ok(false)
-            }
-            // Kernels before 5.14 have no look-up-and-delete for hash maps: a re-read and a
-            // plain delete, whose window is this syscall's.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
-                ) =>
-            {
-                match self.blocked.get(key, 0) {
-                    Ok(now) if now == *seen => Ok(self.blocked.remove(key).is_ok()),
-                    _ => Ok(false),
-                }
-            }
-            Err(e) => Err(e),
-        }
+        missed.len() as u64
     }
 
     /// Keeps the kernel's monotonic-to-Unix-time offset current (timeouts are Unix ms).
@@ -604,7 +490,7 @@ impl RedisMaps {
             r.hits = state.hits;
             r.bookkeeping_by_keys = state.bookkeeping_by_keys;
         }
-        for (key, client) in self.blocked.iter().filter_map(Result::ok) {
+        for (key, client) in self.blocked.entries() {
             if !client.is_blocked() {
                 continue;
             }
@@ -637,61 +523,4 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NOW_MS: i64 = 1_800_000_000_000;
-    const NOW_NS: u64 = 3_600_000_000_000;
-
-    fn blocked(deadline_ms: i64) -> BlockedClient {
-        BlockedClient {
-            start_ns: NOW_NS - 1_000_000_000,
-            deadline_ms,
-            numkeys: 3,
-            ..Default::default()
-        }
-    }
-
-    fn ended(ago_ns: u64) -> BlockedClient {
-        BlockedClient {
-            ended_ns: NOW_NS - ago_ns,
-            ..blocked(NOW_MS)
-        }
-    }
-
-    #[test]
-    fn a_blocked_client_goes_only_past_its_deadline_and_the_grace() {
-        let of = |entry: &BlockedClient, crowded| Removal::of(entry, NOW_MS, NOW_NS, crowded);
-        assert_eq!(of(&blocked(NOW_MS - OVERDUE_GRACE_MS), false), None);
-        assert_eq!(
-            of(&blocked(NOW_MS - OVERDUE_GRACE_MS - 1), false),
-            Some(Removal::Overdue)
-        );
-        // Blocked for ever (timeout 0), and in a crowded map: its block is not over.
-        assert_eq!(of(&blocked(0), false), None);
-        assert_eq!(of(&blocked(NOW_MS + 60_000), true), None);
-    }
-
-    #[test]
-    fn an_ended_entry_is_kept_for_the_clients_next_block_unless_the_map_is_crowded() {
-        let of = |entry: &BlockedClient, crowded| Removal::of(entry, NOW_MS, NOW_NS, crowded);
-        assert_eq!(of(&ended(ENDED_KEEP_NS), false), None);
-        assert_eq!(of(&ended(ENDED_KEEP_NS + 1), false), Some(Removal::LetGo));
-        assert_eq!(of(&ended(1), true), Some(Removal::LetGo));
-        // Its deadline is that of the ended block: long past, and no reason to go.
-        let long_ago = BlockedClient {
-            deadline_ms: NOW_MS - 3_600_000,
-            ..ended(1)
-        };
-        assert_eq!(of(&long_ago, false), None);
-        // An end stamped after this reading of the clock (another CPU) is recent.
-        let just_now = BlockedClient {
-            ended_ns: NOW_NS + 5,
-            ..blocked(0)
-        };
-        assert_eq!(of(&just_now, false), None);
-    }
 }

@@ -40,7 +40,7 @@ use servers::{Server, Style};
 
 /// How long the clients are paused before the baseline and the final sample: a second for
 /// reads in flight, plus the time the agent keeps a client's blocked-client entry after its
-/// block ended (`ENDED_KEEP_NS` in the agent's `ebpf::redis`, 5 s), swept at the next
+/// block ended (`ENDED_KEEP_NS` in the agent's `ebpf::blocked_clients`, 5 s), swept at the next
 /// scrape (Prometheus scrapes every second here).
 const PAUSED_SETTLE: Duration = Duration::from_secs(7);
 
