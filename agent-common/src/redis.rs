@@ -15,9 +15,11 @@ use crate::sched::Log2Histogram;
 
 /// Clients in `BLOCKED_CLIENTS`, the map every block looks in first. Its buckets (16 bytes
 /// each) then fit the 32 KiB that the kernel allocates from its direct map, which is mapped
-/// with huge pages; a larger map's buckets are in vmalloc space, 4 KiB pages, and a probe
-/// that runs after Redis's own work paid a TLB miss there: about 300 ns of every served
-/// pop's program time, measured (the bench's blocking section, 7.0 and 7.4.1).
+/// with huge pages; a larger map's buckets are in vmalloc space, 4 KiB pages. Measured (the
+/// bench's blocking section, 7.0 and 7.4.1): at 65536 entries the unblock probe, the first to
+/// run after Redis's own work, took about 300 ns more per served pop, whether its entries
+/// were preallocated or not; the size of the bucket array alone made the difference, most
+/// likely a TLB miss (the VM it was measured on has no hardware counters to show it).
 pub const HOT_BLOCKED_CLIENTS: u32 = 2048;
 /// Clients in `BLOCKED_SPILL`, where a client goes when `BLOCKED_CLIENTS` is full. With
 /// [`HOT_BLOCKED_CLIENTS`], the most clients blocked at once across all tracked Redis
