@@ -236,7 +236,7 @@ fn record_block(
     match entry {
         // Redis blocks and unblocks a process's clients on its main thread, so no other probe
         // writes this entry meanwhile; the agent only deletes entries, those ended seconds
-        // ago or blocked past their deadline (`RedisMaps::sweep`).
+        // ago or blocked past their deadline (the agent's `BlockedClients::sweep`).
         Some(entry) => unsafe { *entry = blocked },
         None => insert_blocked(&key, &blocked),
     }

@@ -71,10 +71,6 @@ macro_rules! per_build {
     )+};
 }
 
-/// Clients in the first map of blocked clients (`HOT_BLOCKED_CLIENTS`); the rest go to
-/// `BLOCKED_SPILL`.
-const HOT_BLOCKED_CLIENTS: usize = 2048;
-
 per_build!(
     fanout_and_outcomes_of_brpop_with_1_5_and_440_keys_are_counted_exactly,
     ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each,
@@ -1276,11 +1272,6 @@ fn a_client_recorded_past_its_deadline_is_dropped_not_left_in_the_gauges() {
     assert_eq!(count(&s, KEYS, &pid, &[]), 1.0);
 }
 
-/// `BLOCKED_CLIENTS` entries of process `tgid`, as (client, block ended).
-fn blocked_client_entries(tgid: u32) -> Vec<(u64, bool)> {
-    tier_entries("BLOCKED_CLIENTS", tgid)
-}
-
 /// The entries of process `tgid` in one tier of blocked clients (`BLOCKED_CLIENTS` or
 /// `BLOCKED_SPILL`), as (client, block ended): the key is (tgid, pad, client) and the
 /// value starts with (start_ns, ended_ns).
@@ -1327,7 +1318,7 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
             let reply = waiter.call(&["BRPOP", "reuse", "0.05"]).unwrap();
             assert!(reply.is_nil(), "{reply:?}");
         }
-        let entries = blocked_client_entries(tgid);
+        let entries = tier_entries("BLOCKED_CLIENTS", tgid);
         assert_eq!(
             entries.len(),
             1,
@@ -1357,7 +1348,9 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
     let stayed_away = Instant::now();
     wait_for("the ended entry let go", Duration::from_secs(15), || {
         agent.scrape();
-        blocked_client_entries(tgid).is_empty().then_some(())
+        tier_entries("BLOCKED_CLIENTS", tgid)
+            .is_empty()
+            .then_some(())
     });
     assert!(
         stayed_away.elapsed() >= Duration::from_secs(4),
@@ -1371,7 +1364,7 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
         count(&s, DURATION, &pid, &[("outcome", "served")]),
         half + 1.0
     );
-    assert_eq!(blocked_client_entries(tgid).len(), 1);
+    assert_eq!(tier_entries("BLOCKED_CLIENTS", tgid).len(), 1);
 }
 
 /// More clients blocked at once than the first map of blocked clients holds: the rest are
@@ -1380,6 +1373,8 @@ fn a_client_that_blocks_again_reuses_its_entry_until_it_stays_away(build: RedisB
 #[test]
 fn clients_beyond_the_first_maps_room_are_recorded_in_the_spill_map_and_counted_exactly() {
     require_root();
+    // The first map's room, as the probes were built with it; the rest go to BLOCKED_SPILL.
+    const HOT_BLOCKED_CLIENTS: usize = agent_common::redis::HOT_BLOCKED_CLIENTS as usize;
     const EXTRA: usize = 100;
     const CLIENTS: usize = HOT_BLOCKED_CLIENTS + EXTRA;
     // One socket per client, in this process and in Redis (which raises its own limit to
