@@ -51,8 +51,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Only one section, printed rather than written to BENCHMARKS.md (for iterating on
-        /// the worker-side probes, or on what a served pop costs Redis).
-        #[arg(long, value_parser = ["sidekiq", "blocking"])]
+        /// the worker-side probes, or on what a served pop costs Redis); `commands` repeats
+        /// the worker-side program time per plain command alone, for A/B runs of the probes.
+        #[arg(long, value_parser = ["sidekiq", "blocking", "commands"])]
         only: Option<String>,
     },
     /// Run the agent on real parts for a while under injected faults (Redis restarts, worker
@@ -116,6 +117,7 @@ fn main() -> Result<()> {
             match only.as_deref() {
                 Some("sidekiq") => bench::run_sidekiq_only(quick),
                 Some("blocking") => bench::run_blocking_only(quick),
+                Some("commands") => bench::run_commands_only(quick),
                 _ => bench::run(quick),
             }
         }

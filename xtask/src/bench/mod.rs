@@ -21,6 +21,7 @@ pub(crate) mod plot;
 pub(crate) mod report;
 mod untracked;
 
+use std::collections::BTreeMap;
 use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
@@ -458,6 +459,85 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
                 "    {:28} {:6.3} runs x {:6.0} ns = {:7.1} ns",
                 p.name, p.runs_per_op, p.ns_per_run, p.ns_per_op
             );
+        }
+    }
+    Ok(())
+}
+
+/// ns per run of one program over the rounds: in no-op drains, in drains of plain commands.
+type RunsByKind = (Vec<f64>, Vec<f64>);
+
+/// Worker-side program time per plain command alone: for each default-mode variant, `rounds`
+/// pairs of bpf_stats drains (no-op jobs, then jobs that send plain commands), printed with
+/// each program's ns per run and the pair's difference per added command. Medians over the
+/// rounds, because one pair on this shared machine moves by tens of ns. With
+/// `FANOUT_BENCH_COMPARE` set to another build of the agent, every round runs both (in
+/// alternating order), so that a change to the probes is measured A/B in the same minutes.
+pub fn run_commands_only(quick: bool) -> Result<()> {
+    let mut bins = vec![prepare()?];
+    if let Some(other) = std::env::var_os("FANOUT_BENCH_COMPARE") {
+        bins.push(std::path::PathBuf::from(other));
+    }
+    let (rounds, jobs) = if quick { (3, 3000) } else { (5, 6000) };
+    for variant in WORK_JOB_VARIANTS {
+        let mut per_command = vec![Vec::new(); bins.len()];
+        // Per build: each program's ns per run, in the no-op drains and in the others.
+        let mut per_program: Vec<BTreeMap<String, RunsByKind>> =
+            vec![Default::default(); bins.len()];
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..bins.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for b in order {
+                let bin = &bins[b];
+                let noop =
+                    agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, JobKind::Noop, true)?;
+                let work = agent_cost::sidekiq_run(
+                    bin,
+                    variant.agent_args(),
+                    jobs,
+                    JobKind::RedisWork,
+                    true,
+                )?;
+                let (Some(before), Some(after)) = (&noop.stats, &work.stats) else {
+                    anyhow::bail!("{variant:?}: a drain ran without its bpf_stats window");
+                };
+                let added = work.commands_per_job - noop.commands_per_job;
+                let us =
+                    (after.ns_per_op_of("worker_") - before.ns_per_op_of("worker_")) / added / 1e3;
+                per_command[b].push(us);
+                for (is_work, s) in [(false, before), (true, after)] {
+                    for p in s.programs.iter().filter(|p| p.name.starts_with("worker_")) {
+                        let runs = per_program[b].entry(p.name.clone()).or_default();
+                        if is_work {
+                            runs.1.push(p.ns_per_run)
+                        } else {
+                            runs.0.push(p.ns_per_run)
+                        }
+                    }
+                }
+                eprintln!(
+                    "[bench] {variant:?} round {}/{rounds}, {}: {us:.3} us per plain command ({added:.2} added commands per job)",
+                    round + 1,
+                    bin.display(),
+                );
+            }
+        }
+        for (b, bin) in bins.iter().enumerate() {
+            println!(
+                "{variant:?}, {}: worker-side us per plain command: median {:.3} of {:.3?}",
+                bin.display(),
+                median(&per_command[b]),
+                per_command[b]
+            );
+            for (name, (noop, work)) in &per_program[b] {
+                println!(
+                    "    {name:28} ns per run, no-op jobs: median {:5.0} of {noop:.0?}; plain-command jobs: median {:5.0} of {work:.0?}",
+                    median(noop),
+                    median(work)
+                );
+            }
         }
     }
     Ok(())
