@@ -508,7 +508,9 @@ pub fn run_commands_only(quick: bool) -> Result<()> {
                     (after.ns_per_op_of("worker_") - before.ns_per_op_of("worker_")) / added / 1e3;
                 per_command[b].push(us);
                 for (is_work, s) in [(false, before), (true, after)] {
-                    for p in s.programs.iter().filter(|p| p.name.starts_with("worker_")) {
+                    // Every program that runs for each job (the scheduler's too), not the
+                    // rare ones (exec, exit) whose ns per run is one sample.
+                    for p in s.programs.iter().filter(|p| p.runs_per_op >= 0.5) {
                         let runs = per_program[b].entry(p.name.clone()).or_default();
                         if is_work {
                             runs.1.push(p.ns_per_run)
