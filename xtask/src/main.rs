@@ -52,7 +52,9 @@ enum Task {
         quick: bool,
         /// Only one section, printed rather than written to BENCHMARKS.md (for iterating on
         /// the worker-side probes, or on what a served pop costs Redis); `commands` repeats
-        /// the worker-side program time per plain command alone, for A/B runs of the probes.
+        /// the worker-side program time per plain command alone. With FANOUT_BENCH_COMPARE
+        /// set to another build of the agent, `blocking` and `commands` also run it in
+        /// alternating order and print both builds' program times (A/B in the same minutes).
         #[arg(long, value_parser = ["sidekiq", "blocking", "commands"])]
         only: Option<String>,
     },

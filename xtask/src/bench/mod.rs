@@ -408,8 +408,67 @@ pub fn run_blocking_only(quick: bool) -> Result<()> {
                 p.name, p.runs_per_op, p.ns_per_run, p.ns_per_op
             );
         }
+        if let Some(other) = compared_build() {
+            // The same bpf_stats run, `rounds + 1` times per build in alternating order.
+            let bins = [bin.clone(), other];
+            let mut samples = vec![Vec::new(); bins.len()];
+            for round in 0..=rounds {
+                for b in alternating(bins.len(), round) {
+                    samples[b].push(blocking_stats_run(&bins[b], build, 1, load, seconds)?);
+                }
+            }
+            for (b, bin) in bins.iter().enumerate() {
+                println!(
+                    "Redis {}, 1 key, {}: ns per run over {} runs",
+                    build.version(),
+                    bin.display(),
+                    samples[b].len()
+                );
+                print_ns_per_run(&ns_per_run_by_program(&samples[b], "redis_"));
+            }
+        }
     }
     Ok(())
+}
+
+/// Another build of the agent to measure against this one (`FANOUT_BENCH_COMPARE`), in the
+/// sections that print rather than write BENCHMARKS.md.
+fn compared_build() -> Option<std::path::PathBuf> {
+    std::env::var_os("FANOUT_BENCH_COMPARE").map(std::path::PathBuf::from)
+}
+
+/// The order of `n` builds in round `round`: reversed every other round, so that neither
+/// always runs first (after a cold start or a warm one).
+fn alternating(n: usize, round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Each program's ns per run across `samples`, by name: the programs whose name starts with
+/// `prefix` and that ran at least once per operation in some sample (not the rare ones, exec
+/// or exit, whose ns per run is one run's).
+fn ns_per_run_by_program(samples: &[StatsSample], prefix: &str) -> BTreeMap<String, Vec<f64>> {
+    let mut by_program: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for sample in samples {
+        for p in &sample.programs {
+            if p.name.starts_with(prefix) && p.runs_per_op >= 0.5 {
+                by_program
+                    .entry(p.name.clone())
+                    .or_default()
+                    .push(p.ns_per_run);
+            }
+        }
+    }
+    by_program
+}
+
+fn print_ns_per_run(by_program: &BTreeMap<String, Vec<f64>>) {
+    for (name, runs) in by_program {
+        println!("    {name:28} median {:5.0} of {runs:.0?}", median(runs));
+    }
 }
 
 /// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
@@ -464,9 +523,6 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// ns per run of one program over the rounds: in no-op drains, in drains of plain commands.
-type RunsByKind = (Vec<f64>, Vec<f64>);
-
 /// Worker-side program time per plain command alone: for each default-mode variant, `rounds`
 /// pairs of bpf_stats drains (no-op jobs, then jobs that send plain commands), printed with
 /// each program's ns per run and the pair's difference per added command. Medians over the
@@ -475,21 +531,15 @@ type RunsByKind = (Vec<f64>, Vec<f64>);
 /// alternating order), so that a change to the probes is measured A/B in the same minutes.
 pub fn run_commands_only(quick: bool) -> Result<()> {
     let mut bins = vec![prepare()?];
-    if let Some(other) = std::env::var_os("FANOUT_BENCH_COMPARE") {
-        bins.push(std::path::PathBuf::from(other));
-    }
+    bins.extend(compared_build());
     let (rounds, jobs) = if quick { (3, 3000) } else { (5, 6000) };
     for variant in WORK_JOB_VARIANTS {
         let mut per_command = vec![Vec::new(); bins.len()];
-        // Per build: each program's ns per run, in the no-op drains and in the others.
-        let mut per_program: Vec<BTreeMap<String, RunsByKind>> =
-            vec![Default::default(); bins.len()];
+        // Per build: the no-op drains' samples and the others'.
+        let mut noop_samples = vec![Vec::new(); bins.len()];
+        let mut work_samples = vec![Vec::new(); bins.len()];
         for round in 0..rounds {
-            let mut order: Vec<usize> = (0..bins.len()).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for b in order {
+            for b in alternating(bins.len(), round) {
                 let bin = &bins[b];
                 let noop =
                     agent_cost::sidekiq_run(bin, variant.agent_args(), jobs, JobKind::Noop, true)?;
@@ -500,25 +550,15 @@ pub fn run_commands_only(quick: bool) -> Result<()> {
                     JobKind::RedisWork,
                     true,
                 )?;
-                let (Some(before), Some(after)) = (&noop.stats, &work.stats) else {
+                let (Some(before), Some(after)) = (noop.stats, work.stats) else {
                     anyhow::bail!("{variant:?}: a drain ran without its bpf_stats window");
                 };
                 let added = work.commands_per_job - noop.commands_per_job;
                 let us =
                     (after.ns_per_op_of("worker_") - before.ns_per_op_of("worker_")) / added / 1e3;
                 per_command[b].push(us);
-                for (is_work, s) in [(false, before), (true, after)] {
-                    // Every program that runs for each job (the scheduler's too), not the
-                    // rare ones (exec, exit) whose ns per run is one sample.
-                    for p in s.programs.iter().filter(|p| p.runs_per_op >= 0.5) {
-                        let runs = per_program[b].entry(p.name.clone()).or_default();
-                        if is_work {
-                            runs.1.push(p.ns_per_run)
-                        } else {
-                            runs.0.push(p.ns_per_run)
-                        }
-                    }
-                }
+                noop_samples[b].push(before);
+                work_samples[b].push(after);
                 eprintln!(
                     "[bench] {variant:?} round {}/{rounds}, {}: {us:.3} us per plain command ({added:.2} added commands per job)",
                     round + 1,
@@ -533,13 +573,11 @@ pub fn run_commands_only(quick: bool) -> Result<()> {
                 median(&per_command[b]),
                 per_command[b]
             );
-            for (name, (noop, work)) in &per_program[b] {
-                println!(
-                    "    {name:28} ns per run, no-op jobs: median {:5.0} of {noop:.0?}; plain-command jobs: median {:5.0} of {work:.0?}",
-                    median(noop),
-                    median(work)
-                );
-            }
+            // Every program that runs for each job, the scheduler's too.
+            println!("  ns per run, no-op jobs:");
+            print_ns_per_run(&ns_per_run_by_program(&noop_samples[b], ""));
+            println!("  ns per run, jobs that send plain commands:");
+            print_ns_per_run(&ns_per_run_by_program(&work_samples[b], ""));
         }
     }
     Ok(())
