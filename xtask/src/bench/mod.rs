@@ -21,8 +21,7 @@ pub(crate) mod plot;
 pub(crate) mod report;
 mod untracked;
 
-use std::collections::BTreeMap;
-use std::{path::Path, process::Command, time::Instant};
+use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 use integration_tests::{wait_for, Agent, Proc, Redis, RedisBuild};
@@ -374,6 +373,7 @@ pub const LTO_BUILD: RedisBuild = RedisBuild::V7_4;
 /// per round, at 1 and 440 keys on Debian's 7.0 and at 1 key on the upstream LTO build, and
 /// the programs per served pop at 1 key on each.
 pub fn run_blocking_only(quick: bool) -> Result<()> {
+    let other = compared_build()?;
     let bin = prepare()?;
     let (rounds, seconds) = if quick { (2, 3.0) } else { (5, 6.0) };
     let load = (50, 1000);
@@ -408,9 +408,9 @@ pub fn run_blocking_only(quick: bool) -> Result<()> {
                 p.name, p.runs_per_op, p.ns_per_run, p.ns_per_op
             );
         }
-        if let Some(other) = compared_build() {
+        if let Some(other) = &other {
             // The same bpf_stats run, `rounds + 1` times per build in alternating order.
-            let bins = [bin.clone(), other];
+            let bins = [bin.clone(), other.clone()];
             let mut samples = vec![Vec::new(); bins.len()];
             for round in 0..=rounds {
                 for b in alternating(bins.len(), round) {
@@ -432,9 +432,19 @@ pub fn run_blocking_only(quick: bool) -> Result<()> {
 }
 
 /// Another build of the agent to measure against this one (`FANOUT_BENCH_COMPARE`), in the
-/// sections that print rather than write BENCHMARKS.md.
-fn compared_build() -> Option<std::path::PathBuf> {
-    std::env::var_os("FANOUT_BENCH_COMPARE").map(std::path::PathBuf::from)
+/// sections that print rather than write BENCHMARKS.md. A path that is not a file is refused
+/// before any round runs, not met minutes in.
+fn compared_build() -> Result<Option<std::path::PathBuf>> {
+    let Some(path) = std::env::var_os("FANOUT_BENCH_COMPARE").map(std::path::PathBuf::from) else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        bail!(
+            "FANOUT_BENCH_COMPARE={}: not a file (another build of `fanout`)",
+            path.display()
+        );
+    }
+    Ok(Some(path))
 }
 
 /// The order of `n` builds in round `round`: reversed every other round, so that neither
@@ -530,8 +540,9 @@ pub fn run_sidekiq_only(quick: bool) -> Result<()> {
 /// `FANOUT_BENCH_COMPARE` set to another build of the agent, every round runs both (in
 /// alternating order), so that a change to the probes is measured A/B in the same minutes.
 pub fn run_commands_only(quick: bool) -> Result<()> {
+    let other = compared_build()?;
     let mut bins = vec![prepare()?];
-    bins.extend(compared_build());
+    bins.extend(other);
     let (rounds, jobs) = if quick { (3, 3000) } else { (5, 6000) };
     for variant in WORK_JOB_VARIANTS {
         let mut per_command = vec![Vec::new(); bins.len()];
@@ -594,11 +605,7 @@ fn sidekiq_section(
 ) -> Result<(Vec<Vec<SidekiqRun>>, Vec<(SidekiqVariant, SidekiqRun)>)> {
     let mut sidekiq: Vec<Vec<SidekiqRun>> = vec![Vec::new(); SIDEKIQ_VARIANTS.len()];
     for round in 0..rounds {
-        let mut order: Vec<usize> = (0..SIDEKIQ_VARIANTS.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
+        for i in alternating(SIDEKIQ_VARIANTS.len(), round) {
             sidekiq[i].push(agent_cost::sidekiq_run(
                 bin,
                 SIDEKIQ_VARIANTS[i].agent_args(),
