@@ -239,16 +239,21 @@ const MAX_DIGITS: usize = 18;
 fn number_line<O: Opaque>(w: &[u8; WINDOW], start: usize, avail: usize, o: &O) -> Num {
     let negative = o.hide(IS_MINUS[at(w, start) as usize] as u64) & 1;
     let first = start + negative as usize;
+    // Stops at the first byte that is not a digit, as the shortcuts' length lines do; the
+    // hidden results below merge the digit counts' paths at once. Without a branch (a mask
+    // that stayed 0 after the first non-digit, every byte read) the compiler computed the
+    // value after the loop from all 18 bytes and masks, kept meanwhile on the stack: a frame
+    // that, added to its callers', passed the 512 bytes a call chain may use where the kernel
+    // gives uprobe programs no private stack.
     let mut value = 0u64;
-    let mut active = 1u64;
     let mut digits = 0u64;
-    let mut i = 0;
-    while i < MAX_DIGITS {
-        let b = at(w, first + i) as usize;
-        active &= IS_DIGIT[b] as u64;
-        value = value * (1 + 9 * active) + (b as u64 & 0xf) * active;
-        digits += active;
-        i += 1;
+    while digits < MAX_DIGITS as u64 {
+        let b = at(w, first + digits as usize);
+        if IS_DIGIT[b as usize] == 0 {
+            break;
+        }
+        value = value * 10 + (b & 0xf) as u64;
+        digits += 1;
     }
     // One path from here on, whatever the number of digits.
     let digits = o.hide(digits) & 31;

@@ -171,11 +171,22 @@ pub(super) fn advance(
                 ctx.pos += (n - c) as u64;
                 carry.len = 0;
             } else {
-                // Keep the unconsumed part of the carry (rare: a skip inside carried bytes).
-                let mut j = 0;
-                while j < WINDOW {
-                    carry.bytes[j] = bytes[(j + n) & (2 * WINDOW - 1)];
-                    j += 1;
+                // Keep the unconsumed part of the carry (rare: a skip inside carried bytes),
+                // in one helper call: as a loop, unrolled, the compiler computed the 32 shifted
+                // addresses ahead and spilled them, a stack frame that (with its callers')
+                // passed the 512 bytes a call chain may use where uprobe programs get no
+                // private stack. `n < c <= WINDOW`: the copy lies in the scratch.
+                let from = n & (WINDOW - 1);
+                let rc = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                        carry.bytes.as_mut_ptr().cast(),
+                        WINDOW as u32,
+                        bytes.as_ptr().add(from).cast(),
+                    )
+                };
+                if rc != 0 {
+                    ctx.failed = 1;
+                    return 1;
                 }
                 carry.len = (c - n) as u32;
             }
