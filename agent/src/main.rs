@@ -157,6 +157,35 @@ fn check_probes() -> ExitCode {
                     }
                 }
             }
+            // The stack of each program's deepest call chain, from the object: a kernel that
+            // gives the program a private stack accepts more than one that does not.
+            match fanout::ebpf::stack_depth::deepest_chains(
+                fanout::ebpf::EBPF_OBJECT.unwrap_or(&[]),
+            ) {
+                Ok(chains) => {
+                    let limit = fanout::ebpf::stack_depth::MAX_CHAIN_BYTES;
+                    for chain in chains.iter().filter(|c| c.bytes > limit) {
+                        failed += 1;
+                        println!(
+                            "FAILED  {}: {} bytes on its deepest call chain ({}), above the {limit} a kernel without private BPF stacks allows",
+                            chain.program,
+                            chain.bytes,
+                            chain.describe()
+                        );
+                    }
+                    if let Some(deepest) = chains.first() {
+                        println!(
+                            "stack   deepest call chain {} of {limit} bytes: {}",
+                            deepest.bytes,
+                            deepest.describe()
+                        );
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("FAILED  reading the call chains' stack from the object: {e}");
+                }
+            }
             println!("{} programs, {failed} rejected", results.len());
             if failed == 0 {
                 ExitCode::SUCCESS

@@ -7,6 +7,7 @@ pub mod redis;
 pub mod redis_attach;
 pub mod sched;
 pub mod slots;
+pub mod stack_depth;
 pub mod uprobe_multi;
 pub mod worker;
 

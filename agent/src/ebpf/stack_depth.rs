@@ -1,0 +1,446 @@
+//! The stack each program's deepest call chain uses, read from the eBPF object itself, as a
+//! verifier without private BPF stacks counts it: at most 512 bytes over the program and
+//! every function it calls, `bpf_loop` callbacks included (a callback runs inside the helper,
+//! on the caller's stack).
+//!
+//! Kernels from 6.13 give some programs a private stack and check only each function's own
+//! frame; others do not (kernels before 6.13, and a 6.18 build this project ran on, which
+//! gave one to tracepoint programs and not to uprobe ones). A program that passes where it
+//! gets a private stack can be refused elsewhere: the tokenizer's uprobes once took 736 bytes
+//! (program 112, loop callback 256, tokenizer step 368) and loaded only where they had one.
+//! This check reads the object, so it holds on every kernel, root or not.
+//!
+//! Each function's frame is the deepest stack byte its instructions address, through `r10`
+//! or a register copied from it (or spilled and filled) and moved by constants; rounded up
+//! to 16 bytes, as the verifier does for JIT-compiled programs. It reads every instruction,
+//! where the verifier only counts the paths it explores: on the object of the 6.18 refusal it
+//! gave the refused chains exactly (784 and 800 bytes for the read programs) and 16 bytes
+//! more for `worker_libc_sendmsg`, whose write shortcuts are dead code there. High, never
+//! low, is the side to err on.
+
+use std::collections::{BTreeMap, HashMap};
+
+use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionIndex, SymbolKind};
+
+/// The most a call chain may use where the kernel gives the program no private stack.
+pub const MAX_CHAIN_BYTES: u32 = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("the eBPF object cannot be parsed: {0}")]
+    Parse(#[from] object::Error),
+    #[error("{caller} calls into {section}+{offset}, where no function starts")]
+    UnknownCallee {
+        caller: String,
+        section: String,
+        offset: u64,
+    },
+}
+
+/// One program's deepest call chain: the functions from the program down, and the stack the
+/// chain takes (each frame rounded as the verifier rounds it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub program: String,
+    pub bytes: u32,
+    /// (function, its frame in bytes), the program first.
+    pub frames: Vec<(String, u32)>,
+}
+
+impl Chain {
+    /// `program 112 -> step_request 256 -> ...`, with the functions' short names.
+    pub fn describe(&self) -> String {
+        self.frames
+            .iter()
+            .map(|(name, bytes)| format!("{} {bytes}", short_name(name)))
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    }
+}
+
+/// A Rust symbol's function name without its path and generic arguments
+/// (`<agent_common::resp::RequestState>::step_with::<...>` -> `step_with`); other names as
+/// they are.
+pub fn short_name(symbol: &str) -> String {
+    let demangled = format!("{:#}", rustc_demangle::demangle(symbol));
+    let without_generics = demangled.split("::<").next().unwrap_or(&demangled);
+    without_generics
+        .rsplit("::")
+        .next()
+        .unwrap_or(without_generics)
+        .to_string()
+}
+
+struct Function {
+    name: String,
+    section: SectionIndex,
+    start: u64,
+    size: u64,
+}
+
+/// The deepest call chain of every program in `object` (functions outside `.text`), deepest
+/// first.
+pub fn deepest_chains(object: &[u8]) -> Result<Vec<Chain>, StackError> {
+    let file = object::File::parse(object)?;
+    let mut functions: Vec<Function> = Vec::new();
+    let mut at: HashMap<(SectionIndex, u64), usize> = HashMap::new();
+    for symbol in file.symbols() {
+        let (SymbolKind::Text, Some(section)) = (symbol.kind(), symbol.section_index()) else {
+            continue;
+        };
+        if symbol.size() == 0 || at.contains_key(&(section, symbol.address())) {
+            continue;
+        }
+        at.insert((section, symbol.address()), functions.len());
+        functions.push(Function {
+            name: symbol.name()?.to_string(),
+            section,
+            start: symbol.address(),
+            size: symbol.size(),
+        });
+    }
+    let mut frames = Vec::with_capacity(functions.len());
+    let mut callees = Vec::with_capacity(functions.len());
+    for function in &functions {
+        let section = file.section_by_index(function.section)?;
+        let data = section.data()?;
+        let relocations: BTreeMap<u64, RelocationTarget> = section
+            .relocations()
+            .map(|(offset, relocation)| (offset, relocation.target()))
+            .collect();
+        let end = (function.start + function.size).min(data.len() as u64) as usize;
+        let code = &data[function.start as usize..end];
+        let scan = scan(code, |index, call_imm, load_imm| {
+            let offset = function.start + 8 * index as u64;
+            let (section, target) = match relocations.get(&offset) {
+                Some(RelocationTarget::Symbol(symbol)) => {
+                    let symbol = file.symbol_by_index(*symbol)?;
+                    let Some(section) = symbol.section_index() else {
+                        return Ok(None);
+                    };
+                    // A call's immediate counts instructions after the next one; a loaded
+                    // address's, bytes.
+                    let addend = match (call_imm, load_imm) {
+                        (Some(imm), _) => (imm as i64 + 1) * 8,
+                        (None, Some(imm)) => imm as i64,
+                        (None, None) => 0,
+                    };
+                    (section, symbol.address().wrapping_add_signed(addend))
+                }
+                Some(_) => return Ok(None),
+                // A call inside the section, relative to the next instruction.
+                None => match call_imm {
+                    Some(imm) => (
+                        function.section,
+                        offset.wrapping_add_signed((imm as i64 + 1) * 8),
+                    ),
+                    None => return Ok(None),
+                },
+            };
+            if load_imm.is_some() && !is_code(&file, section) {
+                // The address of a map or of data, not of a function.
+                return Ok(None);
+            }
+            match at.get(&(section, target)) {
+                Some(callee) => Ok(Some(*callee)),
+                None => Err(StackError::UnknownCallee {
+                    caller: function.name.clone(),
+                    section: file
+                        .section_by_index(section)
+                        .and_then(|s| s.name().map(str::to_string))
+                        .unwrap_or_default(),
+                    offset: target,
+                }),
+            }
+        })?;
+        frames.push(scan.frame);
+        callees.push(scan.callees);
+    }
+    let mut memo: HashMap<usize, (u32, Vec<usize>)> = HashMap::new();
+    let mut chains = Vec::new();
+    for (index, function) in functions.iter().enumerate() {
+        let section = file.section_by_index(function.section)?;
+        if section.name()? == ".text" {
+            continue;
+        }
+        let (bytes, path) = deepest(index, &frames, &callees, &mut memo, 0);
+        chains.push(Chain {
+            program: function.name.clone(),
+            bytes,
+            frames: path
+                .iter()
+                .map(|f| (functions[*f].name.clone(), round_frame(frames[*f])))
+                .collect(),
+        });
+    }
+    chains.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.program.cmp(&b.program)));
+    Ok(chains)
+}
+
+fn is_code(file: &object::File, section: SectionIndex) -> bool {
+    file.section_by_index(section)
+        .is_ok_and(|s| s.kind() == object::SectionKind::Text)
+}
+
+/// The verifier's rounding of a frame in a JIT-compiled program.
+fn round_frame(bytes: u32) -> u32 {
+    bytes.div_ceil(16) * 16
+}
+
+/// The deepest chain from function `index`: its bytes and the functions on it.
+fn deepest(
+    index: usize,
+    frames: &[u32],
+    callees: &[Vec<usize>],
+    memo: &mut HashMap<usize, (u32, Vec<usize>)>,
+    depth: usize,
+) -> (u32, Vec<usize>) {
+    if let Some(known) = memo.get(&index) {
+        return known.clone();
+    }
+    // eBPF has no recursion (the verifier refuses it); a bound keeps a malformed object from
+    // looping here.
+    let mut below = (0, Vec::new());
+    if depth < 64 {
+        for callee in &callees[index] {
+            let candidate = deepest(*callee, frames, callees, memo, depth + 1);
+            if candidate.0 > below.0 {
+                below = candidate;
+            }
+        }
+    }
+    let mut path = vec![index];
+    path.extend(below.1);
+    let result = (round_frame(frames[index]) + below.0, path);
+    memo.insert(index, result.clone());
+    result
+}
+
+/// What one function's instructions say: its frame, and the functions it calls or hands to
+/// a helper (as the index `resolve` gives them).
+struct Scan {
+    frame: u32,
+    callees: Vec<usize>,
+}
+
+/// Reads one function's instructions. `resolve(index, call_imm, load_imm)` names the function
+/// a call (`call_imm`) or a 64-bit load (`load_imm`) at instruction `index` refers to, if any.
+fn scan(
+    code: &[u8],
+    mut resolve: impl FnMut(usize, Option<i32>, Option<i32>) -> Result<Option<usize>, StackError>,
+) -> Result<Scan, StackError> {
+    const FRAME_POINTER: u8 = 10;
+    // The offset from r10 a register holds, while it holds one.
+    let mut from_frame: [Option<i64>; 11] = [None; 11];
+    from_frame[FRAME_POINTER as usize] = Some(0);
+    let mut deepest = 0i64;
+    // Stack slots (by depth) holding a frame pointer, and its offset.
+    let mut spilled: HashMap<i64, i64> = HashMap::new();
+    let mut callees = Vec::new();
+    let count = code.len() / 8;
+    let mut i = 0;
+    while i < count {
+        let insn = &code[8 * i..8 * i + 8];
+        let op = insn[0];
+        let dst = (insn[1] & 0x0f) as usize;
+        let src = (insn[1] >> 4) as usize;
+        let off = i16::from_le_bytes([insn[2], insn[3]]) as i64;
+        let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+        let class = op & 0x07;
+        let touched = |from_frame: &[Option<i64>; 11], base: usize| {
+            from_frame
+                .get(base)
+                .copied()
+                .flatten()
+                .map(|at| -(at + off))
+        };
+        let reached = |deepest: &mut i64, bytes: Option<i64>| {
+            if let Some(bytes) = bytes {
+                *deepest = (*deepest).max(bytes);
+            }
+        };
+        // The verifier refuses writes to r10: `dst` is at most 9 where one is done.
+        let dst_reg = dst.min(9);
+        match op {
+            // ld_imm64: two slots; the address of a callback, a map, or data.
+            0x18 => {
+                if let Some(callee) = resolve(i, None, Some(imm))? {
+                    callees.push(callee);
+                }
+                from_frame[dst_reg] = None;
+                i += 2;
+                continue;
+            }
+            // call: a function of the object (src 1), or a helper (r1-r5 clobbered).
+            0x85 => {
+                if src == 1 {
+                    if let Some(callee) = resolve(i, Some(imm), None)? {
+                        callees.push(callee);
+                    }
+                }
+                for reg in from_frame.iter_mut().take(6) {
+                    *reg = None;
+                }
+            }
+            // mov64 reg: copies a frame pointer.
+            0xbf => from_frame[dst_reg] = from_frame.get(src).copied().flatten(),
+            // add64 imm: moves it.
+            0x07 => from_frame[dst_reg] = from_frame[dst_reg].map(|o| o + imm as i64),
+            _ => match class {
+                // ldx: reads through src, writes dst.
+                0x01 => {
+                    let slot = touched(&from_frame, src);
+                    reached(&mut deepest, slot);
+                    // A frame pointer spilled to the stack comes back with its offset.
+                    let refilled = slot.filter(|_| op == 0x79).and_then(|s| spilled.get(&s));
+                    from_frame[dst_reg] = refilled.copied();
+                }
+                // st, stx (and atomics): write through dst.
+                0x02 | 0x03 => {
+                    let slot = touched(&from_frame, dst);
+                    reached(&mut deepest, slot);
+                    if let Some(slot) = slot {
+                        match from_frame.get(src).copied().flatten() {
+                            Some(offset) if op == 0x7b => spilled.insert(slot, offset),
+                            _ => spilled.remove(&slot),
+                        };
+                    }
+                }
+                // Any other ALU operation or load writes dst.
+                0x00 | 0x04 | 0x07 => from_frame[dst_reg] = None,
+                _ => {}
+            },
+        }
+        i += 1;
+    }
+    callees.sort_unstable();
+    callees.dedup();
+    Ok(Scan {
+        frame: deepest.clamp(0, u32::MAX as i64) as u32,
+        callees,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Instructions as the tests spell them: (opcode, dst, src, off, imm).
+    fn code(insns: &[(u8, u8, u8, i16, i32)]) -> Vec<u8> {
+        insns
+            .iter()
+            .flat_map(|(op, dst, src, off, imm)| {
+                let mut insn = vec![*op, dst | (src << 4)];
+                insn.extend(off.to_le_bytes());
+                insn.extend(imm.to_le_bytes());
+                insn
+            })
+            .collect()
+    }
+
+    fn frame_of(insns: &[(u8, u8, u8, i16, i32)]) -> u32 {
+        scan(&code(insns), |_, _, _| Ok(None)).unwrap().frame
+    }
+
+    #[test]
+    fn a_frame_is_the_deepest_byte_addressed_through_r10_or_a_copy() {
+        // *(u64 *)(r10 - 8) = r1; r2 = *(u32 *)(r10 - 40)
+        assert_eq!(frame_of(&[(0x7b, 10, 1, -8, 0), (0x61, 2, 10, -40, 0)]), 40);
+        // r2 = r10; r2 += -96; *(u8 *)(r2 + 4) = 0 (a key built for a helper)
+        assert_eq!(
+            frame_of(&[
+                (0xbf, 2, 10, 0, 0),
+                (0x07, 2, 0, 0, -96),
+                (0x72, 2, 0, 4, 0)
+            ]),
+            92
+        );
+        // The copy is forgotten once the register is written otherwise, or by a helper call.
+        assert_eq!(
+            frame_of(&[
+                (0xbf, 2, 10, 0, 0),
+                (0xb7, 2, 0, 0, 1000),
+                (0x7b, 2, 1, -300, 0),
+                (0xbf, 3, 10, 0, 0),
+                (0x85, 0, 0, 0, 1),
+                (0x7b, 3, 1, -200, 0),
+            ]),
+            0
+        );
+        // A 64-bit load takes two slots: its second half is not an instruction.
+        assert_eq!(
+            frame_of(&[
+                (0x18, 1, 0, 0, 0),
+                (0x00, 0, 0, 0, 0),
+                (0x7b, 10, 1, -16, 0)
+            ]),
+            16
+        );
+    }
+
+    #[test]
+    fn calls_and_callbacks_are_reported_where_the_resolver_names_them() {
+        let insns = code(&[
+            (0x85, 0, 1, 0, -1),     // call a function of the object
+            (0x85, 0, 0, 0, 181),    // call a helper: not a function
+            (0x18, 2, 0, 0, 0x7468), // r2 = &callback ll
+            (0x00, 0, 0, 0, 0),
+        ]);
+        let mut asked = Vec::new();
+        let scanned = scan(&insns, |index, call, load| {
+            asked.push((index, call, load));
+            Ok(Some(index + 100))
+        })
+        .unwrap();
+        assert_eq!(asked, vec![(0, Some(-1), None), (2, None, Some(0x7468))]);
+        assert_eq!(scanned.callees, vec![100, 102]);
+    }
+
+    #[test]
+    fn frames_round_as_the_verifier_rounds_them() {
+        assert_eq!(round_frame(0), 0);
+        assert_eq!(round_frame(8), 16);
+        assert_eq!(round_frame(168), 176);
+        assert_eq!(round_frame(256), 256);
+    }
+
+    #[test]
+    fn short_names_are_the_last_path_segment() {
+        assert_eq!(
+            short_name("_RNvNtNtCs42rr3dcdXEe_11fanout_ebpf6worker9tokenizer12step_request"),
+            "step_request"
+        );
+        assert_eq!(short_name("worker_libc_write"), "worker_libc_write");
+        assert_eq!(short_name("memset"), "memset");
+    }
+
+    /// The object this binary carries: every program's deepest chain within 512 bytes, and
+    /// the chains through the tokenizer found (a resolver that missed the `bpf_loop` callbacks
+    /// would pass the first check for nothing).
+    #[test]
+    fn every_program_of_this_object_fits_a_stack_without_private_stacks() {
+        let Some(object) = crate::ebpf::EBPF_OBJECT else {
+            panic!("this test needs the eBPF object: build without AYA_BUILD_SKIP");
+        };
+        let chains = deepest_chains(object).unwrap();
+        assert!(chains.len() >= 35, "{} programs", chains.len());
+        for chain in &chains {
+            assert!(
+                chain.bytes <= MAX_CHAIN_BYTES,
+                "{}: {} bytes on its deepest call chain ({})",
+                chain.program,
+                chain.bytes,
+                chain.describe()
+            );
+        }
+        let write = chains
+            .iter()
+            .find(|c| c.program == "worker_libc_write")
+            .expect("worker_libc_write");
+        let path = write.describe();
+        assert!(
+            path.contains("step_request") || path.contains("step_with"),
+            "the write program's deepest chain does not go through the tokenizer: {path}"
+        );
+    }
+}
