@@ -67,9 +67,11 @@ pub mod reply_kind {
     pub const OTHER: u32 = 3;
 }
 
-// The helpers below are written without data-dependent branches (arithmetic masks instead of
-// `if`), because the eBPF verifier explores every branch path separately: a digit loop with a
-// branch per byte would multiply the paths it has to check by the number of digits.
+// The helpers below avoid data-dependent branches where they can (table lookups and masks
+// instead of `if`), because the eBPF verifier explores every branch path separately. The digit
+// scan of a number line is the exception: it stops at the first non-digit, and hiding its
+// results ([`Opaque`]) merges the paths of every digit count at once (a branchless scan of all
+// 18 bytes made the compiler keep them on the stack; see `number_line`).
 
 /// Hides a value from the eBPF verifier. The verifier follows every branch path separately and
 /// cannot merge paths that differ only in a number (how many digits a length had); adding to
@@ -836,6 +838,26 @@ impl Stepper for ReplyState {
     }
 }
 
+/// The `WINDOW` bytes of a two-window scratch (as its 8 little-endian words) that start at
+/// byte `from` (< `WINDOW`), as 4 words: how the probes keep the unconsumed tail of a carry.
+/// Two loads and three shifts per word, where a copy byte by byte, unrolled, had the compiler
+/// compute its 32 addresses ahead and keep them on the stack.
+#[inline(always)]
+pub fn shifted_window(words: &[u64; 2 * WINDOW / 8], from: usize) -> [u64; WINDOW / 8] {
+    let first = (from & (WINDOW - 1)) >> 3;
+    let shift = ((from & 7) * 8) as u32;
+    let mut out = [0u64; WINDOW / 8];
+    let mut k = 0;
+    while k < WINDOW / 8 {
+        let low = u64::from_le(words[(first + k) & (2 * WINDOW / 8 - 1)]);
+        let high = u64::from_le(words[(first + k + 1) & (2 * WINDOW / 8 - 1)]);
+        // `<< 1 << (63 - shift)`: no shift by 64 when `from` is a multiple of 8.
+        out[k] = (low >> shift) | ((high << 1) << (63 - shift));
+        k += 1;
+    }
+    out
+}
+
 /// Bytes of an incomplete token kept between buffers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1303,5 +1325,23 @@ mod tests {
         }
         let deep = "*1\r\n".repeat(MAX_DEPTH + 1);
         assert!(replies(&[deep.as_bytes()]).is_err());
+    }
+
+    /// The word-wise shift gives the bytes a copy byte by byte gives, from every offset.
+    #[test]
+    fn shifted_window_is_the_bytes_from_the_offset() {
+        let mut bytes = [0u8; 2 * WINDOW];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+        }
+        let mut words = [0u64; 2 * WINDOW / 8];
+        for (k, word) in words.iter_mut().enumerate() {
+            *word = u64::from_le_bytes(bytes[8 * k..8 * k + 8].try_into().unwrap());
+        }
+        for from in 0..WINDOW {
+            let out = shifted_window(&words, from);
+            let got: std::vec::Vec<u8> = out.iter().flat_map(|w| w.to_le_bytes()).collect();
+            assert_eq!(got[..], bytes[from..from + WINDOW], "from {from}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use super::{pops::reply_began, pops::start_pop, IoVec, MapOpaque, KIND_DESYNCED};
 use crate::counters::bump;
 use agent_common::fastpath;
-use agent_common::resp::{BlockingCall, Carry, Step, WINDOW};
+use agent_common::resp::{shifted_window, BlockingCall, Carry, Step, WINDOW};
 use agent_common::sched::ProbeCounter;
 use agent_common::worker::{ConnState, KeysetHeader, KEYSET_MAX_BYTES, KEYSET_RING_BYTES};
 use aya_ebpf::helpers::bpf_probe_read_user;
@@ -17,8 +17,9 @@ use core::ffi::c_void;
 #[map]
 pub(super) static KEYSET_EVENTS: RingBuf = RingBuf::with_byte_size(KEYSET_RING_BYTES, 0);
 
-/// Two windows of scratch: the carried bytes, then up to a window of new bytes.
-#[repr(C)]
+/// Two windows of scratch: the carried bytes, then up to a window of new bytes. Word-aligned,
+/// so that a carry's tail is shifted out of it as words.
+#[repr(C, align(8))]
 pub(super) struct Scratch {
     bytes: [u8; 2 * WINDOW],
 }
@@ -172,21 +173,24 @@ pub(super) fn advance(
                 carry.len = 0;
             } else {
                 // Keep the unconsumed part of the carry (rare: a skip inside carried bytes),
-                // in one helper call: as a loop, unrolled, the compiler computed the 32 shifted
-                // addresses ahead and spilled them, a stack frame that (with its callers')
-                // passed the 512 bytes a call chain may use where uprobe programs get no
-                // private stack. `n < c <= WINDOW`: the copy lies in the scratch.
-                let from = n & (WINDOW - 1);
-                let rc = unsafe {
-                    aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-                        carry.bytes.as_mut_ptr().cast(),
-                        WINDOW as u32,
-                        bytes.as_ptr().add(from).cast(),
-                    )
-                };
-                if rc != 0 {
-                    ctx.failed = 1;
-                    return 1;
+                // shifted as words (`resp::shifted_window`): as a loop of byte copies, unrolled,
+                // the compiler computed the 32 shifted addresses ahead and spilled them, a stack
+                // frame that (with its callers') passed the 512 bytes a call chain may use where
+                // uprobe programs get no private stack. `n < c < WINDOW`: the tail lies in the
+                // scratch's first two windows' worth of words.
+                let words =
+                    unsafe { &*(bytes as *const [u8; 2 * WINDOW] as *const [u64; 2 * WINDOW / 8]) };
+                let tail = shifted_window(words, n);
+                let mut k = 0;
+                while k < WINDOW / 8 {
+                    // The carry is 4-aligned inside the connection's state.
+                    unsafe {
+                        core::ptr::write_unaligned(
+                            carry.bytes.as_mut_ptr().add(8 * k) as *mut u64,
+                            tail[k],
+                        )
+                    };
+                    k += 1;
                 }
                 carry.len = (c - n) as u32;
             }
