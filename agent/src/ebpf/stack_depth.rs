@@ -10,13 +10,20 @@
 //! (program 112, loop callback 256, tokenizer step 368) and loaded only where they had one.
 //! This check reads the object, so it holds on every kernel, root or not.
 //!
-//! Each function's frame is the deepest stack byte its instructions address, through `r10`
-//! or a register copied from it (or spilled and filled) and moved by constants; rounded up
-//! to 16 bytes, as the verifier does for JIT-compiled programs. It reads every instruction,
-//! where the verifier only counts the paths it explores: on the object of the 6.18 refusal it
-//! gave the refused chains exactly (784 and 800 bytes for the read programs) and 16 bytes
-//! more for `worker_libc_sendmsg`, whose write shortcuts are dead code there. High, never
-//! low, is the side to err on.
+//! Each function's frame is the deepest stack byte its instructions reach through `r10`, or
+//! through a register copied from it (or spilled and filled) and moved by constants, counted
+//! where such a pointer is made (what it is handed to, a helper's buffer or a callee writing
+//! into its caller's frame, counts in this frame for the verifier too). A register added to
+//! such a pointer is taken for an index into an array that starts there (it moves up, toward
+//! `r10`); one subtracted is an error: the object does not say how far down. Frames are rounded up to 32 bytes
+//! (32 for an empty one), as kernels before 6.8 and programs run without the JIT round them,
+//! the stricter of the verifier's two roundings. It reads every instruction, where the
+//! verifier counts only the paths it explores, so it may err high, never low: on the object
+//! the 6.18 build refused, its frames were the kernel's own for the programs and functions of
+//! four of the five refused chains (write 96, read_done 168, read_ret 184, step_request 256,
+//! step_reply 248, the two step_with 368 and 344, summing to the kernel's 720, 784 and 800),
+//! and 16 bytes more for `worker_libc_sendmsg` (120 against 104), whose write shortcuts are
+//! dead code there.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -29,6 +36,12 @@ pub const MAX_CHAIN_BYTES: u32 = 512;
 pub enum StackError {
     #[error("the eBPF object cannot be parsed: {0}")]
     Parse(#[from] object::Error),
+    #[error("{program}: a call chain deeper than the verifier's {MAX_CALL_FRAMES} frames")]
+    TooDeep { program: String },
+    #[error(
+        "{function}: moves a stack pointer by a register; its frame cannot be read from the object"
+    )]
+    VariableStackOffset { function: String },
     #[error("{caller} calls into {section}+{offset}, where no function starts")]
     UnknownCallee {
         caller: String,
@@ -110,7 +123,7 @@ pub fn deepest_chains(object: &[u8]) -> Result<Vec<Chain>, StackError> {
             .collect();
         let end = (function.start + function.size).min(data.len() as u64) as usize;
         let code = &data[function.start as usize..end];
-        let scan = scan(code, |index, call_imm, load_imm| {
+        let scan = scan(&function.name, code, |index, call_imm, load_imm| {
             let offset = function.start + 8 * index as u64;
             let (section, target) = match relocations.get(&offset) {
                 Some(RelocationTarget::Symbol(symbol)) => {
@@ -156,14 +169,17 @@ pub fn deepest_chains(object: &[u8]) -> Result<Vec<Chain>, StackError> {
         frames.push(scan.frame);
         callees.push(scan.callees);
     }
-    let mut memo: HashMap<usize, (u32, Vec<usize>)> = HashMap::new();
+    let mut memo: HashMap<usize, (u32, Vec<usize>, usize)> = HashMap::new();
     let mut chains = Vec::new();
     for (index, function) in functions.iter().enumerate() {
         let section = file.section_by_index(function.section)?;
         if section.name()? == ".text" {
             continue;
         }
-        let (bytes, path) = deepest(index, &frames, &callees, &mut memo, 0);
+        let (bytes, path) =
+            deepest(index, &frames, &callees, &mut memo, 1).ok_or_else(|| StackError::TooDeep {
+                program: function.name.clone(),
+            })?;
         chains.push(Chain {
             program: function.name.clone(),
             bytes,
@@ -182,38 +198,46 @@ fn is_code(file: &object::File, section: SectionIndex) -> bool {
         .is_ok_and(|s| s.kind() == object::SectionKind::Text)
 }
 
-/// The verifier's rounding of a frame in a JIT-compiled program.
+/// A frame as the verifier adds it to a chain: rounded up to 32 bytes, and 32 for an empty
+/// one, as kernels before 6.8 do and later ones for programs not JIT-compiled (JIT-compiled
+/// ones round to 16 since 6.8): the stricter of the two, so that a chain that passes here
+/// passes on both.
 fn round_frame(bytes: u32) -> u32 {
-    bytes.div_ceil(16) * 16
+    bytes.max(1).div_ceil(32) * 32
 }
 
-/// The deepest chain from function `index`: its bytes and the functions on it.
+/// Most frames on a chain: the verifier's own limit (`MAX_CALL_FRAMES`).
+const MAX_CALL_FRAMES: usize = 8;
+
+/// The deepest chain from function `index`, the `depth`-th frame of its caller's chain: its
+/// bytes and the functions on it; `None` past the verifier's frame limit (a chain that deep,
+/// or recursion, which the verifier refuses too).
 fn deepest(
     index: usize,
     frames: &[u32],
     callees: &[Vec<usize>],
-    memo: &mut HashMap<usize, (u32, Vec<usize>)>,
+    memo: &mut HashMap<usize, (u32, Vec<usize>, usize)>,
     depth: usize,
-) -> (u32, Vec<usize>) {
-    if let Some(known) = memo.get(&index) {
-        return known.clone();
+) -> Option<(u32, Vec<usize>)> {
+    if depth > MAX_CALL_FRAMES {
+        return None;
     }
-    // eBPF has no recursion (the verifier refuses it); a bound keeps a malformed object from
-    // looping here.
+    if let Some((bytes, path, levels)) = memo.get(&index) {
+        // Known from another caller; still within the limit from this one?
+        return (depth + levels - 1 <= MAX_CALL_FRAMES).then(|| (*bytes, path.clone()));
+    }
     let mut below = (0, Vec::new());
-    if depth < 64 {
-        for callee in &callees[index] {
-            let candidate = deepest(*callee, frames, callees, memo, depth + 1);
-            if candidate.0 > below.0 {
-                below = candidate;
-            }
+    for callee in &callees[index] {
+        let candidate = deepest(*callee, frames, callees, memo, depth + 1)?;
+        if candidate.0 > below.0 || below.1.is_empty() {
+            below = candidate;
         }
     }
     let mut path = vec![index];
     path.extend(below.1);
-    let result = (round_frame(frames[index]) + below.0, path);
-    memo.insert(index, result.clone());
-    result
+    let bytes = round_frame(frames[index]) + below.0;
+    memo.insert(index, (bytes, path.clone(), path.len()));
+    Some((bytes, path))
 }
 
 /// What one function's instructions say: its frame, and the functions it calls or hands to
@@ -226,6 +250,7 @@ struct Scan {
 /// Reads one function's instructions. `resolve(index, call_imm, load_imm)` names the function
 /// a call (`call_imm`) or a 64-bit load (`load_imm`) at instruction `index` refers to, if any.
 fn scan(
+    function: &str,
     code: &[u8],
     mut resolve: impl FnMut(usize, Option<i32>, Option<i32>) -> Result<Option<usize>, StackError>,
 ) -> Result<Scan, StackError> {
@@ -284,8 +309,26 @@ fn scan(
             }
             // mov64 reg: copies a frame pointer.
             0xbf => from_frame[dst_reg] = from_frame.get(src).copied().flatten(),
-            // add64 imm: moves it.
-            0x07 => from_frame[dst_reg] = from_frame[dst_reg].map(|o| o + imm as i64),
+            // add64 imm: moves it. A pointer into the frame counts where it is made: what it is
+            // handed to (a helper's buffer, a callee writing into its caller's frame) is
+            // counted by the verifier in this frame.
+            0x07 => {
+                from_frame[dst_reg] = from_frame[dst_reg].map(|o| o + imm as i64);
+                reached(&mut deepest, from_frame[dst_reg].map(|o| -o));
+            }
+            0x17 => {
+                from_frame[dst_reg] = from_frame[dst_reg].map(|o| o - imm as i64);
+                reached(&mut deepest, from_frame[dst_reg].map(|o| -o));
+            }
+            // add64 reg on a frame pointer: an index into an array that starts there (a loop
+            // over a stack buffer), which moves up from its start, where it was counted.
+            0x0f if from_frame[dst_reg].is_some() => {}
+            // sub64 reg: down by an amount the object does not say.
+            0x1f if from_frame[dst_reg].is_some() => {
+                return Err(StackError::VariableStackOffset {
+                    function: function.to_string(),
+                })
+            }
             _ => match class {
                 // ldx: reads through src, writes dst.
                 0x01 => {
@@ -339,21 +382,56 @@ mod tests {
     }
 
     fn frame_of(insns: &[(u8, u8, u8, i16, i32)]) -> u32 {
-        scan(&code(insns), |_, _, _| Ok(None)).unwrap().frame
+        scan("test", &code(insns), |_, _, _| Ok(None))
+            .unwrap()
+            .frame
     }
 
     #[test]
     fn a_frame_is_the_deepest_byte_addressed_through_r10_or_a_copy() {
         // *(u64 *)(r10 - 8) = r1; r2 = *(u32 *)(r10 - 40)
         assert_eq!(frame_of(&[(0x7b, 10, 1, -8, 0), (0x61, 2, 10, -40, 0)]), 40);
-        // r2 = r10; r2 += -96; *(u8 *)(r2 + 4) = 0 (a key built for a helper)
+        // r2 = r10; r2 += -96; *(u8 *)(r2 + 4) = 0: the pointer made reaches 96 bytes down,
+        // whatever is done through it (a helper's buffer, a key).
         assert_eq!(
             frame_of(&[
                 (0xbf, 2, 10, 0, 0),
                 (0x07, 2, 0, 0, -96),
                 (0x72, 2, 0, 4, 0)
             ]),
-            92
+            96
+        );
+        // r3 = r10; r3 += -8; r3 -= 120; call: handed to a helper, never dereferenced here.
+        assert_eq!(
+            frame_of(&[
+                (0xbf, 3, 10, 0, 0),
+                (0x07, 3, 0, 0, -8),
+                (0x17, 3, 0, 0, 120),
+                (0x85, 0, 0, 0, 4)
+            ]),
+            128
+        );
+        // Indexed upward by a register (a loop over a stack buffer): its start counts.
+        assert_eq!(
+            frame_of(&[
+                (0xbf, 5, 10, 0, 0),
+                (0x07, 5, 0, 0, -36),
+                (0x0f, 5, 3, 0, 0),
+                (0x71, 8, 5, 3, 0)
+            ]),
+            36
+        );
+        // A pointer spilled to the stack and filled again keeps its offset.
+        assert_eq!(
+            frame_of(&[
+                (0xbf, 4, 10, 0, 0),
+                (0x07, 4, 0, 0, -24),
+                (0x7b, 10, 4, -8, 0),
+                (0x85, 0, 0, 0, 1),
+                (0x79, 5, 10, -8, 0),
+                (0x7b, 5, 1, -200, 0),
+            ]),
+            224
         );
         // The copy is forgotten once the register is written otherwise, or by a helper call.
         assert_eq!(
@@ -387,7 +465,7 @@ mod tests {
             (0x00, 0, 0, 0, 0),
         ]);
         let mut asked = Vec::new();
-        let scanned = scan(&insns, |index, call, load| {
+        let scanned = scan("test", &insns, |index, call, load| {
             asked.push((index, call, load));
             Ok(Some(index + 100))
         })
@@ -397,11 +475,33 @@ mod tests {
     }
 
     #[test]
-    fn frames_round_as_the_verifier_rounds_them() {
-        assert_eq!(round_frame(0), 0);
-        assert_eq!(round_frame(8), 16);
-        assert_eq!(round_frame(168), 176);
+    fn frames_round_as_the_stricter_verifier_rounds_them() {
+        assert_eq!(round_frame(0), 32);
+        assert_eq!(round_frame(8), 32);
+        assert_eq!(round_frame(168), 192);
         assert_eq!(round_frame(256), 256);
+    }
+
+    /// A stack pointer moved down by a register is refused, not guessed; a chain is bounded.
+    #[test]
+    fn what_the_object_cannot_say_is_an_error() {
+        let moved = code(&[(0xbf, 2, 10, 0, 0), (0x1f, 2, 3, 0, 0)]);
+        assert!(matches!(
+            scan("f", &moved, |_, _, _| Ok(None)),
+            Err(StackError::VariableStackOffset { .. })
+        ));
+        // Nine functions calling each other in a line: past the verifier's 8 frames.
+        let frames = [8u32; 9];
+        let callees: Vec<Vec<usize>> = (0..9)
+            .map(|i| if i < 8 { vec![i + 1] } else { vec![] })
+            .collect();
+        let mut memo = HashMap::new();
+        assert_eq!(deepest(0, &frames, &callees, &mut memo, 1), None);
+        let mut memo = HashMap::new();
+        assert_eq!(
+            deepest(1, &frames, &callees, &mut memo, 1).map(|c| c.0),
+            Some(8 * 32)
+        );
     }
 
     #[test]
