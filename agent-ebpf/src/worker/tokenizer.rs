@@ -177,7 +177,7 @@ pub(super) fn advance(
                 // the compiler computed the 32 shifted addresses ahead and spilled them, a stack
                 // frame that (with its callers') passed the 512 bytes a call chain may use where
                 // uprobe programs get no private stack. `n < c < WINDOW`: the tail lies in the
-                // scratch's first two windows' worth of words.
+                // scratch.
                 let words =
                     unsafe { &*(bytes as *const [u8; 2 * WINDOW] as *const [u64; 2 * WINDOW / 8]) };
                 let tail = shifted_window(words, n);

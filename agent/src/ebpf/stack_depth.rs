@@ -3,8 +3,8 @@
 //! every function it calls, `bpf_loop` callbacks included (a callback runs inside the helper,
 //! on the caller's stack).
 //!
-//! Kernels from 6.13 give some programs a private stack and check only each function's own
-//! frame; others do not (kernels before 6.13, and a 6.18 build this project ran on, which
+//! Kernels from 6.13 give some programs a private stack (where the JIT supports it) and check
+//! each of its larger frames alone; others do not (kernels before 6.13, and a 6.18 build this project ran on, which
 //! gave one to tracepoint programs and not to uprobe ones). A program that passes where it
 //! gets a private stack can be refused elsewhere: the tokenizer's uprobes once took 736 bytes
 //! (program 112, loop callback 256, tokenizer step 368) and loaded only where they had one.
@@ -15,9 +15,9 @@
 //! where such a pointer is made (what it is handed to, a helper's buffer or a callee writing
 //! into its caller's frame, counts in this frame for the verifier too). A register added to
 //! such a pointer is taken for an index into an array that starts there (it moves up, toward
-//! `r10`); one subtracted is an error: the object does not say how far down. Frames are rounded up to 32 bytes
-//! (32 for an empty one), as kernels before 6.8 and programs run without the JIT round them,
-//! the stricter of the verifier's two roundings. It reads every instruction, where the
+//! `r10`); one subtracted is an error: the object does not say how far down. Frames are
+//! rounded up to 32 bytes (32 for an empty one), as kernels before 6.8 and programs run
+//! without the JIT round them, the stricter of the verifier's two roundings. It reads every instruction, where the
 //! verifier counts only the paths it explores, so it may err high, never low: on the object
 //! the 6.18 build refused, its frames were the kernel's own for the programs and functions of
 //! four of the five refused chains (write 96, read_done 168, read_ret 184, step_request 256,
@@ -39,7 +39,7 @@ pub enum StackError {
     #[error("{program}: a call chain deeper than the verifier's {MAX_CALL_FRAMES} frames")]
     TooDeep { program: String },
     #[error(
-        "{function}: moves a stack pointer by a register; its frame cannot be read from the object"
+        "{function}: moves a stack pointer down by a register; its frame cannot be read from the object"
     )]
     VariableStackOffset { function: String },
     #[error("{caller} calls into {section}+{offset}, where no function starts")]
@@ -114,13 +114,17 @@ pub fn deepest_chains(object: &[u8]) -> Result<Vec<Chain>, StackError> {
     }
     let mut frames = Vec::with_capacity(functions.len());
     let mut callees = Vec::with_capacity(functions.len());
+    // Each section's relocations, read once for all its functions.
+    let mut relocations_of: HashMap<SectionIndex, BTreeMap<u64, RelocationTarget>> = HashMap::new();
     for function in &functions {
         let section = file.section_by_index(function.section)?;
         let data = section.data()?;
-        let relocations: BTreeMap<u64, RelocationTarget> = section
-            .relocations()
-            .map(|(offset, relocation)| (offset, relocation.target()))
-            .collect();
+        let relocations = relocations_of.entry(function.section).or_insert_with(|| {
+            section
+                .relocations()
+                .map(|(offset, relocation)| (offset, relocation.target()))
+                .collect()
+        });
         let end = (function.start + function.size).min(data.len() as u64) as usize;
         let code = &data[function.start as usize..end];
         let scan = scan(&function.name, code, |index, call_imm, load_imm| {
@@ -312,12 +316,14 @@ fn scan(
             // add64 imm: moves it. A pointer into the frame counts where it is made: what it is
             // handed to (a helper's buffer, a callee writing into its caller's frame) is
             // counted by the verifier in this frame.
-            0x07 => {
-                from_frame[dst_reg] = from_frame[dst_reg].map(|o| o + imm as i64);
-                reached(&mut deepest, from_frame[dst_reg].map(|o| -o));
-            }
-            0x17 => {
-                from_frame[dst_reg] = from_frame[dst_reg].map(|o| o - imm as i64);
+            // sub64 imm likewise, the other way.
+            0x07 | 0x17 => {
+                let by = if op == 0x07 {
+                    imm as i64
+                } else {
+                    -(imm as i64)
+                };
+                from_frame[dst_reg] = from_frame[dst_reg].map(|o| o + by);
                 reached(&mut deepest, from_frame[dst_reg].map(|o| -o));
             }
             // add64 reg on a frame pointer: an index into an array that starts there (a loop
