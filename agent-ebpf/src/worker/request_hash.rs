@@ -166,10 +166,11 @@ pub(super) fn args_hash(buf: u64, len: u64) -> u64 {
         }
     };
     // Each chunk starts at an argument and ends before the first one it cannot hold whole, or
-    // after 16 arguments: any two reads in a row take more than a chunk of bytes or at least
-    // 16 arguments. The bound covers the largest template (64 KiB) of arguments of 32 bytes
-    // or more on average (a Sidekiq queue's key takes 20-60), and 2000 arguments whatever
-    // their length; a longer list of shorter keys is not taken (0), and goes to the tokenizer.
+    // after ARGS_PER_CHUNK (32) arguments: any two reads in a row take more than a chunk of
+    // bytes or at least 32 arguments. The bound covers the largest template (64 KiB) of
+    // arguments of 32 bytes or more on average (a Sidekiq queue's key takes 20-70), and 2000
+    // arguments whatever their length; a longer list of shorter keys is not taken (0), and
+    // goes to the tokenizer.
     unsafe {
         bpf_loop(
             (2 * MAX_TEMPLATE_BYTES / ARGS_CHUNK as u64 + 2) as u32,
