@@ -192,7 +192,7 @@ pub enum JobKind {
     /// in one of them, the others stay empty).
     NoopWeightedQueues,
     /// Nothing, with the fleet on [`MANY_QUEUES`] queues without weights: Sidekiq's default
-    /// strict order, so every fetch is the same BRPOP of them all, about 9 KiB with these
+    /// strict order, so every fetch is the same BRPOP of them all, about 23 KiB with these
     /// names (the jobs wait in the first).
     NoopStrictQueues,
 }
@@ -213,13 +213,43 @@ impl JobKind {
         match self {
             Self::Noop | Self::RedisWork => vec!["bench".into()],
             Self::NoopWeightedQueues => std::iter::once("bench,1".to_string())
-                .chain((1..MANY_QUEUES).map(|i| format!("empty{i},1")))
+                .chain((1..MANY_QUEUES).map(|i| format!("{},1", gitlab_like_queue(i))))
                 .collect(),
             Self::NoopStrictQueues => std::iter::once("bench".to_string())
-                .chain((1..MANY_QUEUES).map(|i| format!("empty{i}")))
+                .chain((1..MANY_QUEUES).map(gitlab_like_queue))
                 .collect(),
         }
     }
+}
+
+/// A queue name of the shape and length of GitLab's (`pipeline_processing:build_finished`,
+/// `cronjob:container_expiration_policy`), distinct for each `i`: 35-70 bytes as a BRPOP
+/// lists it (`$NN\r\nqueue:...\r\n`). What a many-queue fetch costs the kernel side depends
+/// on its keys' lengths (how many fit in one read), which names like `empty17` (22 bytes)
+/// did not show: with them the bench missed a fault that sent most weighted fetches of
+/// GitLab-length keys to the tokenizer.
+pub fn gitlab_like_queue(i: usize) -> String {
+    const AREAS: [&str; 8] = [
+        "pipeline_processing",
+        "cronjob",
+        "authorized_project_update",
+        "merge_requests",
+        "container_registry",
+        "security_scans",
+        "jira_connect",
+        "package_repositories",
+    ];
+    const ACTIONS: [&str; 8] = [
+        "build_finished",
+        "expire_build_artifacts",
+        "user_refresh_over_user_range",
+        "delete_source_branch",
+        "cleanup_tags",
+        "store_security_reports",
+        "sync_merge_request",
+        "process_package_file",
+    ];
+    format!("{}:{}_{i}", AREAS[i % 8], ACTIONS[(i / 8) % 8])
 }
 
 /// A 10-thread Sidekiq fleet draining `jobs` jobs of `kind`, without the agent (`agent_args`
