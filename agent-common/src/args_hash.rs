@@ -100,8 +100,8 @@ fn word_at(words: &[u64; ARGS_WORDS], at: u64) -> u64 {
     let low = u64::from_le(words[index & (ARGS_WORDS - 1)]);
     let high = u64::from_le(words[(index + 1) & (ARGS_WORDS - 1)]);
     // Without a branch for an aligned word: the keys' offsets follow their lengths, so such
-    // a branch goes one way or the other at random and is mispredicted about every other
-    // key. `high << (64 - shift)` as two shifts, each below 64: 0 when `shift` is 0.
+    // a branch would go either way from one key to the next. `high << (64 - shift)` as two
+    // shifts, each below 64: 0 when `shift` is 0.
     (low >> shift) | ((high << 1) << (63 - shift))
 }
 
