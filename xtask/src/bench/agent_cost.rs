@@ -223,7 +223,7 @@ impl JobKind {
 }
 
 /// A queue name of the shape and length of GitLab's (`pipeline_processing:build_finished`,
-/// `cronjob:container_expiration_policy`), distinct for each `i`: 35-70 bytes as a BRPOP
+/// `cronjob:container_expiration_policy`), distinct for each `i`: 36-71 bytes as a BRPOP
 /// lists it (`$NN\r\nqueue:...\r\n`). What a many-queue fetch costs the kernel side depends
 /// on its keys' lengths (how many fit in one read), which names like `empty17` (22 bytes)
 /// did not show: with them the bench missed a fault that sent most weighted fetches of
