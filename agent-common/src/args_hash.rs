@@ -17,7 +17,7 @@
 //! not taken, and the call goes to the tokenizer as before.
 
 use crate::fastpath::mix;
-use crate::resp::{command, Opaque};
+use crate::resp::{command, word_across, Opaque};
 
 /// Bytes read at once (one `bpf_probe_read_user` in the probes). A chunk also ends after
 /// `ARGS_PER_CHUNK` arguments, whose parse is what the verifier walks. GitLab's queue keys
@@ -100,9 +100,8 @@ fn word_at(words: &[u64; ARGS_WORDS], at: u64) -> u64 {
     let low = u64::from_le(words[index & (ARGS_WORDS - 1)]);
     let high = u64::from_le(words[index.wrapping_add(1) & (ARGS_WORDS - 1)]);
     // Without a branch for an aligned word: the keys' offsets follow their lengths, so such
-    // a branch would go either way from one key to the next. `high << (64 - shift)` as two
-    // shifts, each below 64: 0 when `shift` is 0.
-    (low >> shift) | ((high << 1) << (63 - shift))
+    // a branch would go either way from one key to the next.
+    word_across(low, high, shift)
 }
 
 /// `<digits>\r\n` at `start`, at most `max` digits, ending within `n`: its value and the

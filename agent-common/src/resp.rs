@@ -838,6 +838,16 @@ impl Stepper for ReplyState {
     }
 }
 
+/// The 8 bytes that start `shift` bits (a multiple of 8, below 64) into `low` and go on into
+/// `high`, two words that lie one after the other in memory, little-endian: how a word is read
+/// at a byte offset from aligned words. `high << (64 - shift)` as two shifts, each below 64,
+/// which is 0 when `shift` is 0, so that an aligned offset needs no branch of its own (a shift
+/// by 64 is undefined, in Rust and in BPF alike).
+#[inline(always)]
+pub fn word_across(low: u64, high: u64, shift: u64) -> u64 {
+    (low >> shift) | ((high << 1) << (63 - shift))
+}
+
 /// The `WINDOW` bytes of a two-window scratch (as its 8 little-endian words) that start at
 /// byte `from` (< `WINDOW`), as 4 words: how the probes keep the unconsumed tail of a carry.
 /// Two loads and three shifts per word, where a copy byte by byte, unrolled, had the compiler
@@ -845,14 +855,13 @@ impl Stepper for ReplyState {
 #[inline(always)]
 pub fn shifted_window(words: &[u64; 2 * WINDOW / 8], from: usize) -> [u64; WINDOW / 8] {
     let first = (from & (WINDOW - 1)) >> 3;
-    let shift = ((from & 7) * 8) as u32;
+    let shift = ((from & 7) * 8) as u64;
     let mut out = [0u64; WINDOW / 8];
     let mut k = 0;
     while k < WINDOW / 8 {
         let low = u64::from_le(words[(first + k) & (2 * WINDOW / 8 - 1)]);
         let high = u64::from_le(words[(first + k + 1) & (2 * WINDOW / 8 - 1)]);
-        // `<< 1 << (63 - shift)`: no shift by 64 when `from` is a multiple of 8.
-        out[k] = (low >> shift) | ((high << 1) << (63 - shift));
+        out[k] = word_across(low, high, shift);
         k += 1;
     }
     out
