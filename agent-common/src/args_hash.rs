@@ -10,7 +10,7 @@
 //! The command name and the timeout are hashed in place; the keys' hashes are summed. The
 //! same keys in any order then hash the same. Two key lists that differ only in the middle
 //! of keys of the same length, with the same bytes at both ends, would too; the key-list
-//! signature tells keys apart by less (length and first 8 bytes).
+//! signature tells keys apart by about as much (length, first 8 bytes and last 8).
 //!
 //! Every chunk starts at an argument's header, so a header never straddles two reads; an
 //! argument of 1000 bytes or more (a length of 4 digits; any shorter one fits in a chunk) is

@@ -10,12 +10,19 @@
 //! never inspected, except for the few short arguments a command's shape depends on.
 //!
 //! The caller feeds windows: the next up to `WINDOW` bytes of the stream at the current
-//! position, and advances by what `step` consumed. When `step` asks for more, the caller keeps
+//! position (a request step also gets the `WINDOW` bytes after them, where a listened key's
+//! last bytes may lie), and advances by what `step` consumed. When `step` asks for more, the caller keeps
 //! the unconsumed bytes (fewer than `WINDOW`) and prepends them to the next buffer.
+
+use crate::fastpath::mix;
 
 /// Bytes looked at per step. A bulk header plus a command name (`$10\r\nXREADGROUP\r\n`, 17
 /// bytes) or a numeric argument fits.
 pub const WINDOW: usize = 32;
+/// Bytes a request step is given: its window and the window after it, which it reads only for
+/// a listened key's last bytes (a key of up to 50-odd bytes ends there, and is hashed from one
+/// read of the stream).
+pub const AHEAD: usize = 2 * WINDOW;
 /// Deepest nesting of aggregate replies followed (BRPOP: 1; EXEC of arrays: 2; XREAD: 4).
 pub const MAX_DEPTH: usize = 8;
 /// Longest argument list or aggregate accepted; anything larger is taken for garbage.
@@ -127,8 +134,8 @@ static IS_MINUS: [u8; 256] = class_table(5);
 /// positions. Indexes wrap at the window size (never out of bounds); at `avail == WINDOW` the
 /// wrap lands on `w[0]`, a type byte, which is not a digit either.
 #[inline(always)]
-fn at(w: &[u8; WINDOW], i: usize) -> u8 {
-    w[i & (WINDOW - 1)]
+fn at<const N: usize>(w: &[u8; N], i: usize) -> u8 {
+    w[i & (N - 1)]
 }
 
 /// The upper-case bytes `w[start..start+len]` (len <= 8) packed little-endian into a u64,
@@ -151,7 +158,7 @@ fn pack_upper<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u
 
 /// The bytes `w[start..start+len]` (len <= 8) as they are, packed and zero past `len`.
 #[inline(always)]
-fn pack_raw<O: Opaque>(w: &[u8; WINDOW], start: usize, len: usize, o: &O) -> u64 {
+fn pack_raw<O: Opaque, const N: usize>(w: &[u8; N], start: usize, len: usize, o: &O) -> u64 {
     let mut packed = 0u64;
     let mut i = 0;
     while i < 8 {
@@ -302,7 +309,8 @@ pub enum Step {
 pub struct BlockingCall {
     pub command: u32,
     pub keys: u32,
-    /// FNV-1a over the listed keys' lengths and first bytes: changes when the key list does.
+    /// The sum of the listed keys' hashes ([`key_hash`]: length, first and last 8 bytes):
+    /// changes when the key list does, whatever the keys' order.
     pub signature: u64,
     /// Index of this command on its connection (0 for the first), i.e. of its reply.
     pub index: u64,
@@ -328,16 +336,33 @@ pub struct RequestState {
     pub streams_at: u32,
     /// XREAD/XREADGROUP: BLOCK was given (otherwise it does not block).
     pub block_seen: u32,
-    pub _pad: u32,
+    /// 1 while a listened key's last bytes are still to be read: the body being skipped is
+    /// that key's, and its last [`TAIL_SKIP`] bytes are not skipped but read.
+    pub tail_pending: u32,
+    /// [`key_head`] of the key whose tail is pending.
+    pub key_head: u64,
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// Bytes of a key's end that its hash takes (with its length and first bytes).
+pub const KEY_TAIL: usize = 8;
+/// A pending tail as it lies in the stream: the key's last bytes and the CRLF.
+const TAIL_SKIP: u64 = KEY_TAIL as u64 + 2;
+const KEY_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// The first part of a listened key's hash: its length and its first (up to) 8 bytes,
+/// zero-padded. Kept in the state while the key's body is skipped to its tail.
 #[inline(always)]
-fn fnv(mut h: u64, b: u8) -> u64 {
-    h ^= b as u64;
-    h.wrapping_mul(FNV_PRIME)
+pub fn key_head(len: u64, first: u64) -> u64 {
+    mix(mix(KEY_SEED, len), first)
+}
+
+/// A listened key's hash, which the signature sums: its length and its first and last (up to)
+/// 8 bytes. IDs and shard numbers sit at a key's end (`queue:mailers_3`, `reply:<uuid>`) and
+/// prefixes at its start; only keys of the same length that differ nowhere in those 16 bytes
+/// hash the same. A key of 8 bytes or fewer is all in `first`, and `last` is `first`.
+#[inline(always)]
+pub fn key_hash(head: u64, last: u64) -> u64 {
+    mix(head, last)
 }
 
 impl RequestState {
@@ -374,25 +399,32 @@ impl RequestState {
         }
     }
 
-    /// One step over `w[..avail]` (avail <= WINDOW). Returns the step and, when a command
-    /// completed and it was a blocking call, that call.
-    pub fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
-        self.step_with(w, avail, &Transparent)
+    /// One step over the window `w[..min(ahead, WINDOW)]`, given `w[..ahead]` (ahead <= AHEAD):
+    /// the bytes past the window are read only for a listened key's end, never consumed.
+    /// Returns the step and, when a command completed and it was a blocking call, that call.
+    pub fn step(&mut self, w: &[u8; AHEAD], ahead: usize) -> (Step, Option<BlockingCall>) {
+        self.step_with(w, ahead, &Transparent)
     }
 
     /// [`Self::step`] with values hidden from the eBPF verifier by `o`.
     #[inline(never)]
     pub fn step_with<O: Opaque>(
         &mut self,
-        w: &[u8; WINDOW],
-        avail: usize,
+        lookahead: &[u8; AHEAD],
+        ahead: usize,
         o: &O,
     ) -> (Step, Option<BlockingCall>) {
-        let avail = if avail > WINDOW { WINDOW } else { avail };
+        let ahead = if ahead > AHEAD { AHEAD } else { ahead };
+        let avail = if ahead > WINDOW { WINDOW } else { ahead };
+        // The window is the first half.
+        let w = unsafe { &*(lookahead.as_ptr() as *const [u8; WINDOW]) };
         if avail == 0 {
             return (Step::NeedMore, None);
         }
         if self.skip > 0 {
+            if self.tail_pending != 0 {
+                return self.step_to_tail(w, avail, o);
+            }
             let n = if (avail as u64) < self.skip {
                 avail
             } else {
@@ -416,6 +448,7 @@ impl RequestState {
                     self.streams_at = 0;
                     self.block_seen = 0;
                     self.signature = 0;
+                    self.tail_pending = 0;
                     (Step::Consumed(end), None)
                 }
                 Num::Incomplete => (Step::NeedMore, None),
@@ -462,31 +495,38 @@ impl RequestState {
                 }
             }
         }
-        if self.is_listened_key(index) {
-            // The signature takes the first bytes of each key: they must be in the window
-            // whatever the buffer boundaries, or the same keys would sign differently.
-            let prefix = if len < 8 { len } else { 8 };
-            if header + prefix > avail {
-                return (Step::NeedMore, None);
-            }
-            // Length and the first (up to) 8 bytes, zero-padded: the same for the same key
-            // whatever the window holds past it.
-            let first_bytes = pack_raw(w, header, prefix, o);
-            let mut h = fnv(FNV_OFFSET, (len & 0xff) as u8);
-            h = fnv(h, ((len >> 8) & 0xff) as u8);
-            let mut i = 0;
-            while i < 8 {
-                h = fnv(h, (first_bytes >> (8 * i)) as u8);
-                i += 1;
-            }
-            // Summed, not chained: the same keys in another order sign the same. Sidekiq
-            // shuffles its queues before every fetch when they have weights (GitLab gives
-            // every queue one), and the key list must not look new each time.
-            self.signature = o.hide(self.signature.wrapping_add(h));
-        }
         // Skip the body and its CRLF (possibly across buffers).
         let total = len as u64 + 2;
         let here = (avail - header) as u64;
+        if self.is_listened_key(index) {
+            // The key's hash takes its first bytes: they must be in the window whatever the
+            // buffer boundaries, or the same keys would sign differently.
+            let prefix = if len < KEY_TAIL { len } else { KEY_TAIL };
+            if header + prefix > avail {
+                return (Step::NeedMore, None);
+            }
+            let first = pack_raw(w, header, prefix, o);
+            let head = key_head(len as u64, first);
+            if len <= KEY_TAIL {
+                self.add_key(key_hash(head, first), o);
+            } else if header + len + 2 <= ahead {
+                // The key ends in the window or the next: read its end and check its CRLF.
+                let end = header + len;
+                if at(lookahead, end) != b'\r' || at(lookahead, end + 1) != b'\n' {
+                    return (Step::Invalid, None);
+                }
+                let last = pack_raw(lookahead, end - KEY_TAIL, KEY_TAIL, o);
+                self.add_key(key_hash(head, last), o);
+            } else {
+                // The key's end is in a later window: skip to it, not past it.
+                self.key_head = head;
+                self.tail_pending = 1;
+                let to_tail = total - TAIL_SKIP;
+                let n = if here < to_tail { here } else { to_tail };
+                self.skip = total - n;
+                return (Step::Consumed(header + n as usize), None);
+            }
+        }
         if here >= total {
             // Hidden and masked: the compiler would otherwise drop the mask after the range
             // check below, in a form the verifier cannot follow.
@@ -506,19 +546,71 @@ impl RequestState {
         }
     }
 
-    /// Bytes of a bulk body still to skip (the caller may skip them without reading them).
-    pub fn pending_skip(&self) -> u64 {
-        self.skip
+    #[inline(always)]
+    fn add_key<O: Opaque>(&mut self, hash: u64, o: &O) {
+        // Summed, not chained: the same keys in another order sign the same. Sidekiq
+        // shuffles its queues before every fetch when they have weights (GitLab gives
+        // every queue one), and the key list must not look new each time.
+        self.signature = o.hide(self.signature.wrapping_add(hash));
     }
 
-    /// Skips up to `n` body bytes without looking at them; returns how many were skipped and
-    /// the call completed by the skip, if any.
+    /// A step inside a listened key's body whose last bytes are still to be hashed: skips up to
+    /// them, then reads them and the CRLF when they are all in the window.
+    #[inline(always)]
+    fn step_to_tail<O: Opaque>(
+        &mut self,
+        w: &[u8; WINDOW],
+        avail: usize,
+        o: &O,
+    ) -> (Step, Option<BlockingCall>) {
+        let avail = avail as u64;
+        if self.skip > avail {
+            // The tail is not all here: consume what lies before it (a carry keeps the rest).
+            let before = self.skip - TAIL_SKIP;
+            let n = if avail < before { avail } else { before };
+            if n == 0 {
+                return (Step::NeedMore, None);
+            }
+            self.skip -= n;
+            return (Step::Consumed(n as usize), None);
+        }
+        // `skip <= avail <= WINDOW` and `skip >= TAIL_SKIP` while a tail is pending.
+        let end = (o.hide(self.skip) & (2 * WINDOW as u64 - 1)) as usize;
+        if end < TAIL_SKIP as usize || end > WINDOW {
+            return (Step::Invalid, None);
+        }
+        if at(w, end - 2) != b'\r' || at(w, end - 1) != b'\n' {
+            return (Step::Invalid, None);
+        }
+        let last = pack_raw(w, end - TAIL_SKIP as usize, KEY_TAIL, o);
+        self.add_key(key_hash(self.key_head, last), o);
+        self.tail_pending = 0;
+        self.skip = 0;
+        (Step::Consumed(end), self.finish_arg())
+    }
+
+    /// Bytes of a bulk body still to skip (the caller may skip them without reading them).
+    /// A listened key's tail is not skipped: a long key's body is jumped over up to its last
+    /// bytes, which the next window reads; a tail less than a window away is read from there.
+    pub fn pending_skip(&self) -> u64 {
+        if self.tail_pending == 0 {
+            self.skip
+        } else if self.skip > WINDOW as u64 {
+            self.skip - TAIL_SKIP
+        } else {
+            0
+        }
+    }
+
+    /// Skips up to `n` body bytes without looking at them (at most [`Self::pending_skip`]);
+    /// returns how many were skipped and the call completed by the skip, if any.
     pub fn skip_bytes(&mut self, n: u64) -> (u64, Option<BlockingCall>) {
-        let k = if n < self.skip { n } else { self.skip };
+        let pending = self.pending_skip();
+        let k = if n < pending { n } else { pending };
         self.skip -= k;
         (
             k,
-            if k > 0 {
+            if k > 0 && self.tail_pending == 0 {
                 self.finish_arg_if_done()
             } else {
                 None
@@ -801,24 +893,25 @@ mod pod {
     unsafe impl aya::Pod for super::BlockingCall {}
 }
 
-const _: () = assert!(core::mem::size_of::<RequestState>() == 56);
+const _: () = assert!(core::mem::size_of::<RequestState>() == 64);
 const _: () = assert!(core::mem::size_of::<ReplyState>() == 16 + 4 * MAX_DEPTH + 16);
 
 /// Either direction's state, for [`drive`].
 pub trait Stepper {
     type Event: Copy;
-    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<Self::Event>);
+    /// One step over `w[..ahead]` (see [`RequestState::step`]).
+    fn step(&mut self, w: &[u8; AHEAD], ahead: usize) -> (Step, Option<Self::Event>);
     fn pending_skip(&self) -> u64;
     fn skip_bytes(&mut self, n: u64) -> (u64, Option<Self::Event>);
 }
 
 impl Stepper for RequestState {
     type Event = BlockingCall;
-    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<BlockingCall>) {
-        RequestState::step(self, w, avail)
+    fn step(&mut self, w: &[u8; AHEAD], ahead: usize) -> (Step, Option<BlockingCall>) {
+        RequestState::step(self, w, ahead)
     }
     fn pending_skip(&self) -> u64 {
-        self.skip
+        RequestState::pending_skip(self)
     }
     fn skip_bytes(&mut self, n: u64) -> (u64, Option<BlockingCall>) {
         RequestState::skip_bytes(self, n)
@@ -827,8 +920,10 @@ impl Stepper for RequestState {
 
 impl Stepper for ReplyState {
     type Event = ReplyStart;
-    fn step(&mut self, w: &[u8; WINDOW], avail: usize) -> (Step, Option<ReplyStart>) {
-        ReplyState::step(self, w, avail)
+    fn step(&mut self, w: &[u8; AHEAD], ahead: usize) -> (Step, Option<ReplyStart>) {
+        // Replies look at their window only.
+        let window: &[u8; WINDOW] = w[..WINDOW].try_into().unwrap();
+        ReplyState::step(self, window, ahead.min(WINDOW))
     }
     fn pending_skip(&self) -> u64 {
         self.skip
@@ -899,16 +994,18 @@ pub fn drive<S: Stepper>(
             }
             continue;
         }
-        let mut w = [0u8; WINDOW];
+        let mut w = [0u8; AHEAD];
         let c = (carry.len as usize).min(WINDOW);
         w[..c].copy_from_slice(&carry.bytes[..c]);
-        let take = (WINDOW - c).min(data.len() - pos);
-        w[c..c + take].copy_from_slice(&data[pos..pos + take]);
+        // The window, and the bytes after it that a step may look at.
+        let read = (AHEAD - c).min(data.len() - pos);
+        w[c..c + read].copy_from_slice(&data[pos..pos + read]);
+        let take = read.min(WINDOW - c);
         let avail = c + take;
         if avail == 0 {
             return Ok(());
         }
-        match state.step(&w, avail) {
+        match state.step(&w, c + read) {
             (Step::Consumed(n), event) => {
                 let n = n.min(avail).max(1);
                 if n >= c {
@@ -948,15 +1045,16 @@ pub fn listened_keys<'a>(
     let mut guard = 0usize;
     while pos < bytes.len() && guard < bytes.len() + 2 {
         guard += 1;
-        let mut w = [0u8; WINDOW];
-        let take = (bytes.len() - pos).min(WINDOW);
-        w[..take].copy_from_slice(&bytes[pos..pos + take]);
+        let mut w = [0u8; AHEAD];
+        let read = (bytes.len() - pos).min(AHEAD);
+        w[..read].copy_from_slice(&bytes[pos..pos + read]);
+        let take = read.min(WINDOW);
         // Before the step: is the argument about to be read a listened key?
         let at_key = state.args_left > 0
             && state.skip == 0
             && state.is_listened_key(state.arg_index)
             && w[0] == b'$';
-        let (step, call) = state.step(&w, take);
+        let (step, call) = state.step(&w, read);
         match step {
             Step::Consumed(n) => {
                 if at_key {
@@ -1167,6 +1265,101 @@ mod tests {
         let mut other = queues(20);
         other[7] = "queue:zz".into();
         assert_ne!(a, sig(brpop(&other, "2")));
+    }
+
+    fn encode_bytes(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// The key-list signature as documented, byte by byte: the sum over the keys of
+    /// `key_hash(key_head(length, first 8 bytes), last 8 bytes)`, each part zero-padded.
+    fn specified_signature(keys: &[Vec<u8>]) -> u64 {
+        let pack = |b: &[u8]| {
+            b.iter()
+                .enumerate()
+                .fold(0u64, |w, (i, &x)| w | (x as u64) << (8 * i))
+        };
+        keys.iter().fold(0u64, |sum, k| {
+            let first = pack(&k[..k.len().min(8)]);
+            let last = pack(&k[k.len().saturating_sub(8)..]);
+            sum.wrapping_add(key_hash(key_head(k.len() as u64, first), last))
+        })
+    }
+
+    #[test]
+    fn signature_is_each_keys_length_and_both_ends_whatever_the_cuts() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..400 {
+            // Keys of 0 to 120 bytes, any bytes (CR and LF included: bulk strings are binary).
+            let keys: Vec<Vec<u8>> = (0..1 + next() % 12)
+                .map(|_| (0..next() % 121).map(|_| next() as u8).collect())
+                .collect();
+            let mut args: Vec<&[u8]> = vec![b"BRPOP"];
+            args.extend(keys.iter().map(Vec::as_slice));
+            args.push(b"2");
+            let mut data = encode_bytes(&args);
+            // A plain command around it: the tail's state must not leak into the next one.
+            data.extend(encode(&["LPUSH", "x", &"v".repeat((next() % 80) as usize)]));
+            data.extend(encode_bytes(&args));
+            let expected = specified_signature(&keys);
+            let whole = requests(&[&data]).unwrap();
+            assert_eq!(whole.len(), 2, "round {round}");
+            assert_eq!(whole[0].signature, expected, "round {round}");
+            assert_eq!(whole[1].signature, expected, "round {round}");
+            assert_eq!(whole[0].keys as usize, keys.len());
+            let a = (next() as usize) % (data.len() + 1);
+            let b = a + (next() as usize) % (data.len() - a + 1);
+            assert_eq!(
+                requests(&[&data[..a], &data[a..b], &data[b..]]).unwrap(),
+                whole,
+                "round {round}, cuts {a} {b}"
+            );
+            let mut listed = Vec::new();
+            let call = listened_keys(&data, |k| listed.push(k.to_vec())).unwrap();
+            assert_eq!((call, &listed), (whole[0], &keys), "round {round}");
+            if round < 20 {
+                same_under_any_split(&data, requests).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_differ_only_at_their_end_sign_differently() {
+        let sig = |keys: &[&str]| {
+            let mut args = vec!["BLPOP"];
+            args.extend(keys);
+            args.push("5");
+            same_under_any_split(&encode(&args), requests).unwrap()[0].signature
+        };
+        // A reply key per request, a shard number, a queue name past a long prefix (longer
+        // than a window, so its end is read in a later one).
+        for (a, b) in [
+            (
+                "reply:6c5e2b1a-3f4d-4e8a-9b1c-0d2e3f4a5b6c",
+                "reply:6c5e2b1a-3f4d-4e8a-9b1c-0d2e3f4a5b6d",
+            ),
+            ("queue:mailers_3", "queue:mailers_4"),
+            (
+                "queue:pipeline_processing:build_finished",
+                "queue:pipeline_processing:build_finishes",
+            ),
+        ] {
+            assert_ne!(sig(&[a]), sig(&[b]), "{a} {b}");
+            assert_ne!(sig(&["queue:default", a]), sig(&["queue:default", b]));
+            assert_eq!(sig(&["queue:default", a]), sig(&[a, "queue:default"]));
+        }
     }
 
     #[test]

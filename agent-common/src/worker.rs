@@ -215,7 +215,7 @@ const _: () = assert!(core::mem::size_of::<WorkerHistKey>() == 36);
 const _: () = assert!(core::mem::size_of::<KeysetHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ServedKey>() == 32);
 // The entry of `CONNS`, one per followed connection: its size changes only on purpose.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 360);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 368);
 
 #[cfg(feature = "user")]
 mod pod {

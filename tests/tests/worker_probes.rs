@@ -279,6 +279,23 @@ fn a_weighted_fleet_that_shuffles_its_queues_sends_each_key_list_once() {
 /// the new list is still told apart: sent to the agent, and its pops served by its own key.
 #[test]
 fn a_shuffling_connection_that_moves_to_keys_of_the_same_lengths_is_followed_on_them() {
+    shuffling_connection_moves_between(["first:q", "other:q"]);
+}
+
+/// The same with keys longer than the tokenizer's window that share their first 8 bytes and
+/// differ near their end, as GitLab's queue names do (`queue:pipeline_processing:...`): the
+/// key-list signature reads each key's end in a later window.
+#[test]
+fn a_connection_that_moves_to_keys_with_the_same_start_and_lengths_is_followed_on_them() {
+    shuffling_connection_moves_between([
+        "queue:pipeline_processing:first_",
+        "queue:pipeline_processing:other_",
+    ]);
+}
+
+/// Six pops over `prefix[0]` + `q00`.. then four over `prefix[1]` + `q00`.., shuffled each
+/// time, each served at once by the list's `q07`.
+fn shuffling_connection_moves_between(prefixes: [&str; 2]) {
     require_root();
     const KEYS_PER_CALL: usize = 12;
     let redis = Redis::start(&[]);
@@ -287,8 +304,8 @@ fn a_shuffling_connection_that_moves_to_keys_of_the_same_lengths_is_followed_on_
         "shuffler:cmdline=fanout-shuffling-client",
         "--export-key-names",
     ]);
-    // Each call is served at once by the one key holding jobs: `first:q07`, then `other:q07`.
-    for (key, jobs) in [("first:q07", 6), ("other:q07", 4)] {
+    let served: Vec<String> = prefixes.iter().map(|p| format!("{p}q07")).collect();
+    for (key, jobs) in [(&served[0], 6), (&served[1], 4)] {
         for _ in 0..jobs {
             redis.command(&["RPUSH", key, "job"]);
         }
@@ -296,21 +313,22 @@ fn a_shuffling_connection_that_moves_to_keys_of_the_same_lengths_is_followed_on_
     let script = concat!(
         r#"
 import random, socket, sys, time
-port, keys = int(sys.argv[1]), int(sys.argv[2])
+port, keys, first, other = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 "#,
         python_enc!(),
         r#"time.sleep(0.5)
 s = socket.create_connection(("127.0.0.1", port))
 random.seed(7)
-for prefix, pops in (("first", 6), ("other", 4)):
-    names = ["%s:q%02d" % (prefix, i) for i in range(keys)]
+for prefix, pops in ((first, 6), (other, 4)):
+    names = ["%sq%02d" % (prefix, i) for i in range(keys)]
+    served = ("%sq07" % prefix).encode()
     for _ in range(pops):
         random.shuffle(names)
         s.sendall(enc("BRPOP", *names, "1"))
         data = b""
         while data.count(b"\r\n") < 5:
             data += s.recv(4096)
-        assert data.startswith(b"*2\r\n$9\r\n%s:q07" % prefix.encode()), data
+        assert data.startswith(b"*2\r\n$%d\r\n%s" % (len(served), served)), data
 print("done", flush=True)
 time.sleep(30)
 "#
@@ -321,6 +339,8 @@ time.sleep(30)
             script,
             &redis.port.to_string(),
             &KEYS_PER_CALL.to_string(),
+            prefixes[0],
+            prefixes[1],
             "fanout-shuffling-client",
         ])
         .stdout(Stdio::piped())
@@ -361,11 +381,11 @@ time.sleep(30)
         2.0,
         "one key list per list the connection used"
     );
-    for (key, pops) in [("first:q07", 6.0), ("other:q07", 4.0)] {
+    for (key, pops) in [(&served[0], 6.0), (&served[1], 4.0)] {
         assert_eq!(
             s.sum(
                 "worker_blocking_pop_served_total",
-                &[("process_group", "shuffler"), ("redis_key", key)]
+                &[("process_group", "shuffler"), ("redis_key", key.as_str())]
             ),
             pops,
             "pops served by {key}"

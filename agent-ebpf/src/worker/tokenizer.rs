@@ -5,7 +5,7 @@
 use super::{pops::reply_began, pops::start_pop, IoVec, MapOpaque, KIND_DESYNCED};
 use crate::counters::bump;
 use agent_common::fastpath;
-use agent_common::resp::{shifted_window, BlockingCall, Carry, Step, WINDOW};
+use agent_common::resp::{shifted_window, BlockingCall, Carry, Step, AHEAD, WINDOW};
 use agent_common::sched::ProbeCounter;
 use agent_common::worker::{ConnState, KeysetHeader, KEYSET_MAX_BYTES, KEYSET_RING_BYTES};
 use aya_ebpf::helpers::bpf_probe_read_user;
@@ -111,13 +111,15 @@ pub(super) fn send_keyset(ctx: &LoopCtx, signature: u64, keys: u32, start: u64, 
     true
 }
 
-/// Fills the scratch window with the carried bytes and the next new bytes; returns the
-/// scratch, the carry length and how many new bytes were taken, or `None` on a failed read.
+/// Fills the scratch with the carried bytes and the next new bytes, up to `LIMIT` bytes in all
+/// (`WINDOW`, or `AHEAD` for a request step's look past its window); returns the scratch, the
+/// carry length, how many new bytes the window took and how many were read, or `None` on a
+/// failed read.
 #[inline(always)]
-pub(super) fn fill_window(
+pub(super) fn fill_window<const LIMIT: usize>(
     ctx: &mut LoopCtx,
     carry: &Carry,
-) -> Option<(*mut Scratch, usize, usize)> {
+) -> Option<(*mut Scratch, usize, usize, usize)> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     let bytes = unsafe { &mut (*scratch).bytes };
     let c = (carry.len as usize) & (WINDOW - 1);
@@ -131,16 +133,29 @@ pub(super) fn fill_window(
         }
     }
     let remaining = ctx.len.saturating_sub(ctx.pos);
-    let mut take = (WINDOW - c) as u64;
-    if remaining < take {
-        take = remaining;
+    // The look past the window only without a carry (a carry is rare: a token cut by the end
+    // of a buffer): the verifier bounds the read by its largest offset plus its largest size.
+    let (at, room) = if c == 0 { (0, LIMIT) } else { (c, WINDOW - c) };
+    let mut read = room as u64;
+    if remaining < read {
+        read = remaining;
     }
-    let take = (take as usize) & (2 * WINDOW - 1);
-    if take > 0 && take <= WINDOW {
+    let read = (read as usize) & (4 * WINDOW - 1);
+    let fits = if at == 0 {
+        read <= 2 * WINDOW
+    } else {
+        read <= WINDOW
+    };
+    if !fits {
+        // Cannot happen (`read <= room`): said for the verifier.
+        ctx.failed = 1;
+        return None;
+    }
+    if read > 0 {
         let rc = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
-                bytes.as_mut_ptr().add(c).cast(),
-                take as u32,
+                bytes.as_mut_ptr().add(at & (WINDOW - 1)).cast(),
+                read as u32,
                 (ctx.buf + ctx.pos) as *const c_void,
             )
         };
@@ -149,9 +164,13 @@ pub(super) fn fill_window(
             return None;
         }
     }
-    // The tokenizer's contract: the byte after the data is not a digit.
-    bytes[(c + take) & (2 * WINDOW - 1)] = 0;
-    Some((scratch, c, take))
+    let take = if read < WINDOW - c { read } else { WINDOW - c };
+    // The tokenizer's contract: the byte after the data is not a digit (when the data ends
+    // inside the scratch).
+    if c + read < 2 * WINDOW {
+        bytes[(c + read) & (2 * WINDOW - 1)] = 0;
+    }
+    Some((scratch, c, take, read))
 }
 
 /// Applies a step's result to the carry and the position; returns 1 to stop the loop.
@@ -297,7 +316,7 @@ pub(super) extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
         }
         return 0;
     }
-    let Some((scratch, c, take)) = fill_window(ctx, &conn.request_carry) else {
+    let Some((scratch, c, take, read)) = fill_window::<AHEAD>(ctx, &conn.request_carry) else {
         return 1;
     };
     let avail = c + take;
@@ -307,11 +326,12 @@ pub(super) extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
     if conn.request.at_command_boundary() {
         conn.command_start = if c == 0 { ctx.pos } else { u64::MAX };
     }
-    let window: &[u8; WINDOW] = unsafe { &*((*scratch).bytes.as_ptr() as *const [u8; WINDOW]) };
     let Some(opaque) = MapOpaque::get() else {
         return 1;
     };
-    let (step, call) = conn.request.step_with(window, avail, &opaque);
+    let (step, call) = conn
+        .request
+        .step_with(unsafe { &(*scratch).bytes }, c + read, &opaque);
     if let (Step::Consumed(n), Some(call)) = (step, call) {
         let saved = ctx.pos;
         ctx.pos += ((n & (2 * WINDOW - 1)) as u64).saturating_sub(c as u64);
@@ -341,7 +361,7 @@ pub(super) extern "C" fn step_reply(_index: u32, args: *mut c_void) -> i64 {
         ctx.pos += conn.reply.skip_bytes(remaining);
         return 0;
     }
-    let Some((scratch, c, take)) = fill_window(ctx, &conn.reply_carry) else {
+    let Some((scratch, c, take, _)) = fill_window::<WINDOW>(ctx, &conn.reply_carry) else {
         return 1;
     };
     let avail = c + take;
