@@ -400,7 +400,8 @@ impl RequestState {
     }
 
     /// One step over the window `w[..min(ahead, WINDOW)]`, given `w[..ahead]` (ahead <= AHEAD):
-    /// the bytes past the window are read only for a listened key's end, never consumed.
+    /// the bytes past the window are read only for a listened key that ends in them, which the
+    /// step then consumes whole (the only step that consumes more than its window).
     /// Returns the step and, when a command completed and it was a blocking call, that call.
     pub fn step(&mut self, w: &[u8; AHEAD], ahead: usize) -> (Step, Option<BlockingCall>) {
         self.step_with(w, ahead, &Transparent)
@@ -517,6 +518,10 @@ impl RequestState {
                 }
                 let last = pack_raw(lookahead, end - KEY_TAIL, KEY_TAIL, o);
                 self.add_key(key_hash(head, last), o);
+                // Consumed whole, past the window if need be: one step for the key, where
+                // skipping its body took a second one.
+                self.skip = 0;
+                return (Step::Consumed(header + len + 2), self.finish_arg());
             } else {
                 // The key's end is in a later window: skip to it, not past it.
                 self.key_head = head;
@@ -997,8 +1002,10 @@ pub fn drive<S: Stepper>(
         let mut w = [0u8; AHEAD];
         let c = (carry.len as usize).min(WINDOW);
         w[..c].copy_from_slice(&carry.bytes[..c]);
-        // The window, and the bytes after it that a step may look at.
-        let read = (AHEAD - c).min(data.len() - pos);
+        // The window, and the bytes after it that a step may look at; none after a carry,
+        // as in the probes.
+        let room = if c == 0 { AHEAD } else { WINDOW - c };
+        let read = room.min(data.len() - pos);
         w[c..c + read].copy_from_slice(&data[pos..pos + read]);
         let take = read.min(WINDOW - c);
         let avail = c + take;
@@ -1007,7 +1014,7 @@ pub fn drive<S: Stepper>(
         }
         match state.step(&w, c + read) {
             (Step::Consumed(n), event) => {
-                let n = n.min(avail).max(1);
+                let n = n.min(c + read).max(1);
                 if n >= c {
                     pos += n - c;
                     carry.len = 0;

@@ -36,7 +36,9 @@ pub(super) struct KeysetEvent {
     bytes: [u8; KEYSET_MAX_BYTES],
 }
 
-/// Most tokenizer steps per buffer: a 440-key BRPOP takes about 445.
+/// Most tokenizer steps per buffer: a BRPOP takes one per key that ends within two windows of
+/// its header (up to 57 bytes with a 2-digit length), two per longer one (its header, then its
+/// body jumped to its end and the end read), and two for the command and the timeout.
 pub(super) const MAX_STEPS: u32 = 4096;
 
 /// Most iovecs followed per writev/readv/sendmsg/recvmsg.
@@ -186,7 +188,9 @@ pub(super) fn advance(
     let bytes = unsafe { &(*scratch).bytes };
     match step {
         Step::Consumed(n) => {
-            let n = n & (2 * WINDOW - 1);
+            // Up to the whole scratch: a request step may consume a key past its window.
+            let n = n & (4 * WINDOW - 1);
+            let n = if n > 2 * WINDOW { 2 * WINDOW } else { n };
             if n >= c {
                 ctx.pos += (n - c) as u64;
                 carry.len = 0;
@@ -228,7 +232,13 @@ pub(super) fn advance(
             }
             carry.len = avail as u32;
             ctx.pos += take as u64;
-            1
+            // A token cut by the end of an iovec goes on in the next one, carried, as it does
+            // across two writes: a header, or the last bytes of a key whose hash reads them.
+            if ctx.iov != 0 && ctx.iov_index + 1 < ctx.iov_count && ctx.left_after > 0 {
+                0
+            } else {
+                1
+            }
         }
         Step::Invalid => {
             ctx.failed = 1;
@@ -314,7 +324,11 @@ pub(super) extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
         if let Some(call) = call {
             on_call(ctx, conn, call);
         }
-        return 0;
+        // A long key's body was jumped up to its last bytes: read them in this step, not the
+        // next, so that such a key costs two steps, as one whose end the first window saw.
+        if conn.request.tail_pending == 0 || ctx.pos >= ctx.len {
+            return 0;
+        }
     }
     let Some((scratch, c, take, read)) = fill_window::<AHEAD>(ctx, &conn.request_carry) else {
         return 1;
@@ -334,7 +348,7 @@ pub(super) extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
         .step_with(unsafe { &(*scratch).bytes }, c + read, &opaque);
     if let (Step::Consumed(n), Some(call)) = (step, call) {
         let saved = ctx.pos;
-        ctx.pos += ((n & (2 * WINDOW - 1)) as u64).saturating_sub(c as u64);
+        ctx.pos += ((n & (4 * WINDOW - 1)) as u64).saturating_sub(c as u64);
         on_call(ctx, conn, call);
         ctx.pos = saved;
     }
