@@ -295,8 +295,9 @@ fn a_connection_that_moves_to_keys_with_the_same_start_and_lengths_is_followed_o
 
 /// Six pops over `prefix[0]` + `q00`.. then four over `prefix[1]` + `q00`.., shuffled each
 /// time, each served at once by the list's `q07`. The first call on the second list goes out
-/// in one sendmsg() of two iovecs cut 5 bytes before its first key's end (the key's last
-/// bytes, which its hash reads, straddle them): it must be followed like the others.
+/// in one sendmsg() of four iovecs: cut after the command's name, then an empty one, then cut
+/// 5 bytes before its first key's end (the key's last bytes, which its hash reads, straddle
+/// them). It must be followed like the others.
 fn shuffling_connection_moves_between(prefixes: [&str; 2]) {
     require_root();
     const KEYS_PER_CALL: usize = 12;
@@ -330,7 +331,8 @@ for prefix, pops in ((first, 6), (other, 4)):
         if prefix == other and i == 0:
             first_key_end = request.index(names[0].encode()) + len(names[0])
             cut = first_key_end - 5
-            sent = s.sendmsg([request[:cut], request[cut:]])
+            name_end = request.index(b"BRPOP\r\n") + 7
+            sent = s.sendmsg([request[:name_end], b"", request[name_end:cut], request[cut:]])
             assert sent == len(request), sent
         else:
             s.sendall(request)

@@ -250,10 +250,16 @@ pub(super) fn advance(
     }
 }
 
-/// Moves to the next iovec when the current one is parsed; false when there is none.
+/// Moves to the next iovec with bytes when the current one is parsed; false when there is
+/// none. Empty iovecs are passed over (a step on one would stop the loop and leave the rest
+/// of the buffer unread).
 #[inline(always)]
 pub(super) fn next_iovec(ctx: &mut LoopCtx) -> bool {
-    while ctx.pos >= ctx.len {
+    let mut i = 0;
+    while i < MAX_IOVECS {
+        if ctx.pos < ctx.len {
+            return true;
+        }
         let next = ctx.iov_index + 1;
         if next >= ctx.iov_count || next >= MAX_IOVECS as u64 || ctx.left_after == 0 {
             return false;
@@ -272,9 +278,9 @@ pub(super) fn next_iovec(ctx: &mut LoopCtx) -> bool {
         };
         ctx.left_after -= ctx.len;
         ctx.pos = 0;
-        return true;
+        i += 1;
     }
-    true
+    ctx.pos < ctx.len
 }
 
 /// What a tokenizer step works on, handed to `bpf_loop`'s callback through its context
