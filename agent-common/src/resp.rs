@@ -1092,11 +1092,18 @@ mod tests {
     use std::{format, string::String, vec, vec::Vec};
 
     fn encode(args: &[&str]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n{}\r\n", a.len(), a).as_bytes());
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        encode_bytes(&bytes)
+    }
+
+    /// A deterministic xorshift generator for the randomised tests.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
         }
-        out
     }
 
     fn requests(chunks: &[&[u8]]) -> Result<Vec<BlockingCall>, ()> {
@@ -1301,13 +1308,7 @@ mod tests {
 
     #[test]
     fn signature_is_each_keys_length_and_both_ends_whatever_the_cuts() {
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for round in 0..400 {
             // Keys of 0 to 120 bytes, any bytes (CR and LF included: bulk strings are binary).
             let keys: Vec<Vec<u8>> = (0..1 + next() % 12)
@@ -1489,13 +1490,7 @@ mod tests {
     /// whatever the cuts.
     #[test]
     fn random_streams_and_cuts() {
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3000 {
             let mut data = Vec::new();
             for _ in 0..(next() % 5) {
