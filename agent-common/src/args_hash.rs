@@ -308,14 +308,7 @@ mod tests {
     use std::{format, string::String, string::ToString, vec::Vec};
 
     use super::*;
-
-    fn encode(args: &[&str]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
-        }
-        out
-    }
+    use crate::resp::encoding::encode;
 
     fn brpop(keys: &[String], timeout: &str) -> Vec<u8> {
         let mut args = std::vec!["BRPOP"];

@@ -465,6 +465,7 @@ mod tests {
     use std::{format, vec, vec::Vec};
 
     use super::*;
+    use crate::resp::encoding::encode_bytes;
     use crate::resp::Transparent;
 
     fn quick(bytes: &[u8]) -> Option<u32> {
@@ -637,16 +638,6 @@ mod tests {
         quick_request(&w, n as u64, bytes.len() as u64, &Transparent)
     }
 
-    fn command(parts: &[&[u8]]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", parts.len()).into_bytes();
-        for p in parts {
-            out.extend(format!("${}\r\n", p.len()).into_bytes());
-            out.extend_from_slice(p);
-            out.extend_from_slice(b"\r\n");
-        }
-        out
-    }
-
     #[test]
     fn one_plain_command_is_quick() {
         let big = vec![b'v'; 5000];
@@ -660,7 +651,7 @@ mod tests {
             &[b"PING"],
             &[b"LPUSH", b"queue:default", &big],
         ] {
-            assert!(quick_req(&command(parts)), "{parts:?}");
+            assert!(quick_req(&encode_bytes(parts)), "{parts:?}");
         }
     }
 
@@ -684,9 +675,9 @@ mod tests {
             // An empty name.
             &[b""],
         ] {
-            assert!(!quick_req(&command(parts)), "{parts:?}");
+            assert!(!quick_req(&encode_bytes(parts)), "{parts:?}");
         }
-        let get = command(&[b"GET", b"k"]);
+        let get = encode_bytes(&[b"GET", b"k"]);
         let mut two = get.clone();
         two.extend_from_slice(&get);
         assert!(!quick_req(&two), "a pipeline of two");
@@ -715,12 +706,12 @@ mod tests {
         let args: [&[u8]; 5] = [b"", b"k", b"queue:default", &[b'x'; 60], &[b'y'; 300]];
         let mut candidates: Vec<Vec<u8>> = Vec::new();
         for name in names {
-            candidates.push(command(&[name]));
+            candidates.push(encode_bytes(&[name]));
             for a in args {
-                candidates.push(command(&[name, a]));
+                candidates.push(encode_bytes(&[name, a]));
                 for b in args {
-                    candidates.push(command(&[name, a, b]));
-                    candidates.push(command(&[name, a, b, b"EX", b"60"]));
+                    candidates.push(encode_bytes(&[name, a, b]));
+                    candidates.push(encode_bytes(&[name, a, b, b"EX", b"60"]));
                 }
             }
         }
@@ -728,7 +719,7 @@ mod tests {
         for whole in &candidates {
             let mut variants = vec![whole.clone(), whole[..whole.len() - 1].to_vec()];
             let mut two = whole.clone();
-            two.extend(command(&[b"GET", b"k"]));
+            two.extend(encode_bytes(&[b"GET", b"k"]));
             variants.push(two);
             for bytes in variants {
                 if !quick_req(&bytes) {

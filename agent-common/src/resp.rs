@@ -1085,16 +1085,36 @@ pub fn listened_keys<'a>(
     None
 }
 
+/// Requests as a client sends them, for the tests of this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod encoding {
     extern crate std;
-    use super::*;
-    use std::{format, string::String, vec, vec::Vec};
+    use std::{format, vec::Vec};
 
-    fn encode(args: &[&str]) -> Vec<u8> {
+    /// A command as an array of bulk strings.
+    pub fn encode_bytes(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// [`encode_bytes`] of text arguments.
+    pub fn encode(args: &[&str]) -> Vec<u8> {
         let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
         encode_bytes(&bytes)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::encoding::{encode, encode_bytes};
+    use super::*;
+    use std::{format, string::String, vec, vec::Vec};
 
     /// A deterministic xorshift generator for the randomised tests.
     fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
@@ -1279,16 +1299,6 @@ mod tests {
         let mut other = queues(20);
         other[7] = "queue:zz".into();
         assert_ne!(a, sig(brpop(&other, "2")));
-    }
-
-    fn encode_bytes(args: &[&[u8]]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        out
     }
 
     /// The key-list signature as documented, byte by byte: the sum over the keys of
