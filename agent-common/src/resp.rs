@@ -20,8 +20,8 @@ use crate::fastpath::mix;
 /// bytes) or a numeric argument fits.
 pub const WINDOW: usize = 32;
 /// Bytes a request step is given: its window and the window after it, which it reads only for
-/// a listened key's last bytes (a key of up to 50-odd bytes ends there, and is hashed from one
-/// read of the stream).
+/// a listened key's last bytes (a key of up to 57 bytes with a 2-digit length ends there, and
+/// is hashed and consumed in one step).
 pub const AHEAD: usize = 2 * WINDOW;
 /// Deepest nesting of aggregate replies followed (BRPOP: 1; EXEC of arrays: 2; XREAD: 4).
 pub const MAX_DEPTH: usize = 8;
@@ -1362,7 +1362,7 @@ mod tests {
             same_under_any_split(&encode(&args), requests).unwrap()[0].signature
         };
         // A reply key per request, a shard number, a queue name past a long prefix (longer
-        // than a window, so its end is read in a later one).
+        // than a window: its end lies in the look past it).
         for (a, b) in [
             (
                 "reply:6c5e2b1a-3f4d-4e8a-9b1c-0d2e3f4a5b6c",

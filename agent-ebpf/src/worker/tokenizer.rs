@@ -334,7 +334,7 @@ pub(super) extern "C" fn step_request(_index: u32, args: *mut c_void) -> i64 {
             on_call(ctx, conn, call);
         }
         // A long key's body was jumped up to its last bytes: read them in this step, not the
-        // next, so that such a key costs two steps, as one whose end the first window saw.
+        // next, so that such a key costs two steps in all (its header's, then this one).
         if conn.request.tail_pending == 0 || ctx.pos >= ctx.len {
             return 0;
         }
