@@ -555,6 +555,161 @@ print("done", flush=True)
 "#
 );
 
+/// A RESP3 client (`HELLO 3`, as Sidekiq 7's redis-client and redis-py's `protocol=3` speak):
+/// its nulls, doubles, maps and sets, and the invalidation pushes that client-side caching
+/// (`CLIENT TRACKING`) sends out of band, between pops and while one waits. It waits on its
+/// stdin until the agent follows it, so its first write (HELLO pipelined with a BRPOP) is seen.
+const RESP3_CLIENT: &str = concat!(
+    r#"
+import socket, sys, time
+port = int(sys.argv[1])
+"#,
+    python_enc!(),
+    r#"def read_until(s, n):
+    data = b""
+    while data.count(b"\r\n") < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+print("ready", flush=True)
+sys.stdin.readline()
+s = socket.create_connection(("127.0.0.1", port))
+o = socket.create_connection(("127.0.0.1", port))
+# 1. HELLO 3 (a map reply) and a BRPOP that times out (a RESP3 null), in one write.
+s.sendall(enc("HELLO", "3") + enc("BRPOP", "r3:q", "0.5"))
+data = b""
+while not data.endswith(b"\r\n_\r\n"):
+    data += s.recv(65536)
+assert data.startswith(b"%"), data
+# 2. Client-side caching: a tracked key, then another client writes it. The invalidation push
+#    comes before the next pop, which a push 300 ms later serves.
+s.sendall(enc("CLIENT", "TRACKING", "ON")); assert read_until(s, 1) == b"+OK\r\n"
+s.sendall(enc("GET", "r3:k")); assert read_until(s, 1) == b"_\r\n"
+o.sendall(enc("SET", "r3:k", "v")); read_until(o, 1)
+time.sleep(0.1)
+s.sendall(enc("BRPOP", "r3:q", "5")); time.sleep(0.3)
+o.sendall(enc("LPUSH", "r3:q", "job1")); read_until(o, 1)
+data = b""
+while b"job1" not in data:
+    data += s.recv(65536)
+assert data.startswith(b">2\r\n$10\r\ninvalidate\r\n") and data.endswith(b"*2\r\n$4\r\nr3:q\r\n$4\r\njob1\r\n"), data
+# 3. A BZPOPMIN served with its score as a RESP3 double.
+s.sendall(enc("BZPOPMIN", "r3:z", "5")); time.sleep(0.2)
+o.sendall(enc("ZADD", "r3:z", "1.5", "m")); read_until(o, 1)
+assert read_until(s, 6) == b"*3\r\n$4\r\nr3:z\r\n$1\r\nm\r\n,1.5\r\n"
+# 4. Plain commands whose replies are RESP3 aggregates and scalars: a map, a set, doubles,
+#    a null, a boolean-free integer.
+s.sendall(enc("HSET", "r3:h", "a", "1")); assert read_until(s, 1) == b":1\r\n"
+s.sendall(enc("HGETALL", "r3:h")); assert read_until(s, 5) == b"%1\r\n$1\r\na\r\n$1\r\n1\r\n"
+s.sendall(enc("SADD", "r3:s", "x")); assert read_until(s, 1) == b":1\r\n"
+s.sendall(enc("SMEMBERS", "r3:s")); assert read_until(s, 3) == b"~1\r\n$1\r\nx\r\n"
+s.sendall(enc("ZSCORE", "r3:z2", "m")); assert read_until(s, 1) == b"_\r\n"
+s.sendall(enc("ZADD", "r3:z2", "2.5", "m")); read_until(s, 1)
+s.sendall(enc("ZSCORE", "r3:z2", "m")); assert read_until(s, 1) == b",2.5\r\n"
+# 5. The push arrives while a pop waits (200 ms in); the element 400 ms in: the pop ends on
+#    its reply, not on the push.
+s.sendall(enc("GET", "r3:k")); assert read_until(s, 2) == b"$1\r\nv\r\n"
+s.sendall(enc("BLPOP", "r3:q", "5")); time.sleep(0.2)
+o.sendall(enc("SET", "r3:k", "w")); read_until(o, 1)
+time.sleep(0.2)
+o.sendall(enc("LPUSH", "r3:q", "job2")); read_until(o, 1)
+data = b""
+while b"job2" not in data:
+    data += s.recv(65536)
+assert data.startswith(b">2\r\n") and data.endswith(b"$4\r\njob2\r\n"), data
+# 6. A BZPOPMIN that times out: a RESP3 null again.
+s.sendall(enc("BZPOPMIN", "r3:z", "0.3")); assert read_until(s, 1) == b"_\r\n"
+print("done", flush=True)
+"#
+);
+
+/// RESP3 on one connection, followed through the default mode beside Redis (libc uprobes):
+/// every pop counted once with its outcome and its own wait, however the replies around it
+/// are shaped, and nothing taken for a desync.
+#[test]
+fn a_resp3_connection_with_pushes_out_of_band_is_followed_exactly() {
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start(&["--worker-rule", "resp3:cmdline=fanout-resp3-client"]);
+    let mut child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            RESP3_CLIENT,
+            &redis.port.to_string(),
+            "fanout-resp3-client",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut line = String::new();
+    let mut next_line = |want: &str| {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), want);
+    };
+    let mut proc = Proc {
+        child,
+        name: "resp3-client".into(),
+    };
+    next_line("ready");
+    let attached = format!("worker libc probes attached pid={pid} ");
+    wait_for("the client followed", Duration::from_secs(10), || {
+        agent.log().contains(&attached).then_some(())
+    });
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    next_line("done");
+    let s = wait_for("5 pops counted", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (s.sum(&format!("{DURATION}_count"), &[("process_group", "resp3")]) == 5.0).then_some(s)
+    });
+    let by = |cmd: &str, outcome: &str| -> (f64, f64) {
+        let g = [
+            ("process_group", "resp3"),
+            ("redis_command", cmd),
+            ("outcome", outcome),
+        ];
+        (
+            s.sum(&format!("{DURATION}_count"), &g),
+            s.sum(&format!("{DURATION}_sum"), &g),
+        )
+    };
+    let (n, t) = by("BRPOP", "timeout");
+    assert_eq!(n, 1.0, "the BRPOP pipelined after HELLO 3 timed out once");
+    assert!((0.5..0.7).contains(&t), "it waited {t} s");
+    let (n, t) = by("BRPOP", "served");
+    assert_eq!(n, 1.0, "the BRPOP after an invalidation push was served");
+    assert!((0.3..0.5).contains(&t), "it waited {t} s");
+    let (n, t) = by("BLPOP", "served");
+    assert_eq!(n, 1.0, "the BLPOP a push arrived during was served");
+    // Not the push 200 ms in: the element 400 ms in.
+    assert!((0.4..0.6).contains(&t), "it waited {t} s");
+    let (n, t) = by("BZPOPMIN", "served");
+    assert_eq!(n, 1.0, "the BZPOPMIN whose reply ends in a double");
+    assert!((0.2..0.4).contains(&t), "it waited {t} s");
+    let (n, t) = by("BZPOPMIN", "timeout");
+    assert_eq!(n, 1.0, "the BZPOPMIN that got a RESP3 null");
+    assert!((0.3..0.5).contains(&t), "it waited {t} s");
+    for (cmd, outcome) in [("BRPOP", "error"), ("BLPOP", "timeout"), ("BLPOP", "error")] {
+        assert_eq!(by(cmd, outcome).0, 0.0, "no {cmd} {outcome}");
+    }
+    assert_eq!(
+        s.sum(&format!("{KEYS}_sum"), &[("process_group", "resp3")]),
+        5.0,
+        "one key each"
+    );
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0
+    );
+    proc.stop();
+}
+
 #[test]
 fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
     raw_client_checks(&["--worker-probe-mode", "syscalls"]);
