@@ -4,7 +4,7 @@
 use std::{
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -633,52 +633,19 @@ fn a_resp3_connection_with_pushes_out_of_band_is_followed_exactly() {
     require_root();
     let redis = Redis::start(&[]);
     let agent = Agent::start(&["--worker-rule", "resp3:cmdline=fanout-resp3-client"]);
-    let mut child = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            RESP3_CLIENT,
-            &redis.port.to_string(),
-            "fanout-resp3-client",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let pid = child.id();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
-    let mut line = String::new();
-    let mut next_line = |want: &str| {
-        line.clear();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert_eq!(line.trim(), want);
-    };
-    let mut proc = Proc {
-        child,
-        name: "resp3-client".into(),
-    };
-    next_line("ready");
-    let attached = format!("worker libc probes attached pid={pid} ");
+    let mut client = ScriptedClient::start(RESP3_CLIENT, redis.port, "fanout-resp3-client");
+    client.expect_line("ready");
+    let attached = format!("worker libc probes attached pid={} ", client.pid());
     wait_for("the client followed", Duration::from_secs(10), || {
         agent.log().contains(&attached).then_some(())
     });
-    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
-    next_line("done");
+    client.go();
+    client.expect_line("done");
     let s = wait_for("5 pops counted", Duration::from_secs(5), || {
         let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "resp3")]) == 5.0).then_some(s)
+        (pops_of(&s, "resp3") == 5.0).then_some(s)
     });
-    let by = |cmd: &str, outcome: &str| -> (f64, f64) {
-        let g = [
-            ("process_group", "resp3"),
-            ("redis_command", cmd),
-            ("outcome", outcome),
-        ];
-        (
-            s.sum(&format!("{DURATION}_count"), &g),
-            s.sum(&format!("{DURATION}_sum"), &g),
-        )
-    };
+    let by = |cmd: &str, outcome: &str| pops_by(&s, "resp3", cmd, outcome);
     let (n, t) = by("BRPOP", "timeout");
     assert_eq!(n, 1.0, "the BRPOP pipelined after HELLO 3 timed out once");
     assert!((0.5..0.7).contains(&t), "it waited {t} s");
@@ -707,7 +674,7 @@ fn a_resp3_connection_with_pushes_out_of_band_is_followed_exactly() {
         s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
         0.0
     );
-    proc.stop();
+    client.stop();
 }
 
 #[test]
@@ -753,52 +720,20 @@ fn raw_client_checks_with_env(mode: &[&str], env: &[(&str, &str)]) -> String {
     let mut args = vec!["--worker-rule", "raw:cmdline=fanout-raw-client"];
     args.extend_from_slice(mode);
     let agent = Agent::start_with_env(&args, env);
-    let mut child = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            RAW_CLIENT,
-            &redis.port.to_string(),
-            "fanout-raw-client",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let pid = child.id().to_string();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let mut next_line = |want: &str| {
-        line.clear();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert_eq!(line.trim(), want);
-    };
-    let mut proc = Proc {
-        child,
-        name: "raw-client".into(),
-    };
-    next_line("piped-sent");
+    let mut client = ScriptedClient::start(RAW_CLIENT, redis.port, "fanout-raw-client");
+    let pid = client.pid();
+    client.expect_line("piped-sent");
     thread::sleep(Duration::from_millis(300));
     redis.command(&["LPUSH", "piped:q", "job"]);
-    next_line("nb-sent");
+    client.expect_line("nb-sent");
     thread::sleep(Duration::from_millis(200));
     redis.command(&["LPUSH", "nb:q", "job"]);
-    next_line("done");
-    let started = Instant::now();
+    client.expect_line("done");
     let s = wait_for("31 pops counted", Duration::from_secs(5), || {
         let s = agent.scrape();
-        (s.sum(&format!("{DURATION}_count"), &[("process_group", "raw")]) == 31.0).then_some(s)
+        (pops_of(&s, "raw") == 31.0).then_some(s)
     });
-    let _ = started;
-    let by = |cmd: &str, outcome: &str| -> (f64, f64) {
-        let g = [
-            ("process_group", "raw"),
-            ("redis_command", cmd),
-            ("outcome", outcome),
-        ];
-        (
-            s.sum(&format!("{DURATION}_count"), &g),
-            s.sum(&format!("{DURATION}_sum"), &g),
-        )
-    };
+    let by = |cmd: &str, outcome: &str| pops_by(&s, "raw", cmd, outcome);
     let (n, t) = by("BRPOP", "timeout");
     assert_eq!(n, 1.0, "the split BRPOP timed out once ({pid})");
     assert!((1.0..1.2).contains(&t), "split BRPOP waited {t} s");
@@ -838,7 +773,7 @@ fn raw_client_checks_with_env(mode: &[&str], env: &[(&str, &str)]) -> String {
         s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
         0.0
     );
-    proc.stop();
+    client.stop();
     agent.log()
 }
 
@@ -1111,6 +1046,69 @@ time.sleep(1.0)
 
 fn pops_of(s: &Scrape, group: &str) -> f64 {
     s.sum(&format!("{DURATION}_count"), &[("process_group", group)])
+}
+
+/// Count and sum (seconds) of the pops of `group` by command and outcome.
+fn pops_by(s: &Scrape, group: &str, command: &str, outcome: &str) -> (f64, f64) {
+    let matchers = [
+        ("process_group", group),
+        ("redis_command", command),
+        ("outcome", outcome),
+    ];
+    (
+        s.sum(&format!("{DURATION}_count"), &matchers),
+        s.sum(&format!("{DURATION}_sum"), &matchers),
+    )
+}
+
+/// A Python client script run with the Redis port and the marker its worker rule matches,
+/// telling the test which step it reached by the lines it prints (and, where it waits on its
+/// stdin, told when to go on).
+struct ScriptedClient {
+    proc: Proc,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    stdin: std::process::ChildStdin,
+}
+
+impl ScriptedClient {
+    fn start(script: &str, port: u16, marker: &str) -> Self {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", script, &port.to_string(), marker])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take().unwrap();
+        Self {
+            proc: Proc {
+                child,
+                name: marker.into(),
+            },
+            out,
+            stdin,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Waits for the client's next line and checks it.
+    fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.out, &mut line).unwrap();
+        assert_eq!(line.trim(), want, "{} said", self.proc.name);
+    }
+
+    /// Lets a client waiting on its stdin go on.
+    fn go(&mut self) {
+        std::io::Write::write_all(&mut self.stdin, b"go\n").unwrap();
+    }
+
+    fn stop(&mut self) {
+        self.proc.stop();
+    }
 }
 
 /// Beside a Redis the agent tracks, the default mode keeps every syscall tracepoint off (Redis
