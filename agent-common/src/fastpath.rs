@@ -742,6 +742,196 @@ mod tests {
         );
     }
 
+    /// One of `bytes`, at random.
+    fn pick(next: &mut dyn FnMut() -> u64, bytes: &[u8]) -> u8 {
+        bytes[(next() % bytes.len() as u64) as usize]
+    }
+
+    /// One random RESP2 or RESP3 reply: simple lines, bulks (CR and LF inside), nulls, blob
+    /// errors and verbatim strings, and aggregates (arrays, maps, sets, pushes, attributes)
+    /// of them up to two levels deep.
+    fn random_reply(next: &mut impl FnMut() -> u64, depth: u32, out: &mut Vec<u8>) {
+        let body = |next: &mut dyn FnMut() -> u64, out: &mut Vec<u8>, lines: bool| {
+            let len = [0, 1, 3, 9, 13, 60, 121, 300][(next() % 8) as usize];
+            for _ in 0..len {
+                let b = pick(next, b"ab:\r\n$*_01");
+                out.push(if lines && (b == b'\r' || b == b'\n') {
+                    b'x'
+                } else {
+                    b
+                });
+            }
+        };
+        match next() % if depth < 2 { 10 } else { 6 } {
+            0 => {
+                out.push(b"+-:,#("[(next() % 6) as usize]);
+                body(next, out, true);
+                out.extend_from_slice(b"\r\n");
+            }
+            1 | 2 => {
+                let mut b = Vec::new();
+                body(next, &mut b, false);
+                out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+                out.extend_from_slice(&b);
+                out.extend_from_slice(b"\r\n");
+            }
+            3 => out
+                .extend_from_slice([&b"*-1\r\n"[..], b"$-1\r\n", b"_\r\n"][(next() % 3) as usize]),
+            4 => {
+                let mut b = Vec::new();
+                body(next, &mut b, false);
+                out.push(if next().is_multiple_of(2) { b'!' } else { b'=' });
+                out.extend_from_slice(format!("{}\r\n", b.len()).as_bytes());
+                out.extend_from_slice(&b);
+                out.extend_from_slice(b"\r\n");
+            }
+            5 => out.extend_from_slice(b"$5\r\nqueue\r\n"),
+            _ => {
+                let kind = b"*%~>|*"[(next() % 6) as usize];
+                let n = next() % 4;
+                out.push(kind);
+                out.extend_from_slice(format!("{n}\r\n").as_bytes());
+                let elements = if kind == b'%' || kind == b'|' {
+                    2 * n
+                } else {
+                    n
+                };
+                for _ in 0..elements {
+                    random_reply(next, depth + 1, out);
+                }
+            }
+        }
+    }
+
+    /// The first `QUICK_WINDOW` bytes of `data` in a window whose rest holds what a previous
+    /// read may have left: digits, line ends and type bytes.
+    fn window_over(data: &[u8], next: &mut impl FnMut() -> u64) -> ([u8; QUICK_WINDOW], u64) {
+        let mut w = [0u8; QUICK_WINDOW];
+        for b in w.iter_mut() {
+            *b = pick(next, b"0123\r\n$*+:-");
+        }
+        let n = data.len().min(QUICK_WINDOW);
+        w[..n].copy_from_slice(&data[..n]);
+        (w, n as u64)
+    }
+
+    /// Random streams, whole, cut short, followed by more, or with a byte changed: wherever a
+    /// shortcut answers and the tokenizer reads the same bytes without fault, the tokenizer
+    /// finds what the shortcut said (one reply of that kind, or one command and no blocking
+    /// call) and ends at a boundary. Where the tokenizer finds a fault, it lies past the bytes
+    /// the shortcut reads.
+    #[test]
+    fn shortcuts_agree_with_the_tokenizer_on_random_streams() {
+        use crate::resp::{drive, encoding::xorshift, Carry, ReplyState, RequestState};
+        let mut next = xorshift(0x6a09_e667_f3bc_c908);
+        let mut answered = [0u32; 2];
+        // Replies.
+        for _ in 0..30_000 {
+            let mut data = Vec::new();
+            random_reply(&mut next, 0, &mut data);
+            match next() % 4 {
+                0 => data.truncate((next() % data.len() as u64) as usize),
+                1 => random_reply(&mut next, 0, &mut data),
+                2 => {
+                    let at = (next() % data.len() as u64) as usize;
+                    data[at] = pick(&mut next, b"0\r\n$*:+_9x");
+                }
+                _ => {}
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let (w, n) = window_over(&data, &mut next);
+            let Some(quick) = quick_reply(&w, n, data.len() as u64, &Transparent) else {
+                continue;
+            };
+            let text = std::string::String::from_utf8_lossy(&data).into_owned();
+            let (mut state, mut carry, mut starts) =
+                (ReplyState::default(), Carry::default(), Vec::new());
+            if drive(&mut state, &mut carry, &data, |e, _| starts.push(e)).is_err() {
+                assert!(data.len() > QUICK_WINDOW, "the shortcut took {text:?}");
+                continue;
+            }
+            answered[0] += 1;
+            assert_eq!(state.replies, 1, "{text:?}");
+            assert_eq!(starts.len(), 1, "{text:?}");
+            assert_eq!(starts[0].kind, quick.kind, "{text:?}");
+            assert_eq!(
+                (
+                    state.depth,
+                    state.skip,
+                    state.in_line,
+                    state.out_of_band,
+                    carry.len
+                ),
+                (0, 0, 0, 0, 0),
+                "{text:?}"
+            );
+            if quick.kind == reply_kind::DATA && quick.array {
+                // The served key: the first element's body, a bulk's (whose CRLF neither
+                // reads: bodies are skipped by their length).
+                let (start, len) = (quick.first_start as usize, quick.first_len as usize);
+                let header = format!("${len}\r\n");
+                assert!(data[..start].ends_with(header.as_bytes()), "{text:?}");
+                assert!(data[..start].starts_with(b"*"), "{text:?}");
+                assert!(start + len + 2 <= data.len(), "{text:?}");
+            }
+        }
+        // Requests: commands of random names and arguments, some blocking.
+        let names: [&[u8]; 10] = [
+            b"GET",
+            b"SET",
+            b"BRPOP",
+            b"blpop",
+            b"XREAD",
+            b"BZPOPMIN",
+            b"INCR",
+            b"",
+            b"B",
+            b"x",
+        ];
+        for _ in 0..30_000 {
+            let argc = 1 + next() % 10;
+            let mut args: Vec<Vec<u8>> = Vec::new();
+            args.push(names[(next() % 10) as usize].to_vec());
+            for _ in 1..argc {
+                let len = [0, 1, 5, 20, 60, 120, 1100][(next() % 7) as usize];
+                args.push((0..len).map(|_| pick(&mut next, b"k:\r\n$*1")).collect());
+            }
+            let parts: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            let mut data = encode_bytes(&parts);
+            match next() % 4 {
+                0 => data.truncate((next() % data.len() as u64) as usize),
+                1 => data.extend(encode_bytes(&[b"GET", b"k"])),
+                2 => {
+                    let at = (next() % data.len() as u64) as usize;
+                    data[at] = pick(&mut next, b"0\r\n$*:9x");
+                }
+                _ => {}
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let (w, n) = window_over(&data, &mut next);
+            if !quick_request(&w, n, data.len() as u64, &Transparent) {
+                continue;
+            }
+            let text = std::string::String::from_utf8_lossy(&data).into_owned();
+            let (mut state, mut carry, mut calls) =
+                (RequestState::default(), Carry::default(), Vec::new());
+            if drive(&mut state, &mut carry, &data, |c, _| calls.push(c)).is_err() {
+                assert!(data.len() > QUICK_WINDOW, "the shortcut took {text:?}");
+                continue;
+            }
+            answered[1] += 1;
+            assert_eq!(state.commands, 1, "{text:?}");
+            assert!(calls.is_empty(), "{text:?}");
+            assert!(state.at_command_boundary() && carry.len == 0, "{text:?}");
+        }
+        // Enough answers of each kind that the agreement means something.
+        assert!(answered[0] > 3000 && answered[1] > 1000, "{answered:?}");
+    }
+
     #[test]
     fn hash_depends_on_every_byte_and_the_length() {
         let a = b"*3\r\n$5\r\nbrpop\r\n$13\r\nqueue:default\r\n$1\r\n2\r\n".to_vec();

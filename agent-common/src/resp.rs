@@ -1085,11 +1085,21 @@ pub fn listened_keys<'a>(
     None
 }
 
-/// Requests as a client sends them, for the tests of this crate.
+/// Requests as a client sends them, and a random generator, for the tests of this crate.
 #[cfg(test)]
 pub(crate) mod encoding {
     extern crate std;
     use std::{format, vec::Vec};
+
+    /// A deterministic xorshift generator for the randomised tests.
+    pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
 
     /// A command as an array of bulk strings.
     pub fn encode_bytes(args: &[&[u8]]) -> Vec<u8> {
@@ -1112,19 +1122,9 @@ pub(crate) mod encoding {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::encoding::{encode, encode_bytes};
+    use super::encoding::{encode, encode_bytes, xorshift};
     use super::*;
     use std::{format, string::String, vec, vec::Vec};
-
-    /// A deterministic xorshift generator for the randomised tests.
-    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
-        move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        }
-    }
 
     fn requests(chunks: &[&[u8]]) -> Result<Vec<BlockingCall>, ()> {
         let (mut s, mut c, mut out) = (RequestState::default(), Carry::default(), Vec::new());
