@@ -67,6 +67,9 @@ pub mod maps {
     /// Slot ([`crate::worker::not_resp_slot`]) -> tag of a (tgid, fd) a worker writes to
     /// that is not a connection.
     pub const NOT_RESP: &str = "NOT_RESP";
+    /// [`crate::worker::ConnKey`] -> 1: sockets of followed workers seen writing TLS
+    /// records (Redis over TLS), whose commands cannot be read; for the agent to report.
+    pub const TLS_CONNS: &str = "TLS_CONNS";
     /// Slot -> duration histogram (a per-CPU array).
     pub const WORKER_DURATION_HISTS: &str = "WORKER_DUR_HISTS";
     /// [`crate::worker::WorkerHistKey`] -> its slot in [`WORKER_DURATION_HISTS`].

@@ -78,6 +78,19 @@ pub struct Peer {
 /// Slots of the `NOT_RESP` cache.
 pub const NOT_RESP_SLOTS: u32 = 4096;
 
+/// Entries of `TLS_CONNS`: sockets seen writing TLS records (an LRU: the agent reports which
+/// workers hold any, and a worker holds a few).
+pub const MAX_TLS_CONNECTIONS: u32 = 1024;
+
+/// Whether a write that begins with `head` begins a TLS record: a content type
+/// (change_cipher_spec 20, alert 21, handshake 22, application_data 23) and a record version
+/// 3.0 to 3.4 (SSL 3.0 to TLS 1.3; a ClientHello says 3.1). No RESP command, nor any text
+/// protocol, starts with these bytes.
+#[inline(always)]
+pub fn tls_record_start(head: [u8; 3]) -> bool {
+    (20..=23).contains(&head[0]) && head[1] == 3 && head[2] <= 4
+}
+
 /// The `NOT_RESP` slot of (tgid, fd), and the tag that marks it as holding that pair (never 0,
 /// which marks an empty slot).
 #[inline(always)]
@@ -227,4 +240,30 @@ mod pod {
     unsafe impl aya::Pod for WorkerKeysKey {}
     unsafe impl aya::Pod for PendingPop {}
     unsafe impl aya::Pod for ServedKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_records_are_told_from_resp_and_text() {
+        // A ClientHello (record version 3.1), application data (3.3), an alert, a TLS 1.3
+        // change_cipher_spec.
+        for head in [[22, 3, 1], [23, 3, 3], [21, 3, 3], [20, 3, 3], [22, 3, 0]] {
+            assert!(tls_record_start(head), "{head:?}");
+        }
+        // RESP, HTTP, and what only looks close.
+        for head in [
+            *b"*3\r",
+            *b"$5\r",
+            *b"GET",
+            *b"POS",
+            [22, 2, 0],
+            [24, 3, 3],
+            [23, 3, 5],
+        ] {
+            assert!(!tls_record_start(head), "{head:?}");
+        }
+    }
 }

@@ -605,6 +605,7 @@ impl AgentState {
 
         if let Some(probes) = self.probes.as_mut() {
             probes.worker.detach_idle_syscalls(&mut probes.ebpf);
+            probes.worker.note_tls_connections();
             // Connections that predate tracking: look their peers up in /proc.
             for pid in probes.worker.unknown_peer_pids() {
                 let sockets = self.proc.socket_peers(pid);
@@ -805,14 +806,19 @@ impl AgentState {
             },
         );
         if let Some(probes) = &self.probes {
-            snapshot.push(
-                catalog::WORKERS_UNFOLLOWED,
-                Point {
-                    attributes: vec![("reason", "redis_on_node".into())],
-                    start_time: epoch,
-                    value: PointValue::Gauge(probes.worker.unfollowed() as f64),
-                },
-            );
+            for (reason, count) in [
+                ("redis_on_node", probes.worker.unfollowed()),
+                ("tls", probes.worker.unfollowed_tls()),
+            ] {
+                snapshot.push(
+                    catalog::WORKERS_UNFOLLOWED,
+                    Point {
+                        attributes: vec![("reason", reason.into())],
+                        start_time: epoch,
+                        value: PointValue::Gauge(count as f64),
+                    },
+                );
+            }
             for (via, call, count) in probes.worker.probes_off() {
                 snapshot.push(
                     catalog::WORKERS_PROBE_OFF,

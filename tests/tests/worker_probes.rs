@@ -677,6 +677,139 @@ fn a_resp3_connection_with_pushes_out_of_band_is_followed_exactly() {
     client.stop();
 }
 
+/// A worker that reaches its Redis over TLS (Python's ssl module, OpenSSL writing through
+/// write()): it connects when told, does 5 BRPOPs that time out, says "done", and holds its
+/// connection until its stdin closes. Given a plain port too, it also does one BRPOP there
+/// first (a worker whose Redis is plain and that holds a TLS connection elsewhere).
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys
+port, ca, plain = int(sys.argv[1]), sys.argv[3], int(sys.argv[4])
+brpop = b"*3\r\n$5\r\nBRPOP\r\n$5\r\ntls:q\r\n$3\r\n0.2\r\n"
+sys.stdin.readline()
+if plain:
+    p = socket.create_connection(("127.0.0.1", plain))
+    p.sendall(brpop)
+    assert p.recv(64) == b"*-1\r\n"
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
+for _ in range(5):
+    s.sendall(brpop)
+    assert s.recv(64) == b"*-1\r\n"
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// Commands sent over TLS are encrypted where the probes read them: the agent cannot count
+/// that worker's pops, and says so, in `fanout_workers_unfollowed{reason="tls"}` and once in
+/// its log with the peer, for as long as the worker holds the connection.
+#[test]
+fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = integration_tests::otlp_receiver::TestCa::new("fanout test CA");
+    let issued = ca.issue(&["127.0.0.1"]);
+    let file = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (ca_file, cert, key) = (
+        file("ca.pem", &ca.cert_pem()),
+        file("cert.pem", &issued.cert_pem),
+        file("key.pem", &issued.key_pem),
+    );
+    let tls_port = integration_tests::free_port().to_string();
+    let redis = Redis::start(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_file,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let agent = Agent::start(&["--worker-rule", "tls:cmdline=fanout-tls-client"]);
+    // One worker whose only Redis connection is TLS, one that also has a plain one.
+    let plain_port = redis.port.to_string();
+    let mut clients: Vec<_> = ["0", plain_port.as_str()]
+        .into_iter()
+        .map(|plain| {
+            let mut child = Command::new("/usr/bin/python3")
+                .args([
+                    "-c",
+                    TLS_CLIENT,
+                    &tls_port,
+                    "fanout-tls-client",
+                    &ca_file,
+                    plain,
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let stdin = child.stdin.take().unwrap();
+            let proc = Proc {
+                child,
+                name: "tls-client".into(),
+            };
+            (proc, out, stdin)
+        })
+        .collect();
+    for (proc, out, stdin) in &mut clients {
+        let attached = format!("worker libc probes attached pid={} ", proc.pid());
+        wait_for("the client followed", Duration::from_secs(10), || {
+            agent.log().contains(&attached).then_some(())
+        });
+        std::io::Write::write_all(stdin, b"go\n").unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(out, &mut line).unwrap();
+        assert_eq!(line.trim(), "done");
+    }
+    let pid = clients[0].0.pid();
+    let unfollowed = |s: &Scrape| {
+        s.find("fanout_workers_unfollowed", &[("reason", "tls")])
+            .next()
+            .map_or(-1.0, |sample| sample.value)
+    };
+    // The second holds a followed RESP connection: its Redis is seen, so it is not counted.
+    let s = wait_for("the TLS worker reported", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        (unfollowed(&s) == 1.0 && pops_of(&s, "tls") == 1.0).then_some(s)
+    });
+    // What it cannot see: none of the 10 pops over TLS; the plain one is counted.
+    assert_eq!(pops_of(&s, "tls"), 1.0);
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0,
+        "TLS records are not taken for broken RESP"
+    );
+    let log = agent.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker holds TLS connections"))
+        .collect();
+    assert_eq!(said.len(), 1, "said once, of one worker: {log}");
+    assert!(
+        said[0].contains(&format!("pid={pid}"))
+            && said[0].contains(&format!("127.0.0.1:{tls_port}")),
+        "{}",
+        said[0]
+    );
+    // The connections closed, the workers gone: nothing left to report.
+    for (mut proc, _, stdin) in clients {
+        drop(stdin);
+        proc.stop();
+    }
+    wait_for("the report gone", Duration::from_secs(10), || {
+        (unfollowed(&agent.scrape()) == 0.0).then_some(())
+    });
+    drop(redis);
+}
+
 #[test]
 fn raw_client_split_writes_pipelining_nonblocking_reads_and_closed_connections() {
     raw_client_checks(&["--worker-probe-mode", "syscalls"]);

@@ -4,10 +4,13 @@
 use super::{CONNS, CONN_PEERS, KIND_DESYNCED};
 use crate::counters::bump;
 use agent_common::sched::ProbeCounter;
-use agent_common::worker::{conn_kind, not_resp_slot, ConnKey, ConnState, NOT_RESP_SLOTS};
+use agent_common::worker::{
+    conn_kind, not_resp_slot, tls_record_start, ConnKey, ConnState, MAX_TLS_CONNECTIONS,
+    NOT_RESP_SLOTS,
+};
 use aya_ebpf::helpers::bpf_probe_read_user;
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, PerCpuArray};
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray};
 
 /// All-zero templates for entries larger than the stack allows.
 #[map]
@@ -17,14 +20,22 @@ pub(super) static ZERO_CONN: PerCpuArray<ConnState> = PerCpuArray::with_max_entr
 /// files), by a hash of the pair (`agent_common::worker::not_resp_slot`): a write to one of
 /// them costs one inlined array load, without reading the worker's buffer (a Ruby worker
 /// writes two log lines and a warning per job; reading a byte of each cost more than the rest
-/// of the probe). Only descriptors without a peer enter it, so no socket ever does: sockets
-/// connected while the worker is followed get a peer at connect(), and those it had before are
-/// seeded with their peers from /proc, their slots cleared, when it starts being followed.
+/// of the probe). Only descriptors without a peer enter it, and sockets that talk TLS (see
+/// `TLS_CONNS`): sockets connected while the worker is followed get a peer at connect(), and
+/// those it had before are seeded with their peers from /proc, their slots cleared, when it
+/// starts being followed.
 /// Closing a descriptor, or connecting it, clears its slot. What it cannot see: a socket
 /// moved onto a cached descriptor number with dup2() and no close() (no Redis client does
 /// that); the slot of a pair overwritten by another pair only costs a lookup.
 #[map]
 pub(super) static NOT_RESP: Array<u64> = Array::with_max_entries(NOT_RESP_SLOTS, 0);
+
+/// Sockets of followed workers seen writing TLS records: Redis over TLS, whose commands are
+/// encrypted here. Written once per such socket (then its `NOT_RESP` slot holds it), read by
+/// the agent, which says which workers it cannot follow this way.
+#[map]
+pub(super) static TLS_CONNS: LruHashMap<ConnKey, u32> =
+    LruHashMap::with_max_entries(MAX_TLS_CONNECTIONS, 0);
 
 /// Forgets that (tgid, fd) is not a connection (it is one now, or it was closed).
 #[inline(always)]
@@ -39,9 +50,10 @@ pub(super) fn clear_not_resp(key: &ConnKey) {
     }
 }
 
-/// The connection state for a write, created (and classified) on the first one.
+/// The connection state for a write of `len` bytes at `buf`, created (and classified) on the
+/// first one.
 #[inline(always)]
-pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnState> {
+pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*mut ConnState> {
     let key = ConnKey { tgid, fd };
     let (slot, tag) = not_resp_slot(&key);
     if NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
@@ -80,7 +92,18 @@ pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64) -> Option<*mut ConnSt
     // files and pipes (logs) cost one byte read per write.
     if first != b'*' {
         // A socket may be a connection met mid-command: it is picked up at its next command.
-        if unsafe { CONN_PEERS.get(&key) }.is_none() {
+        // One that writes a TLS record talks TLS for good (Redis over TLS: its commands are
+        // encrypted here): it is reported, and costs one load from then on. Only a first byte
+        // that is a record's content type costs the read of the next two.
+        let is_socket = unsafe { CONN_PEERS.get(&key) }.is_some();
+        let tls = is_socket
+            && (20..=23).contains(&first)
+            && len >= 3
+            && unsafe { bpf_probe_read_user(buf as *const [u8; 3]) }.is_ok_and(tls_record_start);
+        if tls {
+            let _ = TLS_CONNS.insert(&key, &1, 0);
+        }
+        if !is_socket || tls {
             if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
                 unsafe { *cached = tag };
             }

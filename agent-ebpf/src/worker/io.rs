@@ -5,6 +5,7 @@
 use super::{
     conn::clear_not_resp,
     conn::conn_for_write,
+    conn::TLS_CONNS,
     pops::finish_pop,
     pops::start_pop,
     quick::quick_command,
@@ -98,7 +99,7 @@ pub(super) fn on_write(
     if len == 0 && iov_count <= 1 {
         return;
     }
-    let Some(conn) = conn_for_write(tgid, fd, buf) else {
+    let Some(conn) = conn_for_write(tgid, fd, buf, len) else {
         return;
     };
     let state = unsafe { &mut *conn };
@@ -412,6 +413,7 @@ pub(super) fn handle_close(fd: u64, via: u32) {
         let _ = CONNS.remove(&key);
     }
     let _ = CONN_PEERS.remove(&key);
+    let _ = TLS_CONNS.remove(&key);
     clear_not_resp(&key);
 }
 
@@ -426,6 +428,7 @@ pub(super) fn handle_connect(fd: u64, addr: u64, via: u32) {
     };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
+    let _ = TLS_CONNS.remove(&key);
     match CONNECTS.get_ptr_mut(&tgid) {
         Some(count) => unsafe { *count += 1 },
         None => {

@@ -403,6 +403,8 @@ pub struct WorkerMaps {
     /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
     /// probes): a socket's slot is cleared when its peer is seeded.
     not_resp: Array<MapData, u64>,
+    /// Sockets of followed workers seen writing TLS records (`TLS_CONNS`).
+    tls_conns: HashMap<MapData, ConnKey, u32>,
     durations: super::slots::SlotTable<WorkerHistKey, Log2Histogram>,
     keys: super::slots::SlotTable<WorkerKeysKey, KeyHistogram>,
     links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
@@ -423,6 +425,9 @@ pub struct WorkerMaps {
     pub syscalls_beside_redis: bool,
     /// Workers not followed because a Redis runs on this node.
     unfollowed: std::collections::BTreeSet<u32>,
+    /// Followed workers whose only Redis traffic may be encrypted: they hold TLS connections
+    /// and no RESP connection is followed (see [`Self::note_tls_connections`]).
+    tls_only: std::collections::BTreeSet<u32>,
     /// Since when no tracked worker has needed the attached syscall tracepoints.
     syscalls_idle_since: Option<std::time::Instant>,
     /// Uprobe links per worker pid.
@@ -499,6 +504,7 @@ impl WorkerMaps {
             connects: take_map(ebpf, maps::CONNECTS)?,
             served: take_map(ebpf, maps::SERVED_KEYS)?,
             not_resp: take_map(ebpf, maps::NOT_RESP)?,
+            tls_conns: take_map(ebpf, maps::TLS_CONNS)?,
             durations: super::slots::SlotTable::new(
                 ebpf,
                 (
@@ -529,6 +535,7 @@ impl WorkerMaps {
             redis_on_node: false,
             syscalls_beside_redis: false,
             unfollowed: Default::default(),
+            tls_only: Default::default(),
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
             write_probes: std::collections::HashMap::new(),
@@ -682,6 +689,57 @@ impl WorkerMaps {
     /// Tracked workers not followed because a Redis runs on this node.
     pub fn unfollowed(&self) -> usize {
         self.unfollowed.len()
+    }
+
+    /// Followed workers that hold TLS connections and no RESP connection the probes follow:
+    /// if their Redis is reached over TLS (`rediss://`), their commands are encrypted where the
+    /// probes read them, and none of their blocking pops is counted from the worker side.
+    pub fn unfollowed_tls(&self) -> usize {
+        self.tls_only.len()
+    }
+
+    /// Looks at the sockets the kernel saw writing TLS records (`TLS_CONNS`) and says, once per
+    /// worker, which workers may talk to their Redis over TLS: those with TLS connections and
+    /// no followed RESP connection. (A worker whose Redis connections are followed may hold
+    /// TLS ones too, to an HTTPS API: it is not one of them.)
+    pub fn note_tls_connections(&mut self) {
+        let mut tls: BTreeMap<u32, Vec<ConnKey>> = BTreeMap::new();
+        for key in self.tls_conns.keys().filter_map(Result::ok) {
+            if self.ways.contains_key(&key.tgid) {
+                tls.entry(key.tgid).or_default().push(key);
+            }
+        }
+        if tls.is_empty() {
+            self.tls_only.clear();
+            return;
+        }
+        let with_resp: std::collections::BTreeSet<u32> = self
+            .connections()
+            .into_iter()
+            .map(|(key, _)| key.tgid)
+            .collect();
+        let mut now = std::collections::BTreeSet::new();
+        for (pid, keys) in tls {
+            if with_resp.contains(&pid) {
+                continue;
+            }
+            if !self.tls_only.contains(&pid) {
+                let peers: Vec<String> = keys
+                    .iter()
+                    .map(|key| match self.peers.get(key, 0) {
+                        Ok(peer) => format!("{}:{}", peer_address(&peer), peer.port),
+                        Err(_) => "unknown".into(),
+                    })
+                    .collect();
+                tracing::warn!(
+                    pid,
+                    ?peers,
+                    "worker holds TLS connections and no plain RESP one: if its Redis is reached over TLS, its commands are encrypted where the probes read them, and its blocking pops are not counted from the worker side (the Redis side still counts them where the agent runs beside that Redis)"
+                );
+            }
+            now.insert(pid);
+        }
+        self.tls_only = now;
     }
 
     /// Attaches the syscall tracepoints unless they are already attached.
@@ -976,6 +1034,7 @@ impl WorkerMaps {
     /// group totals can keep it. Detaches the probes after the last worker.
     pub fn untrack(&mut self, ebpf: &mut Ebpf, pid: u32) -> WorkerReadings {
         self.unfollowed.remove(&pid);
+        self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
         self.ways.remove(&pid);
         let conns: Vec<ConnKey> = self
@@ -995,6 +1054,16 @@ impl WorkerMaps {
             .collect();
         for k in peers {
             let _ = self.peers.remove(&k);
+        }
+        // Or a later process with its pid would be taken for a TLS worker.
+        let tls: Vec<ConnKey> = self
+            .tls_conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in tls {
+            let _ = self.tls_conns.remove(&k);
         }
         let _ = self.connects.remove(&pid);
         let served: Vec<ServedKey> = self

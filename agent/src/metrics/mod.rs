@@ -166,7 +166,7 @@ pub mod catalog {
     };
     pub const WORKERS_UNFOLLOWED: Descriptor = Descriptor {
         name: "fanout.workers.unfollowed",
-        description: "Tracked workers whose Redis traffic is not followed, by reason (redis_on_node: no uprobe target, and the syscall tracepoints would tax the Redis on this node)",
+        description: "Tracked workers whose Redis traffic is not followed, by reason (redis_on_node: no uprobe target, and the syscall tracepoints would tax the Redis on this node; tls: followed, but holding TLS connections and no plain RESP one, so a Redis reached over TLS is not seen)",
         unit: "{process}",
         kind: Kind::Gauge,
     };
