@@ -635,11 +635,7 @@ fn a_resp3_connection_with_pushes_out_of_band_is_followed_exactly() {
     let agent = Agent::start(&["--worker-rule", "resp3:cmdline=fanout-resp3-client"]);
     let mut client = ScriptedClient::start(RESP3_CLIENT, redis.port, "fanout-resp3-client");
     client.expect_line("ready");
-    let attached = format!("worker libc probes attached pid={} ", client.pid());
-    wait_for("the client followed", Duration::from_secs(10), || {
-        agent.log().contains(&attached).then_some(())
-    });
-    client.go();
+    client.go_when_followed(&agent);
     client.expect_line("done");
     let s = wait_for("5 pops counted", Duration::from_secs(5), || {
         let s = agent.scrape();
@@ -734,42 +730,22 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
     let agent = Agent::start(&["--worker-rule", "tls:cmdline=fanout-tls-client"]);
     // One worker whose only Redis connection is TLS, one that also has a plain one.
     let plain_port = redis.port.to_string();
-    let mut clients: Vec<_> = ["0", plain_port.as_str()]
+    let mut clients: Vec<ScriptedClient> = ["0", plain_port.as_str()]
         .into_iter()
         .map(|plain| {
-            let mut child = Command::new("/usr/bin/python3")
-                .args([
-                    "-c",
-                    TLS_CLIENT,
-                    &tls_port,
-                    "fanout-tls-client",
-                    &ca_file,
-                    plain,
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("python3");
-            let out = std::io::BufReader::new(child.stdout.take().unwrap());
-            let stdin = child.stdin.take().unwrap();
-            let proc = Proc {
-                child,
-                name: "tls-client".into(),
-            };
-            (proc, out, stdin)
+            ScriptedClient::start_with(
+                TLS_CLIENT,
+                tls_port.parse().unwrap(),
+                "fanout-tls-client",
+                &[&ca_file, plain],
+            )
         })
         .collect();
-    for (proc, out, stdin) in &mut clients {
-        let attached = format!("worker libc probes attached pid={} ", proc.pid());
-        wait_for("the client followed", Duration::from_secs(10), || {
-            agent.log().contains(&attached).then_some(())
-        });
-        std::io::Write::write_all(stdin, b"go\n").unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(out, &mut line).unwrap();
-        assert_eq!(line.trim(), "done");
+    for client in &mut clients {
+        client.go_when_followed(&agent);
+        client.expect_line("done");
     }
-    let pid = clients[0].0.pid();
+    let pid = clients[0].pid();
     let unfollowed = |s: &Scrape| {
         s.find("fanout_workers_unfollowed", &[("reason", "tls")])
             .next()
@@ -800,9 +776,8 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
         said[0]
     );
     // The connections closed, the workers gone: nothing left to report.
-    for (mut proc, _, stdin) in clients {
-        drop(stdin);
-        proc.stop();
+    for mut client in clients {
+        client.stop();
     }
     wait_for("the report gone", Duration::from_secs(10), || {
         (unfollowed(&agent.scrape()) == 0.0).then_some(())
@@ -1205,8 +1180,14 @@ struct ScriptedClient {
 
 impl ScriptedClient {
     fn start(script: &str, port: u16, marker: &str) -> Self {
+        Self::start_with(script, port, marker, &[])
+    }
+
+    /// [`Self::start`] with more arguments after the marker.
+    fn start_with(script: &str, port: u16, marker: &str, more: &[&str]) -> Self {
         let mut child = Command::new("/usr/bin/python3")
             .args(["-c", script, &port.to_string(), marker])
+            .args(more)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -1237,6 +1218,16 @@ impl ScriptedClient {
     /// Lets a client waiting on its stdin go on.
     fn go(&mut self) {
         std::io::Write::write_all(&mut self.stdin, b"go\n").unwrap();
+    }
+
+    /// Lets a client waiting on its stdin go on once `agent` has attached its libc probes to
+    /// it, so that its first write is seen.
+    fn go_when_followed(&mut self, agent: &Agent) {
+        let attached = format!("worker libc probes attached pid={} ", self.pid());
+        wait_for("the client followed", Duration::from_secs(10), || {
+            agent.log().contains(&attached).then_some(())
+        });
+        self.go();
     }
 
     fn stop(&mut self) {
