@@ -451,6 +451,18 @@ pub struct WorkerMaps {
     read_done_multi: super::uprobe_multi::LazyPrograms,
 }
 
+/// Removes the entries of `pid`'s connections from a map keyed by connection.
+fn remove_connections_of<V: aya::Pod>(map: &mut HashMap<MapData, ConnKey, V>, pid: u32) {
+    let keys: Vec<ConnKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.tgid == pid)
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
 pub fn peer_from(p: SocketPeer) -> Peer {
     let mut peer = Peer {
         family: 0,
@@ -1037,34 +1049,10 @@ impl WorkerMaps {
         self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
         self.ways.remove(&pid);
-        let conns: Vec<ConnKey> = self
-            .conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in conns {
-            let _ = self.conns.remove(&k);
-        }
-        let peers: Vec<ConnKey> = self
-            .peers
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in peers {
-            let _ = self.peers.remove(&k);
-        }
+        remove_connections_of(&mut self.conns, pid);
+        remove_connections_of(&mut self.peers, pid);
         // Or a later process with its pid would be taken for a TLS worker.
-        let tls: Vec<ConnKey> = self
-            .tls_conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in tls {
-            let _ = self.tls_conns.remove(&k);
-        }
+        remove_connections_of(&mut self.tls_conns, pid);
         let _ = self.connects.remove(&pid);
         let served: Vec<ServedKey> = self
             .served
