@@ -915,11 +915,15 @@ pub struct SharedAgent {
     /// The latest snapshot and when it was finished: requests that arrive while one is being
     /// taken share it (several scrapers and the OTLP push cost one walk of /proc and the maps).
     latest: parking_lot::Mutex<Option<(std::time::Instant, Arc<Snapshot>)>>,
+    /// Reads new processes for discovery before the state is locked (see
+    /// [`crate::discovery::ProcessReader`]).
+    pub reader: crate::discovery::ProcessReader,
 }
 
 impl SharedAgent {
     pub fn new(state: AgentState, resource: Attributes) -> Self {
         Self {
+            reader: state.discovery.reader(),
             state: parking_lot::Mutex::new(state),
             resource,
             ready: Default::default(),

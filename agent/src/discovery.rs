@@ -94,6 +94,51 @@ impl ScanErrors {
     }
 }
 
+/// What /proc said of one process, read by a [`ProcessReader`] and classified by
+/// [`Discovery::check_reading`].
+#[derive(Debug)]
+pub struct Reading {
+    pid: u32,
+    /// `None` for the agent itself, which is never read.
+    info: Option<Result<ProcessInfo, ReadError>>,
+}
+
+impl Reading {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Reads processes for discovery without its state, so that a caller holding no lock can: a
+/// process's cmdline is read through its memory and waits on its mmap lock, which uprobe
+/// registration takes for write in every process that maps the binary it probes (50 Redis
+/// servers starting while the first one's probes go in), and the agent's state lock must not
+/// be held across such a wait.
+#[derive(Clone, Debug)]
+pub struct ProcessReader {
+    proc: ProcRoot,
+    own_pid: u32,
+}
+
+impl ProcessReader {
+    pub fn read(&self, pid: u32) -> Reading {
+        Reading {
+            pid,
+            info: (pid != self.own_pid).then(|| self.proc.process_info(pid)),
+        }
+    }
+
+    /// Every process of the node, for [`Discovery::rescan_from`].
+    pub fn read_all(&self) -> std::io::Result<Vec<Reading>> {
+        Ok(self
+            .proc
+            .pids()?
+            .into_iter()
+            .map(|pid| self.read(pid))
+            .collect())
+    }
+}
+
 pub struct Discovery {
     proc: ProcRoot,
     rules: RuleSet,
@@ -134,11 +179,17 @@ impl Discovery {
         self.tracked.get(&pid)
     }
 
-    fn classify(&mut self, pid: u32, errors: &mut ScanErrors) -> Option<TrackedProcess> {
-        if pid == self.own_pid {
-            return None;
+    /// Reads processes as this discovery does, without borrowing it.
+    pub fn reader(&self) -> ProcessReader {
+        ProcessReader {
+            proc: self.proc.clone(),
+            own_pid: self.own_pid,
         }
-        match self.proc.process_info(pid) {
+    }
+
+    fn classify(&mut self, reading: Reading, errors: &mut ScanErrors) -> Option<TrackedProcess> {
+        let pid = reading.pid;
+        match reading.info? {
             Ok(info) => {
                 let Self {
                     proc,
@@ -169,14 +220,48 @@ impl Discovery {
     /// another process (different start time), or that no longer match (an exec'd image), and
     /// sets anew one that exec'd another binary of its class.
     pub fn rescan(&mut self) -> std::io::Result<(Vec<Change>, ScanErrors)> {
+        let readings = self.reader().read_all()?;
+        Ok(self.rescan_from(readings))
+    }
+
+    /// [`Discovery::rescan`] from readings of every process taken earlier, without this
+    /// discovery's lock. Where a reading and what is tracked disagree (a process found and not
+    /// tracked, tracked and not found, or found otherwise), the process is read again: an exec
+    /// or exit event handled since the reading may have changed it, and the older reading
+    /// must not undo that.
+    pub fn rescan_from(&mut self, readings: Vec<Reading>) -> (Vec<Change>, ScanErrors) {
         let mut errors = ScanErrors::default();
-        let pids = self.proc.pids()?;
         let mut changes = Vec::new();
         let mut seen = BTreeMap::new();
-        for pid in pids {
-            if let Some(found) = self.classify(pid, &mut errors) {
+        for reading in readings {
+            let pid = reading.pid;
+            if let Some(found) = self.classify(reading, &mut errors) {
                 seen.insert(pid, found);
             }
+        }
+        let disagreeing: BTreeSet<u32> = seen
+            .iter()
+            .filter(|(pid, found)| !self.tracked.get(pid).is_some_and(|t| t.is_same_as(found)))
+            .map(|(pid, _)| *pid)
+            .chain(
+                self.tracked
+                    .keys()
+                    .filter(|pid| !seen.contains_key(pid))
+                    .copied(),
+            )
+            .collect();
+        let reader = self.reader();
+        for pid in disagreeing {
+            // A process gone since was found by the walk, not missed by it: its failed read
+            // now is not a scan error.
+            let mut ignored = ScanErrors::default();
+            match self
+                .classify(reader.read(pid), &mut ignored)
+                .filter(|found| self.proc.still_runs(found.info.id))
+            {
+                Some(found) => seen.insert(pid, found),
+                None => seen.remove(&pid),
+            };
         }
         let old = std::mem::take(&mut self.tracked);
         for (pid, previous) in old {
@@ -197,14 +282,25 @@ impl Discovery {
             changes.push(Change::Added(new.clone()));
             self.tracked.insert(pid, new);
         }
-        Ok((changes, errors))
+        (changes, errors)
     }
 
     /// Re-examines one pid, after an exec or exit event, or a failed read.
     pub fn check(&mut self, pid: u32) -> (Vec<Change>, ScanErrors) {
+        let reading = self.reader().read(pid);
+        self.check_reading(reading)
+    }
+
+    /// [`Discovery::check`] from a reading taken earlier, without this discovery's lock. A
+    /// process it matches must still run (its `stat` only is read again): one that exited
+    /// since, its exit event handled meanwhile, must not be set up.
+    pub fn check_reading(&mut self, reading: Reading) -> (Vec<Change>, ScanErrors) {
+        let pid = reading.pid;
         let mut errors = ScanErrors::default();
         let mut changes = Vec::new();
-        let current = self.classify(pid, &mut errors);
+        let current = self
+            .classify(reading, &mut errors)
+            .filter(|found| self.proc.still_runs(found.info.id));
         match (self.tracked.remove(&pid), current) {
             (Some(previous), Some(current)) if previous.is_same_as(&current) => {
                 self.tracked.insert(pid, current.refreshing(previous));
@@ -453,6 +549,72 @@ pub(crate) mod tests {
                 if p.image.map(|k| k.ino) == Some(ino(&old_build))),
             "{changes:?}"
         );
+    }
+
+    /// Readings are taken without the agent's lock, so an exit or exec event may be handled
+    /// between a reading and its use: the older reading must not undo what the event did.
+    #[test]
+    fn readings_older_than_an_event_do_not_undo_it() {
+        let root = proc_with_redis();
+        let rules = RuleSet::new(&default_rule_specs()).unwrap();
+        let mut d = Discovery::new(ProcRoot::new(root.path()), rules, 1)
+            .with_symbol_reader(fixture_symbols);
+        let reader = d.reader();
+        let stat = root.path().join("100/stat");
+        let original = std::fs::read_to_string(&stat).unwrap();
+
+        // Read while the Redis ran; it exits (a zombie, then reaped) before the reading is
+        // used: not set up, by an exec event's check or by a rescan.
+        let reading = reader.read(100);
+        let walk = reader.read_all().unwrap();
+        std::fs::write(&stat, original.replacen(") S ", ") Z ", 1)).unwrap();
+        std::fs::remove_dir_all(root.path().join("100/task")).unwrap();
+        assert!(d.check_reading(reading).0.is_empty());
+        let (changes, errors) = d.rescan_from(walk);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(errors, ScanErrors::default());
+        assert!(!d.is_tracked(100));
+
+        // Another process now has the pid (another start time): the reading of the first
+        // one is not it.
+        let reading = {
+            std::fs::write(&stat, &original).unwrap();
+            reader.read(100)
+        };
+        // stat's field 22, the start time: the 20th after the command's ") ".
+        let start = original
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split(' ')
+            .nth(19)
+            .unwrap();
+        std::fs::write(
+            &stat,
+            original.replacen(&format!(" {start} "), " 999999 ", 1),
+        )
+        .unwrap();
+        assert!(d.check_reading(reading).0.is_empty());
+
+        // A walk taken before the process started, used after its exec event set it up: the
+        // process is read again, and kept.
+        let before = reader.read_all().unwrap();
+        std::fs::write(&stat, &original).unwrap();
+        let before: Vec<Reading> = before.into_iter().filter(|r| r.pid() != 100).collect();
+        let (added, _) = d.check(100);
+        assert!(matches!(added.as_slice(), [Change::Added(p)] if p.pid() == 100));
+        let (changes, _) = d.rescan_from(before);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert!(d.is_tracked(100));
+
+        // A walk that saw it run, used after its exit was handled: not set up again.
+        let walk = reader.read_all().unwrap();
+        std::fs::remove_dir_all(root.path().join("100")).unwrap();
+        assert!(d.forget(100).is_some());
+        let (changes, errors) = d.rescan_from(walk);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(errors, ScanErrors::default());
+        assert!(!d.is_tracked(100));
     }
 
     /// A rescan's changes are applied after it, one at a time; an exit or a check handled in

@@ -246,6 +246,17 @@ impl ProcRoot {
         !others.unwrap_or(false)
     }
 
+    /// Whether the process `id` names still runs: the same start time, not exited. Reads
+    /// only its `stat` (and its tasks if it is a zombie), never its memory.
+    pub fn still_runs(&self, id: ProcessId) -> bool {
+        match read_stat(id.pid, &self.root.join(id.pid.to_string()).join("stat")) {
+            Ok(stat) => {
+                stat.starttime == id.start_time_ticks && !self.has_exited(id.pid, stat.state)
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The current arguments (or process title) of a process; empty when unreadable.
     pub fn cmdline(&self, pid: u32) -> Vec<String> {
         self.open(pid)

@@ -180,13 +180,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = rescan.tick() => {
                 let walk = shared.lock("address_walk").address_walk();
                 let addresses = walk.read().addresses;
+                // /proc is read without the lock (see `ProcessReader`); only what changed
+                // is read again under it.
+                let readings = shared.reader.read_all();
                 let changes = {
                     let mut state = shared.lock("rescan");
                     state.refresh_clock();
                     state.set_redis_addresses(addresses);
                     state.retry_unreadable_redis();
-                    match state.discovery.rescan() {
-                        Ok((changes, errors)) => {
+                    match readings {
+                        Ok(readings) => {
+                            let (changes, errors) = state.discovery.rescan_from(readings);
                             state.stats.count_scan(&errors);
                             changes
                         }
@@ -271,11 +275,18 @@ fn on_lifecycle(shared: &Arc<SharedAgent>, records: Vec<Vec<u8>>) {
         .iter()
         .filter_map(|r| ebpf::sched::decode_lifecycle(r))
     {
-        // The lock is taken per event: 50 processes started at once are set up one after
+        // An exec'd process is read before the lock is taken (see `ProcessReader`), and
+        // the lock is taken per event: 50 processes started at once are set up one after
         // the other, with scrapes answered in between.
+        let exec = matches!(event.kind(), Some(LifecycleKind::Exec));
+        let reading = exec.then(|| shared.reader.read(event.pid));
         let mut state = shared.lock("lifecycle");
         match event.kind() {
-            Some(LifecycleKind::Exec) => check_pid(&mut state, event.pid),
+            Some(LifecycleKind::Exec) => {
+                if let Some(reading) = reading {
+                    check_reading(&mut state, reading)
+                }
+            }
             Some(LifecycleKind::Fork) => forked.push(event.pid),
             Some(LifecycleKind::Exit) => {
                 if let Some(change) = state.discovery.forget(event.pid) {
@@ -291,9 +302,10 @@ fn on_lifecycle(shared: &Arc<SharedAgent>, records: Vec<Vec<u8>>) {
     }
 }
 
-/// Re-examines one pid; short-lived processes vanish before they are read: normal, not counted.
-fn check_pid(state: &mut crate::agent::AgentState, pid: u32) {
-    let (changes, errors) = state.discovery.check(pid);
+/// Re-examines one pid from what was read of it; short-lived processes vanish before they
+/// are read: normal, not counted.
+fn check_reading(state: &mut crate::agent::AgentState, reading: crate::discovery::Reading) {
+    let (changes, errors) = state.discovery.check_reading(reading);
     *state.stats.read_errors.entry("failed").or_default() += errors.failed;
     state.apply(changes);
 }
@@ -302,9 +314,10 @@ fn check_pid(state: &mut crate::agent::AgentState, pid: u32) {
 async fn look_at_forked(shared: Arc<SharedAgent>, mut pids: Vec<u32>) {
     for delay in FORK_LOOKS {
         tokio::time::sleep(delay).await;
+        let readings: Vec<_> = pids.iter().map(|&pid| shared.reader.read(pid)).collect();
         let mut state = shared.lock("forked");
-        for &pid in &pids {
-            check_pid(&mut state, pid);
+        for reading in readings {
+            check_reading(&mut state, reading);
         }
         let proc = state.proc.clone();
         pids.retain(|&pid| {
