@@ -136,11 +136,7 @@ pub(super) fn finish_pop(
     conn.pop.active = 0;
     if conn.peer.family == 0 {
         // Connected before the process was followed: the agent finds the peer in /proc.
-        let socket = ConnKey {
-            tgid,
-            fd: agent_common::worker::socket_fd(fd),
-        };
-        if let Some(peer) = unsafe { CONN_PEERS.get(&socket) } {
+        if let Some(peer) = unsafe { CONN_PEERS.get(&ConnKey { tgid, fd }) } {
             conn.peer = *peer;
             // The duration histograms are per peer.
             conn.slots.durations = [0; 3];
