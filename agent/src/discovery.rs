@@ -221,7 +221,7 @@ impl Discovery {
     /// sets anew one that exec'd another binary of its class.
     pub fn rescan(&mut self) -> std::io::Result<(Vec<Change>, ScanErrors)> {
         let readings = self.reader().read_all()?;
-        Ok(self.rescan_from(readings))
+        Ok(self.scan(readings, false))
     }
 
     /// [`Discovery::rescan`] from readings of every process taken earlier, without this
@@ -230,6 +230,13 @@ impl Discovery {
     /// or exit event handled since the reading may have changed it, and the older reading
     /// must not undo that.
     pub fn rescan_from(&mut self, readings: Vec<Reading>) -> (Vec<Change>, ScanErrors) {
+        self.scan(readings, true)
+    }
+
+    /// The rescan from `readings`; `older` when they may be older than what is tracked (taken
+    /// without the lock), so that disagreements are read again. Readings taken just now, as
+    /// [`Discovery::rescan`]'s (the initial scan's among them), are not read twice.
+    fn scan(&mut self, readings: Vec<Reading>, older: bool) -> (Vec<Change>, ScanErrors) {
         let mut errors = ScanErrors::default();
         let mut changes = Vec::new();
         let mut seen = BTreeMap::new();
@@ -239,26 +246,26 @@ impl Discovery {
                 seen.insert(pid, found);
             }
         }
-        let disagreeing: BTreeSet<u32> = seen
-            .iter()
-            .filter(|(pid, found)| !self.tracked.get(pid).is_some_and(|t| t.is_same_as(found)))
-            .map(|(pid, _)| *pid)
-            .chain(
-                self.tracked
-                    .keys()
-                    .filter(|pid| !seen.contains_key(pid))
-                    .copied(),
-            )
-            .collect();
+        let disagreeing: BTreeSet<u32> = if !older {
+            BTreeSet::new()
+        } else {
+            seen.iter()
+                .filter(|(pid, found)| !self.tracked.get(pid).is_some_and(|t| t.is_same_as(found)))
+                .map(|(pid, _)| *pid)
+                .chain(
+                    self.tracked
+                        .keys()
+                        .filter(|pid| !seen.contains_key(pid))
+                        .copied(),
+                )
+                .collect()
+        };
         let reader = self.reader();
         for pid in disagreeing {
             // A process gone since was found by the walk, not missed by it: its failed read
             // now is not a scan error.
             let mut ignored = ScanErrors::default();
-            match self
-                .classify(reader.read(pid), &mut ignored)
-                .filter(|found| self.proc.still_runs(found.info.id))
-            {
+            match self.classify(reader.read(pid), &mut ignored) {
                 Some(found) => seen.insert(pid, found),
                 None => seen.remove(&pid),
             };
@@ -288,19 +295,24 @@ impl Discovery {
     /// Re-examines one pid, after an exec or exit event, or a failed read.
     pub fn check(&mut self, pid: u32) -> (Vec<Change>, ScanErrors) {
         let reading = self.reader().read(pid);
-        self.check_reading(reading)
+        self.check_with(reading, false)
     }
 
     /// [`Discovery::check`] from a reading taken earlier, without this discovery's lock. A
     /// process it matches must still run (its `stat` only is read again): one that exited
     /// since, its exit event handled meanwhile, must not be set up.
     pub fn check_reading(&mut self, reading: Reading) -> (Vec<Change>, ScanErrors) {
+        self.check_with(reading, true)
+    }
+
+    /// The check from `reading`; `older` when it may be older than what is tracked.
+    fn check_with(&mut self, reading: Reading, older: bool) -> (Vec<Change>, ScanErrors) {
         let pid = reading.pid;
         let mut errors = ScanErrors::default();
         let mut changes = Vec::new();
         let current = self
             .classify(reading, &mut errors)
-            .filter(|found| self.proc.still_runs(found.info.id));
+            .filter(|found| !older || self.proc.still_runs(found.info.id));
         match (self.tracked.remove(&pid), current) {
             (Some(previous), Some(current)) if previous.is_same_as(&current) => {
                 self.tracked.insert(pid, current.refreshing(previous));
