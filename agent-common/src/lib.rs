@@ -70,6 +70,9 @@ pub mod maps {
     /// [`crate::worker::ConnKey`] -> 1: sockets of followed workers seen writing TLS
     /// records (Redis over TLS), whose commands cannot be read; for the agent to report.
     pub const TLS_CONNS: &str = "TLS_CONNS";
+    /// [`crate::worker::SslKey`] -> descriptor: the socket each SSL object of a followed
+    /// worker talks through, learnt at `SSL_set_fd` or from its TLS records' writes.
+    pub const SSL_FDS: &str = "SSL_FDS";
     /// Slot -> duration histogram (a per-CPU array).
     pub const WORKER_DURATION_HISTS: &str = "WORKER_DUR_HISTS";
     /// [`crate::worker::WorkerHistKey`] -> its slot in [`WORKER_DURATION_HISTS`].

@@ -91,6 +91,57 @@ pub fn tls_record_start(head: [u8; 3]) -> bool {
     (20..=23).contains(&head[0]) && head[1] == 3 && head[2] <= 4
 }
 
+/// Marks a descriptor number as the plain text side of a TLS connection: its commands and
+/// replies as the worker hands them to its TLS library (`SSL_write`, `SSL_read`), followed
+/// under (tgid, fd | TLS_FD) beside the socket's own (tgid, fd), whose bytes are encrypted.
+/// Descriptor numbers stay far below (a process's limit is at most 2^30).
+pub const TLS_FD: u32 = 1 << 31;
+
+/// The socket a connection's bytes travel on: the descriptor without [`TLS_FD`].
+#[inline(always)]
+pub fn socket_fd(fd: u32) -> u32 {
+    fd & !TLS_FD
+}
+
+/// A `NOT_RESP` tag with this bit marks a socket that talks TLS rather than a descriptor that
+/// is no connection: its writes still tell which SSL object writes to it (see
+/// `TlsCall`). Tags never have it ((tgid << 32 | fd) + 1, tgid below 2^22).
+pub const NOT_RESP_TLS: u64 = 1 << 63;
+
+/// An SSL object of a followed worker (`SSL *`), the key of the descriptor it reads and
+/// writes through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SslKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ssl: u64,
+}
+
+/// A call into the worker's TLS library in progress on a thread, from its entry to its
+/// return: `SSL_write(ssl, buf, num)`, `SSL_read(ssl, buf, num)` or their `_ex` forms, which
+/// return 1 and store the byte count at `count_at` (0 for the plain forms, which return it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCall {
+    pub ssl: u64,
+    pub buf: u64,
+    pub count_at: u64,
+}
+
+impl TlsCall {
+    /// No call in progress (an SSL object is never at address 0).
+    pub const NONE: Self = Self {
+        ssl: 0,
+        buf: 0,
+        count_at: 0,
+    };
+}
+
+/// Most SSL objects whose descriptor is known (`SSL_FDS`): a worker holds a few TLS
+/// connections.
+pub const MAX_TLS_OBJECTS: u32 = 4096;
+
 /// The `NOT_RESP` slot of (tgid, fd), and the tag that marks it as holding that pair (never 0,
 /// which marks an empty slot).
 #[inline(always)]
@@ -235,6 +286,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for Peer {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for SslKey {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for WorkerHistKey {}
     unsafe impl aya::Pod for WorkerKeysKey {}

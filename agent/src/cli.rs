@@ -203,6 +203,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_libc_workers: Option<usize>,
 
+    /// Do not put uprobes in the TLS library (OpenSSL's libssl) of workers seen talking TLS.
+    /// Those probes read a TLS connection's commands and replies in plain text, so that pops
+    /// over `rediss://` are counted; each SSL_write and SSL_read then costs two traps.
+    #[arg(long)]
+    pub no_tls_probes: bool,
+
     /// Do not time Redis's blocking bookkeeping (redis.blocking.cpu.time). That measurement
     /// needs return probes on blockForKeys and unblockClient: two more probe hits per blocking
     /// call, each a trap into the kernel on Redis's main thread.

@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub worker_probe_mode: Option<crate::ebpf::worker::WorkerProbeMode>,
     pub syscall_probes_beside_redis: Option<bool>,
     pub max_libc_workers: Option<usize>,
+    pub tls_probes: Option<bool>,
     #[serde(default, rename = "worker_rule")]
     pub worker_rules: Vec<RuleSpec>,
     /// Redis servers not to track (`[[redis_exclude]]`).
@@ -116,6 +117,8 @@ pub struct Config {
     pub syscall_probes_beside_redis: bool,
     /// How many workers at most are followed through uprobes.
     pub max_libc_workers: usize,
+    /// Follow workers' TLS connections through their OpenSSL (on unless turned off).
+    pub tls_probes: bool,
 }
 
 impl FileConfig {
@@ -274,6 +277,7 @@ impl Config {
             syscall_probes_beside_redis: args.syscall_probes_beside_redis
                 || file.syscall_probes_beside_redis.unwrap_or(false),
             max_libc_workers,
+            tls_probes: !args.no_tls_probes && file.tls_probes.unwrap_or(true),
             proc_root: args
                 .proc_root
                 .clone()
@@ -447,6 +451,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "max_libc_workers must be between 0 and 4096, got 5000");
+    }
+
+    #[test]
+    fn tls_probes_are_on_unless_the_file_or_the_flag_turns_them_off() {
+        let resolve = |args: &RunArgs, file: &str| {
+            Config::resolve(args, parse(file).unwrap(), &no_env)
+                .unwrap()
+                .tls_probes
+        };
+        let off = RunArgs {
+            no_tls_probes: true,
+            ..Default::default()
+        };
+        assert!(resolve(&RunArgs::default(), ""));
+        assert!(resolve(&RunArgs::default(), "tls_probes = true"));
+        assert!(!resolve(&RunArgs::default(), "tls_probes = false"));
+        assert!(!resolve(&off, ""));
+        assert!(!resolve(&off, "tls_probes = true"), "the flag wins");
     }
 
     #[test]

@@ -437,6 +437,15 @@ impl ProcRoot {
     /// (through `/proc/<pid>/root`): the one in `/proc/<pid>/maps`, or, for a process seen at
     /// exec before its loader ran, where distributions put it. `None` for static and Go
     /// executables, which do their I/O without one.
+    /// The TLS library (OpenSSL's libssl) `pid` maps, as a path the agent can open; `None`
+    /// when it maps none (it links no TLS library, or one built into it, or has not loaded
+    /// it yet).
+    pub fn libssl_path(&self, pid: u32) -> Option<PathBuf> {
+        let maps = std::fs::read(self.root.join(pid.to_string()).join("maps")).ok()?;
+        let path = mapped_files(&maps).find(|p| is_libssl(p))?;
+        Some(self.host_path_of(pid, &path))
+    }
+
     pub fn libc_path(&self, pid: u32) -> Option<PathBuf> {
         let exe = self.root.join(pid.to_string()).join("exe");
         match exe_kind(&exe) {
@@ -508,6 +517,13 @@ fn maps_line_shape_ok(line: &str) -> bool {
         Some(path) if path.starts_with("/SYSV") => path.get(5..13).is_some(),
         _ => true,
     }
+}
+
+/// OpenSSL's TLS library by its file name: `libssl.so.3`, `libssl.so.1.1`.
+fn is_libssl(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|name| name.starts_with("libssl.so"))
 }
 
 /// A C library by its file name: `libc.so.6`, or glibc's old `libc-2.31.so`.

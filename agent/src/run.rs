@@ -91,6 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p.worker.syscalls_beside_redis = config.syscall_probes_beside_redis;
         p.worker.preload_uprobe_programs();
         p.worker.max_libc_workers = config.max_libc_workers;
+        p.worker.follow_tls = config.tls_probes;
     }
     let live: Vec<&str> = probe_status
         .iter()

@@ -838,7 +838,7 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
         "rejected programs:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("35 programs, 0 rejected"), "{text}");
+    assert!(text.contains("40 programs, 0 rejected"), "{text}");
     // And every call chain fits the stack of a kernel that gives no program a private one
     // (this kernel gave one to tracepoint programs and not to uprobe ones, and refused the
     // tokenizer's uprobes at 736 bytes before the unit test in `stack_depth` held them).
@@ -883,16 +883,22 @@ fn every_ebpf_program_passes_this_kernels_verifier() {
             Some((name.to_string(), count))
         })
         .collect();
-    assert_eq!(verified.len(), 35, "{text}");
+    assert_eq!(verified.len(), 40, "{text}");
     for (program, count) in &verified {
         assert!(
             *count <= 400_000,
             "{program}: {count} instructions verified, above the 400k budget"
         );
     }
-    let total: u64 = verified.iter().map(|(_, count)| count).sum();
+    // The OpenSSL programs are loaded only when a worker is seen talking TLS (about 450k
+    // instructions, the write path's return probe most of it), not at start.
+    let total: u64 = verified
+        .iter()
+        .filter(|(program, _)| !program.starts_with("worker_ssl_"))
+        .map(|(_, count)| count)
+        .sum();
     assert!(
         total <= 2_200_000,
-        "{total} instructions verified for all programs, above the 2.2M budget"
+        "{total} instructions verified for the programs loaded at start, above the 2.2M budget"
     );
 }

@@ -695,17 +695,13 @@ print("done", flush=True)
 sys.stdin.readline()
 "#;
 
-/// Commands sent over TLS are encrypted where the probes read them: the agent cannot count
-/// that worker's pops, and says so, in `fanout_workers_unfollowed{reason="tls"}` and once in
-/// its log with the peer, for as long as the worker holds the connection.
-#[test]
-fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+/// A Redis that also listens for TLS (certificates from the tests' CA, kept in `dir`): the
+/// server, the CA's file and the TLS port.
+fn tls_redis(dir: &std::path::Path) -> (Redis, String, u16) {
     let ca = integration_tests::otlp_receiver::TestCa::new("fanout test CA");
     let issued = ca.issue(&["127.0.0.1"]);
     let file = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
+        let path = dir.join(name);
         std::fs::write(&path, pem).unwrap();
         path.to_str().unwrap().to_string()
     };
@@ -714,10 +710,10 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
         file("cert.pem", &issued.cert_pem),
         file("key.pem", &issued.key_pem),
     );
-    let tls_port = integration_tests::free_port().to_string();
+    let tls_port = integration_tests::free_port();
     let redis = Redis::start(&[
         "--tls-port",
-        &tls_port,
+        &tls_port.to_string(),
         "--tls-cert-file",
         &cert,
         "--tls-key-file",
@@ -727,7 +723,24 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
         "--tls-auth-clients",
         "no",
     ]);
-    let agent = Agent::start(&["--worker-rule", "tls:cmdline=fanout-tls-client"]);
+    (redis, ca_file, tls_port)
+}
+
+/// With `--no-tls-probes`, commands sent over TLS are encrypted where the probes read them:
+/// the agent cannot count that worker's pops, and says so, in
+/// `fanout_workers_unfollowed{reason="tls"}` and once in its log with the peer, for as long
+/// as the worker holds the connection.
+#[test]
+fn with_tls_probes_off_a_worker_that_talks_tls_is_reported_as_not_seen() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, ca_file, tls_port) = tls_redis(dir.path());
+    let tls_port = tls_port.to_string();
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "tls:cmdline=fanout-tls-client",
+        "--no-tls-probes",
+    ]);
     // One worker whose only Redis connection is TLS, one that also has a plain one.
     let plain_port = redis.port.to_string();
     let mut clients: Vec<ScriptedClient> = ["0", plain_port.as_str()]
@@ -771,7 +784,8 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
     assert_eq!(said.len(), 1, "said once, of one worker: {log}");
     assert!(
         said[0].contains(&format!("pid={pid}"))
-            && said[0].contains(&format!("127.0.0.1:{tls_port}")),
+            && said[0].contains(&format!("127.0.0.1:{tls_port}"))
+            && said[0].contains("--no-tls-probes"),
         "{}",
         said[0]
     );
@@ -782,6 +796,181 @@ fn a_worker_that_talks_to_redis_over_tls_is_reported_as_not_seen() {
     wait_for("the report gone", Duration::from_secs(10), || {
         (unfollowed(&agent.scrape()) == 0.0).then_some(())
     });
+    drop(redis);
+}
+
+/// A TLS client for [`workers_talking_tls_are_followed_through_openssl`], in Python (its
+/// `ssl` calls `SSL_write_ex`/`SSL_read_ex`). One connection made before the agent follows
+/// the worker's TLS (its descriptor learnt from its first TLS write after the OpenSSL probes
+/// went in), one made after (learnt at `SSL_set_fd`).
+const TLS_FOLLOWED_PY: &str = r#"
+import socket, ssl, sys
+port, ca, key = int(sys.argv[1]), sys.argv[3], sys.argv[4].encode()
+def cmd(*args):
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+ctx = ssl.create_default_context(cafile=ca)
+def connect():
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
+def call(s, request, want):
+    s.sendall(request)
+    got = b""
+    while len(got) < len(want):
+        chunk = s.recv(4096)
+        assert chunk, "closed"
+        got += chunk
+    assert got == want, got
+brpop, nil = cmd(b"BRPOP", key, b"0.2"), b"*-1\r\n"
+early = connect()
+sys.stdin.readline()
+call(early, brpop, nil)
+print("tls-seen", flush=True)
+sys.stdin.readline()
+call(early, brpop, nil)
+call(early, brpop, nil)
+late = connect()
+call(late, cmd(b"LPUSH", key, b"job1", b"job2"), b":2\r\n")
+for job in (b"job1", b"job2"):
+    call(late, brpop, b"*2\r\n$%d\r\n%s\r\n$4\r\n%s\r\n" % (len(key), key, job))
+call(early, brpop, nil)
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// The same client in Ruby, whose `openssl` calls `SSL_write` and `SSL_read`.
+const TLS_FOLLOWED_RB: &str = r#"
+require "socket"
+require "openssl"
+port, ca, key = ARGV[0].to_i, ARGV[2], ARGV[3]
+def cmd(*args) = "*#{args.size}\r\n" + args.map { |a| "$#{a.bytesize}\r\n#{a}\r\n" }.join
+$ctx = OpenSSL::SSL::SSLContext.new
+$ctx.ca_file = ca
+$ctx.verify_mode = OpenSSL::SSL::VERIFY_PEER
+def connect(port)
+  s = OpenSSL::SSL::SSLSocket.new(TCPSocket.new("127.0.0.1", port), $ctx)
+  s.hostname = "127.0.0.1"
+  s.sync = true
+  s.sync_close = true
+  s.connect
+  s
+end
+def call(s, request, want)
+  s.write(request)
+  got = +""
+  got << s.readpartial(4096) while got.bytesize < want.bytesize
+  raise "got #{got.inspect}" unless got == want
+end
+brpop, nil_reply = cmd("BRPOP", key, "0.2"), "*-1\r\n"
+early = connect(port)
+$stdin.gets
+call(early, brpop, nil_reply)
+puts "tls-seen"; $stdout.flush
+$stdin.gets
+call(early, brpop, nil_reply)
+call(early, brpop, nil_reply)
+late = connect(port)
+call(late, cmd("LPUSH", key, "job1", "job2"), ":2\r\n")
+%w[job1 job2].each { |job| call(late, brpop, "*2\r\n$#{key.bytesize}\r\n#{key}\r\n$4\r\n#{job}\r\n") }
+call(early, brpop, nil_reply)
+puts "done"; $stdout.flush
+$stdin.gets
+"#;
+
+/// Workers that reach Redis over TLS (`rediss://`) are followed through their OpenSSL once
+/// the kernel sees them write TLS records: their pops counted exactly, by outcome, on a
+/// connection made before that (its descriptor learnt from its TLS writes) and on one made
+/// after (learnt at `SSL_set_fd`), whichever form of the calls the language uses (Python:
+/// `SSL_write_ex`/`SSL_read_ex`; Ruby: `SSL_write`/`SSL_read`). Nothing is reported unseen.
+#[test]
+fn workers_talking_tls_are_followed_through_openssl() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, ca_file, tls_port) = tls_redis(dir.path());
+    let agent = Agent::start(&[
+        "--worker-rule",
+        "tlspy:cmdline=fanout-tls-py",
+        "--worker-rule",
+        "tlsrb:cmdline=fanout-tls-rb",
+    ]);
+    let mut clients = [
+        (
+            "tlspy",
+            ScriptedClient::start_with(
+                TLS_FOLLOWED_PY,
+                tls_port,
+                "fanout-tls-py",
+                &[&ca_file, "tls:py"],
+            ),
+        ),
+        (
+            "tlsrb",
+            ScriptedClient::start_ruby(
+                TLS_FOLLOWED_RB,
+                tls_port,
+                "fanout-tls-rb",
+                &[&ca_file, "tls:rb"],
+            ),
+        ),
+    ];
+    for (_, client) in &mut clients {
+        client.go_when_followed(&agent);
+        client.expect_line("tls-seen");
+    }
+    for (_, client) in &mut clients {
+        let probed = format!("worker talks TLS: its TLS connections are followed through OpenSSL from their next command pid={} ", client.pid());
+        let log = wait_for("OpenSSL probes attached", Duration::from_secs(10), || {
+            let log = agent.log();
+            log.contains(&probed).then_some(log)
+        });
+        assert!(!log.contains("TLS library cannot be probed"), "{log}");
+        client.go();
+        client.expect_line("done");
+    }
+    let s = wait_for("5 pops of each counted", Duration::from_secs(5), || {
+        let s = agent.scrape();
+        clients
+            .iter()
+            .all(|(group, _)| pops_of(&s, group) >= 5.0)
+            .then_some(s)
+    });
+    for (group, _) in &clients {
+        // The first pop of the early connection went before the probes: not seen.
+        assert_eq!(pops_of(&s, group), 5.0, "{group}");
+        let (timeouts, waited) = pops_by(&s, group, "BRPOP", "timeout");
+        assert_eq!(timeouts, 3.0, "{group}");
+        assert!(
+            (0.55..1.5).contains(&waited),
+            "{group}: 3 timeouts of 0.2 s took {waited}"
+        );
+        assert_eq!(pops_by(&s, group, "BRPOP", "served").0, 2.0, "{group}");
+        // The served ones on the connection made after the probes, with its server.
+        let port = tls_port.to_string();
+        assert_eq!(
+            s.sum(
+                &format!("{DURATION}_count"),
+                &[
+                    ("process_group", group),
+                    ("outcome", "served"),
+                    ("server_address", "127.0.0.1"),
+                    ("server_port", &port),
+                ],
+            ),
+            2.0,
+            "{group}"
+        );
+    }
+    assert_eq!(
+        s.sum("fanout_events_lost_total", &[("reason", "resp_desync")]),
+        0.0
+    );
+    assert_eq!(
+        s.find("fanout_workers_unfollowed", &[("reason", "tls")])
+            .next()
+            .map_or(-1.0, |sample| sample.value),
+        0.0
+    );
+    for (_, mut client) in clients {
+        client.stop();
+    }
     drop(redis);
 }
 
@@ -1169,9 +1358,9 @@ fn pops_by(s: &Scrape, group: &str, command: &str, outcome: &str) -> (f64, f64) 
     )
 }
 
-/// A Python client script run with the Redis port and the marker its worker rule matches,
-/// telling the test which step it reached by the lines it prints (and, where it waits on its
-/// stdin, told when to go on).
+/// A Python (or Ruby) client script run with the Redis port and the marker its worker rule
+/// matches, telling the test which step it reached by the lines it prints (and, where it
+/// waits on its stdin, told when to go on).
 struct ScriptedClient {
     proc: Proc,
     out: std::io::BufReader<std::process::ChildStdout>,
@@ -1185,8 +1374,23 @@ impl ScriptedClient {
 
     /// [`Self::start`] with more arguments after the marker.
     fn start_with(script: &str, port: u16, marker: &str, more: &[&str]) -> Self {
-        let mut child = Command::new("/usr/bin/python3")
-            .args(["-c", script, &port.to_string(), marker])
+        Self::start_in(["/usr/bin/python3", "-c"], script, port, marker, more)
+    }
+
+    /// A Ruby script, its arguments as [`Self::start_with`]'s (`ARGV[0]` the port).
+    fn start_ruby(script: &str, port: u16, marker: &str, more: &[&str]) -> Self {
+        Self::start_in(["/usr/bin/ruby", "-e"], script, port, marker, more)
+    }
+
+    fn start_in(
+        [interpreter, flag]: [&str; 2],
+        script: &str,
+        port: u16,
+        marker: &str,
+        more: &[&str],
+    ) -> Self {
+        let mut child = Command::new(interpreter)
+            .args([flag, script, &port.to_string(), marker])
             .args(more)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

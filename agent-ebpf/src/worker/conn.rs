@@ -5,8 +5,8 @@ use super::{CONNS, CONN_PEERS, KIND_DESYNCED};
 use crate::counters::bump;
 use agent_common::sched::ProbeCounter;
 use agent_common::worker::{
-    conn_kind, not_resp_slot, tls_record_start, ConnKey, ConnState, MAX_TLS_CONNECTIONS,
-    NOT_RESP_SLOTS,
+    conn_kind, not_resp_slot, socket_fd, tls_record_start, ConnKey, ConnState, MAX_TLS_CONNECTIONS,
+    NOT_RESP_SLOTS, NOT_RESP_TLS,
 };
 use aya_ebpf::helpers::bpf_probe_read_user;
 use aya_ebpf::macros::map;
@@ -43,7 +43,7 @@ pub(super) fn clear_not_resp(key: &ConnKey) {
     let (slot, tag) = not_resp_slot(key);
     if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
         unsafe {
-            if *cached == tag {
+            if *cached & !NOT_RESP_TLS == tag {
                 *cached = 0;
             }
         }
@@ -51,13 +51,26 @@ pub(super) fn clear_not_resp(key: &ConnKey) {
 }
 
 /// The connection state for a write of `len` bytes at `buf`, created (and classified) on the
-/// first one.
+/// first one. `fd` may be the plain text side of a TLS connection (`TLS_FD`), whose peer is
+/// its socket's.
 #[inline(always)]
 pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*mut ConnState> {
     let key = ConnKey { tgid, fd };
+    let socket = ConnKey {
+        tgid,
+        fd: socket_fd(fd),
+    };
     let (slot, tag) = not_resp_slot(&key);
-    if NOT_RESP.get(slot).is_some_and(|cached| *cached == tag) {
-        return None;
+    if let Some(cached) = NOT_RESP.get(slot) {
+        if *cached == tag {
+            return None;
+        }
+        if *cached == tag | NOT_RESP_TLS {
+            // A TLS socket: its records are written from inside an SSL call, which tells
+            // which SSL object this descriptor belongs to.
+            super::tls::bind_current_call(tgid, fd);
+            return None;
+        }
     }
     // The first byte of the buffer, read only when it decides something (a followed
     // connection's writes are its commands). A buffer the worker has not touched may not be
@@ -95,17 +108,19 @@ pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*
         // One that writes a TLS record talks TLS for good (Redis over TLS: its commands are
         // encrypted here): it is reported, and costs one load from then on. Only a first byte
         // that is a record's content type costs the read of the next two.
-        let is_socket = unsafe { CONN_PEERS.get(&key) }.is_some();
+        let is_socket = unsafe { CONN_PEERS.get(&socket) }.is_some();
         let tls = is_socket
+            && key.fd == socket.fd
             && (20..=23).contains(&first)
             && len >= 3
             && unsafe { bpf_probe_read_user(buf as *const [u8; 3]) }.is_ok_and(tls_record_start);
         if tls {
             let _ = TLS_CONNS.insert(&key, &1, 0);
+            super::tls::bind_current_call(tgid, fd);
         }
         if !is_socket || tls {
             if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {
-                unsafe { *cached = tag };
+                unsafe { *cached = if tls { tag | NOT_RESP_TLS } else { tag } };
             }
         }
         return None;
@@ -119,7 +134,7 @@ pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*
     let conn = CONNS.get_ptr_mut(&key)?;
     let state = unsafe { &mut *conn };
     state.kind = conn_kind::RESP;
-    if let Some(peer) = unsafe { CONN_PEERS.get(&key) } {
+    if let Some(peer) = unsafe { CONN_PEERS.get(&socket) } {
         state.peer = *peer;
     }
     Some(conn)

@@ -20,7 +20,7 @@ use super::{
 use agent_common::args_hash::keys_then_timeout;
 use agent_common::fastpath::RepeatTemplate;
 use agent_common::resp::BlockingCall;
-use agent_common::worker::{conn_kind, outcome, ConnKey, ConnState, Peer, PendingRead};
+use agent_common::worker::{conn_kind, outcome, ConnKey, ConnState, Peer, PendingRead, TLS_FD};
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user};
 
 /// A write that repeats the connection's template byte for byte: the same blocking call
@@ -391,6 +391,23 @@ pub(super) fn complete_read(conn: *mut ConnState, tgid: u32, pending: PendingRea
     }
 }
 
+/// The connection followed on `key` is over (its descriptor closed): a pop it waited for
+/// was given up.
+#[inline(always)]
+fn end_conn(key: &ConnKey) {
+    if let Some(conn) = CONNS.get_ptr_mut(key) {
+        finish_pop(
+            unsafe { &mut *conn },
+            key.tgid,
+            key.fd,
+            outcome::ERROR,
+            0,
+            unsafe { bpf_ktime_get_ns() },
+        );
+        let _ = CONNS.remove(key);
+    }
+}
+
 #[inline(always)]
 pub(super) fn handle_close(fd: u64, via: u32) {
     let Some((tgid, _)) = worker_tgid(via) else {
@@ -400,17 +417,13 @@ pub(super) fn handle_close(fd: u64, via: u32) {
         tgid,
         fd: fd as u32,
     };
-    if let Some(conn) = CONNS.get_ptr_mut(&key) {
-        // Closed while a pop waited: the worker gave up on it.
-        finish_pop(
-            unsafe { &mut *conn },
+    end_conn(&key);
+    // Its TLS side, if it carried TLS (see `tls`).
+    if TLS_CONNS.get_ptr(&key).is_some() {
+        end_conn(&ConnKey {
             tgid,
-            fd as u32,
-            outcome::ERROR,
-            0,
-            unsafe { bpf_ktime_get_ns() },
-        );
-        let _ = CONNS.remove(&key);
+            fd: key.fd | TLS_FD,
+        });
     }
     let _ = CONN_PEERS.remove(&key);
     let _ = TLS_CONNS.remove(&key);
@@ -428,7 +441,12 @@ pub(super) fn handle_connect(fd: u64, addr: u64, via: u32) {
     };
     // A new connection on this fd: whatever was followed on it before is over.
     let _ = CONNS.remove(&key);
-    let _ = TLS_CONNS.remove(&key);
+    if TLS_CONNS.remove(&key).is_ok() {
+        let _ = CONNS.remove(&ConnKey {
+            tgid,
+            fd: key.fd | TLS_FD,
+        });
+    }
     match CONNECTS.get_ptr_mut(&tgid) {
         Some(count) => unsafe { *count += 1 },
         None => {

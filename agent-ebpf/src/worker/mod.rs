@@ -13,7 +13,8 @@
 //! arguments to [`io`], which finds the connection ([`conn`]), counts a repeat of its last
 //! blocking call by hash ([`request_hash`]) or a single plain command or reply from its first
 //! bytes ([`quick`]), and otherwise runs the tokenizer over the buffer ([`tokenizer`]); a
-//! blocking call's clock and histograms are in [`pops`].
+//! blocking call's clock and histograms are in [`pops`]. Connections over TLS are read in
+//! plain text at the worker's TLS library ([`tls`]) and go the same way.
 
 mod conn;
 mod io;
@@ -21,6 +22,7 @@ mod pops;
 mod programs;
 mod quick;
 mod request_hash;
+mod tls;
 mod tokenizer;
 
 use agent_common::pidset;
@@ -32,7 +34,13 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray};
 
-pub(crate) use io::forget_thread;
+/// Drops the per-thread slots of an exiting thread of a tracked process (`id` = its
+/// pid_tgid): its read in progress and its SSL call in progress.
+#[inline(always)]
+pub(crate) fn forget_thread(id: u64) {
+    io::forget_thread(id);
+    tls::forget_thread(id);
+}
 
 /// The workers followed through the syscall tracepoints, as a pid bitmap (written by the
 /// agent only): the tracepoints run for every process on the host, and almost none is one.

@@ -136,7 +136,11 @@ pub(super) fn finish_pop(
     conn.pop.active = 0;
     if conn.peer.family == 0 {
         // Connected before the process was followed: the agent finds the peer in /proc.
-        if let Some(peer) = unsafe { CONN_PEERS.get(&ConnKey { tgid, fd }) } {
+        let socket = ConnKey {
+            tgid,
+            fd: agent_common::worker::socket_fd(fd),
+        };
+        if let Some(peer) = unsafe { CONN_PEERS.get(&socket) } {
             conn.peer = *peer;
             // The duration histograms are per peer.
             conn.slots.durations = [0; 3];

@@ -3,7 +3,7 @@
 
 use super::{
     io::handle_close, io::handle_connect, io::handle_read_enter, io::handle_read_exit,
-    io::handle_sendmsg, io::handle_write, io::handle_writev, io::read_returned, worker_tgid,
+    io::handle_sendmsg, io::handle_write, io::handle_writev, io::read_returned, tls, worker_tgid,
 };
 use crate::maps::tp_field;
 use agent_common::worker::{io_site, via};
@@ -247,5 +247,48 @@ pub fn worker_libc_close(ctx: ProbeContext) -> u32 {
 pub fn worker_libc_connect(ctx: ProbeContext) -> u32 {
     let (fd, addr, _) = up_args(&ctx);
     handle_connect(fd, addr, via::LIBC);
+    0
+}
+
+// --- uprobes on the worker's TLS library (attached to workers seen talking TLS) ------------
+
+/// `SSL_write(ssl, buf, num)` and `SSL_read(ssl, buf, num)`: the call's object and buffer,
+/// for its return.
+#[uprobe]
+pub fn worker_ssl_enter(ctx: ProbeContext) -> u32 {
+    let (ssl, buf, _) = up_args(&ctx);
+    tls::enter(ssl, buf, 0);
+    0
+}
+
+/// `SSL_write_ex(ssl, buf, num, &written)` and `SSL_read_ex(ssl, buf, num, &readbytes)`.
+#[uprobe]
+pub fn worker_ssl_enter_ex(ctx: ProbeContext) -> u32 {
+    let (ssl, buf, _) = up_args(&ctx);
+    let count_at = ctx.arg::<u64>(3).unwrap_or(0);
+    if count_at != 0 {
+        tls::enter(ssl, buf, count_at);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn worker_ssl_write_ret(ctx: RetProbeContext) -> u32 {
+    // An int: the upper half of rax is not part of it.
+    tls::write_returned(ctx.ret::<i32>());
+    0
+}
+
+#[uretprobe]
+pub fn worker_ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    tls::read_returned(ctx.ret::<i32>());
+    0
+}
+
+/// `SSL_set_fd(ssl, fd)`: which descriptor a new connection's object talks through.
+#[uprobe]
+pub fn worker_ssl_set_fd(ctx: ProbeContext) -> u32 {
+    let (ssl, fd, _) = up_args(&ctx);
+    tls::set_fd(ssl, fd);
     0
 }

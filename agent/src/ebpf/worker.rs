@@ -8,7 +8,7 @@ use agent_common::{
     redis::KeyHistogram,
     sched::Log2Histogram,
     worker::{
-        io_site, not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, WorkerHistKey,
+        io_site, not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, SslKey, WorkerHistKey,
         WorkerKeysKey, MAX_WORKER_HISTOGRAMS,
     },
 };
@@ -182,6 +182,44 @@ pub const LIBC_UPROBES: [(&str, &str); 17] = [
     ("worker_libc_close", "close"),
     ("worker_libc_connect", "connect"),
 ];
+
+/// How long after a worker's OpenSSL probes went in a TLS socket of it may still be unknown
+/// to every SSL object (an idle connection made before, not written since) before the worker
+/// is said not to be seen: each connection is learnt at its next `SSL_write`.
+const TLS_BIND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// (program, OpenSSL function) pairs attached to a followed worker once it is seen talking
+/// TLS (see [`WorkerMaps::follow_tls`]): the plain text of its TLS connections, where it
+/// hands it to the library and gets it back.
+pub const SSL_UPROBES: [(&str, &str); 9] = [
+    ("worker_ssl_enter", "SSL_write"),
+    ("worker_ssl_enter", "SSL_read"),
+    ("worker_ssl_enter_ex", "SSL_write_ex"),
+    ("worker_ssl_enter_ex", "SSL_read_ex"),
+    ("worker_ssl_write_ret", "SSL_write"),
+    ("worker_ssl_write_ret", "SSL_write_ex"),
+    ("worker_ssl_read_ret", "SSL_read"),
+    ("worker_ssl_read_ret", "SSL_read_ex"),
+    ("worker_ssl_set_fd", "SSL_set_fd"),
+];
+
+/// Which [`SSL_UPROBES`] go on which offsets of a libssl whose probe sites are `sites` (a
+/// function the library lacks is left out: OpenSSL 1.1.0 has no `_ex` forms); `None` when
+/// writes or reads could not be followed at all.
+fn ssl_plan(sites: &super::uprobe_multi::ProbeSites) -> Option<Vec<(&'static str, Vec<u64>)>> {
+    let mut plan: Vec<(&'static str, Vec<u64>)> = Vec::new();
+    for (program, symbol) in SSL_UPROBES {
+        let Some(offset) = sites.entries.get(symbol) else {
+            continue;
+        };
+        match plan.iter_mut().find(|(p, _)| *p == program) {
+            Some((_, offsets)) => offsets.push(*offset),
+            None => plan.push((program, vec![*offset])),
+        }
+    }
+    let has = |p: &str| plan.iter().any(|(name, _)| *name == p);
+    (has("worker_ssl_write_ret") && has("worker_ssl_read_ret")).then_some(plan)
+}
 
 /// The program probed where `read`, `recv` and `recvfrom` have returned from their system
 /// call, in place of their entry and return probes (`worker_libc_read` and
@@ -425,8 +463,9 @@ pub struct WorkerMaps {
     pub syscalls_beside_redis: bool,
     /// Workers not followed because a Redis runs on this node.
     unfollowed: std::collections::BTreeSet<u32>,
-    /// Followed workers whose only Redis traffic may be encrypted: they hold TLS connections
-    /// and no RESP connection is followed (see [`Self::note_tls_connections`]).
+    /// Followed workers whose only Redis traffic may be encrypted: they hold TLS connections,
+    /// no RESP connection is followed, and their TLS library is not probed (see
+    /// [`Self::note_tls_connections`]).
     tls_only: std::collections::BTreeSet<u32>,
     /// Since when no tracked worker has needed the attached syscall tracepoints.
     syscalls_idle_since: Option<std::time::Instant>,
@@ -449,6 +488,20 @@ pub struct WorkerMaps {
     read_following: Option<&'static ReadFollowing>,
     /// [`READ_DONE_PROGRAM`] for uprobe-multi links, loaded on its own.
     read_done_multi: super::uprobe_multi::LazyPrograms,
+    /// Whether workers seen talking TLS get OpenSSL probes (`--no-tls-probes` turns it off).
+    pub follow_tls: bool,
+    /// The OpenSSL probes of each worker that has them, and when they went in.
+    ssl_links: std::collections::HashMap<u32, (WorkerLinks, std::time::Instant)>,
+    /// Workers seen talking TLS whose OpenSSL could not be probed, and why: not tried again
+    /// while they live.
+    ssl_unavailable: std::collections::HashMap<u32, String>,
+    /// The descriptor of each SSL object (`SSL_FDS`).
+    ssl_fds: HashMap<MapData, SslKey, u32>,
+    /// File offsets of the OpenSSL probe sites in each libssl, by (dev, inode).
+    ssl_sites:
+        std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
+    /// The OpenSSL programs loaded for uprobe-multi links, once a worker needs them.
+    ssl_multi: super::uprobe_multi::LazyPrograms,
 }
 
 /// Removes the entries of `pid`'s connections from a map keyed by connection.
@@ -556,6 +609,12 @@ impl WorkerMaps {
             multi: Default::default(),
             read_done_multi: Default::default(),
             read_following: None,
+            follow_tls: true,
+            ssl_links: std::collections::HashMap::new(),
+            ssl_unavailable: std::collections::HashMap::new(),
+            ssl_fds: take_map(ebpf, maps::SSL_FDS)?,
+            ssl_sites: std::collections::HashMap::new(),
+            ssl_multi: Default::default(),
         })
     }
 
@@ -703,17 +762,19 @@ impl WorkerMaps {
         self.unfollowed.len()
     }
 
-    /// Followed workers that hold TLS connections and no RESP connection the probes follow:
-    /// if their Redis is reached over TLS (`rediss://`), their commands are encrypted where the
-    /// probes read them, and none of their blocking pops is counted from the worker side.
+    /// Followed workers that hold TLS connections, no RESP connection the probes follow, and
+    /// whose TLS library is not probed (`--no-tls-probes`, or no libssl to probe): if their
+    /// Redis is reached over TLS (`rediss://`), their commands are encrypted where the probes
+    /// read them, and none of their blocking pops is counted from the worker side.
     pub fn unfollowed_tls(&self) -> usize {
         self.tls_only.len()
     }
 
     /// Looks at the sockets the kernel saw writing TLS records (`TLS_CONNS`) and says, once per
-    /// worker, which workers may talk to their Redis over TLS: those with TLS connections and
-    /// no followed RESP connection. (A worker whose Redis connections are followed may hold
-    /// TLS ones too, to an HTTPS API: it is not one of them.)
+    /// worker, which workers may talk to their Redis over TLS unseen: those with TLS
+    /// connections, no followed RESP connection, and no OpenSSL probes. (A worker whose Redis
+    /// connections are followed may hold TLS ones too, to an HTTPS API: it is not one of
+    /// them.)
     pub fn note_tls_connections(&mut self) {
         let mut tls: BTreeMap<u32, Vec<ConnKey>> = BTreeMap::new();
         for key in self.tls_conns.keys().filter_map(Result::ok) {
@@ -730,8 +791,36 @@ impl WorkerMaps {
             .into_iter()
             .map(|(key, _)| key.tgid)
             .collect();
+        // The TLS sockets an SSL object is known to talk through: their plain text is seen.
+        let bound: std::collections::BTreeSet<ConnKey> = if self.ssl_links.is_empty() {
+            Default::default()
+        } else {
+            self.ssl_fds
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, fd)| ConnKey { tgid: k.tgid, fd })
+                .collect()
+        };
         let mut now = std::collections::BTreeSet::new();
         for (pid, keys) in tls {
+            // Only where its TLS is not followed: the OpenSSL probes are turned off or could
+            // not be attached to it (one not looked at yet is within a second of its first
+            // TLS write), or they have been in for a while and a TLS socket of it is still
+            // not known to any SSL object; and only while no RESP connection of it is
+            // followed.
+            let why = match self.ssl_unavailable.get(&pid) {
+                _ if !self.follow_tls => "turned off (--no-tls-probes)",
+                Some(why) => why.as_str(),
+                None => match self.ssl_links.get(&pid) {
+                    Some((_, since))
+                        if since.elapsed() >= TLS_BIND_GRACE
+                            && keys.iter().any(|k| !bound.contains(k)) =>
+                    {
+                        "attached, but a TLS socket is not written through SSL_write or set with SSL_set_fd (memory BIOs, as asyncio's)"
+                    }
+                    _ => continue,
+                },
+            };
             if with_resp.contains(&pid) {
                 continue;
             }
@@ -746,12 +835,128 @@ impl WorkerMaps {
                 tracing::warn!(
                     pid,
                     ?peers,
-                    "worker holds TLS connections and no plain RESP one: if its Redis is reached over TLS, its commands are encrypted where the probes read them, and its blocking pops are not counted from the worker side (the Redis side still counts them where the agent runs beside that Redis)"
+                    tls_probes = why,
+                    "worker holds TLS connections and no plain RESP one, and its TLS is not followed (tls_probes says why): if its Redis is reached over TLS, its commands are encrypted where the probes read them, and its blocking pops are not counted from the worker side (the Redis side still counts them where the agent runs beside that Redis)"
                 );
             }
             now.insert(pid);
         }
         self.tls_only = now;
+    }
+
+    /// Puts OpenSSL probes on the followed workers the kernel saw writing TLS records
+    /// (`TLS_CONNS`) that have none yet: `libssl_of` says which libssl a process maps. Once
+    /// per worker: one whose TLS library cannot be probed (it maps no libssl: OpenSSL built
+    /// into it, another TLS library) is said once and left as it is.
+    pub fn follow_tls(
+        &mut self,
+        ebpf: &mut Ebpf,
+        libssl_of: impl Fn(u32) -> Option<std::path::PathBuf>,
+    ) {
+        if !self.follow_tls {
+            return;
+        }
+        let pids: std::collections::BTreeSet<u32> = self
+            .tls_conns
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.tgid)
+            .filter(|pid| {
+                self.ways.contains_key(pid)
+                    && !self.ssl_links.contains_key(pid)
+                    && !self.ssl_unavailable.contains_key(pid)
+            })
+            .collect();
+        for pid in pids {
+            let attached = match libssl_of(pid) {
+                Some(libssl) => self
+                    .attach_ssl(ebpf, pid, &libssl)
+                    .map(|links| (libssl, links)),
+                None => Err(
+                    "the worker maps no libssl (a TLS library built into it, or another one)"
+                        .to_string(),
+                ),
+            };
+            match attached {
+                Ok((libssl, links)) => {
+                    tracing::info!(pid, libssl = %libssl.display(), links = links.len(), kind = links.kind(), "worker talks TLS: its TLS connections are followed through OpenSSL from their next command");
+                    self.ssl_links
+                        .insert(pid, (links, std::time::Instant::now()));
+                }
+                Err(why) => {
+                    tracing::info!(pid, reason = %why, "worker talks TLS and its TLS library cannot be probed");
+                    self.ssl_unavailable.insert(pid, why);
+                }
+            }
+        }
+    }
+
+    /// Attaches [`SSL_UPROBES`] in `libssl` for process `pid`.
+    fn attach_ssl(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        libssl: &std::path::Path,
+    ) -> Result<WorkerLinks, String> {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(libssl)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| format!("{}: {e}", libssl.display()))?;
+        let sites = match self.ssl_sites.get(&id) {
+            Some(sites) => sites.clone(),
+            None => {
+                let names: Vec<&str> = SSL_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
+                let sites = std::sync::Arc::new(
+                    super::uprobe_multi::resolve_probe_sites(libssl, &names)
+                        .map_err(|e| e.to_string())?,
+                );
+                self.ssl_sites.insert(id, sites.clone());
+                sites
+            }
+        };
+        let plan = ssl_plan(&sites)
+            .ok_or_else(|| format!("{} has no SSL_write/SSL_read to probe", libssl.display()))?;
+        let names: Vec<&str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
+        let multi = self.ssl_multi.get(
+            &self.map_fds,
+            &names,
+            "OpenSSL probes are attached one uprobe at a time",
+        );
+        match multi {
+            Some(multi) => {
+                let mut links = Vec::new();
+                for (program, offsets) in &plan {
+                    let retprobe = multi.retprobe(program).unwrap_or(false);
+                    match multi.attach(program, libssl, offsets, Some(pid), retprobe) {
+                        Ok(link) => links.push(link),
+                        Err(e) => {
+                            super::uprobe_multi::detach_in_background(links);
+                            return Err(e.to_string());
+                        }
+                    }
+                }
+                Ok(WorkerLinks::Multi(links))
+            }
+            None => {
+                let mut links = Vec::new();
+                for (program, offsets) in &plan {
+                    match super::uprobe_multi::attach_per_uprobe(
+                        ebpf,
+                        program,
+                        libssl,
+                        offsets,
+                        Some(pid),
+                    ) {
+                        Ok(more) => links.extend(more),
+                        Err(e) => {
+                            super::detach_uprobes_in_background(ebpf, links);
+                            return Err(e.to_string());
+                        }
+                    }
+                }
+                Ok(WorkerLinks::PerUprobe(links))
+            }
+        }
     }
 
     /// Attaches the syscall tracepoints unless they are already attached.
@@ -1053,6 +1258,16 @@ impl WorkerMaps {
         remove_connections_of(&mut self.peers, pid);
         // Or a later process with its pid would be taken for a TLS worker.
         remove_connections_of(&mut self.tls_conns, pid);
+        let objects: Vec<SslKey> = self
+            .ssl_fds
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in objects {
+            let _ = self.ssl_fds.remove(&k);
+        }
+        self.ssl_unavailable.remove(&pid);
         let _ = self.connects.remove(&pid);
         let served: Vec<ServedKey> = self
             .served
@@ -1076,10 +1291,15 @@ impl WorkerMaps {
         if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
             super::uprobe_multi::detach_in_background(vec![link]);
         }
-        match self.libc_links.remove(&pid) {
-            Some(WorkerLinks::Multi(links)) => super::uprobe_multi::detach_in_background(links),
-            Some(WorkerLinks::PerUprobe(links)) => super::detach_uprobes_in_background(ebpf, links),
-            None => {}
+        let ssl_links = self.ssl_links.remove(&pid).map(|(links, _)| links);
+        for links in [self.libc_links.remove(&pid), ssl_links] {
+            match links {
+                Some(WorkerLinks::Multi(links)) => super::uprobe_multi::detach_in_background(links),
+                Some(WorkerLinks::PerUprobe(links)) => {
+                    super::detach_uprobes_in_background(ebpf, links)
+                }
+                None => {}
+            }
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since
@@ -1434,6 +1654,48 @@ mod tests {
 
     fn offsets_of<'a>(plan: &'a [(&str, Vec<u64>)], program: &str) -> Option<&'a Vec<u64>> {
         plan.iter().find(|(p, _)| *p == program).map(|(_, o)| o)
+    }
+
+    #[test]
+    fn openssl_probes_go_on_the_functions_the_library_has() {
+        let with = |symbols: &[(&str, u64)]| {
+            let mut sites = ProbeSites::default();
+            for (symbol, offset) in symbols {
+                sites.entries.insert(symbol.to_string(), *offset);
+            }
+            ssl_plan(&sites)
+        };
+        // OpenSSL 3: both forms; each call's entry and return, and SSL_set_fd.
+        let plan = with(&[
+            ("SSL_write", 10),
+            ("SSL_read", 20),
+            ("SSL_write_ex", 30),
+            ("SSL_read_ex", 40),
+            ("SSL_set_fd", 50),
+        ])
+        .unwrap();
+        assert_eq!(offsets_of(&plan, "worker_ssl_enter"), Some(&vec![10, 20]));
+        assert_eq!(
+            offsets_of(&plan, "worker_ssl_enter_ex"),
+            Some(&vec![30, 40])
+        );
+        assert_eq!(
+            offsets_of(&plan, "worker_ssl_write_ret"),
+            Some(&vec![10, 30])
+        );
+        assert_eq!(
+            offsets_of(&plan, "worker_ssl_read_ret"),
+            Some(&vec![20, 40])
+        );
+        assert_eq!(offsets_of(&plan, "worker_ssl_set_fd"), Some(&vec![50]));
+        // OpenSSL 1.1.0: no `_ex` forms.
+        let plan = with(&[("SSL_write", 10), ("SSL_read", 20), ("SSL_set_fd", 50)]).unwrap();
+        assert_eq!(offsets_of(&plan, "worker_ssl_enter_ex"), None);
+        assert_eq!(offsets_of(&plan, "worker_ssl_write_ret"), Some(&vec![10]));
+        // Reads or writes missing: nothing to follow.
+        assert_eq!(with(&[("SSL_write", 10), ("SSL_set_fd", 50)]), None);
+        assert_eq!(with(&[("SSL_read_ex", 10)]), None);
+        assert_eq!(with(&[]), None);
     }
 
     #[test]
