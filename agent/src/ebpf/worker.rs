@@ -420,6 +420,20 @@ impl WorkerLinks {
     }
 }
 
+/// The uprobes that went into a worker's C library, said in the log once it is followed.
+struct LibcAttached {
+    pid: u32,
+    libc: std::path::PathBuf,
+    links: usize,
+    kind: &'static str,
+}
+
+impl LibcAttached {
+    fn log(&self) {
+        tracing::info!(pid = self.pid, libc = %self.libc.display(), links = self.links, kind = self.kind, "worker libc probes attached");
+    }
+}
+
 /// What the kernel holds for one worker process.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerReadings {
@@ -641,7 +655,7 @@ impl WorkerMaps {
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        let way = self.follow(ebpf, pid, target)?;
+        let (way, libc) = self.follow(ebpf, pid, target)?;
         self.ways.insert(pid, way);
         if let Err(e) = self.syscall_workers.set(pid, way == via::SYSCALLS) {
             self.ways.remove(&pid);
@@ -654,21 +668,27 @@ impl WorkerMaps {
         // After the filter is set: connections made from now on are seen at connect(), the
         // ones made before are in /proc.
         self.seed_peers(pid, sockets());
+        // Said once the worker is fully followed: a write made before its sockets' peers were
+        // seeded is taken for one to a file, until its next.
+        if let Some(attached) = libc {
+            attached.log();
+        }
         Ok(())
     }
 
-    /// Attaches what following `pid` takes, and says which way it is followed.
+    /// Attaches what following `pid` takes, and says which way it is followed (and, for
+    /// uprobes in its C library, what went in).
     fn follow(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         target: impl FnOnce() -> Option<UprobeTarget>,
-    ) -> Result<u32, ProbeError> {
+    ) -> Result<(u32, Option<LibcAttached>), ProbeError> {
         let uprobes_full = self.libc_links.len() >= self.max_libc_workers;
         match self.mode {
             WorkerProbeMode::Syscalls => {
                 self.attach_syscalls(ebpf)?;
-                Ok(via::SYSCALLS)
+                Ok((via::SYSCALLS, None))
             }
             WorkerProbeMode::Libc => {
                 if uprobes_full {
@@ -676,12 +696,12 @@ impl WorkerMaps {
                         "as many workers as --max-libc-workers are followed through uprobes",
                     ));
                 }
-                self.attach_libc(ebpf, pid, target())?;
-                Ok(via::LIBC)
+                let attached = self.attach_libc(ebpf, pid, target())?;
+                Ok((via::LIBC, Some(attached)))
             }
             WorkerProbeMode::Auto if !self.redis_on_node => {
                 self.attach_syscalls(ebpf)?;
-                Ok(via::SYSCALLS)
+                Ok((via::SYSCALLS, None))
             }
             WorkerProbeMode::Auto => {
                 let attached = if uprobes_full {
@@ -692,11 +712,11 @@ impl WorkerMaps {
                     self.attach_libc(ebpf, pid, target())
                 };
                 match attached {
-                    Ok(()) => Ok(via::LIBC),
+                    Ok(attached) => Ok((via::LIBC, Some(attached))),
                     Err(reason) if self.syscalls_beside_redis => {
                         tracing::info!(pid, %reason, "following this worker through the syscall tracepoints (--syscall-probes-beside-redis): the Redis on this node pays their filter on every read and write");
                         self.attach_syscalls(ebpf)?;
-                        Ok(via::SYSCALLS)
+                        Ok((via::SYSCALLS, None))
                     }
                     Err(reason) => {
                         tracing::warn!(pid, %reason, "this worker is not followed: a Redis runs on this node and the syscall tracepoints would tax every request it serves (--syscall-probes-beside-redis follows it anyway)");
@@ -738,7 +758,10 @@ impl WorkerMaps {
             // connection then resynchronises at its next command.
             let _ = self.syscall_workers.set(pid, false);
             let moved = self.libc_links.len() < self.max_libc_workers
-                && self.attach_libc(ebpf, pid, target_of(pid)).is_ok();
+                && self
+                    .attach_libc(ebpf, pid, target_of(pid))
+                    .map(|attached| attached.log())
+                    .is_ok();
             if moved {
                 self.ways.insert(pid, via::LIBC);
                 tracing::info!(pid, "a Redis is tracked on this node: worker moved from the syscall tracepoints to uprobes");
@@ -1016,7 +1039,7 @@ impl WorkerMaps {
         ebpf: &mut Ebpf,
         pid: u32,
         target: Option<UprobeTarget>,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<LibcAttached, ProbeError> {
         let target = target.ok_or(ProbeError::Disabled(
             "the worker maps no libc and its executable has no C library functions (a Go binary?)",
         ))?;
@@ -1167,10 +1190,14 @@ impl WorkerMaps {
                 WorkerLinks::PerUprobe(links)
             }
         };
-        let links_count = links.len() + usize::from(self.write_probes.contains_key(&pid));
-        tracing::info!(pid, libc = %libc.display(), links = links_count, kind = links.kind(), "worker libc probes attached");
+        let attached = LibcAttached {
+            pid,
+            links: links.len() + usize::from(self.write_probes.contains_key(&pid)),
+            kind: links.kind(),
+            libc,
+        };
         self.libc_links.insert(pid, links);
-        Ok(())
+        Ok(attached)
     }
 
     /// Loads the libc programs for uprobe-multi links now (about 200 ms, and the first
