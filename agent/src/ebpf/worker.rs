@@ -515,7 +515,7 @@ pub struct WorkerMaps {
     ssl_sites:
         std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
     /// The OpenSSL programs loaded for uprobe-multi links, once a worker needs them.
-    ssl_multi: super::uprobe_multi::LazyPrograms,
+    ssl_multi: super::uprobe_multi::BackgroundPrograms,
 }
 
 /// Removes the entries of `pid`'s connections from a map keyed by connection.
@@ -890,6 +890,21 @@ impl WorkerMaps {
                     && !self.ssl_unavailable.contains_key(pid)
             })
             .collect();
+        if pids.is_empty() {
+            return;
+        }
+        // The programs are loaded off the agent's lock, once, when the first TLS worker is
+        // seen (the verifier takes most of a second over them): its probes go in at a later
+        // look, about a second on.
+        let names: Vec<&'static str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
+        let polled = self.ssl_multi.poll(
+            &self.map_fds,
+            &names,
+            "OpenSSL probes are attached one uprobe at a time",
+        );
+        if matches!(polled, super::uprobe_multi::Loading::Pending) {
+            return;
+        }
         for pid in pids {
             let attached = match libssl_of(pid) {
                 Some(libssl) => self
@@ -939,13 +954,9 @@ impl WorkerMaps {
         };
         let plan = ssl_plan(&sites)
             .ok_or_else(|| format!("{} has no SSL_write/SSL_read to probe", libssl.display()))?;
-        let names: Vec<&str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
-        let multi = self.ssl_multi.get(
-            &self.map_fds,
-            &names,
-            "OpenSSL probes are attached one uprobe at a time",
-        );
-        match multi {
+        // Loaded by now (see `follow_tls`); where they could not be, one uprobe at a time
+        // (loaded by aya on first use).
+        match self.ssl_multi.loaded_programs() {
             Some(multi) => {
                 let mut links = Vec::new();
                 for (program, offsets) in &plan {
