@@ -73,10 +73,9 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`); on
-    /// the agent's one-second tick, not on scrapes, which may be rare.
-    /// Each second: the workers' `write()`/`read()` probes (see `ebpf::narrowing`), and
-    /// OpenSSL probes for the workers newly seen talking TLS.
+    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`), and
+    /// puts OpenSSL probes on workers newly seen talking TLS; on the agent's one-second tick,
+    /// not on scrapes, which may be rare.
     pub fn adjust_narrowed_probes(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
             probes.worker.adjust_narrowed_probes(&mut probes.ebpf);

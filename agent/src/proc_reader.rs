@@ -433,10 +433,6 @@ pub fn exe_kind(path: &Path) -> std::io::Result<ExeKind> {
 }
 
 impl ProcRoot {
-    /// The C library through which a process does its I/O, as a path the agent can open
-    /// (through `/proc/<pid>/root`): the one in `/proc/<pid>/maps`, or, for a process seen at
-    /// exec before its loader ran, where distributions put it. `None` for static and Go
-    /// executables, which do their I/O without one.
     /// The TLS library (OpenSSL's libssl) `pid` maps, as a path the agent can open; `None`
     /// when it maps none (it links no TLS library, or one built into it, or has not loaded
     /// it yet).
@@ -446,6 +442,10 @@ impl ProcRoot {
         Some(self.host_path_of(pid, &path))
     }
 
+    /// The C library through which a process does its I/O, as a path the agent can open
+    /// (through `/proc/<pid>/root`): the one in `/proc/<pid>/maps`, or, for a process seen at
+    /// exec before its loader ran, where distributions put it. `None` for static and Go
+    /// executables, which do their I/O without one.
     pub fn libc_path(&self, pid: u32) -> Option<PathBuf> {
         let exe = self.root.join(pid.to_string()).join("exe");
         match exe_kind(&exe) {
