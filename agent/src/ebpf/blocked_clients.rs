@@ -144,15 +144,7 @@ impl BlockedClients {
     /// Removes every entry of process `tgid`.
     pub fn release(&mut self, tgid: u32) {
         for tier in &mut self.tiers {
-            let stale: Vec<BlockedKey> = tier
-                .map
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
-                .collect();
-            for k in stale {
-                let _ = tier.map.remove(&k);
-            }
+            super::remove_keys_where(&mut tier.map, |k| k.tgid == tgid);
         }
     }
 

@@ -219,6 +219,22 @@ impl Probes {
     }
 }
 
+/// Removes the entries of a kernel hash map whose key `matches` (a process's, when it is
+/// no longer tracked). The keys are gathered first: removing while walking would skip some.
+pub fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    matches: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| matches(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
 /// Programs named in `FANOUT_REFUSE_PROGRAMS` (comma-separated) fail to load as if the
 /// kernel had refused them: how the tests reach the fallbacks of kernels that would (no BTF,
 /// an older verifier) on a kernel that does not.

@@ -648,11 +648,7 @@ impl LazyPrograms {
     /// uprobe-multi links or the load failed; `fallback` says what is done instead.
     pub fn get(&mut self, maps: &MapFds, names: &[&str], fallback: &str) -> Option<&MultiPrograms> {
         if self.0.is_none() {
-            let loaded = if supported() {
-                MultiPrograms::load(maps, names).map_err(|e| e.to_string())
-            } else {
-                Err("this kernel has no uprobe-multi links".to_string())
-            };
+            let loaded = load_if_supported(maps, names);
             if let Err(e) = &loaded {
                 tracing::info!(reason = %e, "{fallback}");
             }
@@ -669,6 +665,15 @@ impl LazyPrograms {
     /// Whether the programs were loaded (without trying).
     pub fn loaded(&self) -> bool {
         self.loaded_programs().is_some()
+    }
+}
+
+/// Loads `names` for uprobe-multi links, or says why they cannot be.
+fn load_if_supported(maps: &MapFds, names: &[&str]) -> Result<MultiPrograms, String> {
+    if supported() {
+        MultiPrograms::load(maps, names).map_err(|e| e.to_string())
+    } else {
+        Err("this kernel has no uprobe-multi links".to_string())
     }
 }
 
@@ -705,36 +710,38 @@ impl BackgroundPrograms {
         names: &[&'static str],
         fallback: &str,
     ) -> Loading<'_> {
-        if matches!(self.0, BackgroundLoad::NotStarted) {
-            self.0 = if supported() {
+        let finished = match &mut self.0 {
+            BackgroundLoad::NotStarted => {
                 let (maps, names) = (maps.clone(), names.to_vec());
                 match std::thread::Builder::new()
                     .name("fanout-load".into())
-                    .spawn(move || MultiPrograms::load(&maps, &names).map_err(|e| e.to_string()))
+                    .spawn(move || load_if_supported(&maps, &names))
                 {
-                    Ok(handle) => BackgroundLoad::Loading(handle),
-                    Err(e) => BackgroundLoad::Done(Err(format!("cannot start a thread: {e}"))),
+                    Ok(handle) => {
+                        self.0 = BackgroundLoad::Loading(handle);
+                        return Loading::Pending;
+                    }
+                    Err(e) => Some(Err(format!("cannot start a thread to load them: {e}"))),
                 }
-            } else {
-                let why = "this kernel has no uprobe-multi links";
-                tracing::info!(reason = why, "{fallback}");
-                BackgroundLoad::Done(Err(why.to_string()))
-            };
-        }
-        if let BackgroundLoad::Loading(handle) = &self.0 {
-            if !handle.is_finished() {
-                return Loading::Pending;
             }
-            let BackgroundLoad::Loading(handle) = std::mem::take(&mut self.0) else {
-                unreachable!()
-            };
-            let loaded = handle
-                .join()
-                .unwrap_or_else(|_| Err("the loading thread panicked".to_string()));
-            self.0 = BackgroundLoad::Done(loaded);
-            if let BackgroundLoad::Done(Err(e)) = &self.0 {
+            BackgroundLoad::Loading(handle) if !handle.is_finished() => return Loading::Pending,
+            BackgroundLoad::Loading(_) => {
+                let BackgroundLoad::Loading(handle) = std::mem::take(&mut self.0) else {
+                    unreachable!()
+                };
+                Some(
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| Err("the loading thread panicked".to_string())),
+                )
+            }
+            BackgroundLoad::Done(_) => None,
+        };
+        if let Some(loaded) = finished {
+            if let Err(e) = &loaded {
                 tracing::info!(reason = %e, "{fallback}");
             }
+            self.0 = BackgroundLoad::Done(loaded);
         }
         match &self.0 {
             BackgroundLoad::Done(loaded) => Loading::Ready(loaded.as_ref().ok()),

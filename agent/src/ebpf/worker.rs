@@ -21,7 +21,7 @@ use aya::{
 use super::{
     attach_tracepoint, load_programs,
     narrowing::{self, Connections, Direction, Verdict},
-    take_map, ProbeError, TracepointSpec,
+    remove_keys_where, take_map, ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
 
@@ -207,14 +207,10 @@ pub const SSL_UPROBES: [(&str, &str); 9] = [
 /// function the library lacks is left out: OpenSSL 1.1.0 has no `_ex` forms); `None` when
 /// writes or reads could not be followed at all.
 fn ssl_plan(sites: &super::uprobe_multi::ProbeSites) -> Option<Vec<(&'static str, Vec<u64>)>> {
-    let mut plan: Vec<(&'static str, Vec<u64>)> = Vec::new();
+    let mut plan = Vec::new();
     for (program, symbol) in SSL_UPROBES {
-        let Some(offset) = sites.entries.get(symbol) else {
-            continue;
-        };
-        match plan.iter_mut().find(|(p, _)| *p == program) {
-            Some((_, offsets)) => offsets.push(*offset),
-            None => plan.push((program, vec![*offset])),
+        if let Some(offset) = sites.entries.get(symbol) {
+            add_to_plan(&mut plan, program, &[*offset]);
         }
     }
     let has = |p: &str| plan.iter().any(|(name, _)| *name == p);
@@ -238,12 +234,8 @@ fn libc_plan(
     sites: &super::uprobe_multi::ProbeSites,
     read_done: bool,
 ) -> Vec<(&'static str, Vec<u64>)> {
-    let mut plan: Vec<(&'static str, Vec<u64>)> = Vec::new();
-    let mut add =
-        |program: &'static str, new: &[u64]| match plan.iter_mut().find(|(p, _)| *p == program) {
-            Some((_, list)) => list.extend_from_slice(new),
-            None => plan.push((program, new.to_vec())),
-        };
+    let mut plan = Vec::new();
+    let mut add = |program: &'static str, new: &[u64]| add_to_plan(&mut plan, program, new);
     for (program, symbol) in LIBC_UPROBES {
         let Some(offset) = sites.entries.get(symbol) else {
             continue;
@@ -258,6 +250,37 @@ fn libc_plan(
         }
     }
     plan
+}
+
+/// Adds `offsets` to `program`'s in a plan of (program, offsets) pairs: a program attached to
+/// several functions is one link (or one list of uprobes).
+fn add_to_plan(plan: &mut Vec<(&'static str, Vec<u64>)>, program: &'static str, offsets: &[u64]) {
+    match plan.iter_mut().find(|(p, _)| *p == program) {
+        Some((_, list)) => list.extend_from_slice(offsets),
+        None => plan.push((program, offsets.to_vec())),
+    }
+}
+
+/// Attaches each program of `plan` to its offsets in `path`, for `pid`, one uprobe per offset
+/// (where uprobe-multi links are missing). On a failure, what went in is detached and the
+/// program that failed is named.
+fn attach_plan_per_uprobe(
+    ebpf: &mut Ebpf,
+    plan: &[(&'static str, Vec<u64>)],
+    path: &std::path::Path,
+    pid: u32,
+) -> Result<WorkerLinks, (&'static str, super::uprobe_multi::Error)> {
+    let mut links = Vec::new();
+    for (program, offsets) in plan {
+        match super::uprobe_multi::attach_per_uprobe(ebpf, program, path, offsets, Some(pid)) {
+            Ok(more) => links.extend(more),
+            Err(e) => {
+                super::detach_uprobes_in_background(ebpf, links);
+                return Err((program, e));
+            }
+        }
+    }
+    Ok(WorkerLinks::PerUprobe(links))
 }
 
 /// Syscall tracepoints taken out together while no worker followed through the tracepoints
@@ -516,18 +539,6 @@ pub struct WorkerMaps {
         std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
     /// The OpenSSL programs loaded for uprobe-multi links, once a worker needs them.
     ssl_multi: super::uprobe_multi::BackgroundPrograms,
-}
-
-/// Removes the entries of `pid`'s connections from a map keyed by connection.
-fn remove_connections_of<V: aya::Pod>(map: &mut HashMap<MapData, ConnKey, V>, pid: u32) {
-    let keys: Vec<ConnKey> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| k.tgid == pid)
-        .collect();
-    for k in keys {
-        let _ = map.remove(&k);
-    }
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -972,23 +983,7 @@ impl WorkerMaps {
                 Ok(WorkerLinks::Multi(links))
             }
             None => {
-                let mut links = Vec::new();
-                for (program, offsets) in &plan {
-                    match super::uprobe_multi::attach_per_uprobe(
-                        ebpf,
-                        program,
-                        libssl,
-                        offsets,
-                        Some(pid),
-                    ) {
-                        Ok(more) => links.extend(more),
-                        Err(e) => {
-                            super::detach_uprobes_in_background(ebpf, links);
-                            return Err(e.to_string());
-                        }
-                    }
-                }
-                Ok(WorkerLinks::PerUprobe(links))
+                attach_plan_per_uprobe(ebpf, &plan, libssl, pid).map_err(|(_, e)| e.to_string())
             }
         }
     }
@@ -1095,112 +1090,97 @@ impl WorkerMaps {
         let write_path = held.as_ref().map_or_else(|| libc.clone(), fd_path);
         // Loaded above (`multi_supported`); borrowed by field so that the other fields stay
         // usable inside.
-        let links = match self.multi.loaded_programs() {
-            Some(multi) => {
-                let mut links = Vec::new();
-                let mut write_link = None;
-                for (program, offsets) in &per_program {
-                    let retprobe = multi.retprobe(program).unwrap_or(false);
-                    let attached = if *program == READ_DONE_PROGRAM {
-                        match self.read_done_multi.loaded_programs() {
-                            Some(read_done) => read_done
-                                .attach(program, &libc, offsets, Some(pid), false)
-                                .map(Some),
-                            None => Ok(None),
-                        }
-                    } else if *program == WRITE_PROGRAM {
-                        // `write` in a link of its own, which can go while `send` and
-                        // `sendto` stay (see `narrowing`); cookies tell them apart.
-                        let sockets: Vec<u64> = offsets
-                            .iter()
-                            .copied()
-                            .filter(|o| Some(*o) != write_offset)
-                            .collect();
-                        let cookies = vec![io_site::SOCKET as u64; sockets.len()];
-                        write_offset
-                            .map(|offset| attach_write_probe(multi, &write_path, offset, pid))
-                            .transpose()
-                            .and_then(|link| {
-                                write_link = link;
-                                if sockets.is_empty() {
-                                    return Ok(None);
-                                }
-                                multi
-                                    .attach_with_cookies(
-                                        program,
-                                        &libc,
-                                        &sockets,
-                                        Some(&cookies),
-                                        Some(pid),
-                                        retprobe,
-                                    )
-                                    .map(Some)
-                            })
-                    } else {
-                        multi
-                            .attach(program, &libc, offsets, Some(pid), retprobe)
-                            .map(Some)
-                    };
-                    match attached {
-                        Ok(link) => links.extend(link),
-                        Err(e) => {
-                            links.extend(write_link);
-                            super::uprobe_multi::detach_in_background(links);
-                            return Err(ProbeError::Attach {
-                                program,
-                                category: "uprobe-multi",
-                                name: "libc",
-                                message: e.to_string(),
-                            });
+        let links =
+            match self.multi.loaded_programs() {
+                Some(multi) => {
+                    let mut links = Vec::new();
+                    let mut write_link = None;
+                    for (program, offsets) in &per_program {
+                        let retprobe = multi.retprobe(program).unwrap_or(false);
+                        let attached = if *program == READ_DONE_PROGRAM {
+                            match self.read_done_multi.loaded_programs() {
+                                Some(read_done) => read_done
+                                    .attach(program, &libc, offsets, Some(pid), false)
+                                    .map(Some),
+                                None => Ok(None),
+                            }
+                        } else if *program == WRITE_PROGRAM {
+                            // `write` in a link of its own, which can go while `send` and
+                            // `sendto` stay (see `narrowing`); cookies tell them apart.
+                            let sockets: Vec<u64> = offsets
+                                .iter()
+                                .copied()
+                                .filter(|o| Some(*o) != write_offset)
+                                .collect();
+                            let cookies = vec![io_site::SOCKET as u64; sockets.len()];
+                            write_offset
+                                .map(|offset| attach_write_probe(multi, &write_path, offset, pid))
+                                .transpose()
+                                .and_then(|link| {
+                                    write_link = link;
+                                    if sockets.is_empty() {
+                                        return Ok(None);
+                                    }
+                                    multi
+                                        .attach_with_cookies(
+                                            program,
+                                            &libc,
+                                            &sockets,
+                                            Some(&cookies),
+                                            Some(pid),
+                                            retprobe,
+                                        )
+                                        .map(Some)
+                                })
+                        } else {
+                            multi
+                                .attach(program, &libc, offsets, Some(pid), retprobe)
+                                .map(Some)
+                        };
+                        match attached {
+                            Ok(link) => links.extend(link),
+                            Err(e) => {
+                                links.extend(write_link);
+                                super::uprobe_multi::detach_in_background(links);
+                                return Err(ProbeError::Attach {
+                                    program,
+                                    category: "uprobe-multi",
+                                    name: "libc",
+                                    message: e.to_string(),
+                                });
+                            }
                         }
                     }
-                }
-                match (write_link, write_offset, held) {
-                    (Some(link), Some(offset), Some(file)) => {
-                        self.write_probes.insert(
-                            pid,
-                            WriteProbe {
-                                file,
-                                offset,
-                                link: Some(link),
-                                closing: None,
-                                widenings: 0,
-                                connects_seen: None,
-                                schedule: narrowing::Schedule::now(),
-                                known: Default::default(),
-                            },
-                        );
+                    match (write_link, write_offset, held) {
+                        (Some(link), Some(offset), Some(file)) => {
+                            self.write_probes.insert(
+                                pid,
+                                WriteProbe {
+                                    file,
+                                    offset,
+                                    link: Some(link),
+                                    closing: None,
+                                    widenings: 0,
+                                    connects_seen: None,
+                                    schedule: narrowing::Schedule::now(),
+                                    known: Default::default(),
+                                },
+                            );
+                        }
+                        // Without the file to put it back into, the probe stays for good.
+                        (write_link, _, _) => links.extend(write_link),
                     }
-                    // Without the file to put it back into, the probe stays for good.
-                    (write_link, _, _) => links.extend(write_link),
+                    WorkerLinks::Multi(links)
                 }
-                WorkerLinks::Multi(links)
-            }
-            None => {
-                let mut links = Vec::new();
-                for (program, offsets) in &per_program {
-                    match super::uprobe_multi::attach_per_uprobe(
-                        ebpf,
+                None => attach_plan_per_uprobe(ebpf, &per_program, &libc, pid).map_err(
+                    |(program, e)| ProbeError::Attach {
                         program,
-                        &libc,
-                        offsets,
-                        Some(pid),
-                    ) {
-                        Ok(more) => links.extend(more),
-                        Err(e) => {
-                            super::detach_uprobes_in_background(ebpf, links);
-                            return Err(ProbeError::Attach {
-                                program,
-                                category: "uprobe",
-                                name: "libc",
-                                message: e.to_string(),
-                            });
-                        }
-                    }
-                }
-                WorkerLinks::PerUprobe(links)
-            }
-        };
+                        category: "uprobe",
+                        name: "libc",
+                        message: e.to_string(),
+                    },
+                )?,
+            };
         let attached = LibcAttached {
             pid,
             links: links.len() + usize::from(self.write_probes.contains_key(&pid)),
@@ -1292,21 +1272,14 @@ impl WorkerMaps {
         self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
         self.ways.remove(&pid);
-        remove_connections_of(&mut self.conns, pid);
-        remove_connections_of(&mut self.peers, pid);
+        remove_keys_where(&mut self.conns, |k| k.tgid == pid);
+        remove_keys_where(&mut self.peers, |k| k.tgid == pid);
         // Or a later process with its pid would be taken for a TLS worker.
-        remove_connections_of(&mut self.tls_conns, pid);
-        let objects: Vec<SslKey> = self
-            .ssl_fds
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for k in objects {
-            let _ = self.ssl_fds.remove(&k);
-        }
+        remove_keys_where(&mut self.tls_conns, |k| k.tgid == pid);
+        remove_keys_where(&mut self.ssl_fds, |k| k.tgid == pid);
         self.ssl_unavailable.remove(&pid);
         let _ = self.connects.remove(&pid);
+        // A per-CPU map: not one `remove_keys_where` takes.
         let served: Vec<ServedKey> = self
             .served
             .keys()
