@@ -368,6 +368,18 @@ impl AgentState {
         }
     }
 
+    /// Installs the libc probes the worker attaching thread made for a worker (see
+    /// `ebpf::worker_attach`): it is followed from now.
+    pub fn install_worker_probes(&mut self, answer: crate::ebpf::worker_attach::LibcAnswer) {
+        if let Some(probes) = self.probes.as_mut() {
+            let proc = &self.proc;
+            let pid = answer.pid;
+            probes
+                .worker
+                .install_libc(&mut probes.ebpf, answer, || proc.socket_peers(pid));
+        }
+    }
+
     /// Installs what the attaching thread prepared for a Redis process, unless the process
     /// is gone meanwhile (its release is already on its way to the thread).
     pub fn install_redis_probes(&mut self, attached: crate::ebpf::redis_attach::Attached) {

@@ -160,6 +160,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
         let agent = shared.clone();
+        let mut attached = rings.worker_attached;
+        tokio::spawn(async move {
+            while let Some(one) = attached.recv().await {
+                agent
+                    .lock("install_worker_probes")
+                    .install_worker_probes(one);
+            }
+        });
+        let agent = shared.clone();
         tokio::spawn(follow_ring(rings.lifecycle, "lifecycle", move |records| {
             on_lifecycle(&agent, records)
         }));

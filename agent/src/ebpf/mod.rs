@@ -10,6 +10,7 @@ pub mod slots;
 pub mod stack_depth;
 pub mod uprobe_multi;
 pub mod worker;
+pub mod worker_attach;
 
 use aya::{programs::TracePoint, Ebpf, EbpfLoader};
 
@@ -160,6 +161,8 @@ pub struct Rings {
     pub keysets: aya::maps::RingBuf<aya::maps::MapData>,
     /// Redis processes whose probes the attaching thread prepared, to install.
     pub redis_attached: tokio::sync::mpsc::UnboundedReceiver<redis_attach::Attached>,
+    /// Workers whose libc probes the attaching thread made, to install.
+    pub worker_attached: tokio::sync::mpsc::UnboundedReceiver<worker_attach::LibcAnswer>,
 }
 
 /// Everything loaded into the kernel. Dropping it detaches every program.
@@ -191,15 +194,20 @@ impl Probes {
             .map_err(|e| {
                 ProbeError::Load(format!("cannot start the Redis attaching thread: {e}"))
             })?;
+        let (libc_attacher, worker_attached) = worker_attach::LibcAttacher::start(map_fds.clone())
+            .map_err(|e| {
+                ProbeError::Load(format!("cannot start the worker attaching thread: {e}"))
+            })?;
         let ring = Rings {
             lifecycle: take_map(&mut ebpf, agent_common::maps::LIFECYCLE_EVENTS)?,
             keysets: take_map(&mut ebpf, agent_common::maps::KEYSET_EVENTS)?,
             redis_attached,
+            worker_attached,
         };
         let sched = sched::SchedMaps::new(&mut ebpf)?;
         let mut redis = redis::RedisMaps::new(&mut ebpf)?;
         redis.sees_switches = sees_switches;
-        let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone())?;
+        let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone(), libc_attacher)?;
         Ok((
             Self {
                 ebpf,

@@ -641,7 +641,7 @@ pub struct MultiPrograms {
 /// Programs loaded for uprobe-multi links the first time a caller needs them, or why they
 /// could not be (said once in the log, with what the caller does instead).
 #[derive(Debug, Default)]
-pub struct LazyPrograms(Option<Result<MultiPrograms, String>>);
+pub struct LazyPrograms(Option<Result<std::sync::Arc<MultiPrograms>, String>>);
 
 impl LazyPrograms {
     /// The programs `names` (loaded on the first call), or `None` where this kernel has no
@@ -652,14 +652,20 @@ impl LazyPrograms {
             if let Err(e) = &loaded {
                 tracing::info!(reason = %e, "{fallback}");
             }
-            self.0 = Some(loaded);
+            self.0 = Some(loaded.map(std::sync::Arc::new));
         }
         self.loaded_programs()
     }
 
     /// The programs if they were loaded (without trying).
     pub fn loaded_programs(&self) -> Option<&MultiPrograms> {
-        self.0.as_ref()?.as_ref().ok()
+        self.0.as_ref()?.as_ref().ok().map(|programs| &**programs)
+    }
+
+    /// The programs if they were loaded, to hold beside the links made with them (to make
+    /// more later, on another thread).
+    pub fn shared(&self) -> Option<std::sync::Arc<MultiPrograms>> {
+        self.0.as_ref()?.as_ref().ok().cloned()
     }
 
     /// Whether the programs were loaded (without trying).

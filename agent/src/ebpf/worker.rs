@@ -21,7 +21,9 @@ use aya::{
 use super::{
     attach_tracepoint, load_programs,
     narrowing::{self, Connections, Direction, Verdict},
-    remove_keys_where, take_map, ProbeError, TracepointSpec,
+    remove_keys_where, take_map,
+    worker_attach::{LibcAnswer, LibcAttacher, LibcLinks, LibcRequest, PendingLinks, WriteLink},
+    ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
 
@@ -224,13 +226,13 @@ fn ssl_plan(sites: &super::uprobe_multi::ProbeSites) -> Option<Vec<(&'static str
 pub const READ_DONE_PROGRAM: &str = "worker_libc_read_done";
 
 /// The read functions [`READ_DONE_PROGRAM`] can take over (plain buffer, fd in `rdi`).
-const READ_DONE_FUNCTIONS: [&str; 3] = ["read", "recv", "recvfrom"];
+pub(super) const READ_DONE_FUNCTIONS: [&str; 3] = ["read", "recv", "recvfrom"];
 
 /// Which libc programs go on which offsets: [`LIBC_UPROBES`] at each function's entry site,
 /// except that a read whose every system call returns where it can be probed gets
 /// [`READ_DONE_PROGRAM`] there instead of its entry and return probes, when `read_done` (the
 /// program loaded). In [`LIBC_UPROBES`] order, programs without offsets left out.
-fn libc_plan(
+pub(super) fn libc_plan(
     sites: &super::uprobe_multi::ProbeSites,
     read_done: bool,
 ) -> Vec<(&'static str, Vec<u64>)> {
@@ -250,6 +252,28 @@ fn libc_plan(
         }
     }
     plan
+}
+
+/// Whether a libc plan can follow a worker: a read (both sides of it, or where it returned)
+/// and a write are needed, or nothing is followed.
+pub(super) fn check_libc_plan(
+    plan: &[(&'static str, Vec<u64>)],
+    libc: &std::path::Path,
+) -> Result<(), ProbeError> {
+    let has = |p: &str| plan.iter().any(|(name, _)| *name == p);
+    let reads = (has("worker_libc_read") && has("worker_libc_read_ret")) || has(READ_DONE_PROGRAM);
+    if has(WRITE_PROGRAM) && reads {
+        return Ok(());
+    }
+    Err(ProbeError::Attach {
+        program: "worker_libc_*",
+        category: "uprobe",
+        name: "libc",
+        message: format!(
+            "{} has no write/read functions to probe (a stripped static binary?)",
+            libc.display()
+        ),
+    })
 }
 
 /// Adds `offsets` to `program`'s in a plan of (program, offsets) pairs: a program attached to
@@ -343,7 +367,7 @@ fn drop_tracepoint_links(
 }
 
 /// The program on `write`, `send` and `sendto`.
-const WRITE_PROGRAM: &str = "worker_libc_write";
+pub(super) const WRITE_PROGRAM: &str = "worker_libc_write";
 
 /// A worker's probe on `write()` (see [`super::narrowing`]).
 struct WriteProbe {
@@ -367,9 +391,25 @@ struct WriteProbe {
     known: std::collections::BTreeSet<narrowing::Server>,
 }
 
+impl WriteProbe {
+    /// A probe just attached, looked at from the next tick on.
+    fn new(write: WriteLink) -> Self {
+        Self {
+            file: write.file,
+            offset: write.offset,
+            link: Some(write.link),
+            closing: None,
+            widenings: 0,
+            connects_seen: None,
+            schedule: narrowing::Schedule::now(),
+            known: Default::default(),
+        }
+    }
+}
+
 /// The path of an open file through the agent's own descriptor: it names that file even if
 /// its original path now names another.
-fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
+pub(super) fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
     use std::os::fd::AsRawFd;
     format!("/proc/self/fd/{}", file.as_raw_fd()).into()
 }
@@ -403,7 +443,7 @@ fn remember_servers(
 }
 
 /// Attaches the probe on `write` of one worker, with the cookie that names it.
-fn attach_write_probe(
+pub(super) fn attach_write_probe(
     multi: &super::uprobe_multi::MultiPrograms,
     libc: &std::path::Path,
     offset: u64,
@@ -511,20 +551,18 @@ pub struct WorkerMaps {
     /// The `write()` probe of each worker followed through uprobe-multi links, in a link of
     /// its own: out while the worker's connections write through `send`/`sendto` only.
     write_probes: std::collections::HashMap<u32, WriteProbe>,
-    /// File offsets of the probe sites in each libc (or static executable), by (dev, inode):
-    /// a fleet of workers shares one or two.
-    libc_sites:
-        std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
-    /// The map fds a second copy of the libc programs is loaded against (for uprobe-multi).
+    /// The map fds a second copy of the OpenSSL programs is loaded against (for uprobe-multi).
     map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    /// The libc programs loaded for uprobe-multi links, once the first worker needs them
-    /// (where this kernel or the load refuses them: one uprobe per function).
-    multi: super::uprobe_multi::LazyPrograms,
+    /// Makes workers' libc uprobes off the agent's lock (see [`super::worker_attach`]).
+    libc_attacher: LibcAttacher,
+    /// The workers whose libc uprobes are being made.
+    pending_libc: PendingLinks,
+    /// The libc programs the uprobe-multi links run (from the first worker's): what a
+    /// `write()` probe taken out is put back with.
+    libc_programs: Option<std::sync::Arc<super::uprobe_multi::MultiPrograms>>,
     /// How `read()` and `recvfrom()` are followed: [`READS_AT_EXIT`], or
     /// [`READS_AT_BOTH_ENDS`] where its program does not load; chosen at the first attach.
     read_following: Option<&'static ReadFollowing>,
-    /// [`READ_DONE_PROGRAM`] for uprobe-multi links, loaded on its own.
-    read_done_multi: super::uprobe_multi::LazyPrograms,
     /// Whether workers seen talking TLS get OpenSSL probes (`--no-tls-probes` turns it off).
     pub follow_tls: bool,
     /// The OpenSSL probes of each worker that has them, and when they went in.
@@ -577,6 +615,7 @@ impl WorkerMaps {
     pub fn new(
         ebpf: &mut Ebpf,
         map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
+        libc_attacher: LibcAttacher,
     ) -> Result<Self, ProbeError> {
         let programs = WORKER_TRACEPOINTS
             .iter()
@@ -629,10 +668,10 @@ impl WorkerMaps {
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
             write_probes: std::collections::HashMap::new(),
-            libc_sites: std::collections::HashMap::new(),
             map_fds,
-            multi: Default::default(),
-            read_done_multi: Default::default(),
+            libc_attacher,
+            pending_libc: Default::default(),
+            libc_programs: None,
             read_following: None,
             follow_tls: true,
             ssl_links: std::collections::HashMap::new(),
@@ -648,9 +687,9 @@ impl WorkerMaps {
     }
 
     /// Starts following a worker, the way the mode says: through uprobes in its own code
-    /// (found by `target`, which is only asked when needed) or through the syscall tracepoints
-    /// (attached with the first worker that needs them); seeds the peers of its open sockets,
-    /// and adds it to the kernel filter with the way it is followed.
+    /// (found by `target`, which is only asked when needed; they are made on the attaching
+    /// thread, and the worker is followed once [`Self::install_libc`] has their answer) or
+    /// through the syscall tracepoints (attached with the first worker that needs them).
     pub fn track(
         &mut self,
         ebpf: &mut Ebpf,
@@ -666,7 +705,34 @@ impl WorkerMaps {
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        let (way, libc) = self.follow(ebpf, pid, target)?;
+        let through_syscalls = match self.mode {
+            WorkerProbeMode::Syscalls => true,
+            WorkerProbeMode::Auto => !self.redis_on_node,
+            WorkerProbeMode::Libc => false,
+        };
+        if through_syscalls {
+            self.attach_syscalls(ebpf)?;
+            return self.start_following(ebpf, pid, via::SYSCALLS, sockets, None);
+        }
+        match self.request_libc(pid, target, false) {
+            Ok(()) => Ok(()),
+            Err(reason) => {
+                let way = self.libc_refused(ebpf, pid, reason)?;
+                self.start_following(ebpf, pid, way, sockets, None)
+            }
+        }
+    }
+
+    /// Follows `pid` the way `way` says from now: adds it to the kernel filter and seeds the
+    /// peers of its open sockets.
+    fn start_following(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        way: u32,
+        sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
+        libc: Option<LibcAttached>,
+    ) -> Result<(), ProbeError> {
         self.ways.insert(pid, way);
         if let Err(e) = self.syscall_workers.set(pid, way == via::SYSCALLS) {
             self.ways.remove(&pid);
@@ -687,74 +753,129 @@ impl WorkerMaps {
         Ok(())
     }
 
-    /// Attaches what following `pid` takes, and says which way it is followed (and, for
-    /// uprobes in its C library, what went in).
-    fn follow(
+    /// Asks the attaching thread for `pid`'s libc uprobes, unless it has no C library to put
+    /// them in or as many workers as `--max-libc-workers` have theirs. `moving`: it was
+    /// followed through the tracepoints until now.
+    fn request_libc(
+        &mut self,
+        pid: u32,
+        target: impl FnOnce() -> Option<UprobeTarget>,
+        moving: bool,
+    ) -> Result<(), ProbeError> {
+        if self.libc_links.len() + self.pending_libc.len() >= self.max_libc_workers {
+            return Err(ProbeError::Disabled(
+                "as many workers as --max-libc-workers are followed through uprobes",
+            ));
+        }
+        let target = target().ok_or(ProbeError::Disabled(
+            "the worker maps no libc and its executable has no C library functions (a Go binary?)",
+        ))?;
+        let (generation, cancelled) = self.pending_libc.start(pid, moving);
+        let request = LibcRequest {
+            pid,
+            generation,
+            target,
+            cancelled,
+        };
+        if !self.libc_attacher.attach(request) {
+            self.pending_libc.forget(pid);
+            return Err(ProbeError::Load(
+                "the thread that attaches workers' libc probes is gone".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What follows a worker whose libc uprobes could not go in (`reason`): in `auto`, the
+    /// syscall tracepoints if `--syscall-probes-beside-redis` lets them, else nothing (it is
+    /// counted as not followed); in `libc` mode, nothing. Returns the way it is followed.
+    fn libc_refused(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
-        target: impl FnOnce() -> Option<UprobeTarget>,
-    ) -> Result<(u32, Option<LibcAttached>), ProbeError> {
-        let uprobes_full = self.libc_links.len() >= self.max_libc_workers;
-        match self.mode {
-            WorkerProbeMode::Syscalls => {
-                self.attach_syscalls(ebpf)?;
-                Ok((via::SYSCALLS, None))
+        reason: ProbeError,
+    ) -> Result<u32, ProbeError> {
+        if self.mode != WorkerProbeMode::Auto {
+            return Err(reason);
+        }
+        if self.syscalls_beside_redis {
+            tracing::info!(pid, %reason, "following this worker through the syscall tracepoints (--syscall-probes-beside-redis): the Redis on this node pays their filter on every read and write");
+            self.attach_syscalls(ebpf)?;
+            return Ok(via::SYSCALLS);
+        }
+        tracing::warn!(pid, %reason, "this worker is not followed: a Redis runs on this node and the syscall tracepoints would tax every request it serves (--syscall-probes-beside-redis follows it anyway)");
+        self.unfollowed.insert(pid);
+        Err(ProbeError::Disabled(
+            "worker not followed beside Redis: no uprobe target",
+        ))
+    }
+
+    /// Installs what the attaching thread made for a worker: its links go in and it is
+    /// followed from now; where they could not be made, it is followed as its mode falls back
+    /// to. An answer nobody waits for any more (the worker is gone, or its pid was tracked
+    /// again since) has its links closed. `sockets` lists the worker's open sockets.
+    pub fn install_libc(
+        &mut self,
+        ebpf: &mut Ebpf,
+        answer: LibcAnswer,
+        sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
+    ) {
+        let pid = answer.pid;
+        let Some(pending) = self.pending_libc.answered(pid, answer.generation) else {
+            if let Ok(links) = answer.outcome {
+                links.close();
             }
-            WorkerProbeMode::Libc => {
-                if uprobes_full {
-                    return Err(ProbeError::Disabled(
-                        "as many workers as --max-libc-workers are followed through uprobes",
-                    ));
+            return;
+        };
+        let attached = answer
+            .outcome
+            .and_then(|links| self.take_libc_links(ebpf, pid, links));
+        let followed = match attached {
+            Ok(attached) => {
+                let followed = self.start_following(ebpf, pid, via::LIBC, sockets, Some(attached));
+                if followed.is_ok() && pending.moving {
+                    tracing::info!(pid, "a Redis is tracked on this node: worker moved from the syscall tracepoints to uprobes");
                 }
-                let attached = self.attach_libc(ebpf, pid, target())?;
-                Ok((via::LIBC, Some(attached)))
+                followed
             }
-            WorkerProbeMode::Auto if !self.redis_on_node => {
-                self.attach_syscalls(ebpf)?;
-                Ok((via::SYSCALLS, None))
+            Err(reason) if pending.moving => {
+                self.no_longer_followed(ebpf, pid, &reason);
+                return;
             }
-            WorkerProbeMode::Auto => {
-                let attached = if uprobes_full {
-                    Err(ProbeError::Disabled(
-                        "as many workers as --max-libc-workers are followed through uprobes",
-                    ))
-                } else {
-                    self.attach_libc(ebpf, pid, target())
-                };
-                match attached {
-                    Ok(attached) => Ok((via::LIBC, Some(attached))),
-                    Err(reason) if self.syscalls_beside_redis => {
-                        tracing::info!(pid, %reason, "following this worker through the syscall tracepoints (--syscall-probes-beside-redis): the Redis on this node pays their filter on every read and write");
-                        self.attach_syscalls(ebpf)?;
-                        Ok((via::SYSCALLS, None))
-                    }
-                    Err(reason) => {
-                        tracing::warn!(pid, %reason, "this worker is not followed: a Redis runs on this node and the syscall tracepoints would tax every request it serves (--syscall-probes-beside-redis follows it anyway)");
-                        self.unfollowed.insert(pid);
-                        Err(ProbeError::Disabled(
-                            "worker not followed beside Redis: no uprobe target",
-                        ))
-                    }
-                }
+            Err(reason) => self
+                .libc_refused(ebpf, pid, reason)
+                .and_then(|way| self.start_following(ebpf, pid, way, sockets, None)),
+        };
+        match followed {
+            Ok(()) => {}
+            Err(ProbeError::Disabled(why)) => tracing::debug!(pid, "{why}"),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "worker probes unavailable; no worker-side blocking metrics for this worker")
             }
         }
+    }
+
+    /// A worker that was followed through the tracepoints and cannot be through uprobes, now
+    /// that a Redis runs on the node.
+    fn no_longer_followed(&mut self, ebpf: &mut Ebpf, pid: u32, reason: &ProbeError) {
+        tracing::warn!(pid, %reason, "a Redis is tracked on this node: this worker cannot be followed through uprobes and is no longer followed (--syscall-probes-beside-redis follows it anyway)");
+        self.forget(ebpf, pid);
+        self.unfollowed.insert(pid);
     }
 
     /// Tells the worker side whether a Redis is tracked on this node. When one appears, `auto`
     /// moves the workers it follows through the tracepoints to uprobes (or stops following
     /// those it cannot), and detaches the tracepoints at once: Redis pays for them otherwise.
-    /// Returns the workers no longer followed.
     pub fn set_redis_on_node(
         &mut self,
         ebpf: &mut Ebpf,
         present: bool,
         target_of: impl Fn(u32) -> Option<UprobeTarget>,
-    ) -> Vec<u32> {
+    ) {
         let appeared = present && !self.redis_on_node;
         self.redis_on_node = present;
         if !appeared || self.mode != WorkerProbeMode::Auto || self.syscalls_beside_redis {
-            return Vec::new();
+            return;
         }
         let movers: Vec<u32> = self
             .ways
@@ -762,33 +883,21 @@ impl WorkerMaps {
             .filter(|(_, way)| **way == via::SYSCALLS)
             .map(|(pid, _)| *pid)
             .collect();
-        let mut dropped = Vec::new();
         for pid in movers {
-            // Off the tracepoints first, then onto uprobes: never followed both ways at once
-            // (the bytes would be parsed twice). A syscall made in between is not seen; the
-            // connection then resynchronises at its next command.
+            // Off the tracepoints first, then onto uprobes once the attaching thread has made
+            // them: never followed both ways at once (the bytes would be parsed twice). What
+            // it sends or reads in between is not seen; the connection then resynchronises at
+            // its next command.
             let _ = self.syscall_workers.set(pid, false);
-            let moved = self.libc_links.len() < self.max_libc_workers
-                && self
-                    .attach_libc(ebpf, pid, target_of(pid))
-                    .map(|attached| attached.log())
-                    .is_ok();
-            if moved {
-                self.ways.insert(pid, via::LIBC);
-                tracing::info!(pid, "a Redis is tracked on this node: worker moved from the syscall tracepoints to uprobes");
-            } else {
-                tracing::warn!(pid, "a Redis is tracked on this node: this worker cannot be followed through uprobes and is no longer followed (--syscall-probes-beside-redis follows it anyway)");
-                self.ways.remove(&pid);
-                self.forget(ebpf, pid);
-                self.unfollowed.insert(pid);
-                dropped.push(pid);
+            self.ways.remove(&pid);
+            if let Err(reason) = self.request_libc(pid, || target_of(pid), true) {
+                self.no_longer_followed(ebpf, pid, &reason);
             }
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since = None;
             self.detach_syscalls(ebpf);
         }
-        dropped
     }
 
     /// Tracked workers not followed because a Redis runs on this node.
@@ -1037,150 +1146,45 @@ impl WorkerMaps {
         Ok(())
     }
 
-    /// Attaches the libc uprobes to one worker process: one uprobe-multi link per program
-    /// where the kernel has them (one attach and one detach synchronisation for all of a
-    /// program's functions), one uprobe per function otherwise.
-    fn attach_libc(
+    /// Takes in the libc probes the attaching thread made for `pid`; where uprobe-multi links
+    /// are refused, attaches one uprobe per site now (about 2 s of kernel time per worker to
+    /// detach later).
+    fn take_libc_links(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
-        target: Option<UprobeTarget>,
+        links: LibcLinks,
     ) -> Result<LibcAttached, ProbeError> {
-        let target = target.ok_or(ProbeError::Disabled(
-            "the worker maps no libc and its executable has no C library functions (a Go binary?)",
-        ))?;
-        let libc = target.path().to_path_buf();
-        let sites = self.libc_sites(&libc);
-        let offsets = &sites.entries;
-        // Reads are probed where their system call returned if that program loads (on its
-        // own: its failing must not take the other programs with it); else at entry and return.
-        let multi_supported = self.multi_programs().is_some();
-        let read_done = if multi_supported {
-            self.read_done_multi
-                .get(
-                    &self.map_fds,
-                    &[READ_DONE_PROGRAM],
-                    "reads are probed at their entry and return (the program for where they returned did not load)",
-                )
-                .is_some()
-        } else {
-            super::load_program(ebpf, READ_DONE_PROGRAM).is_ok()
-        };
-        let per_program = libc_plan(&sites, read_done);
-        // A read (both sides of it, or where it returned) and a write are needed: without
-        // them nothing is followed.
-        let has = |p: &str| per_program.iter().any(|(name, _)| *name == p);
-        let reads =
-            (has("worker_libc_read") && has("worker_libc_read_ret")) || has(READ_DONE_PROGRAM);
-        if !(has("worker_libc_write") && reads) {
-            return Err(ProbeError::Attach {
-                program: "worker_libc_*",
-                category: "uprobe",
-                name: "libc",
-                message: format!(
-                    "{} has no write/read functions to probe (a stripped static binary?)",
-                    libc.display()
-                ),
-            });
-        }
-        let write_offset = offsets.get("write").copied();
-        // The file the probes go into, held open: the `write` probe is attached through it,
-        // now and when it is put back (see `WriteProbe::file`). Without it, `write` stays.
-        let held = std::fs::File::open(&libc).ok();
-        let write_path = held.as_ref().map_or_else(|| libc.clone(), fd_path);
-        // Loaded above (`multi_supported`); borrowed by field so that the other fields stay
-        // usable inside.
-        let links =
-            match self.multi.loaded_programs() {
-                Some(multi) => {
-                    let mut links = Vec::new();
-                    let mut write_link = None;
-                    for (program, offsets) in &per_program {
-                        let retprobe = multi.retprobe(program).unwrap_or(false);
-                        let attached = if *program == READ_DONE_PROGRAM {
-                            match self.read_done_multi.loaded_programs() {
-                                Some(read_done) => read_done
-                                    .attach(program, &libc, offsets, Some(pid), false)
-                                    .map(Some),
-                                None => Ok(None),
-                            }
-                        } else if *program == WRITE_PROGRAM {
-                            // `write` in a link of its own, which can go while `send` and
-                            // `sendto` stay (see `narrowing`); cookies tell them apart.
-                            let sockets: Vec<u64> = offsets
-                                .iter()
-                                .copied()
-                                .filter(|o| Some(*o) != write_offset)
-                                .collect();
-                            let cookies = vec![io_site::SOCKET as u64; sockets.len()];
-                            write_offset
-                                .map(|offset| attach_write_probe(multi, &write_path, offset, pid))
-                                .transpose()
-                                .and_then(|link| {
-                                    write_link = link;
-                                    if sockets.is_empty() {
-                                        return Ok(None);
-                                    }
-                                    multi
-                                        .attach_with_cookies(
-                                            program,
-                                            &libc,
-                                            &sockets,
-                                            Some(&cookies),
-                                            Some(pid),
-                                            retprobe,
-                                        )
-                                        .map(Some)
-                                })
-                        } else {
-                            multi
-                                .attach(program, &libc, offsets, Some(pid), retprobe)
-                                .map(Some)
-                        };
-                        match attached {
-                            Ok(link) => links.extend(link),
-                            Err(e) => {
-                                links.extend(write_link);
-                                super::uprobe_multi::detach_in_background(links);
-                                return Err(ProbeError::Attach {
-                                    program,
-                                    category: "uprobe-multi",
-                                    name: "libc",
-                                    message: e.to_string(),
-                                });
-                            }
-                        }
-                    }
-                    match (write_link, write_offset, held) {
-                        (Some(link), Some(offset), Some(file)) => {
-                            self.write_probes.insert(
-                                pid,
-                                WriteProbe {
-                                    file,
-                                    offset,
-                                    link: Some(link),
-                                    closing: None,
-                                    widenings: 0,
-                                    connects_seen: None,
-                                    schedule: narrowing::Schedule::now(),
-                                    known: Default::default(),
-                                },
-                            );
-                        }
-                        // Without the file to put it back into, the probe stays for good.
-                        (write_link, _, _) => links.extend(write_link),
-                    }
-                    WorkerLinks::Multi(links)
+        let (libc, links) = match links {
+            LibcLinks::Multi {
+                libc,
+                links,
+                write,
+                programs,
+            } => {
+                self.libc_programs.get_or_insert(programs);
+                if let Some(write) = write {
+                    self.write_probes.insert(pid, WriteProbe::new(write));
                 }
-                None => attach_plan_per_uprobe(ebpf, &per_program, &libc, pid).map_err(
-                    |(program, e)| ProbeError::Attach {
-                        program,
-                        category: "uprobe",
-                        name: "libc",
-                        message: e.to_string(),
-                    },
-                )?,
-            };
+                (libc, WorkerLinks::Multi(links))
+            }
+            LibcLinks::PerUprobe { libc, sites } => {
+                // Reads are probed where their system call returned if that program loads.
+                let read_done = super::load_program(ebpf, READ_DONE_PROGRAM).is_ok();
+                let plan = libc_plan(&sites, read_done);
+                check_libc_plan(&plan, &libc)?;
+                let links =
+                    attach_plan_per_uprobe(ebpf, &plan, &libc, pid).map_err(|(program, e)| {
+                        ProbeError::Attach {
+                            program,
+                            category: "uprobe",
+                            name: "libc",
+                            message: e.to_string(),
+                        }
+                    })?;
+                (libc, links)
+            }
+        };
         let attached = LibcAttached {
             pid,
             links: links.len() + usize::from(self.write_probes.contains_key(&pid)),
@@ -1191,52 +1195,12 @@ impl WorkerMaps {
         Ok(attached)
     }
 
-    /// Loads the libc programs for uprobe-multi links now (about 200 ms, and the first
-    /// attach after it waits for a grace period): at start, rather than on the agent's loop
-    /// when the first worker beside a Redis appears.
+    /// Loads the libc programs for uprobe-multi links now (most of a second of verification):
+    /// at start, rather than when the first worker beside a Redis waits for them.
     pub fn preload_uprobe_programs(&mut self) {
         if !self.disabled && self.mode != WorkerProbeMode::Syscalls {
-            let _ = self.multi_programs();
+            self.libc_attacher.preload();
         }
-    }
-
-    /// The libc programs loaded for uprobe-multi links, loading them the first time.
-    fn multi_programs(&mut self) -> Option<&super::uprobe_multi::MultiPrograms> {
-        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
-        self.multi.get(
-            &self.map_fds,
-            &names,
-            "workers' libc probes are attached one uprobe at a time (each takes an RCU grace period to detach)",
-        )
-    }
-
-    /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
-    fn libc_sites(
-        &mut self,
-        libc: &std::path::Path,
-    ) -> std::sync::Arc<super::uprobe_multi::ProbeSites> {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(libc)
-            .map(|m| (m.dev(), m.ino()))
-            .unwrap_or_default();
-        if let Some(sites) = self.libc_sites.get(&id) {
-            return sites.clone();
-        }
-        let names: Vec<&str> = LIBC_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
-        let sites = super::uprobe_multi::resolve_probe_sites(libc, &names).unwrap_or_else(|e| {
-            tracing::info!(libc = %libc.display(), error = %e, "cannot read the C library's code; its workers are not followed through uprobes");
-            Default::default()
-        });
-        let done: Vec<&str> = READ_DONE_FUNCTIONS
-            .into_iter()
-            .filter(|f| sites.syscall_exits.contains_key(*f))
-            .collect();
-        tracing::info!(libc = %libc.display(), reads_probed_where_they_returned = ?done, "C library probe sites found");
-        let sites = std::sync::Arc::new(sites);
-        if id != (0, 0) {
-            self.libc_sites.insert(id, sites.clone());
-        }
-        sites
     }
 
     /// Records peers found in /proc for connections the kernel did not see being made.
@@ -1299,6 +1263,8 @@ impl WorkerMaps {
     /// tracked worker is followed through them.
     fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
         let _ = self.syscall_workers.set(pid, false);
+        // Its links, if they are still being made, are closed when their answer comes.
+        self.pending_libc.forget(pid);
         if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
             super::uprobe_multi::detach_in_background(vec![link]);
         }
@@ -1455,7 +1421,7 @@ impl WorkerMaps {
                         let _ = handle.join();
                     }
                     let (path, offset) = (fd_path(&probe.file), probe.offset);
-                    let Some(multi) = self.multi_programs() else {
+                    let Some(multi) = self.libc_programs.as_deref() else {
                         continue;
                     };
                     let attached = attach_write_probe(multi, &path, offset, pid);
