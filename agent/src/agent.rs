@@ -79,10 +79,7 @@ impl AgentState {
     pub fn adjust_narrowed_probes(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
             probes.worker.adjust_narrowed_probes(&mut probes.ebpf);
-            let proc = &self.proc;
-            probes
-                .worker
-                .follow_tls(&mut probes.ebpf, |pid| proc.libssl_path(pid));
+            probes.worker.follow_tls(&self.proc);
         }
     }
 
@@ -368,15 +365,15 @@ impl AgentState {
         }
     }
 
-    /// Installs the libc probes the worker attaching thread made for a worker (see
-    /// `ebpf::worker_attach`): it is followed from now.
-    pub fn install_worker_probes(&mut self, answer: crate::ebpf::worker_attach::LibcAnswer) {
+    /// Installs the probes the worker attaching thread made for a worker (see
+    /// `ebpf::worker_attach`): its libc probes (it is followed from now), or its OpenSSL ones.
+    pub fn install_worker_probes(&mut self, answer: crate::ebpf::worker_attach::Answer) {
         if let Some(probes) = self.probes.as_mut() {
             let proc = &self.proc;
-            let pid = answer.pid;
+            let pid = answer.pid();
             probes
                 .worker
-                .install_libc(&mut probes.ebpf, answer, || proc.socket_peers(pid));
+                .install(&mut probes.ebpf, answer, || proc.socket_peers(pid));
         }
     }
 

@@ -161,8 +161,8 @@ pub struct Rings {
     pub keysets: aya::maps::RingBuf<aya::maps::MapData>,
     /// Redis processes whose probes the attaching thread prepared, to install.
     pub redis_attached: tokio::sync::mpsc::UnboundedReceiver<redis_attach::Attached>,
-    /// Workers whose libc probes the attaching thread made, to install.
-    pub worker_attached: tokio::sync::mpsc::UnboundedReceiver<worker_attach::LibcAnswer>,
+    /// Workers whose probes the attaching thread made, to install.
+    pub worker_attached: tokio::sync::mpsc::UnboundedReceiver<worker_attach::Answer>,
 }
 
 /// Everything loaded into the kernel. Dropping it detaches every program.
@@ -194,8 +194,8 @@ impl Probes {
             .map_err(|e| {
                 ProbeError::Load(format!("cannot start the Redis attaching thread: {e}"))
             })?;
-        let (libc_attacher, worker_attached) = worker_attach::LibcAttacher::start(map_fds.clone())
-            .map_err(|e| {
+        let (worker_attacher, worker_attached) =
+            worker_attach::WorkerAttacher::start(map_fds.clone()).map_err(|e| {
                 ProbeError::Load(format!("cannot start the worker attaching thread: {e}"))
             })?;
         let ring = Rings {
@@ -207,7 +207,7 @@ impl Probes {
         let sched = sched::SchedMaps::new(&mut ebpf)?;
         let mut redis = redis::RedisMaps::new(&mut ebpf)?;
         redis.sees_switches = sees_switches;
-        let worker = worker::WorkerMaps::new(&mut ebpf, map_fds.clone(), libc_attacher)?;
+        let worker = worker::WorkerMaps::new(&mut ebpf, worker_attacher)?;
         Ok((
             Self {
                 ebpf,

@@ -683,87 +683,6 @@ fn load_if_supported(maps: &MapFds, names: &[&str]) -> Result<MultiPrograms, Str
     }
 }
 
-/// Programs loaded for uprobe-multi links on a thread of their own, started the first time a
-/// caller asks for them: the verifier takes most of a second over large programs (the OpenSSL
-/// ones), and the caller holds the agent's state lock, which must not wait that long. The
-/// caller asks again on its next round.
-#[derive(Debug, Default)]
-pub struct BackgroundPrograms(BackgroundLoad);
-
-#[derive(Debug, Default)]
-enum BackgroundLoad {
-    #[default]
-    NotStarted,
-    Loading(std::thread::JoinHandle<Result<MultiPrograms, String>>),
-    Done(Result<MultiPrograms, String>),
-}
-
-/// Where a [`BackgroundPrograms`] load is.
-#[derive(Debug)]
-pub enum Loading<'a> {
-    /// Still loading: ask again later.
-    Pending,
-    /// Loaded, or `None` where this kernel has no uprobe-multi links or the load failed.
-    Ready(Option<&'a MultiPrograms>),
-}
-
-impl BackgroundPrograms {
-    /// Starts loading `names` on the first call; says whether they are loaded. `fallback`
-    /// says, once, what the caller does instead if they cannot be.
-    pub fn poll(
-        &mut self,
-        maps: &std::sync::Arc<MapFds>,
-        names: &[&'static str],
-        fallback: &str,
-    ) -> Loading<'_> {
-        let finished = match &mut self.0 {
-            BackgroundLoad::NotStarted => {
-                let (maps, names) = (maps.clone(), names.to_vec());
-                match std::thread::Builder::new()
-                    .name("fanout-load".into())
-                    .spawn(move || load_if_supported(&maps, &names))
-                {
-                    Ok(handle) => {
-                        self.0 = BackgroundLoad::Loading(handle);
-                        return Loading::Pending;
-                    }
-                    Err(e) => Some(Err(format!("cannot start a thread to load them: {e}"))),
-                }
-            }
-            BackgroundLoad::Loading(handle) if !handle.is_finished() => return Loading::Pending,
-            BackgroundLoad::Loading(_) => {
-                let BackgroundLoad::Loading(handle) = std::mem::take(&mut self.0) else {
-                    unreachable!()
-                };
-                Some(
-                    handle
-                        .join()
-                        .unwrap_or_else(|_| Err("the loading thread panicked".to_string())),
-                )
-            }
-            BackgroundLoad::Done(_) => None,
-        };
-        if let Some(loaded) = finished {
-            if let Err(e) = &loaded {
-                tracing::info!(reason = %e, "{fallback}");
-            }
-            self.0 = BackgroundLoad::Done(loaded);
-        }
-        match &self.0 {
-            BackgroundLoad::Done(loaded) => Loading::Ready(loaded.as_ref().ok()),
-            _ => Loading::Pending,
-        }
-    }
-
-    /// The programs if they were loaded (without starting or waiting for a load).
-    pub fn loaded_programs(&self) -> Option<&MultiPrograms> {
-        match &self.0 {
-            BackgroundLoad::Done(Ok(programs)) => Some(programs),
-            _ => None,
-        }
-    }
-}
-
 /// `prog_name`: at most 15 bytes, of the characters the kernel takes.
 fn prog_name(name: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -1405,34 +1324,6 @@ pub fn resolve_probe_sites(path: &Path, names: &[&str]) -> Result<ProbeSites, Er
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
-
-    /// A load that cannot succeed (no such program; or no uprobe-multi links, or no object
-    /// built, or no privilege) ends ready with nothing, and is not started again.
-    #[test]
-    fn a_background_load_that_fails_is_ready_with_nothing_and_not_retried() {
-        let maps = std::sync::Arc::new(MapFds::default());
-        let mut programs = BackgroundPrograms::default();
-        let mut polls = 0;
-        loop {
-            match programs.poll(&maps, &["no_such_program"], "test") {
-                Loading::Ready(loaded) => {
-                    assert!(loaded.is_none());
-                    break;
-                }
-                Loading::Pending => {
-                    polls += 1;
-                    assert!(polls < 1000, "the load never finished");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
-        }
-        assert!(matches!(programs.0, BackgroundLoad::Done(Err(_))));
-        assert!(matches!(
-            programs.poll(&maps, &["no_such_program"], "test"),
-            Loading::Ready(None)
-        ));
-        assert!(programs.loaded_programs().is_none());
-    }
 
     #[test]
     fn attr_layouts_match_the_uapi() {

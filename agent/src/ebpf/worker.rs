@@ -22,7 +22,10 @@ use super::{
     attach_tracepoint, load_programs,
     narrowing::{self, Connections, Direction, Verdict},
     remove_keys_where, take_map,
-    worker_attach::{LibcAnswer, LibcAttacher, LibcLinks, LibcRequest, PendingLinks, WriteLink},
+    worker_attach::{
+        Answer, LibcAnswer, LibcLinks, LibcRequest, PendingLinks, SslAnswer, SslLinks, SslRequest,
+        WorkerAttacher, WriteLink,
+    },
     ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
@@ -208,7 +211,9 @@ pub const SSL_UPROBES: [(&str, &str); 9] = [
 /// Which [`SSL_UPROBES`] go on which offsets of a libssl whose probe sites are `sites` (a
 /// function the library lacks is left out: OpenSSL 1.1.0 has no `_ex` forms); `None` when
 /// writes or reads could not be followed at all.
-fn ssl_plan(sites: &super::uprobe_multi::ProbeSites) -> Option<Vec<(&'static str, Vec<u64>)>> {
+pub(super) fn ssl_plan(
+    sites: &super::uprobe_multi::ProbeSites,
+) -> Option<Vec<(&'static str, Vec<u64>)>> {
     let mut plan = Vec::new();
     for (program, symbol) in SSL_UPROBES {
         if let Some(offset) = sites.entries.get(symbol) {
@@ -551,12 +556,12 @@ pub struct WorkerMaps {
     /// The `write()` probe of each worker followed through uprobe-multi links, in a link of
     /// its own: out while the worker's connections write through `send`/`sendto` only.
     write_probes: std::collections::HashMap<u32, WriteProbe>,
-    /// The map fds a second copy of the OpenSSL programs is loaded against (for uprobe-multi).
-    map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-    /// Makes workers' libc uprobes off the agent's lock (see [`super::worker_attach`]).
-    libc_attacher: LibcAttacher,
+    /// Makes workers' uprobes off the agent's lock (see [`super::worker_attach`]).
+    attacher: WorkerAttacher,
     /// The workers whose libc uprobes are being made.
     pending_libc: PendingLinks,
+    /// The workers whose OpenSSL uprobes are being made.
+    pending_ssl: PendingLinks,
     /// The libc programs the uprobe-multi links run (from the first worker's): what a
     /// `write()` probe taken out is put back with.
     libc_programs: Option<std::sync::Arc<super::uprobe_multi::MultiPrograms>>,
@@ -572,11 +577,6 @@ pub struct WorkerMaps {
     ssl_unavailable: std::collections::HashMap<u32, String>,
     /// The descriptor of each SSL object (`SSL_FDS`).
     ssl_fds: HashMap<MapData, SslKey, u32>,
-    /// File offsets of the OpenSSL probe sites in each libssl, by (dev, inode).
-    ssl_sites:
-        std::collections::HashMap<(u64, u64), std::sync::Arc<super::uprobe_multi::ProbeSites>>,
-    /// The OpenSSL programs loaded for uprobe-multi links, once a worker needs them.
-    ssl_multi: super::uprobe_multi::BackgroundPrograms,
 }
 
 pub fn peer_from(p: SocketPeer) -> Peer {
@@ -612,11 +612,7 @@ pub fn peer_address(peer: &Peer) -> String {
 impl WorkerMaps {
     /// Takes the maps and loads (verifies) the programs now, so that attaching them when the
     /// first worker appears is quick.
-    pub fn new(
-        ebpf: &mut Ebpf,
-        map_fds: std::sync::Arc<super::uprobe_multi::MapFds>,
-        libc_attacher: LibcAttacher,
-    ) -> Result<Self, ProbeError> {
+    pub fn new(ebpf: &mut Ebpf, attacher: WorkerAttacher) -> Result<Self, ProbeError> {
         let programs = WORKER_TRACEPOINTS
             .iter()
             .map(|spec| spec.program)
@@ -668,17 +664,15 @@ impl WorkerMaps {
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
             write_probes: std::collections::HashMap::new(),
-            map_fds,
-            libc_attacher,
+            attacher,
             pending_libc: Default::default(),
+            pending_ssl: Default::default(),
             libc_programs: None,
             read_following: None,
             follow_tls: true,
             ssl_links: std::collections::HashMap::new(),
             ssl_unavailable: std::collections::HashMap::new(),
             ssl_fds: take_map(ebpf, maps::SSL_FDS)?,
-            ssl_sites: std::collections::HashMap::new(),
-            ssl_multi: Default::default(),
         })
     }
 
@@ -777,7 +771,7 @@ impl WorkerMaps {
             target,
             cancelled,
         };
-        if !self.libc_attacher.attach(request) {
+        if !self.attacher.attach_libc(request) {
             self.pending_libc.forget(pid);
             return Err(ProbeError::Load(
                 "the thread that attaches workers' libc probes is gone".into(),
@@ -810,11 +804,25 @@ impl WorkerMaps {
         ))
     }
 
-    /// Installs what the attaching thread made for a worker: its links go in and it is
-    /// followed from now; where they could not be made, it is followed as its mode falls back
-    /// to. An answer nobody waits for any more (the worker is gone, or its pid was tracked
-    /// again since) has its links closed. `sockets` lists the worker's open sockets.
-    pub fn install_libc(
+    /// Installs what the attaching thread made for a worker (see [`Self::install_libc`] and
+    /// [`Self::install_ssl`]). `sockets` lists the worker's open sockets.
+    pub fn install(
+        &mut self,
+        ebpf: &mut Ebpf,
+        answer: Answer,
+        sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
+    ) {
+        match answer {
+            Answer::Libc(answer) => self.install_libc(ebpf, answer, sockets),
+            Answer::Ssl(answer) => self.install_ssl(ebpf, answer),
+        }
+    }
+
+    /// Installs a worker's libc probes: they go in and it is followed from now; where they
+    /// could not be made, it is followed as its mode falls back to. An answer nobody waits
+    /// for any more (the worker is gone, or its pid was tracked again since) has its links
+    /// closed.
+    fn install_libc(
         &mut self,
         ebpf: &mut Ebpf,
         answer: LibcAnswer,
@@ -987,15 +995,12 @@ impl WorkerMaps {
         self.tls_only = now;
     }
 
-    /// Puts OpenSSL probes on the followed workers the kernel saw writing TLS records
-    /// (`TLS_CONNS`) that have none yet: `libssl_of` says which libssl a process maps. Once
-    /// per worker: one whose TLS library cannot be probed (it maps no libssl: OpenSSL built
-    /// into it, another TLS library) is said once and left as it is.
-    pub fn follow_tls(
-        &mut self,
-        ebpf: &mut Ebpf,
-        libssl_of: impl Fn(u32) -> Option<std::path::PathBuf>,
-    ) {
+    /// Asks for OpenSSL probes on the followed workers the kernel saw writing TLS records
+    /// (`TLS_CONNS`) that have none yet (made on the attaching thread, which reads which
+    /// libssl each maps from `proc`). Once per worker: one whose TLS library cannot be probed
+    /// (it maps no libssl: OpenSSL built into it, another TLS library) is said once and left
+    /// as it is.
+    pub fn follow_tls(&mut self, proc: &crate::proc_reader::ProcRoot) {
         if !self.follow_tls {
             return;
         }
@@ -1008,91 +1013,54 @@ impl WorkerMaps {
                 self.ways.contains_key(pid)
                     && !self.ssl_links.contains_key(pid)
                     && !self.ssl_unavailable.contains_key(pid)
+                    && !self.pending_ssl.contains(*pid)
             })
             .collect();
-        if pids.is_empty() {
-            return;
-        }
-        // The programs are loaded off the agent's lock, once, when the first TLS worker is
-        // seen (the verifier takes most of a second over them): its probes go in at a later
-        // look, about a second on.
-        let names: Vec<&'static str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
-        let polled = self.ssl_multi.poll(
-            &self.map_fds,
-            &names,
-            "OpenSSL probes are attached one uprobe at a time",
-        );
-        if matches!(polled, super::uprobe_multi::Loading::Pending) {
-            return;
-        }
         for pid in pids {
-            let attached = match libssl_of(pid) {
-                Some(libssl) => self
-                    .attach_ssl(ebpf, pid, &libssl)
-                    .map(|links| (libssl, links)),
-                None => Err(
-                    "the worker maps no libssl (a TLS library built into it, or another one)"
-                        .to_string(),
-                ),
+            let (generation, cancelled) = self.pending_ssl.start(pid, false);
+            let request = SslRequest {
+                pid,
+                generation,
+                cancelled,
+                proc: proc.clone(),
             };
-            match attached {
-                Ok((libssl, links)) => {
-                    tracing::info!(pid, libssl = %libssl.display(), links = links.len(), kind = links.kind(), "worker talks TLS: its TLS connections are followed through OpenSSL from their next command");
-                    self.ssl_links
-                        .insert(pid, (links, std::time::Instant::now()));
-                }
-                Err(why) => {
-                    tracing::info!(pid, reason = %why, "worker talks TLS and its TLS library cannot be probed");
-                    self.ssl_unavailable.insert(pid, why);
-                }
+            if !self.attacher.attach_ssl(request) {
+                self.pending_ssl.forget(pid);
+                self.ssl_unavailable.insert(
+                    pid,
+                    "the thread that attaches workers' probes is gone".into(),
+                );
             }
         }
     }
 
-    /// Attaches [`SSL_UPROBES`] in `libssl` for process `pid`.
-    fn attach_ssl(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-        libssl: &std::path::Path,
-    ) -> Result<WorkerLinks, String> {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(libssl)
-            .map(|m| (m.dev(), m.ino()))
-            .map_err(|e| format!("{}: {e}", libssl.display()))?;
-        let sites = match self.ssl_sites.get(&id) {
-            Some(sites) => sites.clone(),
-            None => {
-                let names: Vec<&str> = SSL_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
-                let sites = std::sync::Arc::new(
-                    super::uprobe_multi::resolve_probe_sites(libssl, &names)
-                        .map_err(|e| e.to_string())?,
-                );
-                self.ssl_sites.insert(id, sites.clone());
-                sites
+    /// Installs a worker's OpenSSL probes (where uprobe-multi links are refused, attaches one
+    /// uprobe per site now), or notes why its TLS library cannot be probed.
+    fn install_ssl(&mut self, ebpf: &mut Ebpf, answer: SslAnswer) {
+        let pid = answer.pid;
+        if self.pending_ssl.answered(pid, answer.generation).is_none() {
+            if let Ok(links) = answer.outcome {
+                links.close();
             }
-        };
-        let plan = ssl_plan(&sites)
-            .ok_or_else(|| format!("{} has no SSL_write/SSL_read to probe", libssl.display()))?;
-        // Loaded by now (see `follow_tls`); where they could not be, one uprobe at a time
-        // (loaded by aya on first use).
-        match self.ssl_multi.loaded_programs() {
-            Some(multi) => {
-                let mut links = Vec::new();
-                for (program, offsets) in &plan {
-                    let retprobe = multi.retprobe(program).unwrap_or(false);
-                    match multi.attach(program, libssl, offsets, Some(pid), retprobe) {
-                        Ok(link) => links.push(link),
-                        Err(e) => {
-                            super::uprobe_multi::detach_in_background(links);
-                            return Err(e.to_string());
-                        }
-                    }
-                }
-                Ok(WorkerLinks::Multi(links))
+            return;
+        }
+        let attached = answer.outcome.and_then(|links| match links {
+            SslLinks::Multi { libssl, links } => Ok((libssl, WorkerLinks::Multi(links))),
+            SslLinks::PerUprobe { libssl, plan } => {
+                attach_plan_per_uprobe(ebpf, &plan, &libssl, pid)
+                    .map(|links| (libssl, links))
+                    .map_err(|(_, e)| e.to_string())
             }
-            None => {
-                attach_plan_per_uprobe(ebpf, &plan, libssl, pid).map_err(|(_, e)| e.to_string())
+        });
+        match attached {
+            Ok((libssl, links)) => {
+                tracing::info!(pid, libssl = %libssl.display(), links = links.len(), kind = links.kind(), "worker talks TLS: its TLS connections are followed through OpenSSL from their next command");
+                self.ssl_links
+                    .insert(pid, (links, std::time::Instant::now()));
+            }
+            Err(why) => {
+                tracing::info!(pid, reason = %why, "worker talks TLS and its TLS library cannot be probed");
+                self.ssl_unavailable.insert(pid, why);
             }
         }
     }
@@ -1199,7 +1167,7 @@ impl WorkerMaps {
     /// at start, rather than when the first worker beside a Redis waits for them.
     pub fn preload_uprobe_programs(&mut self) {
         if !self.disabled && self.mode != WorkerProbeMode::Syscalls {
-            self.libc_attacher.preload();
+            self.attacher.preload();
         }
     }
 
@@ -1265,6 +1233,7 @@ impl WorkerMaps {
         let _ = self.syscall_workers.set(pid, false);
         // Its links, if they are still being made, are closed when their answer comes.
         self.pending_libc.forget(pid);
+        self.pending_ssl.forget(pid);
         if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
             super::uprobe_multi::detach_in_background(vec![link]);
         }

@@ -1,4 +1,5 @@
-//! Making workers' libc uprobes off the agent's state lock.
+//! Making workers' uprobes (in their libc, and in their OpenSSL once they talk TLS) off the
+//! agent's state lock.
 //!
 //! An uprobe-multi link registers each of its offsets against every process that maps the
 //! library: the kernel walks them all and takes each one's mmap lock. With a few dozen
@@ -7,7 +8,8 @@
 //! the state lock, 30 workers started at once beside a Redis held it 1.8 s, then 50-100 ms
 //! per worker, and a scrape waited 1.9 s for it (50 workers: 3.0 s and 2.9 s). One thread
 //! does that work, a worker at a time, and hands back the links, which the state installs in
-//! a moment ([`super::worker::WorkerMaps::install_libc`]).
+//! a moment ([`super::worker::WorkerMaps::install`]). The OpenSSL probes go the same way:
+//! their programs take most of a second to verify, at the first TLS worker.
 //!
 //! A uprobe asks no filter (see `worker_tgid` in the probes): the links are live as soon as
 //! they are made, before the state seeds the worker's socket peers, as they were when the
@@ -28,11 +30,12 @@ use std::{
 use super::{
     uprobe_multi::{self, LazyPrograms, MapFds, MultiPrograms, ProbeSites, UprobeMultiLink},
     worker::{
-        attach_write_probe, check_libc_plan, fd_path, libc_plan, UprobeTarget, LIBC_UPROBES,
-        READ_DONE_FUNCTIONS, READ_DONE_PROGRAM, WRITE_PROGRAM,
+        attach_write_probe, check_libc_plan, fd_path, libc_plan, ssl_plan, UprobeTarget,
+        LIBC_UPROBES, READ_DONE_FUNCTIONS, READ_DONE_PROGRAM, SSL_UPROBES, WRITE_PROGRAM,
     },
     ProbeError,
 };
+use crate::proc_reader::ProcRoot;
 use agent_common::worker::io_site;
 
 /// A worker whose libc probes to make.
@@ -91,6 +94,64 @@ impl LibcLinks {
     }
 }
 
+/// A worker seen talking TLS, whose OpenSSL probes to make.
+#[derive(Debug)]
+pub struct SslRequest {
+    pub pid: u32,
+    pub generation: u64,
+    pub cancelled: Arc<AtomicBool>,
+    /// Where to read which libssl the worker maps.
+    pub proc: ProcRoot,
+}
+
+/// What became of an [`SslRequest`]: its probes, or why its TLS library cannot be probed.
+#[derive(Debug)]
+pub struct SslAnswer {
+    pub pid: u32,
+    pub generation: u64,
+    pub outcome: Result<SslLinks, String>,
+}
+
+/// The OpenSSL probes made for one worker.
+#[derive(Debug)]
+pub enum SslLinks {
+    /// Its uprobe-multi links, live.
+    Multi {
+        libssl: PathBuf,
+        links: Vec<UprobeMultiLink>,
+    },
+    /// uprobe-multi links are refused here: the state attaches one uprobe per site of `plan`.
+    PerUprobe {
+        libssl: PathBuf,
+        plan: Vec<(&'static str, Vec<u64>)>,
+    },
+}
+
+impl SslLinks {
+    /// Closes what was made (an answer nobody waits for any more), off the caller's thread.
+    pub fn close(self) {
+        if let SslLinks::Multi { links, .. } = self {
+            uprobe_multi::detach_in_background(links);
+        }
+    }
+}
+
+/// An answer of the attaching thread.
+#[derive(Debug)]
+pub enum Answer {
+    Libc(LibcAnswer),
+    Ssl(SslAnswer),
+}
+
+impl Answer {
+    pub fn pid(&self) -> u32 {
+        match self {
+            Answer::Libc(answer) => answer.pid,
+            Answer::Ssl(answer) => answer.pid,
+        }
+    }
+}
+
 /// A worker's `write()` probe and the file it went into, held open: it is put back through
 /// that file, whatever its path names later (a libc upgraded since).
 #[derive(Debug)]
@@ -103,23 +164,24 @@ pub struct WriteLink {
 enum Request {
     /// Load the programs now, before the first worker waits for them; say when done.
     Preload(mpsc::Sender<()>),
-    Attach(LibcRequest),
+    Libc(LibcRequest),
+    Ssl(SslRequest),
 }
 
 /// The handle the worker side keeps; requests are answered, in order, on the receiver
-/// [`LibcAttacher::start`] returns.
-pub struct LibcAttacher {
+/// [`WorkerAttacher::start`] returns.
+pub struct WorkerAttacher {
     requests: mpsc::Sender<Request>,
 }
 
-impl LibcAttacher {
+impl WorkerAttacher {
     /// Starts the attaching thread.
     pub fn start(
         map_fds: Arc<MapFds>,
-    ) -> std::io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<LibcAnswer>)> {
+    ) -> std::io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Answer>)> {
         let (requests, incoming) = mpsc::channel();
         let (answers, outcomes) = tokio::sync::mpsc::unbounded_channel();
-        let linker = LibcLinker::new(map_fds);
+        let linker = Linker::new(map_fds);
         std::thread::Builder::new()
             .name("worker-attach".into())
             .spawn(move || serve(incoming, answers, linker))?;
@@ -136,51 +198,66 @@ impl LibcAttacher {
         }
     }
 
-    /// Asks for `request`'s worker to be probed; false when the thread is gone.
-    pub fn attach(&self, request: LibcRequest) -> bool {
-        self.requests.send(Request::Attach(request)).is_ok()
+    /// Asks for `request`'s worker's libc probes; false when the thread is gone.
+    pub fn attach_libc(&self, request: LibcRequest) -> bool {
+        self.requests.send(Request::Libc(request)).is_ok()
+    }
+
+    /// Asks for `request`'s worker's OpenSSL probes; false when the thread is gone.
+    pub fn attach_ssl(&self, request: SslRequest) -> bool {
+        self.requests.send(Request::Ssl(request)).is_ok()
     }
 }
 
 fn serve(
     incoming: mpsc::Receiver<Request>,
-    answers: tokio::sync::mpsc::UnboundedSender<LibcAnswer>,
-    mut linker: LibcLinker,
+    answers: tokio::sync::mpsc::UnboundedSender<Answer>,
+    mut linker: Linker,
 ) {
     while let Ok(request) = incoming.recv() {
-        match request {
+        let started = Instant::now();
+        let answer = match request {
             Request::Preload(done) => {
                 linker.preload();
                 let _ = done.send(());
+                continue;
             }
-            Request::Attach(request) if request.cancelled.load(Ordering::Relaxed) => {}
-            Request::Attach(request) => {
-                let started = Instant::now();
-                let outcome = linker.link(request.pid, &request.target);
-                tracing::debug!(
-                    pid = request.pid,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "worker libc probes made"
-                );
-                let answer = LibcAnswer {
-                    pid: request.pid,
-                    generation: request.generation,
-                    outcome,
-                };
-                if let Err(unsent) = answers.send(answer) {
-                    // The agent is shutting down.
-                    if let Ok(links) = unsent.0.outcome {
-                        links.close();
-                    }
-                    return;
-                }
+            Request::Libc(request) if request.cancelled.load(Ordering::Relaxed) => continue,
+            Request::Ssl(request) if request.cancelled.load(Ordering::Relaxed) => continue,
+            Request::Libc(request) => Answer::Libc(LibcAnswer {
+                pid: request.pid,
+                generation: request.generation,
+                outcome: linker.link(request.pid, &request.target),
+            }),
+            Request::Ssl(request) => Answer::Ssl(SslAnswer {
+                pid: request.pid,
+                generation: request.generation,
+                outcome: linker.link_ssl(&request),
+            }),
+        };
+        tracing::debug!(
+            pid = answer.pid(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "worker probes made"
+        );
+        if let Err(unsent) = answers.send(answer) {
+            // The agent is shutting down.
+            match unsent.0 {
+                Answer::Libc(LibcAnswer {
+                    outcome: Ok(links), ..
+                }) => links.close(),
+                Answer::Ssl(SslAnswer {
+                    outcome: Ok(links), ..
+                }) => links.close(),
+                _ => {}
             }
+            return;
         }
     }
 }
 
-/// The attaching thread's state: the programs, and the probe sites of each C library.
-struct LibcLinker {
+/// The attaching thread's state: the programs, and the probe sites of each library.
+struct Linker {
     map_fds: Arc<MapFds>,
     multi: LazyPrograms,
     /// [`READ_DONE_PROGRAM`], loaded on its own: its failing must not take the others with it.
@@ -188,15 +265,21 @@ struct LibcLinker {
     /// File offsets of the probe sites in each libc (or static executable), by (dev, inode):
     /// a fleet of workers shares one or two.
     sites: HashMap<(u64, u64), Arc<ProbeSites>>,
+    /// The OpenSSL programs, loaded when the first worker talks TLS.
+    ssl_multi: LazyPrograms,
+    /// The same for each libssl.
+    ssl_sites: HashMap<(u64, u64), Arc<ProbeSites>>,
 }
 
-impl LibcLinker {
+impl Linker {
     fn new(map_fds: Arc<MapFds>) -> Self {
         Self {
             map_fds,
             multi: Default::default(),
             read_done: Default::default(),
             sites: HashMap::new(),
+            ssl_multi: Default::default(),
+            ssl_sites: HashMap::new(),
         }
     }
 
@@ -323,6 +406,52 @@ impl LibcLinker {
         })
     }
 
+    /// Makes [`SSL_UPROBES`] in the libssl the worker maps (read from its `/proc/<pid>/maps`).
+    fn link_ssl(&mut self, request: &SslRequest) -> Result<SslLinks, String> {
+        use std::os::unix::fs::MetadataExt;
+        let pid = request.pid;
+        let libssl = request.proc.libssl_path(pid).ok_or_else(|| {
+            "the worker maps no libssl (a TLS library built into it, or another one)".to_string()
+        })?;
+        let id = std::fs::metadata(&libssl)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| format!("{}: {e}", libssl.display()))?;
+        let sites = match self.ssl_sites.get(&id) {
+            Some(sites) => sites.clone(),
+            None => {
+                let names: Vec<&str> = SSL_UPROBES.iter().map(|(_, symbol)| *symbol).collect();
+                let sites = Arc::new(
+                    uprobe_multi::resolve_probe_sites(&libssl, &names)
+                        .map_err(|e| e.to_string())?,
+                );
+                self.ssl_sites.insert(id, sites.clone());
+                sites
+            }
+        };
+        let plan = ssl_plan(&sites)
+            .ok_or_else(|| format!("{} has no SSL_write/SSL_read to probe", libssl.display()))?;
+        let names: Vec<&str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
+        let Some(multi) = self.ssl_multi.get(
+            &self.map_fds,
+            &names,
+            "OpenSSL probes are attached one uprobe at a time",
+        ) else {
+            return Ok(SslLinks::PerUprobe { libssl, plan });
+        };
+        let mut links = Vec::new();
+        for (program, offsets) in &plan {
+            let retprobe = multi.retprobe(program).unwrap_or(false);
+            match multi.attach(program, &libssl, offsets, Some(pid), retprobe) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    uprobe_multi::detach_in_background(links);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok(SslLinks::Multi { libssl, links })
+    }
+
     /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
     fn sites(&mut self, libc: &std::path::Path) -> Arc<ProbeSites> {
         use std::os::unix::fs::MetadataExt;
@@ -401,6 +530,10 @@ impl PendingLinks {
         self.by_pid.len()
     }
 
+    pub fn contains(&self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_pid.is_empty()
     }
@@ -447,14 +580,14 @@ mod tests {
     /// (none are loaded in unit tests).
     fn own_libc_and_attacher() -> (
         PathBuf,
-        LibcAttacher,
-        tokio::sync::mpsc::UnboundedReceiver<LibcAnswer>,
+        WorkerAttacher,
+        tokio::sync::mpsc::UnboundedReceiver<Answer>,
     ) {
         let libc = crate::proc_reader::ProcRoot::new("/proc")
             .libc_path(std::process::id())
             .expect("the test binary maps the C library");
         let (attacher, answers) =
-            LibcAttacher::start(Arc::new(MapFds::default())).expect("thread starts");
+            WorkerAttacher::start(Arc::new(MapFds::default())).expect("thread starts");
         (libc, attacher, answers)
     }
 
@@ -465,15 +598,42 @@ mod tests {
         let me = std::process::id();
         let (libc, attacher, mut answers) = own_libc_and_attacher();
         for (generation, cancelled) in [(1, true), (2, false)] {
-            assert!(attacher.attach(LibcRequest {
+            assert!(attacher.attach_libc(LibcRequest {
                 pid: me,
                 generation,
                 target: UprobeTarget::SharedLibc(libc.clone()),
                 cancelled: Arc::new(AtomicBool::new(cancelled)),
             }));
         }
-        let answer = answers.blocking_recv().expect("answered");
+        let Some(Answer::Libc(answer)) = answers.blocking_recv() else {
+            panic!("a libc answer")
+        };
         assert_eq!(answer.generation, 2);
+    }
+
+    /// A worker that maps no libssl (this test binary) gets an answer that says so; the
+    /// state then says its TLS is not followed.
+    #[test]
+    fn a_worker_without_libssl_is_answered_that_its_tls_cannot_be_probed() {
+        let me = std::process::id();
+        let proc = ProcRoot::new("/proc");
+        assert_eq!(
+            proc.libssl_path(me),
+            None,
+            "this test binary links no OpenSSL"
+        );
+        let (_, attacher, mut answers) = own_libc_and_attacher();
+        assert!(attacher.attach_ssl(SslRequest {
+            pid: me,
+            generation: 3,
+            cancelled: Default::default(),
+            proc,
+        }));
+        let Some(Answer::Ssl(answer)) = answers.blocking_recv() else {
+            panic!("an OpenSSL answer")
+        };
+        assert_eq!((answer.pid, answer.generation), (me, 3));
+        assert!(answer.outcome.unwrap_err().contains("maps no libssl"));
     }
 
     /// Without eBPF programs (none are loaded here) the thread's answer is the per-uprobe
@@ -483,13 +643,15 @@ mod tests {
         let me = std::process::id();
         let (libc, attacher, mut answers) = own_libc_and_attacher();
         attacher.preload();
-        assert!(attacher.attach(LibcRequest {
+        assert!(attacher.attach_libc(LibcRequest {
             pid: me,
             generation: 7,
             target: UprobeTarget::SharedLibc(libc.clone()),
             cancelled: Default::default(),
         }));
-        let answer = answers.blocking_recv().expect("answered");
+        let Some(Answer::Libc(answer)) = answers.blocking_recv() else {
+            panic!("a libc answer")
+        };
         assert_eq!((answer.pid, answer.generation), (me, 7));
         match answer.outcome {
             Ok(LibcLinks::PerUprobe { libc: path, sites }) => {
