@@ -312,6 +312,7 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         // Both settle in their measurement: the agent's export and the thread's last switch.
         std::thread::sleep(Duration::from_millis(1500));
         let before = (agent.scrape(), schedstat(pid, pid));
+        let stolen_before = cpu0_steal_seconds();
         // The script spins for 2 s of wall time on CPU 0, which the loop shares: about 1 s on
         // the CPU and 1 s waiting for it.
         let script = "local s = redis.call('TIME') local start = s[1] * 1000000 + s[2] \
@@ -319,6 +320,7 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         assert_eq!(redis.command(&["EVAL", script, "0"]), ":1\r\n");
         std::thread::sleep(Duration::from_millis(1500));
         let after = (agent.scrape(), schedstat(pid, pid));
+        let stolen = cpu0_steal_seconds() - stolen_before;
         busy.stop();
 
         let kernel_cpu = (after.1 .0 - before.1 .0) / 1e9;
@@ -331,7 +333,7 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         eprintln!(
             "{mode}: on CPU {cpu:.3} s (schedstat {kernel_cpu:.3}), waiting {wait:.3} s \
              (schedstat {kernel_wait:.3}), {stretches} stretches and {waits} waits \
-             ({kernel_arrivals} arrivals)"
+             ({kernel_arrivals} arrivals); CPU 0 stolen by the hypervisor: {stolen:.3} s"
         );
         assert!(
             kernel_wait > 0.5,
@@ -339,13 +341,16 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
         );
         // The two ends of the window fall at different instants for /proc and the agent's
         // export: a few of the 10 Hz cron wakeups, microseconds each, can fall between.
-        // The clock-based fallback also counts time the hypervisor stole, which the kernel's
-        // counters leave out: a little more room there.
+        // The clock-based fallback also counts time the hypervisor stole from Redis's CPU,
+        // which the kernel's counters leave out: a little more room there, and at most what
+        // /proc/stat says was stolen from CPU 0 in the window on top (this machine is shared;
+        // a busy neighbour steals a few percent).
         let slack = if env.is_empty() { 0.02 } else { 0.05 };
         let close = |a: f64, b: f64| (a - b).abs() <= slack * b + 0.01;
+        let stolen_room = if env.is_empty() { 0.0 } else { stolen };
         assert!(
-            close(cpu, kernel_cpu),
-            "{mode}: on CPU {cpu} s, schedstat {kernel_cpu} s"
+            (cpu - kernel_cpu).abs() <= slack * kernel_cpu + 0.01 + stolen_room,
+            "{mode}: on CPU {cpu} s, schedstat {kernel_cpu} s, {stolen} s stolen from CPU 0"
         );
         assert!(
             close(wait, kernel_wait),
@@ -371,6 +376,23 @@ fn run_queue_delay_and_on_cpu_time_agree_with_the_kernels_schedstat() {
             .collect::<Vec<_>>();
         assert_eq!(missed, vec![0.0], "{mode}: switches missed");
     }
+}
+
+/// The time the hypervisor stole from CPU 0 so far (`steal` in /proc/stat), in seconds.
+fn cpu0_steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu0 = stat
+        .lines()
+        .find(|l| l.starts_with("cpu0 "))
+        .expect("cpu0 in /proc/stat");
+    // cpu0 user nice system idle iowait irq softirq steal ...
+    let ticks: f64 = cpu0
+        .split_whitespace()
+        .nth(8)
+        .and_then(|t| t.parse().ok())
+        .expect("a steal column");
+    // SAFETY: sysconf reads a constant of the system.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
