@@ -52,10 +52,11 @@ enum Task {
         quick: bool,
         /// Only one section, printed rather than written to BENCHMARKS.md (for iterating on
         /// the worker-side probes, or on what a served pop costs Redis); `commands` repeats
-        /// the worker-side program time per plain command alone. With FANOUT_BENCH_COMPARE
+        /// the worker-side program time per plain command alone; `churn` runs the short-lived
+        /// workers and the burst of 100 workers started at once. With FANOUT_BENCH_COMPARE
         /// set to another build of the agent, `blocking` and `commands` also run it in
         /// alternating order and print both builds' program times (A/B in the same minutes).
-        #[arg(long, value_parser = ["sidekiq", "blocking", "commands"])]
+        #[arg(long, value_parser = ["sidekiq", "blocking", "commands", "churn"])]
         only: Option<String>,
     },
     /// Run the agent on real parts for a while under injected faults (Redis restarts, worker
@@ -120,6 +121,7 @@ fn main() -> Result<()> {
                 Some("sidekiq") => bench::run_sidekiq_only(quick),
                 Some("blocking") => bench::run_blocking_only(quick),
                 Some("commands") => bench::run_commands_only(quick),
+                Some("churn") => bench::run_churn_only(),
                 _ => bench::run(quick),
             }
         }

@@ -1,8 +1,9 @@
 //! Short-lived workers: how fast the agent picks up workers that live a second or less, and
 //! whether attaching to and detaching from many of them stalls its loop.
 //!
-//! `n` python3 processes matching a worker rule are started over `spread` seconds; each
-//! connects to a Redis, does one `BRPOP` with a 0.8 s timeout and exits. From the agent's log
+//! `n` python3 processes matching a worker rule are started over `spread` seconds (0: all at
+//! once, the burst of a deployment starting a fleet); each connects to a Redis, does one
+//! `BRPOP` with a 0.8 s timeout and exits. From the agent's log
 //! (its timestamps) and the spawn times: the time from each worker's start to being tracked and
 //! to being followed (its libc uprobes attached, or tracked with the syscall tracepoints
 //! attached). Meanwhile /metrics is scraped every 100 ms: a scrape takes the agent's state
@@ -59,8 +60,8 @@ pub struct ChurnSample {
     pub agent_log: String,
 }
 
-/// One churn of `n` workers over `spread` seconds, beside a tracked Redis (uprobes) or with every
-/// Redis excluded (tracepoints).
+/// One churn of `n` workers over `spread` seconds (0: all at once), beside a tracked Redis
+/// (uprobes) or with every Redis excluded (tracepoints).
 pub fn measure(
     bin: &std::path::Path,
     beside_redis: bool,
@@ -155,10 +156,11 @@ s.recv(64)
         .map_err(|_| anyhow::anyhow!("scrape thread panicked"))?;
 
     let log = agent.log();
-    let name = if beside_redis {
-        "churn-beside-redis"
-    } else {
-        "churn-no-redis"
+    let name = match (beside_redis, spread > 0.0) {
+        (true, true) => "churn-beside-redis",
+        (false, true) => "churn-no-redis",
+        (true, false) => "burst-beside-redis",
+        (false, false) => "burst-no-redis",
     };
     let saved = super::save_agent_log(name, &log);
     let events = agent_log::parse(&log);
@@ -212,11 +214,19 @@ s.recv(64)
     drop(agent);
     drop(redis);
     Ok(ChurnSample {
-        scenario: if beside_redis {
-            "beside a tracked Redis (default mode: uprobes)".into()
-        } else {
-            "no Redis tracked (default mode: tracepoints)".into()
-        },
+        scenario: format!(
+            "{}{}",
+            if beside_redis {
+                "beside a tracked Redis (default mode: uprobes)"
+            } else {
+                "no Redis tracked (default mode: tracepoints)"
+            },
+            if spread > 0.0 {
+                String::new()
+            } else {
+                format!(", all {n} started at once")
+            }
+        ),
         workers: n,
         spread_seconds: spread,
         lifetime_p50_s: median(&lifetimes),

@@ -481,6 +481,38 @@ fn print_ns_per_run(by_program: &BTreeMap<String, Vec<f64>>) {
     }
 }
 
+/// Workers that come and go (100 over 8 s), followed both ways, and 100 started at once
+/// beside a tracked Redis: each worker's uprobes are made off the agent's loop, which a
+/// burst must not stall.
+fn churn_samples(bin: &Path) -> Result<Vec<churn::ChurnSample>> {
+    const WORKERS: usize = 100;
+    Ok(vec![
+        churn::measure(bin, true, WORKERS, 8.0)?,
+        churn::measure(bin, false, WORKERS, 8.0)?,
+        churn::measure(bin, true, WORKERS, 0.0)?,
+    ])
+}
+
+/// The churn section alone (short-lived workers and the burst), printed as its table; with
+/// `FANOUT_BENCH_COMPARE`, the other build's table after it.
+pub fn run_churn_only() -> Result<()> {
+    let other = compared_build()?;
+    let mut bins = vec![prepare()?];
+    bins.extend(other);
+    for bin in &bins {
+        let churn = churn_samples(bin)?;
+        let mut table = String::new();
+        let (ok, measured) = report::churn_table(&mut table, &churn);
+        println!("{}:\n{table}", bin.display());
+        println!(
+            "target 5: {} ({})\n",
+            if ok { "met" } else { "MISSED" },
+            measured.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// The Sidekiq section alone: its rounds and one bpf_stats run per agent variant, printed.
 pub fn run_sidekiq_only(quick: bool) -> Result<()> {
     let bin = prepare()?;
@@ -812,12 +844,8 @@ pub fn run(quick: bool) -> Result<()> {
     let attach = agent_cost::attach_latency(&bin, 50)?;
     log("attach latency");
 
-    // 6. Short-lived workers, followed both ways.
-    let churn_workers = 100;
-    let churn = vec![
-        churn::measure(&bin, true, churn_workers, 8.0)?,
-        churn::measure(&bin, false, churn_workers, 8.0)?,
-    ];
+    // 6. Short-lived workers, followed both ways, and a burst.
+    let churn = churn_samples(&bin)?;
     log("worker churn");
 
     // 7. The scheduler programs on untracked tasks.

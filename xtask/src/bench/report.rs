@@ -7,9 +7,9 @@ use anyhow::Result;
 use integration_tests::REDIS_WORK_JOB_COMMANDS;
 
 use super::{
-    agent_cost::MANY_QUEUES, bpf_stats::StatsSample, median, min_max, paired_ratio, plot,
-    BlockingSample, Results, SidekiqRun, SidekiqVariant, Variant, NO_REDIS_EXCLUDE,
-    SIDEKIQ_VARIANTS, VARIANTS,
+    agent_cost::MANY_QUEUES, bpf_stats::StatsSample, churn::ChurnSample, median, min_max,
+    paired_ratio, plot, BlockingSample, Results, SidekiqRun, SidekiqVariant, Variant,
+    NO_REDIS_EXCLUDE, SIDEKIQ_VARIANTS, VARIANTS,
 };
 use crate::util::{command_output, workspace_root};
 
@@ -793,47 +793,12 @@ pub fn write(r: &Results) -> Result<()> {
     // 6. Attach latency and churn.
     let _ = writeln!(md, "\n## 6. Attach latency\n\n- A redis-server started after the agent: {:.0} ms from spawn to its blocking probes attached (as the endpoint reports; includes Redis's own start).\n- An agent started beside 50 running redis-servers: {:.2} s until all of them have their probes.\n", r.attach.0 * 1e3, r.attach.1);
     if let Some(c) = r.churn.first() {
-        let _ = writeln!(md, "### Short-lived workers\n\n{} python3 workers matched by a worker rule, started over {:.0} s; each connects, does one BRPOP with a 0.8 s timeout and exits. Times are from each worker's start to the agent's log line (tracked: \"tracking process\"; followed: \"worker libc probes attached\", or tracked while the syscall tracepoints are attached). Meanwhile /metrics is scraped every 100 ms; a scrape takes the agent's state lock, so a loop stalled attaching or detaching shows as a slow scrape. The starts are spread over a few seconds, as workers that come and go are (at most a dozen alive at once). The agent's logs of these runs are kept in `target/bench-logs/`.\n", c.workers, c.spread_seconds);
+        let _ = writeln!(md, "### Short-lived workers\n\n{} python3 workers matched by a worker rule, started over {:.0} s; each connects, does one BRPOP with a 0.8 s timeout and exits. Times are from each worker's start to the agent's log line (tracked: \"tracking process\"; followed: \"worker libc probes attached\", or tracked while the syscall tracepoints are attached). Meanwhile /metrics is scraped every 100 ms; a scrape takes the agent's state lock, so a loop stalled attaching or detaching shows as a slow scrape. The starts are spread over a few seconds, as workers that come and go are (at most a dozen alive at once). The last row starts them all at once beside a tracked Redis, as a deployment starts a fleet: the agent makes each worker's uprobes on a thread of its own, and the row is judged on the scrapes only (a hundred Python interpreters starting at once on this machine's two cores also delay the agent's pick-up, which the row shows). The agent's logs of these runs are kept in `target/bench-logs/`.\n", c.workers, c.spread_seconds);
     }
-    let _ = writeln!(md, "| scenario | worker life p50 / max (s) | most alive at once | tracked | followed (how) | tracked, not followed | start to tracked p50 / max (s) | start to followed p50 / max (s) | exit to dropped, max (s) | /metrics scrape p50 / max (s), scrapes (failed) | target: followed <= 2 s; scrape <= 1 s |\n|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut churn_ok = true;
-    let mut churn_measured = Vec::new();
-    for c in &r.churn {
-        let pickup_ok = c.followed == c.workers && c.pickup_max_s <= 2.0;
-        let scrape_ok = c.scrape_failures == 0 && c.scrape_max_s <= 1.0;
-        churn_ok &= pickup_ok && scrape_ok;
-        churn_measured.push(format!(
-            "{}: {}/{} followed, max {:.2} s; scrape max {:.3} s",
-            c.scenario, c.followed, c.workers, c.pickup_max_s, c.scrape_max_s
-        ));
-        let _ = writeln!(
-            md,
-            "| {} | {:.2} / {:.2} | {} | {}/{} | {} ({}) | {} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3}, {} ({}) | {}; {} |",
-            c.scenario,
-            c.lifetime_p50_s,
-            c.lifetime_max_s,
-            c.max_alive,
-            c.tracked,
-            c.workers,
-            c.followed,
-            c.followed_via,
-            c.not_followed,
-            c.tracked_p50_s,
-            c.tracked_max_s,
-            c.pickup_p50_s,
-            c.pickup_max_s,
-            c.gone_max_s,
-            c.scrape_p50_s,
-            c.scrape_max_s,
-            c.scrapes,
-            c.scrape_failures,
-            verdict(pickup_ok),
-            verdict(scrape_ok),
-        );
-    }
+    let (churn_ok, churn_measured) = churn_table(&mut md, &r.churn);
     let _ = writeln!(md);
     targets.push((
-        "5. Workers living <= 1 s followed within 2 s either way; no /metrics scrape slower than 1 s during the churn".into(),
+        "5. Workers living <= 1 s followed within 2 s either way; no /metrics scrape slower than 1 s during the churn, or while 100 workers start at once".into(),
         churn_measured.join("; "),
         verdict(churn_ok && !r.churn.is_empty()).into(),
     ));
@@ -1001,4 +966,50 @@ pub fn write(r: &Results) -> Result<()> {
     )?;
     print!("{page}");
     Ok(())
+}
+
+/// The short-lived workers' table (header and one row per sample) into `md`; whether every
+/// row met target 5, and what each measured. A burst (all started at once) is judged on its
+/// scrapes: its pick-up times are shown, but on this machine they also wait for the CPU a
+/// hundred starting interpreters take.
+pub fn churn_table(md: &mut String, churn: &[ChurnSample]) -> (bool, Vec<String>) {
+    let _ = writeln!(md, "| scenario | worker life p50 / max (s) | most alive at once | tracked | followed (how) | tracked, not followed | start to tracked p50 / max (s) | start to followed p50 / max (s) | exit to dropped, max (s) | /metrics scrape p50 / max (s), scrapes (failed) | target: followed <= 2 s; scrape <= 1 s |\n|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut all_ok = true;
+    let mut measured = Vec::new();
+    for c in churn {
+        let burst = c.spread_seconds == 0.0;
+        let pickup_ok = c.followed == c.workers && c.pickup_max_s <= 2.0;
+        let scrape_ok = c.scrape_failures == 0 && c.scrape_max_s <= 1.0;
+        all_ok &= scrape_ok && (burst || pickup_ok);
+        measured.push(format!(
+            "{}: {}/{} followed, max {:.2} s; scrape max {:.3} s",
+            c.scenario, c.followed, c.workers, c.pickup_max_s, c.scrape_max_s
+        ));
+        let pickup_verdict = if burst { "(shown)" } else { verdict(pickup_ok) };
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} / {:.2} | {} | {}/{} | {} ({}) | {} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3}, {} ({}) | {}; {} |",
+            c.scenario,
+            c.lifetime_p50_s,
+            c.lifetime_max_s,
+            c.max_alive,
+            c.tracked,
+            c.workers,
+            c.followed,
+            c.followed_via,
+            c.not_followed,
+            c.tracked_p50_s,
+            c.tracked_max_s,
+            c.pickup_p50_s,
+            c.pickup_max_s,
+            c.gone_max_s,
+            c.scrape_p50_s,
+            c.scrape_max_s,
+            c.scrapes,
+            c.scrape_failures,
+            pickup_verdict,
+            verdict(scrape_ok),
+        );
+    }
+    (all_ok, measured)
 }
