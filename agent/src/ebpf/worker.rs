@@ -23,8 +23,8 @@ use super::{
     narrowing::{self, Connections, Direction, Verdict},
     remove_keys_where, take_map,
     worker_attach::{
-        Answer, LibcAnswer, LibcLinks, LibcRequest, PendingLinks, SslAnswer, SslLinks, SslRequest,
-        WorkerAttacher, WriteLink,
+        Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
+        SslRequest, WorkerAttacher, WriteLink,
     },
     ProbeError, TracepointSpec,
 };
@@ -682,7 +682,7 @@ impl WorkerMaps {
 
     /// Starts following a worker, the way the mode says: through uprobes in its own code
     /// (found by `target`, which is only asked when needed; they are made on the attaching
-    /// thread, and the worker is followed once [`Self::install_libc`] has their answer) or
+    /// thread, and the worker is followed once [`Self::install`] has their answer) or
     /// through the syscall tracepoints (attached with the first worker that needs them).
     pub fn track(
         &mut self,
@@ -804,37 +804,39 @@ impl WorkerMaps {
         ))
     }
 
-    /// Installs what the attaching thread made for a worker (see [`Self::install_libc`] and
-    /// [`Self::install_ssl`]). `sockets` lists the worker's open sockets.
+    /// Installs what the attaching thread made for a worker (its libc probes, or its OpenSSL
+    /// ones). An answer nobody waits for any more (the worker is gone, or its pid was tracked
+    /// again since) has its links closed. `sockets` lists the worker's open sockets.
     pub fn install(
         &mut self,
         ebpf: &mut Ebpf,
         answer: Answer,
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) {
+        let waited_for = match &answer {
+            Answer::Libc(a) => self.pending_libc.answered(a.pid, a.generation),
+            Answer::Ssl(a) => self.pending_ssl.answered(a.pid, a.generation),
+        };
+        let Some(pending) = waited_for else {
+            answer.close();
+            return;
+        };
         match answer {
-            Answer::Libc(answer) => self.install_libc(ebpf, answer, sockets),
+            Answer::Libc(answer) => self.install_libc(ebpf, answer, pending, sockets),
             Answer::Ssl(answer) => self.install_ssl(ebpf, answer),
         }
     }
 
     /// Installs a worker's libc probes: they go in and it is followed from now; where they
-    /// could not be made, it is followed as its mode falls back to. An answer nobody waits
-    /// for any more (the worker is gone, or its pid was tracked again since) has its links
-    /// closed.
+    /// could not be made, it is followed as its mode falls back to.
     fn install_libc(
         &mut self,
         ebpf: &mut Ebpf,
         answer: LibcAnswer,
+        pending: Pending,
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) {
         let pid = answer.pid;
-        let Some(pending) = self.pending_libc.answered(pid, answer.generation) else {
-            if let Ok(links) = answer.outcome {
-                links.close();
-            }
-            return;
-        };
         let attached = answer
             .outcome
             .and_then(|links| self.take_libc_links(ebpf, pid, links));
@@ -1038,12 +1040,6 @@ impl WorkerMaps {
     /// uprobe per site now), or notes why its TLS library cannot be probed.
     fn install_ssl(&mut self, ebpf: &mut Ebpf, answer: SslAnswer) {
         let pid = answer.pid;
-        if self.pending_ssl.answered(pid, answer.generation).is_none() {
-            if let Ok(links) = answer.outcome {
-                links.close();
-            }
-            return;
-        }
         let attached = answer.outcome.and_then(|links| match links {
             SslLinks::Multi { libssl, links } => Ok((libssl, WorkerLinks::Multi(links))),
             SslLinks::PerUprobe { libssl, plan } => {

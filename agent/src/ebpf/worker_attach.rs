@@ -81,19 +81,6 @@ pub enum LibcLinks {
     },
 }
 
-impl LibcLinks {
-    /// Closes what was made (an answer nobody waits for any more), off the caller's thread.
-    pub fn close(self) {
-        if let LibcLinks::Multi {
-            mut links, write, ..
-        } = self
-        {
-            links.extend(write.map(|w| w.link));
-            uprobe_multi::detach_in_background(links);
-        }
-    }
-}
-
 /// A worker seen talking TLS, whose OpenSSL probes to make.
 #[derive(Debug)]
 pub struct SslRequest {
@@ -127,15 +114,6 @@ pub enum SslLinks {
     },
 }
 
-impl SslLinks {
-    /// Closes what was made (an answer nobody waits for any more), off the caller's thread.
-    pub fn close(self) {
-        if let SslLinks::Multi { links, .. } = self {
-            uprobe_multi::detach_in_background(links);
-        }
-    }
-}
-
 /// An answer of the attaching thread.
 #[derive(Debug)]
 pub enum Answer {
@@ -149,6 +127,29 @@ impl Answer {
             Answer::Libc(answer) => answer.pid,
             Answer::Ssl(answer) => answer.pid,
         }
+    }
+
+    /// Closes the links it carries (an answer nobody waits for any more), off the caller's
+    /// thread.
+    pub fn close(self) {
+        let links = match self {
+            Answer::Libc(LibcAnswer {
+                outcome:
+                    Ok(LibcLinks::Multi {
+                        mut links, write, ..
+                    }),
+                ..
+            }) => {
+                links.extend(write.map(|w| w.link));
+                links
+            }
+            Answer::Ssl(SslAnswer {
+                outcome: Ok(SslLinks::Multi { links, .. }),
+                ..
+            }) => links,
+            _ => return,
+        };
+        uprobe_multi::detach_in_background(links);
     }
 }
 
@@ -242,15 +243,7 @@ fn serve(
         );
         if let Err(unsent) = answers.send(answer) {
             // The agent is shutting down.
-            match unsent.0 {
-                Answer::Libc(LibcAnswer {
-                    outcome: Ok(links), ..
-                }) => links.close(),
-                Answer::Ssl(SslAnswer {
-                    outcome: Ok(links), ..
-                }) => links.close(),
-                _ => {}
-            }
+            unsent.0.close();
             return;
         }
     }
