@@ -259,20 +259,32 @@ pub struct PhaseTime {
     pub calls: u64,
     /// Phases in which the thread was switched out (their time is the mean).
     pub switched_out: u64,
+    /// Of those, the phases that add no time: none of their kind was timed before them
+    /// ([`phase_cost`]). `total_ns` is the time of the other `calls - untimed` phases.
+    pub untimed: u64,
+}
+
+impl PhaseTime {
+    /// Total time and count of the phases that were timed.
+    #[inline(always)]
+    pub fn timed(&self) -> (u64, u64) {
+        (self.total_ns, self.calls.saturating_sub(self.untimed))
+    }
 }
 
 /// Bookkeeping time of the calls in one fan-out bucket: what the cost per key is fitted on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeysCost {
-    /// Registrations (`blockForKeys`) with a key count in the bucket.
+    /// Timed registrations (`blockForKeys`) with a key count in the bucket (an untimed one,
+    /// see [`phase_cost`], stays out of the bucket).
     pub calls: u64,
     /// Keys summed over them.
     pub keys: u64,
     /// Registering and unregistering time of calls in the bucket, a phase that was switched
-    /// out at the mean of the phases before it ([`phase_cost`]).
+    /// out at the mean of the phases before it ([`phase_cost`]; an untimed one adds nothing).
     pub total_ns: u64,
-    /// Phases (registering and unregistering) in `total_ns`.
+    /// Phases (registering and unregistering) timed in `total_ns`.
     pub phases: u64,
 }
 
@@ -286,22 +298,32 @@ impl KeysCost {
 }
 
 /// What a bookkeeping phase adds to the totals: `elapsed` where the thread stayed on its CPU.
-/// Where it was switched out, the mean of the phases before it with as many keys
-/// (`same_keys`: their total time and count), or of all phases of its kind (`all`) where
-/// there were none, or `elapsed` for a first phase; never more than `elapsed`, which the
-/// phase's CPU time cannot exceed.
+/// Where it was switched out, the mean of the timed phases before it with as many keys
+/// (`same_keys`: their total time and count), or of all timed phases of its kind (`all`)
+/// where there were none; never more than `elapsed`, which the phase's CPU time cannot
+/// exceed. `None` (not timed) for a phase switched out before any phase of its kind was
+/// timed: its wall time is mostly another task's (milliseconds where the phase takes
+/// microseconds), and taken as it was it would also have become the mean that every later
+/// switched-out phase costs. Redis's first blocking calls meet exactly that on a busy node (the
+/// workers that make them are starting), and one such phase put 10 us on each of a fleet's
+/// first thousands of calls.
 /// Phases with many keys take longer, so they are the likelier to be switched out: the mean
 /// is taken by fan-out, not over every call.
 #[inline(always)]
-pub fn phase_cost(elapsed: u64, switched_out: bool, same_keys: (u64, u64), all: (u64, u64)) -> u64 {
+pub fn phase_cost(
+    elapsed: u64,
+    switched_out: bool,
+    same_keys: (u64, u64),
+    all: (u64, u64),
+) -> Option<u64> {
     if !switched_out {
-        return elapsed;
+        return Some(elapsed);
     }
-    let mean = match same_keys.0.checked_div(same_keys.1) {
-        Some(mean) => mean,
-        None => all.0.checked_div(all.1).unwrap_or(elapsed),
-    };
-    mean.min(elapsed)
+    let mean = same_keys
+        .0
+        .checked_div(same_keys.1)
+        .or_else(|| all.0.checked_div(all.1))?;
+    Some(mean.min(elapsed))
 }
 
 /// Value of the duration histograms.
@@ -352,6 +374,7 @@ impl RedisProcState {
                 total_ns: 0,
                 calls: 0,
                 switched_out: 0,
+                untimed: 0,
             }; 2],
             bookkeeping_by_keys: [KeysCost::ZERO; KEY_BUCKETS],
             hits: [0; point::COUNT],
@@ -396,7 +419,7 @@ const _: () = assert!(
             + 16
             + 8
             + 16
-            + 48
+            + 64
             + 32 * KEY_BUCKETS
             + 8 * point::COUNT
             + 56
@@ -444,13 +467,15 @@ mod tests {
     fn a_phase_switched_out_costs_the_mean_of_the_phases_before_it_with_as_many_keys() {
         let (forty_keys, all) = ((40_000, 4), (50_000, 10));
         // On its CPU, a phase adds what it took.
-        assert_eq!(phase_cost(12_000, false, forty_keys, all), 12_000);
+        assert_eq!(phase_cost(12_000, false, forty_keys, all), Some(12_000));
+        assert_eq!(phase_cost(12_000, false, (0, 0), (0, 0)), Some(12_000));
         // Switched out (its wall time mostly another task's): the mean of the phases with as
-        // many keys, else of all phases, else (a first phase) its wall time; never more than
-        // its wall time.
-        assert_eq!(phase_cost(3_000_000, true, forty_keys, all), 10_000);
-        assert_eq!(phase_cost(3_000_000, true, (0, 0), all), 5_000);
-        assert_eq!(phase_cost(3_000_000, true, (0, 0), (0, 0)), 3_000_000);
-        assert_eq!(phase_cost(7_000, true, forty_keys, all), 7_000);
+        // many keys, else of all phases; never more than its wall time.
+        assert_eq!(phase_cost(3_000_000, true, forty_keys, all), Some(10_000));
+        assert_eq!(phase_cost(3_000_000, true, (0, 0), all), Some(5_000));
+        assert_eq!(phase_cost(7_000, true, forty_keys, all), Some(7_000));
+        // With no timed phase to go on, not timed: its wall time would have become the mean
+        // every later switched-out phase costs.
+        assert_eq!(phase_cost(3_000_000, true, (0, 0), (0, 0)), None);
     }
 }

@@ -433,7 +433,7 @@ fn start_phase(state: &mut RedisProcState, which: u32, now: u64, keys: u32) {
 
 /// Adds the time since the phase's entry probe to its totals, unless the thread was switched
 /// out in between: then that time is mostly another task's, and the phase adds the mean of
-/// the phases before it with as many keys (`phase_cost`).
+/// the phases before it with as many keys, or nothing when none was timed yet (`phase_cost`).
 #[inline(always)]
 fn end_phase(state: &mut RedisProcState, which: u32) {
     let w = which as usize & 1;
@@ -457,11 +457,17 @@ fn end_phase(state: &mut RedisProcState, which: u32) {
         elapsed,
         switched_out,
         (cost.total_ns, cost.phases),
-        (phase_time.total_ns, phase_time.calls),
+        phase_time.timed(),
     );
-    phase_time.total_ns += spent;
     phase_time.calls += 1;
     phase_time.switched_out += switched_out as u64;
+    // An untimed phase stays out of the fit's bucket altogether: a registration in it
+    // without its time would pull the bucket's cost per call down.
+    let Some(spent) = spent else {
+        phase_time.untimed += 1;
+        return;
+    };
+    phase_time.total_ns += spent;
     cost.total_ns += spent;
     cost.phases += 1;
     if w == phase::REGISTER as usize {

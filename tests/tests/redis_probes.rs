@@ -367,34 +367,63 @@ fn ordinary_traffic_never_hits_a_probe_and_one_served_pop_hits_each(build: Redis
     assert_eq!(count(&s, DURATION, &pid, &[("outcome", "served")]), 1.0);
 }
 
+/// Pins every thread of the process `pid` to CPU 0.
+fn pin_to_cpu0(pid: &str) {
+    let pin = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", pid])
+        .output()
+        .expect("run taskset");
+    assert!(pin.status.success(), "taskset: {pin:?}");
+}
+
+/// A shell loop spinning on CPU 0, settled in; stopped and reaped on drop, so a failed call
+/// leaves no loop spinning.
+fn busy_loop_on_cpu0() -> Proc {
+    let busy_loop = Proc {
+        child: std::process::Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("start a busy loop"),
+        name: "busy loop".into(),
+    };
+    thread::sleep(Duration::from_millis(200));
+    busy_loop
+}
+
+/// Keys of the calls beside a busy loop: phases of about 10 ms, longer than the slice a woken
+/// Redis gets before the loop's turn (with 10000 keys, 2.5 ms, the loop preempted none of them
+/// in two runs of five).
+const WIDE_KEYS: usize = 40_000;
+
+/// `n` BRPOPs of `WIDE_KEYS` keys that time out, one after the other.
+fn wide_calls(port: u16, n: usize) {
+    let wide = keys("wide", WIDE_KEYS);
+    let mut conn = Conn::connect(port).unwrap();
+    for _ in 0..n {
+        let args = brpop(&wide, "0.01");
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(conn.call(&refs).unwrap().is_nil());
+    }
+}
+
+fn cpu_time(s: &Scrape, pid: &str) -> f64 {
+    s.sum(
+        "redis_blocking_cpu_time_seconds_total",
+        &[("process_pid", pid)],
+    )
+}
+
 /// A bookkeeping phase in which Redis's main thread is switched out is not timed by its wall
 /// time, which is mostly another task's: it counts at the mean of the phases with as many
-/// keys. Redis shares one CPU with a busy loop for the second half: its 10000-key phases
+/// keys. Redis shares one CPU with a busy loop for the second half: its 40000-key phases
 /// (milliseconds each) are then preempted, and would take about twice as long by the clock.
 #[test]
 fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
     require_root();
     let (redis, agent, pid) = start(RedisBuild::V7_0);
-    let pin = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", "0", &pid])
-        .output()
-        .expect("run taskset");
-    assert!(pin.status.success(), "taskset: {pin:?}");
-    let wide = keys("wide", 10_000);
-    let calls = |n: usize| {
-        let mut conn = Conn::connect(redis.port).unwrap();
-        for _ in 0..n {
-            let args = brpop(&wide, "0.01");
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            assert!(conn.call(&refs).unwrap().is_nil());
-        }
-    };
-    let time = |s: &Scrape| {
-        s.sum(
-            "redis_blocking_cpu_time_seconds_total",
-            &[("process_pid", &pid)],
-        )
-    };
+    pin_to_cpu0(&pid);
+    let calls = |n: usize| wide_calls(redis.port, n);
+    let time = |s: &Scrape| cpu_time(s, &pid);
 
     // Alone on its CPU, but for whatever else wakes up there (the agent, this test, kernel
     // threads): some phases leave it even so, but not all.
@@ -408,29 +437,33 @@ fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
         quiet_on_cpu >= 2.0,
         "phases ran alone: {quiet_on_cpu} of 16"
     );
-    let quiet_per_call = time(&quiet) / 8.0;
+    // Per call, over the phases that added time: a phase switched out before any was timed
+    // adds none (`untimed`).
+    let quiet_untimed = phases(&quiet, &pid, "register", Some("untimed"))
+        + phases(&quiet, &pid, "unregister", Some("untimed"));
+    let quiet_per_call = time(&quiet) / (16.0 - quiet_untimed) * 2.0;
 
-    // Stopped and reaped on drop, so a failed call leaves no loop spinning.
-    let busy_loop = Proc {
-        child: std::process::Command::new("taskset")
-            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
-            .spawn()
-            .expect("start a busy loop"),
-        name: "busy loop".into(),
-    };
-    thread::sleep(Duration::from_millis(200));
+    let busy_loop = busy_loop_on_cpu0();
     calls(4);
     drop(busy_loop);
     let busy = agent.scrape();
     for phase in ["register", "unregister"] {
         assert_eq!(phases(&busy, &pid, phase, None), 12.0, "{phase}");
+        assert_eq!(
+            phases(&busy, &pid, phase, Some("untimed")),
+            phases(&quiet, &pid, phase, Some("untimed")),
+            "{phase}: phases were timed before the busy part"
+        );
     }
-    let switched_out = phases(&busy, &pid, "register", Some("switched_out"))
-        + phases(&busy, &pid, "unregister", Some("switched_out"))
-        - (16.0 - quiet_on_cpu);
+    // The busy part's phases that left the CPU (counted at the mean; `untimed` only before
+    // any phase was timed, which the quiet part's on-CPU phases rule out here).
+    let busy_on_cpu = phases(&busy, &pid, "register", Some("on_cpu"))
+        + phases(&busy, &pid, "unregister", Some("on_cpu"))
+        - quiet_on_cpu;
+    let switched_out = 8.0 - busy_on_cpu;
     assert!(
         switched_out >= 1.0,
-        "no phase of 10000 keys was switched out beside a busy loop on its CPU (a kernel that \
+        "no phase of {WIDE_KEYS} keys was switched out beside a busy loop on its CPU (a kernel that \
          does not count arrivals on a CPU cannot tell)"
     );
     // By the clock each preempted phase would take about twice as long; at the mean it does
@@ -445,6 +478,65 @@ fn a_phase_in_which_the_main_thread_was_switched_out_counts_at_the_mean() {
         "{busy_per_call:.6} s per call beside the busy loop against {quiet_per_call:.6} s alone \
          ({switched_out} phases switched out)"
     );
+}
+
+/// Redis's first blocking calls, on a CPU a busy loop holds (its workers starting, on a busy
+/// node): a phase switched out before any phase was timed has no mean to count at. It adds no
+/// time and is counted as `untimed`; taken by the clock, it would put milliseconds of another
+/// task's time on the totals and become the mean later switched-out phases count at.
+#[test]
+fn a_phase_switched_out_before_any_was_timed_adds_no_time() {
+    require_root();
+    let agent = Agent::start(&[]);
+    let by = |s: &Scrape, pid: &str, timing: &str| {
+        phases(s, pid, "register", Some(timing)) + phases(s, pid, "unregister", Some(timing))
+    };
+    // The scheduler may let the first phases run whole (a woken Redis preempts the loop with
+    // time to spare): then there is nothing to check, and a fresh Redis tries again.
+    const ATTEMPTS: usize = 5;
+    let (redis, pid, busy) = (1..=ATTEMPTS)
+        .find_map(|attempt| {
+            let redis = Redis::start_build(RedisBuild::V7_0, &[]);
+            let pid = redis.pid().to_string();
+            wait_for_probes(&agent, &pid);
+            pin_to_cpu0(&pid);
+            let busy_loop = busy_loop_on_cpu0();
+            wide_calls(redis.port, 4);
+            drop(busy_loop);
+            let busy = agent.scrape();
+            let untimed = by(&busy, &pid, "untimed");
+            eprintln!("attempt {attempt}: {untimed} of 8 phases untimed");
+            (untimed >= 1.0).then_some((redis, pid, busy))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "in {ATTEMPTS} fresh Redis processes beside a busy loop on their CPU, the first \
+                 phases of {WIDE_KEYS} keys were never switched out: nothing to check"
+            )
+        });
+    let (untimed, on_cpu) = (by(&busy, &pid, "untimed"), by(&busy, &pid, "on_cpu"));
+    assert_eq!(on_cpu + by(&busy, &pid, "switched_out") + untimed, 8.0);
+    // Alone on the CPU now, the same calls, for what a phase costs.
+    wide_calls(redis.port, 8);
+    let quiet = agent.scrape();
+    // A kind none of whose phases was timed yet may leave more untimed now.
+    let timed_busy = 8.0 - untimed;
+    let timed_quiet = 16.0 - (by(&quiet, &pid, "untimed") - untimed);
+    let per_phase_quiet = (cpu_time(&quiet, &pid) - cpu_time(&busy, &pid)) / timed_quiet;
+    let per_phase_busy = cpu_time(&busy, &pid) / timed_busy.max(1.0);
+    eprintln!(
+        "beside the busy loop: {untimed} of 8 phases untimed, {on_cpu} on their CPU, \
+         {per_phase_busy:.6} s per timed phase; alone: {per_phase_quiet:.6} s per phase"
+    );
+    if timed_busy == 0.0 {
+        assert_eq!(cpu_time(&busy, &pid), 0.0, "untimed phases add no time");
+    } else {
+        assert!(
+            per_phase_busy < 1.5 * per_phase_quiet,
+            "{per_phase_busy:.6} s per timed phase beside the busy loop against \
+             {per_phase_quiet:.6} s alone: a switched-out phase's wall time was taken"
+        );
+    }
 }
 
 /// On a kernel that keeps no per-task counters (or whose BTF does not say where), the probes

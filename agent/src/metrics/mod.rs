@@ -254,7 +254,7 @@ pub mod catalog {
     };
     pub const REDIS_BLOCKING_PHASES: Descriptor = Descriptor {
         name: "redis.blocking.phases",
-        description: "Registering and unregistering phases timed in redis.blocking.cpu.time; timing=switched_out: the main thread was switched out during the phase, which then counts at the mean of the phases with as many keys; timing=wall_clock: the kernel keeps no count to tell",
+        description: "Registering and unregistering phases timed in redis.blocking.cpu.time; timing=switched_out: the main thread was switched out during the phase, which then counts at the mean of the phases with as many keys; timing=untimed: switched out before any phase of its kind was timed, it adds no time; timing=wall_clock: the kernel keeps no count to tell",
         unit: "{phase}",
         kind: Kind::Counter,
     };

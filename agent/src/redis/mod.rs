@@ -368,10 +368,12 @@ impl RedisTarget {
                     },
                 );
                 let switched_out = time.switched_out.min(time.calls);
+                let untimed = time.untimed.min(switched_out);
                 let by_timing = if self.sees_switches {
                     vec![
                         ("on_cpu", time.calls - switched_out),
-                        ("switched_out", switched_out),
+                        ("switched_out", switched_out - untimed),
+                        ("untimed", untimed),
                     ]
                 } else {
                     // The kernel keeps no count to tell them apart: all by the clock.
