@@ -222,7 +222,7 @@ impl AgentState {
                 probes.redis.release(&mut probes.ebpf, pid, target.binary);
             }
             if let Classification::Worker { group } = &p.class {
-                let readings = probes.worker.untrack(&mut probes.ebpf, pid);
+                let readings = probes.worker.untrack(pid);
                 self.worker.retire(group, readings, pid);
             }
         }

@@ -1654,9 +1654,18 @@ sys.stdin.readline()
 fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection() {
     require_root();
     if !fanout::ebpf::uprobe_multi::supported() {
-        panic!("this kernel has no uprobe-multi links: the write() probe is never taken out there (nothing to test)");
+        panic!("this kernel has no uprobe-multi links (nothing to test here; the perf-event uprobe test covers the fallback)");
     }
-    narrow_client_checks("libc");
+    narrow_client_checks("libc", &[]);
+}
+
+/// The same where uprobe-multi links are refused (kernels before 6.6; forced here): one
+/// perf-event uprobe per site, whose link carries the cookie that tells `write` from `send`
+/// (Linux 5.15).
+#[test]
+fn write_probe_goes_for_socket_only_workers_through_perf_event_uprobes() {
+    require_root();
+    narrow_client_checks("libc", &[("FANOUT_UPROBE_MULTI", "0")]);
 }
 
 /// The same through the syscall tracepoints: `sys_enter_write` and `sys_exit_read`, which
@@ -1665,20 +1674,23 @@ fn write_probe_goes_for_socket_only_workers_and_comes_back_for_a_new_connection(
 #[test]
 fn sys_enter_write_goes_while_followed_workers_send_through_sendto() {
     require_root();
-    narrow_client_checks("syscalls");
+    narrow_client_checks("syscalls", &[]);
 }
 
-fn narrow_client_checks(mode: &str) {
+fn narrow_client_checks(mode: &str, env: &[(&str, &str)]) {
     use std::io::{BufRead, BufReader, Write};
     let uprobes = mode == "libc";
     let via = if uprobes { "uprobes" } else { "tracepoints" };
     let redis = Redis::start(&[]);
-    let agent = Agent::start(&[
-        "--worker-probe-mode",
-        mode,
-        "--worker-rule",
-        "narrow:cmdline=fanout-narrow-client",
-    ]);
+    let agent = Agent::start_with_env(
+        &[
+            "--worker-probe-mode",
+            mode,
+            "--worker-rule",
+            "narrow:cmdline=fanout-narrow-client",
+        ],
+        env,
+    );
     let mut child = Command::new("/usr/bin/python3")
         .args([
             "-c",
@@ -1739,6 +1751,23 @@ fn narrow_client_checks(mode: &str) {
         )
     };
     wait_line("a-done");
+    if uprobes {
+        // How its uprobes were made: links, or one perf event per site where they are refused.
+        let per_uprobe = env.contains(&("FANOUT_UPROBE_MULTI", "0"));
+        let kind = if per_uprobe {
+            "kind=\"uprobe\""
+        } else {
+            "kind=\"uprobe-multi\""
+        };
+        let log = agent.log();
+        assert!(
+            log.lines().any(
+                |l| l.contains(&format!("worker libc probes attached pid={pid} "))
+                    && l.contains(kind)
+            ),
+            "{kind}: {log}"
+        );
+    }
     // The first connection sent through send(): the write() probe goes.
     wait_for(
         "the write() probe taken out",

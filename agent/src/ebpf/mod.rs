@@ -3,6 +3,7 @@
 pub mod blocked_clients;
 pub mod map_usage;
 pub mod narrowing;
+pub mod perf_uprobe;
 pub mod redis;
 pub mod redis_attach;
 pub mod sched;

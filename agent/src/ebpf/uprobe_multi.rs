@@ -32,9 +32,12 @@
 //! [`supported`] is the one place that decides whether this kernel takes uprobe-multi links
 //! (probed once, the way libbpf probes it, including the fix of the pid filter that went into
 //! 6.9); `FANOUT_UPROBE_MULTI=0` in the environment forces the fallback. Callers that get
-//! `false` use [`attach_per_uprobe`], which does the same with aya's per-uprobe attach, by
-//! absolute file offset (no ELF re-read per symbol), and detach with
-//! [`super::detach_uprobes_in_background`].
+//! `false` either load the same programs as [`MultiKind::PerUprobe`]
+//! ([`LazyPrograms::get_or_per_uprobe`]: the worker attaching thread, which holds no aya
+//! object), whose [`MultiPrograms::attach`] makes one perf-event uprobe per offset
+//! ([`super::perf_uprobe`]) behind the same link type, or use [`attach_per_uprobe`], which
+//! does the same with aya's per-uprobe attach of the programs aya loaded, by absolute file
+//! offset (no ELF re-read per symbol), and detach with [`super::detach_uprobes_in_background`].
 //!
 //! # Use
 //! ```ignore
@@ -128,7 +131,7 @@ const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_BTF_LOAD: u32 = 18;
-const BPF_LINK_CREATE: u32 = 28;
+pub(super) const BPF_LINK_CREATE: u32 = 28;
 pub(crate) const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 /// The kernel-internal "not supported" errno, which some paths return to user space.
 pub(crate) const ENOTSUPP: i32 = 524;
@@ -333,7 +336,7 @@ pub(crate) fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
 }
 
 /// A bpf(2) command that returns a new fd.
-fn sys_bpf_fd<T>(cmd: u32, attr: &mut T) -> io::Result<OwnedFd> {
+pub(super) fn sys_bpf_fd<T>(cmd: u32, attr: &mut T) -> io::Result<OwnedFd> {
     let fd = sys_bpf(cmd, attr)?;
     let fd =
         i32::try_from(fd).map_err(|_| io::Error::other(format!("bpf({cmd}) returned {fd}")))?;
@@ -590,6 +593,10 @@ pub enum MultiKind {
     /// returns non-zero skips the return (Linux 6.13). aya-ebpf 0.2.1 has no wrapper for the
     /// session kfuncs (`bpf_session_is_return`, `bpf_session_cookie`).
     Session,
+    /// No expected attach type: one perf-event uprobe per offset ([`super::perf_uprobe`]),
+    /// where uprobe-multi links are refused. Cookies need a kernel that links them to a perf
+    /// event ([`super::perf_uprobe::cookies_supported`], 5.15).
+    PerUprobe,
 }
 
 impl MultiKind {
@@ -597,6 +604,7 @@ impl MultiKind {
         match self {
             Self::Multi => BPF_TRACE_UPROBE_MULTI,
             Self::Session => BPF_TRACE_UPROBE_SESSION,
+            Self::PerUprobe => 0,
         }
     }
 }
@@ -651,6 +659,36 @@ impl LazyPrograms {
             let loaded = load_if_supported(maps, names);
             if let Err(e) = &loaded {
                 tracing::info!(reason = %e, "{fallback}");
+            }
+            self.0 = Some(loaded.map(std::sync::Arc::new));
+        }
+        self.loaded_programs()
+    }
+
+    /// [`get`](Self::get), but where this kernel has no uprobe-multi links the programs are
+    /// loaded for one perf-event uprobe per offset ([`MultiKind::PerUprobe`]) instead, which
+    /// `fallback` says; `None` only when they do not load at all (`failed` says what then).
+    pub fn get_or_per_uprobe(
+        &mut self,
+        maps: &MapFds,
+        names: &[&str],
+        fallback: &str,
+        failed: &str,
+    ) -> Option<&MultiPrograms> {
+        if self.0.is_none() {
+            let loaded = load_if_supported(maps, names).or_else(|why| {
+                tracing::info!(reason = %why, "{fallback}");
+                let per_uprobe = LoadOptions {
+                    kind: MultiKind::PerUprobe,
+                    btf: true,
+                };
+                super::EBPF_OBJECT
+                    .ok_or(Error::NotBuilt)
+                    .and_then(|object| MultiPrograms::load_with(object, maps, names, per_uprobe))
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = &loaded {
+                tracing::info!(reason = %e, "{failed}");
             }
             self.0 = Some(loaded.map(std::sync::Arc::new));
         }
@@ -855,6 +893,11 @@ impl MultiPrograms {
         })
     }
 
+    /// What the programs were loaded for.
+    pub fn kind(&self) -> MultiKind {
+        self.kind
+    }
+
     /// The names of the loaded programs.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.programs.keys().map(String::as_str)
@@ -914,7 +957,7 @@ impl MultiPrograms {
             program: program.to_string(),
         })?;
         let kind_name = |r: bool| if r { "uretprobe" } else { "uprobe" };
-        if self.kind == MultiKind::Multi && loaded.retprobe != retprobe {
+        if self.kind != MultiKind::Session && loaded.retprobe != retprobe {
             return Err(Error::WrongKind {
                 program: program.to_string(),
                 actual: kind_name(loaded.retprobe),
@@ -943,6 +986,45 @@ impl MultiPrograms {
             Some(p) => p,
         };
         let c_path = c_path(path).map_err(|r| fail(r, None))?;
+        if self.kind == MultiKind::PerUprobe {
+            let mut fds = Vec::with_capacity(offsets.len());
+            for (i, &offset) in offsets.iter().enumerate() {
+                let cookie = cookies.map(|c| c[i]);
+                match super::perf_uprobe::attach(
+                    loaded.fd.as_fd(),
+                    &c_path,
+                    offset,
+                    pid_raw,
+                    retprobe,
+                    cookie,
+                ) {
+                    Ok(more) => fds.extend(more),
+                    Err(e) => {
+                        // What went in goes in the background (a grace period per probe).
+                        detach_in_background(vec![UprobeMultiLink {
+                            fds,
+                            per_uprobe: true,
+                            program: program.to_string(),
+                            path: path.to_path_buf(),
+                            pid,
+                            count: 0,
+                        }]);
+                        return Err(fail(
+                            format!("perf-event uprobe at offset {offset:#x}"),
+                            Some(e),
+                        ));
+                    }
+                }
+            }
+            return Ok(UprobeMultiLink {
+                fds,
+                per_uprobe: true,
+                program: program.to_string(),
+                path: path.to_path_buf(),
+                pid,
+                count: offsets.len(),
+            });
+        }
         let flags = if retprobe {
             BPF_F_UPROBE_MULTI_RETURN
         } else {
@@ -976,7 +1058,8 @@ impl MultiPrograms {
             fail(reason, Some(e))
         })?;
         Ok(UprobeMultiLink {
-            fd,
+            fds: vec![fd],
+            per_uprobe: false,
             program: program.to_string(),
             path: path.to_path_buf(),
             pid,
@@ -1035,11 +1118,16 @@ fn load_function(
 
 // --- links -----------------------------------------------------------------------------------
 
-/// One uprobe-multi link. Dropping it detaches every offset (closing the fd blocks for one
-/// synchronisation of the kernel's uprobe machinery; see [`detach_in_background`]).
+/// One uprobe-multi link, or (programs loaded as [`MultiKind::PerUprobe`]) one perf-event
+/// uprobe per offset. Dropping it detaches every offset (closing a link's fd blocks for one
+/// synchronisation of the kernel's uprobe machinery, each perf event's for one of its own;
+/// see [`detach_in_background`]).
 #[derive(Debug)]
 pub struct UprobeMultiLink {
-    fd: OwnedFd,
+    /// The link's fd, or the perf events' (one per offset, each with its link's where a
+    /// cookie was passed).
+    fds: Vec<OwnedFd>,
+    per_uprobe: bool,
     program: String,
     path: PathBuf,
     pid: Option<u32>,
@@ -1064,15 +1152,24 @@ impl UprobeMultiLink {
         self.count
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// Whether this is one perf-event uprobe per offset rather than a uprobe-multi link.
+    pub fn per_uprobe(&self) -> bool {
+        self.per_uprobe
     }
 
-    /// The kernel's id of the link (what `bpftool link` lists).
+    /// The link's fd (the first perf event's, for perf-event uprobes).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fds[0].as_fd()
+    }
+
+    /// The kernel's id of the link (what `bpftool link` lists); perf-event uprobes have none.
     pub fn id(&self) -> io::Result<u32> {
+        if self.per_uprobe {
+            return Err(io::Error::other("perf-event uprobes are not a BPF link"));
+        }
         let mut info = LinkInfoHead::default();
         let mut attr = InfoByFdAttr {
-            bpf_fd: self.fd.as_raw_fd() as u32,
+            bpf_fd: self.fd().as_raw_fd() as u32,
             info_len: std::mem::size_of::<LinkInfoHead>() as u32,
             info: &mut info as *mut LinkInfoHead as u64,
         };
@@ -1083,6 +1180,52 @@ impl UprobeMultiLink {
     /// Detaches now, blocking until the kernel has unregistered every offset.
     pub fn detach(self) {
         drop(self)
+    }
+}
+
+/// Attach requests queued or in progress (see [`AttachTicket`]).
+static ATTACHES_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Longest a batch of links waits to be closed while attaches are waiting.
+pub const DETACH_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Held by an attach request from when it is queued until it is done: while any is held, the
+/// closing thread holds back. Registering and unregistering a uprobe both take the kernel's
+/// uprobe registration lock (`dup_mmap_sem`, a per-CPU rwsem whose writer waits for an RCU
+/// grace period when it finds it idle). Closing the probes of workers that exit while others
+/// start made each registration wait for one: one perf-event uprobe per site (kernels without
+/// uprobe-multi) took 1.7 s for a worker's 17, and 87 of 100 workers living under a second
+/// were gone before theirs were in. Probes of an exited process cost nothing but memory
+/// while they wait; a starting worker's first commands are missed while its probes do.
+#[derive(Debug)]
+pub struct AttachTicket(());
+
+impl AttachTicket {
+    pub fn new() -> Self {
+        ATTACHES_WAITING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Default for AttachTicket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AttachTicket {
+    fn drop(&mut self) {
+        ATTACHES_WAITING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Waits while attaches are waiting, up to `longest`.
+fn wait_for_attaches(longest: std::time::Duration) {
+    let deadline = std::time::Instant::now() + longest;
+    while ATTACHES_WAITING.load(std::sync::atomic::Ordering::Relaxed) > 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -1097,6 +1240,7 @@ fn detacher() -> &'static Option<std::sync::Mutex<std::sync::mpsc::Sender<Vec<Up
             .name("uprobe-multi-detach".into())
             .spawn(move || {
                 while let Ok(mut batch) = rx.recv() {
+                    wait_for_attaches(DETACH_DEFER);
                     while let Ok(more) = rx.try_recv() {
                         batch.extend(more);
                     }
@@ -1121,7 +1265,8 @@ pub fn start_detacher() {
 
 /// Closes links off the caller's thread and returns at once. Each close waits for the kernel
 /// to synchronise (about 50 ms here), so a loop that dropped many links would stall. One
-/// background thread (started on first use) takes every batch handed to it, gathers what
+/// background thread (started on first use) takes every batch handed to it, waits while
+/// attaches are waiting (an [`AttachTicket`] is held; at most [`DETACH_DEFER`]), gathers what
 /// arrived meanwhile, and closes it with [`close_links`], whose waits overlap. If that thread
 /// cannot be started, the links are closed here.
 pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
@@ -1150,12 +1295,30 @@ pub fn close_links(links: Vec<UprobeMultiLink>) {
     close_links_on(links, CLOSERS)
 }
 
-/// [`close_links`] on up to `threads` threads.
+/// [`close_links`] on up to `threads` threads. Perf-event uprobes are closed here, one at a
+/// time, each once no attach is waiting (at most [`DETACH_DEFER`] later): the kernel
+/// destroys them one after the other under its trace-event lock whatever the threads, a
+/// grace period each, and a worker's perf-event uprobes wait for every close queued before
+/// them (12 exited workers' probes, closed on 64 threads, held a starting worker's for 7 s).
 pub fn close_links_on(links: Vec<UprobeMultiLink>, threads: usize) {
-    let threads = threads.clamp(1, links.len().max(1));
-    let mut chunks: Vec<Vec<UprobeMultiLink>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, link) in links.into_iter().enumerate() {
-        chunks[i % threads].push(link);
+    let (per_uprobe, links): (Vec<_>, Vec<_>) =
+        links.into_iter().partition(UprobeMultiLink::per_uprobe);
+    close_fds_on(
+        links.into_iter().flat_map(|link| link.fds).collect(),
+        threads,
+    );
+    for fd in per_uprobe.into_iter().flat_map(|link| link.fds) {
+        wait_for_attaches(DETACH_DEFER);
+        drop(fd);
+    }
+}
+
+/// Closes `fds` on up to `threads` threads.
+fn close_fds_on(fds: Vec<OwnedFd>, threads: usize) {
+    let threads = threads.clamp(1, fds.len().max(1));
+    let mut chunks: Vec<Vec<OwnedFd>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, fd) in fds.into_iter().enumerate() {
+        chunks[i % threads].push(fd);
     }
     std::thread::scope(|scope| {
         for chunk in chunks {

@@ -14,7 +14,7 @@ use agent_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint},
+    programs::{trace_point::TracePointLinkId, TracePoint},
     Ebpf,
 };
 
@@ -290,28 +290,6 @@ fn add_to_plan(plan: &mut Vec<(&'static str, Vec<u64>)>, program: &'static str, 
     }
 }
 
-/// Attaches each program of `plan` to its offsets in `path`, for `pid`, one uprobe per offset
-/// (where uprobe-multi links are missing). On a failure, what went in is detached and the
-/// program that failed is named.
-fn attach_plan_per_uprobe(
-    ebpf: &mut Ebpf,
-    plan: &[(&'static str, Vec<u64>)],
-    path: &std::path::Path,
-    pid: u32,
-) -> Result<WorkerLinks, (&'static str, super::uprobe_multi::Error)> {
-    let mut links = Vec::new();
-    for (program, offsets) in plan {
-        match super::uprobe_multi::attach_per_uprobe(ebpf, program, path, offsets, Some(pid)) {
-            Ok(more) => links.extend(more),
-            Err(e) => {
-                super::detach_uprobes_in_background(ebpf, links);
-                return Err((program, e));
-            }
-        }
-    }
-    Ok(WorkerLinks::PerUprobe(links))
-}
-
 /// Syscall tracepoints taken out together while no worker followed through the tracepoints
 /// needs them (see [`narrowing`]).
 struct SyscallGroup {
@@ -464,26 +442,24 @@ pub(super) fn attach_write_probe(
     )
 }
 
-/// The uprobes that follow one worker.
-enum WorkerLinks {
-    /// One uprobe-multi link per program.
-    Multi(Vec<super::uprobe_multi::UprobeMultiLink>),
-    /// One aya uprobe per function.
-    PerUprobe(Vec<(&'static str, UProbeLinkId)>),
-}
+/// The uprobes that follow one worker: one uprobe-multi link per program, or where those
+/// are refused one perf-event uprobe per site, made by the attaching thread.
+struct WorkerLinks(Vec<super::uprobe_multi::UprobeMultiLink>);
 
 impl WorkerLinks {
+    /// Links, or uprobes where each site is one.
     fn len(&self) -> usize {
-        match self {
-            WorkerLinks::Multi(l) => l.len(),
-            WorkerLinks::PerUprobe(l) => l.len(),
-        }
+        self.0
+            .iter()
+            .map(|link| if link.per_uprobe() { link.count() } else { 1 })
+            .sum()
     }
 
     fn kind(&self) -> &'static str {
-        match self {
-            WorkerLinks::Multi(_) => "uprobe-multi",
-            WorkerLinks::PerUprobe(_) => "uprobe",
+        if self.0.iter().any(|link| link.per_uprobe()) {
+            "uprobe"
+        } else {
+            "uprobe-multi"
         }
     }
 }
@@ -706,13 +682,13 @@ impl WorkerMaps {
         };
         if through_syscalls {
             self.attach_syscalls(ebpf)?;
-            return self.start_following(ebpf, pid, via::SYSCALLS, sockets, None);
+            return self.start_following(pid, via::SYSCALLS, sockets, None);
         }
         match self.request_libc(pid, target, false) {
             Ok(()) => Ok(()),
             Err(reason) => {
                 let way = self.libc_refused(ebpf, pid, reason)?;
-                self.start_following(ebpf, pid, way, sockets, None)
+                self.start_following(pid, way, sockets, None)
             }
         }
     }
@@ -721,7 +697,6 @@ impl WorkerMaps {
     /// peers of its open sockets.
     fn start_following(
         &mut self,
-        ebpf: &mut Ebpf,
         pid: u32,
         way: u32,
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
@@ -730,7 +705,7 @@ impl WorkerMaps {
         self.ways.insert(pid, way);
         if let Err(e) = self.syscall_workers.set(pid, way == via::SYSCALLS) {
             self.ways.remove(&pid);
-            self.forget(ebpf, pid);
+            self.forget(pid);
             return Err(ProbeError::Map {
                 name: maps::SYSCALL_WORKERS,
                 message: e.to_string(),
@@ -823,7 +798,7 @@ impl WorkerMaps {
         };
         match answer {
             Answer::Libc(answer) => self.install_libc(ebpf, answer, pending, sockets),
-            Answer::Ssl(answer) => self.install_ssl(ebpf, answer),
+            Answer::Ssl(answer) => self.install_ssl(answer),
         }
     }
 
@@ -837,24 +812,22 @@ impl WorkerMaps {
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) {
         let pid = answer.pid;
-        let attached = answer
-            .outcome
-            .and_then(|links| self.take_libc_links(ebpf, pid, links));
+        let attached = answer.outcome.map(|links| self.take_libc_links(pid, links));
         let followed = match attached {
             Ok(attached) => {
-                let followed = self.start_following(ebpf, pid, via::LIBC, sockets, Some(attached));
+                let followed = self.start_following(pid, via::LIBC, sockets, Some(attached));
                 if followed.is_ok() && pending.moving {
                     tracing::info!(pid, "a Redis is tracked on this node: worker moved from the syscall tracepoints to uprobes");
                 }
                 followed
             }
             Err(reason) if pending.moving => {
-                self.no_longer_followed(ebpf, pid, &reason);
+                self.no_longer_followed(pid, &reason);
                 return;
             }
             Err(reason) => self
                 .libc_refused(ebpf, pid, reason)
-                .and_then(|way| self.start_following(ebpf, pid, way, sockets, None)),
+                .and_then(|way| self.start_following(pid, way, sockets, None)),
         };
         match followed {
             Ok(()) => {}
@@ -867,9 +840,9 @@ impl WorkerMaps {
 
     /// A worker that was followed through the tracepoints and cannot be through uprobes, now
     /// that a Redis runs on the node.
-    fn no_longer_followed(&mut self, ebpf: &mut Ebpf, pid: u32, reason: &ProbeError) {
+    fn no_longer_followed(&mut self, pid: u32, reason: &ProbeError) {
         tracing::warn!(pid, %reason, "a Redis is tracked on this node: this worker cannot be followed through uprobes and is no longer followed (--syscall-probes-beside-redis follows it anyway)");
-        self.forget(ebpf, pid);
+        self.forget(pid);
         self.unfollowed.insert(pid);
     }
 
@@ -901,7 +874,7 @@ impl WorkerMaps {
             let _ = self.syscall_workers.set(pid, false);
             self.ways.remove(&pid);
             if let Err(reason) = self.request_libc(pid, || target_of(pid), true) {
-                self.no_longer_followed(ebpf, pid, &reason);
+                self.no_longer_followed(pid, &reason);
             }
         }
         if self.attached() && !self.syscall_workers() {
@@ -1036,18 +1009,12 @@ impl WorkerMaps {
         }
     }
 
-    /// Installs a worker's OpenSSL probes (where uprobe-multi links are refused, attaches one
-    /// uprobe per site now), or notes why its TLS library cannot be probed.
-    fn install_ssl(&mut self, ebpf: &mut Ebpf, answer: SslAnswer) {
+    /// Installs a worker's OpenSSL probes, or notes why its TLS library cannot be probed.
+    fn install_ssl(&mut self, answer: SslAnswer) {
         let pid = answer.pid;
-        let attached = answer.outcome.and_then(|links| match links {
-            SslLinks::Multi { libssl, links } => Ok((libssl, WorkerLinks::Multi(links))),
-            SslLinks::PerUprobe { libssl, plan } => {
-                attach_plan_per_uprobe(ebpf, &plan, &libssl, pid)
-                    .map(|links| (libssl, links))
-                    .map_err(|(_, e)| e.to_string())
-            }
-        });
+        let attached = answer
+            .outcome
+            .map(|SslLinks { libssl, links }| (libssl, WorkerLinks(links)));
         match attached {
             Ok((libssl, links)) => {
                 tracing::info!(pid, libssl = %libssl.display(), links = links.len(), kind = links.kind(), "worker talks TLS: its TLS connections are followed through OpenSSL from their next command");
@@ -1110,45 +1077,19 @@ impl WorkerMaps {
         Ok(())
     }
 
-    /// Takes in the libc probes the attaching thread made for `pid`; where uprobe-multi links
-    /// are refused, attaches one uprobe per site now (about 2 s of kernel time per worker to
-    /// detach later).
-    fn take_libc_links(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-        links: LibcLinks,
-    ) -> Result<LibcAttached, ProbeError> {
-        let (libc, links) = match links {
-            LibcLinks::Multi {
-                libc,
-                links,
-                write,
-                programs,
-            } => {
-                self.libc_programs.get_or_insert(programs);
-                if let Some(write) = write {
-                    self.write_probes.insert(pid, WriteProbe::new(write));
-                }
-                (libc, WorkerLinks::Multi(links))
-            }
-            LibcLinks::PerUprobe { libc, sites } => {
-                // Reads are probed where their system call returned if that program loads.
-                let read_done = super::load_program(ebpf, READ_DONE_PROGRAM).is_ok();
-                let plan = libc_plan(&sites, read_done);
-                check_libc_plan(&plan, &libc)?;
-                let links =
-                    attach_plan_per_uprobe(ebpf, &plan, &libc, pid).map_err(|(program, e)| {
-                        ProbeError::Attach {
-                            program,
-                            category: "uprobe",
-                            name: "libc",
-                            message: e.to_string(),
-                        }
-                    })?;
-                (libc, links)
-            }
-        };
+    /// Takes in the libc probes the attaching thread made for `pid`.
+    fn take_libc_links(&mut self, pid: u32, links: LibcLinks) -> LibcAttached {
+        let LibcLinks {
+            libc,
+            links,
+            write,
+            programs,
+        } = links;
+        self.libc_programs.get_or_insert(programs);
+        if let Some(write) = write {
+            self.write_probes.insert(pid, WriteProbe::new(write));
+        }
+        let links = WorkerLinks(links);
         let attached = LibcAttached {
             pid,
             links: links.len() + usize::from(self.write_probes.contains_key(&pid)),
@@ -1156,7 +1097,7 @@ impl WorkerMaps {
             libc,
         };
         self.libc_links.insert(pid, links);
-        Ok(attached)
+        attached
     }
 
     /// Loads the libc programs for uprobe-multi links now (most of a second of verification):
@@ -1195,7 +1136,7 @@ impl WorkerMaps {
 
     /// Stops following a worker and returns what the kernel had counted for it, so that
     /// group totals can keep it. Detaches the probes after the last worker.
-    pub fn untrack(&mut self, ebpf: &mut Ebpf, pid: u32) -> WorkerReadings {
+    pub fn untrack(&mut self, pid: u32) -> WorkerReadings {
         self.unfollowed.remove(&pid);
         self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
@@ -1219,13 +1160,13 @@ impl WorkerMaps {
         }
         self.durations.release(|k| k.tgid == pid);
         self.keys.release(|k| k.tgid == pid);
-        self.forget(ebpf, pid);
+        self.forget(pid);
         readings
     }
 
     /// Detaches what only `pid` used: its libc uprobes, and the syscall tracepoints once no
     /// tracked worker is followed through them.
-    fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
+    fn forget(&mut self, pid: u32) {
         let _ = self.syscall_workers.set(pid, false);
         // Its links, if they are still being made, are closed when their answer comes.
         self.pending_libc.forget(pid);
@@ -1234,14 +1175,11 @@ impl WorkerMaps {
             super::uprobe_multi::detach_in_background(vec![link]);
         }
         let ssl_links = self.ssl_links.remove(&pid).map(|(links, _)| links);
-        for links in [self.libc_links.remove(&pid), ssl_links] {
-            match links {
-                Some(WorkerLinks::Multi(links)) => super::uprobe_multi::detach_in_background(links),
-                Some(WorkerLinks::PerUprobe(links)) => {
-                    super::detach_uprobes_in_background(ebpf, links)
-                }
-                None => {}
-            }
+        for WorkerLinks(links) in [self.libc_links.remove(&pid), ssl_links]
+            .into_iter()
+            .flatten()
+        {
+            super::uprobe_multi::detach_in_background(links);
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since

@@ -14,8 +14,9 @@
 //! A uprobe asks no filter (see `worker_tgid` in the probes): the links are live as soon as
 //! they are made, before the state seeds the worker's socket peers, as they were when the
 //! state made them itself; the seeding mends what they saw meanwhile. Where uprobe-multi links
-//! are refused, the answer says so and the state attaches one uprobe per site under its lock
-//! (those programs live in the aya object the state holds).
+//! are refused (kernels before 6.6), the thread loads the same programs for perf-event
+//! uprobes and makes one per probe site ([`super::perf_uprobe`]), 17 per worker: made under
+//! the state lock, as they were before, a burst of 30 workers held it for seconds.
 
 use std::{
     collections::HashMap,
@@ -28,7 +29,9 @@ use std::{
 };
 
 use super::{
-    uprobe_multi::{self, LazyPrograms, MapFds, MultiPrograms, ProbeSites, UprobeMultiLink},
+    uprobe_multi::{
+        self, LazyPrograms, MapFds, MultiKind, MultiPrograms, ProbeSites, UprobeMultiLink,
+    },
     worker::{
         attach_write_probe, check_libc_plan, fd_path, libc_plan, ssl_plan, UprobeTarget,
         LIBC_UPROBES, READ_DONE_FUNCTIONS, READ_DONE_PROGRAM, SSL_UPROBES, WRITE_PROGRAM,
@@ -60,25 +63,18 @@ pub struct LibcAnswer {
     pub outcome: Result<LibcLinks, ProbeError>,
 }
 
-/// The probes made for one worker.
+/// The probes made for one worker: its uprobe-multi links (or perf-event uprobes), live.
 #[derive(Debug)]
-pub enum LibcLinks {
-    /// Its uprobe-multi links, live.
-    Multi {
-        libc: PathBuf,
-        links: Vec<UprobeMultiLink>,
-        /// The probe on `write()`, in a link of its own (see `narrowing`); `None` where the
-        /// library has no `write` or could not be held open (`write` is then among `links`,
-        /// for good).
-        write: Option<WriteLink>,
-        /// The programs the links run: what the state puts a `write()` probe back with.
-        programs: Arc<MultiPrograms>,
-    },
-    /// uprobe-multi links are refused here: the state attaches one uprobe per site.
-    PerUprobe {
-        libc: PathBuf,
-        sites: Arc<ProbeSites>,
-    },
+pub struct LibcLinks {
+    pub libc: PathBuf,
+    pub links: Vec<UprobeMultiLink>,
+    /// The probe on `write()`, in a link of its own (see `narrowing`); `None` where the
+    /// library has no `write` or could not be held open, or where perf-event uprobes carry
+    /// no cookie to tell `write` from `send` (before 5.15; `write` is then among `links`, for
+    /// good).
+    pub write: Option<WriteLink>,
+    /// The programs the links run: what the state puts a `write()` probe back with.
+    pub programs: Arc<MultiPrograms>,
 }
 
 /// A worker seen talking TLS, whose OpenSSL probes to make.
@@ -99,19 +95,12 @@ pub struct SslAnswer {
     pub outcome: Result<SslLinks, String>,
 }
 
-/// The OpenSSL probes made for one worker.
+/// The OpenSSL probes made for one worker: its uprobe-multi links (or perf-event uprobes),
+/// live.
 #[derive(Debug)]
-pub enum SslLinks {
-    /// Its uprobe-multi links, live.
-    Multi {
-        libssl: PathBuf,
-        links: Vec<UprobeMultiLink>,
-    },
-    /// uprobe-multi links are refused here: the state attaches one uprobe per site of `plan`.
-    PerUprobe {
-        libssl: PathBuf,
-        plan: Vec<(&'static str, Vec<u64>)>,
-    },
+pub struct SslLinks {
+    pub libssl: PathBuf,
+    pub links: Vec<UprobeMultiLink>,
 }
 
 /// An answer of the attaching thread.
@@ -134,17 +123,16 @@ impl Answer {
     pub fn close(self) {
         let links = match self {
             Answer::Libc(LibcAnswer {
-                outcome:
-                    Ok(LibcLinks::Multi {
-                        mut links, write, ..
-                    }),
+                outcome: Ok(LibcLinks {
+                    mut links, write, ..
+                }),
                 ..
             }) => {
                 links.extend(write.map(|w| w.link));
                 links
             }
             Answer::Ssl(SslAnswer {
-                outcome: Ok(SslLinks::Multi { links, .. }),
+                outcome: Ok(SslLinks { links, .. }),
                 ..
             }) => links,
             _ => return,
@@ -165,8 +153,9 @@ pub struct WriteLink {
 enum Request {
     /// Load the programs now, before the first worker waits for them; say when done.
     Preload(mpsc::Sender<()>),
-    Libc(LibcRequest),
-    Ssl(SslRequest),
+    /// A request, and its ticket (closing links holds back until it is done).
+    Libc(LibcRequest, uprobe_multi::AttachTicket),
+    Ssl(SslRequest, uprobe_multi::AttachTicket),
 }
 
 /// The handle the worker side keeps; requests are answered, in order, on the receiver
@@ -201,12 +190,16 @@ impl WorkerAttacher {
 
     /// Asks for `request`'s worker's libc probes; false when the thread is gone.
     pub fn attach_libc(&self, request: LibcRequest) -> bool {
-        self.requests.send(Request::Libc(request)).is_ok()
+        self.requests
+            .send(Request::Libc(request, uprobe_multi::AttachTicket::new()))
+            .is_ok()
     }
 
     /// Asks for `request`'s worker's OpenSSL probes; false when the thread is gone.
     pub fn attach_ssl(&self, request: SslRequest) -> bool {
-        self.requests.send(Request::Ssl(request)).is_ok()
+        self.requests
+            .send(Request::Ssl(request, uprobe_multi::AttachTicket::new()))
+            .is_ok()
     }
 }
 
@@ -223,14 +216,14 @@ fn serve(
                 let _ = done.send(());
                 continue;
             }
-            Request::Libc(request) if request.cancelled.load(Ordering::Relaxed) => continue,
-            Request::Ssl(request) if request.cancelled.load(Ordering::Relaxed) => continue,
-            Request::Libc(request) => Answer::Libc(LibcAnswer {
+            Request::Libc(request, _) if request.cancelled.load(Ordering::Relaxed) => continue,
+            Request::Ssl(request, _) if request.cancelled.load(Ordering::Relaxed) => continue,
+            Request::Libc(request, _ticket) => Answer::Libc(LibcAnswer {
                 pid: request.pid,
                 generation: request.generation,
                 outcome: linker.link(request.pid, &request.target),
             }),
-            Request::Ssl(request) => Answer::Ssl(SslAnswer {
+            Request::Ssl(request, _ticket) => Answer::Ssl(SslAnswer {
                 pid: request.pid,
                 generation: request.generation,
                 outcome: linker.link_ssl(&request),
@@ -282,14 +275,16 @@ impl Linker {
         }
     }
 
-    /// Loads the libc programs for uprobe-multi links the first time; whether they are.
+    /// Loads the libc programs the first time (for uprobe-multi links, else for perf-event
+    /// uprobes); whether they are.
     fn programs_loaded(&mut self) -> bool {
         let names: Vec<&str> = LIBC_UPROBES.iter().map(|(p, _)| *p).collect();
         self.multi
-            .get(
+            .get_or_per_uprobe(
                 &self.map_fds,
                 &names,
                 "workers' libc probes are attached one uprobe at a time (each takes an RCU grace period to detach)",
+                "workers' libc probes did not load: workers are followed through the syscall tracepoints",
             )
             .is_some()
     }
@@ -297,9 +292,10 @@ impl Linker {
     /// Loads [`READ_DONE_PROGRAM`] the first time; whether it is.
     fn read_done_loaded(&mut self) -> bool {
         self.read_done
-            .get(
+            .get_or_per_uprobe(
                 &self.map_fds,
                 &[READ_DONE_PROGRAM],
+                "the probe where reads returned is attached one uprobe at a time",
                 "reads are probed at their entry and return (the program for where they returned did not load)",
             )
             .is_some()
@@ -311,7 +307,12 @@ impl Linker {
         let libc = target.path().to_path_buf();
         let sites = self.sites(&libc);
         if !self.programs_loaded() {
-            return Ok(LibcLinks::PerUprobe { libc, sites });
+            return Err(ProbeError::Attach {
+                program: WRITE_PROGRAM,
+                category: "uprobe",
+                name: "libc",
+                message: "the workers' libc programs did not load (see the log)".into(),
+            });
         }
         // Reads are probed where their system call returned if that program loads; else at
         // entry and return.
@@ -321,7 +322,15 @@ impl Linker {
         else {
             unreachable!("loaded above");
         };
-        let write_offset = sites.entries.get("write").copied();
+        // Perf-event uprobes on a kernel before 5.15 carry no cookie to tell `write` from
+        // `send`: `write` stays in with the rest, as where it cannot be held open.
+        let cookies = multi.kind() != MultiKind::PerUprobe
+            || multi
+                .program_fd(WRITE_PROGRAM)
+                .is_some_and(super::perf_uprobe::cookies_supported);
+        let write_offset = cookies
+            .then(|| sites.entries.get("write").copied())
+            .flatten();
         // The file the `write` probe goes into, held open (see `WriteLink`). Without it,
         // `write` stays in for good.
         let held = std::fs::File::open(&libc).ok();
@@ -377,7 +386,11 @@ impl Linker {
                     uprobe_multi::detach_in_background(links);
                     return Err(ProbeError::Attach {
                         program,
-                        category: "uprobe-multi",
+                        category: if multi.kind() == MultiKind::PerUprobe {
+                            "uprobe"
+                        } else {
+                            "uprobe-multi"
+                        },
                         name: "libc",
                         message: e.to_string(),
                     });
@@ -391,7 +404,7 @@ impl Linker {
                 None
             }
         };
-        Ok(LibcLinks::Multi {
+        Ok(LibcLinks {
             libc,
             links,
             write,
@@ -424,12 +437,13 @@ impl Linker {
         let plan = ssl_plan(&sites)
             .ok_or_else(|| format!("{} has no SSL_write/SSL_read to probe", libssl.display()))?;
         let names: Vec<&str> = SSL_UPROBES.iter().map(|(p, _)| *p).collect();
-        let Some(multi) = self.ssl_multi.get(
+        let Some(multi) = self.ssl_multi.get_or_per_uprobe(
             &self.map_fds,
             &names,
             "OpenSSL probes are attached one uprobe at a time",
+            "the OpenSSL programs did not load: TLS workers' commands are not followed",
         ) else {
-            return Ok(SslLinks::PerUprobe { libssl, plan });
+            return Err("the OpenSSL programs did not load (see the log)".into());
         };
         let mut links = Vec::new();
         for (program, offsets) in &plan {
@@ -442,7 +456,7 @@ impl Linker {
                 }
             }
         }
-        Ok(SslLinks::Multi { libssl, links })
+        Ok(SslLinks { libssl, links })
     }
 
     /// The probe sites in a libc, as file offsets, computed once per file (dev, inode).
@@ -629,10 +643,10 @@ mod tests {
         assert!(answer.outcome.unwrap_err().contains("maps no libssl"));
     }
 
-    /// Without eBPF programs (none are loaded here) the thread's answer is the per-uprobe
-    /// one, with the probe sites of the C library this test runs on.
+    /// Without eBPF programs (none are loaded here) the thread answers that they did not
+    /// load; the probe sites of the C library this test runs on were found all the same.
     #[test]
-    fn without_uprobe_multi_programs_the_answer_leaves_the_attach_to_the_state() {
+    fn without_programs_the_answer_says_they_did_not_load() {
         let me = std::process::id();
         let (libc, attacher, mut answers) = own_libc_and_attacher();
         attacher.preload();
@@ -646,18 +660,18 @@ mod tests {
             panic!("a libc answer")
         };
         assert_eq!((answer.pid, answer.generation), (me, 7));
-        match answer.outcome {
-            Ok(LibcLinks::PerUprobe { libc: path, sites }) => {
-                assert_eq!(path, libc);
-                for symbol in ["write", "read", "connect", "close"] {
-                    assert!(
-                        sites.entries.contains_key(symbol),
-                        "{symbol} found in {}",
-                        libc.display()
-                    );
-                }
-            }
-            other => panic!("expected the per-uprobe answer, got {other:?}"),
+        let error = answer
+            .outcome
+            .expect_err("no programs to attach")
+            .to_string();
+        assert!(error.contains("did not load"), "{error}");
+        let sites = Linker::new(Arc::new(MapFds::default())).sites(&libc);
+        for symbol in ["write", "read", "connect", "close"] {
+            assert!(
+                sites.entries.contains_key(symbol),
+                "{symbol} found in {}",
+                libc.display()
+            );
         }
     }
 }
