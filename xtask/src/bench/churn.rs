@@ -60,6 +60,16 @@ pub struct ChurnSample {
     pub agent_log: String,
 }
 
+/// How the agent may make workers' uprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Uprobes {
+    /// uprobe-multi links where the kernel has them (the default).
+    Multi,
+    /// uprobe-multi links refused (`FANOUT_UPROBE_MULTI=0`), as on kernels before 6.6: one
+    /// perf-event uprobe per probe site.
+    PerfEvents,
+}
+
 /// One churn of `n` workers over `spread` seconds (0: all at once), beside a tracked Redis
 /// (uprobes) or with every Redis excluded (tracepoints).
 pub fn measure(
@@ -67,6 +77,7 @@ pub fn measure(
     beside_redis: bool,
     n: usize,
     spread: f64,
+    uprobes: Uprobes,
 ) -> Result<ChurnSample> {
     let redis = Redis::start(&[]);
     // Unique to this run, so that nothing else on the node matches the rule.
@@ -76,7 +87,11 @@ pub fn measure(
     if !beside_redis {
         args.extend(["--redis-exclude", NO_REDIS_EXCLUDE]);
     }
-    let agent = Agent::start_binary(bin, &args, &[]);
+    let env: &[(&str, &str)] = match uprobes {
+        Uprobes::Multi => &[],
+        Uprobes::PerfEvents => &[("FANOUT_UPROBE_MULTI", "0")],
+    };
+    let agent = Agent::start_binary(bin, &args, env);
     if beside_redis {
         super::wait_for_redis_probes(&agent, &redis);
     }
@@ -162,7 +177,11 @@ s.recv(64)
         (true, false) => "burst-beside-redis",
         (false, false) => "burst-no-redis",
     };
-    let saved = super::save_agent_log(name, &log);
+    let name = match uprobes {
+        Uprobes::Multi => name.to_string(),
+        Uprobes::PerfEvents => format!("{name}-perf-event-uprobes"),
+    };
+    let saved = super::save_agent_log(&name, &log);
     let events = agent_log::parse(&log);
     let mut lifetimes = Vec::new();
     let (mut tracked, mut pickups, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -215,7 +234,7 @@ s.recv(64)
     drop(redis);
     Ok(ChurnSample {
         scenario: format!(
-            "{}{}",
+            "{}{}{}",
             if beside_redis {
                 "beside a tracked Redis (default mode: uprobes)"
             } else {
@@ -225,6 +244,12 @@ s.recv(64)
                 String::new()
             } else {
                 format!(", all {n} started at once")
+            },
+            match uprobes {
+                Uprobes::Multi => "",
+                Uprobes::PerfEvents => {
+                    ", uprobe-multi refused (as before Linux 6.6): a perf-event uprobe per site"
+                }
             }
         ),
         workers: n,

@@ -483,13 +483,17 @@ fn print_ns_per_run(by_program: &BTreeMap<String, Vec<f64>>) {
 
 /// Workers that come and go (100 over 8 s), followed both ways, and 100 started at once
 /// beside a tracked Redis: each worker's uprobes are made off the agent's loop, which a
-/// burst must not stall.
+/// burst must not stall. Then the two beside a Redis again with uprobe-multi links refused
+/// (as before Linux 6.6): one perf-event uprobe per probe site.
 fn churn_samples(bin: &Path) -> Result<Vec<churn::ChurnSample>> {
+    use churn::Uprobes::{Multi, PerfEvents};
     const WORKERS: usize = 100;
     Ok(vec![
-        churn::measure(bin, true, WORKERS, 8.0)?,
-        churn::measure(bin, false, WORKERS, 8.0)?,
-        churn::measure(bin, true, WORKERS, 0.0)?,
+        churn::measure(bin, true, WORKERS, 8.0, Multi)?,
+        churn::measure(bin, false, WORKERS, 8.0, Multi)?,
+        churn::measure(bin, true, WORKERS, 0.0, Multi)?,
+        churn::measure(bin, true, WORKERS, 8.0, PerfEvents)?,
+        churn::measure(bin, true, WORKERS, 0.0, PerfEvents)?,
     ])
 }
 
