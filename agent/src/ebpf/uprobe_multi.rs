@@ -655,14 +655,7 @@ impl LazyPrograms {
     /// The programs `names` (loaded on the first call), or `None` where this kernel has no
     /// uprobe-multi links or the load failed; `fallback` says what is done instead.
     pub fn get(&mut self, maps: &MapFds, names: &[&str], fallback: &str) -> Option<&MultiPrograms> {
-        if self.0.is_none() {
-            let loaded = load_if_supported(maps, names);
-            if let Err(e) = &loaded {
-                tracing::info!(reason = %e, "{fallback}");
-            }
-            self.0 = Some(loaded.map(std::sync::Arc::new));
-        }
-        self.loaded_programs()
+        self.get_with(|| load_if_supported(maps, names), fallback)
     }
 
     /// [`get`](Self::get), but where this kernel has no uprobe-multi links the programs are
@@ -675,8 +668,8 @@ impl LazyPrograms {
         fallback: &str,
         failed: &str,
     ) -> Option<&MultiPrograms> {
-        if self.0.is_none() {
-            let loaded = load_if_supported(maps, names).or_else(|why| {
+        let load = || {
+            load_if_supported(maps, names).or_else(|why| {
                 tracing::info!(reason = %why, "{fallback}");
                 let per_uprobe = LoadOptions {
                     kind: MultiKind::PerUprobe,
@@ -686,7 +679,20 @@ impl LazyPrograms {
                     .ok_or(Error::NotBuilt)
                     .and_then(|object| MultiPrograms::load_with(object, maps, names, per_uprobe))
                     .map_err(|e| e.to_string())
-            });
+            })
+        };
+        self.get_with(load, failed)
+    }
+
+    /// The programs `load` gives, loaded on the first call; where it fails, `failed` is said
+    /// once with why, and later calls give `None` without trying again.
+    fn get_with(
+        &mut self,
+        load: impl FnOnce() -> Result<MultiPrograms, String>,
+        failed: &str,
+    ) -> Option<&MultiPrograms> {
+        if self.0.is_none() {
+            let loaded = load();
             if let Err(e) = &loaded {
                 tracing::info!(reason = %e, "{failed}");
             }
@@ -986,6 +992,14 @@ impl MultiPrograms {
             Some(p) => p,
         };
         let c_path = c_path(path).map_err(|r| fail(r, None))?;
+        let link = |fds, count| UprobeMultiLink {
+            fds,
+            per_uprobe: self.kind == MultiKind::PerUprobe,
+            program: program.to_string(),
+            path: path.to_path_buf(),
+            pid,
+            count,
+        };
         if self.kind == MultiKind::PerUprobe {
             let mut fds = Vec::with_capacity(offsets.len());
             for (i, &offset) in offsets.iter().enumerate() {
@@ -1001,14 +1015,7 @@ impl MultiPrograms {
                     Ok(more) => fds.extend(more),
                     Err(e) => {
                         // What went in goes in the background (a grace period per probe).
-                        detach_in_background(vec![UprobeMultiLink {
-                            fds,
-                            per_uprobe: true,
-                            program: program.to_string(),
-                            path: path.to_path_buf(),
-                            pid,
-                            count: 0,
-                        }]);
+                        detach_in_background(vec![link(fds, 0)]);
                         return Err(fail(
                             format!("perf-event uprobe at offset {offset:#x}"),
                             Some(e),
@@ -1016,14 +1023,7 @@ impl MultiPrograms {
                     }
                 }
             }
-            return Ok(UprobeMultiLink {
-                fds,
-                per_uprobe: true,
-                program: program.to_string(),
-                path: path.to_path_buf(),
-                pid,
-                count: offsets.len(),
-            });
+            return Ok(link(fds, offsets.len()));
         }
         let flags = if retprobe {
             BPF_F_UPROBE_MULTI_RETURN
@@ -1057,14 +1057,7 @@ impl MultiPrograms {
             };
             fail(reason, Some(e))
         })?;
-        Ok(UprobeMultiLink {
-            fds: vec![fd],
-            per_uprobe: false,
-            program: program.to_string(),
-            path: path.to_path_buf(),
-            pid,
-            count: offsets.len(),
-        })
+        Ok(link(vec![fd], offsets.len()))
     }
 }
 
@@ -1190,12 +1183,11 @@ static ATTACHES_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 pub const DETACH_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Held by an attach request from when it is queued until it is done: while any is held, the
-/// closing thread holds back. Registering and unregistering a uprobe both take the kernel's
-/// uprobe registration lock (`dup_mmap_sem`, a per-CPU rwsem whose writer waits for an RCU
-/// grace period when it finds it idle). Closing the probes of workers that exit while others
-/// start made each registration wait for one: one perf-event uprobe per site (kernels without
-/// uprobe-multi) took 1.7 s for a worker's 17, and 87 of 100 workers living under a second
-/// were gone before theirs were in. Probes of an exited process cost nothing but memory
+/// closing thread holds back. Making a uprobe waits for the closes of others the kernel is in
+/// the middle of (they serialise on its uprobe and trace-event locks): closing the probes of
+/// workers that exit while others start, one perf-event uprobe per site (kernels without
+/// uprobe-multi) took 1.5-7 s for a starting worker's 17, and 87 of 100 workers living under
+/// a second were gone before theirs were in. Probes of an exited process cost nothing but memory
 /// while they wait; a starting worker's first commands are missed while its probes do.
 #[derive(Debug)]
 pub struct AttachTicket(());
@@ -1297,8 +1289,8 @@ pub fn close_links(links: Vec<UprobeMultiLink>) {
 
 /// [`close_links`] on up to `threads` threads. Perf-event uprobes are closed here, one at a
 /// time, each once no attach is waiting (at most [`DETACH_DEFER`] later): the kernel
-/// destroys them one after the other under its trace-event lock whatever the threads, a
-/// grace period each, and a worker's perf-event uprobes wait for every close queued before
+/// destroys them one after the other whatever the threads (about 10 per second here, on one
+/// thread as on 64), and a worker's perf-event uprobes wait for every close queued before
 /// them (12 exited workers' probes, closed on 64 threads, held a starting worker's for 7 s).
 pub fn close_links_on(links: Vec<UprobeMultiLink>, threads: usize) {
     let (per_uprobe, links): (Vec<_>, Vec<_>) =
