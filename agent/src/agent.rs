@@ -73,13 +73,20 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`), and
-    /// puts OpenSSL probes on workers newly seen talking TLS; on the agent's one-second tick,
-    /// not on scrapes, which may be rare.
+    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`), puts
+    /// OpenSSL probes on workers newly seen talking TLS, and follows the workers held back
+    /// while gone workers' probes were being closed; on the agent's one-second tick, not on
+    /// scrapes, which may be rare.
     pub fn adjust_narrowed_probes(&mut self) {
         if let Some(probes) = self.probes.as_mut() {
             probes.worker.adjust_narrowed_probes(&mut probes.ebpf);
             probes.worker.follow_tls(&self.proc);
+            let proc = &self.proc;
+            probes.worker.retry_held_back(
+                &mut probes.ebpf,
+                |pid| crate::ebpf::worker::uprobe_target(proc, pid),
+                |pid| proc.socket_peers(pid),
+            );
         }
     }
 
@@ -823,6 +830,7 @@ impl AgentState {
             for (reason, count) in [
                 ("redis_on_node", probes.worker.unfollowed()),
                 ("tls", probes.worker.unfollowed_tls()),
+                ("probe_backlog", probes.worker.held_back()),
             ] {
                 snapshot.push(
                     catalog::WORKERS_UNFOLLOWED,
@@ -833,6 +841,14 @@ impl AgentState {
                     },
                 );
             }
+            snapshot.push(
+                catalog::PROBES_CLOSING,
+                Point {
+                    attributes: vec![],
+                    start_time: epoch,
+                    value: PointValue::Gauge(crate::ebpf::uprobe_multi::closes_pending() as f64),
+                },
+            );
             for (via, call, count) in probes.worker.probes_off() {
                 snapshot.push(
                     catalog::WORKERS_PROBE_OFF,

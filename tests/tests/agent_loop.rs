@@ -363,3 +363,134 @@ assert s.recv(64).startswith(b"*-1"), "a timeout"
     );
     assert_no_lock_wait_over_200ms(&scrape);
 }
+
+/// Where uprobe-multi links are refused (kernels before 6.6; forced by `FANOUT_UPROBE_MULTI=0`)
+/// each worker's probes are 17 perf events, and the kernel releases a gone worker's at about 10
+/// a second. Workers that come and go faster (a parent forking a child per job) would grow the
+/// agent's fds and the kernel's memory without end: past a bound (2048 by default, 30 here
+/// through `FANOUT_MAX_CLOSES_PENDING`), a new worker is held back and counted as not
+/// followed, and it is followed once the closes have drained under half the bound.
+#[test]
+fn new_workers_wait_while_gone_workers_probes_are_released_then_are_followed() {
+    const GONE: usize = 6;
+    const TAG: &str = "fanout-backlog-worker";
+    require_root();
+    let redis = Redis::start(&[]);
+    let agent = Agent::start_with_env(
+        &["--worker-rule", &format!("backlog:cmdline={TAG}")],
+        &[
+            ("FANOUT_UPROBE_MULTI", "0"),
+            ("FANOUT_MAX_CLOSES_PENDING", "30"),
+        ],
+    );
+    wait_for("the Redis probed", Duration::from_secs(20), || {
+        (block_for_keys_states(&agent).get(&redis.proc.pid())? == "idle").then_some(())
+    });
+    // Each worker waits for a line on stdin, then sends one BRPOP that times out and exits.
+    let script = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sys.stdin.readline()
+s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$9\r\nbacklog:q\r\n$3\r\n0.2\r\n")
+assert s.recv(64).startswith(b"*-1"), "a timeout"
+"#;
+    let spawn = || Proc {
+        child: std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script, &redis.port.to_string(), TAG])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3"),
+        name: TAG.into(),
+    };
+    let followed = |pid: u32| {
+        agent
+            .log()
+            .contains(&format!("worker libc probes attached pid={pid} "))
+    };
+    let go = |worker: &mut Proc| {
+        let stdin = worker.child.stdin.as_mut().expect("piped");
+        std::io::Write::write_all(stdin, b"go\n").unwrap();
+        let status = worker.child.wait().unwrap();
+        assert!(status.success(), "worker {} failed", worker.pid());
+    };
+
+    // Followed, then gone at once: 6 x 17 perf-event uprobes to release.
+    let mut gone: Vec<Proc> = (0..GONE).map(|_| spawn()).collect();
+    wait_for(
+        "the first workers followed",
+        Duration::from_secs(30),
+        || gone.iter().all(|w| followed(w.pid())).then_some(()),
+    );
+    for worker in &mut gone {
+        go(worker);
+    }
+    let mut late = spawn();
+    let held_back = [("reason", "probe_backlog")];
+    let closing = poll_until(Duration::from_secs(10), || {
+        let scrape = agent.scrape();
+        (scrape.sum("fanout_workers_unfollowed", &held_back) == 1.0)
+            .then(|| scrape.sum("fanout_probes_closing", &[]))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the late worker was not held back: {}",
+            agent.scrape().sum("fanout_workers_unfollowed", &held_back)
+        )
+    });
+    assert!(
+        closing > 30.0,
+        "{closing} probes closing while it was held back"
+    );
+    assert!(!followed(late.pid()), "followed while held back");
+    assert!(
+        agent.log().contains("this worker is not followed yet"),
+        "the log says why"
+    );
+
+    // The kernel releases them at its pace; then the late worker is followed and counted.
+    let Some(waited) = poll_until(Duration::from_secs(60), || {
+        followed(late.pid()).then(Instant::now)
+    }) else {
+        panic!(
+            "the late worker was never followed: {} probes still closing",
+            agent.scrape().sum("fanout_probes_closing", &[])
+        );
+    };
+    eprintln!(
+        "late worker followed; probes closing then: {}",
+        agent.scrape().sum("fanout_probes_closing", &[])
+    );
+    assert_eq!(
+        agent.scrape().sum("fanout_workers_unfollowed", &held_back),
+        0.0,
+        "no worker held back once it is followed"
+    );
+    // Its connection predates its probes: give the state a moment to seed its peer.
+    std::thread::sleep(Duration::from_millis(300));
+    go(&mut late);
+    let matchers = [("process_group", "backlog"), ("outcome", "timeout")];
+    let counted = poll_until(Duration::from_secs(5), || {
+        let n = agent
+            .scrape()
+            .sum("worker_blocking_pop_duration_seconds_count", &matchers);
+        (n == (GONE + 1) as f64).then_some(n)
+    });
+    assert_eq!(
+        counted,
+        Some((GONE + 1) as f64),
+        "timed-out BRPOPs counted from the workers' side: {}",
+        agent
+            .scrape()
+            .sum("worker_blocking_pop_duration_seconds_count", &matchers)
+    );
+    // And every probe is released in the end (the late worker's too, now gone).
+    let released = poll_until(Duration::from_secs(30), || {
+        (agent.scrape().sum("fanout_probes_closing", &[]) == 0.0).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "{} probes still closing {:?} after the late worker was followed",
+        agent.scrape().sum("fanout_probes_closing", &[]),
+        waited.elapsed()
+    );
+}

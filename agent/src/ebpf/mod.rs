@@ -38,6 +38,8 @@ pub enum ProbeError {
     MissingMap(&'static str),
     #[error("eBPF map {name}: {message}")]
     Map { name: &'static str, message: String },
+    #[error("{pending} probes of gone workers wait for the kernel to release them (about 10 a second where uprobe-multi links are refused), more than {limit}: new workers are probed once fewer than half of that remain")]
+    ClosesBacklogged { pending: usize, limit: usize },
     #[error("loading or attaching {program} to tracepoint {category}:{name} failed: {message}")]
     Attach {
         program: &'static str,

@@ -1176,6 +1176,63 @@ impl UprobeMultiLink {
     }
 }
 
+/// Probe fds handed to the closing thread and not closed yet: links of uprobe-multi, and
+/// perf-event uprobes (kernels before 6.6), which the kernel releases one after the other.
+static CLOSES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many probe fds of gone workers wait for the kernel to release them
+/// (`fanout.probes.closing`).
+pub fn closes_pending() -> usize {
+    CLOSES_PENDING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Most perf-event uprobes waiting to be closed before new workers get none
+/// ([`closes_backlogged`]): about 120 gone workers' worth, which the kernel releases in about
+/// three and a half minutes at the 10 a second measured here.
+pub const MAX_CLOSES_PENDING: usize = 2048;
+
+/// Overrides [`MAX_CLOSES_PENDING`] (the tests use a small one).
+pub const MAX_CLOSES_PENDING_ENV: &str = "FANOUT_MAX_CLOSES_PENDING";
+
+/// [`MAX_CLOSES_PENDING`], or its override from the environment.
+pub fn max_closes_pending() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var(MAX_CLOSES_PENDING_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_CLOSES_PENDING)
+    })
+}
+
+/// Whether the closes waiting are past [`max_closes_pending`]. Where uprobe-multi links are
+/// refused, each worker's probes are 17 perf events, and the kernel releases about 10 a
+/// second whatever the threads: workers forked per job (Resque, RQ) that come faster than
+/// that would grow the agent's fds and the kernel's memory without end. Past the bound, new
+/// workers are not probed (counted as `fanout.workers.unfollowed{reason="probe_backlog"}`)
+/// and are probed once the closes fall under half of it.
+pub fn closes_backlogged() -> bool {
+    closes_pending() > max_closes_pending()
+}
+
+/// Whether the closes have fallen far enough under the bound for the workers held back by it
+/// to be probed (half of it: a backlog hovering at the bound would otherwise let one worker
+/// in per close).
+pub fn closes_drained() -> bool {
+    closes_pending() <= max_closes_pending() / 2
+}
+
+/// Counts down [`CLOSES_PENDING`] as an fd the closing thread took is closed (the fd is
+/// only held, to be closed when this drops).
+struct CountedFd(#[allow(dead_code)] OwnedFd);
+
+impl Drop for CountedFd {
+    fn drop(&mut self) {
+        // The fd closes when the field drops, right after this.
+        CLOSES_PENDING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Attach requests queued or in progress (see [`AttachTicket`]).
 static ATTACHES_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -1236,7 +1293,7 @@ fn detacher() -> &'static Option<std::sync::Mutex<std::sync::mpsc::Sender<Vec<Up
                     while let Ok(more) = rx.try_recv() {
                         batch.extend(more);
                     }
-                    close_links(batch);
+                    close_counted(batch, CLOSERS);
                 }
             });
         match spawned {
@@ -1266,6 +1323,9 @@ pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
         return;
     }
     let closer = detacher();
+    let fds: usize = links.iter().map(|link| link.fds.len()).sum();
+    // Counted before the thread can take them: it counts each down as it closes it.
+    CLOSES_PENDING.fetch_add(fds, std::sync::atomic::Ordering::Relaxed);
     let links = match closer {
         Some(tx) => {
             let tx = tx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -1277,7 +1337,7 @@ pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
         }
         None => links,
     };
-    close_links(links);
+    close_counted(links, CLOSERS);
 }
 
 /// Closes the links now, on up to [`CLOSERS`] threads (one per link at most), so that the
@@ -1293,22 +1353,40 @@ pub fn close_links(links: Vec<UprobeMultiLink>) {
 /// thread as on 64), and a worker's perf-event uprobes wait for every close queued before
 /// them (12 exited workers' probes, closed on 64 threads, held a starting worker's for 7 s).
 pub fn close_links_on(links: Vec<UprobeMultiLink>, threads: usize) {
+    close_links_with(links, threads, |fd| fd)
+}
+
+/// [`close_links_on`] for links [`detach_in_background`] counted in [`CLOSES_PENDING`].
+fn close_counted(links: Vec<UprobeMultiLink>, threads: usize) {
+    close_links_with(links, threads, CountedFd)
+}
+
+/// Closes the links' fds, each wrapped by `wrap` (whose drop closes it).
+fn close_links_with<T: Send>(
+    links: Vec<UprobeMultiLink>,
+    threads: usize,
+    wrap: impl Fn(OwnedFd) -> T,
+) {
     let (per_uprobe, links): (Vec<_>, Vec<_>) =
         links.into_iter().partition(UprobeMultiLink::per_uprobe);
     close_fds_on(
-        links.into_iter().flat_map(|link| link.fds).collect(),
+        links
+            .into_iter()
+            .flat_map(|link| link.fds)
+            .map(&wrap)
+            .collect(),
         threads,
     );
     for fd in per_uprobe.into_iter().flat_map(|link| link.fds) {
         wait_for_attaches(DETACH_DEFER);
-        drop(fd);
+        drop(wrap(fd));
     }
 }
 
-/// Closes `fds` on up to `threads` threads.
-fn close_fds_on(fds: Vec<OwnedFd>, threads: usize) {
+/// Closes `fds` (or what holds them) on up to `threads` threads.
+fn close_fds_on<T: Send>(fds: Vec<T>, threads: usize) {
     let threads = threads.clamp(1, fds.len().max(1));
-    let mut chunks: Vec<Vec<OwnedFd>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut chunks: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, fd) in fds.into_iter().enumerate() {
         chunks[i % threads].push(fd);
     }
@@ -1479,6 +1557,42 @@ pub fn resolve_probe_sites(path: &Path, names: &[&str]) -> Result<ProbeSites, Er
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn closes_handed_to_the_closing_thread_are_counted_until_done() {
+        // Pipes stand in for the probes' fds (closing a pipe's write end is what the thread
+        // does to a probe's fd; the read end then sees the end of the stream).
+        let mut readers = Vec::new();
+        let mut link = |per_uprobe: bool, count: usize| UprobeMultiLink {
+            fds: (0..count)
+                .map(|_| {
+                    let (reader, writer) = std::io::pipe().unwrap();
+                    readers.push(reader);
+                    OwnedFd::from(writer)
+                })
+                .collect(),
+            per_uprobe,
+            program: "test".into(),
+            path: PathBuf::from("/nonexistent"),
+            pid: None,
+            count,
+        };
+        let links = vec![link(true, 4), link(false, 1), link(false, 1)];
+        // Held while handing them over: the thread holds back while an attach waits.
+        let ticket = AttachTicket::new();
+        detach_in_background(links);
+        assert!(closes_pending() >= 6, "{} counted", closes_pending());
+        drop(ticket);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while closes_pending() != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(closes_pending(), 0, "every close counted down");
+        for mut reader in readers {
+            let mut rest = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
+        }
+    }
 
     #[test]
     fn attr_layouts_match_the_uapi() {

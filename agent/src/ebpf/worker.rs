@@ -521,6 +521,10 @@ pub struct WorkerMaps {
     pub syscalls_beside_redis: bool,
     /// Workers not followed because a Redis runs on this node.
     unfollowed: std::collections::BTreeSet<u32>,
+    /// Workers not probed yet because the perf-event uprobes of gone workers wait to be
+    /// closed past the bound (see `uprobe_multi::closes_backlogged`): asked for again once
+    /// the closes drain ([`Self::retry_held_back`]).
+    held_back: std::collections::BTreeSet<u32>,
     /// Followed workers whose only Redis traffic may be encrypted: they hold TLS connections,
     /// no RESP connection is followed, and their TLS library is not probed (see
     /// [`Self::note_tls_connections`]).
@@ -636,6 +640,7 @@ impl WorkerMaps {
             redis_on_node: false,
             syscalls_beside_redis: false,
             unfollowed: Default::default(),
+            held_back: Default::default(),
             tls_only: Default::default(),
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
@@ -675,12 +680,7 @@ impl WorkerMaps {
         if let Some(e) = &self.load_error {
             return Err(ProbeError::Load(e.clone()));
         }
-        let through_syscalls = match self.mode {
-            WorkerProbeMode::Syscalls => true,
-            WorkerProbeMode::Auto => !self.redis_on_node,
-            WorkerProbeMode::Libc => false,
-        };
-        if through_syscalls {
+        if self.through_syscalls() {
             self.attach_syscalls(ebpf)?;
             return self.start_following(pid, via::SYSCALLS, sockets, None);
         }
@@ -690,6 +690,16 @@ impl WorkerMaps {
                 let way = self.libc_refused(ebpf, pid, reason)?;
                 self.start_following(pid, way, sockets, None)
             }
+        }
+    }
+
+    /// Whether a worker tracked now is followed through the syscall tracepoints (else through
+    /// uprobes).
+    fn through_syscalls(&self) -> bool {
+        match self.mode {
+            WorkerProbeMode::Syscalls => true,
+            WorkerProbeMode::Auto => !self.redis_on_node,
+            WorkerProbeMode::Libc => false,
         }
     }
 
@@ -812,6 +822,20 @@ impl WorkerMaps {
         sockets: impl FnOnce() -> Vec<(u32, SocketPeer)>,
     ) {
         let pid = answer.pid;
+        if let Err(reason @ ProbeError::ClosesBacklogged { .. }) = &answer.outcome {
+            if self.held_back.is_empty() {
+                tracing::warn!(pid, %reason, "this worker is not followed yet: fanout.workers.unfollowed{{reason=\"probe_backlog\"}} counts the workers waiting");
+            } else {
+                tracing::debug!(pid, %reason, "this worker is not followed yet");
+            }
+            if pending.moving {
+                // Followed through the tracepoints until now, which a Redis on the node rules
+                // out.
+                self.forget(pid);
+            }
+            self.held_back.insert(pid);
+            return;
+        }
         let attached = answer.outcome.map(|links| self.take_libc_links(pid, links));
         let followed = match attached {
             Ok(attached) => {
@@ -886,6 +910,43 @@ impl WorkerMaps {
     /// Tracked workers not followed because a Redis runs on this node.
     pub fn unfollowed(&self) -> usize {
         self.unfollowed.len()
+    }
+
+    /// Tracked workers not probed yet because gone workers' probes wait to be closed.
+    pub fn held_back(&self) -> usize {
+        self.held_back.len()
+    }
+
+    /// Tracks again the workers held back by the closes' backlog, once it has drained under
+    /// half of its bound or they no longer need uprobes (on the agent's one-second tick): as
+    /// [`Self::track`], with `target` and `sockets` its arguments for a pid.
+    pub fn retry_held_back(
+        &mut self,
+        ebpf: &mut Ebpf,
+        mut target: impl FnMut(u32) -> Option<UprobeTarget>,
+        mut sockets: impl FnMut(u32) -> Vec<(u32, SocketPeer)>,
+    ) {
+        // Or at once if they would now be followed through the tracepoints (the Redis on the
+        // node is gone).
+        if self.held_back.is_empty()
+            || !(super::uprobe_multi::closes_drained() || self.through_syscalls())
+        {
+            return;
+        }
+        let pids = std::mem::take(&mut self.held_back);
+        tracing::info!(
+            workers = pids.len(),
+            "the probes of gone workers are released: following the workers held back"
+        );
+        for pid in pids {
+            match self.track(ebpf, pid, || target(pid), || sockets(pid)) {
+                Ok(()) => {}
+                Err(ProbeError::Disabled(why)) => tracing::debug!(pid, "{why}"),
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "worker probes unavailable; no worker-side blocking metrics for this worker")
+                }
+            }
+        }
     }
 
     /// Followed workers that hold TLS connections, no RESP connection the probes follow, and
@@ -1138,6 +1199,7 @@ impl WorkerMaps {
     /// group totals can keep it. Detaches the probes after the last worker.
     pub fn untrack(&mut self, pid: u32) -> WorkerReadings {
         self.unfollowed.remove(&pid);
+        self.held_back.remove(&pid);
         self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
         self.ways.remove(&pid);

@@ -317,6 +317,14 @@ impl Linker {
         // Reads are probed where their system call returned if that program loads; else at
         // entry and return.
         let plan = libc_plan(&sites, self.read_done_loaded());
+        if self.multi.loaded_programs().map(MultiPrograms::kind) == Some(MultiKind::PerUprobe)
+            && uprobe_multi::closes_backlogged()
+        {
+            return Err(ProbeError::ClosesBacklogged {
+                pending: uprobe_multi::closes_pending(),
+                limit: uprobe_multi::max_closes_pending(),
+            });
+        }
         check_libc_plan(&plan, &libc)?;
         let (Some(multi), Some(programs)) = (self.multi.loaded_programs(), self.multi.shared())
         else {

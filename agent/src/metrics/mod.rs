@@ -166,8 +166,14 @@ pub mod catalog {
     };
     pub const WORKERS_UNFOLLOWED: Descriptor = Descriptor {
         name: "fanout.workers.unfollowed",
-        description: "Tracked workers whose Redis traffic is not followed, by reason (redis_on_node: no uprobe target, and the syscall tracepoints would tax the Redis on this node; tls: followed, but holding TLS connections and no plain RESP one, so a Redis reached over TLS is not seen)",
+        description: "Tracked workers whose Redis traffic is not followed, by reason (redis_on_node: no uprobe target, and the syscall tracepoints would tax the Redis on this node; tls: followed, but holding TLS connections and no plain RESP one, so a Redis reached over TLS is not seen; probe_backlog: not probed until the probes of gone workers are released, see fanout.probes.closing)",
         unit: "{process}",
+        kind: Kind::Gauge,
+    };
+    pub const PROBES_CLOSING: Descriptor = Descriptor {
+        name: "fanout.probes.closing",
+        description: "Probes of gone workers the agent has closed and the kernel has yet to release (uprobe-multi links, or perf-event uprobes where those are refused, which the kernel releases about 10 a second); past 2048 perf-event uprobes (by default), new workers are held back (fanout.workers.unfollowed{reason=\"probe_backlog\"})",
+        unit: "{probe}",
         kind: Kind::Gauge,
     };
     pub const WORKERS_PROBE_OFF: Descriptor = Descriptor {
@@ -324,6 +330,7 @@ pub mod catalog {
         PROC_READ_ERRORS,
         EVENTS_LOST,
         WORKERS_UNFOLLOWED,
+        PROBES_CLOSING,
         WORKERS_PROBE_OFF,
         EXPORT_FAILURES,
         STATE_LOCK_WAIT,
