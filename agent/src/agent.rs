@@ -846,7 +846,7 @@ impl AgentState {
                 Point {
                     attributes: vec![],
                     start_time: epoch,
-                    value: PointValue::Gauge(crate::ebpf::uprobe_multi::closes_pending() as f64),
+                    value: PointValue::Gauge(crate::ebpf::link_closer::closes_pending() as f64),
                 },
             );
             for (via, call, count) in probes.worker.probes_off() {

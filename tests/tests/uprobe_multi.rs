@@ -14,6 +14,7 @@ use std::{
 };
 
 use fanout::ebpf::{
+    link_closer,
     uprobe_multi::{self, Error, LoadOptions, MultiPrograms, UprobeMultiLink},
     worker::LIBC_UPROBES,
     Probes,
@@ -192,7 +193,7 @@ fn uprobe_multi_links_on_a_python_client_count_three_brpop_timeouts() {
     // Nothing is counted once the links are closed.
     let started = Instant::now();
     let n = links.len();
-    uprobe_multi::close_links(links);
+    link_closer::close_links(links);
     eprintln!("closed {n} links in {:?}", started.elapsed());
     writeln!(stdin, "again").unwrap();
     line.clear();
@@ -355,7 +356,7 @@ fn uprobe_multi_attach_errors_are_clear_and_never_panic() {
     let id = link.id().expect("link id");
     assert!(link_exists(id));
     let started = Instant::now();
-    uprobe_multi::detach_in_background(vec![link]);
+    link_closer::detach_in_background(vec![link]);
     let returned = started.elapsed();
     assert!(returned < Duration::from_millis(20), "{returned:?}");
     wait_for(

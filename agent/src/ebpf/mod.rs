@@ -1,6 +1,7 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
 pub mod blocked_clients;
+pub mod link_closer;
 pub mod map_usage;
 pub mod narrowing;
 pub mod perf_uprobe;
@@ -192,7 +193,7 @@ impl Probes {
         let mut ebpf = load_object(counters.as_ref().ok().copied())?;
         let map_fds = std::sync::Arc::new(uprobe_multi::MapFds::collect(&ebpf));
         let status = sched::attach_tracepoints(&mut ebpf, counters);
-        uprobe_multi::start_detacher();
+        link_closer::start_detacher();
         let (redis_attacher, redis_attached) = redis_attach::RedisAttacher::start(map_fds.clone())
             .map_err(|e| {
                 ProbeError::Load(format!("cannot start the Redis attaching thread: {e}"))

@@ -5,7 +5,7 @@
 //! attaching thread, see `worker_attach`) can make them where uprobe-multi links are refused
 //! (kernels before 6.6). Closing the fd detaches the probe; each close waits for an RCU grace
 //! period in the kernel, so callers close them off their loop
-//! (`uprobe_multi::detach_in_background`).
+//! (`link_closer::detach_in_background`).
 
 use std::{
     ffi::CStr,

@@ -23,6 +23,7 @@ use std::{
 use agent_common::redis::RedisProcess;
 
 use super::{
+    link_closer,
     redis::{all_programs, placements, Location, Placement, PointState},
     uprobe_multi::{self, LazyPrograms, MapFds, UprobeMultiLink},
 };
@@ -281,7 +282,7 @@ impl Linker {
             match multi.attach(program, &binary.path, &offsets, None, retprobe) {
                 Ok(link) => links.push(link),
                 Err(e) => {
-                    uprobe_multi::close_links(links);
+                    link_closer::close_links(links);
                     return Err(format!("{program}: {e}"));
                 }
             }
@@ -334,7 +335,7 @@ impl Linker {
         for id in due {
             if let Some(linked) = self.binaries.remove(&id) {
                 tracing::debug!(path = %linked.binary.path.display(), links = linked.links.len(), "no tracked Redis runs this binary any more: detaching its probes");
-                uprobe_multi::detach_in_background(linked.links);
+                link_closer::detach_in_background(linked.links);
             }
         }
     }

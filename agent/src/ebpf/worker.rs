@@ -522,7 +522,7 @@ pub struct WorkerMaps {
     /// Workers not followed because a Redis runs on this node.
     unfollowed: std::collections::BTreeSet<u32>,
     /// Workers not probed yet because the perf-event uprobes of gone workers wait to be
-    /// closed past the bound (see `uprobe_multi::closes_backlogged`): asked for again once
+    /// closed past the bound (see `link_closer::closes_backlogged`): asked for again once
     /// the closes drain ([`Self::retry_held_back`]).
     held_back: std::collections::BTreeSet<u32>,
     /// Followed workers whose only Redis traffic may be encrypted: they hold TLS connections,
@@ -929,7 +929,7 @@ impl WorkerMaps {
         // Or at once if they would now be followed through the tracepoints (the Redis on the
         // node is gone).
         if self.held_back.is_empty()
-            || !(super::uprobe_multi::closes_drained() || self.through_syscalls())
+            || !(super::link_closer::closes_drained() || self.through_syscalls())
         {
             return;
         }
@@ -1234,14 +1234,14 @@ impl WorkerMaps {
         self.pending_libc.forget(pid);
         self.pending_ssl.forget(pid);
         if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
-            super::uprobe_multi::detach_in_background(vec![link]);
+            super::link_closer::detach_in_background(vec![link]);
         }
         let ssl_links = self.ssl_links.remove(&pid).map(|(links, _)| links);
         for WorkerLinks(links) in [self.libc_links.remove(&pid), ssl_links]
             .into_iter()
             .flatten()
         {
-            super::uprobe_multi::detach_in_background(links);
+            super::link_closer::detach_in_background(links);
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since

@@ -29,6 +29,7 @@ use std::{
 };
 
 use super::{
+    link_closer,
     uprobe_multi::{
         self, LazyPrograms, MapFds, MultiKind, MultiPrograms, ProbeSites, UprobeMultiLink,
     },
@@ -137,7 +138,7 @@ impl Answer {
             }) => links,
             _ => return,
         };
-        uprobe_multi::detach_in_background(links);
+        link_closer::detach_in_background(links);
     }
 }
 
@@ -154,8 +155,8 @@ enum Request {
     /// Load the programs now, before the first worker waits for them; say when done.
     Preload(mpsc::Sender<()>),
     /// A request, and its ticket (closing links holds back until it is done).
-    Libc(LibcRequest, uprobe_multi::AttachTicket),
-    Ssl(SslRequest, uprobe_multi::AttachTicket),
+    Libc(LibcRequest, link_closer::AttachTicket),
+    Ssl(SslRequest, link_closer::AttachTicket),
 }
 
 /// The handle the worker side keeps; requests are answered, in order, on the receiver
@@ -191,14 +192,14 @@ impl WorkerAttacher {
     /// Asks for `request`'s worker's libc probes; false when the thread is gone.
     pub fn attach_libc(&self, request: LibcRequest) -> bool {
         self.requests
-            .send(Request::Libc(request, uprobe_multi::AttachTicket::new()))
+            .send(Request::Libc(request, link_closer::AttachTicket::new()))
             .is_ok()
     }
 
     /// Asks for `request`'s worker's OpenSSL probes; false when the thread is gone.
     pub fn attach_ssl(&self, request: SslRequest) -> bool {
         self.requests
-            .send(Request::Ssl(request, uprobe_multi::AttachTicket::new()))
+            .send(Request::Ssl(request, link_closer::AttachTicket::new()))
             .is_ok()
     }
 }
@@ -318,11 +319,11 @@ impl Linker {
         // entry and return.
         let plan = libc_plan(&sites, self.read_done_loaded());
         if self.multi.loaded_programs().map(MultiPrograms::kind) == Some(MultiKind::PerUprobe)
-            && uprobe_multi::closes_backlogged()
+            && link_closer::closes_backlogged()
         {
             return Err(ProbeError::ClosesBacklogged {
-                pending: uprobe_multi::closes_pending(),
-                limit: uprobe_multi::max_closes_pending(),
+                pending: link_closer::closes_pending(),
+                limit: link_closer::max_closes_pending(),
             });
         }
         check_libc_plan(&plan, &libc)?;
@@ -391,7 +392,7 @@ impl Linker {
                 Ok(link) => links.extend(link),
                 Err(e) => {
                     links.extend(write_link);
-                    uprobe_multi::detach_in_background(links);
+                    link_closer::detach_in_background(links);
                     return Err(ProbeError::Attach {
                         program,
                         category: if multi.kind() == MultiKind::PerUprobe {
@@ -459,7 +460,7 @@ impl Linker {
             match multi.attach(program, &libssl, offsets, Some(pid), retprobe) {
                 Ok(link) => links.push(link),
                 Err(e) => {
-                    uprobe_multi::detach_in_background(links);
+                    link_closer::detach_in_background(links);
                     return Err(e.to_string());
                 }
             }
