@@ -283,6 +283,27 @@ fn thirty_workers_started_at_once_are_followed_without_stalling_the_agent_withou
     thirty_workers_at_once(&[("FANOUT_UPROBE_MULTI", "0")]);
 }
 
+/// A python3 worker (its command line carries `tag`) connected to the Redis on `port`: at a
+/// line on its stdin it sends one BRPOP with a 0.2 s timeout, checks that it timed out and
+/// exits.
+fn one_brpop_worker(port: u16, tag: &str) -> Proc {
+    let script = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sys.stdin.readline()
+s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$8\r\nfanout:q\r\n$3\r\n0.2\r\n")
+assert s.recv(64).startswith(b"*-1"), "a timeout"
+"#;
+    Proc {
+        child: std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script, &port.to_string(), tag])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3"),
+        name: tag.into(),
+    }
+}
+
 fn thirty_workers_at_once(env: &[(&str, &str)]) {
     const WORKERS: usize = 30;
     const TAG: &str = "fanout-burst-worker";
@@ -296,23 +317,9 @@ fn thirty_workers_at_once(env: &[(&str, &str)]) {
     let scraper = scrape_until(&agent, &stop);
     std::thread::sleep(Duration::from_millis(300));
 
-    let script = r#"
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-sys.stdin.readline()
-s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$7\r\nburst:q\r\n$3\r\n0.2\r\n")
-assert s.recv(64).startswith(b"*-1"), "a timeout"
-"#;
     let started = Instant::now();
     let mut workers: Vec<Proc> = (0..WORKERS)
-        .map(|_| Proc {
-            child: std::process::Command::new("/usr/bin/python3")
-                .args(["-c", script, &redis.port.to_string(), TAG])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3"),
-            name: TAG.into(),
-        })
+        .map(|_| one_brpop_worker(redis.port, TAG))
         .collect();
     let mut unfollowed: Vec<u32> = Vec::new();
     let all_followed = poll_until(Duration::from_secs(30), || {
@@ -386,22 +393,7 @@ fn new_workers_wait_while_gone_workers_probes_are_released_then_are_followed() {
     wait_for("the Redis probed", Duration::from_secs(20), || {
         (block_for_keys_states(&agent).get(&redis.proc.pid())? == "idle").then_some(())
     });
-    // Each worker waits for a line on stdin, then sends one BRPOP that times out and exits.
-    let script = r#"
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-sys.stdin.readline()
-s.sendall(b"*3\r\n$5\r\nBRPOP\r\n$9\r\nbacklog:q\r\n$3\r\n0.2\r\n")
-assert s.recv(64).startswith(b"*-1"), "a timeout"
-"#;
-    let spawn = || Proc {
-        child: std::process::Command::new("/usr/bin/python3")
-            .args(["-c", script, &redis.port.to_string(), TAG])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3"),
-        name: TAG.into(),
-    };
+    let spawn = || one_brpop_worker(redis.port, TAG);
     let followed = |pid: u32| {
         agent
             .log()
