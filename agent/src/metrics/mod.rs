@@ -172,7 +172,7 @@ pub mod catalog {
     };
     pub const PROBES_CLOSING: Descriptor = Descriptor {
         name: "fanout.probes.closing",
-        description: "Probes of gone workers the agent has closed and the kernel has yet to release (uprobe-multi links, or perf-event uprobes where those are refused, which the kernel releases about 10 a second); past 2048 perf-event uprobes (by default), new workers are held back (fanout.workers.unfollowed{reason=\"probe_backlog\"})",
+        description: "Probes the agent has closed (those of gone workers, and of gone Redis servers) and the kernel has yet to release (uprobe-multi links, or perf-event uprobes where those are refused, which the kernel releases about 10 a second); past 2048 perf-event uprobes (by default), new workers are held back (fanout.workers.unfollowed{reason=\"probe_backlog\"})",
         unit: "{probe}",
         kind: Kind::Gauge,
     };
