@@ -600,6 +600,15 @@ pub enum MultiKind {
 }
 
 impl MultiKind {
+    /// How the log and errors name the probes of this kind: `uprobe-multi` for a link (of
+    /// either multi kind), `uprobe` for one perf event per site.
+    pub fn probe_name(self) -> &'static str {
+        match self {
+            Self::Multi | Self::Session => "uprobe-multi",
+            Self::PerUprobe => "uprobe",
+        }
+    }
+
     fn attach_type(self) -> u32 {
         match self {
             Self::Multi => BPF_TRACE_UPROBE_MULTI,

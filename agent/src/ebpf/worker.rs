@@ -456,11 +456,13 @@ impl WorkerLinks {
     }
 
     fn kind(&self) -> &'static str {
-        if self.0.iter().any(|link| link.per_uprobe()) {
-            "uprobe"
+        let per_uprobe = self.0.iter().any(|link| link.per_uprobe());
+        if per_uprobe {
+            super::uprobe_multi::MultiKind::PerUprobe
         } else {
-            "uprobe-multi"
+            super::uprobe_multi::MultiKind::Multi
         }
+        .probe_name()
     }
 }
 

@@ -395,11 +395,7 @@ impl Linker {
                     link_closer::detach_in_background(links);
                     return Err(ProbeError::Attach {
                         program,
-                        category: if multi.kind() == MultiKind::PerUprobe {
-                            "uprobe"
-                        } else {
-                            "uprobe-multi"
-                        },
+                        category: multi.kind().probe_name(),
                         name: "libc",
                         message: e.to_string(),
                     });
