@@ -19,8 +19,8 @@ use super::uprobe_multi::UprobeMultiLink;
 /// perf-event uprobes (kernels before 6.6), which the kernel releases one after the other.
 static CLOSES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many probe fds of gone workers wait for the kernel to release them
-/// (`fanout.probes.closing`).
+/// How many probe fds handed to the closing thread (gone workers' and gone Redis servers')
+/// wait for the kernel to release them (`fanout.probes.closing`).
 pub fn closes_pending() -> usize {
     CLOSES_PENDING.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -132,7 +132,7 @@ fn detacher() -> &'static Option<std::sync::Mutex<std::sync::mpsc::Sender<Vec<Up
                     while let Ok(more) = rx.try_recv() {
                         batch.extend(more);
                     }
-                    close_counted(batch, CLOSERS);
+                    close_counted(batch);
                 }
             });
         match spawned {
@@ -176,36 +176,28 @@ pub fn detach_in_background(links: Vec<UprobeMultiLink>) {
         }
         None => links,
     };
-    close_counted(links, CLOSERS);
+    close_counted(links);
 }
 
-/// Closes the links now, on up to [`CLOSERS`] threads (one per link at most), so that the
-/// kernel's synchronisations overlap: 900 links (100 processes) take about 45 s closed one
-/// after the other, 7 s on 8 threads, 1 s on 64 (measured; see the module docs).
+/// Closes the links now. Uprobe-multi links are closed on up to [`CLOSERS`] threads (one
+/// per link at most), so that the kernel's synchronisations overlap: 900 links (100
+/// processes) take about 45 s closed one after the other, 7 s on 8 threads, 1 s on 64
+/// (measured; see the module docs). Perf-event uprobes are closed one at a time, each once no
+/// attach is waiting (at most [`DETACH_DEFER`] later): the kernel destroys them one after the
+/// other whatever the threads (about 10 per second here, on one thread as on 64), and a
+/// worker's perf-event uprobes wait for every close queued before them (12 exited workers'
+/// probes, closed on 64 threads, held a starting worker's for 7 s).
 pub fn close_links(links: Vec<UprobeMultiLink>) {
-    close_links_on(links, CLOSERS)
+    close_links_with(links, |fd| fd)
 }
 
-/// [`close_links`] on up to `threads` threads. Perf-event uprobes are closed here, one at a
-/// time, each once no attach is waiting (at most [`DETACH_DEFER`] later): the kernel
-/// destroys them one after the other whatever the threads (about 10 per second here, on one
-/// thread as on 64), and a worker's perf-event uprobes wait for every close queued before
-/// them (12 exited workers' probes, closed on 64 threads, held a starting worker's for 7 s).
-pub fn close_links_on(links: Vec<UprobeMultiLink>, threads: usize) {
-    close_links_with(links, threads, |fd| fd)
-}
-
-/// [`close_links_on`] for links [`detach_in_background`] counted in [`CLOSES_PENDING`].
-fn close_counted(links: Vec<UprobeMultiLink>, threads: usize) {
-    close_links_with(links, threads, CountedFd)
+/// [`close_links`] for links [`detach_in_background`] counted in [`CLOSES_PENDING`].
+fn close_counted(links: Vec<UprobeMultiLink>) {
+    close_links_with(links, CountedFd)
 }
 
 /// Closes the links' fds, each wrapped by `wrap` (whose drop closes it).
-fn close_links_with<T: Send>(
-    links: Vec<UprobeMultiLink>,
-    threads: usize,
-    wrap: impl Fn(OwnedFd) -> T,
-) {
+fn close_links_with<T: Send>(links: Vec<UprobeMultiLink>, wrap: impl Fn(OwnedFd) -> T) {
     let (per_uprobe, links): (Vec<_>, Vec<_>) =
         links.into_iter().partition(UprobeMultiLink::per_uprobe);
     close_fds_on(
@@ -214,7 +206,7 @@ fn close_links_with<T: Send>(
             .flat_map(UprobeMultiLink::into_fds)
             .map(&wrap)
             .collect(),
-        threads,
+        CLOSERS,
     );
     for fd in per_uprobe.into_iter().flat_map(UprobeMultiLink::into_fds) {
         wait_for_attaches(DETACH_DEFER);
@@ -249,13 +241,14 @@ pub const CLOSERS: usize = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ebpf::uprobe_multi::MultiKind;
 
     #[test]
     fn closes_handed_to_the_closing_thread_are_counted_until_done() {
         // Pipes stand in for the probes' fds (closing a pipe's write end is what the thread
         // does to a probe's fd; the read end then sees the end of the stream).
         let mut readers = Vec::new();
-        let mut link = |per_uprobe: bool, count: usize| {
+        let mut link = |kind: MultiKind, count: usize| {
             let fds = (0..count)
                 .map(|_| {
                     let (reader, writer) = std::io::pipe().unwrap();
@@ -263,9 +256,13 @@ mod tests {
                     OwnedFd::from(writer)
                 })
                 .collect();
-            UprobeMultiLink::of_fds(fds, per_uprobe)
+            UprobeMultiLink::of_fds(fds, kind)
         };
-        let links = vec![link(true, 4), link(false, 1), link(false, 1)];
+        let links = vec![
+            link(MultiKind::PerUprobe, 4),
+            link(MultiKind::Multi, 1),
+            link(MultiKind::Multi, 1),
+        ];
         // Held while handing them over: the thread holds back while an attach waits.
         let ticket = AttachTicket::new();
         detach_in_background(links);

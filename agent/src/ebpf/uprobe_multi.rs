@@ -1003,7 +1003,7 @@ impl MultiPrograms {
         let c_path = c_path(path).map_err(|r| fail(r, None))?;
         let link = |fds, count| UprobeMultiLink {
             fds,
-            per_uprobe: self.kind == MultiKind::PerUprobe,
+            kind: self.kind,
             program: program.to_string(),
             path: path.to_path_buf(),
             pid,
@@ -1129,7 +1129,8 @@ pub struct UprobeMultiLink {
     /// The link's fd, or the perf events' (one per offset, each with its link's where a
     /// cookie was passed).
     fds: Vec<OwnedFd>,
-    per_uprobe: bool,
+    /// What the programs were loaded for: a link of either multi kind, or perf events.
+    kind: MultiKind,
     program: String,
     path: PathBuf,
     pid: Option<u32>,
@@ -1156,7 +1157,12 @@ impl UprobeMultiLink {
 
     /// Whether this is one perf-event uprobe per offset rather than a uprobe-multi link.
     pub fn per_uprobe(&self) -> bool {
-        self.per_uprobe
+        self.kind == MultiKind::PerUprobe
+    }
+
+    /// What its programs were loaded for.
+    pub fn kind(&self) -> MultiKind {
+        self.kind
     }
 
     /// The link's fd (the first perf event's, for perf-event uprobes).
@@ -1166,7 +1172,7 @@ impl UprobeMultiLink {
 
     /// The kernel's id of the link (what `bpftool link` lists); perf-event uprobes have none.
     pub fn id(&self) -> io::Result<u32> {
-        if self.per_uprobe {
+        if self.per_uprobe() {
             return Err(io::Error::other("perf-event uprobes are not a BPF link"));
         }
         let mut info = LinkInfoHead::default();
@@ -1196,11 +1202,11 @@ impl UprobeMultiLink {
 
     /// A link over `fds` that are not probes (pipes, in tests of the closing thread).
     #[cfg(test)]
-    pub(super) fn of_fds(fds: Vec<OwnedFd>, per_uprobe: bool) -> Self {
+    pub(super) fn of_fds(fds: Vec<OwnedFd>, kind: MultiKind) -> Self {
         let count = fds.len();
         Self {
             fds,
-            per_uprobe,
+            kind,
             program: "test".into(),
             path: PathBuf::from("/nonexistent"),
             pid: None,

@@ -22,6 +22,7 @@ use super::{
     attach_tracepoint, load_programs,
     narrowing::{self, Connections, Direction, Verdict},
     remove_keys_where, take_map,
+    uprobe_multi::{MultiKind, UprobeMultiLink},
     worker_attach::{
         Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
         SslRequest, WorkerAttacher, WriteLink,
@@ -444,7 +445,7 @@ pub(super) fn attach_write_probe(
 
 /// The uprobes that follow one worker: one uprobe-multi link per program, or where those
 /// are refused one perf-event uprobe per site, made by the attaching thread.
-struct WorkerLinks(Vec<super::uprobe_multi::UprobeMultiLink>);
+struct WorkerLinks(Vec<UprobeMultiLink>);
 
 impl WorkerLinks {
     /// Links, or uprobes where each site is one.
@@ -455,14 +456,14 @@ impl WorkerLinks {
             .sum()
     }
 
+    /// How the log names them (`uprobe` if any is a perf-event uprobe).
     fn kind(&self) -> &'static str {
-        let per_uprobe = self.0.iter().any(|link| link.per_uprobe());
-        if per_uprobe {
-            super::uprobe_multi::MultiKind::PerUprobe
+        let kind = if self.0.iter().any(UprobeMultiLink::per_uprobe) {
+            MultiKind::PerUprobe
         } else {
-            super::uprobe_multi::MultiKind::Multi
-        }
-        .probe_name()
+            MultiKind::Multi
+        };
+        kind.probe_name()
     }
 }
 
