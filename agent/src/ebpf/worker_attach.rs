@@ -318,19 +318,17 @@ impl Linker {
         // Reads are probed where their system call returned if that program loads; else at
         // entry and return.
         let plan = libc_plan(&sites, self.read_done_loaded());
-        if self.multi.loaded_programs().map(MultiPrograms::kind) == Some(MultiKind::PerUprobe)
-            && link_closer::closes_backlogged()
-        {
-            return Err(ProbeError::ClosesBacklogged {
-                pending: link_closer::closes_pending(),
-                limit: link_closer::max_closes_pending(),
-            });
-        }
         check_libc_plan(&plan, &libc)?;
         let (Some(multi), Some(programs)) = (self.multi.loaded_programs(), self.multi.shared())
         else {
             unreachable!("loaded above");
         };
+        if multi.kind() == MultiKind::PerUprobe && link_closer::closes_backlogged() {
+            return Err(ProbeError::ClosesBacklogged {
+                pending: link_closer::closes_pending(),
+                limit: link_closer::max_closes_pending(),
+            });
+        }
         // Perf-event uprobes on a kernel before 5.15 carry no cookie to tell `write` from
         // `send`: `write` stays in with the rest, as where it cannot be held open.
         let cookies = multi.kind() != MultiKind::PerUprobe
