@@ -73,7 +73,7 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::narrowing`), puts
+    /// Takes out or puts back workers' `write()`/`read()` probes (see `ebpf::worker::narrowing`), puts
     /// OpenSSL probes on workers newly seen talking TLS, and follows the workers held back
     /// while gone workers' probes were being closed; on the agent's one-second tick, not on
     /// scrapes, which may be rare.
@@ -373,8 +373,8 @@ impl AgentState {
     }
 
     /// Installs the probes the worker attaching thread made for a worker (see
-    /// `ebpf::worker_attach`): its libc probes (it is followed from now), or its OpenSSL ones.
-    pub fn install_worker_probes(&mut self, answer: crate::ebpf::worker_attach::Answer) {
+    /// `ebpf::worker::attach`): its libc probes (it is followed from now), or its OpenSSL ones.
+    pub fn install_worker_probes(&mut self, answer: crate::ebpf::worker::attach::Answer) {
         if let Some(probes) = self.probes.as_mut() {
             let proc = &self.proc;
             let pid = answer.pid();

@@ -236,7 +236,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often workers' `write()`/`read()` probes are looked at (`ebpf::narrowing`): a new
+/// How often workers' `write()`/`read()` probes are looked at (`ebpf::worker::narrowing`): a new
 /// connection of a worker whose probe is out waits at most this long for it to come back.
 const NARROWING_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -16,7 +16,7 @@ use std::{
 use fanout::ebpf::{
     link_closer,
     uprobe_multi::{self, Error, LoadOptions, MultiPrograms, UprobeMultiLink},
-    worker::LIBC_UPROBES,
+    worker::plan::LIBC_UPROBES,
     Probes,
 };
 use integration_tests::{mapped_byte, require_root, wait_for, Proc, Redis};

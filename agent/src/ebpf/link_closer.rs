@@ -238,6 +238,23 @@ fn close_fds_on<T: Send>(fds: Vec<T>, threads: usize) {
 /// Threads [`close_links`] uses at most.
 pub const CLOSERS: usize = 64;
 
+/// Runs `close` on a thread of its own, whose handle is returned (closing a link or a
+/// tracepoint waits for RCU grace periods; the caller may have to wait for it before putting
+/// the same probe back); if no thread can be started, what it holds is closed here, as it is
+/// dropped.
+pub(crate) fn close_on_own_thread(
+    name: &str,
+    close: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.into()).spawn(close) {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread to detach probes; detached on the agent's loop");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

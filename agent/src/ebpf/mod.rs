@@ -3,7 +3,6 @@
 pub mod blocked_clients;
 pub mod link_closer;
 pub mod map_usage;
-pub mod narrowing;
 pub mod perf_uprobe;
 pub mod redis;
 pub mod redis_attach;
@@ -12,7 +11,6 @@ pub mod slots;
 pub mod stack_depth;
 pub mod uprobe_multi;
 pub mod worker;
-pub mod worker_attach;
 
 use aya::{programs::TracePoint, Ebpf, EbpfLoader};
 
@@ -166,7 +164,7 @@ pub struct Rings {
     /// Redis processes whose probes the attaching thread prepared, to install.
     pub redis_attached: tokio::sync::mpsc::UnboundedReceiver<redis_attach::Attached>,
     /// Workers whose probes the attaching thread made, to install.
-    pub worker_attached: tokio::sync::mpsc::UnboundedReceiver<worker_attach::Answer>,
+    pub worker_attached: tokio::sync::mpsc::UnboundedReceiver<worker::attach::Answer>,
 }
 
 /// Everything loaded into the kernel. Dropping it detaches every program.
@@ -199,7 +197,7 @@ impl Probes {
                 ProbeError::Load(format!("cannot start the Redis attaching thread: {e}"))
             })?;
         let (worker_attacher, worker_attached) =
-            worker_attach::WorkerAttacher::start(map_fds.clone()).map_err(|e| {
+            worker::attach::WorkerAttacher::start(map_fds.clone()).map_err(|e| {
                 ProbeError::Load(format!("cannot start the worker attaching thread: {e}"))
             })?;
         let ring = Rings {

@@ -2,7 +2,7 @@
 //! to it by `BPF_LINK_CREATE`, with a cookie, or by `PERF_EVENT_IOC_SET_BPF`, without), made
 //! from a raw program fd: what aya's `UProbe::attach` does,
 //! without the aya object, so that a thread that holds only program fds (the worker
-//! attaching thread, see `worker_attach`) can make them where uprobe-multi links are refused
+//! attaching thread, see `worker::attach`) can make them where uprobe-multi links are refused
 //! (kernels before 6.6). Closing the fd detaches the probe; each close waits for an RCU grace
 //! period in the kernel, so callers close them off their loop
 //! (`link_closer::detach_in_background`).

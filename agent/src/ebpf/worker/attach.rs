@@ -8,14 +8,14 @@
 //! the state lock, 30 workers started at once beside a Redis held it 1.8 s, then 50-100 ms
 //! per worker, and a scrape waited 1.9 s for it (50 workers: 3.0 s and 2.9 s). One thread
 //! does that work, a worker at a time, and hands back the links, which the state installs in
-//! a moment ([`super::worker::WorkerMaps::install`]). The OpenSSL probes go the same way:
+//! a moment ([`super::WorkerMaps::install`]). The OpenSSL probes go the same way:
 //! their programs take most of a second to verify, at the first TLS worker.
 //!
 //! A uprobe asks no filter (see `worker_tgid` in the probes): the links are live as soon as
 //! they are made, before the state seeds the worker's socket peers, as they were when the
 //! state made them itself; the seeding mends what they saw meanwhile. Where uprobe-multi links
 //! are refused (kernels before 6.6), the thread loads the same programs for perf-event
-//! uprobes and makes one per probe site ([`super::perf_uprobe`]), 17 per worker: made under
+//! uprobes and makes one per probe site ([`crate::ebpf::perf_uprobe`]), 17 per worker: made under
 //! the state lock, as they were before, a burst of 30 workers held it for seconds.
 
 use std::{
@@ -28,14 +28,14 @@ use std::{
     time::Instant,
 };
 
-use super::{
+use super::plan::{
+    attach_write_probe, check_libc_plan, fd_path, libc_plan, ssl_plan, UprobeTarget, LIBC_UPROBES,
+    READ_DONE_FUNCTIONS, READ_DONE_PROGRAM, SSL_UPROBES, WRITE_PROGRAM,
+};
+use crate::ebpf::{
     link_closer,
     uprobe_multi::{
         self, LazyPrograms, MapFds, MultiKind, MultiPrograms, ProbeSites, UprobeMultiLink,
-    },
-    worker::{
-        attach_write_probe, check_libc_plan, fd_path, libc_plan, ssl_plan, UprobeTarget,
-        LIBC_UPROBES, READ_DONE_FUNCTIONS, READ_DONE_PROGRAM, SSL_UPROBES, WRITE_PROGRAM,
     },
     ProbeError,
 };
@@ -334,7 +334,7 @@ impl Linker {
         let cookies = multi.kind() != MultiKind::PerUprobe
             || multi
                 .program_fd(WRITE_PROGRAM)
-                .is_some_and(super::perf_uprobe::cookies_supported);
+                .is_some_and(crate::ebpf::perf_uprobe::cookies_supported);
         let write_offset = cookies
             .then(|| sites.entries.get("write").copied())
             .flatten();

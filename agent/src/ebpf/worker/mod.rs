@@ -1,5 +1,17 @@
-//! The worker-side syscall probes: attached while at least one worker process is tracked
-//! (so a host with only Redis pays nothing), fed with the tracked pids, and read back.
+//! The worker side: the probes that follow worker processes' Redis traffic, attached while
+//! at least one worker process is tracked (so a host with only Redis pays nothing), fed with
+//! the tracked pids, and read back.
+//!
+//! A worker is followed one of two ways: through the syscall tracepoints ([`tracepoints`]),
+//! which every process on the node passes, or through uprobes in its own C library
+//! ([`plan`] says which go where; [`attach`] makes them on a thread of its own). The probes
+//! on `write()` and `read()` are taken out while no followed connection goes through them
+//! ([`narrowing`] decides when).
+
+pub mod attach;
+pub mod narrowing;
+pub mod plan;
+pub mod tracepoints;
 
 use std::collections::BTreeMap;
 
@@ -8,101 +20,36 @@ use agent_common::{
     redis::KeyHistogram,
     sched::Log2Histogram,
     worker::{
-        io_site, not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, SslKey, WorkerHistKey,
+        not_resp_slot, via, ConnKey, ConnState, Peer, ServedKey, SslKey, WorkerHistKey,
         WorkerKeysKey, MAX_WORKER_HISTOGRAMS,
     },
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::{trace_point::TracePointLinkId, TracePoint},
+    programs::trace_point::TracePointLinkId,
     Ebpf,
 };
 
 use super::{
-    attach_tracepoint, load_programs,
-    narrowing::{self, Connections, Direction, Verdict},
-    remove_keys_where, take_map,
+    attach_tracepoint,
+    link_closer::close_on_own_thread,
+    load_programs, remove_keys_where, take_map,
     uprobe_multi::{MultiKind, UprobeMultiLink},
-    worker_attach::{
-        Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
-        SslRequest, WorkerAttacher, WriteLink,
-    },
     ProbeError, TracepointSpec,
 };
 use crate::proc_reader::SocketPeer;
-
-const fn syscall(program: &'static str, name: &'static str) -> TracepointSpec {
-    TracepointSpec {
-        program,
-        category: "syscalls",
-        name,
-    }
-}
-
-/// The tracepoints that see every `write()` and `read()` on the node: detached while every
-/// worker followed through the tracepoints uses `sendto` and `recvfrom` (see [`narrowing`]).
-const SYS_ENTER_WRITE: TracepointSpec = syscall("worker_enter_write", "sys_enter_write");
-const SYS_ENTER_READ: TracepointSpec = syscall("worker_enter_read", "sys_enter_read");
-const SYS_EXIT_READ: TracepointSpec = syscall("worker_exit_read", "sys_exit_read");
-const SYS_EXIT_READ_ALONE: TracepointSpec = syscall("worker_exit_read_regs", "sys_exit_read");
-
-/// How `read()` and `recvfrom()` are followed: their tracepoints, and the narrowing groups
-/// that go with them (the write group, then the read group).
-struct ReadFollowing {
-    tracepoints: &'static [TracepointSpec],
-    groups: [SyscallGroup; 2],
-}
-
-/// At their exit only: the program reads the fd and the buffer from the registers the task
-/// saved at the entry (`worker_exit_read_regs`, which needs the kernel's BTF for
-/// `bpf_get_current_task_btf`).
-const READS_AT_EXIT: ReadFollowing = ReadFollowing {
-    tracepoints: &[
-        SYS_EXIT_READ_ALONE,
-        syscall("worker_exit_read_regs", "sys_exit_recvfrom"),
-    ],
-    groups: [
-        WRITE_GROUP,
-        SyscallGroup {
-            direction: Direction::Read,
-            specs: &[SYS_EXIT_READ_ALONE],
-            name: "sys_exit_read",
-        },
-    ],
+use attach::{
+    Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
+    SslRequest, WorkerAttacher, WriteLink,
+};
+use narrowing::{Connections, Direction, Verdict};
+use plan::{attach_write_probe, fd_path, LIBC_UPROBES};
+use tracepoints::{
+    drop_tracepoint_links, ReadFollowing, SyscallGroup, READS_AT_BOTH_ENDS, READS_AT_EXIT,
+    WORKER_TRACEPOINTS,
 };
 
-/// The fallback where that program does not load: the entry saves the buffer for the exit.
-const READS_AT_BOTH_ENDS: ReadFollowing = ReadFollowing {
-    tracepoints: &[
-        SYS_ENTER_READ,
-        syscall("worker_enter_read", "sys_enter_recvfrom"),
-        SYS_EXIT_READ,
-        syscall("worker_exit_read", "sys_exit_recvfrom"),
-    ],
-    groups: [
-        WRITE_GROUP,
-        SyscallGroup {
-            direction: Direction::Read,
-            specs: &[SYS_ENTER_READ, SYS_EXIT_READ],
-            name: "sys_enter_read and sys_exit_read",
-        },
-    ],
-};
-
-/// The syscalls followed besides `read()` and `recvfrom()` (one of the two sets above), and
-/// the program each runs.
-const WORKER_TRACEPOINTS: [TracepointSpec; 10] = [
-    SYS_ENTER_WRITE,
-    syscall("worker_enter_write", "sys_enter_sendto"),
-    syscall("worker_enter_writev", "sys_enter_writev"),
-    syscall("worker_enter_sendmsg", "sys_enter_sendmsg"),
-    syscall("worker_enter_readv", "sys_enter_readv"),
-    syscall("worker_enter_recvmsg", "sys_enter_recvmsg"),
-    syscall("worker_exit_read", "sys_exit_readv"),
-    syscall("worker_exit_read", "sys_exit_recvmsg"),
-    syscall("worker_enter_close", "sys_enter_close"),
-    syscall("worker_enter_connect", "sys_enter_connect"),
-];
+pub use plan::{uprobe_target, UprobeTarget};
 
 /// How the worker side sees the workers' traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -124,38 +71,6 @@ pub enum WorkerProbeMode {
     Libc,
 }
 
-/// Where a worker's uprobes go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UprobeTarget {
-    /// The C library the process maps.
-    SharedLibc(std::path::PathBuf),
-    /// A static executable, which carries the C library functions itself.
-    OwnExecutable(std::path::PathBuf),
-}
-
-/// Where `pid`'s uprobes would go: the libc it maps, or, for a static executable, the
-/// executable itself (it carries the C library's `write`, `read`, ... when it was linked
-/// against one; whether it does is found out when attaching). `None` for Go binaries, whose
-/// runtime makes its system calls itself.
-pub fn uprobe_target(proc: &crate::proc_reader::ProcRoot, pid: u32) -> Option<UprobeTarget> {
-    if let Some(libc) = proc.libc_path(pid) {
-        return Some(UprobeTarget::SharedLibc(libc));
-    }
-    let exe = proc.path().join(pid.to_string()).join("exe");
-    match crate::proc_reader::exe_kind(&exe) {
-        Ok(crate::proc_reader::ExeKind::Static) => Some(UprobeTarget::OwnExecutable(exe)),
-        _ => None,
-    }
-}
-
-impl UprobeTarget {
-    pub fn path(&self) -> &std::path::Path {
-        match self {
-            UprobeTarget::SharedLibc(p) | UprobeTarget::OwnExecutable(p) => p,
-        }
-    }
-}
-
 /// Workers followed through uprobes at most. With uprobe-multi links each costs 9 links (9
 /// fds; about 12 ms to attach, one RCU synchronisation per link to detach, off the agent's
 /// loop and overlapped across threads: 100 workers detach in about 1 s). Without them, 17
@@ -168,144 +83,11 @@ pub const DEFAULT_MAX_LIBC_WORKERS: usize = 512;
 /// them attached and detached over and over, and new processes picked up late meanwhile.
 pub const SYSCALLS_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// (program, libc function) pairs attached per worker process in libc mode.
-pub const LIBC_UPROBES: [(&str, &str); 17] = [
-    ("worker_libc_write", "write"),
-    ("worker_libc_write", "send"),
-    ("worker_libc_write", "sendto"),
-    ("worker_libc_writev", "writev"),
-    ("worker_libc_sendmsg", "sendmsg"),
-    ("worker_libc_read", "read"),
-    ("worker_libc_read", "recv"),
-    ("worker_libc_read", "recvfrom"),
-    ("worker_libc_readv", "readv"),
-    ("worker_libc_recvmsg", "recvmsg"),
-    ("worker_libc_read_ret", "read"),
-    ("worker_libc_read_ret", "recv"),
-    ("worker_libc_read_ret", "recvfrom"),
-    ("worker_libc_read_ret", "readv"),
-    ("worker_libc_read_ret", "recvmsg"),
-    ("worker_libc_close", "close"),
-    ("worker_libc_connect", "connect"),
-];
-
 /// How long after a worker's OpenSSL probes went in a TLS socket of it may still be unknown
 /// to every SSL object (an idle connection made before, not written since) before the worker
 /// is said not to be seen: each connection is learnt at its next `SSL_write`.
 const TLS_BIND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// (program, OpenSSL function) pairs attached to a followed worker once it is seen talking
-/// TLS (see [`WorkerMaps::follow_tls`]): the plain text of its TLS connections, where it
-/// hands it to the library and gets it back.
-pub const SSL_UPROBES: [(&str, &str); 9] = [
-    ("worker_ssl_enter", "SSL_write"),
-    ("worker_ssl_enter", "SSL_read"),
-    ("worker_ssl_enter_ex", "SSL_write_ex"),
-    ("worker_ssl_enter_ex", "SSL_read_ex"),
-    ("worker_ssl_write_ret", "SSL_write"),
-    ("worker_ssl_write_ret", "SSL_write_ex"),
-    ("worker_ssl_read_ret", "SSL_read"),
-    ("worker_ssl_read_ret", "SSL_read_ex"),
-    ("worker_ssl_set_fd", "SSL_set_fd"),
-];
-
-/// Which [`SSL_UPROBES`] go on which offsets of a libssl whose probe sites are `sites` (a
-/// function the library lacks is left out: OpenSSL 1.1.0 has no `_ex` forms); `None` when
-/// writes or reads could not be followed at all.
-pub(super) fn ssl_plan(
-    sites: &super::uprobe_multi::ProbeSites,
-) -> Option<Vec<(&'static str, Vec<u64>)>> {
-    let mut plan = Vec::new();
-    for (program, symbol) in SSL_UPROBES {
-        if let Some(offset) = sites.entries.get(symbol) {
-            add_to_plan(&mut plan, program, &[*offset]);
-        }
-    }
-    let has = |p: &str| plan.iter().any(|(name, _)| *name == p);
-    (has("worker_ssl_write_ret") && has("worker_ssl_read_ret")).then_some(plan)
-}
-
-/// The program probed where `read`, `recv` and `recvfrom` have returned from their system
-/// call, in place of their entry and return probes (`worker_libc_read` and
-/// `worker_libc_read_ret`), when the C library's code allows it (see
-/// [`crate::probe_site::syscall_exit_sites`]).
-pub const READ_DONE_PROGRAM: &str = "worker_libc_read_done";
-
-/// The read functions [`READ_DONE_PROGRAM`] can take over (plain buffer, fd in `rdi`).
-pub(super) const READ_DONE_FUNCTIONS: [&str; 3] = ["read", "recv", "recvfrom"];
-
-/// Which libc programs go on which offsets: [`LIBC_UPROBES`] at each function's entry site,
-/// except that a read whose every system call returns where it can be probed gets
-/// [`READ_DONE_PROGRAM`] there instead of its entry and return probes, when `read_done` (the
-/// program loaded). In [`LIBC_UPROBES`] order, programs without offsets left out.
-pub(super) fn libc_plan(
-    sites: &super::uprobe_multi::ProbeSites,
-    read_done: bool,
-) -> Vec<(&'static str, Vec<u64>)> {
-    let mut plan = Vec::new();
-    let mut add = |program: &'static str, new: &[u64]| add_to_plan(&mut plan, program, new);
-    for (program, symbol) in LIBC_UPROBES {
-        let Some(offset) = sites.entries.get(symbol) else {
-            continue;
-        };
-        let exits = (read_done && READ_DONE_FUNCTIONS.contains(&symbol))
-            .then(|| sites.syscall_exits.get(symbol))
-            .flatten();
-        match (exits, program) {
-            (Some(exits), "worker_libc_read") => add(READ_DONE_PROGRAM, exits),
-            (Some(_), _) => {}
-            (None, _) => add(program, &[*offset]),
-        }
-    }
-    plan
-}
-
-/// Whether a libc plan can follow a worker: a read (both sides of it, or where it returned)
-/// and a write are needed, or nothing is followed.
-pub(super) fn check_libc_plan(
-    plan: &[(&'static str, Vec<u64>)],
-    libc: &std::path::Path,
-) -> Result<(), ProbeError> {
-    let has = |p: &str| plan.iter().any(|(name, _)| *name == p);
-    let reads = (has("worker_libc_read") && has("worker_libc_read_ret")) || has(READ_DONE_PROGRAM);
-    if has(WRITE_PROGRAM) && reads {
-        return Ok(());
-    }
-    Err(ProbeError::Attach {
-        program: "worker_libc_*",
-        category: "uprobe",
-        name: "libc",
-        message: format!(
-            "{} has no write/read functions to probe (a stripped static binary?)",
-            libc.display()
-        ),
-    })
-}
-
-/// Adds `offsets` to `program`'s in a plan of (program, offsets) pairs: a program attached to
-/// several functions is one link (or one list of uprobes).
-fn add_to_plan(plan: &mut Vec<(&'static str, Vec<u64>)>, program: &'static str, offsets: &[u64]) {
-    match plan.iter_mut().find(|(p, _)| *p == program) {
-        Some((_, list)) => list.extend_from_slice(offsets),
-        None => plan.push((program, offsets.to_vec())),
-    }
-}
-
-/// Syscall tracepoints taken out together while no worker followed through the tracepoints
-/// needs them (see [`narrowing`]).
-struct SyscallGroup {
-    direction: Direction,
-    specs: &'static [TracepointSpec],
-    name: &'static str,
-}
-
-const WRITE_GROUP: SyscallGroup = SyscallGroup {
-    direction: Direction::Write,
-    specs: &[SYS_ENTER_WRITE],
-    name: "sys_enter_write",
-};
-
-/// When each of the [`ReadFollowing::groups`] is looked at next.
 #[derive(Debug)]
 struct SyscallNarrowing {
     schedules: [narrowing::Schedule; 2],
@@ -331,29 +113,7 @@ impl Default for SyscallNarrowing {
     }
 }
 
-/// Detaches tracepoint links. Detaching waits for RCU grace periods (about 1 s for all 14
-/// here): the links are taken out and dropped on a thread of their own, off the agent's loop,
-/// whose handle is returned.
-fn drop_tracepoint_links(
-    ebpf: &mut Ebpf,
-    links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
-    what: &'static str,
-) -> Option<std::thread::JoinHandle<()>> {
-    let owned: Vec<_> = links
-        .into_iter()
-        .filter_map(|(spec, link)| {
-            let p = ebpf.program_mut(spec.program)?;
-            <&mut TracePoint>::try_from(p).ok()?.take_link(link).ok()
-        })
-        .collect();
-    tracing::debug!(what, "detaching tracepoints");
-    close_on_own_thread("tracepoint-detach", move || drop(owned))
-}
-
-/// The program on `write`, `send` and `sendto`.
-pub(super) const WRITE_PROGRAM: &str = "worker_libc_write";
-
-/// A worker's probe on `write()` (see [`super::narrowing`]).
+/// A worker's probe on `write()` (see [`narrowing`]).
 struct WriteProbe {
     /// The file the probe is put in, held open from before its first attach: attaching and
     /// putting it back go through `/proc/self/fd/N` ([`fd_path`]), the same file whatever
@@ -391,28 +151,6 @@ impl WriteProbe {
     }
 }
 
-/// The path of an open file through the agent's own descriptor: it names that file even if
-/// its original path now names another.
-pub(super) fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
-    use std::os::fd::AsRawFd;
-    format!("/proc/self/fd/{}", file.as_raw_fd()).into()
-}
-
-/// Runs `close` on a thread of its own (closing a link or a tracepoint waits for RCU grace
-/// periods); if no thread can be started, what it holds is closed here, as it is dropped.
-fn close_on_own_thread(
-    name: &str,
-    close: impl FnOnce() + Send + 'static,
-) -> Option<std::thread::JoinHandle<()>> {
-    match std::thread::Builder::new().name(name.into()).spawn(close) {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start a thread to detach probes; detached on the agent's loop");
-            None
-        }
-    }
-}
-
 /// Remembers the servers `pid`'s connections talk to now, up to the bound.
 fn remember_servers(
     known: &mut std::collections::BTreeSet<narrowing::Server>,
@@ -424,23 +162,6 @@ fn remember_servers(
         }
         known.insert(server);
     }
-}
-
-/// Attaches the probe on `write` of one worker, with the cookie that names it.
-pub(super) fn attach_write_probe(
-    multi: &super::uprobe_multi::MultiPrograms,
-    libc: &std::path::Path,
-    offset: u64,
-    pid: u32,
-) -> Result<super::uprobe_multi::UprobeMultiLink, super::uprobe_multi::Error> {
-    multi.attach_with_cookies(
-        WRITE_PROGRAM,
-        libc,
-        &[offset],
-        Some(&[io_site::GENERIC as u64]),
-        Some(pid),
-        false,
-    )
 }
 
 /// The uprobes that follow one worker: one uprobe-multi link per program, or where those
@@ -539,7 +260,7 @@ pub struct WorkerMaps {
     /// The `write()` probe of each worker followed through uprobe-multi links, in a link of
     /// its own: out while the worker's connections write through `send`/`sendto` only.
     write_probes: std::collections::HashMap<u32, WriteProbe>,
-    /// Makes workers' uprobes off the agent's lock (see [`super::worker_attach`]).
+    /// Makes workers' uprobes off the agent's lock (see [`attach`]).
     attacher: WorkerAttacher,
     /// The workers whose libc uprobes are being made.
     pending_libc: PendingLinks,
@@ -1574,121 +1295,5 @@ impl WorkerMaps {
             .filter_map(Result::ok)
             .filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP)
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ebpf::uprobe_multi::ProbeSites;
-
-    /// Every libc function at entry site 100 + its index; exits for the named reads.
-    fn sites(exits: &[&str]) -> ProbeSites {
-        let mut sites = ProbeSites::default();
-        for (i, (_, symbol)) in LIBC_UPROBES.iter().enumerate() {
-            sites.entries.insert(symbol.to_string(), 100 + i as u64);
-        }
-        for (i, symbol) in exits.iter().enumerate() {
-            let at = 1000 + 10 * i as u64;
-            sites
-                .syscall_exits
-                .insert(symbol.to_string(), vec![at, at + 1]);
-        }
-        sites
-    }
-
-    fn offsets_of<'a>(plan: &'a [(&str, Vec<u64>)], program: &str) -> Option<&'a Vec<u64>> {
-        plan.iter().find(|(p, _)| *p == program).map(|(_, o)| o)
-    }
-
-    #[test]
-    fn openssl_probes_go_on_the_functions_the_library_has() {
-        let with = |symbols: &[(&str, u64)]| {
-            let mut sites = ProbeSites::default();
-            for (symbol, offset) in symbols {
-                sites.entries.insert(symbol.to_string(), *offset);
-            }
-            ssl_plan(&sites)
-        };
-        // OpenSSL 3: both forms; each call's entry and return, and SSL_set_fd.
-        let plan = with(&[
-            ("SSL_write", 10),
-            ("SSL_read", 20),
-            ("SSL_write_ex", 30),
-            ("SSL_read_ex", 40),
-            ("SSL_set_fd", 50),
-        ])
-        .unwrap();
-        assert_eq!(offsets_of(&plan, "worker_ssl_enter"), Some(&vec![10, 20]));
-        assert_eq!(
-            offsets_of(&plan, "worker_ssl_enter_ex"),
-            Some(&vec![30, 40])
-        );
-        assert_eq!(
-            offsets_of(&plan, "worker_ssl_write_ret"),
-            Some(&vec![10, 30])
-        );
-        assert_eq!(
-            offsets_of(&plan, "worker_ssl_read_ret"),
-            Some(&vec![20, 40])
-        );
-        assert_eq!(offsets_of(&plan, "worker_ssl_set_fd"), Some(&vec![50]));
-        // OpenSSL 1.1.0: no `_ex` forms.
-        let plan = with(&[("SSL_write", 10), ("SSL_read", 20), ("SSL_set_fd", 50)]).unwrap();
-        assert_eq!(offsets_of(&plan, "worker_ssl_enter_ex"), None);
-        assert_eq!(offsets_of(&plan, "worker_ssl_write_ret"), Some(&vec![10]));
-        // Reads or writes missing: nothing to follow.
-        assert_eq!(with(&[("SSL_write", 10), ("SSL_set_fd", 50)]), None);
-        assert_eq!(with(&[("SSL_read_ex", 10)]), None);
-        assert_eq!(with(&[]), None);
-    }
-
-    #[test]
-    fn reads_with_exit_sites_lose_their_entry_and_return_probes() {
-        let sites = sites(&["read", "recv", "recvfrom"]);
-        let plan = libc_plan(&sites, true);
-        let entry = |symbol: &str| sites.entries[symbol];
-        assert_eq!(
-            offsets_of(&plan, READ_DONE_PROGRAM),
-            Some(&vec![1000, 1001, 1010, 1011, 1020, 1021])
-        );
-        assert_eq!(offsets_of(&plan, "worker_libc_read"), None);
-        // readv and recvmsg keep both ends.
-        assert_eq!(
-            offsets_of(&plan, "worker_libc_read_ret"),
-            Some(&vec![entry("readv"), entry("recvmsg")])
-        );
-        assert_eq!(
-            offsets_of(&plan, "worker_libc_write"),
-            Some(&vec![entry("write"), entry("send"), entry("sendto")])
-        );
-        // 17 entries in LIBC_UPROBES: 3 reads and 3 returns replaced by 6 exit sites.
-        assert_eq!(plan.iter().map(|(_, o)| o.len()).sum::<usize>(), 17);
-    }
-
-    #[test]
-    fn without_the_program_or_the_sites_reads_keep_entry_and_return() {
-        for (exits, read_done) in [(&["read", "recv", "recvfrom"][..], false), (&[][..], true)] {
-            let sites = sites(exits);
-            let plan = libc_plan(&sites, read_done);
-            assert_eq!(offsets_of(&plan, READ_DONE_PROGRAM), None);
-            assert_eq!(offsets_of(&plan, "worker_libc_read").map(Vec::len), Some(3));
-            assert_eq!(
-                offsets_of(&plan, "worker_libc_read_ret").map(Vec::len),
-                Some(5)
-            );
-        }
-        // Mixed: recv has no exit site, so it keeps both ends while the others do not.
-        let sites = sites(&["read", "recvfrom"]);
-        let plan = libc_plan(&sites, true);
-        assert_eq!(
-            offsets_of(&plan, "worker_libc_read"),
-            Some(&vec![sites.entries["recv"]])
-        );
-        assert_eq!(
-            offsets_of(&plan, "worker_libc_read_ret").map(Vec::len),
-            Some(3)
-        );
-        assert_eq!(offsets_of(&plan, READ_DONE_PROGRAM).map(Vec::len), Some(4));
     }
 }
