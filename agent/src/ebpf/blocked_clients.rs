@@ -23,9 +23,8 @@ use aya::{
 };
 
 use super::{
-    take_map,
-    uprobe_multi::{lookup_and_delete, ENOTSUPP},
-    ProbeError,
+    bpf_sys::{lookup_and_delete, ENOTSUPP},
+    take_map, ProbeError,
 };
 
 /// A blocked client still recorded this long after its deadline was unblocked where no probe

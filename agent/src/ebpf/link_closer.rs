@@ -13,7 +13,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
-use super::uprobe_multi::UprobeMultiLink;
+use super::uprobe_link::UprobeMultiLink;
 
 /// Probe fds handed to the closing thread and not closed yet: links of uprobe-multi, and
 /// perf-event uprobes (kernels before 6.6), which the kernel releases one after the other.
@@ -258,7 +258,7 @@ pub(crate) fn close_on_own_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ebpf::uprobe_multi::MultiKind;
+    use crate::ebpf::uprobe_link::MultiKind;
 
     #[test]
     fn closes_handed_to_the_closing_thread_are_counted_until_done() {

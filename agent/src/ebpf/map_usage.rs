@@ -9,7 +9,8 @@
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
-use super::uprobe_multi::{sys_bpf, MapFds, BPF_OBJ_GET_INFO_BY_FD};
+use super::bpf_sys::{sys_bpf, BPF_OBJ_GET_INFO_BY_FD};
+use super::uprobe_multi::MapFds;
 
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_MAP_TYPE_HASH: u32 = 1;

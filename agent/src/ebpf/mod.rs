@@ -1,6 +1,7 @@
 //! Loading the embedded eBPF object and talking to its maps.
 
 pub mod blocked_clients;
+pub mod bpf_sys;
 pub mod link_closer;
 pub mod map_usage;
 pub mod perf_uprobe;
@@ -9,6 +10,7 @@ pub mod redis_attach;
 pub mod sched;
 pub mod slots;
 pub mod stack_depth;
+pub mod uprobe_link;
 pub mod uprobe_multi;
 pub mod worker;
 

@@ -116,7 +116,7 @@ fn link_perf_event(program: BorrowedFd<'_>, target_fd: u32, cookie: u64) -> io::
         bpf_cookie: cookie,
         ..Default::default()
     };
-    super::uprobe_multi::sys_bpf_fd(super::uprobe_multi::BPF_LINK_CREATE, &mut attr)
+    super::bpf_sys::sys_bpf_fd(super::bpf_sys::BPF_LINK_CREATE, &mut attr)
 }
 
 /// Whether this kernel links a program to a perf event with a cookie, probed once (as libbpf

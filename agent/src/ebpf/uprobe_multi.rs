@@ -114,27 +114,20 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
     sync::OnceLock,
 };
 
-/// `enum bpf_attach_type` values (checked against this kernel's BTF).
-pub const BPF_TRACE_UPROBE_MULTI: u32 = 48;
-pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
-/// `link_create.uprobe_multi.flags`: the offsets are return probes.
-pub const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
+use super::bpf_sys::{
+    sys_bpf, sys_bpf_fd, with_verifier_log, BtfLoadAttr, LinkCreateUprobeMultiAttr, MapElemAttr,
+    ProgLoadAttr, BPF_BTF_LOAD, BPF_F_UPROBE_MULTI_RETURN, BPF_LINK_CREATE, BPF_MAP_UPDATE_ELEM,
+    BPF_PROG_LOAD, BPF_PROG_TYPE_KPROBE, ENOTSUPP,
+};
+pub use super::bpf_sys::{BPF_TRACE_UPROBE_MULTI, BPF_TRACE_UPROBE_SESSION};
+pub use super::uprobe_link::{MultiKind, UprobeMultiLink};
 
-const BPF_PROG_TYPE_KPROBE: u32 = 2;
-const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_BTF_LOAD: u32 = 18;
-pub(super) const BPF_LINK_CREATE: u32 = 28;
-pub(crate) const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-/// The kernel-internal "not supported" errno, which some paths return to user space.
-pub(crate) const ENOTSUPP: i32 = 524;
 /// The kernel's limit on offsets per link (`MAX_UPROBE_MULTI_CNT`).
 pub const MAX_OFFSETS: usize = 1 << 20;
 /// Environment variable that, set to `0`, makes [`supported`] say no.
@@ -202,172 +195,6 @@ fn log_tail(log: &str) -> String {
         String::new()
     };
     format!("\nverifier log:\n{skipped}{}", lines[start..].join("\n"))
-}
-
-// --- raw bpf(2) ------------------------------------------------------------------------------
-
-/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `core_relo_cnt` (the kernel zero-fills the rest).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_prog_fd: u32,
-    core_relo_cnt: u32,
-}
-
-/// `union bpf_attr` for `BPF_LINK_CREATE` with `link_create.uprobe_multi`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct LinkCreateUprobeMultiAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-    path: u64,
-    offsets: u64,
-    ref_ctr_offsets: u64,
-    cookies: u64,
-    cnt: u32,
-    uprobe_flags: u32,
-    pid: u32,
-    _pad: u32,
-}
-
-/// `union bpf_attr` for `BPF_BTF_LOAD`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct BtfLoadAttr {
-    btf: u64,
-    btf_log_buf: u64,
-    btf_size: u32,
-    btf_log_size: u32,
-    btf_log_level: u32,
-    btf_log_true_size: u32,
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct InfoByFdAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The start of `struct bpf_link_info`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct LinkInfoHead {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-}
-
-/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM` and `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Deletes `key` from a hash map and returns the value it had at that moment
-/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux 5.14; aya 0.14 has it for queues
-/// and stacks only), or `None` if the key was absent. A delete that must know what it deleted,
-/// when the kernel side may have rewritten the entry since it was read. `K` and `V` must be
-/// the map's exact key and value types (plain `#[repr(C)]` data).
-pub(crate) fn lookup_and_delete<K: Copy, V: Copy + Default>(
-    map: BorrowedFd<'_>,
-    key: &K,
-) -> io::Result<Option<V>> {
-    let mut value = V::default();
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        key: key as *const K as u64,
-        value: &mut value as *mut V as u64,
-        ..Default::default()
-    };
-    match sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-pub(crate) fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a live, initialised #[repr(C)] bpf_attr prefix of the given size; the
-    // pointers inside it are the caller's to keep valid for the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_long,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// A bpf(2) command that returns a new fd.
-pub(super) fn sys_bpf_fd<T>(cmd: u32, attr: &mut T) -> io::Result<OwnedFd> {
-    let fd = sys_bpf(cmd, attr)?;
-    let fd =
-        i32::try_from(fd).map_err(|_| io::Error::other(format!("bpf({cmd}) returned {fd}")))?;
-    // SAFETY: the command returns a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Runs a load without a log, and on failure once more with a log buffer to say why. The
-/// kernel's log rotates (6.4+): when it does not fit, the buffer holds its end, which is where
-/// the reason is, and the retry fails with ENOSPC; the first error is the one returned.
-fn with_verifier_log(
-    mut load: impl FnMut(Option<&mut [u8]>) -> io::Result<OwnedFd>,
-) -> (io::Result<OwnedFd>, String) {
-    let first = loop {
-        match load(None) {
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-            other => break other,
-        }
-    };
-    let Err(error) = first else {
-        return (first, String::new());
-    };
-    let mut buf = vec![0u8; 4 << 20];
-    let retry = load(Some(&mut buf));
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let log = String::from_utf8_lossy(&buf[..end]).into_owned();
-    match retry {
-        // Loaded on the second try (a transient failure): keep it.
-        Ok(fd) => (Ok(fd), log),
-        Err(_) => (Err(error), log),
-    }
 }
 
 fn c_path(path: &Path) -> Result<CString, String> {
@@ -582,41 +409,6 @@ pub fn supported() -> bool {
 }
 
 // --- loading ---------------------------------------------------------------------------------
-
-/// What the programs are loaded for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum MultiKind {
-    /// `BPF_TRACE_UPROBE_MULTI`: entry or return probes (Linux 6.6).
-    #[default]
-    Multi,
-    /// `BPF_TRACE_UPROBE_SESSION`: one program runs at entry and at return; an entry that
-    /// returns non-zero skips the return (Linux 6.13). aya-ebpf 0.2.1 has no wrapper for the
-    /// session kfuncs (`bpf_session_is_return`, `bpf_session_cookie`).
-    Session,
-    /// No expected attach type: one perf-event uprobe per offset ([`super::perf_uprobe`]),
-    /// where uprobe-multi links are refused. Cookies need a kernel that links them to a perf
-    /// event ([`super::perf_uprobe::cookies_supported`], 5.15).
-    PerUprobe,
-}
-
-impl MultiKind {
-    /// How the log and errors name the probes of this kind: `uprobe-multi` for a link (of
-    /// either multi kind), `uprobe` for one perf event per site.
-    pub fn probe_name(self) -> &'static str {
-        match self {
-            Self::Multi | Self::Session => "uprobe-multi",
-            Self::PerUprobe => "uprobe",
-        }
-    }
-
-    fn attach_type(self) -> u32 {
-        match self {
-            Self::Multi => BPF_TRACE_UPROBE_MULTI,
-            Self::Session => BPF_TRACE_UPROBE_SESSION,
-            Self::PerUprobe => 0,
-        }
-    }
-}
 
 /// How [`MultiPrograms::load_with`] loads.
 #[derive(Clone, Copy, Debug)]
@@ -1001,14 +793,7 @@ impl MultiPrograms {
             Some(p) => p,
         };
         let c_path = c_path(path).map_err(|r| fail(r, None))?;
-        let link = |fds, count| UprobeMultiLink {
-            fds,
-            kind: self.kind,
-            program: program.to_string(),
-            path: path.to_path_buf(),
-            pid,
-            count,
-        };
+        let link = |fds, count| UprobeMultiLink::new(fds, self.kind, program, path, pid, count);
         if self.kind == MultiKind::PerUprobe {
             let mut fds = Vec::with_capacity(offsets.len());
             for (i, &offset) in offsets.iter().enumerate() {
@@ -1116,103 +901,6 @@ fn load_function(
         error,
         verifier_log: log,
     })
-}
-
-// --- links -----------------------------------------------------------------------------------
-
-/// One uprobe-multi link, or (programs loaded as [`MultiKind::PerUprobe`]) one perf-event
-/// uprobe per offset. Dropping it detaches every offset (closing a link's fd blocks for one
-/// synchronisation of the kernel's uprobe machinery, each perf event's for one of its own;
-/// see [`super::link_closer::detach_in_background`]).
-#[derive(Debug)]
-pub struct UprobeMultiLink {
-    /// The link's fd, or the perf events' (one per offset, each with its link's where a
-    /// cookie was passed).
-    fds: Vec<OwnedFd>,
-    /// What the programs were loaded for: a link of either multi kind, or perf events.
-    kind: MultiKind,
-    program: String,
-    path: PathBuf,
-    pid: Option<u32>,
-    count: usize,
-}
-
-impl UprobeMultiLink {
-    pub fn program(&self) -> &str {
-        &self.program
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.pid
-    }
-
-    /// How many offsets the link covers.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Whether this is one perf-event uprobe per offset rather than a uprobe-multi link.
-    pub fn per_uprobe(&self) -> bool {
-        self.kind == MultiKind::PerUprobe
-    }
-
-    /// What its programs were loaded for.
-    pub fn kind(&self) -> MultiKind {
-        self.kind
-    }
-
-    /// The link's fd (the first perf event's, for perf-event uprobes).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fds[0].as_fd()
-    }
-
-    /// The kernel's id of the link (what `bpftool link` lists); perf-event uprobes have none.
-    pub fn id(&self) -> io::Result<u32> {
-        if self.per_uprobe() {
-            return Err(io::Error::other("perf-event uprobes are not a BPF link"));
-        }
-        let mut info = LinkInfoHead::default();
-        let mut attr = InfoByFdAttr {
-            bpf_fd: self.fd().as_raw_fd() as u32,
-            info_len: std::mem::size_of::<LinkInfoHead>() as u32,
-            info: &mut info as *mut LinkInfoHead as u64,
-        };
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-        Ok(info.id)
-    }
-
-    /// Detaches now, blocking until the kernel has unregistered every offset.
-    pub fn detach(self) {
-        drop(self)
-    }
-
-    /// How many fds it holds (one per offset for perf-event uprobes).
-    pub(super) fn fd_count(&self) -> usize {
-        self.fds.len()
-    }
-
-    /// Its fds, for [`super::link_closer`] to close.
-    pub(super) fn into_fds(self) -> Vec<OwnedFd> {
-        self.fds
-    }
-
-    /// A link over `fds` that are not probes (pipes, in tests of the closing thread).
-    #[cfg(test)]
-    pub(super) fn of_fds(fds: Vec<OwnedFd>, kind: MultiKind) -> Self {
-        let count = fds.len();
-        Self {
-            fds,
-            kind,
-            program: "test".into(),
-            path: PathBuf::from("/nonexistent"),
-            pid: None,
-            count,
-        }
-    }
 }
 
 // --- the fallback ----------------------------------------------------------------------------
@@ -1364,168 +1052,6 @@ pub fn resolve_probe_sites(path: &Path, names: &[&str]) -> Result<ProbeSites, Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn attr_layouts_match_the_uapi() {
-        // Offsets from this kernel's `union bpf_attr` (bpftool btf dump ... format c).
-        assert_eq!(offset_of!(ProgLoadAttr, prog_type), 0);
-        assert_eq!(offset_of!(ProgLoadAttr, insns), 8);
-        assert_eq!(offset_of!(ProgLoadAttr, license), 16);
-        assert_eq!(offset_of!(ProgLoadAttr, log_buf), 32);
-        assert_eq!(offset_of!(ProgLoadAttr, kern_version), 40);
-        assert_eq!(offset_of!(ProgLoadAttr, prog_name), 48);
-        assert_eq!(offset_of!(ProgLoadAttr, expected_attach_type), 68);
-        assert_eq!(offset_of!(ProgLoadAttr, prog_btf_fd), 72);
-        assert_eq!(offset_of!(ProgLoadAttr, func_info), 80);
-        assert_eq!(offset_of!(ProgLoadAttr, line_info), 96);
-        assert_eq!(offset_of!(ProgLoadAttr, core_relo_cnt), 116);
-        assert_eq!(size_of::<ProgLoadAttr>(), 120);
-
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, attach_type), 8);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, flags), 12);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, path), 16);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, offsets), 24);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, ref_ctr_offsets), 32);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, cookies), 40);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, cnt), 48);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, uprobe_flags), 52);
-        assert_eq!(offset_of!(LinkCreateUprobeMultiAttr, pid), 56);
-        assert_eq!(size_of::<LinkCreateUprobeMultiAttr>(), 64);
-
-        assert_eq!(offset_of!(BtfLoadAttr, btf_size), 16);
-        assert_eq!(offset_of!(BtfLoadAttr, btf_log_level), 24);
-        assert_eq!(size_of::<BtfLoadAttr>(), 32);
-        assert_eq!(offset_of!(InfoByFdAttr, info), 8);
-        assert_eq!(offset_of!(LinkInfoHead, id), 4);
-        assert_eq!(offset_of!(MapElemAttr, key), 8);
-        assert_eq!(offset_of!(MapElemAttr, flags), 24);
-    }
-
-    #[test]
-    fn attr_layouts_match_aya_obj_bindings() {
-        use aya_obj::generated as g;
-        type Load = g::bpf_attr__bindgen_ty_4;
-        assert_eq!(
-            offset_of!(ProgLoadAttr, insn_cnt),
-            offset_of!(Load, insn_cnt)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, log_level),
-            offset_of!(Load, log_level)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, log_size),
-            offset_of!(Load, log_size)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, prog_flags),
-            offset_of!(Load, prog_flags)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, prog_name),
-            offset_of!(Load, prog_name)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, prog_ifindex),
-            offset_of!(Load, prog_ifindex)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, expected_attach_type),
-            offset_of!(Load, expected_attach_type)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, func_info_rec_size),
-            offset_of!(Load, func_info_rec_size)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, func_info_cnt),
-            offset_of!(Load, func_info_cnt)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, line_info_rec_size),
-            offset_of!(Load, line_info_rec_size)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, line_info_cnt),
-            offset_of!(Load, line_info_cnt)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, attach_btf_id),
-            offset_of!(Load, attach_btf_id)
-        );
-        assert_eq!(
-            offset_of!(ProgLoadAttr, core_relo_cnt),
-            offset_of!(Load, core_relo_cnt)
-        );
-
-        type Link = g::bpf_attr__bindgen_ty_14;
-        type Multi = g::bpf_attr__bindgen_ty_14__bindgen_ty_3__bindgen_ty_7;
-        let multi = offset_of!(Link, __bindgen_anon_3);
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, attach_type),
-            offset_of!(Link, attach_type)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, flags),
-            offset_of!(Link, flags)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, path),
-            multi + offset_of!(Multi, path)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, offsets),
-            multi + offset_of!(Multi, offsets)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, cookies),
-            multi + offset_of!(Multi, cookies)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, cnt),
-            multi + offset_of!(Multi, cnt)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, uprobe_flags),
-            multi + offset_of!(Multi, flags)
-        );
-        assert_eq!(
-            offset_of!(LinkCreateUprobeMultiAttr, pid),
-            multi + offset_of!(Multi, pid)
-        );
-        assert!(size_of::<LinkCreateUprobeMultiAttr>() <= size_of::<g::bpf_attr>());
-
-        assert_eq!(
-            g::bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32,
-            BPF_TRACE_UPROBE_MULTI
-        );
-        assert_eq!(g::bpf_cmd::BPF_PROG_LOAD as u32, BPF_PROG_LOAD);
-        assert_eq!(g::bpf_cmd::BPF_BTF_LOAD as u32, BPF_BTF_LOAD);
-        assert_eq!(g::bpf_cmd::BPF_LINK_CREATE as u32, BPF_LINK_CREATE);
-        assert_eq!(g::bpf_cmd::BPF_MAP_UPDATE_ELEM as u32, BPF_MAP_UPDATE_ELEM);
-        assert_eq!(
-            g::bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM as u32,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM
-        );
-        assert_eq!(
-            g::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as u32,
-            BPF_OBJ_GET_INFO_BY_FD
-        );
-        assert_eq!(
-            offset_of!(LinkInfoHead, id),
-            offset_of!(g::bpf_link_info, id)
-        );
-        assert_eq!(
-            offset_of!(LinkInfoHead, prog_id),
-            offset_of!(g::bpf_link_info, prog_id)
-        );
-        assert_eq!(
-            g::bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32,
-            BPF_PROG_TYPE_KPROBE
-        );
-        assert_eq!(size_of::<g::bpf_insn>(), 8);
-    }
 
     #[test]
     fn program_names_are_cut_to_what_the_kernel_takes() {

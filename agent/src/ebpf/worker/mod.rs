@@ -88,6 +88,7 @@ pub const SYSCALLS_LINGER: std::time::Duration = std::time::Duration::from_secs(
 /// is said not to be seen: each connection is learnt at its next `SSL_write`.
 const TLS_BIND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// When each of the [`ReadFollowing::groups`] is looked at next.
 #[derive(Debug)]
 struct SyscallNarrowing {
     schedules: [narrowing::Schedule; 2],

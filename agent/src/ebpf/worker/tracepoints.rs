@@ -97,8 +97,6 @@ const WRITE_GROUP: SyscallGroup = SyscallGroup {
     name: "sys_enter_write",
 };
 
-/// When each of the [`ReadFollowing::groups`] is looked at next.
-
 /// Detaches tracepoint links. Detaching waits for RCU grace periods (about 1 s for all 14
 /// here): the links are taken out and dropped on a thread of their own, off the agent's loop,
 /// whose handle is returned.
