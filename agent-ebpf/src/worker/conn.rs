@@ -68,7 +68,7 @@ pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*
         if *cached == tag | NOT_RESP_TLS {
             // A TLS socket: its records are written from inside an SSL call, which tells
             // which SSL object this descriptor belongs to.
-            super::tls::bind_current_call(tgid, fd);
+            super::tls_objects::bind_current_call(tgid, fd);
             return None;
         }
     }
@@ -116,7 +116,7 @@ pub(super) fn conn_for_write(tgid: u32, fd: u32, buf: u64, len: u64) -> Option<*
             && unsafe { bpf_probe_read_user(buf as *const [u8; 3]) }.is_ok_and(tls_record_start);
         if tls {
             let _ = TLS_CONNS.insert(&key, &1, 0);
-            super::tls::bind_current_call(tgid, fd);
+            super::tls_objects::bind_current_call(tgid, fd);
         }
         if !is_socket || tls {
             if let Some(cached) = NOT_RESP.get_ptr_mut(slot) {

@@ -23,6 +23,7 @@ mod programs;
 mod quick;
 mod request_hash;
 mod tls;
+mod tls_objects;
 mod tokenizer;
 
 use agent_common::pidset;
@@ -39,7 +40,7 @@ use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray};
 #[inline(always)]
 pub(crate) fn forget_thread(id: u64) {
     io::forget_thread(id);
-    tls::forget_thread(id);
+    tls_objects::forget_thread(id);
 }
 
 /// The workers followed through the syscall tracepoints, as a pid bitmap (written by the

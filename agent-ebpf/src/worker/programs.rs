@@ -3,7 +3,8 @@
 
 use super::{
     io::handle_close, io::handle_connect, io::handle_read_enter, io::handle_read_exit,
-    io::handle_sendmsg, io::handle_write, io::handle_writev, io::read_returned, tls, worker_tgid,
+    io::handle_sendmsg, io::handle_write, io::handle_writev, io::read_returned, tls, tls_objects,
+    worker_tgid,
 };
 use crate::maps::tp_field;
 use agent_common::worker::{io_site, via};
@@ -257,7 +258,7 @@ pub fn worker_libc_connect(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn worker_ssl_enter(ctx: ProbeContext) -> u32 {
     let (ssl, buf, _) = up_args(&ctx);
-    tls::enter(ssl, buf, 0);
+    tls_objects::enter(ssl, buf, 0);
     0
 }
 
@@ -267,7 +268,7 @@ pub fn worker_ssl_enter_ex(ctx: ProbeContext) -> u32 {
     let (ssl, buf, _) = up_args(&ctx);
     let count_at = ctx.arg::<u64>(3).unwrap_or(0);
     if count_at != 0 {
-        tls::enter(ssl, buf, count_at);
+        tls_objects::enter(ssl, buf, count_at);
     }
     0
 }
@@ -289,6 +290,6 @@ pub fn worker_ssl_read_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn worker_ssl_set_fd(ctx: ProbeContext) -> u32 {
     let (ssl, fd, _) = up_args(&ctx);
-    tls::set_fd(ssl, fd);
+    tls_objects::set_fd(ssl, fd);
     0
 }
