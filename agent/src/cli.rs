@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::export::otlp_config::OtlpProtocol;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fanout",
@@ -82,16 +84,6 @@ pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-pub enum OtlpProtocol {
-    #[value(name = "grpc")]
-    #[serde(rename = "grpc")]
-    Grpc,
-    #[value(name = "http/protobuf")]
-    #[serde(rename = "http/protobuf")]
-    HttpProtobuf,
 }
 
 #[derive(Debug, Default, clap::Args)]

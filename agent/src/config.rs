@@ -6,7 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::Deserialize;
 
 use crate::{
-    cli::{LogFormat, OtlpProtocol, RunArgs},
+    cli::{LogFormat, RunArgs},
+    export::otlp_config::OtlpProtocol,
     export::otlp_config::{parse_compression, OtlpConfig, OtlpEnvError, OtlpOverrides},
     rules::{default_rule_specs, ExcludeSpec, RuleError, RuleSet, RuleSpec, WorkerRule},
 };

@@ -26,9 +26,8 @@ use opentelemetry_proto::tonic::{
 use prost::Message as _;
 
 use crate::{
-    cli::OtlpProtocol,
     export::{
-        otlp_config::{OtlpCompression, OtlpConfig},
+        otlp_config::{OtlpCompression, OtlpConfig, OtlpProtocol},
         otlp_tls::TlsFiles,
     },
     metrics::{AttrValue, Attributes, PointValue, Snapshot},

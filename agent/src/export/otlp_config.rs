@@ -7,7 +7,17 @@
 
 use std::time::Duration;
 
-use crate::cli::OtlpProtocol;
+/// How metrics are pushed: OTLP over gRPC, or protobuf over HTTP (the `--otlp-protocol` flag,
+/// `otlp.protocol` in the config file, `OTEL_EXPORTER_OTLP_[METRICS_]PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+pub enum OtlpProtocol {
+    #[value(name = "grpc")]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OtlpEnvError {
