@@ -16,7 +16,7 @@
 //! argument of 1000 bytes or more (a length of 4 digits; any shorter one fits in a chunk) is
 //! not taken, and the call goes to the tokenizer as before.
 
-use crate::fastpath::mix;
+use crate::mix::mix;
 use crate::resp::{command, word_across, Opaque};
 
 /// Bytes read at once (one `bpf_probe_read_user` in the probes). A chunk also ends after

@@ -25,6 +25,7 @@
 //! digit counts' paths at once, and a branch per digit costs less than the ten masked steps
 //! it replaced (one or two digits are the rule).
 
+use crate::mix::mix;
 use crate::resp::{reply_kind, Opaque, MAX_BULK};
 
 /// Bytes hashed per read of a request (one `bpf_probe_read_user`, and one `bpf_loop` step past
@@ -41,13 +42,6 @@ pub const HASH_WORDS: usize = HASH_CHUNK / 8;
 pub const MAX_TEMPLATE_BYTES: u64 = 64 * 1024;
 
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
-const MULTIPLIER: u64 = 0xff51_afd7_ed55_8ccd;
-
-#[inline(always)]
-pub(crate) fn mix(h: u64, word: u64) -> u64 {
-    let h = (h ^ word).wrapping_mul(MULTIPLIER);
-    h ^ (h >> 31)
-}
 
 /// Lanes a buffer's words are hashed in: word `i` goes to lane `i % HASH_LANES`. Each lane's
 /// multiply waits only for that lane's previous one, so the CPU runs the lanes side by side:

@@ -8,6 +8,7 @@
 pub mod args_hash;
 pub mod fastpath;
 pub mod lifecycle;
+mod mix;
 pub mod redis;
 pub mod resp;
 pub mod sched;

@@ -14,7 +14,7 @@
 //! last bytes may lie), and advances by what `step` consumed. When `step` asks for more, the caller keeps
 //! the unconsumed bytes (fewer than `WINDOW`) and prepends them to the next buffer.
 
-use crate::fastpath::mix;
+use crate::mix::mix;
 
 /// Bytes looked at per step. A bulk header plus a command name (`$10\r\nXREADGROUP\r\n`, 17
 /// bytes) or a numeric argument fits.
