@@ -160,7 +160,7 @@ impl Discovery {
             own_pid,
             tracked: BTreeMap::new(),
             binaries: HashMap::new(),
-            read_symbols: crate::proc_reader::defined_symbols,
+            read_symbols: crate::proc_reader::maps::defined_symbols,
             binaries_read: 0,
         }
     }

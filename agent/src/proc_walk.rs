@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use crate::{
     discovery::TrackedProcess,
-    proc_reader::{service_address, ProcRoot, ReadError, ThreadSample},
+    proc_reader::{net::service_address, ProcRoot, ReadError, ThreadSample},
     redis::binary::port_from_title,
 };
 

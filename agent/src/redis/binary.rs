@@ -323,7 +323,7 @@ impl RedisBinary {
 /// `maps` (the text of /proc/<pid>/maps, parsed by procfs line by line) minus that segment's
 /// virtual address.
 pub fn load_bias(maps: &str, id: BinaryId, first_load_address: u64) -> Option<u64> {
-    crate::proc_reader::memory_maps(maps.as_bytes()).find_map(|map| {
+    crate::proc_reader::maps::memory_maps(maps.as_bytes()).find_map(|map| {
         let (major, minor) = map.dev;
         (map.offset == 0
             && map.inode == id.ino
@@ -335,7 +335,7 @@ pub fn load_bias(maps: &str, id: BinaryId, first_load_address: u64) -> Option<u6
 /// The port a Redis says it serves: from its process title (`redis-server 127.0.0.1:6379`,
 /// `redis-server *:6380 [cluster]`) or, before it has set one, from a `--port N` argument.
 /// Only a hint: the title can be anything (`proc-title-template`), and the port in use comes
-/// from the listening sockets (`proc_reader::service_address`).
+/// from the listening sockets (`proc_reader::net::service_address`).
 pub fn port_from_title(cmdline: &[String]) -> Option<u16> {
     let title = cmdline.join(" ");
     let words: Vec<&str> = title.split_whitespace().collect();

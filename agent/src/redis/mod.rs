@@ -28,7 +28,7 @@ pub struct RedisTarget {
     /// Its start time (what tells it from a later process with the same pid).
     pub start_ticks: u64,
     /// `server.port`: the port it listens on, from its listening sockets (see
-    /// `proc_reader::service_address`); `None` until it has bound one.
+    /// `proc_reader::net::service_address`); `None` until it has bound one.
     pub port: Option<u16>,
     /// `server.address`: only when it listens on a specific address (not 0.0.0.0 or `::`).
     pub address: Option<std::net::IpAddr>,

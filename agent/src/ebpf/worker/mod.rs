@@ -37,7 +37,7 @@ use super::{
     uprobe_multi::{MultiKind, UprobeMultiLink},
     ProbeError, TracepointSpec,
 };
-use crate::proc_reader::SocketPeer;
+use crate::proc_reader::net::SocketPeer;
 use attach::{
     Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
     SslRequest, WorkerAttacher, WriteLink,

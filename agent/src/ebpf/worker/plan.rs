@@ -24,8 +24,8 @@ pub fn uprobe_target(proc: &crate::proc_reader::ProcRoot, pid: u32) -> Option<Up
         return Some(UprobeTarget::SharedLibc(libc));
     }
     let exe = proc.path().join(pid.to_string()).join("exe");
-    match crate::proc_reader::exe_kind(&exe) {
-        Ok(crate::proc_reader::ExeKind::Static) => Some(UprobeTarget::OwnExecutable(exe)),
+    match crate::proc_reader::maps::exe_kind(&exe) {
+        Ok(crate::proc_reader::maps::ExeKind::Static) => Some(UprobeTarget::OwnExecutable(exe)),
         _ => None,
     }
 }
