@@ -9,9 +9,11 @@
 //! ([`narrowing`] decides when).
 
 pub mod attach;
+mod conn_maps;
 pub mod narrowing;
 pub mod plan;
 pub mod tracepoints;
+mod write_probes;
 
 use std::collections::BTreeMap;
 
@@ -26,28 +28,23 @@ use agent_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::trace_point::TracePointLinkId,
     Ebpf,
 };
 
 use super::{
-    attach_tracepoint,
-    link_closer::close_on_own_thread,
     load_programs, remove_keys_where, take_map,
     uprobe_multi::{MultiKind, UprobeMultiLink},
-    ProbeError, TracepointSpec,
+    ProbeError,
 };
 use crate::proc_reader::net::SocketPeer;
 use attach::{
     Answer, LibcAnswer, LibcLinks, LibcRequest, Pending, PendingLinks, SslAnswer, SslLinks,
-    SslRequest, WorkerAttacher, WriteLink,
+    SslRequest, WorkerAttacher,
 };
-use narrowing::{Connections, Direction, Verdict};
-use plan::{attach_write_probe, fd_path, LIBC_UPROBES};
-use tracepoints::{
-    drop_tracepoint_links, ReadFollowing, SyscallGroup, READS_AT_BOTH_ENDS, READS_AT_EXIT,
-    WORKER_TRACEPOINTS,
-};
+use conn_maps::ConnMaps;
+use plan::LIBC_UPROBES;
+use tracepoints::{SyscallProbes, WORKER_TRACEPOINTS};
+use write_probes::WriteProbes;
 
 pub use plan::{uprobe_target, UprobeTarget};
 
@@ -87,83 +84,6 @@ pub const SYSCALLS_LINGER: std::time::Duration = std::time::Duration::from_secs(
 /// to every SSL object (an idle connection made before, not written since) before the worker
 /// is said not to be seen: each connection is learnt at its next `SSL_write`.
 const TLS_BIND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// When each of the [`ReadFollowing::groups`] is looked at next.
-#[derive(Debug)]
-struct SyscallNarrowing {
-    schedules: [narrowing::Schedule; 2],
-    /// When each was last attached again after being detached.
-    widened_at: [Option<std::time::Instant>; 2],
-    /// The thread detaching each, after it was taken out.
-    closing: [Option<std::thread::JoinHandle<()>>; 2],
-    /// connect() counts of the workers followed through the tracepoints, as last seen.
-    connects_seen: std::collections::HashMap<u32, Option<u64>>,
-    /// The servers each of them has talked to.
-    known: std::collections::HashMap<u32, std::collections::BTreeSet<narrowing::Server>>,
-}
-
-impl Default for SyscallNarrowing {
-    fn default() -> Self {
-        Self {
-            schedules: [narrowing::Schedule::now(), narrowing::Schedule::now()],
-            widened_at: [None; 2],
-            closing: [None, None],
-            connects_seen: Default::default(),
-            known: Default::default(),
-        }
-    }
-}
-
-/// A worker's probe on `write()` (see [`narrowing`]).
-struct WriteProbe {
-    /// The file the probe is put in, held open from before its first attach: attaching and
-    /// putting it back go through `/proc/self/fd/N` ([`fd_path`]), the same file whatever
-    /// its path names later (a libc upgraded since).
-    file: std::fs::File,
-    offset: u64,
-    /// `None` while it is out.
-    link: Option<super::uprobe_multi::UprobeMultiLink>,
-    /// The thread closing the link taken out: the probe is not put back before it is done,
-    /// or `write()` would be followed twice for a moment.
-    closing: Option<std::thread::JoinHandle<()>>,
-    /// Times it was put back after being taken out.
-    widenings: u32,
-    /// The worker's `CONNECTS` count when it was last looked at.
-    connects_seen: Option<u64>,
-    schedule: narrowing::Schedule,
-    /// The servers its followed connections have talked to (at most
-    /// [`narrowing::MAX_KNOWN_SERVERS`]).
-    known: std::collections::BTreeSet<narrowing::Server>,
-}
-
-impl WriteProbe {
-    /// A probe just attached, looked at from the next tick on.
-    fn new(write: WriteLink) -> Self {
-        Self {
-            file: write.file,
-            offset: write.offset,
-            link: Some(write.link),
-            closing: None,
-            widenings: 0,
-            connects_seen: None,
-            schedule: narrowing::Schedule::now(),
-            known: Default::default(),
-        }
-    }
-}
-
-/// Remembers the servers `pid`'s connections talk to now, up to the bound.
-fn remember_servers(
-    known: &mut std::collections::BTreeSet<narrowing::Server>,
-    now: impl Iterator<Item = narrowing::Server>,
-) {
-    for server in now {
-        if known.len() >= narrowing::MAX_KNOWN_SERVERS {
-            break;
-        }
-        known.insert(server);
-    }
-}
 
 /// The uprobes that follow one worker: one uprobe-multi link per program, or where those
 /// are refused one perf-event uprobe per site, made by the attaching thread.
@@ -217,9 +137,8 @@ pub struct WorkerMaps {
     ways: std::collections::HashMap<u32, u32>,
     /// The workers followed through the syscall tracepoints (their fast filter).
     syscall_workers: super::PidSet,
-    conns: HashMap<MapData, ConnKey, ConnState>,
-    peers: HashMap<MapData, ConnKey, Peer>,
-    connects: HashMap<MapData, u32, u64>,
+    /// The kernel's record of the followed connections.
+    conn_maps: ConnMaps,
     served: PerCpuHashMap<MapData, ServedKey, u64>,
     /// The kernel's cache of descriptors that are not connections (see `NOT_RESP` in the
     /// probes): a socket's slot is cleared when its peer is seeded.
@@ -228,9 +147,8 @@ pub struct WorkerMaps {
     tls_conns: HashMap<MapData, ConnKey, u32>,
     durations: super::slots::SlotTable<WorkerHistKey, Log2Histogram>,
     keys: super::slots::SlotTable<WorkerKeysKey, KeyHistogram>,
-    links: Vec<(&'static TracepointSpec, TracePointLinkId)>,
-    /// When the narrowable tracepoints are looked at next (see [`Self::adjust_narrowed_probes`]).
-    syscall_narrowing: SyscallNarrowing,
+    /// The syscall tracepoints, while attached.
+    syscalls: SyscallProbes,
     /// Why the programs could not be loaded, if so: then no worker is followed.
     load_error: Option<String>,
     /// Why the syscall probes could not be attached the last time it was tried.
@@ -260,7 +178,7 @@ pub struct WorkerMaps {
     libc_links: std::collections::HashMap<u32, WorkerLinks>,
     /// The `write()` probe of each worker followed through uprobe-multi links, in a link of
     /// its own: out while the worker's connections write through `send`/`sendto` only.
-    write_probes: std::collections::HashMap<u32, WriteProbe>,
+    write_probes: WriteProbes,
     /// Makes workers' uprobes off the agent's lock (see [`attach`]).
     attacher: WorkerAttacher,
     /// The workers whose libc uprobes are being made.
@@ -270,9 +188,6 @@ pub struct WorkerMaps {
     /// The libc programs the uprobe-multi links run (from the first worker's): what a
     /// `write()` probe taken out is put back with.
     libc_programs: Option<std::sync::Arc<super::uprobe_multi::MultiPrograms>>,
-    /// How `read()` and `recvfrom()` are followed: [`READS_AT_EXIT`], or
-    /// [`READS_AT_BOTH_ENDS`] where its program does not load; chosen at the first attach.
-    read_following: Option<&'static ReadFollowing>,
     /// Whether workers seen talking TLS get OpenSSL probes (`--no-tls-probes` turns it off).
     pub follow_tls: bool,
     /// The OpenSSL probes of each worker that has them, and when they went in.
@@ -329,9 +244,11 @@ impl WorkerMaps {
         Ok(Self {
             ways: std::collections::HashMap::new(),
             syscall_workers: super::PidSet::new(ebpf, maps::SYSCALL_WORKERS)?,
-            conns: take_map(ebpf, maps::CONNS)?,
-            peers: take_map(ebpf, maps::CONN_PEERS)?,
-            connects: take_map(ebpf, maps::CONNECTS)?,
+            conn_maps: ConnMaps {
+                conns: take_map(ebpf, maps::CONNS)?,
+                peers: take_map(ebpf, maps::CONN_PEERS)?,
+                connects: take_map(ebpf, maps::CONNECTS)?,
+            },
             served: take_map(ebpf, maps::SERVED_KEYS)?,
             not_resp: take_map(ebpf, maps::NOT_RESP)?,
             tls_conns: take_map(ebpf, maps::TLS_CONNS)?,
@@ -355,8 +272,7 @@ impl WorkerMaps {
                 MAX_WORKER_HISTOGRAMS,
                 KeyHistogram::ZERO,
             )?,
-            links: Vec::new(),
-            syscall_narrowing: SyscallNarrowing::default(),
+            syscalls: SyscallProbes::default(),
             load_error,
             attach_error: None,
             disabled: false,
@@ -369,12 +285,11 @@ impl WorkerMaps {
             tls_only: Default::default(),
             syscalls_idle_since: None,
             libc_links: std::collections::HashMap::new(),
-            write_probes: std::collections::HashMap::new(),
+            write_probes: WriteProbes::default(),
             attacher,
             pending_libc: Default::default(),
             pending_ssl: Default::default(),
             libc_programs: None,
-            read_following: None,
             follow_tls: true,
             ssl_links: std::collections::HashMap::new(),
             ssl_unavailable: std::collections::HashMap::new(),
@@ -383,7 +298,7 @@ impl WorkerMaps {
     }
 
     pub fn attached(&self) -> bool {
-        !self.links.is_empty()
+        self.syscalls.attached()
     }
 
     /// Starts following a worker, the way the mode says: through uprobes in its own code
@@ -739,7 +654,7 @@ impl WorkerMaps {
             if !self.tls_only.contains(&pid) {
                 let peers: Vec<String> = keys
                     .iter()
-                    .map(|key| match self.peers.get(key, 0) {
+                    .map(|key| match self.conn_maps.peers.get(key, 0) {
                         Ok(peer) => format!("{}:{}", peer_address(&peer), peer.port),
                         Err(_) => "unknown".into(),
                     })
@@ -814,53 +729,23 @@ impl WorkerMaps {
         }
     }
 
-    /// Attaches the syscall tracepoints unless they are already attached.
+    /// Attaches the syscall tracepoints unless they are already attached (then puts back
+    /// what was taken out: a worker starts being followed).
     fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         self.syscalls_idle_since = None;
-        if !self.links.is_empty() {
-            // A worker starts being followed: its first commands may go through write() and
-            // read().
-            for (index, group) in self.syscall_groups().iter().enumerate() {
-                if let Err(e) = self.attach_syscall_group(ebpf, index) {
-                    self.syscall_narrowing.schedules[index].reset(std::time::Instant::now());
-                    tracing::warn!(error = %e, "cannot attach {} again for a new worker: what it sends or reads through it is not seen until it is", group.name);
+        let first = !self.syscalls.attached();
+        match self.syscalls.attach(ebpf) {
+            Ok(()) => {
+                if first {
+                    self.attach_error = None;
                 }
+                Ok(())
             }
-            return Ok(());
-        }
-        let reads = match self.read_following {
-            Some(reads) => reads,
-            None => {
-                let reads: &'static ReadFollowing = match super::load_program(
-                    ebpf,
-                    READS_AT_EXIT.tracepoints[0].program,
-                ) {
-                    Ok(()) => &READS_AT_EXIT,
-                    Err(e) => {
-                        tracing::info!(error = %e, "read() and recvfrom() are followed at their entry and exit (the program that follows them at their exit alone did not load)");
-                        &READS_AT_BOTH_ENDS
-                    }
-                };
-                self.read_following = Some(reads);
-                reads
-            }
-        };
-        for spec in WORKER_TRACEPOINTS.iter().chain(reads.tracepoints) {
-            match attach_tracepoint(ebpf, spec) {
-                Ok(link) => self.links.push((spec, link)),
-                Err(e) => {
-                    self.detach_syscalls(ebpf);
-                    self.attach_error = Some(e.to_string());
-                    return Err(e);
-                }
+            Err(e) => {
+                self.attach_error = Some(e.to_string());
+                Err(e)
             }
         }
-        self.attach_error = None;
-        tracing::info!(
-            syscalls = WORKER_TRACEPOINTS.len() + reads.tracepoints.len(),
-            "worker syscall probes attached"
-        );
-        Ok(())
     }
 
     /// Takes in the libc probes the attaching thread made for `pid`.
@@ -873,12 +758,12 @@ impl WorkerMaps {
         } = links;
         self.libc_programs.get_or_insert(programs);
         if let Some(write) = write {
-            self.write_probes.insert(pid, WriteProbe::new(write));
+            self.write_probes.insert(pid, write);
         }
         let links = WorkerLinks(links);
         let attached = LibcAttached {
             pid,
-            links: links.len() + usize::from(self.write_probes.contains_key(&pid)),
+            links: links.len() + usize::from(self.write_probes.contains(pid)),
             kind: links.kind(),
             libc,
         };
@@ -902,7 +787,7 @@ impl WorkerMaps {
         for (fd, peer) in sockets {
             let key = ConnKey { tgid: pid, fd };
             // BPF_NOEXIST: what connect() recorded wins.
-            let _ = self.peers.insert(key, peer_from(peer), 1);
+            let _ = self.conn_maps.peers.insert(key, peer_from(peer), 1);
             let (slot, tag) = not_resp_slot(&key);
             if self.not_resp.get(&slot, 0).ok() == Some(tag) {
                 let _ = self.not_resp.set(slot, 0, 0);
@@ -912,7 +797,8 @@ impl WorkerMaps {
 
     /// Processes with followed connections whose peer is not known yet.
     pub fn unknown_peer_pids(&self) -> std::collections::BTreeSet<u32> {
-        self.conns
+        self.conn_maps
+            .conns
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, c)| c.peer.family == 0)
@@ -928,13 +814,13 @@ impl WorkerMaps {
         self.tls_only.remove(&pid);
         let readings = self.read().remove(&pid).unwrap_or_default();
         self.ways.remove(&pid);
-        remove_keys_where(&mut self.conns, |k| k.tgid == pid);
-        remove_keys_where(&mut self.peers, |k| k.tgid == pid);
+        remove_keys_where(&mut self.conn_maps.conns, |k| k.tgid == pid);
+        remove_keys_where(&mut self.conn_maps.peers, |k| k.tgid == pid);
         // Or a later process with its pid would be taken for a TLS worker.
         remove_keys_where(&mut self.tls_conns, |k| k.tgid == pid);
         remove_keys_where(&mut self.ssl_fds, |k| k.tgid == pid);
         self.ssl_unavailable.remove(&pid);
-        let _ = self.connects.remove(&pid);
+        let _ = self.conn_maps.connects.remove(&pid);
         // A per-CPU map: not one `remove_keys_where` takes.
         let served: Vec<ServedKey> = self
             .served
@@ -958,7 +844,7 @@ impl WorkerMaps {
         // Its links, if they are still being made, are closed when their answer comes.
         self.pending_libc.forget(pid);
         self.pending_ssl.forget(pid);
-        if let Some(link) = self.write_probes.remove(&pid).and_then(|w| w.link) {
+        if let Some(link) = self.write_probes.remove(pid) {
             super::link_closer::detach_in_background(vec![link]);
         }
         let ssl_links = self.ssl_links.remove(&pid).map(|(links, _)| links);
@@ -990,13 +876,7 @@ impl WorkerMaps {
     }
 
     fn detach_syscalls(&mut self, ebpf: &mut Ebpf) {
-        if self.links.is_empty() {
-            return;
-        }
-        let links: Vec<_> = self.links.drain(..).collect();
-        let _ = drop_tracepoint_links(ebpf, links, "the syscall tracepoints");
-        self.syscall_narrowing = SyscallNarrowing::default();
-        tracing::info!("no worker is followed through the syscall tracepoints any more: detached");
+        self.syscalls.detach(ebpf);
     }
 
     /// Histograms per tgid, merged over CPUs.
@@ -1031,259 +911,40 @@ impl WorkerMaps {
     }
 
     /// Takes out or puts back the probes on `write()` and `read()` (see [`narrowing`]): each
-    /// uprobe follower's own link on `write`, and the `write`/`read` tracepoints for those
-    /// followed through the tracepoints (one probe for all of them, and for every process on
-    /// the node). Called every second; the connection maps are walked only when a probe is
-    /// due (a connect(), or a decision still pending: see [`narrowing::Schedule`]).
+    /// uprobe follower's own link on `write` (`write_probes`), and the `write`/`read`
+    /// tracepoints for those followed through the tracepoints (one probe for all of them, and
+    /// for every process on the node: `SyscallProbes::adjust`). Called every second; the
+    /// connection maps are walked only when a probe is due (a connect(), or a decision still
+    /// pending: see [`narrowing::Schedule`]).
     pub fn adjust_narrowed_probes(&mut self, ebpf: &mut Ebpf) {
-        self.adjust_uprobe_write_probes();
-        self.adjust_syscall_groups(ebpf);
-    }
-
-    /// Whether `pid`'s connect() count moved since `seen` was noted, noting it.
-    fn connected(&self, pid: u32, seen: &mut Option<u64>) -> bool {
-        let count = self.connects.get(&pid, 0).ok();
-        std::mem::replace(seen, count) != count
-    }
-
-    /// The followed connections and sockets of `pids`, from the kernel's maps.
-    fn gather_connections(
-        &self,
-        pids: &std::collections::BTreeSet<u32>,
-        direction: Direction,
-    ) -> Connections {
-        Connections::gather(
-            pids,
-            direction,
-            self.conns.iter().filter_map(Result::ok),
-            self.peers.iter().filter_map(Result::ok),
-        )
-    }
-
-    fn adjust_uprobe_write_probes(&mut self) {
-        if self.write_probes.is_empty() {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let mut due = std::collections::BTreeSet::new();
-        let pids: Vec<u32> = self.write_probes.keys().copied().collect();
-        for pid in pids {
-            let mut seen = self.write_probes[&pid].connects_seen;
-            let connected = self.connected(pid, &mut seen);
-            let probe = self.write_probes.get_mut(&pid).expect("listed above");
-            probe.connects_seen = seen;
-            if connected {
-                probe.schedule.reset(now);
-            }
-            let settled = probe.link.is_some() && probe.widenings >= narrowing::MAX_WIDENINGS;
-            if !settled && probe.schedule.due(now) {
-                due.insert(pid);
-            }
-        }
-        if due.is_empty() {
-            return;
-        }
-        let connections = self.gather_connections(&due, Direction::Write);
-        for pid in due {
-            let Some(probe) = self.write_probes.get_mut(&pid) else {
-                continue;
-            };
-            remember_servers(&mut probe.known, connections.servers(pid));
-            match connections.verdict(pid, probe.link.is_none(), &probe.known) {
-                Verdict::Keep => probe.schedule.later(now),
-                Verdict::Settled => probe.schedule.park(),
-                Verdict::Narrow => {
-                    let Some(link) = probe.link.take() else {
-                        continue;
-                    };
-                    probe.schedule.park();
-                    probe.closing = close_on_own_thread("write-probe-detach", move || drop(link));
-                    tracing::info!(pid, "worker write() probe taken out: its Redis connections send through send/sendto, write() carries only its logs and pipes");
-                }
-                Verdict::Widen => {
-                    probe.schedule.reset(now);
-                    // The link taken out must be gone first, or write() would be followed
-                    // twice; until then, the next tick looks again.
-                    if probe.closing.as_ref().is_some_and(|h| !h.is_finished()) {
-                        continue;
-                    }
-                    if let Some(handle) = probe.closing.take() {
-                        let _ = handle.join();
-                    }
-                    let (path, offset) = (fd_path(&probe.file), probe.offset);
-                    let Some(multi) = self.libc_programs.as_deref() else {
-                        continue;
-                    };
-                    let attached = attach_write_probe(multi, &path, offset, pid);
-                    let Some(probe) = self.write_probes.get_mut(&pid) else {
-                        continue;
-                    };
-                    match attached {
-                        Ok(link) => {
-                            probe.link = Some(link);
-                            probe.widenings += 1;
-                            tracing::info!(pid, widenings = probe.widenings, "worker write() probe put back: a new connection to its Redis may write through it");
-                        }
-                        Err(e) => {
-                            tracing::warn!(pid, error = %e, "cannot put the worker's write() probe back: commands it writes through write() are not seen")
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Each of the [`ReadFollowing::groups`] serves every worker followed through the tracepoints: it
-    /// goes only when all of them use the socket functions, and comes back when any of them
-    /// connects to its Redis again (or when a worker starts being followed, in
-    /// [`Self::attach_syscalls`]). After it comes back it stays at least
-    /// [`narrowing::SYSCALL_REST`].
-    fn adjust_syscall_groups(&mut self, ebpf: &mut Ebpf) {
+        self.write_probes
+            .adjust(&self.conn_maps, self.libc_programs.as_deref());
         let pids: std::collections::BTreeSet<u32> = self
             .ways
             .iter()
             .filter(|(_, way)| **way == via::SYSCALLS)
             .map(|(pid, _)| *pid)
             .collect();
-        if pids.is_empty() || self.links.is_empty() {
-            self.syscall_narrowing.connects_seen.clear();
-            self.syscall_narrowing.known.clear();
-            return;
-        }
-        let now = std::time::Instant::now();
-        let mut seen_all = std::mem::take(&mut self.syscall_narrowing.connects_seen);
-        seen_all.retain(|pid, _| pids.contains(pid));
-        self.syscall_narrowing
-            .known
-            .retain(|pid, _| pids.contains(pid));
-        let mut connected = false;
-        for pid in &pids {
-            let seen = seen_all.entry(*pid).or_insert(None);
-            connected |= self.connected(*pid, seen);
-        }
-        self.syscall_narrowing.connects_seen = seen_all;
-        let mut due = Vec::new();
-        for index in 0..self.syscall_groups().len() {
-            if connected {
-                self.syscall_narrowing.schedules[index].reset(now);
-            }
-            let narrowed = !self.syscall_group_attached(index);
-            let resting = self.syscall_narrowing.widened_at[index]
-                .is_some_and(|at| now.duration_since(at) < narrowing::SYSCALL_REST);
-            if self.syscall_narrowing.schedules[index].due(now) && (narrowed || !resting) {
-                due.push(index);
-            }
-        }
-        if due.is_empty() {
-            return;
-        }
-        // One walk of the maps for both directions.
-        let by_direction = [Direction::Write, Direction::Read]
-            .map(|direction| self.gather_connections(&pids, direction));
-        for pid in &pids {
-            let known = self.syscall_narrowing.known.entry(*pid).or_default();
-            remember_servers(known, by_direction[0].servers(*pid));
-        }
-        for index in due {
-            let group = &self.syscall_groups()[index];
-            let connections = &by_direction[group.direction as usize];
-            let narrowed = !self.syscall_group_attached(index);
-            let verdict =
-                connections.verdict_for_all(&pids, narrowed, &self.syscall_narrowing.known);
-            let schedule = &mut self.syscall_narrowing.schedules[index];
-            match verdict {
-                Verdict::Keep => schedule.later(now),
-                Verdict::Settled => schedule.park(),
-                Verdict::Narrow => {
-                    schedule.park();
-                    self.detach_syscall_group(ebpf, index);
-                    tracing::info!(workers = pids.len(), "{} detached: every worker followed through the tracepoints uses the socket functions (sendto, recvfrom), so no process on the node pays it", group.name);
-                }
-                Verdict::Widen => {
-                    schedule.reset(now);
-                    match self.attach_syscall_group(ebpf, index) {
-                        Ok(()) => tracing::info!("{} attached again: a worker's new connection to its Redis may go through it", group.name),
-                        Err(e) => tracing::warn!(error = %e, "cannot attach {} again: what workers' connections send or read through it is not seen", group.name),
-                    }
-                }
-            }
-        }
-    }
-
-    /// The narrowing groups of the read tracepoints in use.
-    fn syscall_groups(&self) -> &'static [SyscallGroup; 2] {
-        &self.read_following.unwrap_or(&READS_AT_EXIT).groups
-    }
-
-    fn syscall_group_attached(&self, index: usize) -> bool {
-        self.syscall_groups()[index]
-            .specs
-            .iter()
-            .all(|want| self.links.iter().any(|(spec, _)| spec.name == want.name))
-    }
-
-    /// Attaches the group's tracepoints that are not attached, all or none. Waits for the
-    /// group's last detach to finish first (rare: a worker that starts within a second of
-    /// it), or a tracepoint would run twice for a moment.
-    fn attach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) -> Result<(), ProbeError> {
-        if self.syscall_group_attached(index) {
-            return Ok(());
-        }
-        if let Some(handle) = self.syscall_narrowing.closing[index].take() {
-            let _ = handle.join();
-        }
-        let mut attached = Vec::new();
-        for spec in self.syscall_groups()[index].specs {
-            if self.links.iter().any(|(s, _)| s.name == spec.name) {
-                continue;
-            }
-            match attach_tracepoint(ebpf, spec) {
-                Ok(link) => attached.push((spec, link)),
-                Err(e) => {
-                    // All or none, as the group was detached.
-                    let _ =
-                        drop_tracepoint_links(ebpf, attached, self.syscall_groups()[index].name);
-                    return Err(e);
-                }
-            }
-        }
-        self.links.extend(attached);
-        self.syscall_narrowing.widened_at[index] = Some(std::time::Instant::now());
-        Ok(())
-    }
-
-    fn detach_syscall_group(&mut self, ebpf: &mut Ebpf, index: usize) {
-        let group = &self.syscall_groups()[index];
-        let (out, rest): (Vec<_>, Vec<_>) = self
-            .links
-            .drain(..)
-            .partition(|(spec, _)| group.specs.iter().any(|g| g.name == spec.name));
-        self.links = rest;
-        self.syscall_narrowing.closing[index] = drop_tracepoint_links(ebpf, out, group.name);
+        self.syscalls.adjust(ebpf, &pids, &self.conn_maps);
     }
 
     /// Followed workers whose calls of `call` ("write" or "read") are not probed, by how they
     /// are followed: (`via`, `call`, count).
     pub fn probes_off(&self) -> Vec<(&'static str, &'static str, usize)> {
-        let uprobes = self
-            .write_probes
-            .values()
-            .filter(|p| p.link.is_none())
-            .count();
         let syscall_workers = self
             .ways
             .values()
             .filter(|way| **way == via::SYSCALLS)
             .count();
         let tracepoints = |index: usize| {
-            if self.attached() && !self.syscall_group_attached(index) {
+            if self.syscalls.group_out(index) {
                 syscall_workers
             } else {
                 0
             }
         };
         vec![
-            ("uprobes", "write", uprobes),
+            ("uprobes", "write", self.write_probes.out()),
             ("tracepoints", "write", tracepoints(0)),
             ("tracepoints", "read", tracepoints(1)),
         ]
@@ -1291,7 +952,8 @@ impl WorkerMaps {
 
     /// Followed RESP connections and their state.
     pub fn connections(&self) -> Vec<(ConnKey, ConnState)> {
-        self.conns
+        self.conn_maps
+            .conns
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, c)| c.kind == agent_common::worker::conn_kind::RESP)

@@ -208,6 +208,17 @@ impl Connections {
 /// Most servers remembered per process (see [`verdict`]'s `known`).
 pub const MAX_KNOWN_SERVERS: usize = 64;
 
+/// Adds the servers a process's connections talk to `now` to those it is `known` to talk
+/// to, up to [`MAX_KNOWN_SERVERS`].
+pub fn remember_servers(known: &mut BTreeSet<Server>, now: impl Iterator<Item = Server>) {
+    for server in now {
+        if known.len() >= MAX_KNOWN_SERVERS {
+            break;
+        }
+        known.insert(server);
+    }
+}
+
 /// A Redis server as a process reaches it over TCP: its port, and its address with an
 /// IPv4-mapped IPv6 address folded to IPv4 and every loopback address (127.0.0.0/8, ::1)
 /// folded to one, so that the same server reached two ways is one server.
