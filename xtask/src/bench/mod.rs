@@ -268,6 +268,9 @@ pub struct Results {
     /// kernel.bpf_stats_enabled when the bench started (1 means someone else had it on: the
     /// A/B runs then paid the accounting too).
     pub stats_sysctl_at_start: String,
+    /// What the accounting itself adds to each program run, in ns
+    /// (`bpf_stats::accounting_ns_per_run`); `None` when it could not be measured.
+    pub accounting_ns_per_run: Option<f64>,
     /// Other `fanout` processes seen at a checkpoint between sections.
     pub other_agents_seen: Vec<u32>,
     pub duration_seconds: f64,
@@ -580,6 +583,11 @@ pub fn run_commands_only(quick: bool) -> Result<()> {
     let mut bins = vec![prepare()?];
     bins.extend(other);
     let (rounds, jobs) = if quick { (3, 3000) } else { (5, 6000) };
+    let accounting = bpf_stats::accounting_ns_per_run()?;
+    match accounting {
+        Some(ns) => println!("the accounting itself adds {ns:.0} ns to each program run (an empty program, BPF_PROG_TEST_RUN, accounting off and on)"),
+        None => println!("the accounting's own cost per program run could not be measured (it was on already, or the kernel refused the test run)"),
+    }
     for variant in WORK_JOB_VARIANTS {
         let mut per_command = vec![Vec::new(); bins.len()];
         // Per build: the no-op drains' samples and the others'.
@@ -603,11 +611,13 @@ pub fn run_commands_only(quick: bool) -> Result<()> {
                 let added = work.commands_per_job - noop.commands_per_job;
                 let us =
                     (after.ns_per_op_of("worker_") - before.ns_per_op_of("worker_")) / added / 1e3;
+                let runs =
+                    (after.runs_per_op_of("worker_") - before.runs_per_op_of("worker_")) / added;
                 per_command[b].push(us);
                 noop_samples[b].push(before);
                 work_samples[b].push(after);
                 eprintln!(
-                    "[bench] {variant:?} round {}/{rounds}, {}: {us:.3} us per plain command ({added:.2} added commands per job)",
+                    "[bench] {variant:?} round {}/{rounds}, {}: {us:.3} us per plain command ({runs:.2} program runs; {added:.2} added commands per job)",
                     round + 1,
                     bin.display(),
                 );
@@ -698,6 +708,7 @@ pub fn run(quick: bool) -> Result<()> {
         .unwrap_or_default()
         .trim()
         .to_string();
+    let accounting_ns_per_run = bpf_stats::accounting_ns_per_run()?;
     let started = Instant::now();
     // At each checkpoint: progress, and whether another agent has started meanwhile.
     let other_agents_seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
@@ -889,6 +900,7 @@ pub fn run(quick: bool) -> Result<()> {
         untracked_pace,
         churn,
         stats_sysctl_at_start,
+        accounting_ns_per_run,
         other_agents_seen: other_agents_seen.into_inner().into_iter().collect(),
         duration_seconds: started.elapsed().as_secs_f64(),
     })

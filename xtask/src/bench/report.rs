@@ -238,15 +238,32 @@ fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
     }
     let _ = writeln!(md, "Jobs that use Redis: one more drain per default-mode variant, with the kernel's accounting on, of jobs that each send {REDIS_WORK_JOB_COMMANDS} plain commands (SET, GET, INCR, EXPIRE, DEL, one at a time through Sidekiq's own pool, whose connections also fetch), against the no-op drain of the same variant above. Each command is one write and one reply the agent follows to keep its place in the connection's stream.\n");
     per_job_stats_table(md, &r.sidekiq_work_stats);
-    let _ = writeln!(md, "| agent | no-op jobs: commands per job | worker-side us per job | jobs using Redis: commands per job | worker-side us per job | us per plain command (difference per added command) | target <= 0.3 us |\n|---|---|---|---|---|---|---|");
+    let accounting = match r.accounting_ns_per_run {
+        Some(ns) => format!("{ns:.0} ns per run"),
+        None => "not measured".into(),
+    };
+    let _ = writeln!(md, "| agent | no-op jobs: commands per job | worker-side us per job | jobs using Redis: commands per job | worker-side us per job | us per plain command (difference per added command) | target <= 0.3 us | program runs per plain command | of its us, the accounting's own clock reads ({accounting}) | us per plain command without them |\n|---|---|---|---|---|---|---|---|---|---|");
     let mut out = Vec::new();
     for (v, work, work_us, noop, noop_us) in against_noop(r, &r.sidekiq_work_stats) {
         let added = work.commands_per_job - noop.commands_per_job;
         let per_command = (work_us - noop_us) / added;
+        let runs = match (&work.stats, &noop.stats) {
+            (Some(w), Some(n)) => {
+                (w.runs_per_op_of("worker_") - n.runs_per_op_of("worker_")) / added
+            }
+            _ => f64::NAN,
+        };
+        let (own, without) = match r.accounting_ns_per_run {
+            Some(ns) => (
+                format!("{:.3}", runs * ns / 1e3),
+                format!("{:.3}", per_command - runs * ns / 1e3),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         out.push((v.label(), per_command));
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {noop_us:.3} | {:.2} | {work_us:.3} | {per_command:.3} | {} |",
+            "| {} | {:.2} | {noop_us:.3} | {:.2} | {work_us:.3} | {per_command:.3} | {} | {runs:.2} | {own} | {without} |",
             v.label(),
             noop.commands_per_job,
             work.commands_per_job,
@@ -254,6 +271,9 @@ fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64)> {
         );
     }
     let _ = writeln!(md);
+    if let Some(ns) = r.accounting_ns_per_run {
+        let _ = writeln!(md, "The accounting that measures these figures is part of them: while it is on, the kernel reads the clock before and after every program run and adds to two counters, {ns:.0} ns per run on this machine (an empty program run {} times by `BPF_PROG_TEST_RUN` in a kernel loop, with the accounting off and on, median of {} alternations). The target is judged on the figure as measured; the last column shows what the programs cost a worker when nothing measures them.\n", super::bpf_stats::TEST_RUNS, super::bpf_stats::TEST_ROUNDS);
+    }
     out
 }
 
@@ -886,7 +906,7 @@ pub fn write(r: &Results) -> Result<()> {
         r.duration_seconds
     );
     let _ = writeln!(page, "Each figure is the median over {} rounds, with min-max in brackets; every with-agent run is paired with a without-agent run in the same invocation, in alternating order. Ratios are the median of the per-round ratios of those pairs, which cancels the machine's slow drifts better than a ratio of medians. This machine is shared and noisy: read ratios, not absolute numbers, and read a ratio within the min-max spread of its runs as noise.\n", r.rounds);
-    let _ = writeln!(page, "Where the time goes comes from the kernel's own accounting of each eBPF program (`kernel.bpf_stats_enabled`: run count and run time), switched on only for separate runs of the same loads (it costs every program run two clock reads, which the ratios must not pay), and read for the programs of the bench's own agent only (the `prog_id`s its file descriptors hold). The agent runs in its default configuration unless a column says otherwise.\n");
+    let _ = writeln!(page, "Where the time goes comes from the kernel's own accounting of each eBPF program (`kernel.bpf_stats_enabled`: run count and run time), switched on only for separate runs of the same loads (it costs every program run two clock reads{}, which the ratios must not pay), and read for the programs of the bench's own agent only (the `prog_id`s its file descriptors hold). The agent runs in its default configuration unless a column says otherwise.\n", r.accounting_ns_per_run.map(|ns| format!(": {ns:.0} ns per run here")).unwrap_or_default());
     if !r.other_agents_seen.is_empty() {
         let _ = writeln!(page, "WARNING: another fanout agent ran during this bench (pid {:?}, seen at a checkpoint between sections): the loads of that section paid for its programs too, and its ratios are low by that much.\n", r.other_agents_seen);
     }
