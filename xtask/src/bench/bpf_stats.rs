@@ -97,16 +97,9 @@ impl Enabled {
         // union bpf_attr with enable_stats.type = BPF_STATS_RUN_TIME (0); the rest zero.
         let mut attr = [0u64; 16];
         const BPF_ENABLE_STATS: libc::c_long = 32;
-        // SAFETY: a zeroed attribute buffer of the size passed; the kernel reads at most that.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr) as libc::c_long,
-            )
-        };
-        if fd >= 0 {
+        // SAFETY: a zeroed attribute buffer; the kernel reads at most its size.
+        let fd = unsafe { sys_bpf(BPF_ENABLE_STATS, &mut attr) };
+        if let Ok(fd) = fd {
             return Ok(Self {
                 // SAFETY: a new descriptor that nothing else owns.
                 _fd: Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
@@ -299,6 +292,25 @@ pub fn accounting_ns_per_run() -> Result<Option<f64>> {
     Ok(Some(added[added.len() / 2]))
 }
 
+/// bpf(2) with a `union bpf_attr` prefix of 128 bytes (the rest zero-filled by the kernel);
+/// returns what the command returns.
+///
+/// # Safety
+/// Every pointer written into `attr` must be valid for the command for the whole call.
+unsafe fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+    let rc = libc::syscall(
+        libc::SYS_bpf,
+        cmd,
+        attr.as_mut_ptr(),
+        std::mem::size_of_val(attr) as libc::c_long,
+    );
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Runs per test run of [`accounting_ns_per_run`] (about 20 ms with the accounting on).
 pub const TEST_RUNS: u32 = 300_000;
 /// Alternations of [`accounting_ns_per_run`].
@@ -315,18 +327,8 @@ fn load_empty_program() -> std::io::Result<OwnedFd> {
     attr[0] = BPF_PROG_TYPE_SOCKET_FILTER as u64 | (insns.len() as u64) << 32;
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
-    // SAFETY: a bpf_attr prefix of the size passed, whose pointers outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_long,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the pointers in `attr` outlive the call.
+    let fd = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) }?;
     // SAFETY: a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -344,19 +346,9 @@ fn test_run_ns(program: &OwnedFd) -> std::io::Result<f64> {
     attr[1] = packet.len() as u64;
     attr[2] = packet.as_ptr() as u64;
     attr[4] = TEST_RUNS as u64;
-    // SAFETY: a bpf_attr prefix of the size passed; the kernel reads the packet and writes
-    // retval and duration into `attr`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_long,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the packet outlives the call; the kernel writes retval and duration into
+    // `attr`.
+    unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     // duration: the u32 at byte 36, the high half of the fifth word.
     Ok((attr[4] >> 32) as f64)
 }
