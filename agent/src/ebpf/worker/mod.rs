@@ -5,8 +5,9 @@
 //! A worker is followed one of two ways: through the syscall tracepoints ([`tracepoints`]),
 //! which every process on the node passes, or through uprobes in its own C library
 //! ([`plan`] says which go where; [`attach`] makes them on a thread of its own). The probes
-//! on `write()` and `read()` are taken out while no followed connection goes through them
-//! ([`narrowing`] decides when).
+//! on `write()` and `read()` are taken out while no followed connection goes through them:
+//! [`narrowing`] decides when, from the kernel's record of the connections (`conn_maps`),
+//! and the tracepoints and each worker's `write()` probe (`write_probes`) act on it.
 
 pub mod attach;
 mod conn_maps;
