@@ -70,6 +70,34 @@ pub enum Uprobes {
     PerfEvents,
 }
 
+impl Uprobes {
+    /// What the agent's environment sets for this kind.
+    fn agent_env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Multi => &[],
+            Self::PerfEvents => &[("FANOUT_UPROBE_MULTI", "0")],
+        }
+    }
+
+    /// What the name of the saved agent log ends with.
+    fn log_suffix(self) -> &'static str {
+        match self {
+            Self::Multi => "",
+            Self::PerfEvents => "-perf-event-uprobes",
+        }
+    }
+
+    /// What the row's scenario says of it.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Multi => "",
+            Self::PerfEvents => {
+                ", uprobe-multi refused (as before Linux 6.6): a perf-event uprobe per site"
+            }
+        }
+    }
+}
+
 /// One churn of `n` workers over `spread` seconds (0: all at once), beside a tracked Redis
 /// (uprobes) or with every Redis excluded (tracepoints).
 pub fn measure(
@@ -87,11 +115,7 @@ pub fn measure(
     if !beside_redis {
         args.extend(["--redis-exclude", NO_REDIS_EXCLUDE]);
     }
-    let env: &[(&str, &str)] = match uprobes {
-        Uprobes::Multi => &[],
-        Uprobes::PerfEvents => &[("FANOUT_UPROBE_MULTI", "0")],
-    };
-    let agent = Agent::start_binary(bin, &args, env);
+    let agent = Agent::start_binary(bin, &args, uprobes.agent_env());
     if beside_redis {
         super::wait_for_redis_probes(&agent, &redis);
     }
@@ -177,10 +201,7 @@ s.recv(64)
         (true, false) => "burst-beside-redis",
         (false, false) => "burst-no-redis",
     };
-    let name = match uprobes {
-        Uprobes::Multi => name.to_string(),
-        Uprobes::PerfEvents => format!("{name}-perf-event-uprobes"),
-    };
+    let name = format!("{name}{}", uprobes.log_suffix());
     let saved = super::save_agent_log(&name, &log);
     let events = agent_log::parse(&log);
     let mut lifetimes = Vec::new();
@@ -245,12 +266,7 @@ s.recv(64)
             } else {
                 format!(", all {n} started at once")
             },
-            match uprobes {
-                Uprobes::Multi => "",
-                Uprobes::PerfEvents => {
-                    ", uprobe-multi refused (as before Linux 6.6): a perf-event uprobe per site"
-                }
-            }
+            uprobes.label()
         ),
         workers: n,
         spread_seconds: spread,
