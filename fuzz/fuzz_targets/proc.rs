@@ -26,34 +26,13 @@ const PID: u32 = 100;
 
 /// The files the first byte chooses from, with the fixture's content as their default.
 const FILES: [(&str, &[u8]); 7] = [
-    (
-        "stat",
-        include_bytes!("../../agent/tests/fixtures/proc/100/stat"),
-    ),
-    (
-        "task/100/stat",
-        include_bytes!("../../agent/tests/fixtures/proc/100/task/100/stat"),
-    ),
-    (
-        "cmdline",
-        include_bytes!("../../agent/tests/fixtures/proc/100/cmdline"),
-    ),
-    (
-        "status",
-        include_bytes!("../../agent/tests/fixtures/proc/100/status"),
-    ),
-    (
-        "net/tcp",
-        include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp"),
-    ),
-    (
-        "net/tcp6",
-        include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp6"),
-    ),
-    (
-        "maps",
-        include_bytes!("../../agent/tests/fixtures/proc/100/maps"),
-    ),
+    ("stat", include_bytes!("../../agent/tests/fixtures/proc/100/stat")),
+    ("task/100/stat", include_bytes!("../../agent/tests/fixtures/proc/100/task/100/stat")),
+    ("cmdline", include_bytes!("../../agent/tests/fixtures/proc/100/cmdline")),
+    ("status", include_bytes!("../../agent/tests/fixtures/proc/100/status")),
+    ("net/tcp", include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp")),
+    ("net/tcp6", include_bytes!("../../agent/tests/fixtures/proc/100/net/tcp6")),
+    ("maps", include_bytes!("../../agent/tests/fixtures/proc/100/maps")),
 ];
 
 /// The eighth choice (after the files, so that the seeds' first bytes keep their meaning):
@@ -71,10 +50,7 @@ fn root() -> &'static PathBuf {
         }
         std::fs::write(process.join("comm"), "redis-server\n").unwrap();
         for (fd, inode) in [(7, 1002), (8, 1003), (9, 1004)] {
-            let _ = symlink(
-                format!("socket:[{inode}]"),
-                process.join("fd").join(fd.to_string()),
-            );
+            let _ = symlink(format!("socket:[{inode}]"), process.join("fd").join(fd.to_string()));
         }
         dir
     })
@@ -92,11 +68,7 @@ fuzz_target!(|input: &[u8]| {
         std::fs::write(process.join(name), bytes).unwrap();
     }
     // A link target is a C string of at most PATH_MAX bytes: others cannot be put in place.
-    let target = if which == FILES.len() {
-        content
-    } else {
-        LINK.1
-    };
+    let target = if which == FILES.len() { content } else { LINK.1 };
     if target.is_empty() || target.len() >= 4096 || target.contains(&0) {
         return;
     }
@@ -123,10 +95,7 @@ fuzz_target!(|input: &[u8]| {
         }
         Some("maps") => {
             let text = String::from_utf8_lossy(content);
-            let id = BinaryId {
-                dev: 0x801,
-                ino: 1234,
-            };
+            let id = BinaryId { dev: 0x801, ino: 1234 };
             let _ = load_bias(&text, id, 0);
             let _ = load_bias(&text, id, 0x3c000);
         }
