@@ -544,7 +544,7 @@ impl WorkerMaps {
         }
         if self.attached() && !self.syscall_workers() {
             self.syscalls_idle_since = None;
-            self.detach_syscalls(ebpf);
+            self.syscalls.detach(ebpf);
         }
     }
 
@@ -732,21 +732,14 @@ impl WorkerMaps {
 
     /// Attaches the syscall tracepoints unless they are already attached (then puts back
     /// what was taken out: a worker starts being followed).
+    ///
+    /// The error is kept for the status: only a first attach can fail (then nothing stays
+    /// attached), so once attached there is none.
     fn attach_syscalls(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         self.syscalls_idle_since = None;
-        let first = !self.syscalls.attached();
-        match self.syscalls.attach(ebpf) {
-            Ok(()) => {
-                if first {
-                    self.attach_error = None;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.attach_error = Some(e.to_string());
-                Err(e)
-            }
-        }
+        let attached = self.syscalls.attach(ebpf);
+        self.attach_error = attached.as_ref().err().map(ToString::to_string);
+        attached
     }
 
     /// Takes in the libc probes the attaching thread made for `pid`.
@@ -870,14 +863,10 @@ impl WorkerMaps {
         match self.syscalls_idle_since {
             Some(since) if since.elapsed() >= SYSCALLS_LINGER && !self.syscall_workers() => {
                 self.syscalls_idle_since = None;
-                self.detach_syscalls(ebpf);
+                self.syscalls.detach(ebpf);
             }
             _ => {}
         }
-    }
-
-    fn detach_syscalls(&mut self, ebpf: &mut Ebpf) {
-        self.syscalls.detach(ebpf);
     }
 
     /// Histograms per tgid, merged over CPUs.
