@@ -67,19 +67,19 @@ impl StatsSample {
 
     /// Runs per operation of the programs whose name starts with `prefix`.
     pub fn runs_per_op_of(&self, prefix: &str) -> f64 {
-        self.programs
-            .iter()
-            .filter(|p| p.name.starts_with(prefix))
-            .map(|p| p.runs_per_op)
-            .sum()
+        self.sum_of(prefix, |p| p.runs_per_op)
     }
 
     /// Program time per operation of the programs whose name starts with `prefix`, in ns.
     pub fn ns_per_op_of(&self, prefix: &str) -> f64 {
+        self.sum_of(prefix, |p| p.ns_per_op)
+    }
+
+    fn sum_of(&self, prefix: &str, value: impl Fn(&ProgramCost) -> f64) -> f64 {
         self.programs
             .iter()
             .filter(|p| p.name.starts_with(prefix))
-            .map(|p| p.ns_per_op)
+            .map(value)
             .sum()
     }
 }
@@ -264,9 +264,10 @@ impl Window {
 /// counter update around every run while it is on. Measured on an empty program (`r0 = 0;
 /// exit`, a socket filter) that `BPF_PROG_TEST_RUN` runs [`TEST_RUNS`] times in a kernel loop
 /// timed as a whole, once with the accounting off and once on, [`TEST_ROUNDS`] times
-/// alternating; the median of the per-round differences. `None` when the accounting was
-/// already on (someone else holds it: nothing to compare with) or the kernel refuses the
-/// test run.
+/// alternating; the median of the per-round differences. `None` when the sysctl says the
+/// accounting is on already (nothing to compare with) or the kernel refuses the test run. A
+/// holder of `BPF_ENABLE_STATS` does not show in the sysctl: under one, the difference comes
+/// out near 0.
 pub fn accounting_ns_per_run() -> Result<Option<f64>> {
     if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
         return Ok(None);

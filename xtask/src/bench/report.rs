@@ -254,23 +254,18 @@ fn work_jobs_table(md: &mut String, r: &Results) -> Vec<(&'static str, f64, Opti
             }
             _ => f64::NAN,
         };
-        let (own, without) = match r.accounting_ns_per_run {
-            Some(ns) => (
-                format!("{:.3}", runs * ns / 1e3),
-                format!("{:.3}", per_command - runs * ns / 1e3),
-            ),
-            None => ("-".into(), "-".into()),
-        };
-        out.push((
-            v.label(),
-            per_command,
-            r.accounting_ns_per_run
-                .map(|ns| per_command - runs * ns / 1e3)
-                .filter(|w| w.is_finite()),
-        ));
+        // The accounting's own clock reads in the figure, and the figure without them.
+        let own = r
+            .accounting_ns_per_run
+            .map(|ns| runs * ns / 1e3)
+            .filter(|own| own.is_finite());
+        let without = own.map(|own| per_command - own);
+        let cell = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.3}"));
+        let (own, without_cell) = (cell(own), cell(without));
+        out.push((v.label(), per_command, without));
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {noop_us:.3} | {:.2} | {work_us:.3} | {per_command:.3} | {} | {runs:.2} | {own} | {without} |",
+            "| {} | {:.2} | {noop_us:.3} | {:.2} | {work_us:.3} | {per_command:.3} | {} | {runs:.2} | {own} | {without_cell} |",
             v.label(),
             noop.commands_per_job,
             work.commands_per_job,
